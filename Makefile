@@ -1,0 +1,41 @@
+# teepsi: `make demo` and `make test` work on a fresh machine with Python 3.11 and pip.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo demo-2 demo-3 test lint typecheck unit proto install clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: demo-3 demo-2
+
+demo-3: $(STAMP)
+	$(VENV)/bin/teepsi demo --parties 3
+
+demo-2: $(STAMP)
+	$(VENV)/bin/teepsi demo --parties 2
+
+test: lint typecheck unit
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests scripts
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy
+
+unit: $(STAMP)
+	$(VENV)/bin/pytest -q
+
+# Regenerate the gRPC code after editing src/teepsi/protocol/teepsi.proto.
+proto: $(STAMP)
+	PATH=$(VENV)/bin:$$PATH bash scripts/gen_proto.sh
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

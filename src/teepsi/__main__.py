@@ -1,0 +1,5 @@
+import sys
+
+from teepsi.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Attestation: evidence providers, RA-TLS certificates, quote verification and policy."""

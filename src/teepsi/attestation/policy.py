@@ -1,0 +1,507 @@
+"""Which attested peers are accepted: the seed's ``dynamic_config.json``, made strict.
+
+Schema (Intel cczoo/psi's ``dynamic_config.json``, unchanged, plus optional extensions)::
+
+    {"verify_mr_enclave": "on", "verify_mr_signer": "on",
+     "verify_isv_prod_id": "on", "verify_isv_svn": "on",
+     "allow_outdated_tcb": "off", "allow_hw_config_needed": "off",
+     "allow_sw_hardening_needed": "off",
+     "sgx_mrs": [{"name": "teepsi server",
+                  "mr_enclave": "<64 hex>", "mr_signer": "<64 hex>",
+                  "isv_prod_id": "1", "isv_svn": "0"}]}
+
+Meaning: a peer is accepted when ANY ``sgx_mrs`` entry matches on EVERY enabled field
+(MRENCLAVE, MRSIGNER and ISV_PROD_ID equal; ISV_SVN greater or equal), its SGX
+attributes pass Gramine's fixed rules, and its TCB status is UpToDate or explicitly
+allowed. Parsing fails closed:
+
+* all four ``verify_*`` flags are required (the seed's files always carry them, and a
+  missing flag must not silently mean "off");
+* flags are ``"on"``/``"off"`` (any case) or JSON ``true``/``false``; the ``allow_*``
+  flags are optional and default to off;
+* ``sgx_mrs`` is required; it must be non-empty unless every ``verify_*`` flag is off
+  (then any enclave on a genuine platform is accepted, and a warning is logged);
+* a field that is verified must be present in every entry; an unverified field may be
+  absent, but is still validated when present;
+* MRs are exactly 64 hex digits; ISV values are JSON integers or decimal strings in
+  0..65535 (the seed's reference silently read strings as 0);
+* unknown keys are errors, except keys starting with ``_`` or ``comment``, which are
+  ignored everywhere so that files can carry notes;
+* :meth:`Policy.load` also refuses duplicate keys and NaN/Infinity.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from teepsi.attestation.evidence import AttributeFlag, EnclaveIdentity
+
+__all__ = [
+    "MeasurementEntry",
+    "Policy",
+    "PolicyError",
+    "PolicyViolation",
+    "TcbAllowances",
+    "policy_for",
+]
+
+log = logging.getLogger(__name__)
+
+_HEX64 = re.compile(r"[0-9a-fA-F]{64}")
+_DECIMAL = re.compile(r"[0-9]+")
+_MAX_U16 = 0xFFFF
+
+_VERIFY_KEYS = ("verify_mr_enclave", "verify_mr_signer", "verify_isv_prod_id", "verify_isv_svn")
+_ALLOW_KEYS = ("allow_outdated_tcb", "allow_hw_config_needed", "allow_sw_hardening_needed")
+_TOP_KEYS = (*_VERIFY_KEYS, *_ALLOW_KEYS, "sgx_mrs")
+# (entry attribute / JSON key, label used in messages, flag that enables it)
+_FIELDS = (
+    ("mr_enclave", "MRENCLAVE", "verify_mr_enclave"),
+    ("mr_signer", "MRSIGNER", "verify_mr_signer"),
+    ("isv_prod_id", "ISV_PROD_ID", "verify_isv_prod_id"),
+    ("isv_svn", "ISV_SVN", "verify_isv_svn"),
+)
+_ENTRY_KEYS = (*(f for f, _, _ in _FIELDS), "name")
+_LABELS = {attr: label for attr, label, _ in _FIELDS}
+
+# TCB status (as dcap-qvl reports it) -> the allowances it needs, all of them.
+_TCB_NEEDS: dict[str, tuple[str, ...]] = {
+    "UpToDate": (),
+    "SWHardeningNeeded": ("allow_sw_hardening_needed",),
+    "ConfigurationNeeded": ("allow_hw_config_needed",),
+    "ConfigurationAndSWHardeningNeeded": ("allow_hw_config_needed", "allow_sw_hardening_needed"),
+    "OutOfDate": ("allow_outdated_tcb",),
+    "OutOfDateConfigurationNeeded": ("allow_outdated_tcb", "allow_hw_config_needed"),
+}
+
+
+class PolicyError(ValueError):
+    """The policy file is unreadable or malformed; the message is one line."""
+
+
+class PolicyViolation(Exception):
+    """A peer is refused by the policy; the message is one line saying why."""
+
+
+def _show(value: object, limit: int = 40) -> str:
+    """A short, single-line rendering of a user-supplied value for error messages."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value).replace("\n", "\\n")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _is_ignored_key(key: str) -> bool:
+    return key.startswith(("_", "comment"))
+
+
+def _check_keys(obj: dict[object, object], allowed: Sequence[str], prefix: str) -> None:
+    """Refuse unknown keys; ``prefix`` is ``"<source>: "`` or ``"<source>: sgx_mrs[i]."``."""
+    for key in obj:
+        if not isinstance(key, str):
+            raise PolicyError(f"{prefix}{_show(key)}: keys must be strings")
+        if key in allowed or _is_ignored_key(key):
+            continue
+        hint = difflib.get_close_matches(key, allowed, n=1)
+        suggestion = f" (did you mean {hint[0]}?)" if hint else ""
+        shown = key if key.isprintable() and len(key) <= 60 else _show(key)  # stay one line
+        raise PolicyError(
+            f'{prefix}{shown}: unknown key{suggestion}; keys starting with "_" or '
+            '"comment" are ignored'
+        )
+
+
+def _parse_flag(value: object, where: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    # isascii(): no Unicode look-alikes that happen to lower() to "on"
+    if isinstance(value, str) and value.isascii() and value.lower() in ("on", "off"):
+        return value.lower() == "on"
+    raise PolicyError(f'{where}: expected "on", "off", true or false, got {_show(value)}')
+
+
+def _parse_mr(value: object, where: str) -> bytes:
+    # fullmatch, not bytes.fromhex alone: fromhex would accept spaces
+    if isinstance(value, str) and _HEX64.fullmatch(value):
+        return bytes.fromhex(value)
+    detail = f" ({len(value)} characters)" if isinstance(value, str) else ""
+    raise PolicyError(f"{where}: expected 64 hex characters, got {_show(value)}{detail}")
+
+
+def _parse_u16(value: object, where: str) -> int:
+    # bool is an int subclass in Python: true must not read as 1
+    number: int | None = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, str) and _DECIMAL.fullmatch(value):
+        digits = value.lstrip("0") or "0"
+        # bound the length before int(): a huge digit string is simply out of range
+        number = int(digits) if len(digits) <= 5 else _MAX_U16 + 1
+    if number is None or not 0 <= number <= _MAX_U16:
+        raise PolicyError(
+            f"{where}: expected an integer 0..65535 (JSON number or decimal string), "
+            f"got {_show(value)}"
+        )
+    return number
+
+
+def _parse_name(value: object, where: str) -> str:
+    # the name ends up in one-line log and error messages: keep it on one line
+    if isinstance(value, str) and value.isprintable():
+        return value
+    raise PolicyError(f"{where}: expected a single line of text, got {_show(value)}")
+
+
+@dataclass(frozen=True)
+class MeasurementEntry:
+    """One ``sgx_mrs`` entry; None means the field is absent from the entry."""
+
+    mr_enclave: bytes | None
+    mr_signer: bytes | None
+    isv_prod_id: int | None
+    isv_svn: int | None
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        # backstop for entries built in code; from_dict reports errors with their path
+        for attr in ("mr_enclave", "mr_signer"):
+            mr = getattr(self, attr)
+            if mr is not None and (not isinstance(mr, bytes) or len(mr) != 32):
+                raise PolicyError(f"MeasurementEntry: {attr}: must be 32 bytes")
+        for attr in ("isv_prod_id", "isv_svn"):
+            v = getattr(self, attr)
+            if v is not None and (
+                not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= _MAX_U16
+            ):
+                raise PolicyError(f"MeasurementEntry: {attr}: must be an integer 0..65535")
+
+    def label(self, index: int) -> str:
+        """``sgx_mrs[i]`` plus the entry's name when it has one."""
+        return f"sgx_mrs[{index}]" + (f" ({_show(self.name)})" if self.name else "")
+
+    def to_dict(self) -> dict[str, object]:
+        out: dict[str, object] = {}
+        if self.name is not None:
+            out["name"] = self.name
+        if self.mr_enclave is not None:
+            out["mr_enclave"] = self.mr_enclave.hex()
+        if self.mr_signer is not None:
+            out["mr_signer"] = self.mr_signer.hex()
+        # decimal strings, as the seed writes them; from_dict parses them as numbers
+        if self.isv_prod_id is not None:
+            out["isv_prod_id"] = str(self.isv_prod_id)
+        if self.isv_svn is not None:
+            out["isv_svn"] = str(self.isv_svn)
+        return out
+
+
+@dataclass(frozen=True)
+class TcbAllowances:
+    """Which non-UpToDate TCB statuses are accepted; Revoked and unknown ones never are."""
+
+    outdated: bool = False
+    hw_config_needed: bool = False
+    sw_hardening_needed: bool = False
+
+    def __post_init__(self) -> None:
+        # a truthy string such as "off" must not silently widen the policy
+        for attr in ("outdated", "hw_config_needed", "sw_hardening_needed"):
+            if not isinstance(getattr(self, attr), bool):
+                raise PolicyError(f"TcbAllowances: {attr}: must be a bool")
+
+    def _allowed(self, key: str) -> bool:
+        return {
+            "allow_outdated_tcb": self.outdated,
+            "allow_hw_config_needed": self.hw_config_needed,
+            "allow_sw_hardening_needed": self.sw_hardening_needed,
+        }[key]
+
+    def union(self, other: TcbAllowances) -> TcbAllowances:
+        return TcbAllowances(
+            outdated=self.outdated or other.outdated,
+            hw_config_needed=self.hw_config_needed or other.hw_config_needed,
+            sw_hardening_needed=self.sw_hardening_needed or other.sw_hardening_needed,
+        )
+
+    def check(self, status: str) -> None:
+        """Raise PolicyViolation unless a platform with TCB ``status`` is accepted."""
+        if status == "Revoked":
+            raise PolicyViolation("TCB status Revoked is always refused")
+        needs = _TCB_NEEDS.get(status) if isinstance(status, str) else None
+        if needs is None:
+            # fail closed: a status we do not know may mean anything
+            raise PolicyViolation(f"TCB status {_show(status)} is unknown and refused")
+        missing = [key for key in needs if not self._allowed(key)]
+        if missing:
+            raise PolicyViolation(
+                f"TCB status {status} is not allowed (set {' and '.join(missing)} "
+                f'to "on" to accept it)'
+            )
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The peer-acceptance policy; see the module docstring for the file format."""
+
+    verify_mr_enclave: bool
+    verify_mr_signer: bool
+    verify_isv_prod_id: bool
+    verify_isv_svn: bool
+    entries: tuple[MeasurementEntry, ...]
+    tcb: TcbAllowances = field(default_factory=TcbAllowances)
+
+    def __post_init__(self) -> None:
+        # invariants hold however the policy was built, not only when parsed
+        object.__setattr__(self, "entries", tuple(self.entries))
+        for flag in _VERIFY_KEYS:
+            if not isinstance(getattr(self, flag), bool):
+                raise PolicyError(f"Policy: {flag}: must be a bool")
+        enabled = [flag for flag in _VERIFY_KEYS if getattr(self, flag)]
+        for entry in self.entries:
+            if not isinstance(entry, MeasurementEntry):
+                raise PolicyError("Policy: entries: must be MeasurementEntry objects")
+        if enabled and not self.entries:
+            raise PolicyError(
+                f"Policy: sgx_mrs: must list at least one entry when {enabled[0]} is on"
+            )
+        for i, entry in enumerate(self.entries):
+            for attr, _, flag in _FIELDS:
+                if getattr(self, flag) and getattr(entry, attr) is None:
+                    raise PolicyError(f"Policy: sgx_mrs[{i}].{attr}: required when {flag} is on")
+        if not enabled:
+            log.warning(
+                "POLICY VERIFIES NO MEASUREMENT: all verify_* flags are off, so ANY enclave "
+                "on a genuine SGX platform will be accepted as a peer"
+            )
+
+    # ---- parsing -----------------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, data: object, *, source: str = "policy") -> Policy:
+        """Build a policy from parsed JSON; errors are ``<source>: <field>: <problem>``."""
+        if not isinstance(data, dict):
+            raise PolicyError(
+                f"{source}: expected a JSON object at the top level, got {_show(data)}"
+            )
+        _check_keys(data, _TOP_KEYS, f"{source}: ")
+        flags: dict[str, bool] = {}
+        for key in _VERIFY_KEYS:
+            if key not in data:
+                # fail closed: a forgotten flag must not silently disable a check
+                raise PolicyError(f'{source}: {key}: missing (set it to "on" or "off")')
+            flags[key] = _parse_flag(data[key], f"{source}: {key}")
+        allow = {key: _parse_flag(data.get(key, False), f"{source}: {key}") for key in _ALLOW_KEYS}
+
+        if "sgx_mrs" not in data:
+            raise PolicyError(f"{source}: sgx_mrs: missing (a list of measurement entries)")
+        raw_entries = data["sgx_mrs"]
+        if not isinstance(raw_entries, list):
+            raise PolicyError(f"{source}: sgx_mrs: expected a list, got {_show(raw_entries)}")
+        enabled = [key for key in _VERIFY_KEYS if flags[key]]
+        if enabled and not raw_entries:
+            raise PolicyError(
+                f"{source}: sgx_mrs: is empty, but {enabled[0]} is on (list at least one entry)"
+            )
+        entries = tuple(
+            _parse_entry(raw, flags, f"{source}: sgx_mrs[{i}]") for i, raw in enumerate(raw_entries)
+        )
+        return cls(
+            verify_mr_enclave=flags["verify_mr_enclave"],
+            verify_mr_signer=flags["verify_mr_signer"],
+            verify_isv_prod_id=flags["verify_isv_prod_id"],
+            verify_isv_svn=flags["verify_isv_svn"],
+            entries=entries,
+            tcb=TcbAllowances(
+                outdated=allow["allow_outdated_tcb"],
+                hw_config_needed=allow["allow_hw_config_needed"],
+                sw_hardening_needed=allow["allow_sw_hardening_needed"],
+            ),
+        )
+
+    @classmethod
+    def load(cls, path: str | Path) -> Policy:
+        """Read a policy JSON file; every failure is a one-line PolicyError naming ``path``."""
+        where = str(path)
+        try:
+            raw = Path(path).read_bytes()
+        except OSError as exc:
+            raise PolicyError(f"{where}: cannot read: {exc.strerror or exc}") from None
+        try:
+            text = raw.decode("utf-8-sig")  # tolerate a BOM from Windows editors
+        except UnicodeDecodeError as exc:
+            raise PolicyError(f"{where}: not UTF-8 text (byte {exc.start})") from None
+
+        def no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+            # json keeps the last duplicate silently; a second "verify_..." must not win
+            out: dict[str, object] = {}
+            for key, value in pairs:
+                if key in out:
+                    raise PolicyError(f"{where}: {key}: duplicate key")
+                out[key] = value
+            return out
+
+        def no_constant(name: str) -> object:
+            raise PolicyError(f"{where}: invalid JSON: {name} is not allowed")
+
+        try:
+            data = json.loads(text, object_pairs_hook=no_duplicates, parse_constant=no_constant)
+        except json.JSONDecodeError as exc:
+            raise PolicyError(
+                f"{where}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
+            ) from None
+        except RecursionError:
+            raise PolicyError(f"{where}: invalid JSON: nested too deeply") from None
+        return cls.from_dict(data, source=where)
+
+    def to_dict(self) -> dict[str, object]:
+        """The seed's schema: "on"/"off" flags, hex MRs, ISV values as decimal strings."""
+        on_off = {True: "on", False: "off"}
+        out: dict[str, object] = {key: on_off[bool(getattr(self, key))] for key in _VERIFY_KEYS}
+        out["allow_outdated_tcb"] = on_off[self.tcb.outdated]
+        out["allow_hw_config_needed"] = on_off[self.tcb.hw_config_needed]
+        out["allow_sw_hardening_needed"] = on_off[self.tcb.sw_hardening_needed]
+        out["sgx_mrs"] = [entry.to_dict() for entry in self.entries]
+        return out
+
+    def with_tcb(self, tcb: TcbAllowances) -> Policy:
+        """This policy with ``tcb`` added to its TCB allowances.
+
+        Union, not replacement: command-line flags may widen what the file allows, but
+        leaving them unset must not drop an allowance the file grants.
+        """
+        merged = self.tcb.union(tcb)
+        return self if merged == self.tcb else replace(self, tcb=merged)
+
+    # ---- checking ----------------------------------------------------------------
+
+    def check(self, identity: EnclaveIdentity, tcb_status: str) -> MeasurementEntry:
+        """Return the entry ``identity`` matches, or raise PolicyViolation saying why not.
+
+        Order: attributes, TCB status, then entries. With all verify flags off, the
+        first entry is returned, or a blank entry when there are none.
+        """
+        _check_attributes(identity.attribute_flags)
+        self.tcb.check(tcb_status)
+        if not self.entries:
+            return MeasurementEntry(None, None, None, None)
+        best: tuple[int, int, list[str]] | None = None
+        for index, entry in enumerate(self.entries):
+            mismatched = self._mismatches(entry, identity)
+            if not mismatched:
+                return entry
+            if best is None or len(mismatched) < len(best[2]):
+                best = (index, len(mismatched), mismatched)
+        assert best is not None
+        index, _, mismatched = best
+        raise PolicyViolation(_describe(self.entries[index], index, identity, mismatched))
+
+    def _mismatches(self, entry: MeasurementEntry, identity: EnclaveIdentity) -> list[str]:
+        out: list[str] = []
+        for attr, _, flag in _FIELDS:
+            if not getattr(self, flag):
+                continue
+            want = getattr(entry, attr)
+            have = getattr(identity, attr)
+            # ISV_SVN is a minimum (newer security versions are accepted); the rest are equal
+            ok = have >= want if attr == "isv_svn" else have == want
+            if not ok:
+                out.append(attr)
+        return out
+
+
+def _parse_entry(raw: object, flags: dict[str, bool], where: str) -> MeasurementEntry:
+    if not isinstance(raw, dict):
+        raise PolicyError(f"{where}: expected an object, got {_show(raw)}")
+    _check_keys(raw, _ENTRY_KEYS, f"{where}.")
+
+    def present(attr: str, flag: str) -> bool:
+        if attr in raw:
+            return True
+        if flags[flag]:
+            raise PolicyError(f"{where}.{attr}: missing, but {flag} is on")
+        return False
+
+    def mr(attr: str, flag: str) -> bytes | None:
+        return _parse_mr(raw[attr], f"{where}.{attr}") if present(attr, flag) else None
+
+    def u16(attr: str, flag: str) -> int | None:
+        return _parse_u16(raw[attr], f"{where}.{attr}") if present(attr, flag) else None
+
+    return MeasurementEntry(
+        mr_enclave=mr("mr_enclave", "verify_mr_enclave"),
+        mr_signer=mr("mr_signer", "verify_mr_signer"),
+        isv_prod_id=u16("isv_prod_id", "verify_isv_prod_id"),
+        isv_svn=u16("isv_svn", "verify_isv_svn"),
+        name=_parse_name(raw["name"], f"{where}.name") if "name" in raw else None,
+    )
+
+
+def _check_attributes(flags: int) -> None:
+    """Gramine's fixed attribute rules; not configurable on purpose."""
+    if flags & AttributeFlag.DEBUG:
+        raise PolicyViolation("peer is a DEBUG enclave (its memory is readable by the host)")
+    if not flags & AttributeFlag.INIT:
+        raise PolicyViolation("peer enclave lacks the INIT attribute (not initialised)")
+    if not flags & AttributeFlag.MODE64BIT:
+        raise PolicyViolation("peer enclave lacks the MODE64BIT attribute (not a 64-bit enclave)")
+    if flags & AttributeFlag.PROVISION_KEY:
+        raise PolicyViolation("peer enclave has the PROVISION_KEY attribute (refused)")
+    if flags & AttributeFlag.EINITTOKEN_KEY:
+        raise PolicyViolation("peer enclave has the EINITTOKEN_KEY attribute (refused)")
+
+
+def _describe(
+    entry: MeasurementEntry, index: int, identity: EnclaveIdentity, mismatched: list[str]
+) -> str:
+    """One line: the first mismatching field of the closest entry, expected vs actual."""
+    attr = mismatched[0]
+    label = _LABELS[attr]
+    want = getattr(entry, attr)
+    have = getattr(identity, attr)
+    where = entry.label(index)
+    if attr == "isv_svn":
+        text = f"peer ISV_SVN {have} is below the required {want} ({where})"
+    else:
+        shown_have = have.hex() if isinstance(have, bytes) else str(have)
+        shown_want = want.hex() if isinstance(want, bytes) else str(want)
+        text = (
+            f"peer {label} {shown_have} matches no sgx_mrs entry "
+            f"(closest: {where} expects {shown_want})"
+        )
+    others = [_LABELS[a] for a in mismatched[1:]]
+    if others:
+        text += f"; {where} also differs in {', '.join(others)}"
+    return text
+
+
+def policy_for(identities: Sequence[tuple[str, EnclaveIdentity]]) -> Policy:
+    """A policy accepting exactly these enclaves (all four fields verified).
+
+    Used by ``teepsi measure`` to write the policy file for a deployment.
+    """
+    if not identities:
+        raise PolicyError("policy_for: at least one identity is required")
+    entries = tuple(
+        MeasurementEntry(
+            mr_enclave=ident.mr_enclave,
+            mr_signer=ident.mr_signer,
+            isv_prod_id=ident.isv_prod_id,
+            isv_svn=ident.isv_svn,
+            name=_parse_name(name, f"policy_for: {name!r}"),
+        )
+        for name, ident in identities
+    )
+    return Policy(
+        verify_mr_enclave=True,
+        verify_mr_signer=True,
+        verify_isv_prod_id=True,
+        verify_isv_svn=True,
+        entries=entries,
+    )

@@ -1,0 +1,229 @@
+"""Byte layout of Intel SGX DCAP quotes, version 3 (ECDSA-P256 attestation key).
+
+A v3 quote is a 48-byte header, the 384-byte report body of the attested enclave, a
+little-endian u32 length and the signature data. The signature data holds the
+attestation key's signature over header + body, the attestation public key, the
+Quoting Enclave's own report signed by the PCK key, the QE authentication data and
+the certification data (type 5: the PEM chain PCK leaf, intermediate CA, root CA).
+
+Only the layout lives here; no cryptography and no trust decisions. Verification of
+quotes is left to dcap-qvl.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+QUOTE_VERSION_3 = 3
+ATT_KEY_TYPE_ECDSA_P256 = 2
+TEE_TYPE_SGX = 0
+#: Intel's QE vendor id, which every Intel-provided Quoting Enclave writes in the header.
+INTEL_QE_VENDOR_ID = bytes.fromhex("939a7233f79c4ca9940a0db3957f0607")
+CERT_DATA_TYPE_PCK_CHAIN = 5
+
+HEADER_SIZE = 48
+REPORT_BODY_SIZE = 384
+ECDSA_SIG_SIZE = 64
+ECDSA_PUBKEY_SIZE = 64
+USER_DATA_SIZE = 20
+
+# Offsets inside the 384-byte report body.
+_CPU_SVN = slice(0, 16)
+_MISC_SELECT = slice(16, 20)
+_ISV_EXT_PROD_ID = slice(32, 48)
+_ATTRIBUTES = slice(48, 64)
+_MR_ENCLAVE = slice(64, 96)
+_MR_SIGNER = slice(128, 160)
+_CONFIG_ID = slice(192, 256)
+_ISV_PROD_ID = slice(256, 258)
+_ISV_SVN = slice(258, 260)
+_CONFIG_SVN = slice(260, 262)
+_ISV_FAMILY_ID = slice(304, 320)
+_REPORT_DATA = slice(320, 384)
+
+
+class QuoteFormatError(ValueError):
+    """The bytes are not a well-formed DCAP v3 quote."""
+
+
+def _fixed(name: str, value: bytes, size: int) -> bytes:
+    if len(value) != size:
+        raise ValueError(f"{name} must be {size} bytes, got {len(value)}")
+    return value
+
+
+@dataclass(frozen=True)
+class ReportBody:
+    """An SGX enclave report body (``sgx_report_body_t``), 384 bytes on the wire."""
+
+    mr_enclave: bytes
+    mr_signer: bytes
+    report_data: bytes
+    isv_prod_id: int = 0
+    isv_svn: int = 0
+    attributes: bytes = bytes(16)
+    cpu_svn: bytes = bytes(16)
+    misc_select: int = 0
+    config_svn: int = 0
+    isv_ext_prod_id: bytes = bytes(16)
+    config_id: bytes = bytes(64)
+    isv_family_id: bytes = bytes(16)
+
+    def to_bytes(self) -> bytes:
+        out = bytearray(REPORT_BODY_SIZE)
+        out[_CPU_SVN] = _fixed("cpu_svn", self.cpu_svn, 16)
+        out[_MISC_SELECT] = struct.pack("<I", self.misc_select)
+        out[_ISV_EXT_PROD_ID] = _fixed("isv_ext_prod_id", self.isv_ext_prod_id, 16)
+        out[_ATTRIBUTES] = _fixed("attributes", self.attributes, 16)
+        out[_MR_ENCLAVE] = _fixed("mr_enclave", self.mr_enclave, 32)
+        out[_MR_SIGNER] = _fixed("mr_signer", self.mr_signer, 32)
+        out[_CONFIG_ID] = _fixed("config_id", self.config_id, 64)
+        out[_ISV_PROD_ID] = struct.pack("<H", self.isv_prod_id)
+        out[_ISV_SVN] = struct.pack("<H", self.isv_svn)
+        out[_CONFIG_SVN] = struct.pack("<H", self.config_svn)
+        out[_ISV_FAMILY_ID] = _fixed("isv_family_id", self.isv_family_id, 16)
+        out[_REPORT_DATA] = _fixed("report_data", self.report_data, 64)
+        return bytes(out)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> ReportBody:
+        if len(data) != REPORT_BODY_SIZE:
+            raise QuoteFormatError(f"report body must be {REPORT_BODY_SIZE} bytes")
+        return cls(
+            mr_enclave=data[_MR_ENCLAVE],
+            mr_signer=data[_MR_SIGNER],
+            report_data=data[_REPORT_DATA],
+            isv_prod_id=struct.unpack("<H", data[_ISV_PROD_ID])[0],
+            isv_svn=struct.unpack("<H", data[_ISV_SVN])[0],
+            attributes=data[_ATTRIBUTES],
+            cpu_svn=data[_CPU_SVN],
+            misc_select=struct.unpack("<I", data[_MISC_SELECT])[0],
+            config_svn=struct.unpack("<H", data[_CONFIG_SVN])[0],
+            isv_ext_prod_id=data[_ISV_EXT_PROD_ID],
+            config_id=data[_CONFIG_ID],
+            isv_family_id=data[_ISV_FAMILY_ID],
+        )
+
+
+def attributes_bytes(flags: int, xfrm: int) -> bytes:
+    """The 16-byte ATTRIBUTES field: flags then XFRM, each a little-endian u64."""
+    return struct.pack("<QQ", flags, xfrm)
+
+
+def encode_header(qe_svn: int, pce_svn: int, user_data: bytes) -> bytes:
+    """The 48-byte v3 header of an SGX quote signed with an ECDSA-P256 attestation key."""
+    return (
+        struct.pack(
+            "<HHIHH",
+            QUOTE_VERSION_3,
+            ATT_KEY_TYPE_ECDSA_P256,
+            TEE_TYPE_SGX,
+            qe_svn,
+            pce_svn,
+        )
+        + INTEL_QE_VENDOR_ID
+        + _fixed("user_data", user_data, USER_DATA_SIZE)
+    )
+
+
+def encode_signature_data(
+    isv_signature: bytes,
+    attestation_public_key: bytes,
+    qe_report: bytes,
+    qe_report_signature: bytes,
+    qe_auth_data: bytes,
+    pck_chain_pem: bytes,
+) -> bytes:
+    """The signature data section, preceded by its u32 length."""
+    body = b"".join(
+        (
+            _fixed("isv_signature", isv_signature, ECDSA_SIG_SIZE),
+            _fixed("attestation_public_key", attestation_public_key, ECDSA_PUBKEY_SIZE),
+            _fixed("qe_report", qe_report, REPORT_BODY_SIZE),
+            _fixed("qe_report_signature", qe_report_signature, ECDSA_SIG_SIZE),
+            struct.pack("<H", len(qe_auth_data)),
+            qe_auth_data,
+            struct.pack("<HI", CERT_DATA_TYPE_PCK_CHAIN, len(pck_chain_pem)),
+            pck_chain_pem,
+        )
+    )
+    return struct.pack("<I", len(body)) + body
+
+
+@dataclass(frozen=True)
+class ParsedQuote:
+    """The parts of a v3 SGX quote, split but not verified."""
+
+    header: bytes
+    report_body: ReportBody
+    isv_signature: bytes
+    attestation_public_key: bytes
+    qe_report: bytes
+    qe_report_signature: bytes
+    qe_auth_data: bytes
+    cert_data_type: int
+    cert_data: bytes
+
+    @property
+    def signed_bytes(self) -> bytes:
+        """What the attestation key signs: the header followed by the report body."""
+        return self.header + self.report_body.to_bytes()
+
+
+class _Reader:
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+        self._pos = 0
+
+    def take(self, size: int) -> bytes:
+        end = self._pos + size
+        if size < 0 or end > len(self._data):
+            raise QuoteFormatError("quote is truncated")
+        chunk = self._data[self._pos : end]
+        self._pos = end
+        return chunk
+
+    def u16(self) -> int:
+        value: int = struct.unpack("<H", self.take(2))[0]
+        return value
+
+    def u32(self) -> int:
+        value: int = struct.unpack("<I", self.take(4))[0]
+        return value
+
+
+def parse_quote(quote: bytes) -> ParsedQuote:
+    """Split a v3 SGX quote into its parts; raises QuoteFormatError on anything else."""
+    reader = _Reader(quote)
+    header = reader.take(HEADER_SIZE)
+    version, key_type, tee_type = struct.unpack("<HHI", header[:8])
+    if (version, key_type, tee_type) != (
+        QUOTE_VERSION_3,
+        ATT_KEY_TYPE_ECDSA_P256,
+        TEE_TYPE_SGX,
+    ):
+        raise QuoteFormatError(
+            f"not an SGX v3 ECDSA-P256 quote (version {version}, key type {key_type}, "
+            f"tee type {tee_type})"
+        )
+    body = ReportBody.from_bytes(reader.take(REPORT_BODY_SIZE))
+    sig_reader = _Reader(reader.take(reader.u32()))
+    isv_signature = sig_reader.take(ECDSA_SIG_SIZE)
+    attestation_public_key = sig_reader.take(ECDSA_PUBKEY_SIZE)
+    qe_report = sig_reader.take(REPORT_BODY_SIZE)
+    qe_report_signature = sig_reader.take(ECDSA_SIG_SIZE)
+    qe_auth_data = sig_reader.take(sig_reader.u16())
+    cert_data_type = sig_reader.u16()
+    cert_data = sig_reader.take(sig_reader.u32())
+    return ParsedQuote(
+        header=header,
+        report_body=body,
+        isv_signature=isv_signature,
+        attestation_public_key=attestation_public_key,
+        qe_report=qe_report,
+        qe_report_signature=qe_report_signature,
+        qe_auth_data=qe_auth_data,
+        cert_data_type=cert_data_type,
+        cert_data=cert_data,
+    )

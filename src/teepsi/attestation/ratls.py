@@ -1,0 +1,510 @@
+"""RA-TLS certificates in Gramine's format: creating them and pulling the evidence out.
+
+An RA-TLS certificate is a self-signed X.509 certificate whose key is bound to an SGX
+quote carried in the certificate itself. Current Gramine (v1.8 and later) writes the
+binding twice, with two separate quotes:
+
+* the legacy extension (Gramine v1.0+): the raw quote, whose report_data starts with
+  SHA-256 of the certificate's DER SubjectPublicKeyInfo. Gramine passes the OID to
+  mbedTLS with its own tag and length bytes still attached, so the OID in the
+  certificate parses as ``0.6.9.42.840.113741.1337.6``; the intended
+  ``1.2.840.113741.1337.6`` is accepted on input too (Gramine's own byte search
+  matches both).
+* the TCG DICE "tagged evidence" extension ``2.23.133.5.4.9``: CBOR
+  ``tag 60000 [bstr quote, bstr claims]`` where ``claims`` is the CBOR map
+  ``{"pubkey-hash": bstr(CBOR [hash-alg-id, bstr hash of the SPKI])}`` and the quote's
+  report_data starts with SHA-256 of the claims bytes exactly as carried.
+
+A verifier uses the TCG extension when it is present, and then only it: if it is
+present but invalid the certificate is refused, never rescued by the legacy one.
+
+The certificate itself is parsed with a small DER walker instead of ``cryptography``'s
+X.509 loader: Gramine builds linked against mbedTLS before 3.5 wrote an explicit NULL
+into the ECDSA signature AlgorithmIdentifier, which ``cryptography`` rejects, and such
+certificates are still in circulation. Quote signatures are not checked here; that is
+:mod:`teepsi.attestation.verify`'s job.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import re
+import struct
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import cbor2
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
+from cryptography.x509.oid import NameOID
+
+from teepsi.attestation.evidence import REPORT_DATA_SIZE, EvidenceProvider
+
+LEGACY_QUOTE_OID_GRAMINE = x509.ObjectIdentifier("0.6.9.42.840.113741.1337.6")
+LEGACY_QUOTE_OID = x509.ObjectIdentifier("1.2.840.113741.1337.6")
+TCG_DICE_TAGGED_EVIDENCE_OID = x509.ObjectIdentifier("2.23.133.5.4.9")
+
+#: CBOR tag Gramine registers for "TEE quote" evidence (IANA CBOR tags registry).
+TEE_QUOTE_CBOR_TAG = 60000
+PUBKEY_HASH_CLAIM = "pubkey-hash"
+#: IANA "Named Information" hash algorithm ids accepted in the pubkey-hash entry, as
+#: Gramine's verifier accepts them; Gramine itself always writes SHA-256 (1).
+_HASH_ENTRY_ALGORITHMS = {1: hashlib.sha256, 7: hashlib.sha384, 8: hashlib.sha512}
+_HASH_ENTRY_SHA256 = 1
+
+SUBJECT = x509.Name(
+    [
+        x509.NameAttribute(NameOID.COMMON_NAME, "RATLS"),
+        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "GramineDevelopers"),
+        x509.NameAttribute(NameOID.COUNTRY_NAME, "US"),
+    ]
+)
+DEFAULT_NOT_BEFORE = datetime(2001, 1, 1, 0, 0, 0, tzinfo=UTC)
+DEFAULT_NOT_AFTER = datetime(2030, 12, 31, 23, 59, 59, tzinfo=UTC)
+
+# SGX quote layout (sgx_quote_t): 48-byte header, 384-byte report body whose last 64
+# bytes are report_data, then a u32 signature length. Gramine refuses anything shorter
+# than that structure.
+_QUOTE_VERSION_3 = 3
+_REPORT_DATA_OFFSET = 48 + 320
+_MIN_QUOTE_SIZE = 48 + 384 + 4
+_HASH_SIZE = 32  # the binding covers report_data[0:32]; Gramine ignores the rest
+
+_ACCEPTED_CURVES = (ec.SECP256R1, ec.SECP384R1)
+
+SOURCE_TCG_DICE = "tcg-dice"
+SOURCE_LEGACY = "legacy"
+
+
+class RaTlsError(Exception):
+    """The certificate is not a usable RA-TLS certificate; the message is one line."""
+
+
+@dataclass(frozen=True)
+class RaTlsCertificate:
+    """A freshly created RA-TLS certificate and its key.
+
+    ``quote`` is the quote of the TCG DICE extension, i.e. the one a verifier extracts.
+    """
+
+    certificate_der: bytes
+    certificate_pem: bytes
+    private_key: ec.EllipticCurvePrivateKey
+    quote: bytes
+
+
+@dataclass(frozen=True)
+class ExtractedEvidence:
+    """The quote found in an RA-TLS certificate, already checked to bind its key."""
+
+    quote: bytes
+    public_key_sha256: bytes
+    source: str
+    certificate_sha256: bytes
+
+
+# --- CBOR: cbor2 may come without type information, so its results pass through -------
+# --- these two typed wrappers (annotated assignments accept Any either way) ------------
+
+
+def _cbor_dumps(value: object) -> bytes:
+    encoded: bytes = cbor2.dumps(value)
+    return encoded
+
+
+def _cbor_loads(data: bytes, what: str) -> object:
+    try:
+        decoded: object = cbor2.loads(data)
+        return decoded
+    except (cbor2.CBORError, ValueError, TypeError, OverflowError, RecursionError) as exc:
+        raise RaTlsError(f"{what} is not valid CBOR ({exc})") from None
+
+
+def _cbor_head(data: bytes, pos: int, what: str) -> tuple[int, int, int]:
+    """Read one CBOR item head: (major type, argument, position after the head).
+
+    Indefinite lengths are refused, as Gramine's verifier refuses them.
+    """
+    if pos >= len(data):
+        raise RaTlsError(f"{what} is truncated")
+    initial = data[pos]
+    major, info = initial >> 5, initial & 0x1F
+    pos += 1
+    if info < 24:
+        return major, info, pos
+    if info > 27:
+        raise RaTlsError(f"{what} uses an indefinite-length or reserved CBOR encoding")
+    size = 1 << (info - 24)
+    if pos + size > len(data):
+        raise RaTlsError(f"{what} is truncated")
+    return major, int.from_bytes(data[pos : pos + size], "big"), pos + size
+
+
+def _cbor_bstr(data: bytes, pos: int, what: str) -> tuple[bytes, int]:
+    major, length, pos = _cbor_head(data, pos, what)
+    if major != 2:
+        raise RaTlsError(f"{what} is not a CBOR byte string")
+    if pos + length > len(data):
+        raise RaTlsError(f"{what} is truncated")
+    return data[pos : pos + length], pos + length
+
+
+def claims_for_key(public_key: PublicKeyTypes) -> bytes:
+    """The serialized claims map Gramine puts in the TCG DICE evidence for ``public_key``."""
+    hash_entry = _cbor_dumps([_HASH_ENTRY_SHA256, _spki_sha256(public_key)])
+    return _cbor_dumps({PUBKEY_HASH_CLAIM: hash_entry})
+
+
+def tagged_evidence(quote: bytes, claims: bytes) -> bytes:
+    """The value of the TCG DICE tagged-evidence extension."""
+    return _cbor_dumps(cbor2.CBORTag(TEE_QUOTE_CBOR_TAG, [quote, claims]))
+
+
+# --- keys and quotes -------------------------------------------------------------------
+
+
+def _spki_der(public_key: PublicKeyTypes) -> bytes:
+    return public_key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def _spki_sha256(public_key: PublicKeyTypes) -> bytes:
+    return hashlib.sha256(_spki_der(public_key)).digest()
+
+
+def _pad(digest: bytes) -> bytes:
+    return digest + bytes(REPORT_DATA_SIZE - len(digest))
+
+
+def report_data_for_key(public_key: PublicKeyTypes) -> bytes:
+    """report_data of the legacy quote: SHA-256 of the DER SubjectPublicKeyInfo, zero-padded."""
+    return _pad(_spki_sha256(public_key))
+
+
+def quote_report_data(quote: bytes) -> bytes:
+    """The 64-byte report_data of an SGX DCAP v3 quote (layout checks only, no signature)."""
+    if len(quote) < _MIN_QUOTE_SIZE:
+        raise RaTlsError(
+            f"quote is {len(quote)} bytes, shorter than the {_MIN_QUOTE_SIZE}-byte SGX quote"
+        )
+    (version,) = struct.unpack_from("<H", quote, 0)
+    if version != _QUOTE_VERSION_3:
+        raise RaTlsError(f"quote version is {version}, expected an SGX DCAP quote version 3")
+    return quote[_REPORT_DATA_OFFSET : _REPORT_DATA_OFFSET + REPORT_DATA_SIZE]
+
+
+def _binds(quote: bytes, digest: bytes) -> bool:
+    return hmac.compare_digest(quote_report_data(quote)[:_HASH_SIZE], digest)
+
+
+# --- creating --------------------------------------------------------------------------
+
+
+def create_certificate(
+    provider: EvidenceProvider,
+    *,
+    not_before: datetime | None = None,
+    not_after: datetime | None = None,
+) -> RaTlsCertificate:
+    """Create a Gramine-style RA-TLS certificate for a fresh P-384 key.
+
+    Asks ``provider`` for two quotes, as Gramine does: one binding the key directly
+    (legacy extension) and one binding the claims (TCG DICE extension).
+    """
+    key = ec.generate_private_key(ec.SECP384R1())
+    public_key = key.public_key()
+
+    legacy_report_data = report_data_for_key(public_key)
+    legacy_quote = provider.quote(legacy_report_data)
+    claims = claims_for_key(public_key)
+    tcg_report_data = _pad(hashlib.sha256(claims).digest())
+    tcg_quote = provider.quote(tcg_report_data)
+    # A provider that ignores report_data would yield a certificate nobody accepts;
+    # better to fail here, where the cause is obvious.
+    for quote, wanted in ((legacy_quote, legacy_report_data), (tcg_quote, tcg_report_data)):
+        if quote_report_data(quote) != wanted:
+            raise RaTlsError(
+                f"evidence provider {provider.name!r} returned a quote without the "
+                "requested report_data"
+            )
+
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(SUBJECT)
+        .issuer_name(SUBJECT)
+        .public_key(public_key)
+        .serial_number(1)
+        .not_valid_before(not_before or DEFAULT_NOT_BEFORE)
+        .not_valid_after(not_after or DEFAULT_NOT_AFTER)
+        # Same extensions, order and criticality as Gramine's ra_tls_attest.c.
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(public_key), critical=False
+        )
+        .add_extension(
+            x509.UnrecognizedExtension(LEGACY_QUOTE_OID_GRAMINE, legacy_quote), critical=False
+        )
+        .add_extension(
+            x509.UnrecognizedExtension(
+                TCG_DICE_TAGGED_EVIDENCE_OID, tagged_evidence(tcg_quote, claims)
+            ),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    return RaTlsCertificate(
+        certificate_der=certificate.public_bytes(serialization.Encoding.DER),
+        certificate_pem=certificate.public_bytes(serialization.Encoding.PEM),
+        private_key=key,
+        quote=tcg_quote,
+    )
+
+
+# --- minimal DER walking ---------------------------------------------------------------
+
+
+def _der_tlv(data: bytes, pos: int, end: int) -> tuple[int, int, int]:
+    """Read one DER TLV at ``pos``: (tag, content start, content end)."""
+    if pos + 2 > end:
+        raise RaTlsError("malformed certificate: truncated DER")
+    tag, first = data[pos], data[pos + 1]
+    if tag & 0x1F == 0x1F:
+        raise RaTlsError("malformed certificate: unsupported DER tag")
+    pos += 2
+    if first < 0x80:
+        length = first
+    else:
+        count = first & 0x7F
+        if count == 0 or count > 4 or pos + count > end:
+            raise RaTlsError("malformed certificate: bad DER length")
+        length = int.from_bytes(data[pos : pos + count], "big")
+        if length < 0x80 or data[pos] == 0:
+            raise RaTlsError("malformed certificate: non-minimal DER length")
+        pos += count
+    if pos + length > end:
+        raise RaTlsError("malformed certificate: truncated DER")
+    return tag, pos, pos + length
+
+
+def _der_children(data: bytes, start: int, end: int) -> list[tuple[int, int, int, int]]:
+    """The TLVs inside [start, end): (tag, TLV start, content start, content end)."""
+    children = []
+    pos = start
+    while pos < end:
+        tag, content_start, content_end = _der_tlv(data, pos, end)
+        children.append((tag, pos, content_start, content_end))
+        pos = content_end
+    return children
+
+
+def _oid_from_der(content: bytes) -> str:
+    if not content or content[-1] & 0x80:
+        raise RaTlsError("malformed certificate: bad extension OID")
+    arcs: list[int] = []
+    value = 0
+    arc_start = True
+    for byte in content:
+        if arc_start and byte == 0x80:
+            raise RaTlsError("malformed certificate: non-minimal extension OID")
+        value = (value << 7) | (byte & 0x7F)
+        arc_start = not byte & 0x80
+        if arc_start:
+            arcs.append(value)
+            value = 0
+    first = min(arcs[0] // 40, 2)
+    return ".".join(str(arc) for arc in [first, arcs[0] - 40 * first, *arcs[1:]])
+
+
+@dataclass(frozen=True)
+class _ParsedCertificate:
+    spki_der: bytes
+    extensions: dict[str, tuple[bool, bytes]]  # dotted OID -> (critical, value)
+
+
+def _parse_certificate(der: bytes) -> _ParsedCertificate:
+    tag, start, end = _der_tlv(der, 0, len(der))
+    if tag != 0x30 or end != len(der):
+        raise RaTlsError("not a DER X.509 certificate")
+    outer = _der_children(der, start, end)
+    if [child[0] for child in outer] != [0x30, 0x30, 0x03]:
+        raise RaTlsError("not a DER X.509 certificate")
+    _, _, tbs_start, tbs_end = outer[0]
+    fields = _der_children(der, tbs_start, tbs_end)
+    tags = [field[0] for field in fields]
+    index = 1 if tags[:1] == [0xA0] else 0  # explicit version is optional
+    # serial, signature, issuer, validity, subject, subjectPublicKeyInfo
+    if tags[index : index + 6] != [0x02, 0x30, 0x30, 0x30, 0x30, 0x30]:
+        raise RaTlsError("malformed certificate: unexpected TBSCertificate layout")
+    rest = tags[index + 6 :]
+    if any(t not in (0x81, 0x82, 0xA3) for t in rest) or rest.count(0xA3) > 1:
+        raise RaTlsError("malformed certificate: unexpected TBSCertificate layout")
+    _, spki_start, _, spki_end = fields[index + 5]
+
+    extensions: dict[str, tuple[bool, bytes]] = {}
+    for field_tag, _, content_start, content_end in fields[index + 6 :]:
+        if field_tag != 0xA3:
+            continue
+        wrapper = _der_children(der, content_start, content_end)
+        if len(wrapper) != 1 or wrapper[0][0] != 0x30:
+            raise RaTlsError("malformed certificate: bad extensions list")
+        for ext_tag, _, ext_start, ext_end in _der_children(der, wrapper[0][2], wrapper[0][3]):
+            if ext_tag != 0x30:
+                raise RaTlsError("malformed certificate: bad extension")
+            parts = _der_children(der, ext_start, ext_end)
+            part_tags = [part[0] for part in parts]
+            if part_tags not in ([0x06, 0x04], [0x06, 0x01, 0x04]):
+                raise RaTlsError("malformed certificate: bad extension")
+            oid = _oid_from_der(der[parts[0][2] : parts[0][3]])
+            critical = False
+            if len(parts) == 3:
+                flag = der[parts[1][2] : parts[1][3]]
+                if flag not in (b"\x00", b"\xff"):
+                    raise RaTlsError("malformed certificate: bad extension criticality")
+                critical = flag == b"\xff"
+            if oid in extensions:
+                raise RaTlsError(f"certificate repeats extension {oid}")
+            extensions[oid] = (critical, der[parts[-1][2] : parts[-1][3]])
+    return _ParsedCertificate(spki_der=der[spki_start:spki_end], extensions=extensions)
+
+
+def _certificate_der(certificate: bytes) -> bytes:
+    data = bytes(certificate)
+    # DER starts with a SEQUENCE tag. Looking for the PEM marker instead would misfire:
+    # DCAP quotes embed the PCK chain as PEM text, so DER RA-TLS certificates contain it.
+    if not data.startswith(b"\x30"):
+        match = re.search(
+            rb"-----BEGIN CERTIFICATE-----(.*?)-----END CERTIFICATE-----", data, re.DOTALL
+        )
+        if match is None:
+            raise RaTlsError("PEM input has no CERTIFICATE block")
+        try:
+            return base64.b64decode(b"".join(match.group(1).split()), validate=True)
+        except binascii.Error:
+            raise RaTlsError("PEM certificate block is not valid base64") from None
+    return data
+
+
+# --- extracting ------------------------------------------------------------------------
+
+
+def _checked_public_key_sha256(spki_der: bytes) -> bytes:
+    try:
+        public_key = serialization.load_der_public_key(spki_der)
+    except (ValueError, UnsupportedAlgorithm):
+        raise RaTlsError("certificate public key cannot be parsed") from None
+    if not isinstance(public_key, ec.EllipticCurvePublicKey):
+        raise RaTlsError(
+            f"unsupported public key type {type(public_key).__name__.removesuffix('PublicKey')}: "
+            "RA-TLS needs an ECDSA P-256 or P-384 key"
+        )
+    if not isinstance(public_key.curve, _ACCEPTED_CURVES):
+        raise RaTlsError(
+            f"unsupported curve {public_key.curve.name}: RA-TLS needs ECDSA P-256 or P-384"
+        )
+    # Gramine hashes mbedTLS's re-encoding of the key (named curve, uncompressed point);
+    # insisting the certificate holds exactly that leaves one meaning for "the key's hash".
+    if _spki_der(public_key) != spki_der:
+        raise RaTlsError("certificate public key is not in canonical DER form")
+    return hashlib.sha256(spki_der).digest()
+
+
+def _check_claims(claims: bytes, spki_der: bytes) -> None:
+    major, declared, _ = _cbor_head(claims, 0, "TCG DICE claims")
+    decoded = _cbor_loads(claims, "TCG DICE claims")
+    if major != 5 or not isinstance(decoded, dict) or not decoded:
+        raise RaTlsError("TCG DICE claims are not a non-empty CBOR map")
+    if declared != len(decoded):
+        raise RaTlsError("TCG DICE claims repeat a key")
+    if not all(isinstance(k, str) and k for k in decoded):
+        raise RaTlsError("TCG DICE claims have a key that is not a non-empty text string")
+    # Gramine skips claims it does not know; "pubkey-hash" is the only one that matters.
+    # Unlike Gramine's verifier we insist on it: without it nothing binds the key.
+    if PUBKEY_HASH_CLAIM not in decoded:
+        raise RaTlsError('TCG DICE claims lack the "pubkey-hash" claim')
+    entry_bytes = decoded[PUBKEY_HASH_CLAIM]
+    if not isinstance(entry_bytes, bytes) or not entry_bytes:
+        raise RaTlsError('"pubkey-hash" claim is not a non-empty byte string')
+    entry = _cbor_loads(entry_bytes, '"pubkey-hash" claim')
+    if not isinstance(entry, list | tuple) or len(entry) != 2:
+        raise RaTlsError('"pubkey-hash" claim is not a [hash-alg-id, hash] array')
+    algorithm, digest = entry
+    # bool is an int subclass; CBOR true/false must not pass for an algorithm id.
+    if type(algorithm) is not int or algorithm not in _HASH_ENTRY_ALGORITHMS:
+        raise RaTlsError(f'"pubkey-hash" claim uses unsupported hash algorithm {algorithm!r}')
+    expected = _HASH_ENTRY_ALGORITHMS[algorithm](spki_der).digest()
+    if not isinstance(digest, bytes) or len(digest) != len(expected):
+        raise RaTlsError('"pubkey-hash" claim hash has the wrong type or length')
+    if not hmac.compare_digest(digest, expected):
+        raise RaTlsError("TCG DICE pubkey-hash does not match the certificate's public key")
+
+
+def _quote_from_tcg_evidence(value: bytes, spki_der: bytes) -> bytes:
+    major, tag, pos = _cbor_head(value, 0, "TCG DICE evidence")
+    if major != 6 or tag != TEE_QUOTE_CBOR_TAG:
+        raise RaTlsError(f"TCG DICE evidence is not CBOR tag {TEE_QUOTE_CBOR_TAG} (TEE quote)")
+    major, count, pos = _cbor_head(value, pos, "TCG DICE evidence")
+    if major != 4 or count != 2:
+        raise RaTlsError("TCG DICE evidence is not a CBOR array [quote, claims]")
+    quote, pos = _cbor_bstr(value, pos, "TCG DICE evidence quote")
+    claims, pos = _cbor_bstr(value, pos, "TCG DICE evidence claims")
+    if pos != len(value):
+        raise RaTlsError("TCG DICE evidence has trailing bytes")
+    if not claims:
+        raise RaTlsError("TCG DICE evidence has empty claims")
+    if not _binds(quote, hashlib.sha256(claims).digest()):
+        raise RaTlsError("TCG DICE quote report_data does not match the hash of its claims")
+    _check_claims(claims, spki_der)
+    return quote
+
+
+def extract_evidence(certificate: bytes) -> ExtractedEvidence:
+    """Find the quote in an RA-TLS certificate (PEM or DER) and check it binds the key.
+
+    Follows Gramine's verifier: the TCG DICE extension decides when present; otherwise
+    the legacy extension is used. The quote's signature is not verified here.
+    """
+    der = _certificate_der(certificate)
+    parsed = _parse_certificate(der)
+    public_key_sha256 = _checked_public_key_sha256(parsed.spki_der)
+    certificate_sha256 = hashlib.sha256(der).digest()
+
+    def evidence_extension(label: str, *oids: x509.ObjectIdentifier) -> bytes | None:
+        found = [parsed.extensions.get(oid.dotted_string) for oid in oids]
+        present = [ext for ext in found if ext is not None]
+        if len(present) > 1:
+            raise RaTlsError(f"certificate has more than one {label} extension")
+        if not present:
+            return None
+        critical, value = present[0]
+        # Gramine's verifier refuses these extensions when marked critical.
+        if critical:
+            raise RaTlsError(f"certificate's {label} extension is marked critical")
+        return value
+
+    evidence = evidence_extension("TCG DICE evidence", TCG_DICE_TAGGED_EVIDENCE_OID)
+    if evidence is not None:
+        return ExtractedEvidence(
+            quote=_quote_from_tcg_evidence(evidence, parsed.spki_der),
+            public_key_sha256=public_key_sha256,
+            source=SOURCE_TCG_DICE,
+            certificate_sha256=certificate_sha256,
+        )
+    quote = evidence_extension("legacy quote", LEGACY_QUOTE_OID_GRAMINE, LEGACY_QUOTE_OID)
+    if quote is None:
+        raise RaTlsError("certificate has no RA-TLS evidence extension (TCG DICE or legacy)")
+    if not _binds(quote, public_key_sha256):
+        raise RaTlsError("quote report_data does not bind the certificate's public key")
+    return ExtractedEvidence(
+        quote=quote,
+        public_key_sha256=public_key_sha256,
+        source=SOURCE_LEGACY,
+        certificate_sha256=certificate_sha256,
+    )

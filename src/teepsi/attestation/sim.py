@@ -1,0 +1,457 @@
+"""An honest *simulated* Intel SGX DCAP platform.
+
+INSECURE-SIMULATED: this module makes evidence that proves nothing. It mints real
+DCAP v3 quotes and the matching collateral (TCB info, QE identity, CRLs) under a
+local PKI shaped like Intel's, whose private keys ship with teepsi in
+``data/sim_pki.json`` (generated once by ``scripts/generate_sim_pki.py``). Anyone can
+therefore forge simulated quotes for any enclave identity and any TCB status.
+
+What the simulation buys is a shared code path: simulated quotes are verified by
+exactly the production verifier (dcap-qvl), only against :data:`SIM_ROOT_CA_DER`
+instead of Intel's SGX Root CA. ``dcap_qvl.verify`` (Intel's root) rejects them, so
+they can only be accepted by a verifier that was explicitly told to trust the
+simulated root (``--allow-simulated``). :func:`is_simulated_quote` lets a verifier
+say *why* it refuses such a quote.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import secrets
+import time
+from dataclasses import dataclass
+from enum import StrEnum
+from functools import cache
+from importlib import resources
+from typing import Any, ClassVar
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+
+from teepsi.attestation.evidence import (
+    REPORT_DATA_SIZE,
+    EnclaveIdentity,
+    EvidenceError,
+    EvidenceProvider,
+)
+from teepsi.attestation.quote import (
+    CERT_DATA_TYPE_PCK_CHAIN,
+    ReportBody,
+    attributes_bytes,
+    encode_header,
+    encode_signature_data,
+    parse_quote,
+)
+
+__all__ = [
+    "SIM_ROOT_CA_DER",
+    "SIM_ROOT_CA_SHA256",
+    "SimEvidenceProvider",
+    "SimPlatform",
+    "SimPlatformConfig",
+    "TcbStatus",
+    "is_simulated_quote",
+]
+
+
+def _data_file(name: str) -> bytes:
+    return resources.files("teepsi.attestation").joinpath("data").joinpath(name).read_bytes()
+
+
+#: The simulated root CA certificate (DER). Trusting it means trusting forgeries.
+SIM_ROOT_CA_DER: bytes = _data_file("sim_root_ca.der")
+#: SHA-256 of :data:`SIM_ROOT_CA_DER`, lowercase hex.
+SIM_ROOT_CA_SHA256: str = hashlib.sha256(SIM_ROOT_CA_DER).hexdigest()
+
+
+class TcbStatus(StrEnum):
+    """The ``tcbStatus`` values of Intel's TCB info (what dcap-qvl reports as status)."""
+
+    UP_TO_DATE = "UpToDate"
+    SW_HARDENING_NEEDED = "SWHardeningNeeded"
+    CONFIGURATION_NEEDED = "ConfigurationNeeded"
+    CONFIGURATION_AND_SW_HARDENING_NEEDED = "ConfigurationAndSWHardeningNeeded"
+    OUT_OF_DATE = "OutOfDate"
+    OUT_OF_DATE_CONFIGURATION_NEEDED = "OutOfDateConfigurationNeeded"
+    REVOKED = "Revoked"
+
+
+@dataclass(frozen=True)
+class SimPlatformConfig:
+    """How the simulated platform should look to a verifier."""
+
+    #: The status dcap-qvl must report for this platform's quotes.
+    tcb_status: TcbStatus = TcbStatus.UP_TO_DATE
+    #: Advisories listed on the platform's TCB level (only for non-UpToDate levels).
+    advisory_ids: tuple[str, ...] = ()
+    #: UNIX seconds of issueDate/thisUpdate; None means "now" when collateral is made.
+    collateral_issued_at: int | None = None
+    #: Distance from issue to nextUpdate of TCB info, QE identity and both CRLs.
+    collateral_validity_seconds: int = 30 * 24 * 3600
+    #: List the PCK certificate's serial number in the PCK CRL.
+    revoke_pck: bool = False
+
+    def __post_init__(self) -> None:
+        # Accept plain strings too, but fail early on ones Intel never uses.
+        object.__setattr__(self, "tcb_status", TcbStatus(self.tcb_status))
+        if self.tcb_status is TcbStatus.UP_TO_DATE and self.advisory_ids:
+            raise ValueError("an UpToDate TCB level carries no advisories")
+        if self.collateral_validity_seconds <= 0:
+            raise ValueError("collateral_validity_seconds must be positive")
+
+
+# --- The committed PKI ---
+
+# Collateral made "now" is dated a little in the past: dcap-qvl refuses documents
+# issued in the future, and the verifier's clock may lag the prover's.
+_CLOCK_SKEW_ALLOWANCE_SECONDS = 300
+_TCB_EVALUATION_DATA_NUMBER = 17
+# What Intel's Quoting Enclave puts in its authentication data; any 32 bytes would do.
+_QE_AUTH_DATA = bytes(range(32))
+_QE_MR_ENCLAVE = hashlib.sha256(b"teepsi INSECURE-SIMULATED Quoting Enclave").digest()
+_QE_ATTRIBUTES_MASK = "FBFFFFFFFFFFFFFF0000000000000000"
+_PLATFORM_LEVEL_TCB_DATE = "2023-02-15T00:00:00Z"
+_LATEST_TCB_DATE = "2024-03-13T00:00:00Z"
+
+
+@dataclass(frozen=True)
+class _Pki:
+    root: x509.Certificate
+    root_key: ec.EllipticCurvePrivateKey
+    pck_ca: x509.Certificate
+    pck_ca_key: ec.EllipticCurvePrivateKey
+    tcb_signing: x509.Certificate
+    tcb_signing_key: ec.EllipticCurvePrivateKey
+    pck: x509.Certificate
+    pck_key: ec.EllipticCurvePrivateKey
+    fmspc: str
+    pce_id: str
+    tcb_components: tuple[int, ...]
+    pce_svn: int
+    qe_mr_signer: bytes
+    qe_isv_prod_id: int
+    qe_isv_svn: int
+    qe_attribute_flags: int
+    qe_xfrm: int
+    qe_misc_select: int
+
+    @property
+    def cpu_svn(self) -> bytes:
+        return bytes(self.tcb_components)
+
+    @property
+    def pck_chain_pem(self) -> bytes:
+        # Intel's QE NUL-terminates the chain; dcap-qvl copes with either.
+        return b"".join(_pem(c).encode() for c in (self.pck, self.pck_ca, self.root)) + b"\0"
+
+
+def _pem(cert: x509.Certificate) -> str:
+    return cert.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def _load_key(pem: str) -> ec.EllipticCurvePrivateKey:
+    key = serialization.load_pem_private_key(pem.encode(), password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise TypeError("simulated PKI keys must be EC keys")
+    return key
+
+
+@cache
+def _pki() -> _Pki:
+    doc: dict[str, Any] = json.loads(_data_file("sim_pki.json"))
+    certs = doc["certificates"]
+
+    def cert(name: str) -> x509.Certificate:
+        return x509.load_pem_x509_certificate(certs[name]["cert_pem"].encode())
+
+    def key(name: str) -> ec.EllipticCurvePrivateKey:
+        return _load_key(certs[name]["key_pem"])
+
+    root = cert("root")
+    if root.public_bytes(serialization.Encoding.DER) != SIM_ROOT_CA_DER:
+        raise RuntimeError("sim_pki.json and sim_root_ca.der come from different runs")
+    platform = doc["platform"]
+    qe = doc["quoting_enclave"]
+    return _Pki(
+        root=root,
+        root_key=key("root"),
+        pck_ca=cert("pck_ca"),
+        pck_ca_key=key("pck_ca"),
+        tcb_signing=cert("tcb_signing"),
+        tcb_signing_key=key("tcb_signing"),
+        pck=cert("pck"),
+        pck_key=key("pck"),
+        fmspc=str(platform["fmspc"]).upper(),
+        pce_id=str(platform["pce_id"]).upper(),
+        tcb_components=tuple(int(v) for v in platform["sgx_tcb_components"]),
+        pce_svn=int(platform["pce_svn"]),
+        qe_mr_signer=bytes.fromhex(qe["mr_signer"]),
+        qe_isv_prod_id=int(qe["isv_prod_id"]),
+        qe_isv_svn=int(qe["isv_svn"]),
+        qe_attribute_flags=int(qe["attribute_flags"]),
+        qe_xfrm=int(qe["xfrm"]),
+        qe_misc_select=int(qe["misc_select"]),
+    )
+
+
+def _raw_signature(key: ec.EllipticCurvePrivateKey, data: bytes) -> bytes:
+    """ECDSA-P256/SHA-256 signature as DCAP stores it: r || s, 32 bytes each."""
+    r, s = decode_dss_signature(key.sign(data, ec.ECDSA(hashes.SHA256())))
+    return r.to_bytes(32, "big") + s.to_bytes(32, "big")
+
+
+def _raw_public_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+    """x || y of the public key (the uncompressed SEC1 point without its 0x04 prefix)."""
+    point = key.public_key().public_bytes(
+        serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
+    )
+    return point[1:]
+
+
+def _iso(ts: int) -> str:
+    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _compact_json(value: object) -> str:
+    # The signature covers these exact bytes, so the text is produced exactly once.
+    return json.dumps(value, separators=(",", ":"))
+
+
+def _crl(
+    issuer: x509.Certificate,
+    issuer_key: ec.EllipticCurvePrivateKey,
+    this_update: dt.datetime,
+    next_update: dt.datetime,
+    revoked_serials: tuple[int, ...] = (),
+) -> bytes:
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(issuer.subject)
+        .last_update(this_update)
+        .next_update(next_update)
+        .add_extension(x509.CRLNumber(1), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()),
+            critical=False,
+        )
+    )
+    for serial in revoked_serials:
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder()
+            .serial_number(serial)
+            .revocation_date(this_update)
+            .build()
+        )
+    return builder.sign(issuer_key, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
+
+
+# --- The platform ---
+
+
+class SimPlatform:
+    """One simulated SGX machine: a Quoting Enclave with its own attestation key.
+
+    The PCK certificate (hence FMSPC, CPUSVN, PCESVN) is the committed one; the TCB
+    status comes from the TCB info that :meth:`collateral_json` signs, which places
+    this platform on a level with the configured status.
+    """
+
+    def __init__(self, config: SimPlatformConfig = SimPlatformConfig()) -> None:
+        self.config = config
+        self._pki = _pki()
+        # Like a real QE, the attestation key lives as long as the platform object.
+        self._attestation_key = ec.generate_private_key(ec.SECP256R1())
+        self._attestation_public_key = _raw_public_key(self._attestation_key)
+        qe_report_data = hashlib.sha256(self._attestation_public_key + _QE_AUTH_DATA).digest()
+        pki = self._pki
+        self._qe_report = ReportBody(
+            cpu_svn=pki.cpu_svn,
+            misc_select=pki.qe_misc_select,
+            attributes=attributes_bytes(pki.qe_attribute_flags, pki.qe_xfrm),
+            mr_enclave=_QE_MR_ENCLAVE,
+            mr_signer=pki.qe_mr_signer,
+            isv_prod_id=pki.qe_isv_prod_id,
+            isv_svn=pki.qe_isv_svn,
+            report_data=qe_report_data + bytes(32),
+        ).to_bytes()
+        # The PCK key certifies the attestation key once, as the QE does at key generation.
+        self._qe_report_signature = _raw_signature(pki.pck_key, self._qe_report)
+        # Header user data: a per-platform QE id (16 bytes) then four zero bytes.
+        self._header = encode_header(
+            qe_svn=pki.qe_isv_svn,
+            pce_svn=pki.pce_svn,
+            user_data=secrets.token_bytes(16) + bytes(4),
+        )
+
+    def quote(self, identity: EnclaveIdentity, report_data: bytes) -> bytes:
+        """A DCAP v3 quote for an enclave with ``identity``, carrying ``report_data``."""
+        if len(report_data) != REPORT_DATA_SIZE:
+            raise EvidenceError(
+                f"report_data must be {REPORT_DATA_SIZE} bytes, got {len(report_data)}"
+            )
+        body = ReportBody(
+            cpu_svn=self._pki.cpu_svn,
+            attributes=attributes_bytes(identity.attribute_flags, identity.xfrm),
+            mr_enclave=identity.mr_enclave,
+            mr_signer=identity.mr_signer,
+            isv_prod_id=identity.isv_prod_id,
+            isv_svn=identity.isv_svn,
+            report_data=bytes(report_data),
+        ).to_bytes()
+        signed = self._header + body
+        return signed + encode_signature_data(
+            isv_signature=_raw_signature(self._attestation_key, signed),
+            attestation_public_key=self._attestation_public_key,
+            qe_report=self._qe_report,
+            qe_report_signature=self._qe_report_signature,
+            qe_auth_data=_QE_AUTH_DATA,
+            pck_chain_pem=self._pki.pck_chain_pem,
+        )
+
+    def collateral_json(self) -> str:
+        """Collateral for this platform's quotes, in dcap-qvl's JSON form.
+
+        Load it with ``dcap_qvl.QuoteCollateralV3.from_json``.
+        """
+        cfg = self.config
+        pki = self._pki
+        issued = (
+            cfg.collateral_issued_at
+            if cfg.collateral_issued_at is not None
+            else int(time.time()) - _CLOCK_SKEW_ALLOWANCE_SECONDS
+        )
+        expires = issued + cfg.collateral_validity_seconds
+        tcb_info = _compact_json(self._tcb_info(issued, expires))
+        qe_identity = _compact_json(self._qe_identity(issued, expires))
+        this_update = dt.datetime.fromtimestamp(issued, dt.UTC)
+        next_update = dt.datetime.fromtimestamp(expires, dt.UTC)
+        revoked = (pki.pck.serial_number,) if cfg.revoke_pck else ()
+        signing_chain = _pem(pki.tcb_signing) + _pem(pki.root)
+        return json.dumps(
+            {
+                "pck_crl_issuer_chain": _pem(pki.pck_ca) + _pem(pki.root),
+                "root_ca_crl": _crl(pki.root, pki.root_key, this_update, next_update).hex(),
+                "pck_crl": _crl(
+                    pki.pck_ca, pki.pck_ca_key, this_update, next_update, revoked
+                ).hex(),
+                "tcb_info_issuer_chain": signing_chain,
+                "tcb_info": tcb_info,
+                "tcb_info_signature": _raw_signature(pki.tcb_signing_key, tcb_info.encode()).hex(),
+                "qe_identity_issuer_chain": signing_chain,
+                "qe_identity": qe_identity,
+                "qe_identity_signature": _raw_signature(
+                    pki.tcb_signing_key, qe_identity.encode()
+                ).hex(),
+            }
+        )
+
+    def _tcb_info(self, issued: int, expires: int) -> dict[str, object]:
+        pki = self._pki
+        status = self.config.tcb_status
+
+        def level(
+            components: tuple[int, ...], tcb_date: str, tcb_status: TcbStatus, advisories: list[str]
+        ) -> dict[str, object]:
+            entry: dict[str, object] = {
+                "tcb": {
+                    "sgxtcbcomponents": [{"svn": svn} for svn in components],
+                    "pcesvn": pki.pce_svn,
+                },
+                "tcbDate": tcb_date,
+                "tcbStatus": str(tcb_status),
+            }
+            if advisories:
+                entry["advisoryIDs"] = advisories
+            return entry
+
+        if status is TcbStatus.UP_TO_DATE:
+            levels = [level(pki.tcb_components, _LATEST_TCB_DATE, status, [])]
+        else:
+            # Intel lists levels newest first and the verifier takes the first one the
+            # platform meets: put an UpToDate level just above this platform (one more
+            # SVN on the first component) and the platform's own level below it.
+            newer = (pki.tcb_components[0] + 1, *pki.tcb_components[1:])
+            levels = [
+                level(newer, _LATEST_TCB_DATE, TcbStatus.UP_TO_DATE, []),
+                level(
+                    pki.tcb_components,
+                    _PLATFORM_LEVEL_TCB_DATE,
+                    status,
+                    list(self.config.advisory_ids),
+                ),
+            ]
+        return {
+            "id": "SGX",
+            "version": 3,
+            "issueDate": _iso(issued),
+            "nextUpdate": _iso(expires),
+            "fmspc": pki.fmspc,
+            "pceId": pki.pce_id,
+            "tcbType": 0,
+            "tcbEvaluationDataNumber": _TCB_EVALUATION_DATA_NUMBER,
+            "tcbLevels": levels,
+        }
+
+    def _qe_identity(self, issued: int, expires: int) -> dict[str, object]:
+        pki = self._pki
+        return {
+            "id": "QE",
+            "version": 2,
+            "issueDate": _iso(issued),
+            "nextUpdate": _iso(expires),
+            "tcbEvaluationDataNumber": _TCB_EVALUATION_DATA_NUMBER,
+            "miscselect": pki.qe_misc_select.to_bytes(4, "little").hex().upper(),
+            "miscselectMask": "FFFFFFFF",
+            "attributes": attributes_bytes(pki.qe_attribute_flags, 0).hex().upper(),
+            "attributesMask": _QE_ATTRIBUTES_MASK,
+            "mrsigner": pki.qe_mr_signer.hex().upper(),
+            "isvprodid": pki.qe_isv_prod_id,
+            "tcbLevels": [
+                {
+                    "tcb": {"isvsvn": pki.qe_isv_svn},
+                    "tcbDate": _LATEST_TCB_DATE,
+                    "tcbStatus": str(TcbStatus.UP_TO_DATE),
+                }
+            ],
+        }
+
+
+class SimEvidenceProvider(EvidenceProvider):
+    """Evidence from a :class:`SimPlatform` for one fixed enclave identity."""
+
+    name: ClassVar[str] = "sim"
+    simulated: ClassVar[bool] = True
+
+    def __init__(self, identity: EnclaveIdentity, platform: SimPlatform | None = None) -> None:
+        self.identity = identity
+        self.platform = platform if platform is not None else SimPlatform()
+
+    def quote(self, report_data: bytes) -> bytes:
+        return self.platform.quote(self.identity, report_data)
+
+    def collateral_json(self, quote: bytes) -> str | None:
+        # The collateral covers any quote of the simulated PKI; anything else is not ours.
+        if not is_simulated_quote(quote):
+            return None
+        return self.platform.collateral_json()
+
+
+def is_simulated_quote(quote: bytes) -> bool:
+    """True when ``quote``'s embedded PCK chain ends in the simulated root CA.
+
+    Never raises: anything that is not a well-formed v3 quote with a PEM chain is
+    simply not a simulated quote.
+    """
+    try:
+        parsed = parse_quote(quote)
+        if parsed.cert_data_type != CERT_DATA_TYPE_PCK_CHAIN:
+            return False
+        chain = x509.load_pem_x509_certificates(parsed.cert_data.rstrip(b"\0"))
+        root_der = chain[-1].public_bytes(serialization.Encoding.DER)
+    except Exception:
+        return False
+    return hashlib.sha256(root_der).hexdigest() == SIM_ROOT_CA_SHA256

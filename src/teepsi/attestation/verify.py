@@ -1,0 +1,137 @@
+"""Quote verification: one dcap-qvl call for real and simulated evidence alike.
+
+Real quotes are checked against Intel's SGX Root CA. Simulated quotes go through the
+very same ``dcap_qvl.verify_with_root_ca`` call, against the simulated root, and only
+when the caller explicitly allows simulated evidence. Verification never touches the
+network: collateral is passed in (see :mod:`teepsi.attestation.collateral`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from typing import Any
+
+import dcap_qvl
+
+from teepsi.attestation.evidence import EnclaveIdentity
+
+log = logging.getLogger(__name__)
+
+INTEL_ROOT_CA_SHA256 = "44a0196b2b99f889b8e149e95b807a350e7424964399e885a7cbb8ccfab674d3"
+
+SIMULATED_WARNING = (
+    "SIMULATED ATTESTATION: evidence is produced by teepsi's simulated platform; "
+    "nothing is hardware-backed and anyone can forge it"
+)
+
+
+class QuoteVerificationError(Exception):
+    """The quote or its collateral did not verify; the message is one line."""
+
+
+@cache
+def intel_root_ca_der() -> bytes:
+    """Intel's SGX Root CA certificate, checked against its well-known digest."""
+    der = resources.files("teepsi.attestation").joinpath("data/intel_sgx_root_ca.der").read_bytes()
+    if hashlib.sha256(der).hexdigest() != INTEL_ROOT_CA_SHA256:
+        raise QuoteVerificationError("packaged Intel SGX Root CA does not match its digest")
+    return der
+
+
+@dataclass(frozen=True)
+class VerifiedQuote:
+    """What a verified quote proves: who produced it, on what platform state."""
+
+    tee_type: str
+    identity: EnclaveIdentity | None  # None for TDX quotes: teepsi peers are SGX enclaves
+    report_data: bytes
+    tcb_status: str
+    advisory_ids: tuple[str, ...]
+    simulated: bool
+    report: dict[str, Any]
+
+
+def _identity_from_report(body: dict[str, Any]) -> EnclaveIdentity:
+    attributes = bytes.fromhex(body["attributes"])
+    return EnclaveIdentity(
+        mr_enclave=bytes.fromhex(body["mr_enclave"]),
+        mr_signer=bytes.fromhex(body["mr_signer"]),
+        isv_prod_id=int(body["isv_prod_id"]),
+        isv_svn=int(body["isv_svn"]),
+        attribute_flags=int.from_bytes(attributes[:8], "little"),
+        xfrm=int.from_bytes(attributes[8:16], "little"),
+    )
+
+
+def _parse_collateral(collateral_json: str) -> Any:
+    try:
+        return dcap_qvl.QuoteCollateralV3.from_json(collateral_json)
+    except (ValueError, TypeError) as exc:
+        raise QuoteVerificationError(f"collateral is not valid dcap-qvl JSON: {exc}") from None
+
+
+def verify_quote(
+    quote: bytes,
+    collateral_json: str | None,
+    *,
+    allow_simulated: bool = False,
+    now: int | None = None,
+) -> VerifiedQuote:
+    """Verify ``quote`` with its collateral; raise QuoteVerificationError if it fails.
+
+    The TCB status is returned, not judged: accepting a status other than UpToDate
+    is the policy's decision (:mod:`teepsi.attestation.policy`).
+    """
+    from teepsi.attestation.sim import SIM_ROOT_CA_DER, is_simulated_quote
+
+    if not collateral_json:
+        raise QuoteVerificationError(
+            "no collateral for the quote: the peer sent none; fetch it from a PCCS "
+            "(--pccs-url) or pass a collateral file"
+        )
+    simulated = is_simulated_quote(quote)
+    use_sim_root = simulated and allow_simulated
+    root = SIM_ROOT_CA_DER if use_sim_root else intel_root_ca_der()
+    at = int(time.time()) if now is None else now
+    collateral = _parse_collateral(collateral_json)
+    try:
+        verified = dcap_qvl.verify_with_root_ca(quote, collateral, root, at)
+    except (ValueError, TypeError) as exc:
+        # dcap-qvl nests causes over several lines; keep them, on one line.
+        reason = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        reason = reason.replace("Caused by:; ", "caused by: ") or type(exc).__name__
+        if simulated and not allow_simulated:
+            raise QuoteVerificationError(
+                "peer evidence is SIMULATED (not hardware-backed) and does not verify under "
+                "Intel's root; pass --allow-simulated to accept simulated evidence"
+            ) from None
+        raise QuoteVerificationError(f"quote verification failed: {reason}") from None
+    if use_sim_root:
+        log.warning("%s (peer quote accepted under the simulated root)", SIMULATED_WARNING)
+    report = json.loads(verified.to_json())
+    body = report.get("report", {})
+    identity: EnclaveIdentity | None = None
+    report_data = b""
+    tee_type = "TDX"
+    if "SgxEnclave" in body:
+        tee_type = "SGX"
+        identity = _identity_from_report(body["SgxEnclave"])
+        report_data = bytes.fromhex(body["SgxEnclave"]["report_data"])
+    else:
+        inner: dict[str, Any] = next(iter(body.values()), {}) if isinstance(body, dict) else {}
+        report_data = bytes.fromhex(inner.get("report_data", ""))
+    return VerifiedQuote(
+        tee_type=tee_type,
+        identity=identity,
+        report_data=report_data,
+        tcb_status=str(verified.status),
+        advisory_ids=tuple(verified.advisory_ids),
+        simulated=use_sim_root,
+        report=report,
+    )

@@ -1,0 +1,300 @@
+"""The ``teepsi`` command line: a thin layer over :mod:`teepsi.server` and :mod:`teepsi.client`.
+
+Exit codes: 0 success; 1 the run failed or a peer was refused; 2 bad usage or input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from teepsi import __version__
+
+log = logging.getLogger("teepsi")
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """Bad flags or input files; exit code 2."""
+
+
+def _setup_logging(role: str, verbose: bool, quiet: bool = False) -> None:
+    level = logging.DEBUG if verbose else (logging.WARNING if quiet else logging.INFO)
+    logging.basicConfig(
+        level=level,
+        format=f"teepsi {role}: %(levelname)s %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+
+
+def _load_policy(path: str | None, args: argparse.Namespace) -> object:
+    from teepsi.attestation.policy import Policy, PolicyError, TcbAllowances
+
+    if path is None:
+        return None
+    try:
+        policy = Policy.load(path)
+    except PolicyError as exc:
+        raise UsageError(str(exc)) from None
+    widened = TcbAllowances(
+        outdated=policy.tcb.outdated or args.allow_outdated_tcb,
+        hw_config_needed=policy.tcb.hw_config_needed or args.allow_hw_config,
+        sw_hardening_needed=policy.tcb.sw_hardening_needed or args.allow_sw_hardening,
+    )
+    return policy.with_tcb(widened)
+
+
+def _add_trust_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--allow-simulated",
+        action="store_true",
+        help="accept SIMULATED peer evidence (no hardware guarantee; for tests and demos only)",
+    )
+    parser.add_argument(
+        "--allow-outdated-tcb",
+        action="store_true",
+        help="accept peers whose TCB status is OutOfDate",
+    )
+    parser.add_argument(
+        "--allow-hw-config",
+        action="store_true",
+        help="accept peers whose TCB status needs platform configuration",
+    )
+    parser.add_argument(
+        "--allow-sw-hardening",
+        action="store_true",
+        help="accept peers whose TCB status needs software hardening",
+    )
+
+
+def _cmd_server(args: argparse.Namespace) -> int:
+    from teepsi.attestation.policy import Policy
+    from teepsi.server.app import ServerConfig, ServerConfigError, run_server, start_server
+    from teepsi.server.jobs import Limits
+
+    _setup_logging("server", args.verbose)
+    if args.no_client_attestation and args.config is None:
+        policy = None
+    else:
+        if args.config is None:
+            raise UsageError(
+                "--config: a policy for data providers is required "
+                "(or pass --no-client-attestation)"
+            )
+        loaded = _load_policy(args.config, args)
+        assert isinstance(loaded, Policy)
+        policy = loaded
+    config = ServerConfig(
+        host=args.host,
+        attestation=args.attestation,
+        client_policy=policy,
+        require_client_attestation=not args.no_client_attestation,
+        allow_simulated=args.allow_simulated,
+        limits=Limits(
+            job_timeout_seconds=args.job_timeout,
+            max_jobs=args.max_jobs,
+            max_parties_per_job=args.max_parties,
+            max_items_per_party=args.max_items,
+        ),
+    )
+    try:
+        if args.announce:
+            # The demo and tests learn the bound port from one JSON line on stdout.
+            running = start_server(config)
+            _serve_announced(running)
+        else:
+            run_server(config)
+    except ServerConfigError as exc:
+        log.error("%s", exc)
+        return EXIT_USAGE
+    return EXIT_OK
+
+
+def _serve_announced(running: object) -> None:
+    import signal
+    import threading
+
+    from teepsi.server.app import RunningServer
+
+    assert isinstance(running, RunningServer)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    sys.stdout.write(json.dumps({"port": running.port, "pid": os.getpid()}) + "\n")
+    sys.stdout.flush()
+    stop.wait()
+    log.info("shutting down")
+    running.stop()
+    log.info("server stopped")
+
+
+def _cmd_client(args: argparse.Namespace) -> int:
+    from teepsi.attestation.policy import Policy
+    from teepsi.client.party import PartyConfig, PsiClientError, run_party
+    from teepsi.engine.items import ItemError, read_items
+
+    _setup_logging("client", args.verbose, args.quiet)
+    loaded = _load_policy(args.config, args)
+    assert isinstance(loaded, Policy)
+    try:
+        items = read_items(args.data)
+    except ItemError as exc:
+        raise UsageError(str(exc)) from None
+    config = PartyConfig(
+        host=args.host,
+        policy=loaded,
+        name=args.name,
+        party_count=args.parties,
+        job_id=args.job,
+        attestation=args.attestation,
+        allow_simulated=args.allow_simulated,
+        timeout=args.timeout,
+        progress=not args.quiet and sys.stderr.isatty(),
+    )
+    try:
+        result = run_party(config, items)
+    except PsiClientError as exc:
+        log.error("%s", exc)
+        return EXIT_FAILED
+    text = b"".join(item + b"\n" for item in result.items)
+    if args.output:
+        try:
+            Path(args.output).write_bytes(text)
+        except OSError as exc:
+            log.error("cannot write --output %s: %s", args.output, exc.strerror)
+            return EXIT_FAILED
+    sys.stdout.buffer.write(text)
+    sys.stdout.flush()
+    log.info(
+        "job %s: %d items in the intersection (sha256 %s)",
+        result.job_id,
+        len(result.items),
+        result.result_sha256.hex(),
+    )
+    return EXIT_OK
+
+
+def _cmd_measure(args: argparse.Namespace) -> int:
+    from teepsi.attestation.evidence import Role
+    from teepsi.attestation.measure import sim_identity
+    from teepsi.attestation.policy import policy_for
+
+    if args.attestation != "sim":
+        raise UsageError(
+            "--attestation gramine: real measurements come from gramine-sgx-sign "
+            "(see deploy/); `teepsi measure` computes simulated ones"
+        )
+    policy = policy_for(
+        [
+            ("teepsi server (simulated)", sim_identity(Role.SERVER)),
+            ("teepsi data provider (simulated)", sim_identity(Role.DATA_PROVIDER)),
+        ]
+    )
+    text = json.dumps(policy.to_dict(), indent=4) + "\n"
+    if args.output:
+        Path(args.output).write_text(text)
+    else:
+        sys.stdout.write(text)
+    return EXIT_OK
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from teepsi.demo import run_demo
+
+    _setup_logging("demo", args.verbose)
+    return run_demo(parties=args.parties, verbose=args.verbose)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="teepsi",
+        description="Multi-party private set intersection inside attested enclaves.",
+    )
+    parser.add_argument("--version", action="version", version=f"teepsi {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    server = sub.add_parser("server", help="run the PSI server")
+    server.add_argument("--host", default="0.0.0.0:50051", help="listen address HOST:PORT")
+    server.add_argument("--config", help="policy for data providers (dynamic_config.json)")
+    server.add_argument("--attestation", choices=["sim", "gramine"], default="gramine")
+    server.add_argument(
+        "--no-client-attestation",
+        action="store_true",
+        help="let data providers join without attesting (they run outside enclaves)",
+    )
+    server.add_argument(
+        "--job-timeout",
+        type=float,
+        default=600.0,
+        help="seconds a job waits for all its parties (default 600)",
+    )
+    server.add_argument("--max-jobs", type=int, default=256, help="jobs at once (default 256)")
+    server.add_argument(
+        "--max-parties", type=int, default=256, help="parties per job (default 256)"
+    )
+    server.add_argument(
+        "--max-items",
+        type=int,
+        default=100_000_000,
+        help="distinct items per party (default 100000000)",
+    )
+    server.add_argument("--announce", action="store_true", help=argparse.SUPPRESS)
+    server.add_argument("-v", "--verbose", action="store_true")
+    _add_trust_flags(server)
+    server.set_defaults(func=_cmd_server)
+
+    client = sub.add_parser("client", help="run a data provider")
+    client.add_argument("--host", required=True, help="server address HOST:PORT")
+    client.add_argument(
+        "--config", required=True, help="policy for the server (dynamic_config.json)"
+    )
+    client.add_argument("--data", required=True, help="text file, one item per line")
+    client.add_argument("--parties", type=int, required=True, help="number of parties in the job")
+    client.add_argument("--name", required=True, help="this party's name, unique in the job")
+    client.add_argument("--job", default="default", help="job id (default: default)")
+    client.add_argument("--output", help="write the intersection here, one item per line")
+    client.add_argument("--attestation", choices=["sim", "gramine", "none"], default="gramine")
+    client.add_argument(
+        "--timeout", type=float, default=600.0, help="seconds to wait in all (default 600)"
+    )
+    client.add_argument("--quiet", action="store_true", help="no progress bars or info logs")
+    client.add_argument("-v", "--verbose", action="store_true")
+    _add_trust_flags(client)
+    client.set_defaults(func=_cmd_client)
+
+    measure = sub.add_parser("measure", help="print a dynamic_config.json for this installation")
+    measure.add_argument("--attestation", choices=["sim", "gramine"], default="sim")
+    measure.add_argument("--output", "-o", help="write to this file instead of stdout")
+    measure.set_defaults(func=_cmd_measure)
+
+    demo = sub.add_parser("demo", help="run the seed's toy PSI locally in sim mode")
+    demo.add_argument("--parties", type=int, choices=[2, 3], default=3)
+    demo.add_argument("-v", "--verbose", action="store_true")
+    demo.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except UsageError as exc:
+        print(f"teepsi {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Reading, normalising and intersecting item sets."""

@@ -1,0 +1,4 @@
+"""The teepsi.v1 wire protocol: teepsi.proto and its generated code (`make proto`)."""
+
+#: gRPC metadata key carrying a party's session credential (hex) on Upload and GetResult.
+SESSION_METADATA = "x-teepsi-session"

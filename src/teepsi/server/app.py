@@ -1,0 +1,169 @@
+"""Starting and stopping the PSI server: identity, TLS, gRPC, signals."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import signal
+import threading
+from concurrent import futures
+from dataclasses import dataclass, field
+from types import FrameType
+
+import grpc
+from cryptography.hazmat.primitives import serialization
+
+from teepsi.attestation.evidence import EvidenceProvider, Role
+from teepsi.attestation.peer import PeerVerifier
+from teepsi.attestation.policy import Policy
+from teepsi.attestation.providers import make_provider
+from teepsi.attestation.quote import QuoteFormatError, parse_quote
+from teepsi.attestation.ratls import create_certificate
+from teepsi.attestation.verify import SIMULATED_WARNING
+from teepsi.protocol import teepsi_pb2_grpc as pb_grpc
+from teepsi.server.jobs import JobRegistry, Limits
+from teepsi.server.service import PsiService, ServerEvidenceBundle
+
+log = logging.getLogger(__name__)
+
+#: Largest gRPC message the server accepts; upload chunks are ~1 MiB.
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+
+class ServerConfigError(ValueError):
+    """The server cannot start with this configuration; one line for the operator."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "0.0.0.0:50051"
+    attestation: str = "sim"
+    #: Policy for data providers; required unless client attestation is off.
+    client_policy: Policy | None = None
+    require_client_attestation: bool = True
+    allow_simulated: bool = False
+    limits: Limits = field(default_factory=Limits)
+    max_workers: int = 256
+    #: Evidence provider override (tests inject fakes); default from ``attestation``.
+    provider: EvidenceProvider | None = None
+
+
+@dataclass
+class RunningServer:
+    """A started server; ``stop()`` shuts it down and wipes every job."""
+
+    port: int
+    certificate_pem: bytes
+    certificate_der: bytes
+    registry: JobRegistry
+    _server: grpc.Server
+
+    def stop(self, grace: float | None = 2.0) -> None:
+        self.registry.close()
+        self._server.stop(grace).wait()
+
+    def wait(self) -> None:
+        self._server.wait_for_termination()
+
+
+def _describe_own_quote(quote: bytes) -> str:
+    try:
+        body = parse_quote(quote).report_body
+    except QuoteFormatError as exc:
+        return f"(own quote unreadable: {exc})"
+    return (
+        f"MRENCLAVE {body.mr_enclave.hex()} MRSIGNER {body.mr_signer.hex()} "
+        f"ISV_PROD_ID {body.isv_prod_id} ISV_SVN {body.isv_svn}"
+    )
+
+
+def start_server(config: ServerConfig) -> RunningServer:
+    """Create the RA-TLS identity and start serving; returns once the port is bound."""
+    if config.require_client_attestation and config.client_policy is None:
+        raise ServerConfigError(
+            "a policy for data providers is required (--config dynamic_config.json), "
+            "or turn client attestation off with --no-client-attestation"
+        )
+    provider = config.provider or make_provider(config.attestation, Role.SERVER)
+    if provider.simulated:
+        log.warning("%s: this server's own evidence is simulated", SIMULATED_WARNING)
+    if config.allow_simulated:
+        log.warning(
+            "%s: this server ACCEPTS simulated evidence from data providers (--allow-simulated)",
+            SIMULATED_WARNING,
+        )
+    ratls = create_certificate(provider)
+    collateral = provider.collateral_json(ratls.quote) or ""
+    log.info("server enclave: %s", _describe_own_quote(ratls.quote))
+    log.info("server certificate SHA-256 %s", hashlib.sha256(ratls.certificate_der).hexdigest())
+
+    verifier = None
+    if config.require_client_attestation:
+        assert config.client_policy is not None
+        verifier = PeerVerifier(config.client_policy, allow_simulated=config.allow_simulated)
+    else:
+        log.warning(
+            "client attestation is OFF: data providers are not attested (--no-client-attestation)"
+        )
+    registry = JobRegistry(config.limits)
+    service = PsiService(
+        registry=registry,
+        evidence=ServerEvidenceBundle(
+            certificate_der=ratls.certificate_der,
+            collateral_json=collateral,
+            attestation=provider.name,
+            certificate_sha256=hashlib.sha256(ratls.certificate_der).digest(),
+        ),
+        client_verifier=verifier,
+    )
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="teepsi-rpc"),
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.so_reuseport", 0),
+        ],
+        maximum_concurrent_rpcs=config.max_workers,
+    )
+    pb_grpc.add_PsiServicer_to_server(service, server)
+    key_pem = ratls.private_key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    credentials = grpc.ssl_server_credentials([(key_pem, ratls.certificate_pem)])
+    try:
+        port = server.add_secure_port(config.host, credentials)
+    except RuntimeError as exc:
+        registry.close()
+        raise ServerConfigError(f"cannot listen on {config.host}: {exc}") from None
+    if port == 0:
+        registry.close()
+        raise ServerConfigError(f"cannot listen on {config.host}: address in use or invalid")
+    server.start()
+    log.info("teepsi server listening on %s (port %d)", config.host, port)
+    return RunningServer(
+        port=port,
+        certificate_pem=ratls.certificate_pem,
+        certificate_der=ratls.certificate_der,
+        registry=registry,
+        _server=server,
+    )
+
+
+def run_server(config: ServerConfig, *, ready: threading.Event | None = None) -> None:
+    """Serve until SIGTERM or SIGINT, then shut down cleanly."""
+    running = start_server(config)
+    stop = threading.Event()
+
+    def _on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("received %s: shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    if ready is not None:
+        ready.set()
+    stop.wait()
+    running.stop()
+    log.info("server stopped")

@@ -1,0 +1,251 @@
+"""The gRPC service: translates requests into job operations and errors into status codes."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+import grpc
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+
+from teepsi.attestation.evidence import Role
+from teepsi.attestation.peer import PeerRejected, PeerVerifier
+from teepsi.attestation.transcript import join_transcript_digest
+from teepsi.engine.items import MAX_ITEM_BYTES, ItemError, decode_batch, encode_batches, mark_last
+from teepsi.protocol import SESSION_METADATA
+from teepsi.protocol import teepsi_pb2 as pb
+from teepsi.protocol import teepsi_pb2_grpc as pb_grpc
+from teepsi.server.challenges import ChallengeStore
+from teepsi.server.errors import ErrorKind, ServiceError
+from teepsi.server.jobs import JobRegistry, check_identifier
+
+log = logging.getLogger(__name__)
+
+
+_STATUS = {kind: getattr(grpc.StatusCode, kind.value) for kind in ErrorKind}
+
+
+@dataclass(frozen=True)
+class ServerEvidenceBundle:
+    certificate_der: bytes
+    collateral_json: str
+    attestation: str
+    certificate_sha256: bytes
+
+
+def _abort(context: grpc.ServicerContext, error: ServiceError) -> NoReturn:
+    context.abort(_STATUS[error.kind], error.message)
+    raise AssertionError("unreachable")  # context.abort raises
+
+
+def _session_token(context: grpc.ServicerContext) -> bytes:
+    for key, value in context.invocation_metadata() or ():
+        if key == SESSION_METADATA:
+            try:
+                return bytes.fromhex(value if isinstance(value, str) else value.decode())
+            except ValueError:
+                break
+    raise ServiceError(
+        ErrorKind.UNAUTHENTICATED, f"missing or malformed {SESSION_METADATA} metadata; join first"
+    )
+
+
+def _party_key_sha256(public_key_der: bytes) -> bytes:
+    try:
+        key = serialization.load_der_public_key(public_key_der)
+    except ValueError:
+        raise ServiceError(
+            ErrorKind.INVALID_ARGUMENT, "party_public_key is not a DER SubjectPublicKeyInfo"
+        ) from None
+    if not isinstance(key, ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey):
+        raise ServiceError(ErrorKind.INVALID_ARGUMENT, "party key must be Ed25519 or EC")
+    return hashlib.sha256(public_key_der).digest()
+
+
+def _check_possession(public_key_der: bytes, signature: bytes, message: bytes) -> None:
+    """The party signs the transcript digest: proof it holds the key its quote binds."""
+    key = serialization.load_der_public_key(public_key_der)
+    try:
+        if isinstance(key, ed25519.Ed25519PublicKey):
+            key.verify(signature, message)
+        elif isinstance(key, ec.EllipticCurvePublicKey):
+            key.verify(signature, message, ec.ECDSA(hashes.SHA256()))
+    except InvalidSignature:
+        raise ServiceError(
+            ErrorKind.PERMISSION_DENIED, "join transcript signature does not verify"
+        ) from None
+
+
+class PsiService(pb_grpc.PsiServicer):
+    def __init__(
+        self,
+        *,
+        registry: JobRegistry,
+        evidence: ServerEvidenceBundle,
+        client_verifier: PeerVerifier | None,
+        challenges: ChallengeStore | None = None,
+    ) -> None:
+        self.registry = registry
+        self.evidence = evidence
+        self.client_verifier = client_verifier
+        self.challenges = challenges or ChallengeStore()
+
+    # Each handler turns ServiceError into a status; unexpected errors become INTERNAL
+    # without details (they could carry data).
+
+    def GetServerEvidence(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return pb.ServerEvidence(
+            certificate_der=self.evidence.certificate_der,
+            collateral_json=self.evidence.collateral_json,
+            attestation=self.evidence.attestation,
+            requires_client_attestation=self.client_verifier is not None,
+        )
+
+    def GetChallenge(self, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            check_identifier(request.job_id, "job id")
+            check_identifier(request.party_name, "party name")
+        except ServiceError as exc:
+            _abort(context, exc)
+        nonce = self.challenges.issue(request.job_id, request.party_name)
+        return pb.Challenge(nonce=nonce, ttl_seconds=self.challenges.ttl_seconds)
+
+    def Join(self, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            check_identifier(request.job_id, "job id")
+            check_identifier(request.party_name, "party name")
+            self.challenges.redeem(request.nonce, request.job_id, request.party_name)
+            key_hash = _party_key_sha256(request.party_public_key)
+            digest = join_transcript_digest(
+                nonce=request.nonce,
+                server_certificate_sha256=self.evidence.certificate_sha256,
+                job_id=request.job_id,
+                party_name=request.party_name,
+                party_public_key_sha256=key_hash,
+            )
+            _check_possession(request.party_public_key, request.transcript_signature, digest)
+            if self.client_verifier is not None:
+                if not request.HasField("evidence") or not request.evidence.quote:
+                    raise ServiceError(
+                        ErrorKind.PERMISSION_DENIED,
+                        "this server requires data providers to attest; run the client in an "
+                        "enclave (--attestation gramine or sim)",
+                    )
+                try:
+                    peer = self.client_verifier.verify_bound_quote(
+                        request.evidence.quote,
+                        request.evidence.collateral_json,
+                        digest,
+                        what=f"data provider {request.party_name}",
+                        role=Role.DATA_PROVIDER,
+                    )
+                except PeerRejected as exc:
+                    log.warning("refused data provider %s: %s", request.party_name, exc)
+                    raise ServiceError(ErrorKind.PERMISSION_DENIED, str(exc)) from None
+                log.info("data provider %s attested: %s", request.party_name, peer.describe())
+            else:
+                log.warning(
+                    "data provider %s joined WITHOUT attestation (server runs with "
+                    "--no-client-attestation)",
+                    request.party_name,
+                )
+            outcome = self.registry.join(request.job_id, request.party_name, request.party_count)
+        except ServiceError as exc:
+            _abort(context, exc)
+        return pb.JoinResponse(
+            session_token=outcome.token,
+            job_deadline=int(outcome.deadline),
+            party_count=outcome.party_count,
+        )
+
+    def Upload(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Any:
+        try:
+            token = _session_token(context)
+            job_id, party = self.registry.begin_upload(token)
+        except ServiceError as exc:
+            _abort(context, exc)
+        completed = False
+        try:
+            items: set[bytes] = set()
+            received = 0
+            finished = False
+            limit = self.registry.limits.max_items_per_party
+            for expected, chunk in enumerate(request_iterator):
+                if finished:
+                    raise ServiceError(ErrorKind.INVALID_ARGUMENT, "chunk after the last chunk")
+                if chunk.sequence != expected:
+                    raise ServiceError(
+                        ErrorKind.INVALID_ARGUMENT,
+                        f"chunk {chunk.sequence} arrived out of order (expected {expected}); "
+                        "chunks must be sent once each, in order",
+                    )
+                batch = _decode_upload(chunk.items, chunk.item_count, chunk.sequence)
+                items.update(batch)
+                received += len(batch)
+                if len(items) > limit:
+                    raise ServiceError(
+                        ErrorKind.RESOURCE_EXHAUSTED,
+                        f"more than {limit} distinct items in one party's set (the limit)",
+                    )
+                finished = chunk.last
+            if not finished:
+                raise ServiceError(
+                    ErrorKind.INVALID_ARGUMENT, "upload ended without its last chunk"
+                )
+            self.registry.finish_upload(token, items, received)
+            completed = True
+            return pb.UploadSummary(items_received=received, distinct_items=len(items))
+        except ServiceError as exc:
+            log.warning("job %s: upload of %s refused: %s", job_id, party, exc.message)
+            _abort(context, exc)
+        finally:
+            if not completed:
+                self.registry.abort_upload(token)
+
+    def GetResult(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        try:
+            token = _session_token(context)
+            context.add_callback(lambda: self.registry.wake(token))
+            remaining = context.time_remaining()
+            items, digest = self.registry.wait_result(
+                token, timeout=remaining, is_active=context.is_active
+            )
+        except ServiceError as exc:
+            _abort(context, exc)
+        total = len(items)
+        for sequence, (payload, count, last) in enumerate(mark_last(encode_batches(items))):
+            yield pb.ResultChunk(
+                sequence=sequence,
+                items=payload,
+                item_count=count,
+                total_items=total,
+                result_sha256=digest if last else b"",
+                last=last,
+            )
+        # Reached only when the client took every chunk; a cut stream can fetch again.
+        self.registry.mark_delivered(token)
+
+
+def _decode_upload(payload: bytes, count: int, sequence: int) -> list[bytes]:
+    try:
+        payload.decode("utf-8")
+        batch = decode_batch(payload, count)
+    except UnicodeDecodeError:
+        raise ServiceError(
+            ErrorKind.INVALID_ARGUMENT, f"chunk {sequence}: items are not valid UTF-8"
+        ) from None
+    except ItemError as exc:
+        raise ServiceError(ErrorKind.INVALID_ARGUMENT, f"chunk {sequence}: {exc}") from None
+    if b"" in batch:
+        raise ServiceError(ErrorKind.INVALID_ARGUMENT, f"chunk {sequence}: empty item")
+    if batch and max(map(len, batch)) > MAX_ITEM_BYTES:
+        raise ServiceError(
+            ErrorKind.INVALID_ARGUMENT,
+            f"chunk {sequence}: an item exceeds the limit of {MAX_ITEM_BYTES} bytes",
+        )
+    return batch

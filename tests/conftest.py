@@ -1,0 +1,113 @@
+"""Shared fixtures: a teepsi server and data providers as separate processes on loopback."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from teepsi.attestation.evidence import Role
+from teepsi.attestation.measure import sim_identity
+from teepsi.attestation.policy import policy_for
+from teepsi.demo import start_server_process
+
+
+def teepsi_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "teepsi", *args]
+
+
+@pytest.fixture(scope="session")
+def sim_policy_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The policy `teepsi measure --attestation sim` prints for this installation."""
+    path = tmp_path_factory.mktemp("policy") / "dynamic_config.json"
+    subprocess.run(teepsi_cmd("measure", "--attestation", "sim", "-o", str(path)), check=True)
+    expected = policy_for(
+        [
+            ("teepsi server (simulated)", sim_identity(Role.SERVER)),
+            ("teepsi data provider (simulated)", sim_identity(Role.DATA_PROVIDER)),
+        ]
+    )
+    assert json.loads(path.read_text()) == expected.to_dict()
+    return path
+
+
+@dataclass
+class ServerProcess:
+    proc: subprocess.Popen[bytes]
+    port: int
+    workdir: Path
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        return (self.workdir / "server.log").read_text(errors="replace")
+
+
+@pytest.fixture
+def start_server(tmp_path: Path, sim_policy_file: Path) -> Iterator[object]:
+    started: list[ServerProcess] = []
+
+    def start(*extra: str, policy: Path | None = sim_policy_file) -> ServerProcess:
+        workdir = tmp_path / f"server{len(started)}"
+        workdir.mkdir()
+        proc, port = start_server_process(workdir, policy, *extra)
+        server = ServerProcess(proc, port, workdir)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        if server.proc.poll() is None:
+            server.proc.terminate()
+            try:
+                server.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                server.proc.kill()
+        if server.proc.stdout is not None:
+            server.proc.stdout.close()
+
+
+def client_args(
+    server: ServerProcess,
+    data: Path,
+    *,
+    parties: int,
+    name: str,
+    policy: Path,
+    job: str = "default",
+    extra: Sequence[str] = (),
+    timeout: float = 120,
+) -> list[str]:
+    return teepsi_cmd(
+        "client",
+        "--host",
+        server.host,
+        "--config",
+        str(policy),
+        "--data",
+        str(data),
+        "--parties",
+        str(parties),
+        "--name",
+        name,
+        "--job",
+        job,
+        "--attestation",
+        "sim",
+        "--allow-simulated",
+        "--timeout",
+        str(timeout),
+        "--quiet",
+        *extra,
+    )
+
+
+def start_client(args: list[str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
