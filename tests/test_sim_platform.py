@@ -41,7 +41,7 @@ from teepsi.attestation.sim import (
     is_simulated_quote,
 )
 
-VECTORS = Path("/work/shared/vectors/sgx-dcap")
+VECTORS = Path(__file__).resolve().parent / "vectors" / "sgx-dcap"
 REAL_QUOTE = VECTORS / "sgx_quote"
 REAL_COLLATERAL = VECTORS / "sgx_quote_collateral.json"
 REAL_VERIFY_AT = 1750330631

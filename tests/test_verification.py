@@ -15,16 +15,12 @@ from teepsi.attestation.policy import Policy, TcbAllowances, policy_for
 from teepsi.attestation.sim import SimPlatform, SimPlatformConfig, TcbStatus
 from teepsi.attestation.verify import QuoteVerificationError, verify_quote
 
-VECTORS = Path(__file__).resolve().parents[2] / "shared" / "vectors" / "sgx-dcap"
-if not VECTORS.exists():  # CI lays shared/ beside the clone
-    VECTORS = Path(__file__).resolve().parents[1].parent / "shared" / "vectors" / "sgx-dcap"
+VECTORS = Path(__file__).resolve().parent / "vectors" / "sgx-dcap"
 
 REPORT_DATA = bytes(range(64))
 
 
 def _vector(name: str) -> tuple[bytes, str]:
-    if not (VECTORS / name).exists():
-        pytest.skip(f"shared vectors not found at {VECTORS}")
     return (VECTORS / name).read_bytes(), (VECTORS / f"{name}_collateral.json").read_text()
 
 
