@@ -1,0 +1,279 @@
+"""The gRPC service in-process: status codes for every refusal a caller can provoke."""
+
+from __future__ import annotations
+
+import hashlib
+
+import grpc
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from teepsi.attestation.evidence import Role
+from teepsi.attestation.measure import sim_identity
+from teepsi.attestation.policy import policy_for
+from teepsi.attestation.sim import SimEvidenceProvider
+from teepsi.attestation.transcript import join_transcript_digest
+from teepsi.client.party import PartyConfig, PsiClient, PsiClientError, run_party
+from teepsi.protocol import SESSION_METADATA
+from teepsi.protocol import teepsi_pb2 as pb
+from teepsi.server.app import ServerConfig, start_server
+from teepsi.server.jobs import Limits
+
+POLICY = policy_for(
+    [("server", sim_identity(Role.SERVER)), ("provider", sim_identity(Role.DATA_PROVIDER))]
+)
+
+
+@pytest.fixture
+def server():
+    running = start_server(
+        ServerConfig(
+            host="127.0.0.1:0",
+            attestation="sim",
+            client_policy=POLICY,
+            allow_simulated=True,
+            limits=Limits(job_timeout_seconds=20),
+        )
+    )
+    yield running
+    running.stop(grace=0)
+
+
+def _config(server, name="a", *, parties=2, job="j") -> PartyConfig:
+    return PartyConfig(
+        host=f"127.0.0.1:{server.port}",
+        policy=POLICY,
+        name=name,
+        party_count=parties,
+        job_id=job,
+        attestation="sim",
+        allow_simulated=True,
+        timeout=30,
+    )
+
+
+def _joined(server, name="a", *, parties=2, job="j") -> tuple[PsiClient, bytes]:
+    client = PsiClient(_config(server, name, parties=parties, job=job))
+    client.connect()
+    return client, client.join()
+
+
+def _meta(token: bytes):
+    return ((SESSION_METADATA, token.hex()),)
+
+
+def _chunk(seq: int, items: list[bytes], *, last: bool = False, count: int | None = None):
+    payload = b"".join(i + b"\n" for i in items)
+    return pb.UploadChunk(
+        sequence=seq, items=payload, item_count=len(items) if count is None else count, last=last
+    )
+
+
+def _code(call) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as err:
+        call()
+    return err.value.code()
+
+
+def test_duplicate_upload_refused(server):
+    client, token = _joined(server)
+    stub = client.stub
+    stub.Upload(iter([_chunk(0, [b"x"], last=True)]), metadata=_meta(token))
+    code = _code(lambda: stub.Upload(iter([_chunk(0, [b"y"], last=True)]), metadata=_meta(token)))
+    assert code is grpc.StatusCode.ALREADY_EXISTS
+    client.close()
+
+
+def test_non_party_caller_refused(server):
+    client, _ = _joined(server)
+    stub = client.stub
+    stranger = b"\x01" * 32
+    assert _code(lambda: list(stub.GetResult(pb.GetResultRequest(), metadata=_meta(stranger)))) is (
+        grpc.StatusCode.UNAUTHENTICATED
+    )
+    assert _code(lambda: list(stub.GetResult(pb.GetResultRequest()))) is (
+        grpc.StatusCode.UNAUTHENTICATED
+    )
+    assert (
+        _code(lambda: stub.Upload(iter([_chunk(0, [b"x"], last=True)]), metadata=_meta(stranger)))
+        is grpc.StatusCode.UNAUTHENTICATED
+    )
+    client.close()
+
+
+@pytest.mark.parametrize(
+    ("chunks", "needle"),
+    [
+        ([_chunk(1, [b"x"], last=True)], "out of order"),
+        ([_chunk(0, [b"x"]), _chunk(0, [b"x"], last=True)], "out of order"),
+        ([_chunk(0, [b"x"]), _chunk(2, [b"y"], last=True)], "out of order"),
+        ([_chunk(0, [b"x"])], "without its last chunk"),
+        ([_chunk(0, [b"x"], last=True), _chunk(1, [b"y"], last=True)], "after the last"),
+        ([_chunk(0, [b"x", b"y"], last=True, count=3)], "announces 3"),
+        ([pb.UploadChunk(sequence=0, items=b"\xff\xfe\n", item_count=1, last=True)], "UTF-8"),
+        ([pb.UploadChunk(sequence=0, items=b"a\n\n", item_count=2, last=True)], "empty item"),
+        ([pb.UploadChunk(sequence=0, items=b"a", item_count=1, last=True)], "newline"),
+    ],
+)
+def test_malformed_uploads_refused_and_slot_freed(server, chunks, needle):
+    client, token = _joined(server)
+    with pytest.raises(grpc.RpcError) as err:
+        client.stub.Upload(iter(chunks), metadata=_meta(token))
+    assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert needle in err.value.details()
+    client.close()
+    # The broken upload freed the party's slot: the same name can join again.
+    again, token = _joined(server)
+    again.stub.Upload(iter([_chunk(0, [b"x"], last=True)]), metadata=_meta(token))
+    again.close()
+
+
+def test_oversized_message_refused(server):
+    client, token = _joined(server)
+    huge = pb.UploadChunk(sequence=0, items=b"x" * (17 * 1024 * 1024), item_count=1, last=True)
+    code = _code(lambda: client.stub.Upload(iter([huge]), metadata=_meta(token)))
+    assert code is grpc.StatusCode.RESOURCE_EXHAUSTED
+    client.close()
+
+
+def _signed_join(client: PsiClient, *, job: str, name: str, nonce: bytes, quote_for: str):
+    key = ed25519.Ed25519PrivateKey.generate()
+    public = key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    digest = join_transcript_digest(
+        nonce=nonce,
+        server_certificate_sha256=client.server_certificate_sha256,
+        job_id=job,
+        party_name=name,
+        party_public_key_sha256=hashlib.sha256(public).digest(),
+    )
+    quoted = join_transcript_digest(
+        nonce=nonce,
+        server_certificate_sha256=client.server_certificate_sha256,
+        job_id=job,
+        party_name=quote_for,
+        party_public_key_sha256=hashlib.sha256(public).digest(),
+    )
+    provider = SimEvidenceProvider(sim_identity(Role.DATA_PROVIDER))
+    quote = provider.quote(quoted)
+    return pb.JoinRequest(
+        job_id=job,
+        party_name=name,
+        party_count=2,
+        nonce=nonce,
+        party_public_key=public,
+        transcript_signature=key.sign(digest),
+        evidence=pb.ClientEvidence(quote=quote, collateral_json=provider.collateral_json(quote)),
+    )
+
+
+def test_join_evidence_must_bind_this_party_and_a_fresh_nonce(server):
+    client = PsiClient(_config(server))
+    client.connect()
+    stub = client.stub
+    nonce = stub.GetChallenge(pb.GetChallengeRequest(job_id="j", party_name="a")).nonce
+    # Evidence made for another party name does not bind this join.
+    request = _signed_join(client, job="j", name="a", nonce=nonce, quote_for="b")
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Join(request)
+    assert err.value.code() is grpc.StatusCode.PERMISSION_DENIED
+    assert "report_data" in err.value.details()
+    # The nonce was consumed by that attempt: replaying a good join with it fails.
+    request = _signed_join(client, job="j", name="a", nonce=nonce, quote_for="a")
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Join(request)
+    assert err.value.code() is grpc.StatusCode.PERMISSION_DENIED
+    assert "nonce" in err.value.details()
+    # A nonce issued for another party is refused.
+    nonce = stub.GetChallenge(pb.GetChallengeRequest(job_id="j", party_name="b")).nonce
+    request = _signed_join(client, job="j", name="a", nonce=nonce, quote_for="a")
+    assert _code(lambda: stub.Join(request)) is grpc.StatusCode.PERMISSION_DENIED
+    # A fresh nonce for this party with matching evidence is accepted.
+    nonce = stub.GetChallenge(pb.GetChallengeRequest(job_id="j", party_name="a")).nonce
+    assert stub.Join(_signed_join(client, job="j", name="a", nonce=nonce, quote_for="a"))
+    client.close()
+
+
+def test_join_without_evidence_refused_when_attestation_required(server):
+    client = PsiClient(_config(server))
+    client.connect()
+    nonce = client.stub.GetChallenge(pb.GetChallengeRequest(job_id="j", party_name="a")).nonce
+    request = _signed_join(client, job="j", name="a", nonce=nonce, quote_for="a")
+    request.ClearField("evidence")
+    with pytest.raises(grpc.RpcError) as err:
+        client.stub.Join(request)
+    assert err.value.code() is grpc.StatusCode.PERMISSION_DENIED
+    assert "requires data providers to attest" in err.value.details()
+    client.close()
+
+
+def test_bad_transcript_signature_refused(server):
+    client = PsiClient(_config(server))
+    client.connect()
+    nonce = client.stub.GetChallenge(pb.GetChallengeRequest(job_id="j", party_name="a")).nonce
+    request = _signed_join(client, job="j", name="a", nonce=nonce, quote_for="a")
+    request.transcript_signature = bytes(64)
+    assert _code(lambda: client.stub.Join(request)) is grpc.StatusCode.PERMISSION_DENIED
+    client.close()
+
+
+def test_cut_result_stream_can_be_fetched_again(server):
+    """A party whose result stream breaks can fetch it again while the job is alive."""
+    big = [f"item-{i:07d}".encode() for i in range(300_000)]
+    a, token_a = _joined(server, "a")
+    b, token_b = _joined(server, "b")
+    a.upload(token_a, set(big), _NoBar())
+    b.upload(token_b, set(big[::2]), _NoBar())
+    stream = a.stub.GetResult(pb.GetResultRequest(), metadata=_meta(token_a))
+    first = next(stream)
+    assert not first.last and first.total_items == 150_000
+    stream.cancel()
+    items, _ = a.result(token_a)
+    assert items == sorted(big[::2])
+    items_b, _ = b.result(token_b)
+    assert items_b == items
+    # Both have it: the job is gone, and so is every session of it.
+    assert server.registry.job_count() == 0
+    with pytest.raises(PsiClientError, match="UNAUTHENTICATED"):
+        a.result(token_a)
+    a.close()
+    b.close()
+
+
+def test_upload_after_job_finished_refused(server):
+    a, token_a = _joined(server, "a", parties=1, job="solo")
+    a.upload(token_a, {b"x"}, _NoBar())
+    a.result(token_a)
+    code = _code(
+        lambda: a.stub.Upload(iter([_chunk(0, [b"y"], last=True)]), metadata=_meta(token_a))
+    )
+    assert code is grpc.StatusCode.UNAUTHENTICATED
+    a.close()
+
+
+def test_python_api_runs_a_party(server):
+    import threading
+
+    results = {}
+
+    def party(name: str, items: set[bytes]) -> None:
+        results[name] = run_party(_config(server, name, job="api"), items)
+
+    threads = [
+        threading.Thread(target=party, args=("a", {b"car", b"cat", b"dog"})),
+        threading.Thread(target=party, args=("b", {b"cat", b"car", b"emu"})),
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert results["a"].text() == results["b"].text() == ["car", "cat"]
+    assert results["a"].result_sha256 == results["b"].result_sha256
+    assert results["a"].server.verified.simulated
+
+
+class _NoBar:
+    def advance(self, amount: int) -> None:
+        pass
