@@ -5,11 +5,30 @@ from __future__ import annotations
 import threading
 import time
 
+import numpy as np
+import polars as pl
 import pytest
 
-from teepsi.engine.intersect import intersect, result_digest
+from teepsi.engine.intersect import as_u128, intersect_records, records_digest, split_u128
+from teepsi.engine.keys import hash_keys
 from teepsi.server.errors import ErrorKind, ServiceError
 from teepsi.server.jobs import JobRegistry, Limits
+
+SEEDS = (11, 22)
+
+
+def records(items):
+    return hash_keys(pl.Series(sorted(items), dtype=pl.String), SEEDS)
+
+
+def decode(result, *universe_sets):
+    """Map result records back to the items they came from."""
+    universe = set().union(*universe_sets) if universe_sets else set()
+    lookup = {}
+    for item in universe:
+        hi, lo = records([item])
+        lookup[(int(hi[0]), int(lo[0]))] = item
+    return sorted(lookup[(int(h), int(l))] for h, l in zip(result.hi, result.lo))
 
 
 @pytest.fixture
@@ -19,31 +38,36 @@ def registry():
     reg.close()
 
 
-def _upload(reg: JobRegistry, token: bytes, items: set[bytes]) -> None:
-    reg.begin_upload(token)
-    reg.finish_upload(token, items, len(items))
+def _upload(reg: JobRegistry, token: bytes, items) -> None:
+    _, _, store = reg.begin_upload(token)
+    store.add(*records(items))
+    reg.finish_upload(token)
 
 
 def test_intersection_is_sorted_and_shared(registry):
     a = registry.join("j1", "a", 2)
     b = registry.join("j1", "b", 2)
-    _upload(registry, a.token, {b"car", b"cat", b"dog", b"train"})
-    _upload(registry, b.token, {b"train", b"car", b"cat", b"e-car"})
-    items_a, digest_a = registry.wait_result(a.token, timeout=5)
-    items_b, digest_b = registry.wait_result(b.token, timeout=5)
-    assert items_a == items_b == [b"car", b"cat", b"train"]
-    assert digest_a == digest_b == result_digest([b"car", b"cat", b"train"])
+    set_a = ["car", "cat", "dog", "train", "car"]
+    set_b = {"train", "car", "cat", "e-car"}
+    _upload(registry, a.token, set_a)
+    _upload(registry, b.token, set_b)
+    result_a, distinct_a = registry.wait_result(a.token, timeout=5)
+    result_b, distinct_b = registry.wait_result(b.token, timeout=5)
+    assert result_a is result_b
+    assert decode(result_a, set_a) == ["car", "cat", "train"]
+    assert (distinct_a, distinct_b) == (4, 4)
+    assert result_a.sha256 == records_digest(result_a.hi, result_a.lo)
 
 
 def test_all_state_is_wiped_after_every_party_has_its_result(registry):
     a = registry.join("j1", "a", 2)
     b = registry.join("j1", "b", 2)
-    _upload(registry, a.token, {b"x"})
-    _upload(registry, b.token, {b"x"})
+    _upload(registry, a.token, {"x"})
+    _upload(registry, b.token, {"x"})
     registry.wait_result(a.token, timeout=5)
     registry.mark_delivered(a.token)
     # The result can be fetched again until every party has it.
-    assert registry.wait_result(a.token, timeout=5)[0] == [b"x"]
+    assert decode(registry.wait_result(a.token, timeout=5)[0], {"x"}) == ["x"]
     registry.wait_result(b.token, timeout=5)
     registry.mark_delivered(b.token)
     assert registry.job_count() == 0
@@ -52,17 +76,17 @@ def test_all_state_is_wiped_after_every_party_has_its_result(registry):
     assert err.value.kind is ErrorKind.UNAUTHENTICATED
     # A new run with the same job id is a fresh job: it sees only its own data.
     c = registry.join("j1", "c", 1)
-    _upload(registry, c.token, {b"only-c"})
-    assert registry.wait_result(c.token, timeout=5)[0] == [b"only-c"]
+    _upload(registry, c.token, {"only-c"})
+    assert decode(registry.wait_result(c.token, timeout=5)[0], {"only-c", "x"}) == ["only-c"]
 
 
 def test_jobs_are_isolated(registry):
     a = registry.join("j1", "a", 1)
     b = registry.join("j2", "a", 1)
-    _upload(registry, a.token, {b"one"})
-    _upload(registry, b.token, {b"two"})
-    assert registry.wait_result(a.token, timeout=5)[0] == [b"one"]
-    assert registry.wait_result(b.token, timeout=5)[0] == [b"two"]
+    _upload(registry, a.token, {"one"})
+    _upload(registry, b.token, {"two"})
+    assert decode(registry.wait_result(a.token, timeout=5)[0], {"one", "two"}) == ["one"]
+    assert decode(registry.wait_result(b.token, timeout=5)[0], {"one", "two"}) == ["two"]
 
 
 def test_duplicate_party_name_and_second_upload_refused(registry):
@@ -70,7 +94,7 @@ def test_duplicate_party_name_and_second_upload_refused(registry):
     with pytest.raises(ServiceError) as err:
         registry.join("j1", "a", 2)
     assert err.value.kind is ErrorKind.ALREADY_EXISTS
-    _upload(registry, a.token, {b"x"})
+    _upload(registry, a.token, {"x"})
     with pytest.raises(ServiceError) as err:
         registry.begin_upload(a.token)
     assert err.value.kind is ErrorKind.ALREADY_EXISTS
@@ -104,8 +128,8 @@ def test_missing_party_gives_deadline_error_without_spinning():
     reg = JobRegistry(Limits(job_timeout_seconds=1.0))
     try:
         a = reg.join("j1", "a", 2)
-        _upload(reg, a.token, {b"x"})
-        cpu_before = time.process_time()
+        _upload(reg, a.token, {"x"})
+        cpu_before = time.thread_time()
         wall_before = time.monotonic()
         with pytest.raises(ServiceError) as err:
             reg.wait_result(a.token, timeout=10)
@@ -114,7 +138,7 @@ def test_missing_party_gives_deadline_error_without_spinning():
         assert "1 of 2 parties" in err.value.message
         assert 0.5 < waited < 5
         # A condition wait costs next to no CPU; a spin would burn about `waited`.
-        assert time.process_time() - cpu_before < 0.2 * waited
+        assert time.thread_time() - cpu_before < 0.2 * waited
         assert reg.job_count() == 0
     finally:
         reg.close()
@@ -123,16 +147,16 @@ def test_missing_party_gives_deadline_error_without_spinning():
 def test_waiter_is_woken_by_last_upload(registry):
     a = registry.join("j1", "a", 2)
     b = registry.join("j1", "b", 2)
-    _upload(registry, a.token, {b"x", b"y"})
-    got: list[list[bytes]] = []
+    _upload(registry, a.token, {"x", "y"})
+    got: list[list[str]] = []
     waiter = threading.Thread(
-        target=lambda: got.append(registry.wait_result(a.token, timeout=10)[0])
+        target=lambda: got.append(decode(registry.wait_result(a.token, timeout=10)[0], {"x", "y"}))
     )
     waiter.start()
     time.sleep(0.1)
-    _upload(registry, b.token, {b"y"})
+    _upload(registry, b.token, {"y"})
     waiter.join(5)
-    assert got == [[b"y"]]
+    assert got == [["y"]]
 
 
 def test_aborted_upload_frees_the_slot(registry):
@@ -140,19 +164,7 @@ def test_aborted_upload_frees_the_slot(registry):
     registry.begin_upload(a.token)
     registry.abort_upload(a.token)
     again = registry.join("j1", "a", 2)
-    _upload(registry, again.token, {b"z"})
-
-
-def test_max_items_per_party_enforced():
-    reg = JobRegistry(Limits(max_items_per_party=2))
-    try:
-        a = reg.join("j", "a", 1)
-        reg.begin_upload(a.token)
-        with pytest.raises(ServiceError) as err:
-            reg.finish_upload(a.token, {b"1", b"2", b"3"}, 3)
-        assert err.value.kind is ErrorKind.RESOURCE_EXHAUSTED
-    finally:
-        reg.close()
+    _upload(registry, again.token, {"z"})
 
 
 def test_max_jobs_enforced():
@@ -166,9 +178,42 @@ def test_max_jobs_enforced():
         reg.close()
 
 
-def test_intersect_semantics():
-    assert intersect([]) == []
-    assert intersect([{b"a"}, set()]) == []
-    assert intersect([{b"b", b"a"}, {b"a", b"b"}, {b"b"}]) == [b"b"]
-    # Bytewise order, not locale order.
-    assert intersect([{b"Z", b"a", "é".encode()}] * 2) == [b"Z", b"a", "é".encode()]
+def test_key_scheme_mismatch_refused(registry):
+    registry.join("j1", "a", 2, "xxh3-64x2-v1;normalize=trim;columns=1")
+    with pytest.raises(ServiceError) as err:
+        registry.join("j1", "b", 2, "xxh3-64x2-v1;normalize=trim,casefold;columns=1")
+    assert err.value.kind is ErrorKind.FAILED_PRECONDITION
+    assert "--normalize" in err.value.message
+    assert "trim;" not in err.value.message.split("differ")[1]  # the job's settings stay private
+
+
+def _rand(n, seed):
+    rng = np.random.default_rng(seed)
+    return (
+        rng.integers(0, 2**64 - 1, n, dtype=np.uint64),
+        rng.integers(0, 2**64 - 1, n, dtype=np.uint64),
+    )
+
+
+def test_intersect_records_semantics():
+    hi, lo = _rand(1000, 1)
+    a = (hi[:600], lo[:600])
+    b = (np.concatenate([hi[300:], hi[300:310]]), np.concatenate([lo[300:], lo[300:310]]))
+    c = (hi[::2], lo[::2])
+    rhi, rlo, distinct = intersect_records([a, b, c])
+    assert distinct == [600, 700, 500]
+    expected = sorted(
+        (int(h), int(l)) for h, l in zip(hi[300:600], lo[300:600]) if (h, l) in set(zip(c[0], c[1]))
+    )
+    assert [(int(h), int(l)) for h, l in zip(rhi, rlo)] == expected
+    # Same hi, different lo: not a match (exact on all 128 bits).
+    x = (np.array([5], np.uint64), np.array([1], np.uint64))
+    y = (np.array([5], np.uint64), np.array([2], np.uint64))
+    assert len(intersect_records([x, y])[0]) == 0
+    assert len(intersect_records([x, (x[0][:0], x[1][:0])])[0]) == 0
+
+
+def test_u128_round_trip():
+    hi, lo = _rand(100, 2)
+    back_hi, back_lo = split_u128(as_u128(hi, lo))
+    assert np.array_equal(back_hi, hi) and np.array_equal(back_lo, lo)

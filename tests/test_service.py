@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import grpc
+import numpy as np
+import polars as pl
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
@@ -14,7 +17,10 @@ from teepsi.attestation.measure import sim_identity
 from teepsi.attestation.policy import policy_for
 from teepsi.attestation.sim import SimEvidenceProvider
 from teepsi.attestation.transcript import join_transcript_digest
-from teepsi.client.party import PartyConfig, PsiClient, PsiClientError, run_party
+from teepsi.client.party import PartyConfig, PsiClient, PsiClientError, run_party_items
+from teepsi.engine.intersect import intersect_records
+from teepsi.engine.keys import hash_keys, records_to_bytes
+from teepsi.engine.tables import TableSpec
 from teepsi.protocol import SESSION_METADATA
 from teepsi.protocol import teepsi_pb2 as pb
 from teepsi.server.app import ServerConfig, start_server
@@ -56,17 +62,29 @@ def _config(server, name="a", *, parties=2, job="j") -> PartyConfig:
 def _joined(server, name="a", *, parties=2, job="j") -> tuple[PsiClient, bytes]:
     client = PsiClient(_config(server, name, parties=parties, job=job))
     client.connect()
-    return client, client.join()
+    token, _seeds = client.join(KEY_SCHEME)
+    return client, token
 
 
 def _meta(token: bytes):
     return ((SESSION_METADATA, token.hex()),)
 
 
+SEEDS = (1, 2)
+KEY_SCHEME = TableSpec(path=Path("x")).key_scheme
+
+
+def _records(items):
+    return hash_keys(pl.Series([i.decode() for i in items], dtype=pl.String), SEEDS)
+
+
 def _chunk(seq: int, items: list[bytes], *, last: bool = False, count: int | None = None):
-    payload = b"".join(i + b"\n" for i in items)
+    payload = records_to_bytes(*_records(items))
     return pb.UploadChunk(
-        sequence=seq, items=payload, item_count=len(items) if count is None else count, last=last
+        sequence=seq,
+        records=payload,
+        record_count=len(items) if count is None else count,
+        last=last,
     )
 
 
@@ -111,9 +129,7 @@ def test_non_party_caller_refused(server):
         ([_chunk(0, [b"x"])], "without its last chunk"),
         ([_chunk(0, [b"x"], last=True), _chunk(1, [b"y"], last=True)], "after the last"),
         ([_chunk(0, [b"x", b"y"], last=True, count=3)], "announces 3"),
-        ([pb.UploadChunk(sequence=0, items=b"\xff\xfe\n", item_count=1, last=True)], "UTF-8"),
-        ([pb.UploadChunk(sequence=0, items=b"a\n\n", item_count=2, last=True)], "empty item"),
-        ([pb.UploadChunk(sequence=0, items=b"a", item_count=1, last=True)], "newline"),
+        ([pb.UploadChunk(sequence=0, records=b"\1" * 17, record_count=1, last=True)], "17 bytes"),
     ],
 )
 def test_malformed_uploads_refused_and_slot_freed(server, chunks, needle):
@@ -131,7 +147,7 @@ def test_malformed_uploads_refused_and_slot_freed(server, chunks, needle):
 
 def test_oversized_message_refused(server):
     client, token = _joined(server)
-    huge = pb.UploadChunk(sequence=0, items=b"x" * (17 * 1024 * 1024), item_count=1, last=True)
+    huge = pb.UploadChunk(sequence=0, records=b"x" * (17 * 1024 * 1024), record_count=1, last=True)
     code = _code(lambda: client.stub.Upload(iter([huge]), metadata=_meta(token)))
     assert code is grpc.StatusCode.RESOURCE_EXHAUSTED
     client.close()
@@ -221,19 +237,21 @@ def test_bad_transcript_signature_refused(server):
 
 def test_cut_result_stream_can_be_fetched_again(server):
     """A party whose result stream breaks can fetch it again while the job is alive."""
-    big = [f"item-{i:07d}".encode() for i in range(300_000)]
+    big = [f"item-{i:07d}".encode() for i in range(600_000)]
     a, token_a = _joined(server, "a")
     b, token_b = _joined(server, "b")
-    a.upload(token_a, set(big), _NoBar())
-    b.upload(token_b, set(big[::2]), _NoBar())
+    a.upload(token_a, *_records(big), _NoBar())
+    b.upload(token_b, *_records(big[::2]), _NoBar())
     stream = a.stub.GetResult(pb.GetResultRequest(), metadata=_meta(token_a))
     first = next(stream)
-    assert not first.last and first.total_items == 150_000
+    assert not first.last and first.total_records == 300_000
     stream.cancel()
-    items, _ = a.result(token_a)
-    assert items == sorted(big[::2])
-    items_b, _ = b.result(token_b)
-    assert items_b == items
+    hi, lo, digest, distinct = a.result(token_a)
+    expected = intersect_records([_records(big[::2])])
+    assert np.array_equal(hi, expected[0]) and np.array_equal(lo, expected[1])
+    assert distinct == 600_000
+    hi_b, _, digest_b, _ = b.result(token_b)
+    assert digest_b == digest and np.array_equal(hi_b, hi)
     # Both have it: the job is gone, and so is every session of it.
     assert server.registry.job_count() == 0
     with pytest.raises(PsiClientError, match="UNAUTHENTICATED"):
@@ -244,7 +262,7 @@ def test_cut_result_stream_can_be_fetched_again(server):
 
 def test_upload_after_job_finished_refused(server):
     a, token_a = _joined(server, "a", parties=1, job="solo")
-    a.upload(token_a, {b"x"}, _NoBar())
+    a.upload(token_a, *_records([b"x"]), _NoBar())
     a.result(token_a)
     code = _code(
         lambda: a.stub.Upload(iter([_chunk(0, [b"y"], last=True)]), metadata=_meta(token_a))
@@ -258,12 +276,12 @@ def test_python_api_runs_a_party(server):
 
     results = {}
 
-    def party(name: str, items: set[bytes]) -> None:
-        results[name] = run_party(_config(server, name, job="api"), items)
+    def party(name: str, items: list[str]) -> None:
+        results[name] = run_party_items(_config(server, name, job="api"), items)
 
     threads = [
-        threading.Thread(target=party, args=("a", {b"car", b"cat", b"dog"})),
-        threading.Thread(target=party, args=("b", {b"cat", b"car", b"emu"})),
+        threading.Thread(target=party, args=("a", ["car", "cat", "dog", " car"])),
+        threading.Thread(target=party, args=("b", ["cat", "car", "emu"])),
     ]
     for t in threads:
         t.start()

@@ -104,7 +104,9 @@ def _cmd_server(args: argparse.Namespace) -> int:
             max_jobs=args.max_jobs,
             max_parties_per_job=args.max_parties,
             max_items_per_party=args.max_items,
+            memory_budget_bytes=args.memory_budget,
         ),
+        spill_dir=args.spill_dir,
     )
     try:
         if args.announce:
@@ -137,17 +139,81 @@ def _serve_announced(running: object) -> None:
     log.info("server stopped")
 
 
+def parse_size(text: str) -> int:
+    """Bytes from "256MiB", "1GiB", "512M", "1000000"."""
+    units = {
+        "": 1,
+        "k": 1000,
+        "kb": 1000,
+        "kib": 1024,
+        "m": 1000**2,
+        "mb": 1000**2,
+        "mib": 1024**2,
+        "g": 1000**3,
+        "gb": 1000**3,
+        "gib": 1024**3,
+    }
+    number = text.strip().rstrip("BbIiKkMmGg")
+    unit = text.strip()[len(number) :].lower()
+    try:
+        value = float(number)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 256MiB or 1GiB") from None
+    if unit not in units or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 256MiB or 1GiB")
+    return int(value * units[unit])
+
+
+def _table_spec(args: argparse.Namespace) -> object:
+    from teepsi.engine.keys import Normalization, NormalizationError
+    from teepsi.engine.tables import TableError, TableFormat, TableSpec, detect_format
+
+    try:
+        fmt = detect_format(args.data, args.format)
+        normalization = Normalization.parse(args.normalize)
+    except (TableError, NormalizationError) as exc:
+        raise UsageError(str(exc)) from None
+    if fmt is TableFormat.TEXT and args.key:
+        raise UsageError("--key applies to CSV and Parquet input; a text file's key is the line")
+    delimiter = args.delimiter
+    if delimiter is None:
+        delimiter = "\t" if str(args.data).lower().endswith(".tsv") else ","
+    if len(delimiter.encode()) != 1:
+        raise UsageError(f"--delimiter {delimiter!r}: use a single one-byte character")
+    quote = None if args.quote == "none" else args.quote
+    if quote is not None and len(quote.encode()) != 1:
+        raise UsageError(f"--quote {quote!r}: use a single one-byte character, or none")
+    return TableSpec(
+        path=Path(args.data),
+        format=fmt,
+        key_columns=tuple(args.key or ()),
+        delimiter=delimiter,
+        quote_char=quote,
+        normalization=normalization,
+    )
+
+
 def _cmd_client(args: argparse.Namespace) -> int:
     from teepsi.attestation.policy import Policy
     from teepsi.client.party import PartyConfig, PsiClientError, run_party
-    from teepsi.engine.items import ItemError, read_items
+    from teepsi.engine.tables import (
+        TableError,
+        TableFormat,
+        TableSpec,
+        read_table,
+        text_lines,
+        write_rows,
+    )
 
     _setup_logging("client", args.verbose, args.quiet)
     loaded = _load_policy(args.config, args)
     assert isinstance(loaded, Policy)
+    spec = _table_spec(args)
+    assert isinstance(spec, TableSpec)
+    progress = not args.quiet and sys.stderr.isatty()
     try:
-        items = read_items(args.data)
-    except ItemError as exc:
+        table = read_table(spec)
+    except TableError as exc:
         raise UsageError(str(exc)) from None
     config = PartyConfig(
         host=args.host,
@@ -158,26 +224,32 @@ def _cmd_client(args: argparse.Namespace) -> int:
         attestation=args.attestation,
         allow_simulated=args.allow_simulated,
         timeout=args.timeout,
-        progress=not args.quiet and sys.stderr.isatty(),
+        progress=progress,
     )
     try:
-        result = run_party(config, items)
-    except PsiClientError as exc:
+        result = run_party(config, table)
+        if args.output:
+            write_rows(result.rows, spec, args.output)
+    except (PsiClientError, TableError) as exc:
         log.error("%s", exc)
         return EXIT_FAILED
-    text = b"".join(item + b"\n" for item in result.items)
-    if args.output:
-        try:
-            Path(args.output).write_bytes(text)
-        except OSError as exc:
-            log.error("cannot write --output %s: %s", args.output, exc.strerror)
-            return EXIT_FAILED
-    sys.stdout.buffer.write(text)
-    sys.stdout.flush()
+    if spec.format is TableFormat.TEXT:
+        sys.stdout.buffer.write(text_lines(result.rows))
+        sys.stdout.flush()
+    else:
+        print(
+            f"{len(result.rows)} matching rows"
+            + (f" written to {args.output}" if args.output else "")
+        )
     log.info(
-        "job %s: %d items in the intersection (sha256 %s)",
+        "job %s: rows read %d, with a key %d, distinct keys %d, intersection %d, "
+        "matching rows %d (result sha256 %s)",
         result.job_id,
-        len(result.items),
+        result.rows_read,
+        result.rows_with_key,
+        result.distinct_keys,
+        result.intersection_size,
+        len(result.rows),
         result.result_sha256.hex(),
     )
     return EXIT_OK
@@ -245,8 +317,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-items",
         type=int,
         default=100_000_000,
-        help="distinct items per party (default 100000000)",
+        help="items per party (default 100000000)",
     )
+    server.add_argument(
+        "--memory-budget",
+        type=parse_size,
+        default=1024**3,
+        help="key records held in memory; beyond it they spill to disk, encrypted (default 1GiB)",
+    )
+    server.add_argument("--spill-dir", help="where encrypted spill files go (default: temp dir)")
     server.add_argument("--announce", action="store_true", help=argparse.SUPPRESS)
     server.add_argument("-v", "--verbose", action="store_true")
     _add_trust_flags(server)
@@ -257,11 +336,32 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_argument(
         "--config", required=True, help="policy for the server (dynamic_config.json)"
     )
-    client.add_argument("--data", required=True, help="text file, one item per line")
+    client.add_argument(
+        "--data", required=True, help="input: text (one item per line), CSV or Parquet"
+    )
+    client.add_argument(
+        "--format",
+        choices=["text", "csv", "parquet"],
+        help="input format (default: from the extension; text otherwise)",
+    )
+    client.add_argument(
+        "--key",
+        action="append",
+        metavar="COLUMN",
+        help="key column of CSV/Parquet input; repeat for a composite key",
+    )
+    client.add_argument("--delimiter", help="CSV delimiter (default , or tab for .tsv)")
+    client.add_argument("--quote", default='"', help='CSV quote character, or none (default ")')
+    client.add_argument(
+        "--normalize",
+        default="trim",
+        help="key normalisation: a subset of trim,casefold,nfc, or none "
+        "(default trim); every party must use the same",
+    )
     client.add_argument("--parties", type=int, required=True, help="number of parties in the job")
     client.add_argument("--name", required=True, help="this party's name, unique in the job")
     client.add_argument("--job", default="default", help="job id (default: default)")
-    client.add_argument("--output", help="write the intersection here, one item per line")
+    client.add_argument("--output", help="write the result here, in the input's format")
     client.add_argument("--attestation", choices=["sim", "gramine", "none"], default="gramine")
     client.add_argument(
         "--timeout", type=float, default=600.0, help="seconds to wait in all (default 600)"

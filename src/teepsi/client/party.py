@@ -12,12 +12,13 @@ import logging
 import socket
 import ssl
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
+import polars as pl
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
@@ -29,7 +30,10 @@ from teepsi.attestation.providers import make_provider
 from teepsi.attestation.transcript import join_transcript_digest
 from teepsi.attestation.verify import SIMULATED_WARNING
 from teepsi.client.progress import PhaseBar, Progress
-from teepsi.engine.items import CHUNK_BYTES, decode_batch, encode_batches, mark_last, read_items
+from teepsi.engine.intersect import records_digest
+from teepsi.engine.keys import Normalization, U64Array, records_from_bytes, seeds_from_bytes
+from teepsi.engine.store import RECORDS_PER_CHUNK, iter_record_chunks, mark_last
+from teepsi.engine.tables import TEXT_COLUMN, Table, TableSpec, matching_rows, table_from_frame
 from teepsi.protocol import SESSION_METADATA
 from teepsi.protocol import teepsi_pb2 as pb
 from teepsi.protocol import teepsi_pb2_grpc as pb_grpc
@@ -61,15 +65,24 @@ class PartyConfig:
 
 @dataclass(frozen=True)
 class PartyResult:
-    items: list[bytes]
+    """What a data provider gets back, with the counts it reports."""
+
+    #: The party's own rows whose key is in the intersection, ordered by key. For text
+    #: input a single column "item" of the distinct matching items, sorted bytewise.
+    rows: pl.DataFrame
+    #: Size of the intersection (distinct keys), the same for every party.
+    intersection_size: int
     result_sha256: bytes
-    items_uploaded: int
+    rows_read: int
+    rows_with_key: int
+    distinct_keys: int
     server: TrustedPeer
     job_id: str
     party_name: str
 
     def text(self) -> list[str]:
-        return [item.decode("utf-8") for item in self.items]
+        """Text input: the intersecting items."""
+        return [str(v) for v in self.rows.to_series(0).to_list()]
 
 
 def split_host(host: str) -> tuple[str, int]:
@@ -177,8 +190,8 @@ class PsiClient:
         self.requires_client_attestation = evidence.requires_client_attestation
         return peer
 
-    def join(self) -> bytes:
-        """Answer the server's challenge with our evidence; returns the session token."""
+    def join(self, key_scheme: str) -> tuple[bytes, tuple[int, int]]:
+        """Answer the server's challenge with our evidence; returns (session token, seeds)."""
         cfg = self.config
         try:
             challenge = self.stub.GetChallenge(
@@ -205,6 +218,7 @@ class PsiClient:
             nonce=challenge.nonce,
             party_public_key=public_der,
             transcript_signature=key.sign(digest),
+            key_scheme=key_scheme,
         )
         if cfg.attestation != "none":
             try:
@@ -225,15 +239,19 @@ class PsiClient:
             response = self.stub.Join(request, timeout=min(60.0, self._remaining()))
         except grpc.RpcError as exc:
             raise _rpc_error("joining the job", exc) from None
-        return bytes(response.session_token)
+        try:
+            seeds = seeds_from_bytes(bytes(response.key_seeds))
+        except ValueError:
+            raise PsiClientError("server sent malformed key seeds") from None
+        return bytes(response.session_token), seeds
 
-    def upload(self, token: bytes, items: set[bytes], progress: PhaseBar) -> int:
-        ordered = sorted(items)
-
+    def upload(self, token: bytes, hi: U64Array, lo: U64Array, progress: PhaseBar) -> int:
         def chunks() -> Iterator[Any]:
-            batches = mark_last(encode_batches(ordered, chunk_bytes=CHUNK_BYTES))
-            for sequence, (payload, count, last) in enumerate(batches):
-                yield pb.UploadChunk(sequence=sequence, items=payload, item_count=count, last=last)
+            batches = iter_record_chunks(hi, lo, records_per_chunk=RECORDS_PER_CHUNK)
+            for sequence, (payload, count, last) in enumerate(mark_last(batches)):
+                yield pb.UploadChunk(
+                    sequence=sequence, records=payload, record_count=count, last=last
+                )
                 progress.advance(count)
 
         metadata = ((SESSION_METADATA, token.hex()),)
@@ -241,62 +259,72 @@ class PsiClient:
             summary = self.stub.Upload(chunks(), metadata=metadata, timeout=self._remaining())
         except grpc.RpcError as exc:
             raise _rpc_error("uploading the set", exc) from None
-        return int(summary.items_received)
+        return int(summary.records_received)
 
-    def result(self, token: bytes) -> tuple[list[bytes], bytes]:
+    def result(self, token: bytes) -> tuple[U64Array, U64Array, bytes, int]:
+        """The intersection records, their digest and our distinct record count."""
         metadata = ((SESSION_METADATA, token.hex()),)
-        items: list[bytes] = []
+        payloads: list[bytes] = []
         digest = b""
-        expected_sequence = 0
         total = -1
+        distinct = 0
         try:
-            for chunk in self.stub.GetResult(
+            stream = self.stub.GetResult(
                 pb.GetResultRequest(), metadata=metadata, timeout=self._remaining()
-            ):
-                if chunk.sequence != expected_sequence or digest:
+            )
+            for expected, chunk in enumerate(stream):
+                if chunk.sequence != expected or digest:
                     raise PsiClientError("result stream arrived out of order")
-                expected_sequence += 1
-                items.extend(decode_batch(chunk.items, chunk.item_count))
-                total = chunk.total_items
+                payloads.append(bytes(chunk.records))
+                total = chunk.total_records
+                distinct = chunk.party_distinct_records
                 if chunk.last:
                     # Keep reading to the end of the stream: the server records the
                     # delivery (and may free the job) only once the stream completes.
                     digest = bytes(chunk.result_sha256)
         except grpc.RpcError as exc:
             raise _rpc_error("waiting for the result", exc) from None
-        check = hashlib.sha256()
-        for item in items:
-            check.update(item + b"\n")
-        if total != len(items) or not hmac.compare_digest(check.digest(), digest):
+        hi, lo = records_from_bytes(b"".join(payloads))
+        if total != len(hi) or not hmac.compare_digest(records_digest(hi, lo), digest):
             raise PsiClientError("result stream is incomplete or corrupted (digest mismatch)")
-        return items, digest
+        return hi, lo, digest, distinct
 
 
-def run_party(config: PartyConfig, items: set[bytes]) -> PartyResult:
-    """Run one data provider end to end and return the intersection."""
+def run_party(config: PartyConfig, table: Table) -> PartyResult:
+    """Run one data provider end to end with an already loaded table."""
     if config.party_count < 1:
         raise PsiClientError("--parties must be at least 1")
     client = PsiClient(config)
     progress = Progress(enabled=config.progress)
     try:
         server = client.connect()
-        token = client.join()
-        with progress.phase("uploading", total=len(items)) as bar:
-            uploaded = client.upload(token, items, bar)
+        token, seeds = client.join(table.spec.key_scheme)
+        hi, lo = table.key_records(seeds)
+        with progress.phase("uploading", total=len(hi)) as bar:
+            client.upload(token, hi, lo, bar)
         with progress.phase("waiting for the other parties", total=None):
-            result, digest = client.result(token)
+            result_hi, result_lo, digest, distinct = client.result(token)
     finally:
         client.close()
+    with progress.phase("matching rows", total=None):
+        rows = matching_rows(table, seeds, result_hi, result_lo)
     return PartyResult(
-        items=result,
+        rows=rows,
+        intersection_size=len(result_hi),
         result_sha256=digest,
-        items_uploaded=uploaded,
+        rows_read=table.rows_read,
+        rows_with_key=table.rows_with_key,
+        distinct_keys=distinct,
         server=server,
         job_id=config.job_id,
         party_name=config.name,
     )
 
 
-def run_party_from_file(config: PartyConfig, data: str | Path) -> PartyResult:
-    """Read a text file (one item per line) and run the party with its items."""
-    return run_party(config, read_items(data))
+def run_party_items(
+    config: PartyConfig, items: Iterable[str], normalization: Normalization | None = None
+) -> PartyResult:
+    """Run a party over in-memory text items (one key each)."""
+    frame = pl.DataFrame({TEXT_COLUMN: list(items)}, schema={TEXT_COLUMN: pl.String})
+    spec = TableSpec(path=Path("<memory>"), normalization=normalization or Normalization())
+    return run_party(config, table_from_frame(frame, spec))

@@ -147,6 +147,7 @@ class JoinRequest(_message.Message):
     PARTY_PUBLIC_KEY_FIELD_NUMBER: _builtins.int
     TRANSCRIPT_SIGNATURE_FIELD_NUMBER: _builtins.int
     EVIDENCE_FIELD_NUMBER: _builtins.int
+    KEY_SCHEME_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     party_name: _builtins.str
     party_count: _builtins.int
@@ -156,6 +157,10 @@ class JoinRequest(_message.Message):
     """SubjectPublicKeyInfo DER of the party's ephemeral key."""
     transcript_signature: _builtins.bytes
     """Signature by that key over the join transcript digest."""
+    key_scheme: _builtins.str
+    """Key scheme: record format, key normalisation and key arity
+    ("xxh3-64x2-v1;normalize=trim;columns=1"); every party of a job must send the same.
+    """
     @_builtins.property
     def evidence(self) -> Global___ClientEvidence:
         """Absent when the party runs outside an enclave and the server allows that."""
@@ -170,10 +175,11 @@ class JoinRequest(_message.Message):
         party_public_key: _builtins.bytes = ...,
         transcript_signature: _builtins.bytes = ...,
         evidence: Global___ClientEvidence | None = ...,
+        key_scheme: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["evidence", b"evidence"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["evidence", b"evidence", "job_id", b"job_id", "nonce", b"nonce", "party_count", b"party_count", "party_name", b"party_name", "party_public_key", b"party_public_key", "transcript_signature", b"transcript_signature"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["evidence", b"evidence", "job_id", b"job_id", "key_scheme", b"key_scheme", "nonce", b"nonce", "party_count", b"party_count", "party_name", b"party_name", "party_public_key", b"party_public_key", "transcript_signature", b"transcript_signature"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -186,21 +192,25 @@ class JoinResponse(_message.Message):
     SESSION_TOKEN_FIELD_NUMBER: _builtins.int
     JOB_DEADLINE_FIELD_NUMBER: _builtins.int
     PARTY_COUNT_FIELD_NUMBER: _builtins.int
+    KEY_SEEDS_FIELD_NUMBER: _builtins.int
     session_token: _builtins.bytes
     """Session credential; send it as metadata "x-teepsi-session" on Upload and GetResult."""
     job_deadline: _builtins.int
     """UNIX seconds after which the job expires."""
     party_count: _builtins.int
+    key_seeds: _builtins.bytes
+    """16 bytes: the job's two XXH3-64 seeds (little-endian u64 each) for key records."""
     def __init__(
         self,
         *,
         session_token: _builtins.bytes = ...,
         job_deadline: _builtins.int = ...,
         party_count: _builtins.int = ...,
+        key_seeds: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_deadline", b"job_deadline", "party_count", b"party_count", "session_token", b"session_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_deadline", b"job_deadline", "key_seeds", b"key_seeds", "party_count", b"party_count", "session_token", b"session_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -211,28 +221,28 @@ class UploadChunk(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SEQUENCE_FIELD_NUMBER: _builtins.int
-    ITEMS_FIELD_NUMBER: _builtins.int
-    ITEM_COUNT_FIELD_NUMBER: _builtins.int
+    RECORDS_FIELD_NUMBER: _builtins.int
+    RECORD_COUNT_FIELD_NUMBER: _builtins.int
     LAST_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     """0, 1, 2, ... in order; a gap, repeat or reorder is refused."""
-    items: _builtins.bytes
-    """Items, UTF-8, each terminated by "\\n" (items never contain "\\n")."""
-    item_count: _builtins.int
-    """Number of items in this chunk (checked against the payload)."""
+    records: _builtins.bytes
+    """Key records: 16 bytes each, two little-endian u64 digests of a normalised key."""
+    record_count: _builtins.int
+    """Number of records in this chunk (checked against the payload)."""
     last: _builtins.bool
     """Set on the final chunk."""
     def __init__(
         self,
         *,
         sequence: _builtins.int = ...,
-        items: _builtins.bytes = ...,
-        item_count: _builtins.int = ...,
+        records: _builtins.bytes = ...,
+        record_count: _builtins.int = ...,
         last: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["item_count", b"item_count", "items", b"items", "last", b"last", "sequence", b"sequence"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["last", b"last", "record_count", b"record_count", "records", b"records", "sequence", b"sequence"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -242,19 +252,16 @@ Global___UploadChunk: _TypeAlias = UploadChunk  # noqa: Y015
 class UploadSummary(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
-    ITEMS_RECEIVED_FIELD_NUMBER: _builtins.int
-    DISTINCT_ITEMS_FIELD_NUMBER: _builtins.int
-    items_received: _builtins.int
-    distinct_items: _builtins.int
+    RECORDS_RECEIVED_FIELD_NUMBER: _builtins.int
+    records_received: _builtins.int
     def __init__(
         self,
         *,
-        items_received: _builtins.int = ...,
-        distinct_items: _builtins.int = ...,
+        records_received: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["distinct_items", b"distinct_items", "items_received", b"items_received"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["records_received", b"records_received"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -280,33 +287,37 @@ class ResultChunk(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SEQUENCE_FIELD_NUMBER: _builtins.int
-    ITEMS_FIELD_NUMBER: _builtins.int
-    ITEM_COUNT_FIELD_NUMBER: _builtins.int
-    TOTAL_ITEMS_FIELD_NUMBER: _builtins.int
+    RECORDS_FIELD_NUMBER: _builtins.int
+    RECORD_COUNT_FIELD_NUMBER: _builtins.int
+    TOTAL_RECORDS_FIELD_NUMBER: _builtins.int
     RESULT_SHA256_FIELD_NUMBER: _builtins.int
     LAST_FIELD_NUMBER: _builtins.int
+    PARTY_DISTINCT_RECORDS_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
-    items: _builtins.bytes
-    """Intersection items, sorted bytewise, each terminated by "\\n"."""
-    item_count: _builtins.int
-    total_items: _builtins.int
+    records: _builtins.bytes
+    """Records in the intersection, ascending as 128-bit numbers (hi, then lo)."""
+    record_count: _builtins.int
+    total_records: _builtins.int
     """Size of the whole intersection (same in every chunk)."""
     result_sha256: _builtins.bytes
-    """SHA-256 over the whole newline-terminated result (sent with the last chunk)."""
+    """SHA-256 over all result records' bytes (sent with the last chunk)."""
     last: _builtins.bool
+    party_distinct_records: _builtins.int
+    """Distinct records the receiving party uploaded."""
     def __init__(
         self,
         *,
         sequence: _builtins.int = ...,
-        items: _builtins.bytes = ...,
-        item_count: _builtins.int = ...,
-        total_items: _builtins.int = ...,
+        records: _builtins.bytes = ...,
+        record_count: _builtins.int = ...,
+        total_records: _builtins.int = ...,
         result_sha256: _builtins.bytes = ...,
         last: _builtins.bool = ...,
+        party_distinct_records: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["item_count", b"item_count", "items", b"items", "last", b"last", "result_sha256", b"result_sha256", "sequence", b"sequence", "total_items", b"total_items"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["last", b"last", "party_distinct_records", b"party_distinct_records", "record_count", b"record_count", "records", b"records", "result_sha256", b"result_sha256", "sequence", b"sequence", "total_records", b"total_records"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

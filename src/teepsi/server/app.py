@@ -44,6 +44,7 @@ class ServerConfig:
     allow_simulated: bool = False
     limits: Limits = field(default_factory=Limits)
     max_workers: int = 256
+    spill_dir: str | None = None
     #: Evidence provider override (tests inject fakes); default from ``attestation``.
     provider: EvidenceProvider | None = None
 
@@ -105,7 +106,7 @@ def start_server(config: ServerConfig) -> RunningServer:
         log.warning(
             "client attestation is OFF: data providers are not attested (--no-client-attestation)"
         )
-    registry = JobRegistry(config.limits)
+    registry = JobRegistry(config.limits, spill_dir=config.spill_dir)
     service = PsiService(
         registry=registry,
         evidence=ServerEvidenceBundle(

@@ -17,7 +17,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import Enum
 
-from teepsi.engine.intersect import intersect, result_digest
+from teepsi.engine.intersect import records_digest
+from teepsi.engine.keys import U64Array
+from teepsi.engine.spill import SpillArea
+from teepsi.engine.store import MemoryBudget, RecordStore, intersect_stores
 from teepsi.server.errors import ErrorKind, ServiceError
 
 log = logging.getLogger(__name__)
@@ -42,6 +45,8 @@ class Limits:
     max_parties_per_job: int = 256
     max_items_per_party: int = 100_000_000
     job_timeout_seconds: float = 600.0
+    #: Bytes of key records held in memory across all jobs; beyond it they spill to disk.
+    memory_budget_bytes: int = 1024**3
 
 
 class JobState(Enum):
@@ -62,8 +67,9 @@ class Party:
     name: str
     token: bytes
     upload: UploadState = UploadState.NONE
-    items: set[bytes] | None = None
-    items_received: int = 0
+    store: RecordStore | None = None
+    records_received: int = 0
+    distinct_records: int = 0
     delivered: bool = False
 
 
@@ -75,12 +81,25 @@ class Job:
     deadline: float
     cond: threading.Condition
     parties: dict[str, Party] = field(default_factory=dict)
+    key_scheme: str = ""
+    key_seeds: bytes = b""
     state: JobState = JobState.WAITING
-    result: list[bytes] | None = None
-    result_sha256: bytes = b""
+    result: JobResult | None = None
 
     def uploaded(self) -> int:
         return sum(1 for p in self.parties.values() if p.upload is UploadState.DONE)
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """The intersection as key records, sorted; the same for every party."""
+
+    hi: U64Array
+    lo: U64Array
+    sha256: bytes
+
+    def __len__(self) -> int:
+        return len(self.hi)
 
 
 @dataclass(frozen=True)
@@ -94,16 +113,23 @@ class JoinOutcome:
     token: bytes
     deadline: float
     party_count: int
+    key_seeds: bytes
 
 
 class JobRegistry:
     """All live jobs of one server. Thread-safe; waits are condition waits."""
 
     def __init__(
-        self, limits: Limits | None = None, *, clock: Callable[[], float] = time.time
+        self,
+        limits: Limits | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+        spill_dir: str | None = None,
     ) -> None:
         self.limits = limits or Limits()
         self._clock = clock
+        self.budget = MemoryBudget(self.limits.memory_budget_bytes)
+        self.spill = SpillArea(spill_dir)
         self._lock = threading.Lock()
         self._jobs: dict[str, Job] = {}
         self._sessions: dict[bytes, Session] = {}
@@ -124,6 +150,7 @@ class JobRegistry:
                 self._expire_locked(job, reason="server shutting down")
             self._reaper_wakeup.notify_all()
         self._reaper.join(timeout=5)
+        self.spill.close()
 
     def job_count(self) -> int:
         with self._lock:
@@ -158,13 +185,17 @@ class JobRegistry:
             del self._jobs[job.job_id]
         for party in job.parties.values():
             self._sessions.pop(party.token, None)
-            party.items = None
+            if party.store is not None:
+                party.store.close()
+                party.store = None
         job.result = None
         job.cond.notify_all()
 
     # -- joining -------------------------------------------------------------------
 
-    def join(self, job_id: str, party_name: str, party_count: int) -> JoinOutcome:
+    def join(
+        self, job_id: str, party_name: str, party_count: int, key_scheme: str = ""
+    ) -> JoinOutcome:
         check_identifier(job_id, "job id")
         check_identifier(party_name, "party name")
         most = self.limits.max_parties_per_job
@@ -190,6 +221,8 @@ class JobRegistry:
                     created=now,
                     deadline=now + self.limits.job_timeout_seconds,
                     cond=threading.Condition(self._lock),
+                    key_scheme=key_scheme,
+                    key_seeds=secrets.token_bytes(16),
                 )
                 self._jobs[job_id] = job
                 self._reaper_wakeup.notify_all()
@@ -205,6 +238,14 @@ class JobRegistry:
                     ErrorKind.FAILED_PRECONDITION,
                     f"job {job_id} was created for {job.party_count} parties, not {party_count}; "
                     "every party must pass the same --parties",
+                )
+            if job.key_scheme != key_scheme:
+                # Say what differs without revealing the other parties' settings.
+                raise ServiceError(
+                    ErrorKind.FAILED_PRECONDITION,
+                    f"this party's key settings ({key_scheme or 'none'}) differ from job "
+                    f"{job_id}'s: every party must use the same --normalize, the same number "
+                    "of --key columns and the same teepsi version",
                 )
             if party_name in job.parties:
                 raise ServiceError(
@@ -226,7 +267,12 @@ class JobRegistry:
                 len(job.parties),
                 job.party_count,
             )
-            return JoinOutcome(token=token, deadline=job.deadline, party_count=job.party_count)
+            return JoinOutcome(
+                token=token,
+                deadline=job.deadline,
+                party_count=job.party_count,
+                key_seeds=job.key_seeds,
+            )
 
     def _lookup_locked(self, token: bytes) -> tuple[Job, Party]:
         session = self._sessions.get(token)
@@ -240,8 +286,8 @@ class JobRegistry:
 
     # -- uploading -----------------------------------------------------------------
 
-    def begin_upload(self, token: bytes) -> tuple[str, str]:
-        """Claim the party's single upload; returns (job id, party name)."""
+    def begin_upload(self, token: bytes) -> tuple[str, str, RecordStore]:
+        """Claim the party's single upload; returns (job id, party name, its record store)."""
         with self._lock:
             job, party = self._lookup_locked(token)
             if party.upload is not UploadState.NONE:
@@ -255,7 +301,8 @@ class JobRegistry:
                     ErrorKind.FAILED_PRECONDITION, f"job {job.job_id} is {job.state.value}"
                 )
             party.upload = UploadState.IN_PROGRESS
-            return job.job_id, party.name
+            party.store = RecordStore(self.budget, self.spill)
+            return job.job_id, party.name, party.store
 
     def abort_upload(self, token: bytes) -> None:
         """A broken upload frees the party's slot so a restarted provider can rejoin."""
@@ -266,6 +313,8 @@ class JobRegistry:
             job = self._jobs[session.job_id]
             party = job.parties[session.party_name]
             if party.upload is UploadState.IN_PROGRESS and job.state is JobState.WAITING:
+                if party.store is not None:
+                    party.store.close()
                 del job.parties[party.name]
                 del self._sessions[token]
                 log.warning(
@@ -274,47 +323,45 @@ class JobRegistry:
                     party.name,
                 )
 
-    def finish_upload(self, token: bytes, items: set[bytes], items_received: int) -> None:
-        """Store the party's set; the last upload computes the intersection."""
-        if len(items) > self.limits.max_items_per_party:
-            raise ServiceError(
-                ErrorKind.RESOURCE_EXHAUSTED,
-                f"set of {len(items)} distinct items exceeds the limit of "
-                f"{self.limits.max_items_per_party} per party",
-            )
+    def finish_upload(self, token: bytes) -> None:
+        """The party's upload is complete; the last one computes the intersection."""
         with self._lock:
             job, party = self._lookup_locked(token)
             if job.state is not JobState.WAITING or party.upload is not UploadState.IN_PROGRESS:
                 raise ServiceError(
                     ErrorKind.FAILED_PRECONDITION, f"job {job.job_id} is {job.state.value}"
                 )
-            party.items = items
-            party.items_received = items_received
+            assert party.store is not None
+            party.store.finish()
+            party.records_received = party.store.records
             party.upload = UploadState.DONE
             log.info(
-                "job %s: party %s uploaded %d items (%d distinct)",
+                "job %s: party %s uploaded %d records%s",
                 job.job_id,
                 party.name,
-                items_received,
-                len(items),
+                party.records_received,
+                " (spilled to disk, encrypted)" if party.store.spilled else "",
             )
             if len(job.parties) < job.party_count or job.uploaded() < job.party_count:
                 return
             job.state = JobState.COMPUTING
-            sets = [p.items for p in job.parties.values() if p.items is not None]
+            parties = list(job.parties.values())
+            stores = [p.store for p in parties if p.store is not None]
         # Compute without the lock: other jobs keep moving meanwhile.
-        result = intersect(sets)
-        digest = result_digest(result)
+        hi, lo, distinct = intersect_stores(stores)
+        result = JobResult(hi=hi, lo=lo, sha256=records_digest(hi, lo))
         with self._lock:
             if job.state is not JobState.COMPUTING:
                 return  # expired while computing
             job.result = result
-            job.result_sha256 = digest
             job.state = JobState.DONE
-            for p in job.parties.values():
-                p.items = None
+            for p, count in zip(parties, distinct, strict=True):
+                p.distinct_records = count
+                if p.store is not None:
+                    p.store.close()
+                    p.store = None
             log.info(
-                "job %s: intersection of %d parties has %d items",
+                "job %s: intersection of %d parties has %d records",
                 job.job_id,
                 job.party_count,
                 len(result),
@@ -329,8 +376,11 @@ class JobRegistry:
         *,
         timeout: float | None,
         is_active: Callable[[], bool] = lambda: True,
-    ) -> tuple[list[bytes], bytes]:
-        """Block (condition wait, no polling) until the result exists; (items, sha256)."""
+    ) -> tuple[JobResult, int]:
+        """Block (condition wait, no polling) until the result exists.
+
+        Returns the result and the distinct records the caller uploaded.
+        """
         with self._lock:
             job, party = self._lookup_locked(token)
             if party.upload is not UploadState.DONE:
@@ -347,9 +397,12 @@ class JobRegistry:
                     break
                 job.cond.wait(remaining)
             if job.state is JobState.DONE and job.result is not None:
-                return job.result, job.result_sha256
+                return job.result, party.distinct_records
             if not is_active():
                 raise ServiceError(ErrorKind.CANCELLED, "caller went away")
+            if job.state is JobState.WAITING and self._clock() >= job.deadline:
+                # The reaper may not have run yet; the deadline is the deadline.
+                self._expire_locked(job, reason="deadline passed")
             if job.state is JobState.EXPIRED:
                 raise ServiceError(
                     ErrorKind.DEADLINE_EXCEEDED,

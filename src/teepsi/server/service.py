@@ -16,7 +16,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from teepsi.attestation.evidence import Role
 from teepsi.attestation.peer import PeerRejected, PeerVerifier
 from teepsi.attestation.transcript import join_transcript_digest
-from teepsi.engine.items import MAX_ITEM_BYTES, ItemError, decode_batch, encode_batches, mark_last
+from teepsi.engine.keys import RECORD_BYTES, U64Array, records_from_bytes
+from teepsi.engine.spill import SpillError
+from teepsi.engine.store import RECORDS_PER_CHUNK, iter_record_chunks, mark_last
 from teepsi.protocol import SESSION_METADATA
 from teepsi.protocol import teepsi_pb2 as pb
 from teepsi.protocol import teepsi_pb2_grpc as pb_grpc
@@ -154,25 +156,26 @@ class PsiService(pb_grpc.PsiServicer):
                     "--no-client-attestation)",
                     request.party_name,
                 )
-            outcome = self.registry.join(request.job_id, request.party_name, request.party_count)
+            outcome = self.registry.join(
+                request.job_id, request.party_name, request.party_count, request.key_scheme
+            )
         except ServiceError as exc:
             _abort(context, exc)
         return pb.JoinResponse(
             session_token=outcome.token,
             job_deadline=int(outcome.deadline),
             party_count=outcome.party_count,
+            key_seeds=outcome.key_seeds,
         )
 
     def Upload(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Any:
         try:
             token = _session_token(context)
-            job_id, party = self.registry.begin_upload(token)
+            job_id, party, store = self.registry.begin_upload(token)
         except ServiceError as exc:
             _abort(context, exc)
         completed = False
         try:
-            items: set[bytes] = set()
-            received = 0
             finished = False
             limit = self.registry.limits.max_items_per_party
             for expected, chunk in enumerate(request_iterator):
@@ -184,22 +187,26 @@ class PsiService(pb_grpc.PsiServicer):
                         f"chunk {chunk.sequence} arrived out of order (expected {expected}); "
                         "chunks must be sent once each, in order",
                     )
-                batch = _decode_upload(chunk.items, chunk.item_count, chunk.sequence)
-                items.update(batch)
-                received += len(batch)
-                if len(items) > limit:
+                hi, lo = _decode_upload(chunk.records, chunk.record_count, chunk.sequence)
+                if store.records + len(hi) > limit:
                     raise ServiceError(
                         ErrorKind.RESOURCE_EXHAUSTED,
-                        f"more than {limit} distinct items in one party's set (the limit)",
+                        f"more than {limit} items in one party's upload (the server's "
+                        "--max-items limit)",
                     )
+                store.add(hi, lo)
                 finished = chunk.last
             if not finished:
                 raise ServiceError(
                     ErrorKind.INVALID_ARGUMENT, "upload ended without its last chunk"
                 )
-            self.registry.finish_upload(token, items, received)
+            received = store.records
+            self.registry.finish_upload(token)
             completed = True
-            return pb.UploadSummary(items_received=received, distinct_items=len(items))
+            return pb.UploadSummary(records_received=received)
+        except SpillError as exc:
+            log.error("job %s: spill failed: %s", job_id, exc)
+            _abort(context, ServiceError(ErrorKind.RESOURCE_EXHAUSTED, "server spill area failed"))
         except ServiceError as exc:
             log.warning("job %s: upload of %s refused: %s", job_id, party, exc.message)
             _abort(context, exc)
@@ -212,40 +219,32 @@ class PsiService(pb_grpc.PsiServicer):
             token = _session_token(context)
             context.add_callback(lambda: self.registry.wake(token))
             remaining = context.time_remaining()
-            items, digest = self.registry.wait_result(
+            result, distinct = self.registry.wait_result(
                 token, timeout=remaining, is_active=context.is_active
             )
         except ServiceError as exc:
             _abort(context, exc)
-        total = len(items)
-        for sequence, (payload, count, last) in enumerate(mark_last(encode_batches(items))):
+        total = len(result)
+        chunks = iter_record_chunks(result.hi, result.lo, records_per_chunk=RECORDS_PER_CHUNK)
+        for sequence, (payload, count, last) in enumerate(mark_last(chunks)):
             yield pb.ResultChunk(
                 sequence=sequence,
-                items=payload,
-                item_count=count,
-                total_items=total,
-                result_sha256=digest if last else b"",
+                records=payload,
+                record_count=count,
+                total_records=total,
+                result_sha256=result.sha256 if last else b"",
                 last=last,
+                party_distinct_records=distinct,
             )
         # Reached only when the client took every chunk; a cut stream can fetch again.
         self.registry.mark_delivered(token)
 
 
-def _decode_upload(payload: bytes, count: int, sequence: int) -> list[bytes]:
-    try:
-        payload.decode("utf-8")
-        batch = decode_batch(payload, count)
-    except UnicodeDecodeError:
-        raise ServiceError(
-            ErrorKind.INVALID_ARGUMENT, f"chunk {sequence}: items are not valid UTF-8"
-        ) from None
-    except ItemError as exc:
-        raise ServiceError(ErrorKind.INVALID_ARGUMENT, f"chunk {sequence}: {exc}") from None
-    if b"" in batch:
-        raise ServiceError(ErrorKind.INVALID_ARGUMENT, f"chunk {sequence}: empty item")
-    if batch and max(map(len, batch)) > MAX_ITEM_BYTES:
+def _decode_upload(payload: bytes, count: int, sequence: int) -> tuple[U64Array, U64Array]:
+    if len(payload) != count * RECORD_BYTES:
         raise ServiceError(
             ErrorKind.INVALID_ARGUMENT,
-            f"chunk {sequence}: an item exceeds the limit of {MAX_ITEM_BYTES} bytes",
+            f"chunk {sequence} announces {count} records but carries {len(payload)} bytes "
+            f"(records are {RECORD_BYTES} bytes)",
         )
-    return batch
+    return records_from_bytes(payload)

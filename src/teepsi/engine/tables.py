@@ -1,0 +1,246 @@
+"""A data provider's table: reading text, CSV or Parquet, and writing its matching rows.
+
+Text files hold one item per line: surrounding whitespace (including CR) is stripped and
+blank lines are skipped. CSV and Parquet files are tables with one or more key columns;
+the output is the party's own rows whose key is in the intersection, every column kept,
+in the input's format, ordered by key (semi-join semantics: a key repeated in the table
+matches once but returns all its rows).
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+
+import polars as pl
+
+from teepsi.engine.intersect import as_u128
+from teepsi.engine.keys import (
+    TRIM_CHARS,
+    Normalization,
+    U64Array,
+    hash_keys,
+    key_expression,
+    key_scheme_id,
+)
+
+#: Largest text item, in bytes, after stripping.
+MAX_TEXT_ITEM_BYTES = 64 * 1024
+TEXT_COLUMN = "item"
+_KEY = "__teepsi_key"
+
+
+class TableError(ValueError):
+    """Input that cannot be read as asked; one line naming the file and the problem."""
+
+
+class TableFormat(StrEnum):
+    TEXT = "text"
+    CSV = "csv"
+    PARQUET = "parquet"
+
+
+_EXTENSIONS = {
+    ".csv": TableFormat.CSV,
+    ".tsv": TableFormat.CSV,
+    ".parquet": TableFormat.PARQUET,
+    ".pq": TableFormat.PARQUET,
+}
+
+
+def detect_format(path: str | Path, explicit: str | None = None) -> TableFormat:
+    """The format named by ``explicit``, else by the file extension (text by default)."""
+    if explicit:
+        try:
+            return TableFormat(explicit)
+        except ValueError:
+            raise TableError(f"--format {explicit!r}: use text, csv or parquet") from None
+    return _EXTENSIONS.get(Path(path).suffix.lower(), TableFormat.TEXT)
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """How to read one party's input, and so how to write its output."""
+
+    path: Path
+    format: TableFormat = TableFormat.TEXT
+    key_columns: tuple[str, ...] = ()
+    delimiter: str = ","
+    quote_char: str | None = '"'
+    normalization: Normalization = field(default_factory=Normalization)
+
+    @property
+    def arity(self) -> int:
+        return 1 if self.format is TableFormat.TEXT else len(self.key_columns)
+
+    @property
+    def key_scheme(self) -> str:
+        return key_scheme_id(self.normalization, self.arity)
+
+
+@dataclass
+class Table:
+    """A loaded input: its rows and each row's normalised key (null when it has none)."""
+
+    spec: TableSpec
+    frame: pl.DataFrame
+    keys: pl.Series
+    rows_read: int
+
+    @property
+    def rows_with_key(self) -> int:
+        return len(self.keys) - self.keys.null_count()
+
+    def key_records(self, seeds: tuple[int, int]) -> tuple[U64Array, U64Array]:
+        """Digests of every keyed row, in row order (rows without a key left out)."""
+        return hash_keys(self.keys.drop_nulls(), seeds)
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise TableError(f"{path}: no such file; check the --data path") from None
+    except IsADirectoryError:
+        raise TableError(f"{path}: is a directory, expected a data file") from None
+    except OSError as exc:
+        raise TableError(f"{path}: cannot read: {exc.strerror}") from None
+
+
+def _utf8_error(path: Path, data: bytes) -> TableError:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        return TableError(
+            f"{path}: line {line}: not valid UTF-8 (byte offset {exc.start}); "
+            "save the file as UTF-8"
+        )
+    return TableError(f"{path}: cannot be parsed")
+
+
+def _read_text(spec: TableSpec) -> Table:
+    data = _read_bytes(spec.path)
+    nul = data.find(b"\0")
+    if nul >= 0:
+        line = data.count(b"\n", 0, nul) + 1
+        raise TableError(f"{spec.path}: line {line}: contains a NUL byte; items must be text")
+    if not data.strip():
+        frame = pl.DataFrame({TEXT_COLUMN: []}, schema={TEXT_COLUMN: pl.String})
+    else:
+        try:
+            # One column per line: NUL is absent (checked above), so it can be the separator.
+            frame = pl.read_csv(
+                io.BytesIO(data),
+                has_header=False,
+                separator="\x00",
+                quote_char=None,
+                new_columns=[TEXT_COLUMN],
+                schema={TEXT_COLUMN: pl.String},
+            )
+        except pl.exceptions.ComputeError:
+            raise _utf8_error(spec.path, data) from None
+    return table_from_frame(frame, spec)
+
+
+def table_from_frame(frame: pl.DataFrame, spec: TableSpec) -> Table:
+    """A text table from a frame with one string column "item" (lines, unstripped)."""
+    frame = frame.select(pl.col(TEXT_COLUMN).str.strip_chars(TRIM_CHARS)).filter(
+        pl.col(TEXT_COLUMN).str.len_bytes() > 0
+    )
+    longest = frame[TEXT_COLUMN].str.len_bytes().max()
+    if isinstance(longest, int) and longest > MAX_TEXT_ITEM_BYTES:
+        raise TableError(
+            f"{spec.path}: an item of {longest} bytes exceeds the limit of "
+            f"{MAX_TEXT_ITEM_BYTES} bytes"
+        )
+    keys = frame.select(key_expression([TEXT_COLUMN], spec.normalization))[TEXT_COLUMN]
+    return Table(spec=spec, frame=frame, keys=keys, rows_read=len(frame))
+
+
+def _read_structured(spec: TableSpec) -> Table:
+    if not spec.key_columns:
+        raise TableError(f"{spec.path}: name the key column(s) with --key COLUMN")
+    if spec.format is TableFormat.CSV:
+        data = _read_bytes(spec.path)
+        try:
+            frame = pl.read_csv(
+                io.BytesIO(data),
+                separator=spec.delimiter,
+                quote_char=spec.quote_char,
+                infer_schema=False,  # every column as text: keys compare as written
+            )
+        except pl.exceptions.ComputeError as exc:
+            if "utf-8" in str(exc).lower():
+                raise _utf8_error(spec.path, data) from None
+            raise TableError(
+                f"{spec.path}: not a valid CSV file: {str(exc).splitlines()[0]}"
+            ) from None
+        except pl.exceptions.NoDataError:
+            raise TableError(f"{spec.path}: empty file; a CSV input needs a header row") from None
+    else:
+        if not spec.path.exists():
+            raise TableError(f"{spec.path}: no such file; check the --data path")
+        try:
+            frame = pl.read_parquet(spec.path)
+        except (pl.exceptions.ComputeError, OSError) as exc:
+            raise TableError(f"{spec.path}: not a readable Parquet file: {exc}") from None
+    missing = [c for c in spec.key_columns if c not in frame.columns]
+    if missing:
+        raise TableError(
+            f"{spec.path}: no column {missing[0]!r} (columns: {', '.join(frame.columns[:20])}); "
+            "pass --key with one of them"
+        )
+    keys = frame.select(key_expression(spec.key_columns, spec.normalization).alias(_KEY))[_KEY]
+    return Table(spec=spec, frame=frame, keys=keys, rows_read=len(frame))
+
+
+def read_table(spec: TableSpec) -> Table:
+    """Load the party's input as ``spec`` says."""
+    if spec.format is TableFormat.TEXT:
+        return _read_text(spec)
+    return _read_structured(spec)
+
+
+def matching_rows(
+    table: Table,
+    seeds: tuple[int, int],
+    result_hi: U64Array,
+    result_lo: U64Array,
+) -> pl.DataFrame:
+    """The table's rows whose key is in the result, ordered by key (stable within a key).
+
+    For text input: the distinct matching items (their normalised form), sorted bytewise.
+    """
+    keyed = table.keys.is_not_null()
+    frame = table.frame.with_columns(table.keys.alias(_KEY)).filter(keyed)
+    hi, lo = hash_keys(frame[_KEY], seeds)
+    row_keys = as_u128(hi, lo)
+    wanted = as_u128(result_hi, result_lo)
+    frame = frame.filter(row_keys.is_in(wanted.implode()))
+    if table.spec.format is TableFormat.TEXT:
+        return frame.select(pl.col(_KEY).alias(TEXT_COLUMN)).unique().sort(TEXT_COLUMN)
+    return frame.sort(_KEY, maintain_order=True).drop(_KEY)
+
+
+def text_lines(rows: pl.DataFrame) -> bytes:
+    """Text output as bytes: each item followed by a newline."""
+    if not len(rows):
+        return b""
+    return str((rows[TEXT_COLUMN] + "\n").str.join("")[0]).encode()
+
+
+def write_rows(rows: pl.DataFrame, spec: TableSpec, path: str | Path) -> None:
+    """Write rows in the input's format."""
+    target = Path(path)
+    try:
+        if spec.format is TableFormat.TEXT:
+            target.write_bytes(text_lines(rows))
+        elif spec.format is TableFormat.CSV:
+            rows.write_csv(target, separator=spec.delimiter, quote_char=spec.quote_char or '"')
+        else:
+            rows.write_parquet(target)
+    except OSError as exc:
+        raise TableError(f"cannot write --output {target}: {exc.strerror}") from None
