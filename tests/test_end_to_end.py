@@ -302,3 +302,121 @@ def test_missing_data_file_is_a_usage_error(sim_policy_file, tmp_path):
     assert run.returncode == 2
     err = _errors(run.stderr)
     assert len(err) == 1 and "nope.txt" in err[0]
+
+
+def _csv_job(server, policy, tmp_path, tables, *, extra=(), job="csv"):
+    procs = []
+    for index, (text, keys) in enumerate(tables):
+        data = tmp_path / f"{job}-in{index}.csv"
+        data.write_text(text)
+        out = tmp_path / f"{job}-out{index}.csv"
+        key_args = [a for k in keys for a in ("--key", k)]
+        args = client_args(
+            server,
+            data,
+            parties=len(tables),
+            name=f"p{index}",
+            policy=policy,
+            job=job,
+            extra=[*key_args, "--output", str(out), *extra],
+        )
+        procs.append((start_client(args), out))
+    outs = []
+    for proc, out in procs:
+        _, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, stderr.decode()
+        outs.append(out.read_text())
+    return outs
+
+
+def test_csv_composite_keys_through_processes(start_server, sim_policy_file, tmp_path):
+    server = start_server()
+    a = "first,last,amount\nAda,Lovelace,1\nAda,Lovelace,2\nAlan,Turing,3\n"
+    b = "last,first,note\nLovelace,Ada,x\nTuring,Grace,y\n"
+    out_a, out_b = _csv_job(
+        server, sim_policy_file, tmp_path, [(a, ("first", "last")), (b, ("first", "last"))]
+    )
+    assert out_a == "first,last,amount\nAda,Lovelace,1\nAda,Lovelace,2\n"
+    assert out_b == "last,first,note\nLovelace,Ada,x\n"
+
+
+def test_normalisation_mismatch_refused(start_server, sim_policy_file, tmp_path):
+    server = start_server()
+    a = _write(tmp_path / "a.txt", ["Car"])
+    b = _write(tmp_path / "b.txt", ["car"])
+    pa = start_client(
+        client_args(
+            server,
+            a,
+            parties=2,
+            name="a",
+            policy=sim_policy_file,
+            extra=["--normalize", "trim,casefold"],
+            timeout=30,
+        )
+    )
+    time.sleep(1.0)
+    run = subprocess.run(
+        client_args(server, b, parties=2, name="b", policy=sim_policy_file, timeout=30),
+        capture_output=True,
+        timeout=60,
+    )
+    assert run.returncode == 1
+    err = _errors(run.stderr)
+    assert len(err) == 1 and "FAILED_PRECONDITION" in err[0] and "--normalize" in err[0]
+    pa.kill()
+    pa.wait()
+
+
+def test_spill_gives_identical_results_and_no_plaintext_on_disk(
+    start_server, sim_policy_file, tmp_path
+):
+    rows = 300_000
+    keys = [f"person{i:07d}@example.org" for i in range(rows)]
+    a = "email,n\n" + "".join(f"{k},{i}\n" for i, k in enumerate(keys))
+    b = "email\n" + "".join(f"{k}\n" for k in [*keys[rows // 2 :], "other@x"])
+    plain = start_server()
+    expected = _csv_job(
+        plain, sim_policy_file, tmp_path, [(a, ("email",)), (b, ("email",))], job="plain"
+    )
+    spill_dir = tmp_path / "spill"
+    spill_dir.mkdir()
+    spilled = start_server("--memory-budget", "1MiB", "--spill-dir", str(spill_dir))
+    got = _csv_job(
+        spilled, sim_policy_file, tmp_path, [(a, ("email",)), (b, ("email",))], job="spilled"
+    )
+    assert got == expected
+    assert expected[1].count("\n") == rows // 2 + 1
+    assert "spilled to disk, encrypted" in spilled.log()
+    # Segment files are deleted once the job ends; the area goes with the server.
+    leftovers = [p for p in spill_dir.rglob("*") if p.is_file()]
+    assert leftovers == []
+    spilled.proc.terminate()
+    spilled.proc.wait(20)
+    assert list(spill_dir.iterdir()) == []
+
+
+def test_progress_bars_follow_quiet(start_server, sim_policy_file, tmp_path):
+    server = start_server()
+    data = _write(tmp_path / "a.txt", ["x", "y"])
+    out = tmp_path / "out.txt"
+    loud = [
+        a
+        for a in client_args(
+            server,
+            data,
+            parties=1,
+            name="a",
+            policy=sim_policy_file,
+            job="loud",
+            extra=["--output", str(out)],
+        )
+        if a != "--quiet"
+    ]
+    run = subprocess.run(loud, capture_output=True, timeout=60)
+    assert run.returncode == 0, run.stderr.decode()
+    assert "uploading" in run.stderr.decode() and "reading a.txt" in run.stderr.decode()
+    quiet = client_args(server, data, parties=1, name="a", policy=sim_policy_file, job="quiet")
+    run = subprocess.run(quiet, capture_output=True, timeout=60)
+    assert run.returncode == 0
+    assert "uploading" not in run.stderr.decode() and "reading" not in run.stderr.decode()

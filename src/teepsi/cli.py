@@ -196,6 +196,7 @@ def _table_spec(args: argparse.Namespace) -> object:
 def _cmd_client(args: argparse.Namespace) -> int:
     from teepsi.attestation.policy import Policy
     from teepsi.client.party import PartyConfig, PsiClientError, run_party
+    from teepsi.client.progress import Progress
     from teepsi.engine.tables import (
         TableError,
         TableFormat,
@@ -210,9 +211,10 @@ def _cmd_client(args: argparse.Namespace) -> int:
     assert isinstance(loaded, Policy)
     spec = _table_spec(args)
     assert isinstance(spec, TableSpec)
-    progress = not args.quiet and sys.stderr.isatty()
+    progress = Progress(enabled=not args.quiet)
     try:
-        table = read_table(spec)
+        with progress.phase(f"reading {spec.path.name}", total=None):
+            table = read_table(spec)
     except TableError as exc:
         raise UsageError(str(exc)) from None
     config = PartyConfig(
@@ -224,12 +226,13 @@ def _cmd_client(args: argparse.Namespace) -> int:
         attestation=args.attestation,
         allow_simulated=args.allow_simulated,
         timeout=args.timeout,
-        progress=progress,
+        progress=progress.enabled,
     )
     try:
         result = run_party(config, table)
         if args.output:
-            write_rows(result.rows, spec, args.output)
+            with progress.phase(f"writing {Path(args.output).name}", total=len(result.rows)):
+                write_rows(result.rows, spec, args.output)
     except (PsiClientError, TableError) as exc:
         log.error("%s", exc)
         return EXIT_FAILED

@@ -1,0 +1,170 @@
+"""Reading inputs (text, CSV, Parquet), normalising keys, writing matching rows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+import pytest
+import xxhash
+
+from teepsi.engine.intersect import intersect_records
+from teepsi.engine.keys import Normalization, NormalizationError, hash_keys, key_scheme_id
+from teepsi.engine.tables import (
+    TableError,
+    TableFormat,
+    TableSpec,
+    detect_format,
+    matching_rows,
+    read_table,
+    text_lines,
+    write_rows,
+)
+
+SEEDS = (123, 456)
+
+
+def _text(tmp_path: Path, data: bytes, **kw) -> TableSpec:
+    path = tmp_path / "items.txt"
+    path.write_bytes(data)
+    return TableSpec(path=path, **kw)
+
+
+def test_key_records_are_standard_xxh3():
+    """Parties on different builds agree: the digests are XXH3-64 as specified."""
+    hi, lo = hash_keys(pl.Series(["alice@example.org", "é"]), SEEDS)
+    assert int(hi[0]) == xxhash.xxh3_64_intdigest(b"alice@example.org", seed=SEEDS[0])
+    assert int(lo[1]) == xxhash.xxh3_64_intdigest("é".encode(), seed=SEEDS[1])
+
+
+def test_text_items_are_stripped_lines(tmp_path):
+    table = read_table(_text(tmp_path, b'a\r\n  b \n\n\t\nc,d\n"q"\n'))
+    assert table.frame["item"].to_list() == ["a", "b", "c,d", '"q"']
+    assert table.rows_read == 4
+
+
+@pytest.mark.parametrize(
+    ("data", "needle"),
+    [
+        (b"ok\n\xff\xfe\n", "line 2: not valid UTF-8"),
+        (b"ok\nbad\0item\n", "line 2: contains a NUL byte"),
+        (b"x" * (64 * 1024 + 1) + b"\n", "exceeds the limit"),
+    ],
+)
+def test_bad_text_refused_with_one_line(tmp_path, data, needle):
+    with pytest.raises(TableError) as err:
+        read_table(_text(tmp_path, data))
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_empty_text_file_is_an_empty_set(tmp_path):
+    assert read_table(_text(tmp_path, b"")).rows_read == 0
+    assert read_table(_text(tmp_path, b"\n \r\n")).rows_read == 0
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(TableError, match="no such file"):
+        read_table(TableSpec(path=tmp_path / "nope.txt"))
+
+
+def test_formats_by_extension():
+    assert detect_format("a.csv") is TableFormat.CSV
+    assert detect_format("a.TSV") is TableFormat.CSV
+    assert detect_format("a.parquet") is TableFormat.PARQUET
+    assert detect_format("data1.txt") is TableFormat.TEXT
+    assert detect_format("a.csv", "parquet") is TableFormat.PARQUET
+    with pytest.raises(TableError):
+        detect_format("a", "xlsx")
+
+
+def test_normalisation_options():
+    assert Normalization.parse("trim").describe() == "trim"
+    assert Normalization.parse("nfc, casefold,trim").describe() == "trim,casefold,nfc"
+    assert Normalization.parse("none").describe() == "none"
+    with pytest.raises(NormalizationError, match="lowercase"):
+        Normalization.parse("trim,lowercase")
+    frame = pl.DataFrame({"k": ["  Café ", "cafe\u0301", "CAFÉ"]})
+    norm = Normalization(trim=True, casefold=True, nfc=True)
+    assert frame.select(norm.apply(pl.col("k")))["k"].to_list() == ["café"] * 3
+    assert key_scheme_id(norm, 2) == "xxh3-64x2-v1;normalize=trim,casefold,nfc;columns=2"
+
+
+def _csv(tmp_path: Path, name: str, text: str, keys: tuple[str, ...], **kw) -> TableSpec:
+    path = tmp_path / name
+    path.write_text(text)
+    return TableSpec(path=path, format=TableFormat.CSV, key_columns=keys, **kw)
+
+
+def _run(tables):
+    """What the server and each client compute, in-process."""
+    records = [t.key_records(SEEDS) for t in tables]
+    hi, lo, _ = intersect_records(records)
+    return [matching_rows(t, SEEDS, hi, lo) for t in tables]
+
+
+def test_csv_composite_keys_and_repeated_keys(tmp_path):
+    a = read_table(
+        _csv(
+            tmp_path,
+            "a.csv",
+            "first,last,amount\nAda,Lovelace,1\nAda,Lovelace,2\nAlan,Turing,3\nab,c,4\n",
+            ("first", "last"),
+        )
+    )
+    b = read_table(
+        _csv(
+            tmp_path,
+            "b.csv",
+            "last;first;note\nLovelace;Ada;x\nTuring;Grace;y\na;bc;z\n",
+            ("first", "last"),
+            delimiter=";",
+        )
+    )
+    rows_a, rows_b = _run([a, b])
+    # Semi-join: the repeated key matches once but returns both its rows; columns kept.
+    assert rows_a.to_dicts() == [
+        {"first": "Ada", "last": "Lovelace", "amount": "1"},
+        {"first": "Ada", "last": "Lovelace", "amount": "2"},
+    ]
+    assert rows_b["note"].to_list() == ["x"]  # ("ab","c") never matches ("a","bc")
+
+
+def test_csv_rows_ordered_by_key_and_written_in_format(tmp_path):
+    spec = _csv(tmp_path, "a.csv", "id,k\n1,zebra\n2,apple\n3,mango\n4,apple\n", ("k",))
+    other = _csv(tmp_path, "b.csv", "k\napple\nzebra\n", ("k",))
+    rows, _ = _run([read_table(spec), read_table(other)])
+    assert rows["id"].to_list() == ["2", "4", "1"]
+    out = tmp_path / "out.csv"
+    write_rows(rows, spec, out)
+    assert out.read_text() == "id,k\n2,apple\n4,apple\n1,zebra\n"
+
+
+def test_parquet_in_parquet_out(tmp_path):
+    path = tmp_path / "a.parquet"
+    pl.DataFrame({"email": ["x@y", "a@b", None, ""], "n": [1, 2, 3, 4]}).write_parquet(path)
+    spec = TableSpec(path=path, format=TableFormat.PARQUET, key_columns=("email",))
+    table = read_table(spec)
+    assert table.rows_read == 4 and table.rows_with_key == 2  # null and empty keys never match
+    other = _csv(tmp_path, "b.csv", "email\na@b\nx@y\n", ("email",))
+    rows, _ = _run([table, read_table(other)])
+    out = tmp_path / "out.parquet"
+    write_rows(rows, spec, out)
+    back = pl.read_parquet(out)
+    assert back.to_dicts() == [{"email": "a@b", "n": 2}, {"email": "x@y", "n": 1}]
+
+
+def test_missing_key_column_named(tmp_path):
+    with pytest.raises(TableError, match=r"no column 'mail'.*email"):
+        read_table(_csv(tmp_path, "a.csv", "email\nx\n", ("mail",)))
+    with pytest.raises(TableError, match="--key"):
+        read_table(_csv(tmp_path, "a.csv", "email\nx\n", ()))
+
+
+def test_text_output_is_distinct_normalised_items_bytewise(tmp_path):
+    norm = Normalization(trim=True, casefold=True)
+    a = read_table(_text(tmp_path, "Zed\nzed\nApple\néclair\n".encode(), normalization=norm))
+    other = tmp_path / "b.txt"
+    other.write_text("ZED\nappLE\nÉCLAIR\nx\n")
+    b = read_table(TableSpec(path=other, normalization=norm))
+    rows_a, rows_b = _run([a, b])
+    assert text_lines(rows_a) == text_lines(rows_b) == "apple\nzed\néclair\n".encode()
