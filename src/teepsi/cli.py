@@ -12,6 +12,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from teepsi import __version__
 
@@ -107,6 +108,10 @@ def _cmd_server(args: argparse.Namespace) -> int:
             memory_budget_bytes=args.memory_budget,
         ),
         spill_dir=args.spill_dir,
+        max_workers=args.max_workers,
+        pccs_url=args.pccs_url,
+        qcnl_path=args.qcnl_config,
+        insecure_pccs_tls=args.insecure_pccs_tls,
     )
     try:
         if args.announce:
@@ -193,6 +198,64 @@ def _table_spec(args: argparse.Namespace) -> object:
     )
 
 
+#: Keys a --run-config file may set: per-run values only. What the client trusts (policy,
+#: attestation, allow flags) and its files stay on the enclave's fixed command line.
+RUN_CONFIG_KEYS: dict[str, type | tuple[type, ...]] = {
+    "host": str,
+    "name": str,
+    "parties": int,
+    "job": str,
+    "timeout": (int, float),
+    "format": str,
+    "key": list,
+    "delimiter": str,
+    "quote": str,
+    "normalize": str,
+}
+CLIENT_DEFAULTS: dict[str, object] = {
+    "job": "default",
+    "timeout": 600.0,
+    "quote": '"',
+    "normalize": "trim",
+}
+
+
+def _apply_run_config(args: argparse.Namespace) -> None:
+    """Merge ``--run-config`` (TOML) into ``args``; refuse anything else it tries to set."""
+    import tomllib
+
+    if args.run_config:
+        path = Path(args.run_config)
+        try:
+            values: dict[str, Any] = tomllib.loads(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise UsageError(f"--run-config {path}: cannot read: {exc.strerror}") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise UsageError(f"--run-config {path}: not valid TOML: {exc}") from None
+        for key, value in values.items():
+            expected = RUN_CONFIG_KEYS.get(key)
+            if expected is None:
+                raise UsageError(
+                    f"--run-config {path}: {key}: not a per-run setting (allowed: "
+                    f"{', '.join(RUN_CONFIG_KEYS)})"
+                )
+            if isinstance(value, bool) or not isinstance(value, expected):
+                raise UsageError(f"--run-config {path}: {key}: wrong type {type(value).__name__}")
+            if isinstance(value, list) and not all(isinstance(k, str) for k in value):
+                raise UsageError(f"--run-config {path}: key: must be a list of column names")
+            if getattr(args, key) is not None:
+                raise UsageError(
+                    f"--run-config {path}: {key}: also given on the command line; give it once"
+                )
+            setattr(args, key, value)
+    for key, default in CLIENT_DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, default)
+    for key in ("host", "name", "parties"):
+        if getattr(args, key) is None:
+            raise UsageError(f"--{key} is required (on the command line or in --run-config)")
+
+
 def _cmd_client(args: argparse.Namespace) -> int:
     from teepsi.attestation.policy import Policy
     from teepsi.client.party import PartyConfig, PsiClientError, run_party
@@ -207,6 +270,7 @@ def _cmd_client(args: argparse.Namespace) -> int:
     )
 
     _setup_logging("client", args.verbose, args.quiet)
+    _apply_run_config(args)
     loaded = _load_policy(args.config, args)
     assert isinstance(loaded, Policy)
     spec = _table_spec(args)
@@ -329,13 +393,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="key records held in memory; beyond it they spill to disk, encrypted (default 1GiB)",
     )
     server.add_argument("--spill-dir", help="where encrypted spill files go (default: temp dir)")
+    server.add_argument(
+        "--pccs-url",
+        help="PCCS for the server's own collateral (default: PCCS_URL of the QCNL config)",
+    )
+    server.add_argument(
+        "--qcnl-config", type=Path, help="QCNL config (default /etc/sgx_default_qcnl.conf)"
+    )
+    server.add_argument(
+        "--insecure-pccs-tls",
+        action="store_true",
+        help="do not verify the PCCS's TLS certificate (self-signed PCCS)",
+    )
+    server.add_argument(
+        "--max-workers", type=int, default=256, help="gRPC worker threads (default 256)"
+    )
     server.add_argument("--announce", action="store_true", help=argparse.SUPPRESS)
     server.add_argument("-v", "--verbose", action="store_true")
     _add_trust_flags(server)
     server.set_defaults(func=_cmd_server)
 
     client = sub.add_parser("client", help="run a data provider")
-    client.add_argument("--host", required=True, help="server address HOST:PORT")
+    client.add_argument("--host", help="server address HOST:PORT")
     client.add_argument(
         "--config", required=True, help="policy for the server (dynamic_config.json)"
     )
@@ -354,20 +433,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="key column of CSV/Parquet input; repeat for a composite key",
     )
     client.add_argument("--delimiter", help="CSV delimiter (default , or tab for .tsv)")
-    client.add_argument("--quote", default='"', help='CSV quote character, or none (default ")')
+    client.add_argument("--quote", help='CSV quote character, or none (default ")')
     client.add_argument(
         "--normalize",
-        default="trim",
         help="key normalisation: a subset of trim,casefold,nfc, or none "
         "(default trim); every party must use the same",
     )
-    client.add_argument("--parties", type=int, required=True, help="number of parties in the job")
-    client.add_argument("--name", required=True, help="this party's name, unique in the job")
-    client.add_argument("--job", default="default", help="job id (default: default)")
+    client.add_argument("--parties", type=int, help="number of parties in the job")
+    client.add_argument("--name", help="this party's name, unique in the job")
+    client.add_argument("--job", help="job id (default: default)")
     client.add_argument("--output", help="write the result here, in the input's format")
     client.add_argument("--attestation", choices=["sim", "gramine", "none"], default="gramine")
+    client.add_argument("--timeout", type=float, help="seconds to wait in all (default 600)")
     client.add_argument(
-        "--timeout", type=float, default=600.0, help="seconds to wait in all (default 600)"
+        "--run-config",
+        help="TOML file with per-run settings (host, name, parties, job, timeout, format, key, "
+        "delimiter, quote, normalize); for enclaves whose command line is fixed",
     )
     client.add_argument("--quiet", action="store_true", help="no progress bars or info logs")
     client.add_argument("-v", "--verbose", action="store_true")
@@ -383,6 +464,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--parties", type=int, choices=[2, 3], default=3)
     demo.add_argument("-v", "--verbose", action="store_true")
     demo.set_defaults(func=_cmd_demo)
+
+    from teepsi.cli_evidence import register as register_evidence_tools
+
+    register_evidence_tools(sub)
     return parser
 
 

@@ -10,6 +10,7 @@ import hmac
 import logging
 from dataclasses import dataclass
 
+from teepsi.attestation.collateral import CollateralFreshness
 from teepsi.attestation.evidence import Role
 from teepsi.attestation.policy import MeasurementEntry, Policy, PolicyViolation
 from teepsi.attestation.ratls import ExtractedEvidence, RaTlsError, extract_evidence
@@ -40,15 +41,27 @@ class TrustedPeer:
 class PeerVerifier:
     """Applies one policy to peers' evidence; never uses the network."""
 
-    def __init__(self, policy: Policy, *, allow_simulated: bool = False) -> None:
+    def __init__(
+        self,
+        policy: Policy,
+        *,
+        allow_simulated: bool = False,
+        freshness: CollateralFreshness | None = None,
+    ) -> None:
         self.policy = policy
         self.allow_simulated = allow_simulated
+        self.freshness = freshness if freshness is not None else CollateralFreshness()
 
     def _check(
         self, quote: bytes, collateral_json: str | None, what: str, role: Role | None
     ) -> TrustedPeer:
         try:
-            verified = verify_quote(quote, collateral_json, allow_simulated=self.allow_simulated)
+            verified = verify_quote(
+                quote,
+                collateral_json,
+                allow_simulated=self.allow_simulated,
+                freshness=self.freshness,
+            )
         except QuoteVerificationError as exc:
             raise PeerRejected(f"{what}: {exc}") from None
         if verified.identity is None:

@@ -19,6 +19,7 @@ from typing import Any
 
 import dcap_qvl
 
+from teepsi.attestation.collateral import CollateralError, CollateralFreshness
 from teepsi.attestation.evidence import EnclaveIdentity
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,7 @@ def verify_quote(
     *,
     allow_simulated: bool = False,
     now: int | None = None,
+    freshness: CollateralFreshness | None = None,
 ) -> VerifiedQuote:
     """Verify ``quote`` with its collateral; raise QuoteVerificationError if it fails.
 
@@ -112,6 +114,13 @@ def verify_quote(
                 "Intel's root; pass --allow-simulated to accept simulated evidence"
             ) from None
         raise QuoteVerificationError(f"quote verification failed: {reason}") from None
+    if freshness is not None:
+        # Only after verification: the dates are then signed, so a forger cannot push
+        # the tracker forward; older collateral than already seen is a rollback.
+        try:
+            freshness.observe(collateral_json)
+        except CollateralError as exc:
+            raise QuoteVerificationError(str(exc)) from None
     if use_sim_root:
         log.warning("%s (peer quote accepted under the simulated root)", SIMULATED_WARNING)
     report = json.loads(verified.to_json())

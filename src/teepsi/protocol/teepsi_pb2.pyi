@@ -9,6 +9,7 @@ Regenerate the Python code after any change with `make proto`
 
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -19,6 +20,35 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _ResultStatus:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ResultStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ResultStatus.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    RESULT_STATUS_UNSPECIFIED: _ResultStatus.ValueType  # 0
+    RELEASED: _ResultStatus.ValueType  # 1
+    """The intersection's records follow."""
+    COUNT_ONLY: _ResultStatus.ValueType  # 2
+    """A count job: only total_records is sent."""
+    NOT_RECIPIENT: _ResultStatus.ValueType  # 3
+    """This party is not a result recipient: no records."""
+    BELOW_THRESHOLD: _ResultStatus.ValueType  # 4
+    """The intersection is smaller than the spec's min_intersection: no records, no size."""
+
+class ResultStatus(_ResultStatus, metaclass=_ResultStatusEnumTypeWrapper): ...
+
+RESULT_STATUS_UNSPECIFIED: ResultStatus.ValueType  # 0
+RELEASED: ResultStatus.ValueType  # 1
+"""The intersection's records follow."""
+COUNT_ONLY: ResultStatus.ValueType  # 2
+"""A count job: only total_records is sent."""
+NOT_RECIPIENT: ResultStatus.ValueType  # 3
+"""This party is not a result recipient: no records."""
+BELOW_THRESHOLD: ResultStatus.ValueType  # 4
+"""The intersection is smaller than the spec's min_intersection: no records, no size."""
+Global___ResultStatus: _TypeAlias = ResultStatus  # noqa: Y015
 
 @_typing.final
 class GetServerEvidenceRequest(_message.Message):
@@ -148,6 +178,7 @@ class JoinRequest(_message.Message):
     TRANSCRIPT_SIGNATURE_FIELD_NUMBER: _builtins.int
     EVIDENCE_FIELD_NUMBER: _builtins.int
     KEY_SCHEME_FIELD_NUMBER: _builtins.int
+    JOB_SPEC_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     party_name: _builtins.str
     party_count: _builtins.int
@@ -160,6 +191,10 @@ class JoinRequest(_message.Message):
     key_scheme: _builtins.str
     """Key scheme: record format, key normalisation and key arity
     ("xxh3-64x2-v1;normalize=trim;columns=1"); every party of a job must send the same.
+    """
+    job_spec: _builtins.bytes
+    """The job spec (canonical JSON, see docs/contracts.md); empty in quick mode. The
+    first valid join creates the job from it; later joins must carry the same spec.
     """
     @_builtins.property
     def evidence(self) -> Global___ClientEvidence:
@@ -176,10 +211,11 @@ class JoinRequest(_message.Message):
         transcript_signature: _builtins.bytes = ...,
         evidence: Global___ClientEvidence | None = ...,
         key_scheme: _builtins.str = ...,
+        job_spec: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["evidence", b"evidence"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["evidence", b"evidence", "job_id", b"job_id", "key_scheme", b"key_scheme", "nonce", b"nonce", "party_count", b"party_count", "party_name", b"party_name", "party_public_key", b"party_public_key", "transcript_signature", b"transcript_signature"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["evidence", b"evidence", "job_id", b"job_id", "job_spec", b"job_spec", "key_scheme", b"key_scheme", "nonce", b"nonce", "party_count", b"party_count", "party_name", b"party_name", "party_public_key", b"party_public_key", "transcript_signature", b"transcript_signature"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -293,6 +329,8 @@ class ResultChunk(_message.Message):
     RESULT_SHA256_FIELD_NUMBER: _builtins.int
     LAST_FIELD_NUMBER: _builtins.int
     PARTY_DISTINCT_RECORDS_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    RECEIPT_JSON_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     records: _builtins.bytes
     """Records in the intersection, ascending as 128-bit numbers (hi, then lo)."""
@@ -304,6 +342,9 @@ class ResultChunk(_message.Message):
     last: _builtins.bool
     party_distinct_records: _builtins.int
     """Distinct records the receiving party uploaded."""
+    status: Global___ResultStatus.ValueType
+    receipt_json: _builtins.str
+    """The job's receipt, signed by the server's attested key (JSON; last chunk only)."""
     def __init__(
         self,
         *,
@@ -314,10 +355,12 @@ class ResultChunk(_message.Message):
         result_sha256: _builtins.bytes = ...,
         last: _builtins.bool = ...,
         party_distinct_records: _builtins.int = ...,
+        status: Global___ResultStatus.ValueType = ...,
+        receipt_json: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["last", b"last", "party_distinct_records", b"party_distinct_records", "record_count", b"record_count", "records", b"records", "result_sha256", b"result_sha256", "sequence", b"sequence", "total_records", b"total_records"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["last", b"last", "party_distinct_records", b"party_distinct_records", "receipt_json", b"receipt_json", "record_count", b"record_count", "records", b"records", "result_sha256", b"result_sha256", "sequence", b"sequence", "status", b"status", "total_records", b"total_records"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -8,11 +8,18 @@ import signal
 import threading
 from concurrent import futures
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import FrameType
 
 import grpc
 from cryptography.hazmat.primitives import serialization
 
+from teepsi.attestation.collateral import (
+    CollateralCache,
+    CollateralError,
+    CollateralFreshness,
+    collateral_for_quote,
+)
 from teepsi.attestation.evidence import EvidenceProvider, Role
 from teepsi.attestation.peer import PeerVerifier
 from teepsi.attestation.policy import Policy
@@ -45,6 +52,10 @@ class ServerConfig:
     limits: Limits = field(default_factory=Limits)
     max_workers: int = 256
     spill_dir: str | None = None
+    #: Where the server fetches collateral for its own quote (default: the QCNL config).
+    pccs_url: str | None = None
+    qcnl_path: Path | None = None
+    insecure_pccs_tls: bool = False
     #: Evidence provider override (tests inject fakes); default from ``attestation``.
     provider: EvidenceProvider | None = None
 
@@ -94,14 +105,41 @@ def start_server(config: ServerConfig) -> RunningServer:
             SIMULATED_WARNING,
         )
     ratls = create_certificate(provider)
-    collateral = provider.collateral_json(ratls.quote) or ""
+    collateral_cache = CollateralCache()
+
+    def own_collateral() -> str:
+        if provider.simulated:
+            return collateral_cache.get(ratls.quote, lambda q: provider.collateral_json(q) or "")
+        return collateral_for_quote(
+            ratls.quote,
+            pccs_url=config.pccs_url,
+            qcnl_path=config.qcnl_path,
+            cache=collateral_cache,
+            verify_tls=False if config.insecure_pccs_tls else None,
+        )
+
+    try:
+        collateral = own_collateral()
+    except CollateralError as exc:
+        collateral = ""
+        log.warning(
+            "no collateral to staple to the server certificate; data providers must fetch "
+            "their own (--pccs-url) or load a file: %s",
+            exc,
+        )
     log.info("server enclave: %s", _describe_own_quote(ratls.quote))
     log.info("server certificate SHA-256 %s", hashlib.sha256(ratls.certificate_der).hexdigest())
 
     verifier = None
     if config.require_client_attestation:
         assert config.client_policy is not None
-        verifier = PeerVerifier(config.client_policy, allow_simulated=config.allow_simulated)
+        # A day's tolerance: providers refreshing from different PCCSs on different days
+        # must not refuse each other; the TCB evaluation number stays strictly monotonic.
+        verifier = PeerVerifier(
+            config.client_policy,
+            allow_simulated=config.allow_simulated,
+            freshness=CollateralFreshness(tolerance_seconds=24 * 3600),
+        )
     else:
         log.warning(
             "client attestation is OFF: data providers are not attested (--no-client-attestation)"
@@ -114,6 +152,7 @@ def start_server(config: ServerConfig) -> RunningServer:
             collateral_json=collateral,
             attestation=provider.name,
             certificate_sha256=hashlib.sha256(ratls.certificate_der).digest(),
+            collateral_source=own_collateral,
         ),
         client_verifier=verifier,
     )

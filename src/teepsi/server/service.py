@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -13,6 +13,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
+from teepsi.attestation.collateral import CollateralError
 from teepsi.attestation.evidence import Role
 from teepsi.attestation.peer import PeerRejected, PeerVerifier
 from teepsi.attestation.transcript import join_transcript_digest
@@ -38,6 +39,17 @@ class ServerEvidenceBundle:
     collateral_json: str
     attestation: str
     certificate_sha256: bytes
+    #: Fresh collateral for the server's own quote (refetched as it ages); None = fixed.
+    collateral_source: Callable[[], str] | None = None
+
+    def current_collateral(self) -> str:
+        if self.collateral_source is None:
+            return self.collateral_json
+        try:
+            return self.collateral_source()
+        except CollateralError as exc:
+            log.warning("no collateral to staple to the server certificate: %s", exc)
+            return ""
 
 
 def _abort(context: grpc.ServicerContext, error: ServiceError) -> NoReturn:
@@ -103,7 +115,7 @@ class PsiService(pb_grpc.PsiServicer):
     def GetServerEvidence(self, request: Any, context: grpc.ServicerContext) -> Any:
         return pb.ServerEvidence(
             certificate_der=self.evidence.certificate_der,
-            collateral_json=self.evidence.collateral_json,
+            collateral_json=self.evidence.current_collateral(),
             attestation=self.evidence.attestation,
             requires_client_attestation=self.client_verifier is not None,
         )

