@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-2 demo-3 test lint typecheck unit proto install clean
+.PHONY: demo demo-2 demo-3 demo-contract test lint typecheck unit proto install clean
 
 install: $(STAMP)
 
@@ -14,13 +14,16 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-demo: demo-3 demo-2
+demo: demo-3 demo-2 demo-contract
 
 demo-3: $(STAMP)
 	$(VENV)/bin/teepsi demo --parties 3
 
 demo-2: $(STAMP)
 	$(VENV)/bin/teepsi demo --parties 2
+
+demo-contract: $(STAMP)
+	$(VENV)/bin/teepsi demo --contract
 
 test: lint typecheck unit
 

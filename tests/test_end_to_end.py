@@ -127,10 +127,15 @@ def _cpu_seconds(pid: int) -> float:
 def test_party_that_never_arrives_gets_deadline_without_spinning(
     start_server, sim_policy_file, tmp_path
 ):
-    server = start_server("--job-timeout", "4")
+    server = start_server("--job-timeout", "6")
     data = _write(tmp_path / "a.txt", ["x", "y"])
     proc = start_client(client_args(server, data, parties=2, name="a", policy=sim_policy_file))
-    time.sleep(1.5)  # let it connect, upload and start waiting
+    # Wait (bounded) until the client has uploaded and so is waiting for the result.
+    give_up = time.monotonic() + 60
+    while "uploaded" not in server.log() and time.monotonic() < give_up:
+        time.sleep(0.1)
+    assert "uploaded" in server.log()
+    time.sleep(0.3)
     server_cpu, client_cpu = _cpu_seconds(server.proc.pid), _cpu_seconds(proc.pid)
     time.sleep(1.5)
     # Both sides are blocked in a wait: nearly no CPU over 1.5 s.

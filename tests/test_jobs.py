@@ -39,7 +39,7 @@ def registry():
 
 
 def _upload(reg: JobRegistry, token: bytes, items) -> None:
-    _, _, store = reg.begin_upload(token)
+    _, _, store, _ = reg.begin_upload(token)
     store.add(*records(items))
     reg.finish_upload(token)
 
@@ -51,8 +51,10 @@ def test_intersection_is_sorted_and_shared(registry):
     set_b = {"train", "car", "cat", "e-car"}
     _upload(registry, a.token, set_a)
     _upload(registry, b.token, set_b)
-    result_a, distinct_a = registry.wait_result(a.token, timeout=5)
-    result_b, distinct_b = registry.wait_result(b.token, timeout=5)
+    delivery_a = registry.wait_result(a.token, timeout=5)
+    delivery_b = registry.wait_result(b.token, timeout=5)
+    result_a, distinct_a = delivery_a.result, delivery_a.distinct_records
+    result_b, distinct_b = delivery_b.result, delivery_b.distinct_records
     assert result_a is result_b
     assert decode(result_a, set_a) == ["car", "cat", "train"]
     assert (distinct_a, distinct_b) == (4, 4)
@@ -67,7 +69,7 @@ def test_all_state_is_wiped_after_every_party_has_its_result(registry):
     registry.wait_result(a.token, timeout=5)
     registry.mark_delivered(a.token)
     # The result can be fetched again until every party has it.
-    assert decode(registry.wait_result(a.token, timeout=5)[0], {"x"}) == ["x"]
+    assert decode(registry.wait_result(a.token, timeout=5).result, {"x"}) == ["x"]
     registry.wait_result(b.token, timeout=5)
     registry.mark_delivered(b.token)
     assert registry.job_count() == 0
@@ -77,7 +79,7 @@ def test_all_state_is_wiped_after_every_party_has_its_result(registry):
     # A new run with the same job id is a fresh job: it sees only its own data.
     c = registry.join("j1", "c", 1)
     _upload(registry, c.token, {"only-c"})
-    assert decode(registry.wait_result(c.token, timeout=5)[0], {"only-c", "x"}) == ["only-c"]
+    assert decode(registry.wait_result(c.token, timeout=5).result, {"only-c", "x"}) == ["only-c"]
 
 
 def test_jobs_are_isolated(registry):
@@ -85,8 +87,8 @@ def test_jobs_are_isolated(registry):
     b = registry.join("j2", "a", 1)
     _upload(registry, a.token, {"one"})
     _upload(registry, b.token, {"two"})
-    assert decode(registry.wait_result(a.token, timeout=5)[0], {"one", "two"}) == ["one"]
-    assert decode(registry.wait_result(b.token, timeout=5)[0], {"one", "two"}) == ["two"]
+    assert decode(registry.wait_result(a.token, timeout=5).result, {"one", "two"}) == ["one"]
+    assert decode(registry.wait_result(b.token, timeout=5).result, {"one", "two"}) == ["two"]
 
 
 def test_duplicate_party_name_and_second_upload_refused(registry):
@@ -150,7 +152,9 @@ def test_waiter_is_woken_by_last_upload(registry):
     _upload(registry, a.token, {"x", "y"})
     got: list[list[str]] = []
     waiter = threading.Thread(
-        target=lambda: got.append(decode(registry.wait_result(a.token, timeout=10)[0], {"x", "y"}))
+        target=lambda: got.append(
+            decode(registry.wait_result(a.token, timeout=10).result, {"x", "y"})
+        )
     )
     waiter.start()
     time.sleep(0.1)

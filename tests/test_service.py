@@ -246,12 +246,12 @@ def test_cut_result_stream_can_be_fetched_again(server):
     first = next(stream)
     assert not first.last and first.total_records == 300_000
     stream.cancel()
-    hi, lo, digest, distinct = a.result(token_a)
+    got = a.result(token_a)
     expected = intersect_records([_records(big[::2])])
-    assert np.array_equal(hi, expected[0]) and np.array_equal(lo, expected[1])
-    assert distinct == 600_000
-    hi_b, _, digest_b, _ = b.result(token_b)
-    assert digest_b == digest and np.array_equal(hi_b, hi)
+    assert np.array_equal(got.hi, expected[0]) and np.array_equal(got.lo, expected[1])
+    assert got.distinct == 600_000 and got.status == "RELEASED"
+    got_b = b.result(token_b)
+    assert got_b.sha256 == got.sha256 and np.array_equal(got_b.hi, got.hi)
     # Both have it: the job is gone, and so is every session of it.
     assert server.registry.job_count() == 0
     with pytest.raises(PsiClientError, match="UNAUTHENTICATED"):
@@ -295,3 +295,74 @@ def test_python_api_runs_a_party(server):
 class _NoBar:
     def advance(self, amount: int) -> None:
         pass
+
+
+def _spec_join(client: PsiClient, spec, name: str, signing_key, presented_key=None):
+    from teepsi.contract.keys import public_key_der, sign
+
+    stub = client.stub
+    nonce = stub.GetChallenge(pb.GetChallengeRequest(job_id=spec.job_id, party_name=name)).nonce
+    public = public_key_der(presented_key or signing_key)
+    digest = join_transcript_digest(
+        nonce=nonce,
+        server_certificate_sha256=client.server_certificate_sha256,
+        job_id=spec.job_id,
+        party_name=name,
+        party_public_key_sha256=hashlib.sha256(public).digest(),
+        spec_sha256=spec.digest(),
+    )
+    provider = SimEvidenceProvider(sim_identity(Role.DATA_PROVIDER))
+    quote = provider.quote(digest)
+    return stub.Join(
+        pb.JoinRequest(
+            job_id=spec.job_id,
+            party_name=name,
+            party_count=len(spec.parties),
+            nonce=nonce,
+            party_public_key=public,
+            transcript_signature=sign(signing_key, digest),
+            evidence=pb.ClientEvidence(
+                quote=quote, collateral_json=provider.collateral_json(quote)
+            ),
+            key_scheme=KEY_SCHEME,
+            job_spec=spec.canonical_bytes(),
+        )
+    )
+
+
+def test_server_authenticates_parties_against_the_spec(server):
+    from teepsi.contract.keys import generate_private_key, public_key_der
+    from teepsi.contract.spec import JobSpec, PartySpec
+
+    alice, bob, mallory = (generate_private_key() for _ in range(3))
+    spec = JobSpec(
+        job_id="contract",
+        parties=(
+            PartySpec(name="alice", public_key=public_key_der(alice)),
+            PartySpec(name="bob", public_key=public_key_der(bob)),
+        ),
+        recipients=("alice", "bob"),
+    )
+    client = PsiClient(_config(server))
+    client.connect()
+    # Unlisted name.
+    with pytest.raises(grpc.RpcError) as err:
+        _spec_join(client, spec, "mallory", mallory)
+    assert err.value.code() is grpc.StatusCode.PERMISSION_DENIED
+    assert "not listed" in err.value.details()
+    # Listed name, someone else's key.
+    with pytest.raises(grpc.RpcError) as err:
+        _spec_join(client, spec, "bob", mallory)
+    assert err.value.code() is grpc.StatusCode.PERMISSION_DENIED
+    assert "not the one its job spec lists" in err.value.details()
+    # Listed name and key, but the signature is not by that key.
+    with pytest.raises(grpc.RpcError) as err:
+        _spec_join(client, spec, "bob", mallory, presented_key=bob)
+    assert err.value.code() is grpc.StatusCode.PERMISSION_DENIED
+    assert "signature" in err.value.details()
+    # The real bob joins; a second bob is refused.
+    assert _spec_join(client, spec, "bob", bob).session_token
+    with pytest.raises(grpc.RpcError) as err:
+        _spec_join(client, spec, "bob", bob)
+    assert err.value.code() is grpc.StatusCode.ALREADY_EXISTS
+    client.close()

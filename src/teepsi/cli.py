@@ -109,6 +109,7 @@ def _cmd_server(args: argparse.Namespace) -> int:
         ),
         spill_dir=args.spill_dir,
         max_workers=args.max_workers,
+        audit_log=args.audit_log,
         pccs_url=args.pccs_url,
         qcnl_path=args.qcnl_config,
         insecure_pccs_tls=args.insecure_pccs_tls,
@@ -198,6 +199,57 @@ def _table_spec(args: argparse.Namespace) -> object:
     )
 
 
+def _pem(der: bytes) -> bytes:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    return x509.load_der_x509_certificate(der).public_bytes(serialization.Encoding.PEM)
+
+
+def _client_contract(args: argparse.Namespace) -> tuple[Any, Any]:
+    """--spec and --key-file: the job spec fixes job id, parties and normalisation."""
+    if args.spec is None:
+        if args.key_file is not None:
+            raise UsageError("--key-file goes with --spec (a job spec lists the party keys)")
+        log.warning(
+            "no --spec: quick mode; parties are not authenticated, anyone who "
+            "passes attestation can fill a slot"
+        )
+        return None, None
+    from teepsi.contract.keys import load_private_key, public_key_der
+    from teepsi.contract.spec import JobSpec, SpecError
+
+    try:
+        spec = JobSpec.load(args.spec)
+    except SpecError as exc:
+        raise UsageError(str(exc)) from None
+    if args.key_file is None:
+        raise UsageError("--spec needs this party's private key: --key-file FILE")
+    try:
+        key = load_private_key(args.key_file)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if args.name is None:
+        # The party whose key this is.
+        mine = [p.name for p in spec.parties if p.public_key == public_key_der(key)]
+        if mine:
+            args.name = mine[0]
+    listed = spec.party(args.name) if args.name else None
+    if listed is None:
+        raise UsageError(f"--spec {args.spec}: no party {args.name!r} in the spec")
+    if listed.public_key != public_key_der(key):
+        raise UsageError(f"--key-file {args.key_file}: not the key the spec lists for {args.name}")
+    for flag, value, expected in (
+        ("--job", args.job, spec.job_id),
+        ("--parties", args.parties, len(spec.parties)),
+        ("--normalize", args.normalize, spec.normalize),
+    ):
+        if value is not None and value != expected:
+            raise UsageError(f"{flag} {value} contradicts the job spec ({expected})")
+    args.job, args.parties, args.normalize = spec.job_id, len(spec.parties), spec.normalize
+    return spec, key
+
+
 #: Keys a --run-config file may set: per-run values only. What the client trusts (policy,
 #: attestation, allow flags) and its files stay on the enclave's fixed command line.
 RUN_CONFIG_KEYS: dict[str, type | tuple[type, ...]] = {
@@ -270,6 +322,7 @@ def _cmd_client(args: argparse.Namespace) -> int:
     )
 
     _setup_logging("client", args.verbose, args.quiet)
+    job_spec, party_key = _client_contract(args)
     _apply_run_config(args)
     loaded = _load_policy(args.config, args)
     assert isinstance(loaded, Policy)
@@ -291,16 +344,30 @@ def _cmd_client(args: argparse.Namespace) -> int:
         allow_simulated=args.allow_simulated,
         timeout=args.timeout,
         progress=progress.enabled,
+        spec=job_spec,
+        party_key=party_key,
     )
     try:
         result = run_party(config, table)
-        if args.output:
+        if result.receipt is not None and args.receipt:
+            Path(args.receipt).write_text(result.receipt.to_json() + "\n")
+            Path(args.receipt + ".cert.pem").write_bytes(_pem(result.server_certificate_der))
+        if args.output and result.status == "RELEASED":
             with progress.phase(f"writing {Path(args.output).name}", total=len(result.rows)):
                 write_rows(result.rows, spec, args.output)
     except (PsiClientError, TableError) as exc:
         log.error("%s", exc)
         return EXIT_FAILED
-    if spec.format is TableFormat.TEXT:
+    outcome = {
+        "COUNT_ONLY": f"count-only job: the intersection has {result.intersection_size} keys",
+        "NOT_RECIPIENT": "this party is not a result recipient: no items received "
+        f"(intersection size {result.intersection_size})",
+        "BELOW_THRESHOLD": "the intersection is below the job's min_intersection: "
+        "no items released",
+    }.get(result.status)
+    if outcome is not None:
+        print(outcome)
+    elif spec.format is TableFormat.TEXT:
         sys.stdout.buffer.write(text_lines(result.rows))
         sys.stdout.flush()
     else:
@@ -346,10 +413,138 @@ def _cmd_measure(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_keygen(args: argparse.Namespace) -> int:
+    from teepsi.contract.keys import (
+        generate_private_key,
+        private_key_pem,
+        public_key_der,
+        public_key_text,
+    )
+
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise UsageError(f"{out} exists; choose another --out or pass --force")
+    key = generate_private_key()
+    try:
+        out.write_bytes(private_key_pem(key))
+        out.chmod(0o600)
+    except OSError as exc:
+        raise UsageError(f"cannot write {out}: {exc.strerror}") from None
+    print(public_key_text(public_key_der(key)))
+    print(f"private key written to {out}; put the line above in the job spec", file=sys.stderr)
+    return EXIT_OK
+
+
+def _cmd_spec_check(args: argparse.Namespace) -> int:
+    from teepsi.contract.spec import JobSpec, SpecError
+
+    try:
+        spec = JobSpec.load(args.file)
+    except SpecError as exc:
+        raise UsageError(str(exc)) from None
+    print(
+        json.dumps(
+            {
+                "job_id": spec.job_id,
+                "sha256": spec.digest().hex(),
+                "parties": [p.name for p in spec.parties],
+                "recipients": list(spec.recipients),
+                "output": spec.output.value,
+                "min_intersection": spec.min_intersection,
+                "max_items_per_party": spec.max_items_per_party,
+                "normalize": spec.normalize,
+                "deadline": spec.deadline_text(),
+            },
+            indent=2,
+        )
+    )
+    return EXIT_OK
+
+
+def _cmd_verify_receipt(args: argparse.Namespace) -> int:
+    """Signature, certificate binding, and (with --config) whose enclave signed it."""
+    from teepsi.attestation.evidence import EnclaveIdentity, Role
+    from teepsi.attestation.policy import Policy, PolicyError, PolicyViolation
+    from teepsi.attestation.quote import QuoteFormatError, parse_quote
+    from teepsi.attestation.ratls import RaTlsError, extract_evidence
+    from teepsi.attestation.sim import is_simulated_quote
+    from teepsi.contract.receipt import ReceiptError, SignedReceipt, verify_receipt
+
+    def refuse(reason: str) -> int:
+        print(json.dumps({"valid": False, "reason": reason}))
+        return EXIT_FAILED
+
+    try:
+        signed = SignedReceipt.from_json(Path(args.receipt).read_bytes())
+        cert = Path(args.cert).read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read {exc.filename}: {exc.strerror}") from None
+    except ReceiptError as exc:
+        return refuse(str(exc))
+    try:
+        verify_receipt(signed, cert)
+        evidence = extract_evidence(cert)
+        body = parse_quote(evidence.quote).report_body
+    except (ReceiptError, RaTlsError, QuoteFormatError) as exc:
+        return refuse(str(exc))
+    flags = int.from_bytes(body.attributes[:8], "little")
+    signer = {
+        "mr_enclave": body.mr_enclave.hex(),
+        "mr_signer": body.mr_signer.hex(),
+        "isv_prod_id": body.isv_prod_id,
+        "isv_svn": body.isv_svn,
+        "simulated": is_simulated_quote(evidence.quote),
+    }
+    if args.config:
+        try:
+            policy = Policy.load(args.config)
+        except PolicyError as exc:
+            raise UsageError(str(exc)) from None
+        if signer["simulated"] and not args.allow_simulated:
+            return refuse("the certificate's evidence is SIMULATED; pass --allow-simulated")
+        if body.isv_prod_id != Role.SERVER:
+            return refuse(f"the signing enclave has ISV_PROD_ID {body.isv_prod_id}, not a server")
+        identity = EnclaveIdentity(
+            mr_enclave=body.mr_enclave,
+            mr_signer=body.mr_signer,
+            isv_prod_id=body.isv_prod_id,
+            isv_svn=body.isv_svn,
+            attribute_flags=flags,
+            xfrm=int.from_bytes(body.attributes[8:], "little"),
+        )
+        try:
+            # The TCB status of the time is not re-judged: its collateral has expired.
+            policy.check(identity, "UpToDate")
+        except PolicyViolation as exc:
+            return refuse(f"signing enclave refused by --config: {exc}")
+    print(
+        json.dumps(
+            {"valid": True, "signer": signer, "receipt": signed.receipt.to_dict()},
+            indent=2,
+            default=str,
+        )
+    )
+    return EXIT_OK
+
+
+def _cmd_audit_verify(args: argparse.Namespace) -> int:
+    from teepsi.contract.audit import AuditError, verify_audit_log
+
+    try:
+        summary = verify_audit_log(args.log, expect_head=args.head)
+    except AuditError as exc:
+        print(json.dumps({"valid": False, "reason": str(exc)}))
+        return EXIT_FAILED
+    print(json.dumps({"valid": True, "entries": summary.entries, "head": summary.head}))
+    return EXIT_OK
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from teepsi.demo import run_demo
+    from teepsi.demo import run_contract_demo, run_demo
 
     _setup_logging("demo", args.verbose)
+    if args.contract:
+        return run_contract_demo(verbose=args.verbose)
     return run_demo(parties=args.parties, verbose=args.verbose)
 
 
@@ -406,6 +601,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="do not verify the PCCS's TLS certificate (self-signed PCCS)",
     )
     server.add_argument(
+        "--audit-log",
+        type=Path,
+        help="append-only, hash-chained JSON-lines log of job events (never items)",
+    )
+    server.add_argument(
         "--max-workers", type=int, default=256, help="gRPC worker threads (default 256)"
     )
     server.add_argument("--announce", action="store_true", help=argparse.SUPPRESS)
@@ -445,6 +645,12 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_argument("--output", help="write the result here, in the input's format")
     client.add_argument("--attestation", choices=["sim", "gramine", "none"], default="gramine")
     client.add_argument("--timeout", type=float, help="seconds to wait in all (default 600)")
+    client.add_argument("--spec", help="the agreed job spec (TOML or JSON); see docs/contracts.md")
+    client.add_argument("--key-file", help="this party's private key, listed in the spec")
+    client.add_argument(
+        "--receipt",
+        help="save the server's signed receipt here (and its certificate as RECEIPT.cert.pem)",
+    )
     client.add_argument(
         "--run-config",
         help="TOML file with per-run settings (host, name, parties, job, timeout, format, key, "
@@ -462,8 +668,42 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="run the seed's toy PSI locally in sim mode")
     demo.add_argument("--parties", type=int, choices=[2, 3], default=3)
+    demo.add_argument(
+        "--contract",
+        action="store_true",
+        help="the job-contract example: three parties under a spec, one not a recipient",
+    )
     demo.add_argument("-v", "--verbose", action="store_true")
     demo.set_defaults(func=_cmd_demo)
+
+    keygen = sub.add_parser("keygen", help="make a party key pair for job specs")
+    keygen.add_argument("--out", required=True, help="where to write the private key (PEM)")
+    keygen.add_argument("--force", action="store_true", help="overwrite an existing file")
+    keygen.set_defaults(func=_cmd_keygen)
+
+    spec = sub.add_parser("spec", help="job specs")
+    spec_sub = spec.add_subparsers(dest="spec_command", required=True)
+    check = spec_sub.add_parser("check", help="validate a job spec and print its digest")
+    check.add_argument("file")
+    check.set_defaults(func=_cmd_spec_check)
+
+    verify_receipt = sub.add_parser("verify-receipt", help="re-check a job's signed receipt")
+    verify_receipt.add_argument("receipt")
+    verify_receipt.add_argument("--cert", required=True, help="the server's certificate")
+    verify_receipt.add_argument(
+        "--config", help="policy the signing server enclave must satisfy (dynamic_config.json)"
+    )
+    verify_receipt.add_argument(
+        "--allow-simulated", action="store_true", help="accept a simulated server enclave"
+    )
+    verify_receipt.set_defaults(func=_cmd_verify_receipt)
+
+    audit = sub.add_parser("audit", help="the server's audit log")
+    audit_sub = audit.add_subparsers(dest="audit_command", required=True)
+    audit_verify = audit_sub.add_parser("verify", help="check the log's hash chain")
+    audit_verify.add_argument("log")
+    audit_verify.add_argument("--head", help="expected last hash (detects truncation)")
+    audit_verify.set_defaults(func=_cmd_audit_verify)
 
     from teepsi.cli_evidence import register as register_evidence_tools
 

@@ -33,7 +33,7 @@ def start_server_process(
     if policy is not None:
         args += ["--config", str(policy), "--allow-simulated"]
     log = (workdir / "server.log").open("ab")
-    proc = subprocess.Popen(_teepsi(*args, *extra), stdout=subprocess.PIPE, stderr=log)
+    proc = subprocess.Popen(_teepsi(*args, *extra), stdout=subprocess.PIPE, stderr=log, cwd=workdir)
     log.close()
     assert proc.stdout is not None
     ready, _, _ = select.select([proc.stdout], [], [], timeout)
@@ -43,6 +43,108 @@ def start_server_process(
         proc.wait()
         raise RuntimeError(f"server did not start; see {workdir / 'server.log'}")
     return proc, int(json.loads(line)["port"])
+
+
+CONTRACT_PARTIES = ("hospital", "insurer", "researcher")
+
+
+def _contract_spec(workdir: Path) -> Path:
+    """Keys for three parties and a spec in which the researcher receives nothing."""
+    lines = [
+        'job_id = "toy-contract"',
+        'output = "intersection"',
+        "min_intersection = 2",
+        'normalize = "trim,casefold"',
+        'recipients = ["hospital", "insurer"]',
+    ]
+    for name in CONTRACT_PARTIES:
+        key = workdir / f"{name}.key"
+        made = subprocess.run(_teepsi("keygen", "--out", str(key)), capture_output=True, check=True)
+        public = made.stdout.decode().strip()
+        lines += ["", "[[parties]]", f'name = "{name}"', f'public_key = "{public}"']
+    path = workdir / "job.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def run_contract_demo(*, verbose: bool = False) -> int:
+    """Three parties under a job spec: two recipients, one contributor who learns nothing."""
+    with tempfile.TemporaryDirectory(prefix="teepsi-contract-demo-") as tmp:
+        workdir = Path(tmp)
+        policy = workdir / "dynamic_config.json"
+        subprocess.run(_teepsi("measure", "--attestation", "sim", "-o", str(policy)), check=True)
+        spec = _contract_spec(workdir)
+        digest = subprocess.run(_teepsi("spec", "check", str(spec)), capture_output=True)
+        print(
+            "teepsi demo --contract: job spec",
+            json.loads(digest.stdout)["sha256"][:16] + "…",
+            "(recipients: hospital, insurer; researcher contributes only)",
+        )
+        for index, name in enumerate(CONTRACT_PARTIES, start=1):
+            (workdir / f"{name}.txt").write_text("\n".join(SEED_DATA[f"data{index}.txt"]) + "\n")
+        audit = workdir / "audit.jsonl"
+        server, port = start_server_process(workdir, policy, "--audit-log", str(audit))
+        try:
+            procs = {}
+            for name in CONTRACT_PARTIES:
+                cmd = _teepsi(
+                    "client",
+                    "--host",
+                    f"127.0.0.1:{port}",
+                    "--config",
+                    str(policy),
+                    "--data",
+                    str(workdir / f"{name}.txt"),
+                    "--spec",
+                    str(spec),
+                    "--key-file",
+                    str(workdir / f"{name}.key"),
+                    "--name",
+                    name,
+                    "--attestation",
+                    "sim",
+                    "--allow-simulated",
+                    "--timeout",
+                    "120",
+                    "--quiet",
+                    "--receipt",
+                    str(workdir / f"{name}.receipt.json"),
+                )
+                procs[name] = subprocess.Popen(
+                    cmd, stdout=subprocess.PIPE, stderr=None if verbose else subprocess.PIPE
+                )
+            failed = False
+            for name, proc in procs.items():
+                out, err = proc.communicate(timeout=180)
+                if proc.returncode != 0:
+                    failed = True
+                    reason = (err or b"").decode(errors="replace").strip().splitlines()
+                    print(f"{name}: FAILED: {reason[-1] if reason else proc.returncode}")
+                    continue
+                lines = out.decode().split()
+                shown = ", ".join(lines) if len(lines) < 10 else out.decode().strip()
+                check = subprocess.run(
+                    _teepsi(
+                        "verify-receipt",
+                        str(workdir / f"{name}.receipt.json"),
+                        "--cert",
+                        str(workdir / f"{name}.receipt.json.cert.pem"),
+                    ),
+                    capture_output=True,
+                )
+                verdict = "receipt verified" if check.returncode == 0 else "RECEIPT INVALID"
+                failed |= check.returncode != 0
+                print(f"{name} -> {shown}  [{verdict}]")
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+        chain = subprocess.run(_teepsi("audit", "verify", str(audit)), capture_output=True)
+        entries = json.loads(chain.stdout).get("entries") if chain.stdout else None
+        print(
+            f"audit log: {entries} entries, hash chain "
+            f"{'intact' if chain.returncode == 0 else 'BROKEN'}"
+        )
+        return 1 if failed or chain.returncode != 0 else 0
 
 
 def run_demo(*, parties: int = 3, verbose: bool = False) -> int:

@@ -2,7 +2,8 @@
 
 The digest is the provider quote's report_data, so a quote proves: this enclave
 answered this server's fresh nonce, for this server certificate, this job and party
-name, and holds this key. Replaying it to another server, job or party fails.
+name (and job spec, when there is one), and holds this key. Replaying it to another
+server, job or party fails.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ def join_transcript_digest(
     job_id: str,
     party_name: str,
     party_public_key_sha256: bytes,
+    spec_sha256: bytes = b"",
 ) -> bytes:
     """64 bytes (SHA-512) over the length-prefixed transcript fields."""
     parts = (
@@ -32,5 +34,6 @@ def join_transcript_digest(
         job_id.encode(),
         party_name.encode(),
         party_public_key_sha256,
+        spec_sha256,
     )
     return hashlib.sha512(b"".join(_field(p) for p in parts)).digest()

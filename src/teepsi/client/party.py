@@ -30,7 +30,10 @@ from teepsi.attestation.providers import make_provider
 from teepsi.attestation.transcript import join_transcript_digest
 from teepsi.attestation.verify import SIMULATED_WARNING
 from teepsi.client.progress import PhaseBar, Progress
-from teepsi.engine.intersect import records_digest
+from teepsi.contract.keys import PartyPrivateKey, public_key_der, sign
+from teepsi.contract.receipt import ReceiptError, SignedReceipt, check_own_entry, verify_receipt
+from teepsi.contract.spec import JobSpec
+from teepsi.engine.intersect import intersect_records, records_digest, salted_records_digest
 from teepsi.engine.keys import Normalization, U64Array, records_from_bytes, seeds_from_bytes
 from teepsi.engine.store import RECORDS_PER_CHUNK, iter_record_chunks, mark_last
 from teepsi.engine.tables import TEXT_COLUMN, Table, TableSpec, matching_rows, table_from_frame
@@ -61,6 +64,9 @@ class PartyConfig:
     allow_simulated: bool = False
     timeout: float = 600.0
     progress: bool = False
+    #: The agreed job spec, and this party's key listed in it (contract mode).
+    spec: JobSpec | None = None
+    party_key: PartyPrivateKey | None = None
 
 
 @dataclass(frozen=True)
@@ -70,8 +76,10 @@ class PartyResult:
     #: The party's own rows whose key is in the intersection, ordered by key. For text
     #: input a single column "item" of the distinct matching items, sorted bytewise.
     rows: pl.DataFrame
-    #: Size of the intersection (distinct keys), the same for every party.
-    intersection_size: int
+    #: RELEASED, COUNT_ONLY, NOT_RECIPIENT or BELOW_THRESHOLD (the job spec's rules).
+    status: str
+    #: Size of the intersection (distinct keys); None when below the spec's threshold.
+    intersection_size: int | None
     result_sha256: bytes
     rows_read: int
     rows_with_key: int
@@ -79,6 +87,8 @@ class PartyResult:
     server: TrustedPeer
     job_id: str
     party_name: str
+    receipt: SignedReceipt | None = None
+    server_certificate_der: bytes = b""
 
     def text(self) -> list[str]:
         """Text input: the intersecting items."""
@@ -130,6 +140,7 @@ class PsiClient:
         self._channel: grpc.Channel | None = None
         self.server: TrustedPeer | None = None
         self.server_certificate_sha256 = b""
+        self.server_certificate_der = b""
         self.requires_client_attestation = True
 
     def _remaining(self) -> float:
@@ -187,6 +198,7 @@ class PsiClient:
         log.info("server attested: %s", peer.describe())
         self.server = peer
         self.server_certificate_sha256 = extracted.certificate_sha256
+        self.server_certificate_der = der
         self.requires_client_attestation = evidence.requires_client_attestation
         return peer
 
@@ -200,16 +212,24 @@ class PsiClient:
             )
         except grpc.RpcError as exc:
             raise _rpc_error("requesting a challenge", exc) from None
-        key = ed25519.Ed25519PrivateKey.generate()
-        public_der = key.public_key().public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
+        # Under a job spec the party signs with the key the spec lists for it; in quick
+        # mode a fresh key only proves the quote and the join come from one holder.
+        key: PartyPrivateKey
+        if cfg.spec is not None:
+            if cfg.party_key is None:
+                raise PsiClientError("a job spec needs this party's private key (--key-file)")
+            key = cfg.party_key
+        else:
+            key = ed25519.Ed25519PrivateKey.generate()
+        public_der = public_key_der(key)
+        spec_sha256 = cfg.spec.digest() if cfg.spec is not None else b""
         digest = join_transcript_digest(
             nonce=challenge.nonce,
             server_certificate_sha256=self.server_certificate_sha256,
             job_id=cfg.job_id,
             party_name=cfg.name,
             party_public_key_sha256=hashlib.sha256(public_der).digest(),
+            spec_sha256=spec_sha256,
         )
         request = pb.JoinRequest(
             job_id=cfg.job_id,
@@ -217,8 +237,9 @@ class PsiClient:
             party_count=cfg.party_count,
             nonce=challenge.nonce,
             party_public_key=public_der,
-            transcript_signature=key.sign(digest),
+            transcript_signature=sign(key, digest),
             key_scheme=key_scheme,
+            job_spec=cfg.spec.canonical_bytes() if cfg.spec is not None else b"",
         )
         if cfg.attestation != "none":
             try:
@@ -261,39 +282,103 @@ class PsiClient:
             raise _rpc_error("uploading the set", exc) from None
         return int(summary.records_received)
 
-    def result(self, token: bytes) -> tuple[U64Array, U64Array, bytes, int]:
-        """The intersection records, their digest and our distinct record count."""
+    def result(self, token: bytes) -> ResultStream:
+        """Read the whole result stream: records (if released), status, receipt."""
         metadata = ((SESSION_METADATA, token.hex()),)
         payloads: list[bytes] = []
-        digest = b""
-        total = -1
-        distinct = 0
+        last: Any = None
         try:
             stream = self.stub.GetResult(
                 pb.GetResultRequest(), metadata=metadata, timeout=self._remaining()
             )
             for expected, chunk in enumerate(stream):
-                if chunk.sequence != expected or digest:
+                if chunk.sequence != expected or last is not None:
                     raise PsiClientError("result stream arrived out of order")
                 payloads.append(bytes(chunk.records))
-                total = chunk.total_records
-                distinct = chunk.party_distinct_records
                 if chunk.last:
                     # Keep reading to the end of the stream: the server records the
                     # delivery (and may free the job) only once the stream completes.
-                    digest = bytes(chunk.result_sha256)
+                    last = chunk
         except grpc.RpcError as exc:
             raise _rpc_error("waiting for the result", exc) from None
+        if last is None:
+            raise PsiClientError("result stream ended early; run the client again")
         hi, lo = records_from_bytes(b"".join(payloads))
-        if total != len(hi) or not hmac.compare_digest(records_digest(hi, lo), digest):
+        status = pb.ResultStatus.Name(last.status)
+        if status == "RELEASED" and (
+            last.total_records != len(hi)
+            or not hmac.compare_digest(records_digest(hi, lo), last.result_sha256)
+        ):
             raise PsiClientError("result stream is incomplete or corrupted (digest mismatch)")
-        return hi, lo, digest, distinct
+        return ResultStream(
+            hi=hi,
+            lo=lo,
+            status=status,
+            total=int(last.total_records),
+            sha256=bytes(last.result_sha256),
+            distinct=int(last.party_distinct_records),
+            receipt_json=str(last.receipt_json),
+            set_salt=bytes(last.set_digest_salt),
+            result_salt=bytes(last.result_digest_salt),
+        )
+
+
+@dataclass(frozen=True)
+class ResultStream:
+    hi: U64Array
+    lo: U64Array
+    status: str
+    total: int
+    sha256: bytes
+    distinct: int
+    receipt_json: str
+    set_salt: bytes
+    result_salt: bytes
+
+
+def _own_set_sha256(salt: bytes, hi: U64Array, lo: U64Array) -> bytes:
+    """SHA-256 of salt and our de-duplicated sorted records: the receipt's entry for us."""
+    digest = hashlib.sha256(salt)
+    intersect_records([(hi, lo)], [digest])
+    return digest.digest()
+
+
+def _check_receipt(
+    config: PartyConfig, client: PsiClient, got: ResultStream, hi: U64Array, lo: U64Array
+) -> SignedReceipt | None:
+    """Verify the server's signature and, under a job spec, our own entry."""
+    if not got.receipt_json:
+        return None
+    try:
+        signed = SignedReceipt.from_json(got.receipt_json)
+        verify_receipt(signed, client.server_certificate_der)
+        receipt = signed.receipt
+        if receipt.job_id != config.job_id:
+            raise ReceiptError(f"receipt is for job {receipt.job_id!r}")
+        expected_spec = config.spec.digest() if config.spec is not None else b""
+        if receipt.spec_sha256 != expected_spec:
+            raise ReceiptError("receipt names another job spec")
+        if got.status == "RELEASED" and receipt.output == "intersection":
+            mine = salted_records_digest(got.result_salt, got.hi, got.lo)
+            if receipt.result_sha256 != mine:
+                raise ReceiptError("receipt's result digest differs from the result received")
+        if config.spec is not None:
+            own = _own_set_sha256(got.set_salt, hi, lo)
+            check_own_entry(signed, name=config.name, items=len(hi), set_sha256=own)
+    except ReceiptError as exc:
+        raise PsiClientError(f"the server's receipt does not check out: {exc}") from None
+    return signed
 
 
 def run_party(config: PartyConfig, table: Table) -> PartyResult:
     """Run one data provider end to end with an already loaded table."""
     if config.party_count < 1:
         raise PsiClientError("--parties must be at least 1")
+    if config.spec is not None and table.spec.normalization.describe() != config.spec.normalize:
+        raise PsiClientError(
+            f"key normalisation {table.spec.normalization.describe()!r} differs from the job "
+            f"spec's {config.spec.normalize!r}"
+        )
     client = PsiClient(config)
     progress = Progress(enabled=config.progress)
     try:
@@ -303,21 +388,28 @@ def run_party(config: PartyConfig, table: Table) -> PartyResult:
         with progress.phase("uploading", total=len(hi)) as bar:
             client.upload(token, hi, lo, bar)
         with progress.phase("waiting for the other parties", total=None):
-            result_hi, result_lo, digest, distinct = client.result(token)
+            got = client.result(token)
+        receipt = _check_receipt(config, client, got, hi, lo)
     finally:
         client.close()
-    with progress.phase("matching rows", total=None):
-        rows = matching_rows(table, seeds, result_hi, result_lo)
+    if got.status == "RELEASED":
+        with progress.phase("matching rows", total=None):
+            rows = matching_rows(table, seeds, got.hi, got.lo)
+    else:
+        rows = matching_rows(table, seeds, got.hi[:0], got.lo[:0])
     return PartyResult(
         rows=rows,
-        intersection_size=len(result_hi),
-        result_sha256=digest,
+        status=got.status,
+        intersection_size=None if got.status == "BELOW_THRESHOLD" else got.total,
+        result_sha256=got.sha256,
         rows_read=table.rows_read,
         rows_with_key=table.rows_with_key,
-        distinct_keys=distinct,
+        distinct_keys=got.distinct,
         server=server,
         job_id=config.job_id,
         party_name=config.name,
+        receipt=receipt,
+        server_certificate_der=client.server_certificate_der,
     )
 
 

@@ -40,15 +40,22 @@ def split_u128(keys: pl.Series) -> tuple[U64Array, U64Array]:
 
 def intersect_records(
     parties: Sequence[tuple[U64Array, U64Array]],
+    set_digests: Sequence[hashlib._Hash] | None = None,
 ) -> tuple[U64Array, U64Array, list[int]]:
     """Records present in every party's set, sorted ascending as 128-bit numbers.
 
-    Returns (hi, lo, distinct record count of each party). Each party's records are
-    de-duplicated first, so after concatenating and sorting, a value is in every set
+    Returns (hi, lo, distinct record count of each party). With ``set_digests``, each
+    party's de-duplicated sorted records are also fed to its hash (the canonical set
+    digest a receipt carries). Each party's records are de-duplicated first, so after
+    concatenating and sorting, a value is in every set
     exactly when it occurs ``len(parties)`` times in a row.
     """
     uniques = [sorted_unique(hi, lo) for hi, lo in parties]
     distinct = [len(u) for u in uniques]
+    if set_digests is not None:
+        for unique, digest in zip(uniques, set_digests, strict=True):
+            if len(unique):
+                digest.update(records_to_bytes(*split_u128(unique)))
     empty = (np.empty(0, RECORD_DTYPE), np.empty(0, RECORD_DTYPE))
     if not uniques or min(distinct) == 0:
         return (*empty, distinct)
@@ -65,3 +72,8 @@ def intersect_records(
 def records_digest(hi: U64Array, lo: U64Array) -> bytes:
     """SHA-256 over the records' canonical bytes (sorted, 16-byte little-endian)."""
     return hashlib.sha256(records_to_bytes(hi, lo)).digest()
+
+
+def salted_records_digest(salt: bytes, hi: U64Array, lo: U64Array) -> bytes:
+    """SHA-256 over salt then the records: a digest only holders of the salt can check."""
+    return hashlib.sha256(salt + records_to_bytes(hi, lo)).digest()

@@ -9,9 +9,11 @@ When the server's budget is exhausted a store seals its buffered partitions to d
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 import threading
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -144,19 +146,35 @@ class RecordStore:
         self._segments = [[] for _ in range(PARTITIONS)]
 
 
+@dataclass(frozen=True)
+class Intersection:
+    hi: U64Array
+    lo: U64Array
+    #: Per store: distinct records, and SHA-256 of its de-duplicated sorted records.
+    distinct: list[int]
+    set_sha256: list[bytes]
+
+
 def intersect_stores(
-    stores: Sequence[RecordStore],
-) -> tuple[U64Array, U64Array, list[int]]:
-    """Intersect partition by partition; returns (hi, lo, distinct records per store)."""
+    stores: Sequence[RecordStore], *, salts: Sequence[bytes] | None = None
+) -> Intersection:
+    """Intersect partition by partition (partitions in order give the result in order)."""
     his: list[U64Array] = []
     los: list[U64Array] = []
     distinct = [0] * len(stores)
+    # Each set digest starts with its party's salt (see the receipt's set_sha256).
+    digests = [hashlib.sha256(salt) for salt in (salts or [b""] * len(stores))]
     for p in range(PARTITIONS):
-        hi, lo, counts = intersect_records([store.partition(p) for store in stores])
+        hi, lo, counts = intersect_records([store.partition(p) for store in stores], digests)
         distinct = [d + c for d, c in zip(distinct, counts, strict=True)]
         his.append(hi)
         los.append(lo)
-    return np.concatenate(his), np.concatenate(los), distinct
+    return Intersection(
+        hi=np.concatenate(his),
+        lo=np.concatenate(los),
+        distinct=distinct,
+        set_sha256=[d.digest() for d in digests],
+    )
 
 
 def iter_record_chunks(

@@ -331,6 +331,8 @@ class ResultChunk(_message.Message):
     PARTY_DISTINCT_RECORDS_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
     RECEIPT_JSON_FIELD_NUMBER: _builtins.int
+    SET_DIGEST_SALT_FIELD_NUMBER: _builtins.int
+    RESULT_DIGEST_SALT_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     records: _builtins.bytes
     """Records in the intersection, ascending as 128-bit numbers (hi, then lo)."""
@@ -345,6 +347,12 @@ class ResultChunk(_message.Message):
     status: Global___ResultStatus.ValueType
     receipt_json: _builtins.str
     """The job's receipt, signed by the server's attested key (JSON; last chunk only)."""
+    set_digest_salt: _builtins.bytes
+    """Salt of this party's set digest in the receipt (only this party gets it, so
+    others cannot confirm a guess of its set).
+    """
+    result_digest_salt: _builtins.bytes
+    """Salt of the receipt's result digest; sent only with RELEASED results."""
     def __init__(
         self,
         *,
@@ -357,10 +365,12 @@ class ResultChunk(_message.Message):
         party_distinct_records: _builtins.int = ...,
         status: Global___ResultStatus.ValueType = ...,
         receipt_json: _builtins.str = ...,
+        set_digest_salt: _builtins.bytes = ...,
+        result_digest_salt: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["last", b"last", "party_distinct_records", b"party_distinct_records", "receipt_json", b"receipt_json", "record_count", b"record_count", "records", b"records", "result_sha256", b"result_sha256", "sequence", b"sequence", "status", b"status", "total_records", b"total_records"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["last", b"last", "party_distinct_records", b"party_distinct_records", "receipt_json", b"receipt_json", "record_count", b"record_count", "records", b"records", "result_digest_salt", b"result_digest_salt", "result_sha256", b"result_sha256", "sequence", b"sequence", "set_digest_salt", b"set_digest_salt", "status", b"status", "total_records", b"total_records"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

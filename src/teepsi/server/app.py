@@ -27,6 +27,8 @@ from teepsi.attestation.providers import make_provider
 from teepsi.attestation.quote import QuoteFormatError, parse_quote
 from teepsi.attestation.ratls import create_certificate
 from teepsi.attestation.verify import SIMULATED_WARNING
+from teepsi.contract.audit import AuditError, AuditLog
+from teepsi.contract.receipt import sign_receipt
 from teepsi.protocol import teepsi_pb2_grpc as pb_grpc
 from teepsi.server.jobs import JobRegistry, Limits
 from teepsi.server.service import PsiService, ServerEvidenceBundle
@@ -56,6 +58,8 @@ class ServerConfig:
     pccs_url: str | None = None
     qcnl_path: Path | None = None
     insecure_pccs_tls: bool = False
+    #: Append-only, hash-chained log of job events (never items); None = no log.
+    audit_log: Path | None = None
     #: Evidence provider override (tests inject fakes); default from ``attestation``.
     provider: EvidenceProvider | None = None
 
@@ -131,8 +135,7 @@ def start_server(config: ServerConfig) -> RunningServer:
     log.info("server certificate SHA-256 %s", hashlib.sha256(ratls.certificate_der).hexdigest())
 
     verifier = None
-    if config.require_client_attestation:
-        assert config.client_policy is not None
+    if config.client_policy is not None:
         # A day's tolerance: providers refreshing from different PCCSs on different days
         # must not refuse each other; the TCB evaluation number stays strictly monotonic.
         verifier = PeerVerifier(
@@ -140,11 +143,24 @@ def start_server(config: ServerConfig) -> RunningServer:
             allow_simulated=config.allow_simulated,
             freshness=CollateralFreshness(tolerance_seconds=24 * 3600),
         )
-    else:
+    if not config.require_client_attestation:
         log.warning(
-            "client attestation is OFF: data providers are not attested (--no-client-attestation)"
+            "client attestation is OFF: data providers need not attest unless their job "
+            "spec says so (--no-client-attestation)"
         )
-    registry = JobRegistry(config.limits, spill_dir=config.spill_dir)
+    try:
+        audit = AuditLog(config.audit_log) if config.audit_log is not None else None
+    except (AuditError, OSError) as exc:
+        raise ServerConfigError(f"--audit-log {config.audit_log}: {exc}") from None
+    if audit is not None:
+        log.info("audit log %s (head %s)", config.audit_log, audit.head)
+    registry = JobRegistry(
+        config.limits,
+        spill_dir=config.spill_dir,
+        signer=lambda receipt: sign_receipt(receipt, ratls.private_key),
+        certificate_sha256=hashlib.sha256(ratls.certificate_der).digest(),
+        audit=audit,
+    )
     service = PsiService(
         registry=registry,
         evidence=ServerEvidenceBundle(
@@ -155,6 +171,7 @@ def start_server(config: ServerConfig) -> RunningServer:
             collateral_source=own_collateral,
         ),
         client_verifier=verifier,
+        require_client_attestation=config.require_client_attestation,
     )
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="teepsi-rpc"),

@@ -9,7 +9,6 @@ condition variable. Every wait is a condition wait with a deadline; nothing poll
 from __future__ import annotations
 
 import logging
-import re
 import secrets
 import threading
 import time
@@ -17,7 +16,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import Enum
 
-from teepsi.engine.intersect import records_digest
+from teepsi.contract.audit import AuditError, AuditLog
+from teepsi.contract.receipt import PartyEntry, Receipt, SignedReceipt
+from teepsi.contract.spec import IDENTIFIER_PATTERN, JobSpec, OutputKind
+from teepsi.engine.intersect import records_digest, salted_records_digest
 from teepsi.engine.keys import U64Array
 from teepsi.engine.spill import SpillArea
 from teepsi.engine.store import MemoryBudget, RecordStore, intersect_stores
@@ -25,7 +27,7 @@ from teepsi.server.errors import ErrorKind, ServiceError
 
 log = logging.getLogger(__name__)
 
-_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$")
+_ID_PATTERN = IDENTIFIER_PATTERN
 
 
 def check_identifier(value: str, what: str) -> None:
@@ -70,6 +72,9 @@ class Party:
     store: RecordStore | None = None
     records_received: int = 0
     distinct_records: int = 0
+    set_sha256: bytes = b""
+    #: Salts this party's set digest in the receipt; only this party learns it.
+    set_salt: bytes = field(default_factory=lambda: secrets.token_bytes(16))
     delivered: bool = False
 
 
@@ -83,6 +88,11 @@ class Job:
     parties: dict[str, Party] = field(default_factory=dict)
     key_scheme: str = ""
     key_seeds: bytes = b""
+    spec: JobSpec | None = None
+    spec_sha256: bytes = b""
+    max_items: int = 0
+    #: Salts the receipt's result digest; only recipients of the records learn it.
+    result_salt: bytes = field(default_factory=lambda: secrets.token_bytes(16))
     state: JobState = JobState.WAITING
     result: JobResult | None = None
 
@@ -97,9 +107,42 @@ class JobResult:
     hi: U64Array
     lo: U64Array
     sha256: bytes
+    receipt_json: str = ""
 
     def __len__(self) -> int:
         return len(self.hi)
+
+
+class ReleaseStatus(Enum):
+    """What one party may receive of a job's result (the job spec's release rules)."""
+
+    RELEASED = "released"
+    COUNT_ONLY = "count only"
+    NOT_RECIPIENT = "not a recipient"
+    BELOW_THRESHOLD = "below threshold"
+
+
+def release_status(spec: JobSpec | None, party: str, size: int) -> ReleaseStatus:
+    if spec is None:
+        return ReleaseStatus.RELEASED
+    if size < spec.min_intersection:
+        return ReleaseStatus.BELOW_THRESHOLD
+    if spec.output is OutputKind.COUNT:
+        return ReleaseStatus.COUNT_ONLY
+    if not spec.is_recipient(party):
+        return ReleaseStatus.NOT_RECIPIENT
+    return ReleaseStatus.RELEASED
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One party's view of a finished job."""
+
+    result: JobResult
+    status: ReleaseStatus
+    distinct_records: int
+    set_salt: bytes
+    result_salt: bytes
 
 
 @dataclass(frozen=True)
@@ -116,6 +159,10 @@ class JoinOutcome:
     key_seeds: bytes
 
 
+#: Signs a receipt with the server's attested key.
+ReceiptSigner = Callable[[Receipt], SignedReceipt]
+
+
 class JobRegistry:
     """All live jobs of one server. Thread-safe; waits are condition waits."""
 
@@ -125,9 +172,15 @@ class JobRegistry:
         *,
         clock: Callable[[], float] = time.time,
         spill_dir: str | None = None,
+        signer: ReceiptSigner | None = None,
+        certificate_sha256: bytes = b"",
+        audit: AuditLog | None = None,
     ) -> None:
         self.limits = limits or Limits()
         self._clock = clock
+        self._signer = signer
+        self._certificate_sha256 = certificate_sha256
+        self._audit = audit
         self.budget = MemoryBudget(self.limits.memory_budget_bytes)
         self.spill = SpillArea(spill_dir)
         self._lock = threading.Lock()
@@ -141,6 +194,14 @@ class JobRegistry:
         self._reaper.start()
 
     # -- lifecycle -----------------------------------------------------------------
+
+    def _record(self, event: str, **fields: str | int | bool | None) -> None:
+        """Append to the audit log: job ids, names, counts and digests, never items."""
+        if self._audit is not None:
+            try:
+                self._audit.append(event, **fields)
+            except (OSError, AuditError) as exc:
+                log.error("audit log append failed: %s", exc)
 
     def close(self) -> None:
         """Expire every job (waiters get an error) and stop the reaper."""
@@ -177,6 +238,21 @@ class JobRegistry:
                 job.party_count,
             )
             job.state = JobState.EXPIRED
+            self._record(
+                "expired",
+                job_id=job.job_id,
+                reason=reason,
+                parties_joined=len(job.parties),
+                parties_uploaded=job.uploaded(),
+            )
+        elif not all(p.delivered for p in job.parties.values()):
+            self._record(
+                "expired_undelivered",
+                job_id=job.job_id,
+                undelivered=",".join(
+                    sorted(p.name for p in job.parties.values() if not p.delivered)
+                ),
+            )
         self._drop_locked(job)
 
     def _drop_locked(self, job: Job) -> None:
@@ -194,8 +270,20 @@ class JobRegistry:
     # -- joining -------------------------------------------------------------------
 
     def join(
-        self, job_id: str, party_name: str, party_count: int, key_scheme: str = ""
+        self,
+        job_id: str,
+        party_name: str,
+        party_count: int,
+        key_scheme: str = "",
+        *,
+        spec: JobSpec | None = None,
+        attested: bool = False,
     ) -> JoinOutcome:
+        """Add a party to a job, creating the job (from ``spec`` when given) on first join.
+
+        The caller has already authenticated the party against ``spec`` (listed name, its
+        key's signature, attestation where required).
+        """
         check_identifier(job_id, "job id")
         check_identifier(party_name, "party name")
         most = self.limits.max_parties_per_job
@@ -215,18 +303,52 @@ class JobRegistry:
                         f"server already runs {self.limits.max_jobs} jobs (the limit); retry later",
                     )
                 now = self._clock()
+                deadline = now + self.limits.job_timeout_seconds
+                max_items = self.limits.max_items_per_party
+                if spec is not None:
+                    if spec.deadline is not None:
+                        if spec.deadline <= now:
+                            raise ServiceError(
+                                ErrorKind.FAILED_PRECONDITION,
+                                f"job {job_id}'s deadline {spec.deadline_text()} has passed",
+                            )
+                        deadline = min(deadline, float(spec.deadline))
+                    if spec.max_items_per_party is not None:
+                        max_items = min(max_items, spec.max_items_per_party)
                 job = Job(
                     job_id=job_id,
                     party_count=party_count,
                     created=now,
-                    deadline=now + self.limits.job_timeout_seconds,
+                    deadline=deadline,
                     cond=threading.Condition(self._lock),
                     key_scheme=key_scheme,
                     key_seeds=secrets.token_bytes(16),
+                    spec=spec,
+                    spec_sha256=spec.digest() if spec is not None else b"",
+                    max_items=max_items,
                 )
                 self._jobs[job_id] = job
                 self._reaper_wakeup.notify_all()
                 log.info("job %s created for %d parties", job_id, party_count)
+                self._record(
+                    "created",
+                    job_id=job_id,
+                    parties=party_count,
+                    spec_sha256=job.spec_sha256.hex() or None,
+                    output=spec.output.value if spec is not None else "intersection",
+                    deadline=int(deadline),
+                )
+            claimed = spec.digest() if spec is not None else b""
+            if job.spec_sha256 != claimed:
+                # Only the fact of a mismatch: nothing of the job's spec leaks.
+                if job.spec_sha256 and claimed:
+                    problem = "runs under a different job spec (digest mismatch): every party "
+                    problem += "must join with the same --spec file"
+                elif job.spec_sha256:
+                    problem = "runs under a job spec: pass --spec"
+                else:
+                    problem = "has no job spec: join without --spec"
+                raise ServiceError(ErrorKind.FAILED_PRECONDITION, f"job {job_id} {problem}")
             if job.state is not JobState.WAITING:
                 raise ServiceError(
                     ErrorKind.FAILED_PRECONDITION,
@@ -260,6 +382,7 @@ class JobRegistry:
             token = secrets.token_bytes(32)
             job.parties[party_name] = Party(name=party_name, token=token)
             self._sessions[token] = Session(job_id, party_name)
+            self._record("joined", job_id=job_id, party=party_name, attested=attested)
             log.info(
                 "job %s: party %s joined (%d/%d)",
                 job_id,
@@ -286,8 +409,8 @@ class JobRegistry:
 
     # -- uploading -----------------------------------------------------------------
 
-    def begin_upload(self, token: bytes) -> tuple[str, str, RecordStore]:
-        """Claim the party's single upload; returns (job id, party name, its record store)."""
+    def begin_upload(self, token: bytes) -> tuple[str, str, RecordStore, int]:
+        """Claim the party's single upload: (job id, party, its record store, item limit)."""
         with self._lock:
             job, party = self._lookup_locked(token)
             if party.upload is not UploadState.NONE:
@@ -302,7 +425,7 @@ class JobRegistry:
                 )
             party.upload = UploadState.IN_PROGRESS
             party.store = RecordStore(self.budget, self.spill)
-            return job.job_id, party.name, party.store
+            return job.job_id, party.name, party.store, job.max_items
 
     def abort_upload(self, token: bytes) -> None:
         """A broken upload frees the party's slot so a restarted provider can rejoin."""
@@ -348,18 +471,38 @@ class JobRegistry:
             parties = list(job.parties.values())
             stores = [p.store for p in parties if p.store is not None]
         # Compute without the lock: other jobs keep moving meanwhile.
-        hi, lo, distinct = intersect_stores(stores)
-        result = JobResult(hi=hi, lo=lo, sha256=records_digest(hi, lo))
+        found = intersect_stores(stores, salts=[p.set_salt for p in parties])
+        digest = records_digest(found.hi, found.lo)
+        receipt = self._receipt(job, parties, found.set_sha256, found.hi, found.lo)
+        result = JobResult(hi=found.hi, lo=found.lo, sha256=digest, receipt_json=receipt)
         with self._lock:
             if job.state is not JobState.COMPUTING:
                 return  # expired while computing
             job.result = result
             job.state = JobState.DONE
-            for p, count in zip(parties, distinct, strict=True):
+            for p, count, set_digest in zip(parties, found.distinct, found.set_sha256, strict=True):
                 p.distinct_records = count
+                p.set_sha256 = set_digest
                 if p.store is not None:
                     p.store.close()
                     p.store = None
+                self._record(
+                    "uploaded",
+                    job_id=job.job_id,
+                    party=p.name,
+                    records=p.records_received,
+                    distinct=count,
+                    set_sha256=set_digest.hex(),
+                )
+            withheld = release_status(job.spec, "", len(result)) is ReleaseStatus.BELOW_THRESHOLD
+            self._record(
+                "released",
+                job_id=job.job_id,
+                output=job.spec.output.value if job.spec is not None else "intersection",
+                threshold_met=not withheld,
+                result_size=None if withheld else len(result),
+                result_sha256=None if withheld else digest.hex(),
+            )
             log.info(
                 "job %s: intersection of %d parties has %d records",
                 job.job_id,
@@ -367,6 +510,38 @@ class JobRegistry:
                 len(result),
             )
             job.cond.notify_all()
+
+    def _receipt(
+        self,
+        job: Job,
+        parties: list[Party],
+        set_digests: list[bytes],
+        hi: U64Array,
+        lo: U64Array,
+    ) -> str:
+        """The signed receipt every party gets (empty if the server has no signer)."""
+        if self._signer is None:
+            return ""
+        size = len(hi)
+        withheld = release_status(job.spec, "", size) is ReleaseStatus.BELOW_THRESHOLD
+        count_only = job.spec is not None and job.spec.output is OutputKind.COUNT
+        receipt = Receipt(
+            spec_sha256=job.spec_sha256,
+            job_id=job.job_id,
+            parties=tuple(
+                PartyEntry(name=p.name, items=p.records_received, set_sha256=d)
+                for p, d in sorted(zip(parties, set_digests, strict=True), key=lambda x: x[0].name)
+            ),
+            output=job.spec.output.value if job.spec is not None else "intersection",
+            released=not withheld,
+            result_size=None if withheld else size,
+            result_sha256=None
+            if withheld or count_only
+            else salted_records_digest(job.result_salt, hi, lo),
+            issued_at=int(self._clock()),
+            certificate_sha256=self._certificate_sha256,
+        )
+        return self._signer(receipt).to_json()
 
     # -- results -------------------------------------------------------------------
 
@@ -376,11 +551,8 @@ class JobRegistry:
         *,
         timeout: float | None,
         is_active: Callable[[], bool] = lambda: True,
-    ) -> tuple[JobResult, int]:
-        """Block (condition wait, no polling) until the result exists.
-
-        Returns the result and the distinct records the caller uploaded.
-        """
+    ) -> Delivery:
+        """Block (condition wait, no polling) until the result exists; the caller's view."""
         with self._lock:
             job, party = self._lookup_locked(token)
             if party.upload is not UploadState.DONE:
@@ -397,7 +569,13 @@ class JobRegistry:
                     break
                 job.cond.wait(remaining)
             if job.state is JobState.DONE and job.result is not None:
-                return job.result, party.distinct_records
+                return Delivery(
+                    result=job.result,
+                    status=release_status(job.spec, party.name, len(job.result)),
+                    distinct_records=party.distinct_records,
+                    set_salt=party.set_salt,
+                    result_salt=job.result_salt,
+                )
             if not is_active():
                 raise ServiceError(ErrorKind.CANCELLED, "caller went away")
             if job.state is JobState.WAITING and self._clock() >= job.deadline:
@@ -432,6 +610,7 @@ class JobRegistry:
             job.parties[session.party_name].delivered = True
             if all(p.delivered for p in job.parties.values()):
                 log.info("job %s: every party has its result; job state wiped", job.job_id)
+                self._record("delivered", job_id=job.job_id)
                 self._drop_locked(job)
 
     def snapshot(self) -> Iterable[tuple[str, str, int, int]]:

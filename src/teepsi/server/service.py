@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import grpc
+import numpy as np
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
@@ -17,6 +19,7 @@ from teepsi.attestation.collateral import CollateralError
 from teepsi.attestation.evidence import Role
 from teepsi.attestation.peer import PeerRejected, PeerVerifier
 from teepsi.attestation.transcript import join_transcript_digest
+from teepsi.contract.spec import JobSpec, SpecError
 from teepsi.engine.keys import RECORD_BYTES, U64Array, records_from_bytes
 from teepsi.engine.spill import SpillError
 from teepsi.engine.store import RECORDS_PER_CHUNK, iter_record_chunks, mark_last
@@ -25,12 +28,19 @@ from teepsi.protocol import teepsi_pb2 as pb
 from teepsi.protocol import teepsi_pb2_grpc as pb_grpc
 from teepsi.server.challenges import ChallengeStore
 from teepsi.server.errors import ErrorKind, ServiceError
-from teepsi.server.jobs import JobRegistry, check_identifier
+from teepsi.server.jobs import JobRegistry, ReleaseStatus, check_identifier
 
 log = logging.getLogger(__name__)
 
 
 _STATUS = {kind: getattr(grpc.StatusCode, kind.value) for kind in ErrorKind}
+_RESULT_STATUS = {
+    ReleaseStatus.RELEASED: pb.RELEASED,
+    ReleaseStatus.COUNT_ONLY: pb.COUNT_ONLY,
+    ReleaseStatus.NOT_RECIPIENT: pb.NOT_RECIPIENT,
+    ReleaseStatus.BELOW_THRESHOLD: pb.BELOW_THRESHOLD,
+}
+_EMPTY = np.empty(0, dtype=np.uint64)
 
 
 @dataclass(frozen=True)
@@ -102,11 +112,13 @@ class PsiService(pb_grpc.PsiServicer):
         registry: JobRegistry,
         evidence: ServerEvidenceBundle,
         client_verifier: PeerVerifier | None,
+        require_client_attestation: bool = True,
         challenges: ChallengeStore | None = None,
     ) -> None:
         self.registry = registry
         self.evidence = evidence
         self.client_verifier = client_verifier
+        self.require_client_attestation = require_client_attestation
         self.challenges = challenges or ChallengeStore()
 
     # Each handler turns ServiceError into a status; unexpected errors become INTERNAL
@@ -117,7 +129,7 @@ class PsiService(pb_grpc.PsiServicer):
             certificate_der=self.evidence.certificate_der,
             collateral_json=self.evidence.current_collateral(),
             attestation=self.evidence.attestation,
-            requires_client_attestation=self.client_verifier is not None,
+            requires_client_attestation=self.require_client_attestation,
         )
 
     def GetChallenge(self, request: Any, context: grpc.ServicerContext) -> Any:
@@ -129,11 +141,45 @@ class PsiService(pb_grpc.PsiServicer):
         nonce = self.challenges.issue(request.job_id, request.party_name)
         return pb.Challenge(nonce=nonce, ttl_seconds=self.challenges.ttl_seconds)
 
+    def _job_spec(self, request: Any) -> JobSpec | None:
+        """The spec a join carries, checked against the party: listed, with that key."""
+        if not request.job_spec:
+            return None
+        try:
+            spec = JobSpec.from_canonical(request.job_spec)
+        except SpecError as exc:
+            raise ServiceError(ErrorKind.INVALID_ARGUMENT, str(exc)) from None
+        if spec.job_id != request.job_id:
+            raise ServiceError(
+                ErrorKind.INVALID_ARGUMENT,
+                f"job id {request.job_id!r} is not the spec's job id {spec.job_id!r}",
+            )
+        listed = spec.party(request.party_name)
+        if listed is None:
+            raise ServiceError(
+                ErrorKind.PERMISSION_DENIED,
+                f"party {request.party_name!r} is not listed in job {spec.job_id}'s spec",
+            )
+        if not hmac.compare_digest(listed.public_key, request.party_public_key):
+            raise ServiceError(
+                ErrorKind.PERMISSION_DENIED,
+                f"the key presented for party {request.party_name!r} is not the one its job "
+                "spec lists (use that party's --key-file)",
+            )
+        if request.party_count != len(spec.parties):
+            raise ServiceError(
+                ErrorKind.INVALID_ARGUMENT,
+                f"job {spec.job_id}'s spec lists {len(spec.parties)} parties, "
+                f"not {request.party_count}",
+            )
+        return spec
+
     def Join(self, request: Any, context: grpc.ServicerContext) -> Any:
         try:
             check_identifier(request.job_id, "job id")
             check_identifier(request.party_name, "party name")
             self.challenges.redeem(request.nonce, request.job_id, request.party_name)
+            spec = self._job_spec(request)
             key_hash = _party_key_sha256(request.party_public_key)
             digest = join_transcript_digest(
                 nonce=request.nonce,
@@ -141,14 +187,26 @@ class PsiService(pb_grpc.PsiServicer):
                 job_id=request.job_id,
                 party_name=request.party_name,
                 party_public_key_sha256=key_hash,
+                spec_sha256=spec.digest() if spec is not None else b"",
             )
+            # With a spec this is the party's listed key: a listed party cannot be
+            # impersonated without its private key.
             _check_possession(request.party_public_key, request.transcript_signature, digest)
-            if self.client_verifier is not None:
+            listed = spec.party(request.party_name) if spec is not None else None
+            must_attest = self.require_client_attestation or (listed is not None and listed.attest)
+            attested = False
+            if must_attest:
                 if not request.HasField("evidence") or not request.evidence.quote:
                     raise ServiceError(
                         ErrorKind.PERMISSION_DENIED,
-                        "this server requires data providers to attest; run the client in an "
+                        "this job requires data providers to attest; run the client in an "
                         "enclave (--attestation gramine or sim)",
+                    )
+                if self.client_verifier is None:
+                    raise ServiceError(
+                        ErrorKind.FAILED_PRECONDITION,
+                        "the job spec requires this party to attest, but the server has no "
+                        "policy for data providers (start it with --config)",
                     )
                 try:
                     peer = self.client_verifier.verify_bound_quote(
@@ -161,15 +219,28 @@ class PsiService(pb_grpc.PsiServicer):
                 except PeerRejected as exc:
                     log.warning("refused data provider %s: %s", request.party_name, exc)
                     raise ServiceError(ErrorKind.PERMISSION_DENIED, str(exc)) from None
+                attested = True
                 log.info("data provider %s attested: %s", request.party_name, peer.describe())
             else:
                 log.warning(
-                    "data provider %s joined WITHOUT attestation (server runs with "
-                    "--no-client-attestation)",
+                    "data provider %s joined WITHOUT attestation (the server runs with "
+                    "--no-client-attestation%s)",
                     request.party_name,
+                    " and the job spec does not require it" if spec is not None else "",
+                )
+            if spec is None:
+                log.warning(
+                    "job %s runs WITHOUT a job spec: parties are not authenticated; anyone "
+                    "who passes attestation can fill a slot",
+                    request.job_id,
                 )
             outcome = self.registry.join(
-                request.job_id, request.party_name, request.party_count, request.key_scheme
+                request.job_id,
+                request.party_name,
+                request.party_count,
+                request.key_scheme,
+                spec=spec,
+                attested=attested,
             )
         except ServiceError as exc:
             _abort(context, exc)
@@ -183,13 +254,12 @@ class PsiService(pb_grpc.PsiServicer):
     def Upload(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Any:
         try:
             token = _session_token(context)
-            job_id, party, store = self.registry.begin_upload(token)
+            job_id, party, store, limit = self.registry.begin_upload(token)
         except ServiceError as exc:
             _abort(context, exc)
         completed = False
         try:
             finished = False
-            limit = self.registry.limits.max_items_per_party
             for expected, chunk in enumerate(request_iterator):
                 if finished:
                     raise ServiceError(ErrorKind.INVALID_ARGUMENT, "chunk after the last chunk")
@@ -203,8 +273,8 @@ class PsiService(pb_grpc.PsiServicer):
                 if store.records + len(hi) > limit:
                     raise ServiceError(
                         ErrorKind.RESOURCE_EXHAUSTED,
-                        f"more than {limit} items in one party's upload (the server's "
-                        "--max-items limit)",
+                        f"more than {limit} items in one party's upload (the limit of this "
+                        "job: its spec's max_items_per_party or the server's --max-items)",
                     )
                 store.add(hi, lo)
                 finished = chunk.last
@@ -231,22 +301,31 @@ class PsiService(pb_grpc.PsiServicer):
             token = _session_token(context)
             context.add_callback(lambda: self.registry.wake(token))
             remaining = context.time_remaining()
-            result, distinct = self.registry.wait_result(
+            delivery = self.registry.wait_result(
                 token, timeout=remaining, is_active=context.is_active
             )
         except ServiceError as exc:
             _abort(context, exc)
-        total = len(result)
-        chunks = iter_record_chunks(result.hi, result.lo, records_per_chunk=RECORDS_PER_CHUNK)
+        result, status = delivery.result, delivery.status
+        # Release rules, enforced here: records only when released; the size only when
+        # the threshold was met.
+        hi, lo = (result.hi, result.lo) if status is ReleaseStatus.RELEASED else (_EMPTY, _EMPTY)
+        total = 0 if status is ReleaseStatus.BELOW_THRESHOLD else len(result)
+        released = status is ReleaseStatus.RELEASED
+        chunks = iter_record_chunks(hi, lo, records_per_chunk=RECORDS_PER_CHUNK)
         for sequence, (payload, count, last) in enumerate(mark_last(chunks)):
             yield pb.ResultChunk(
                 sequence=sequence,
                 records=payload,
                 record_count=count,
                 total_records=total,
-                result_sha256=result.sha256 if last else b"",
+                result_sha256=result.sha256 if last and released else b"",
                 last=last,
-                party_distinct_records=distinct,
+                party_distinct_records=delivery.distinct_records,
+                status=_RESULT_STATUS[status],
+                receipt_json=result.receipt_json if last else "",
+                set_digest_salt=delivery.set_salt if last else b"",
+                result_digest_salt=delivery.result_salt if last and released else b"",
             )
         # Reached only when the client took every chunk; a cut stream can fetch again.
         self.registry.mark_delivered(token)

@@ -1,0 +1,72 @@
+"""Small helpers shared by the contract modules; deliberately free of heavy imports."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+
+#: Job ids and party names: 1-128 letters, digits, '.', '_', '@' or '-', not starting
+#: with a sign (so a name never reads as a command-line option). Same rule as the server's
+#: ``check_identifier``; use ``fullmatch``.
+IDENTIFIER_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,127}")
+
+#: Upper bound of every count in specs and receipts: fits a signed 64-bit integer, so
+#: other languages can read the documents without big-number support.
+MAX_COUNT = 2**63 - 1
+
+
+def is_identifier(value: object) -> bool:
+    return isinstance(value, str) and IDENTIFIER_PATTERN.fullmatch(value) is not None
+
+
+def is_int(value: object) -> bool:
+    """A JSON/TOML integer; ``bool`` is an ``int`` subclass in Python and must not pass."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def show(value: object, limit: int = 40) -> str:
+    """A short, single-line rendering of a user-supplied value for error messages."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value).replace("\n", "\\n")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def canonical_json(value: object) -> bytes:
+    """Sorted keys, no whitespace, ASCII only: one byte string per value."""
+    return json.dumps(
+        value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
+    ).encode("ascii")
+
+
+def strict_json_loads(text: str, fail: Callable[[str], Exception]) -> object:
+    """``json.loads`` that refuses duplicate keys and NaN/Infinity.
+
+    ``fail`` turns a one-line problem into the caller's exception type.
+    """
+
+    def no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+        # json keeps the last duplicate silently; a second value must not win unseen
+        out: dict[str, object] = {}
+        for key, value in pairs:
+            if key in out:
+                raise fail(f"{one_line(key)}: duplicate key")
+            out[key] = value
+        return out
+
+    def no_constant(name: str) -> object:
+        raise fail(f"invalid JSON: {name} is not allowed")
+
+    try:
+        return json.loads(text, object_pairs_hook=no_duplicates, parse_constant=no_constant)
+    except json.JSONDecodeError as exc:
+        raise fail(f"invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+    except RecursionError:
+        raise fail("invalid JSON: nested too deeply") from None
+
+
+def one_line(text: str, limit: int = 60) -> str:
+    """``text`` itself when it is short and printable, else a quoted, shortened form."""
+    return text if text.isprintable() and len(text) <= limit else show(text, limit)

@@ -1,0 +1,402 @@
+"""Signed receipts: what the server attests a job did, checkable by anyone later.
+
+After a job releases (or holds back) its result, the server signs a receipt with its
+RA-TLS key, the P-384 key its attestation binds, using ECDSA with SHA-384. Every party
+gets the same receipt and checks its own entry; anyone holding the receipt and the
+server's certificate can re-check the signature later.
+
+:func:`verify_receipt` proves only that the holder of the certificate's key signed the
+receipt. That the key belongs to a genuine teepsi enclave is what the certificate's
+attestation proves, and checking it (``ratls.extract_evidence`` plus quote verification
+against a policy) is the caller's part: without it, anyone could mint a certificate and
+sign a receipt.
+
+Receipts have exactly one encoding. :meth:`SignedReceipt.to_json` writes canonical JSON
+(sorted keys, no whitespace, lower-case hex) and :meth:`SignedReceipt.from_json` refuses
+any other spelling, and signatures must be canonical DER with a low S (ECDSA signatures
+are otherwise malleable: (r, n - s) verifies too). So changing any byte of a receipt
+makes it fail to parse or to verify.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import NoReturn
+
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import (
+    decode_dss_signature,
+    encode_dss_signature,
+)
+
+# ratls parses certificates with its own DER walker (cryptography refuses some
+# Gramine-made ones); reuse it so "the certificate's SHA-256" means the same thing
+# in receipts as in attestation.
+from teepsi.attestation.ratls import RaTlsError, _certificate_der, _parse_certificate
+from teepsi.contract._common import (
+    MAX_COUNT,
+    canonical_json,
+    is_identifier,
+    is_int,
+    show,
+    strict_json_loads,
+)
+
+__all__ = [
+    "RECEIPT_DOMAIN",
+    "PartyEntry",
+    "Receipt",
+    "ReceiptError",
+    "SignedReceipt",
+    "check_own_entry",
+    "sign_receipt",
+    "verify_receipt",
+]
+
+#: Prefix of the signed bytes, so a receipt signature can never pass for a signature
+#: over anything else the server's key signs (TLS handshakes, future documents).
+RECEIPT_DOMAIN = b"teepsi-receipt-v1\n"
+OUTPUTS = ("intersection", "count")
+MAX_RECEIPT_BYTES = 1024 * 1024
+_MAX_SIGNATURE_BYTES = 256
+_SIGNATURE_HASH = hashes.SHA384()
+
+# Group orders, for the low-S rule.
+_CURVE_ORDERS = {
+    "secp256r1": 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551,
+    "secp384r1": int(
+        "FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFC7634D81F4372DDF"
+        "581A0DB248B0A77AECEC196ACCC52973",
+        16,
+    ),
+}
+
+_RECEIPT_KEYS = frozenset(
+    {
+        "spec_sha256",
+        "job_id",
+        "parties",
+        "output",
+        "released",
+        "result_size",
+        "result_sha256",
+        "issued_at",
+        "certificate_sha256",
+    }
+)
+_ENTRY_KEYS = frozenset({"name", "items", "set_sha256"})
+
+
+class ReceiptError(ValueError):
+    """A receipt is malformed, does not verify, or does not match; one line."""
+
+
+def _fail(where: str, problem: str) -> NoReturn:
+    raise ReceiptError(f"{where}: {problem}")
+
+
+def _check_digest(value: object, where: str, *, optional: bool = False) -> None:
+    if not isinstance(value, bytes):
+        _fail(where, "must be bytes")
+    if len(value) != 32 and not (optional and not value):
+        _fail(where, "must be a SHA-256 digest (32 bytes)" + (" or empty" if optional else ""))
+
+
+def _check_count(value: object, where: str) -> None:
+    if not (isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_COUNT):
+        _fail(where, f"must be an integer from 0 to {MAX_COUNT}, got {show(value)}")
+
+
+@dataclass(frozen=True)
+class PartyEntry:
+    name: str
+    items: int  # records uploaded
+    set_sha256: bytes  # SHA-256 of the party's de-duplicated canonical set
+
+    def __post_init__(self) -> None:
+        if not is_identifier(self.name):
+            _fail("name", f"{show(self.name)} is not a valid party name")
+        _check_count(self.items, f"{self.name}: items")
+        _check_digest(self.set_sha256, f"{self.name}: set_sha256")
+
+    def to_dict(self) -> dict[str, object]:
+        return {"name": self.name, "items": self.items, "set_sha256": self.set_sha256.hex()}
+
+
+@dataclass(frozen=True)
+class Receipt:
+    spec_sha256: bytes  # empty for a quick job without spec
+    job_id: str
+    parties: tuple[PartyEntry, ...]
+    output: str  # "intersection" | "count"
+    released: bool  # False when min_intersection was not met
+    result_size: int | None
+    result_sha256: bytes | None
+    issued_at: int  # UNIX seconds
+    certificate_sha256: bytes  # SHA-256 of the signing server's certificate DER
+
+    def __post_init__(self) -> None:
+        _check_digest(self.spec_sha256, "spec_sha256", optional=True)
+        if not is_identifier(self.job_id):
+            _fail("job_id", f"{show(self.job_id)} is not a valid job id")
+        object.__setattr__(self, "parties", tuple(self.parties))
+        if not self.parties:
+            _fail("parties", "must list every party of the job")
+        if not all(isinstance(p, PartyEntry) for p in self.parties):
+            _fail("parties", "must be PartyEntry values")
+        if len({p.name for p in self.parties}) != len(self.parties):
+            _fail("parties", "names a party twice")
+        if self.output not in OUTPUTS:
+            _fail("output", f'must be "intersection" or "count", got {show(self.output)}')
+        object.__setattr__(self, "output", str(self.output))  # a StrEnum becomes plain text
+        if not isinstance(self.released, bool):
+            _fail("released", "must be a bool")
+        if self.released:
+            if self.result_size is None:
+                _fail("result_size", "a released result has a size")
+            _check_count(self.result_size, "result_size")
+            if self.output == "intersection":
+                if self.result_sha256 is None:
+                    _fail("result_sha256", "a released intersection has a digest")
+                _check_digest(self.result_sha256, "result_sha256")
+            elif self.result_sha256 is not None:
+                # A count job reveals only the size; a digest of the items would let a
+                # party confirm a guessed intersection.
+                _fail("result_sha256", "a count job's receipt carries no result digest")
+        elif self.result_size is not None or self.result_sha256 is not None:
+            _fail("released", "a result held back has no size and no digest")
+        _check_count(self.issued_at, "issued_at")
+        _check_digest(self.certificate_sha256, "certificate_sha256")
+
+    def entry(self, name: str) -> PartyEntry | None:
+        return next((p for p in self.parties if p.name == name), None)
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "spec_sha256": self.spec_sha256.hex(),
+            "job_id": self.job_id,
+            "parties": [p.to_dict() for p in self.parties],
+            "output": self.output,
+            "released": self.released,
+            "result_size": self.result_size,
+            "result_sha256": None if self.result_sha256 is None else self.result_sha256.hex(),
+            "issued_at": self.issued_at,
+            "certificate_sha256": self.certificate_sha256.hex(),
+        }
+
+    def signed_payload(self) -> bytes:
+        """The bytes the server signs: domain label, then the canonical JSON of the fields."""
+        return RECEIPT_DOMAIN + canonical_json(self.to_dict())
+
+
+@dataclass(frozen=True)
+class SignedReceipt:
+    receipt: Receipt
+    signature: bytes  # ECDSA-SHA384, DER, low S
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.receipt, Receipt):
+            _fail("receipt", "must be a Receipt")
+        if not isinstance(self.signature, bytes) or not 0 < len(self.signature) <= (
+            _MAX_SIGNATURE_BYTES
+        ):
+            _fail("signature", f"must be 1 to {_MAX_SIGNATURE_BYTES} bytes")
+
+    def to_json(self) -> str:
+        """The canonical, self-contained document ``{"receipt": {...}, "signature": hex}``."""
+        document = {"receipt": self.receipt.to_dict(), "signature": self.signature.hex()}
+        return canonical_json(document).decode("ascii")
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> SignedReceipt:
+        """Strict inverse of :meth:`to_json` (one trailing newline is tolerated)."""
+        if isinstance(text, bytes | bytearray):
+            if len(text) > MAX_RECEIPT_BYTES:
+                raise ReceiptError(f"receipt: larger than {MAX_RECEIPT_BYTES} bytes")
+            try:
+                text = bytes(text).decode("ascii")  # canonical JSON is ASCII
+            except UnicodeDecodeError as exc:
+                raise ReceiptError(f"receipt: not ASCII JSON (byte {exc.start})") from None
+        if len(text) > MAX_RECEIPT_BYTES:
+            raise ReceiptError(f"receipt: larger than {MAX_RECEIPT_BYTES} bytes")
+        body = text.removesuffix("\n")  # files written with a final newline still load
+        raw = strict_json_loads(body, lambda problem: ReceiptError(f"receipt: {problem}"))
+        signed = _signed_from_dict(raw)
+        if signed.to_json() != body:
+            raise ReceiptError("receipt: not in canonical form (altered or re-formatted)")
+        return signed
+
+
+def _hex(value: object, where: str, *, optional_empty: bool = False) -> bytes:
+    # lower-case only: one spelling per value (canonical form is checked afterwards too)
+    if (
+        isinstance(value, str)
+        and len(value) % 2 == 0
+        and all(c in "0123456789abcdef" for c in value)
+    ):
+        data = bytes.fromhex(value)
+        if len(data) == 32 or (optional_empty and not data):
+            return data
+    wanted = "64 lower-case hex characters" + (" or empty" if optional_empty else "")
+    _fail(where, f"expected {wanted}, got {show(value)}")
+
+
+def _exact_keys(raw: object, keys: frozenset[str], where: str) -> dict[str, object]:
+    if not isinstance(raw, dict):
+        _fail(where, "expected a JSON object")
+    missing = sorted(keys - raw.keys())
+    if missing:
+        _fail(where, f"missing {', '.join(missing)}")
+    extra = sorted(str(k) for k in raw.keys() - keys)
+    if extra:
+        _fail(where, f"unknown key {show(extra[0])}")
+    return raw
+
+
+def _signed_from_dict(raw: object) -> SignedReceipt:
+    top = _exact_keys(raw, frozenset({"receipt", "signature"}), "receipt document")
+    body = _exact_keys(top["receipt"], _RECEIPT_KEYS, "receipt")
+
+    def at(key: str) -> str:
+        return f"receipt.{key}"
+
+    raw_parties = body["parties"]
+    if not isinstance(raw_parties, list):
+        _fail(at("parties"), "expected a list")
+    entries: list[PartyEntry] = []
+    for index, item in enumerate(raw_parties):
+        where = at(f"parties[{index}]")
+        entry = _exact_keys(item, _ENTRY_KEYS, where)
+        name, items = entry["name"], entry["items"]
+        if not isinstance(name, str) or not is_int(items):
+            _fail(where, "name must be text and items an integer")
+        assert isinstance(items, int)
+        set_sha256 = _hex(entry["set_sha256"], f"{where}.set_sha256")
+        try:
+            entries.append(PartyEntry(name=name, items=items, set_sha256=set_sha256))
+        except ReceiptError as exc:
+            _fail(where, str(exc))
+
+    job_id, output, released = body["job_id"], body["output"], body["released"]
+    result_size, issued_at = body["result_size"], body["issued_at"]
+    if not isinstance(job_id, str) or not isinstance(output, str):
+        _fail(at("job_id"), "job_id and output must be text")
+    if not isinstance(released, bool):
+        _fail(at("released"), f"expected true or false, got {show(released)}")
+    if result_size is not None and not is_int(result_size):
+        _fail(at("result_size"), f"expected an integer or null, got {show(result_size)}")
+    if not is_int(issued_at):
+        _fail(at("issued_at"), f"expected an integer, got {show(issued_at)}")
+    assert isinstance(issued_at, int)
+    assert result_size is None or isinstance(result_size, int)
+    raw_result = body["result_sha256"]
+    result_sha256 = None if raw_result is None else _hex(raw_result, at("result_sha256"))
+    signature = top["signature"]
+    if (
+        not isinstance(signature, str)
+        or not signature
+        or len(signature) % 2
+        or any(c not in "0123456789abcdef" for c in signature)
+    ):
+        _fail("signature", "expected lower-case hex")
+    spec_sha256 = _hex(body["spec_sha256"], at("spec_sha256"), optional_empty=True)
+    certificate_sha256 = _hex(body["certificate_sha256"], at("certificate_sha256"))
+    try:
+        receipt = Receipt(
+            spec_sha256=spec_sha256,
+            job_id=job_id,
+            parties=tuple(entries),
+            output=output,
+            released=released,
+            result_size=result_size,
+            result_sha256=result_sha256,
+            issued_at=issued_at,
+            certificate_sha256=certificate_sha256,
+        )
+    except ReceiptError as exc:
+        raise ReceiptError(f"receipt.{exc}") from None
+    return SignedReceipt(receipt=receipt, signature=bytes.fromhex(signature))
+
+
+def _curve_order(key: ec.EllipticCurvePublicKey | ec.EllipticCurvePrivateKey) -> int:
+    order = _CURVE_ORDERS.get(key.curve.name)
+    if order is None:
+        raise ReceiptError(f"server key curve {key.curve.name} is not P-256 or P-384")
+    return order
+
+
+def sign_receipt(receipt: Receipt, private_key: ec.EllipticCurvePrivateKey) -> SignedReceipt:
+    """Sign with the server's RA-TLS key (ECDSA-SHA384), normalised to low S."""
+    if not isinstance(private_key, ec.EllipticCurvePrivateKey):
+        raise ReceiptError("receipts are signed with the server's EC RA-TLS key")
+    order = _curve_order(private_key)
+    r, s = decode_dss_signature(
+        private_key.sign(receipt.signed_payload(), ec.ECDSA(_SIGNATURE_HASH))
+    )
+    if s > order // 2:
+        s = order - s
+    return SignedReceipt(receipt=receipt, signature=encode_dss_signature(r, s))
+
+
+def _certificate_public_key(certificate: bytes) -> tuple[bytes, ec.EllipticCurvePublicKey]:
+    """(SHA-256 of the certificate DER, its EC public key), for PEM or DER input."""
+    if not isinstance(certificate, bytes | bytearray):
+        raise ReceiptError("certificate must be PEM or DER bytes")
+    try:
+        der = _certificate_der(bytes(certificate))
+        spki = _parse_certificate(der).spki_der
+    except RaTlsError as exc:
+        raise ReceiptError(f"certificate: {exc}") from None
+    try:
+        key = serialization.load_der_public_key(spki)
+    except (ValueError, UnsupportedAlgorithm):
+        raise ReceiptError("certificate: public key cannot be parsed") from None
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise ReceiptError("certificate: public key is not an EC key; no teepsi server's")
+    return hashlib.sha256(der).digest(), key
+
+
+def verify_receipt(signed: SignedReceipt, certificate: bytes) -> None:
+    """Check the receipt names this certificate and is signed by its key; else ReceiptError.
+
+    Does not check the certificate's attestation: see the module documentation.
+    """
+    certificate_sha256, key = _certificate_public_key(certificate)
+    receipt = signed.receipt
+    if receipt.certificate_sha256 != certificate_sha256:
+        named, given = receipt.certificate_sha256.hex()[:16], certificate_sha256.hex()[:16]
+        raise ReceiptError(
+            f"receipt was issued under another certificate (SHA-256 {named}..., "
+            f"this one {given}...)"
+        )
+    order = _curve_order(key)
+    try:
+        r, s = decode_dss_signature(signed.signature)
+    except ValueError:
+        raise ReceiptError("receipt signature is not a DER ECDSA signature") from None
+    canonical = encode_dss_signature(r, s) == signed.signature
+    if not canonical or not (0 < r < order and 0 < s <= order // 2):
+        raise ReceiptError("receipt signature is not a canonical low-S ECDSA signature")
+    try:
+        key.verify(signed.signature, receipt.signed_payload(), ec.ECDSA(_SIGNATURE_HASH))
+    except InvalidSignature:
+        raise ReceiptError("receipt signature does not verify under this certificate") from None
+
+
+def check_own_entry(signed: SignedReceipt, *, name: str, items: int, set_sha256: bytes) -> None:
+    """Check that the receipt records this party's upload as the party itself saw it."""
+    entry = signed.receipt.entry(name)
+    if entry is None:
+        raise ReceiptError(f"receipt has no entry for party {show(name)}")
+    if entry.items != items:
+        raise ReceiptError(
+            f"receipt records {entry.items} items for {name}, but this party uploaded {items}"
+        )
+    if entry.set_sha256 != set_sha256:
+        raise ReceiptError(
+            f"receipt's set digest for {name} does not match this party's set "
+            f"({entry.set_sha256.hex()[:16]}... vs {set_sha256.hex()[:16]}...)"
+        )
