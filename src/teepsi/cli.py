@@ -211,10 +211,6 @@ def _client_contract(args: argparse.Namespace) -> tuple[Any, Any]:
     if args.spec is None:
         if args.key_file is not None:
             raise UsageError("--key-file goes with --spec (a job spec lists the party keys)")
-        log.warning(
-            "no --spec: quick mode; parties are not authenticated, anyone who "
-            "passes attestation can fill a slot"
-        )
         return None, None
     from teepsi.contract.keys import load_private_key, public_key_der
     from teepsi.contract.spec import JobSpec, SpecError
@@ -347,6 +343,11 @@ def _cmd_client(args: argparse.Namespace) -> int:
         spec=job_spec,
         party_key=party_key,
     )
+    if job_spec is None:
+        log.warning(
+            "no --spec: quick mode; parties are not authenticated, anyone who passes "
+            "attestation can fill a slot"
+        )
     try:
         result = run_party(config, table)
         if result.receipt is not None and args.receipt:
