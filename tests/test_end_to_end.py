@@ -425,3 +425,55 @@ def test_progress_bars_follow_quiet(start_server, sim_policy_file, tmp_path):
     run = subprocess.run(quiet, capture_output=True, timeout=60)
     assert run.returncode == 0
     assert "uploading" not in run.stderr.decode() and "reading" not in run.stderr.decode()
+
+
+def test_data_provider_brings_its_own_collateral(start_server, sim_policy_file, tmp_path):
+    """Instead of the stapled copy: a collateral file, or a PCCS of the provider's choice."""
+    from fake_pccs import fake_pccs
+
+    from teepsi.attestation.sim import SimPlatform
+
+    server = start_server()
+    data = _write(tmp_path / "a.txt", ["x", "y"])
+    collateral = SimPlatform().collateral_json()
+    path = tmp_path / "collateral.json"
+    path.write_text(collateral)
+    args = client_args(
+        server,
+        data,
+        parties=1,
+        name="a",
+        policy=sim_policy_file,
+        job="file",
+        extra=["--collateral", str(path)],
+    )
+    run = subprocess.run(args, capture_output=True, timeout=60)
+    assert run.returncode == 0, run.stderr.decode()
+    assert run.stdout == b"x\ny\n"
+    with fake_pccs(collateral) as pccs:
+        args = client_args(
+            server,
+            data,
+            parties=1,
+            name="a",
+            policy=sim_policy_file,
+            job="pccs",
+            extra=["--pccs-url", pccs.url],
+        )
+        run = subprocess.run(args, capture_output=True, timeout=60)
+        assert run.returncode == 0, run.stderr.decode()
+        assert pccs.count("tcb") >= 1  # the provider fetched it, not the server
+    broken = tmp_path / "broken.json"
+    broken.write_text("{}")
+    args = client_args(
+        server,
+        data,
+        parties=1,
+        name="a",
+        policy=sim_policy_file,
+        job="bad",
+        extra=["--collateral", str(broken)],
+    )
+    run = subprocess.run(args, capture_output=True, timeout=60)
+    assert run.returncode == 2
+    assert len(_errors(run.stderr)) == 1 and "broken.json" in _errors(run.stderr)[0]

@@ -199,6 +199,17 @@ def _table_spec(args: argparse.Namespace) -> object:
     )
 
 
+def _collateral_file(path: str | None) -> str | None:
+    if path is None:
+        return None
+    from teepsi.attestation.collateral import CollateralError, load_collateral_file
+
+    try:
+        return load_collateral_file(path)
+    except CollateralError as exc:
+        raise UsageError(str(exc)) from None
+
+
 def _pem(der: bytes) -> bytes:
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
@@ -342,6 +353,9 @@ def _cmd_client(args: argparse.Namespace) -> int:
         progress=progress.enabled,
         spec=job_spec,
         party_key=party_key,
+        server_collateral_json=_collateral_file(args.collateral),
+        pccs_url=args.pccs_url,
+        insecure_pccs_tls=args.insecure_pccs_tls,
     )
     if job_spec is None:
         log.warning(
@@ -646,6 +660,19 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_argument("--output", help="write the result here, in the input's format")
     client.add_argument("--attestation", choices=["sim", "gramine", "none"], default="gramine")
     client.add_argument("--timeout", type=float, help="seconds to wait in all (default 600)")
+    client.add_argument(
+        "--collateral",
+        help="collateral for the server's quote (dcap-qvl JSON); default: what the server staples",
+    )
+    client.add_argument(
+        "--pccs-url",
+        help="fetch collateral from this PCCS (for the server's quote, and this party's own)",
+    )
+    client.add_argument(
+        "--insecure-pccs-tls",
+        action="store_true",
+        help="do not verify the PCCS's TLS certificate (self-signed PCCS)",
+    )
     client.add_argument("--spec", help="the agreed job spec (TOML or JSON); see docs/contracts.md")
     client.add_argument("--key-file", help="this party's private key, listed in the spec")
     client.add_argument(

@@ -23,10 +23,17 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from teepsi.attestation.evidence import EvidenceError, Role
+from teepsi.attestation.collateral import (
+    CollateralCache,
+    CollateralError,
+    collateral_for_quote,
+    fetch_collateral,
+)
+from teepsi.attestation.evidence import EvidenceError, EvidenceProvider, Role
 from teepsi.attestation.peer import PeerRejected, PeerVerifier, TrustedPeer
 from teepsi.attestation.policy import Policy
 from teepsi.attestation.providers import make_provider
+from teepsi.attestation.ratls import RaTlsError, extract_evidence
 from teepsi.attestation.transcript import join_transcript_digest
 from teepsi.attestation.verify import SIMULATED_WARNING
 from teepsi.client.progress import PhaseBar, Progress
@@ -67,6 +74,12 @@ class PartyConfig:
     #: The agreed job spec, and this party's key listed in it (contract mode).
     spec: JobSpec | None = None
     party_key: PartyPrivateKey | None = None
+    #: Collateral for checking the server's quote: a file's contents, or fetched from a
+    #: PCCS; by default the copy the server staples to its evidence (Intel-signed, so
+    #: relaying it through the untrusted host is safe).
+    server_collateral_json: str | None = None
+    pccs_url: str | None = None
+    insecure_pccs_tls: bool = False
 
 
 @dataclass(frozen=True)
@@ -184,9 +197,10 @@ class PsiClient:
             raise _rpc_error("fetching the server's evidence", exc) from None
         if not hmac.compare_digest(evidence.certificate_der, der):
             raise PsiClientError("server's evidence names another certificate than its TLS one")
+        collateral = self._server_collateral(der, evidence.collateral_json or None)
         try:
             peer, extracted = self._verifier.verify_certificate(
-                der, evidence.collateral_json or None, what="server", role=Role.SERVER
+                der, collateral, what="server", role=Role.SERVER
             )
         except PeerRejected as exc:
             raise PsiClientError(f"refusing the server: {exc}") from None
@@ -201,6 +215,37 @@ class PsiClient:
         self.server_certificate_der = der
         self.requires_client_attestation = evidence.requires_client_attestation
         return peer
+
+    def _server_collateral(self, certificate_der: bytes, stapled: str | None) -> str | None:
+        cfg = self.config
+        if cfg.server_collateral_json is not None:
+            return cfg.server_collateral_json
+        if cfg.pccs_url is None:
+            return stapled
+        try:
+            quote = extract_evidence(certificate_der).quote
+            return fetch_collateral(quote, cfg.pccs_url, verify_tls=not cfg.insecure_pccs_tls)
+        except (RaTlsError, CollateralError) as exc:
+            raise PsiClientError(f"cannot fetch collateral for the server's quote: {exc}") from None
+
+    def _own_collateral(self, provider: EvidenceProvider, quote: bytes) -> str:
+        """Collateral for our own quote: the simulator's, or a PCCS's for real hardware."""
+        provided = provider.collateral_json(quote)
+        if provided:
+            return provided
+        try:
+            return collateral_for_quote(
+                quote,
+                pccs_url=self.config.pccs_url,
+                qcnl_path=None,
+                cache=CollateralCache(),
+                verify_tls=False if self.config.insecure_pccs_tls else None,
+            )
+        except CollateralError as exc:
+            raise PsiClientError(
+                f"cannot fetch collateral for this data provider's quote: {exc} "
+                "(set --pccs-url or PCCS_URL in /etc/sgx_default_qcnl.conf)"
+            ) from None
 
     def join(self, key_scheme: str) -> tuple[bytes, tuple[int, int]]:
         """Answer the server's challenge with our evidence; returns (session token, seeds)."""
@@ -250,7 +295,7 @@ class PsiClient:
                     f"cannot produce this data provider's evidence: {exc}"
                 ) from None
             request.evidence.quote = quote
-            request.evidence.collateral_json = provider.collateral_json(quote) or ""
+            request.evidence.collateral_json = self._own_collateral(provider, quote)
         elif self.requires_client_attestation:
             raise PsiClientError(
                 "the server requires data providers to attest; run with --attestation gramine "
