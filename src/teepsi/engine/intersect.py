@@ -69,11 +69,22 @@ def intersect_records(
     return (*split_u128(common), distinct)
 
 
+#: Records hashed per step: bounds the memory a digest of a large result needs.
+_DIGEST_STEP = 1 << 20
+
+
+def _feed(digest: hashlib._Hash, hi: U64Array, lo: U64Array) -> bytes:
+    for start in range(0, len(hi), _DIGEST_STEP):
+        end = start + _DIGEST_STEP
+        digest.update(records_to_bytes(hi[start:end], lo[start:end]))
+    return digest.digest()
+
+
 def records_digest(hi: U64Array, lo: U64Array) -> bytes:
     """SHA-256 over the records' canonical bytes (sorted, 16-byte little-endian)."""
-    return hashlib.sha256(records_to_bytes(hi, lo)).digest()
+    return _feed(hashlib.sha256(), hi, lo)
 
 
 def salted_records_digest(salt: bytes, hi: U64Array, lo: U64Array) -> bytes:
     """SHA-256 over salt then the records: a digest only holders of the salt can check."""
-    return hashlib.sha256(salt + records_to_bytes(hi, lo)).digest()
+    return _feed(hashlib.sha256(salt), hi, lo)

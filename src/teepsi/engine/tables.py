@@ -30,6 +30,7 @@ from teepsi.engine.keys import (
 MAX_TEXT_ITEM_BYTES = 64 * 1024
 TEXT_COLUMN = "item"
 _KEY = "__teepsi_key"
+_ROW = "__teepsi_row"
 
 
 class TableError(ValueError):
@@ -222,7 +223,9 @@ def matching_rows(
     frame = frame.filter(row_keys.is_in(wanted.implode()))
     if table.spec.format is TableFormat.TEXT:
         return frame.select(pl.col(_KEY).alias(TEXT_COLUMN)).unique().sort(TEXT_COLUMN)
-    return frame.sort(_KEY, maintain_order=True).drop(_KEY)
+    # Ties broken by input order, so the output is deterministic (and the same with or
+    # without spilling) without paying for a stable sort.
+    return frame.with_row_index(_ROW).sort([_KEY, _ROW]).drop(_KEY, _ROW)
 
 
 def text_lines(rows: pl.DataFrame) -> bytes:
