@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-2 demo-3 demo-contract test lint typecheck unit proto install clean
+.PHONY: bench bench-quick demo demo-2 demo-3 demo-contract test lint typecheck unit proto install clean
 
 install: $(STAMP)
 
@@ -28,13 +28,22 @@ demo-contract: $(STAMP)
 test: lint typecheck unit
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests scripts
+	$(VENV)/bin/ruff check src tests scripts bench deploy
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
 unit: $(STAMP)
 	$(VENV)/bin/pytest -q
+
+# Benchmarks (issue 4): separate processes vs the in-process reference and openmined-psi.
+bench: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[bench]'
+	$(PY) bench/run.py --write-docs
+
+bench-quick: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[bench]'
+	$(PY) bench/run.py --quick
 
 # Regenerate the gRPC code after editing src/teepsi/protocol/teepsi.proto.
 proto: $(STAMP)
