@@ -100,7 +100,9 @@ class TcpProxy:
         self._listener.bind(("127.0.0.1", 0))
         self._listener.listen(64)
         self.port: int = self._listener.getsockname()[1]
-        self._acceptor = threading.Thread(target=self._accept_loop, name="proxy-accept", daemon=True)
+        self._acceptor = threading.Thread(
+            target=self._accept_loop, name="proxy-accept", daemon=True
+        )
         self._timer = threading.Timer(lifetime, self.stop)
         self._timer.daemon = True
 

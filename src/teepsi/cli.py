@@ -331,6 +331,14 @@ def _cmd_client(args: argparse.Namespace) -> int:
     _setup_logging("client", args.verbose, args.quiet)
     job_spec, party_key = _client_contract(args)
     _apply_run_config(args)
+    from teepsi.contract.spec import IDENTIFIER_PATTERN
+
+    for flag, value in (("--name", args.name), ("--job", args.job)):
+        if not IDENTIFIER_PATTERN.fullmatch(value):
+            raise UsageError(
+                f"{flag} {value[:40]!r} is invalid: use 1-128 letters, digits, '.', '_', '@' "
+                "or '-', starting with a letter or digit"
+            )
     loaded = _load_policy(args.config, args)
     assert isinstance(loaded, Policy)
     spec = _table_spec(args)

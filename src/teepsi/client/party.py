@@ -59,6 +59,18 @@ class PsiClientError(Exception):
     """The run failed; the message is one line saying what happened and what to do."""
 
 
+class _StreamBroken(Exception):
+    """The result stream was cut; fetching it again may work."""
+
+    def __init__(self, kind: str, detail: str = "") -> None:
+        super().__init__(f"{kind}: {detail}" if detail else kind)
+        self.kind = kind
+
+
+#: Pauses before fetching a broken result stream again (three tries in all).
+RESULT_RETRY_PAUSES = (0.5, 1.0, 2.0)
+
+
 @dataclass(frozen=True)
 class PartyConfig:
     host: str
@@ -328,7 +340,26 @@ class PsiClient:
         return int(summary.records_received)
 
     def result(self, token: bytes) -> ResultStream:
-        """Read the whole result stream: records (if released), status, receipt."""
+        """Read the whole result stream: records (if released), status, receipt.
+
+        A stream cut by the network is fetched again (the server keeps the result until
+        every party has read it to the end), a few times, within the overall timeout.
+        """
+        for attempt, pause in enumerate(RESULT_RETRY_PAUSES):
+            try:
+                payloads, last = self._read_result(token)
+                break
+            except _StreamBroken as broken:
+                if attempt == len(RESULT_RETRY_PAUSES) - 1 or self._remaining() <= pause:
+                    raise PsiClientError(f"waiting for the result failed: {broken}") from None
+                log.warning("result stream broke off (%s); fetching it again", broken.kind)
+                # A bounded, one-off back-off before retrying, not a polling loop.
+                time.sleep(pause)
+        else:  # pragma: no cover - the loop always breaks or raises
+            raise PsiClientError("waiting for the result failed")
+        return self._finish_result(payloads, last)
+
+    def _read_result(self, token: bytes) -> tuple[list[bytes], Any]:
         metadata = ((SESSION_METADATA, token.hex()),)
         payloads: list[bytes] = []
         last: Any = None
@@ -345,9 +376,16 @@ class PsiClient:
                     # delivery (and may free the job) only once the stream completes.
                     last = chunk
         except grpc.RpcError as exc:
+            if exc.code() is grpc.StatusCode.UNAVAILABLE and "shutting down" not in str(
+                exc.details()
+            ):
+                raise _StreamBroken("UNAVAILABLE", str(exc.details())) from None
             raise _rpc_error("waiting for the result", exc) from None
         if last is None:
-            raise PsiClientError("result stream ended early; run the client again")
+            raise _StreamBroken("the stream ended before its last chunk")
+        return payloads, last
+
+    def _finish_result(self, payloads: list[bytes], last: Any) -> ResultStream:
         hi, lo = records_from_bytes(b"".join(payloads))
         status = pb.ResultStatus.Name(last.status)
         if status == "RELEASED" and (

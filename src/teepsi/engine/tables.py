@@ -16,7 +16,7 @@ from pathlib import Path
 
 import polars as pl
 
-from teepsi.engine.intersect import as_u128
+from teepsi.engine.intersect import as_u128, sorted_unique, split_u128
 from teepsi.engine.keys import (
     TRIM_CHARS,
     Normalization,
@@ -95,8 +95,13 @@ class Table:
         return len(self.keys) - self.keys.null_count()
 
     def key_records(self, seeds: tuple[int, int]) -> tuple[U64Array, U64Array]:
-        """Digests of every keyed row, in row order (rows without a key left out)."""
-        return hash_keys(self.keys.drop_nulls(), seeds)
+        """The distinct keys' records, sorted: what a party uploads.
+
+        De-duplicating here keeps "duplicates count once" true for the server's item
+        limits, and the server never learns how often a key repeats in a table.
+        """
+        hi, lo = hash_keys(self.keys.drop_nulls(), seeds)
+        return split_u128(sorted_unique(hi, lo))
 
 
 def _read_bytes(path: Path) -> bytes:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import signal
@@ -154,8 +155,18 @@ def start_server(config: ServerConfig) -> RunningServer:
         raise ServerConfigError(f"--audit-log {config.audit_log}: {exc}") from None
     if audit is not None:
         log.info("audit log %s (head %s)", config.audit_log, audit.head)
+    limits = config.limits
+    if limits.max_parties_per_job >= config.max_workers:
+        # Every waiting party holds a worker thread: a job needs one per party, plus one.
+        log.warning(
+            "--max-parties %d lowered to %d: a job needs a worker thread per waiting party "
+            "(raise --max-workers for larger jobs)",
+            limits.max_parties_per_job,
+            config.max_workers - 1,
+        )
+        limits = dataclasses.replace(limits, max_parties_per_job=config.max_workers - 1)
     registry = JobRegistry(
-        config.limits,
+        limits,
         spill_dir=config.spill_dir,
         signer=lambda receipt: sign_receipt(receipt, ratls.private_key),
         certificate_sha256=hashlib.sha256(ratls.certificate_der).digest(),

@@ -95,6 +95,8 @@ class Job:
     result_salt: bytes = field(default_factory=lambda: secrets.token_bytes(16))
     state: JobState = JobState.WAITING
     result: JobResult | None = None
+    #: Why the job ended early ("deadline passed", "server shutting down", ...).
+    end_reason: str = ""
 
     def uploaded(self) -> int:
         return sum(1 for p in self.parties.values() if p.upload is UploadState.DONE)
@@ -238,6 +240,7 @@ class JobRegistry:
                 job.party_count,
             )
             job.state = JobState.EXPIRED
+            job.end_reason = reason
             self._record(
                 "expired",
                 job_id=job.job_id,
@@ -246,6 +249,9 @@ class JobRegistry:
                 parties_uploaded=job.uploaded(),
             )
         elif not all(p.delivered for p in job.parties.values()):
+            log.warning(
+                "job %s dropped (%s) with results not fetched by every party", job.job_id, reason
+            )
             self._record(
                 "expired_undelivered",
                 job_id=job.job_id,
@@ -440,6 +446,10 @@ class JobRegistry:
                     party.store.close()
                 del job.parties[party.name]
                 del self._sessions[token]
+                if not job.parties:
+                    # Nobody left: free the job (and its --max-jobs slot) now.
+                    log.info("job %s has no parties left; dropped", job.job_id)
+                    self._drop_locked(job)
                 log.warning(
                     "job %s: upload of party %s broke off; its slot is free again",
                     job.job_id,
@@ -581,6 +591,11 @@ class JobRegistry:
             if job.state is JobState.WAITING and self._clock() >= job.deadline:
                 # The reaper may not have run yet; the deadline is the deadline.
                 self._expire_locked(job, reason="deadline passed")
+            if job.state is JobState.EXPIRED and job.end_reason == "server shutting down":
+                raise ServiceError(
+                    ErrorKind.UNAVAILABLE,
+                    f"server shutting down: job {job.job_id} was dropped; run every party again",
+                )
             if job.state is JobState.EXPIRED:
                 raise ServiceError(
                     ErrorKind.DEADLINE_EXCEEDED,

@@ -243,6 +243,12 @@ class PsiService(pb_grpc.PsiServicer):
                 attested=attested,
             )
         except ServiceError as exc:
+            log.warning(
+                "job %s: join of %s refused: %s",
+                request.job_id[:128],
+                request.party_name[:64],
+                exc.message,
+            )
             _abort(context, exc)
         return pb.JoinResponse(
             session_token=outcome.token,

@@ -1,0 +1,711 @@
+"""Bad input, each case with the exact error a user sees, and the server's limits.
+
+What other files already cover is not repeated here (see docs/reliability.md): the policy
+parser's full matrix (test_policy.py), the spec parser's (test_contract_spec.py), the
+table reader's (test_tables.py), malformed upload streams, a second upload, an upload
+after the job finished and a non-party's result request (test_service.py), --run-config
+refusals (test_deploy.py). This file adds what users meet on the command line (exit code
+2 and one line naming file, field and problem), the limits enforced by a running server
+process, and raw garbage on the server's port.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from conftest import client_args, start_client, teepsi_cmd
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from test_faults import stable_policy_dict
+
+from teepsi.attestation.policy import Policy
+from teepsi.cli import main
+from teepsi.client import PartyConfig, PsiClientError, run_party_items
+from teepsi.client.party import RATLS_TARGET_NAME, fetch_server_certificate
+from teepsi.contract.keys import generate_private_key, public_key_der, public_key_text
+from teepsi.demo import start_server_process
+from teepsi.protocol import teepsi_pb2 as pb
+from teepsi.protocol import teepsi_pb2_grpc as pb_grpc
+
+MiB = 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def policy_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("policy") / "dynamic_config.json"
+    path.write_text(json.dumps(stable_policy_dict(), indent=2))
+    return path
+
+
+def _error_lines(stderr: str) -> list[str]:
+    return [ln for ln in stderr.splitlines() if " ERROR " in ln or "error:" in ln]
+
+
+def _only_error(stderr: str) -> str:
+    """The one error line; anything else on stderr may only be a warning."""
+    errors = _error_lines(stderr)
+    assert len(errors) == 1, stderr
+    others = [ln for ln in stderr.splitlines() if ln not in errors and ln.strip()]
+    assert all(" WARNING " in ln for ln in others), others
+    return errors[0]
+
+
+def _client_argv(policy: Path, data: Path, *extra: str) -> list[str]:
+    """Client arguments against a closed port: input errors come before any connection."""
+    return [
+        "client",
+        "--host",
+        "127.0.0.1:1",
+        "--config",
+        str(policy),
+        "--data",
+        str(data),
+        "--parties",
+        "2",
+        "--name",
+        "a",
+        "--attestation",
+        "sim",
+        "--allow-simulated",
+        "--quiet",
+        *extra,
+    ]
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """``main`` reconfigures the root logger onto the captured stderr: undo it after."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def _run_main(capsys: pytest.CaptureFixture[str], argv: list[str]) -> tuple[int, str]:
+    """The CLI's ``main`` in-process (the exit code the process would return)."""
+    code = main(argv)
+    return code, capsys.readouterr().err
+
+
+# -- input files -------------------------------------------------------------------
+
+
+def _utf8(path: Path) -> str:
+    return f"{path}: line 2: not valid UTF-8 (byte offset 3); save the file as UTF-8"
+
+
+DATA_CASES = {
+    "invalid-utf8": (b"ok\n\xff\xfe\n", _utf8),
+    "nul-byte": (b"ok\nba\0d\n", lambda p: f"{p}: line 2: contains a NUL byte; items must be text"),
+    "one-mib-item": (
+        b"x" * MiB + b"\n",
+        lambda p: f"{p}: an item of 1048576 bytes exceeds the limit of 65536 bytes",
+    ),
+    "item-one-byte-over": (
+        b"small\n" + b"y" * (64 * 1024 + 1) + b"\r\n",
+        lambda p: f"{p}: an item of 65537 bytes exceeds the limit of 65536 bytes",
+    ),
+    "missing": (None, lambda p: f"{p}: no such file; check the --data path"),
+    "directory": ("dir", lambda p: f"{p}: is a directory, expected a data file"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DATA_CASES))
+def test_bad_data_file_is_exit_2_with_one_line(capsys, policy_file, tmp_path, case):
+    content, message = DATA_CASES[case]
+    path = tmp_path / f"{case}.txt"
+    if content == "dir":
+        path.mkdir()
+    elif content is not None:
+        path.write_bytes(content)
+    code, stderr = _run_main(capsys, _client_argv(policy_file, path))
+    assert code == 2
+    assert _only_error(stderr) == f"teepsi client: error: {message(path)}"
+
+
+def test_bad_csv_is_exit_2_with_one_line(capsys, policy_file, tmp_path):
+    path = tmp_path / "rows.csv"
+    path.write_bytes(b"email,n\nok@x,1\n\xff@x,2\n")
+    code, stderr = _run_main(capsys, _client_argv(policy_file, path, "--key", "email"))
+    assert code == 2
+    assert _only_error(stderr) == (
+        f"teepsi client: error: {path}: line 3: not valid UTF-8 (byte offset 15); "
+        "save the file as UTF-8"
+    )
+    code, stderr = _run_main(capsys, _client_argv(policy_file, path, "--key", "mail"))
+    assert code == 2
+    assert _only_error(stderr).startswith(f"teepsi client: error: {path}: ")
+
+
+def test_unreadable_file_is_exit_2_with_one_line(capsys, policy_file, tmp_path):
+    """chmod 000 does not stop root (these tests usually run as root): then the case is
+    skipped and 'directory' above stands for an unreadable path."""
+    if os.geteuid() == 0:
+        pytest.skip("running as root: permission bits do not prevent reading")
+    path = tmp_path / "secret.txt"
+    path.write_text("x\n")
+    path.chmod(0)
+    code, stderr = _run_main(capsys, _client_argv(policy_file, path))
+    assert code == 2
+    assert _only_error(stderr) == f"teepsi client: error: {path}: cannot read: Permission denied"
+
+
+# -- policy, spec and run-config files -----------------------------------------------
+
+
+def _policy_variant(tmp_path: Path, change) -> Path:
+    data = stable_policy_dict()
+    text = change(data)
+    path = tmp_path / "bad_policy.json"
+    path.write_text(text if isinstance(text, str) else json.dumps(data))
+    return path
+
+
+POLICY_CASES = {
+    "flag": (
+        lambda d: d.update(verify_mr_signer="yes"),
+        'verify_mr_signer: expected "on", "off", true or false, got "yes"',
+    ),
+    "short-mr": (
+        lambda d: d["sgx_mrs"][0].update(mr_signer="abc"),
+        'sgx_mrs[0].mr_signer: expected 64 hex characters, got "abc" (3 characters)',
+    ),
+    "isv-range": (
+        lambda d: d["sgx_mrs"][1].update(isv_svn="70000"),
+        "sgx_mrs[1].isv_svn: expected an integer 0..65535 (JSON number or decimal string), "
+        'got "70000"',
+    ),
+    "unknown-key": (
+        lambda d: d.update(verify_everything="on"),
+        'verify_everything: unknown key; keys starting with "_" or "comment" are ignored',
+    ),
+    "missing-list": (
+        lambda d: d.pop("sgx_mrs"),
+        "sgx_mrs: missing (a list of measurement entries)",
+    ),
+    "bad-json": (
+        lambda d: '{"verify_mr_enclave": "on",',
+        "invalid JSON at line 1 column 28: Expecting property name enclosed in double quotes",
+    ),
+    "empty": (lambda d: "", "invalid JSON at line 1 column 1: Expecting value"),
+}
+
+
+@pytest.mark.parametrize("role", ["client", "server"])
+@pytest.mark.parametrize("case", sorted(POLICY_CASES))
+def test_malformed_policy_is_exit_2_naming_file_and_field(
+    capsys, policy_file, tmp_path, role, case
+):
+    change, problem = POLICY_CASES[case]
+    bad = _policy_variant(tmp_path, change)
+    data = tmp_path / "a.txt"
+    data.write_text("x\n")
+    if role == "client":
+        argv = _client_argv(policy_file, data)
+        argv[argv.index("--config") + 1] = str(bad)
+    else:
+        argv = ["server", "--host", "127.0.0.1:0", "--attestation", "sim", "--config", str(bad)]
+    code, stderr = _run_main(capsys, argv)
+    assert code == 2
+    assert _only_error(stderr) == f"teepsi {role}: error: {bad}: {problem}"
+
+
+def test_missing_policy_file_is_exit_2(capsys, tmp_path):
+    data = tmp_path / "a.txt"
+    data.write_text("x\n")
+    missing = tmp_path / "nope.json"
+    code, stderr = _run_main(capsys, _client_argv(missing, data))
+    assert code == 2
+    assert _only_error(stderr) == (
+        f"teepsi client: error: {missing}: cannot read: No such file or directory"
+    )
+
+
+@pytest.fixture(scope="module")
+def party_keys() -> list[str]:
+    return [public_key_text(public_key_der(generate_private_key())) for _ in range(2)]
+
+
+def _parties(keys: list[str], names=("a", "b")) -> str:
+    return "".join(f'[[parties]]\nname = "{n}"\npublic_key = "{k}"\n' for n, k in zip(names, keys))
+
+
+SPEC_CASES = {
+    "bad-output": (
+        lambda k: 'job_id = "j"\noutput = "everything"\n' + _parties(k),
+        'output: expected "intersection" or "count", got "everything"',
+    ),
+    "duplicate-party-name": (
+        lambda k: 'job_id = "j"\n' + _parties(k, ("a", "a")),
+        'parties[1].name: duplicate party name "a" (also parties[0])',
+    ),
+    "unknown-recipient": (
+        lambda k: 'job_id = "j"\nrecipients = ["c"]\n' + _parties(k),
+        'recipients[0]: "c" is not a party of this job',
+    ),
+    "unknown-key": (
+        lambda k: 'job_id = "j"\ncolour = "red"\n' + _parties(k),
+        'colour: unknown key; keys starting with "_" or "comment" are ignored',
+    ),
+    "negative-threshold": (
+        lambda k: 'job_id = "j"\nmin_intersection = -1\n' + _parties(k),
+        "min_intersection: must be between 0 and 9223372036854775807, got -1",
+    ),
+    "bad-job-id": (
+        lambda k: 'job_id = "bad id"\n' + _parties(k),
+        "job_id: \"bad id\" is not a valid job id: use 1-128 letters, digits, '.', '_', '@' "
+        "or '-', starting with a letter or digit",
+    ),
+    "bad-key": (
+        lambda k: 'job_id = "j"\n' + _parties([k[0], "ed25519:AAAA"]),
+        "parties[1].public_key: not a DER SubjectPublicKeyInfo public key",
+    ),
+    "bad-toml": (
+        lambda k: 'job_id = "j\n' + _parties(k),
+        "invalid TOML: Illegal character '\\n' (at line 1, column 12)",
+    ),
+}
+
+
+@pytest.mark.parametrize("command", ["client", "spec check"])
+@pytest.mark.parametrize("case", sorted(SPEC_CASES))
+def test_malformed_spec_is_exit_2_naming_file_and_field(
+    capsys, policy_file, tmp_path, party_keys, command, case
+):
+    make, problem = SPEC_CASES[case]
+    spec = tmp_path / "job.toml"
+    spec.write_text(make(party_keys))
+    if command == "client":
+        data = tmp_path / "a.txt"
+        data.write_text("x\n")
+        argv = _client_argv(policy_file, data, "--spec", str(spec), "--key-file", "k.pem")
+        prefix = "teepsi client"
+    else:
+        argv = ["spec", "check", str(spec)]
+        prefix = "teepsi spec"
+    code, stderr = _run_main(capsys, argv)
+    assert code == 2
+    assert _only_error(stderr) == f"{prefix}: error: {spec}: {problem}"
+
+
+RUN_CONFIG_CASES = {
+    "unknown-key": (
+        'hots = "x"\n',
+        "hots: not a per-run setting (allowed: host, name, parties, job, timeout, format, key, "
+        "delimiter, quote, normalize)",
+    ),
+    "wrong-type": ('timeout = "soon"\n', "timeout: wrong type str"),
+    "bad-toml": ("timeout = \n", "not valid TOML: Invalid value (at line 1, column 11)"),
+    "missing": (None, "cannot read: No such file or directory"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RUN_CONFIG_CASES))
+def test_malformed_run_config_is_exit_2_naming_file_and_field(capsys, policy_file, tmp_path, case):
+    text, problem = RUN_CONFIG_CASES[case]
+    config = tmp_path / "run.toml"
+    if text is not None:
+        config.write_text(text)
+    data = tmp_path / "a.txt"
+    data.write_text("x\n")
+    argv = [a for a in _client_argv(policy_file, data) if a not in ("--name", "a")]
+    code, stderr = _run_main(capsys, [*argv, "--run-config", str(config)])
+    assert code == 2
+    assert _only_error(stderr) == f"teepsi client: error: --run-config {config}: {problem}"
+
+
+def test_usage_errors_exit_2_from_real_processes(policy_file, tmp_path, party_keys):
+    """The same refusals through `python -m teepsi`: process exit status 2, one line."""
+    bad_data = tmp_path / "bad.txt"
+    bad_data.write_bytes(b"ok\n\xff\n")
+    bad_policy = _policy_variant(tmp_path, POLICY_CASES["flag"][0])
+    bad_spec = tmp_path / "job.toml"
+    bad_spec.write_text(SPEC_CASES["duplicate-party-name"][0](party_keys))
+    good = tmp_path / "good.txt"
+    good.write_text("x\n")
+    runs = {
+        "data": teepsi_cmd(*_client_argv(policy_file, bad_data)),
+        "server-policy": teepsi_cmd(
+            "server", "--host", "127.0.0.1:0", "--attestation", "sim", "--config", str(bad_policy)
+        ),
+        "spec": teepsi_cmd(
+            *_client_argv(policy_file, good, "--spec", str(bad_spec), "--key-file", "k.pem")
+        ),
+    }
+    procs = {what: subprocess.Popen(args, stderr=subprocess.PIPE) for what, args in runs.items()}
+    for what, proc in procs.items():
+        _, stderr = proc.communicate(timeout=60)
+        assert proc.returncode == 2, (what, stderr)
+        line = _only_error(stderr.decode())
+        assert ": error: " in line and ("bad" in line or "job.toml" in line), line
+
+
+# -- a running server: limits and job-level refusals --------------------------------------
+
+
+def _start(workdir: Path, policy: Path, *extra: str):
+    workdir.mkdir(parents=True, exist_ok=True)
+    proc, port = start_server_process(workdir, policy, *extra)
+    return proc, port
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=20)
+    if proc.stdout is not None:
+        proc.stdout.close()
+
+
+class _Server:
+    def __init__(self, proc: subprocess.Popen[bytes], port: int, workdir: Path) -> None:
+        self.proc, self.port, self.workdir = proc, port, workdir
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        return (self.workdir / "server.log").read_text(errors="replace")
+
+
+@pytest.fixture(scope="module")
+def limited(tmp_path_factory, policy_file):
+    """One server for this module's job-level cases: 5 items per party, 3 parties per job."""
+    workdir = tmp_path_factory.mktemp("limited")
+    proc, port = _start(
+        workdir, policy_file, "--max-items", "5", "--max-parties", "3", "--job-timeout", "30"
+    )
+    yield _Server(proc, port, workdir)
+    _stop(proc)
+
+
+@pytest.fixture
+def server_with(tmp_path, policy_file):
+    """A server of the test's own (for limits that other cases would disturb)."""
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(*extra: str) -> _Server:
+        workdir = tmp_path / f"server{len(started)}"
+        proc, port = _start(workdir, policy_file, *extra)
+        started.append(proc)
+        return _Server(proc, port, workdir)
+
+    yield start
+    for proc in started:
+        _stop(proc)
+
+
+def _wait_for_log(server: _Server, needle: str, timeout: float = 60) -> None:
+    give_up = time.monotonic() + timeout
+    while needle not in server.log():
+        assert time.monotonic() < give_up, f"no {needle!r} in the server log"
+        assert server.proc.poll() is None, "server exited"
+        time.sleep(0.05)
+
+
+def _args(server, policy: Path, data: Path, name: str, *, parties=1, job="j", extra=()):
+    return client_args(
+        server, data, parties=parties, name=name, policy=policy, job=job, timeout=60, extra=extra
+    )
+
+
+def _run(args: list[str]) -> tuple[int, bytes, str]:
+    run = subprocess.run(args, capture_output=True, timeout=120)
+    return run.returncode, run.stdout, run.stderr.decode()
+
+
+def test_edge_case_files_run_end_to_end(limited, policy_file, tmp_path):
+    """Empty file, blank lines only, CRLF, an item of exactly 64 KiB, exactly --max-items."""
+    big = "é" * (32 * 1024)  # 65536 bytes of UTF-8: the largest item allowed
+    cases = {
+        "empty": (b"", b""),
+        "blank": (b"\n \r\n\t\n", b""),
+        "crlf": (b"b\r\na\r\n\r\n a \r\n", b"a\nb\n"),
+        "max-item": (big.encode() + b"\r\n", big.encode() + b"\n"),
+        "max-items": (b"1\n2\n3\n4\n5\n", b"1\n2\n3\n4\n5\n"),
+    }
+    procs = {}
+    for case, (content, _) in cases.items():
+        data = tmp_path / f"{case}.txt"
+        data.write_bytes(content)
+        procs[case] = start_client(_args(limited, policy_file, data, "a", job=f"edge-{case}"))
+    for case, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == 0, (case, stderr.decode())
+        assert stdout == cases[case][1], case
+
+
+def test_crlf_and_lf_files_intersect(limited, policy_file, tmp_path):
+    lf, crlf = tmp_path / "lf.txt", tmp_path / "crlf.txt"
+    lf.write_bytes(b"car\ncat\ndog\n")
+    crlf.write_bytes(b"cat\r\ncar\r\nemu\r\n")
+    procs = [
+        start_client(_args(limited, policy_file, path, name, parties=2, job="crlf"))
+        for path, name in ((lf, "lf"), (crlf, "crlf"))
+    ]
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == 0, stderr.decode()
+        assert stdout == b"car\ncat\n"
+
+
+def test_items_per_party_limit(limited, policy_file, tmp_path):
+    data = tmp_path / "six.txt"
+    data.write_text("1\n2\n3\n4\n5\n6\n")
+    code, stdout, stderr = _run(_args(limited, policy_file, data, "a", job="six"))
+    assert code == 1 and stdout == b""
+    assert _only_error(stderr).endswith(
+        "ERROR uploading the set failed: RESOURCE_EXHAUSTED: more than 5 items in one party's "
+        "upload (the limit of this job: its spec's max_items_per_party or the server's "
+        "--max-items)"
+    )
+
+
+def test_items_per_party_limit_counts_distinct_items(limited, policy_file, tmp_path):
+    data = tmp_path / "dups.txt"
+    data.write_text("1\n2\n3\n4\n5\n5\n 5\n")
+    code, stdout, stderr = _run(_args(limited, policy_file, data, "a", job="dups"))
+    assert code == 0, _error_lines(stderr)
+    assert stdout == b"1\n2\n3\n4\n5\n"
+
+
+def test_parties_per_job_limit(limited, policy_file, tmp_path):
+    data = tmp_path / "a.txt"
+    data.write_text("x\n")
+    code, _, stderr = _run(_args(limited, policy_file, data, "a", parties=4, job="four"))
+    assert code == 1
+    assert _only_error(stderr).endswith(
+        "ERROR joining the job failed: INVALID_ARGUMENT: party count 4 is out of range: 1 to 3"
+    )
+
+
+def test_duplicate_party_name_and_party_count_mismatch(limited, policy_file, tmp_path):
+    data = tmp_path / "a.txt"
+    data.write_text("car\ncat\n")
+    first = start_client(_args(limited, policy_file, data, "a", parties=2, job="dup"))
+    try:
+        _wait_for_log(limited, "job dup: party a joined (1/2)")
+        code, _, stderr = _run(_args(limited, policy_file, data, "a", parties=2, job="dup"))
+        assert code == 1
+        assert _only_error(stderr).endswith(
+            "ERROR joining the job failed: ALREADY_EXISTS: party name 'a' is already taken "
+            "in job dup"
+        )
+        code, _, stderr = _run(_args(limited, policy_file, data, "b", parties=3, job="dup"))
+        assert code == 1
+        assert _only_error(stderr).endswith(
+            "ERROR joining the job failed: FAILED_PRECONDITION: job dup was created for 2 "
+            "parties, not 3; every party must pass the same --parties"
+        )
+        # The refusals left the job intact: the right second party completes it.
+        code, stdout, stderr = _run(_args(limited, policy_file, data, "b", parties=2, job="dup"))
+        assert code == 0 and stdout == b"car\ncat\n", stderr
+        stdout, stderr_b = first.communicate(timeout=60)
+        assert first.returncode == 0 and stdout == b"car\ncat\n", stderr_b.decode()
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.communicate(timeout=20)
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--name", "a b"), ("--job", "bad job")])
+def test_malformed_name_or_job_id_is_a_usage_error(limited, policy_file, tmp_path, flag, value):
+    data = tmp_path / "a.txt"
+    data.write_text("x\n")
+    args = _args(limited, policy_file, data, "a", job="ok")
+    args[args.index(flag) + 1] = value
+    code, _, stderr = _run(args)
+    line = _only_error(stderr)
+    assert code == 2, line
+    assert "is invalid: use 1-128 letters, digits" in line
+
+
+def test_jobs_at_once_limit(server_with, policy_file, tmp_path):
+    server = server_with("--max-jobs", "1", "--job-timeout", "60")
+    data = tmp_path / "a.txt"
+    data.write_text("car\ncat\n")
+    first = start_client(_args(server, policy_file, data, "a", parties=2, job="one"))
+    try:
+        _wait_for_log(server, "job one: party a joined")
+        code, _, stderr = _run(_args(server, policy_file, data, "a", job="two"))
+        assert code == 1
+        assert _only_error(stderr).endswith(
+            "ERROR joining the job failed: RESOURCE_EXHAUSTED: server already runs 1 jobs "
+            "(the limit); retry later"
+        )
+        code, _, _ = _run(_args(server, policy_file, data, "b", parties=2, job="one"))
+        assert code == 0
+        assert first.wait(timeout=60) == 0
+        _wait_for_log(server, "job one: every party has its result; job state wiped")
+        # The finished job gave its slot back.
+        code, stdout, stderr = _run(_args(server, policy_file, data, "a", job="two"))
+        assert code == 0 and stdout == b"car\ncat\n", stderr
+    finally:
+        if first.poll() is None:
+            first.kill()
+        first.communicate(timeout=20)
+
+
+def test_job_emptied_by_a_refused_upload_frees_its_slot(server_with, policy_file, tmp_path):
+    server = server_with("--max-jobs", "1", "--max-items", "1", "--job-timeout", "60")
+    two = tmp_path / "two.txt"
+    two.write_text("x\ny\n")
+    one = tmp_path / "one.txt"
+    one.write_text("x\n")
+    code, _, stderr = _run(_args(server, policy_file, two, "a", parties=2, job="first"))
+    assert code == 1 and "RESOURCE_EXHAUSTED: more than 1 items" in stderr
+    code, stdout, stderr = _run(_args(server, policy_file, one, "a", job="second"))
+    assert code == 0, _error_lines(stderr)
+    assert stdout == b"x\n"
+
+
+def test_concurrent_rpc_limit(server_with, policy_file):
+    """Each waiting party holds a worker thread: --max-workers bounds a job's parties.
+
+    With --max-workers 3 the server lowers --max-parties to 2 at start (and says so), so a
+    3-party job is refused at its first join instead of never completing.
+    """
+    server = server_with("--max-workers", "3", "--job-timeout", "60")
+    assert "--max-parties 256 lowered to 2" in server.log()
+    policy = Policy.from_dict(stable_policy_dict())
+    config = PartyConfig(
+        host=server.host,
+        policy=policy,
+        name="a",
+        party_count=3,
+        job_id="crowded",
+        attestation="sim",
+        allow_simulated=True,
+        timeout=60,
+    )
+    with pytest.raises(PsiClientError) as err:
+        run_party_items(config, ["x"])
+    assert str(err.value) == (
+        "joining the job failed: INVALID_ARGUMENT: party count 3 is out of range: 1 to 2"
+    )
+
+
+def _drain_until_closed(sock: socket.socket, timeout: float = 15.0) -> bytes:
+    """Read until the server closes the connection (bounded)."""
+    sock.settimeout(timeout)
+    received = b""
+    give_up = time.monotonic() + timeout
+    while time.monotonic() < give_up:
+        try:
+            data = sock.recv(65536)
+        except (ConnectionResetError, ssl.SSLError):
+            return received
+        if not data:
+            return received
+        received += data
+    raise AssertionError("the server kept a garbage connection open")
+
+
+def _pinned_channel(host: str) -> grpc.Channel:
+    """A channel to the server's certificate with no message size caps of our own."""
+    der = fetch_server_certificate(host, 10)
+    pem = x509.load_der_x509_certificate(der).public_bytes(serialization.Encoding.PEM)
+    return grpc.secure_channel(
+        host,
+        grpc.ssl_channel_credentials(root_certificates=pem),
+        options=[
+            ("grpc.ssl_target_name_override", RATLS_TARGET_NAME),
+            ("grpc.max_send_message_length", -1),
+            ("grpc.max_receive_message_length", -1),
+        ],
+    )
+
+
+def test_garbage_bytes_on_the_port_are_dropped_and_the_server_keeps_serving(
+    limited, policy_file, tmp_path
+):
+    port = limited.port
+    # Idle connections that never speak do not block anyone.
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(50)]
+    try:
+        for payload in (b"\x00\xff garbage \x16\x03" * 1000, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+                raw.sendall(payload)
+                assert _drain_until_closed(raw) == b""  # TLS handshake fails: closed
+        # TLS, then a valid HTTP/2 preface followed by garbage frames.
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        context.set_alpn_protocols(["h2"])
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+            context.wrap_socket(raw, server_hostname=RATLS_TARGET_NAME) as tls,
+        ):
+            tls.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\xff" * 5000)
+            _drain_until_closed(tls)
+        # A well-formed gRPC call whose protobuf payload is garbage.
+        with _pinned_channel(limited.host) as channel:
+            raw_call = channel.unary_unary(
+                "/teepsi.v1.Psi/GetChallenge", request_serializer=None, response_deserializer=None
+            )
+            for junk in (b"\xff\xff\xff\xff", b"\x0a\x80\x80\x80\x80\x10"):
+                with pytest.raises(grpc.RpcError) as err:
+                    raw_call(junk, timeout=10)
+                assert err.value.code() is grpc.StatusCode.INTERNAL
+                assert err.value.details() == "Exception deserializing request!"
+            unknown = channel.unary_unary("/teepsi.v1.Psi/Nope")
+            with pytest.raises(grpc.RpcError) as err:
+                unknown(b"", timeout=10)
+            assert err.value.code() is grpc.StatusCode.UNIMPLEMENTED
+        # The server is alive and runs a job while the idle connections are still open.
+        data = tmp_path / "a.txt"
+        data.write_text("x\ny\n")
+        code, stdout, stderr = _run(_args(limited, policy_file, data, "a", job="after-garbage"))
+        assert code == 0 and stdout == b"x\ny\n", stderr
+    finally:
+        for sock in idle:
+            sock.close()
+    assert limited.proc.poll() is None
+
+
+def test_20_mib_messages_are_resource_exhausted(limited):
+    with _pinned_channel(limited.host) as channel:
+        stub = pb_grpc.PsiStub(channel)
+        huge = "j" * (20 * MiB)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.GetChallenge(pb.GetChallengeRequest(job_id=huge, party_name="a"), timeout=30)
+        assert err.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert err.value.details() == (
+            "SERVER: Received message larger than max (20971528 vs. 16777216)"
+        )
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Join(pb.JoinRequest(job_id="j", party_name="a", nonce=b"n" * 20 * MiB), timeout=30)
+        assert err.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "Received message larger than max" in err.value.details()
+        # An upload chunk of 20 MiB (after a fake session: the size check comes first).
+        chunk = pb.UploadChunk(sequence=0, records=b"r" * 20 * MiB, record_count=1, last=True)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Upload(iter([chunk]), metadata=(("x-teepsi-session", "00" * 32),), timeout=30)
+        assert err.value.code() in (
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            grpc.StatusCode.UNAUTHENTICATED,  # refused before the message was read
+        )
+        # Still serving small requests.
+        nonce = stub.GetChallenge(pb.GetChallengeRequest(job_id="j", party_name="a"), timeout=10)
+        assert len(nonce.nonce) == 32
+    assert limited.proc.poll() is None
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(pytest.main([__file__, "-q"]))

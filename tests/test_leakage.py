@@ -1,0 +1,500 @@
+"""Leakage: logs at every level hold no item or key, spill files hold no plaintext, results
+reach only recipients, and a job's state is wiped once released or expired.
+
+Items are random and distinctive, so finding one anywhere is a leak, not a coincidence.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import signal
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import polars as pl
+import pytest
+from conftest import client_args, start_client
+from test_faults import stable_policy_dict
+
+from teepsi.attestation.policy import Policy
+from teepsi.client.party import PartyConfig, PsiClient, PsiClientError
+from teepsi.contract.keys import (
+    generate_private_key,
+    private_key_pem,
+    public_key_der,
+    public_key_text,
+)
+from teepsi.contract.receipt import SignedReceipt
+from teepsi.contract.spec import JobSpec, OutputKind, PartySpec
+from teepsi.engine.keys import hash_keys, records_to_bytes
+from teepsi.engine.tables import TableSpec
+from teepsi.protocol import SESSION_METADATA
+from teepsi.protocol import teepsi_pb2 as pb
+from teepsi.server.app import ServerConfig, start_server
+from teepsi.server.jobs import Limits
+
+KEY_SCHEME = TableSpec(path=Path("x")).key_scheme
+
+
+@pytest.fixture(scope="module")
+def policy_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("policy") / "dynamic_config.json"
+    path.write_text(json.dumps(stable_policy_dict(), indent=2))
+    return path
+
+
+@pytest.fixture(scope="module")
+def policy() -> Policy:
+    return Policy.from_dict(stable_policy_dict())
+
+
+def _secret_items(prefix: str, n: int) -> list[str]:
+    return [f"{prefix}-{secrets.token_hex(8)}-{i}" for i in range(n)]
+
+
+def _needles(items: list[str]) -> list[bytes]:
+    """An item as it could show up: as written, case-folded, upper-case, hex."""
+    found: list[bytes] = []
+    for item in items:
+        raw = item.encode()
+        found += [raw, item.casefold().encode(), item.upper().encode(), raw.hex().encode()]
+    return found
+
+
+def _leaks(haystack: bytes, needles: list[bytes]) -> list[bytes]:
+    return [n for n in needles if n in haystack]
+
+
+def _wait_for(predicate, what: str, timeout: float = 30.0) -> None:
+    give_up = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < give_up, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+# -- logs ------------------------------------------------------------------------------
+
+
+def test_logs_at_every_level_never_contain_items_or_keys(start_server, policy_file, tmp_path):
+    audit = tmp_path / "audit.jsonl"
+    server = start_server("-v", "--audit-log", str(audit), policy=policy_file)
+    common = _secret_items("Common", 20)
+    texts = {f"p{n}": common + _secret_items(f"Own{n}", 30) for n in range(3)}
+    levels = {"p0": ["-v"], "p1": [], "p2": ["--quiet"]}
+    procs = {}
+    for name, items in texts.items():
+        data = tmp_path / f"{name}.txt"
+        data.write_text("\n".join(f"  {it} " for it in items) + "\n")
+        args = client_args(server, data, parties=3, name=name, policy=policy_file, job="logs")
+        if "--quiet" not in levels[name]:
+            args.remove("--quiet")
+        procs[name] = start_client([*args, *levels[name]])
+    # A CSV job under a spec: key columns, a secret non-key column, private key files.
+    keys = {name: generate_private_key() for name in ("h", "i")}
+    spec = tmp_path / "job.toml"
+    spec.write_text(
+        'job_id = "csv-logs"\nnormalize = "trim,casefold"\n'
+        + "".join(
+            f'[[parties]]\nname = "{n}"\npublic_key = "{public_key_text(public_key_der(k))}"\n'
+            for n, k in keys.items()
+        )
+    )
+    emails = _secret_items("Mail", 20)
+    ssns = _secret_items("ssn", 40)
+    rows = {"h": emails + _secret_items("MailH", 20), "i": emails + _secret_items("MailI", 20)}
+    for (name, mails), ssn_part in zip(rows.items(), (ssns[:20], ssns[20:])):
+        csv = tmp_path / f"{name}.csv"
+        csv.write_text(
+            "email,ssn\n"
+            + "".join(f"{m.upper()},{s}\n" for m, s in zip(mails, ssn_part + ssn_part))
+        )
+        key_file = tmp_path / f"{name}.key"
+        key_file.write_bytes(private_key_pem(keys[name]))
+        args = client_args(server, csv, parties=2, name=name, policy=policy_file, job="csv-logs")
+        args.remove("--quiet")
+        procs[name] = start_client(
+            [*args, "-v", "--key", "email", "--spec", str(spec), "--key-file", str(key_file)]
+        )
+    stderr_of = {}
+    for name, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=180)
+        assert proc.returncode == 0, stderr.decode()
+        stderr_of[name] = stderr
+        if name.startswith("p"):
+            assert stdout == "".join(f"{c}\n" for c in sorted(common)).encode()
+    # -v turns on DEBUG (teepsi itself logs nothing more there today), default is INFO.
+    assert b" INFO " in stderr_of["p0"] and b" INFO " in stderr_of["p1"]
+    assert b" INFO " not in stderr_of["p2"]
+    server.proc.send_signal(signal.SIGTERM)
+    server.proc.wait(timeout=20)
+    server_log = (server.workdir / "server.log").read_bytes()
+    assert b" INFO " in server_log
+    all_items = [it for items in texts.values() for it in items]
+    all_items += [m for mails in rows.values() for m in mails] + ssns
+    needles = _needles(all_items)
+    for name in keys:
+        # The private key, as its PEM body and as raw base64 of its DER.
+        pem = (tmp_path / f"{name}.key").read_bytes()
+        body = b"".join(pem.strip().splitlines()[1:-1])
+        needles += [body, body[:32]]
+    for where, text in {
+        "server.log": server_log,
+        "audit log": audit.read_bytes(),
+        **{f"client {n} stderr": e for n, e in stderr_of.items()},
+    }.items():
+        assert not _leaks(text, needles), (where, _leaks(text, needles)[:3])
+
+
+def test_in_process_debug_logs_hold_no_session_token_or_key_seeds(policy, caplog):
+    """Secrets that never reach a file: session tokens and the job's key seeds."""
+    caplog.set_level(logging.DEBUG)
+    running = start_server(
+        ServerConfig(
+            host="127.0.0.1:0", attestation="sim", client_policy=policy, allow_simulated=True
+        )
+    )
+    clients = []
+    try:
+        tokens, seeds = [], None
+        for name in ("a", "b"):
+            client = _client(running.port, policy, name, job="tokens")
+            clients.append(client)
+            client.connect()
+            token, seeds = client.join(KEY_SCHEME)
+            tokens.append(token)
+        items = pl.Series(_secret_items("tok", 50))
+        records = hash_keys(items, seeds)
+        for client, token in zip(clients, tokens):
+            client.upload(token, *records, _NoBar())
+        for client, token in zip(clients, tokens):
+            assert client.result(token).total == 50
+    finally:
+        for client in clients:
+            client.close()
+        running.stop(grace=0)
+    text = caplog.text
+    assert "job tokens: every party has its result; job state wiped" in text
+    for token in tokens:
+        assert token.hex() not in text and token.hex().upper() not in text
+    for seed in seeds:
+        assert str(seed) not in text and f"{seed:x}" not in text
+    for item in items.to_list():
+        assert item not in text
+
+
+# -- spill -------------------------------------------------------------------------------
+
+
+class _NoBar:
+    def advance(self, amount: int) -> None:
+        pass
+
+
+def _client(port: int, policy: Policy, name: str, *, job: str, parties: int = 2, **kw):
+    return PsiClient(
+        PartyConfig(
+            host=f"127.0.0.1:{port}",
+            policy=policy,
+            name=name,
+            party_count=parties,
+            job_id=job,
+            attestation="sim",
+            allow_simulated=True,
+            timeout=60,
+            **kw,
+        )
+    )
+
+
+def _files_under(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_file()]
+
+
+def _scan(files: list[Path], needles: list[bytes], *, limit: int = 64 * 1024 * 1024) -> list[str]:
+    """Files (up to ``limit`` bytes each) in which any needle occurs."""
+    hits = []
+    for path in files:
+        try:
+            if path.stat().st_size > limit:
+                continue
+            data = path.read_bytes()
+        except OSError:
+            continue  # gone meanwhile, or not ours to read
+        if any(n in data for n in needles):
+            hits.append(str(path))
+    return hits
+
+
+def _plaintext_needles(items: list[str], hi: np.ndarray, lo: np.ndarray) -> list[bytes]:
+    """Sampled items and their key records (16 bytes, and the 8-byte halves)."""
+    rng = np.random.default_rng(7)
+    picks = rng.choice(len(items), size=200, replace=False)
+    needles = [items[i].encode() for i in picks]
+    for i in picks[:100]:
+        record = records_to_bytes(hi[i : i + 1], lo[i : i + 1])
+        needles += [record, record[:8], record[8:]]
+    return needles
+
+
+def _recent_tmp_files(since: float) -> list[Path]:
+    found = []
+    for root, _dirs, names in os.walk("/tmp"):
+        for name in names:
+            path = Path(root) / name
+            try:
+                if path.is_file() and path.stat().st_mtime >= since:
+                    found.append(path)
+            except OSError:
+                continue
+    return found
+
+
+def test_spill_files_hold_no_plaintext_during_and_after_a_run(
+    start_server, policy_file, policy, tmp_path
+):
+    started = time.time() - 1
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    server = start_server(
+        "--memory-budget", "1MiB", "--spill-dir", str(spill), "-v", policy=policy_file
+    )
+    items_a = _secret_items("spillA", 200_000)
+    items_b = items_a[::2] + _secret_items("spillB", 1000)
+    a = _client(server.port, policy, "a", job="spill")
+    b = _client(server.port, policy, "b", job="spill")
+    try:
+        a.connect()
+        b.connect()
+        token_a, seeds = a.join(KEY_SCHEME)
+        token_b, _ = b.join(KEY_SCHEME)
+        rec_a = hash_keys(pl.Series(items_a), seeds)
+        rec_b = hash_keys(pl.Series(items_b), seeds)
+        needles = _plaintext_needles(items_a, *rec_a) + _plaintext_needles(items_b, *rec_b)
+        a.upload(token_a, *rec_a, _NoBar())
+        assert "party a uploaded 200000 records (spilled to disk, encrypted)" in server.log()
+        # During the run: a's records are on disk while the job waits for b.
+        segments = _files_under(spill)
+        assert segments and sum(p.stat().st_size for p in segments) > 200_000 * 16
+        assert _scan(segments, needles) == []
+        b.upload(token_b, *rec_b, _NoBar())
+        assert _scan(_files_under(spill), needles) == []
+        got_a, got_b = a.result(token_a), b.result(token_b)
+        assert got_a.total == got_b.total == 100_000
+    finally:
+        a.close()
+        b.close()
+    _wait_for(lambda: "job state wiped" in server.log(), "the job to be wiped")
+    assert _files_under(spill) == []  # segments deleted when the job ended
+    # Nothing the run wrote anywhere under /tmp (server log, spill, caches) holds them.
+    assert _scan(_recent_tmp_files(started), needles) == []
+    server.proc.terminate()
+    server.proc.wait(timeout=20)
+    assert list(spill.iterdir()) == []
+
+
+def test_spill_left_by_a_killed_server_is_ciphertext_only(
+    start_server, policy_file, policy, tmp_path
+):
+    """SIGKILL leaves segment files behind (nothing can delete them); the key died with
+    the process, so they are ciphertext nobody can open. A restart does not remove them."""
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    server = start_server("--memory-budget", "1MiB", "--spill-dir", str(spill), policy=policy_file)
+    items = _secret_items("killed", 150_000)
+    a = _client(server.port, policy, "a", job="killed")
+    try:
+        a.connect()
+        token, seeds = a.join(KEY_SCHEME)
+        records = hash_keys(pl.Series(items), seeds)
+        a.upload(token, *records, _NoBar())
+    finally:
+        a.close()
+    server.proc.send_signal(signal.SIGKILL)
+    server.proc.wait(timeout=10)
+    left = _files_under(spill)
+    assert left, "expected the killed server's segments to remain"
+    assert _scan(left, _plaintext_needles(items, *records)) == []
+
+
+# -- results reach only recipients -------------------------------------------------------
+
+
+def _spec_clients(port, policy, spec: JobSpec, keys):
+    clients = {}
+    for party in spec.parties:
+        clients[party.name] = _client(
+            port,
+            policy,
+            party.name,
+            job=spec.job_id,
+            parties=len(spec.parties),
+            spec=spec,
+            party_key=keys[party.name],
+        )
+    return clients
+
+
+def _raw_result(client: PsiClient, token: bytes) -> list:
+    stream = client.stub.GetResult(
+        pb.GetResultRequest(), metadata=((SESSION_METADATA, token.hex()),), timeout=60
+    )
+    return list(stream)
+
+
+@pytest.mark.parametrize(
+    ("output", "min_intersection", "expected"),
+    [
+        ("intersection", 0, {"a": "RELEASED", "b": "RELEASED", "c": "NOT_RECIPIENT"}),
+        ("count", 0, {"a": "COUNT_ONLY", "b": "COUNT_ONLY", "c": "COUNT_ONLY"}),
+        ("intersection", 31, {n: "BELOW_THRESHOLD" for n in "abc"}),
+    ],
+)
+def test_results_never_reach_a_non_recipient_on_the_wire(
+    policy, output, min_intersection, expected
+):
+    keys = {n: generate_private_key() for n in "abc"}
+    spec = JobSpec(
+        job_id=f"rcpt-{output}-{min_intersection}",
+        parties=tuple(PartySpec(name=n, public_key=public_key_der(k)) for n, k in keys.items()),
+        recipients=("a", "b"),
+        output=OutputKind(output),
+        min_intersection=min_intersection,
+    )
+    running = start_server(
+        ServerConfig(
+            host="127.0.0.1:0", attestation="sim", client_policy=policy, allow_simulated=True
+        )
+    )
+    clients = _spec_clients(running.port, policy, spec, keys)
+    common = _secret_items("common", 30)
+    try:
+        tokens, seeds = {}, None
+        for name, client in clients.items():
+            client.connect()
+            tokens[name], seeds = client.join(KEY_SCHEME)
+        for name, client in clients.items():
+            own = pl.Series(common + _secret_items(name, 10))
+            client.upload(tokens[name], *hash_keys(own, seeds), _NoBar())
+        chunks = {name: _raw_result(client, tokens[name]) for name, client in clients.items()}
+    finally:
+        for client in clients.values():
+            client.close()
+        running.stop(grace=0)
+    for name, got in chunks.items():
+        status = pb.ResultStatus.Name(got[-1].status)
+        assert status == expected[name], name
+        records = b"".join(c.records for c in got)
+        if status == "RELEASED":
+            assert len(records) == 30 * 16 and got[-1].result_sha256
+            assert got[-1].result_digest_salt
+            continue
+        # Not released: no record, no result digest, no salt to test guesses against.
+        assert records == b"" and all(c.record_count == 0 for c in got), name
+        assert all(not c.result_sha256 and not c.result_digest_salt for c in got), name
+        if status == "BELOW_THRESHOLD":
+            assert all(c.total_records == 0 for c in got)  # not even the size
+            receipt = SignedReceipt.from_json(got[-1].receipt_json).receipt
+            assert receipt.result_size is None and receipt.result_sha256 is None
+        else:
+            assert got[-1].total_records == 30
+
+
+# -- job state wiped after release or expiry -----------------------------------------------
+
+
+@pytest.fixture
+def small_server(policy, tmp_path):
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    running = start_server(
+        ServerConfig(
+            host="127.0.0.1:0",
+            attestation="sim",
+            client_policy=policy,
+            allow_simulated=True,
+            spill_dir=str(spill),
+            limits=Limits(job_timeout_seconds=4, memory_budget_bytes=1024 * 1024),
+        )
+    )
+    yield running, spill
+    running.stop(grace=0)
+
+
+def _upload(client: PsiClient, items: list[str]) -> bytes:
+    client.connect()
+    token, seeds = client.join(KEY_SCHEME)
+    client.upload(token, *hash_keys(pl.Series(items), seeds), _NoBar())
+    return token
+
+
+def _assert_wiped(running, spill: Path) -> None:
+    assert running.registry.job_count() == 0
+    assert running.registry.budget.held == 0  # every record's memory given back
+    assert _files_under(spill) == []  # every spilled segment deleted
+
+
+def test_job_state_wiped_after_release(small_server, policy, caplog):
+    caplog.set_level(logging.INFO, logger="teepsi")
+    running, spill = small_server
+    items = _secret_items("rel", 100_000)  # 1.6 MB of records: over the 1 MiB budget
+    a, b = (_client(running.port, policy, n, job="released") for n in "ab")
+    try:
+        token_a = _upload(a, items)
+        assert _files_under(spill)  # a's records, sealed on disk
+        token_b = _upload(b, items[::2])
+        # Computed: the uploads' stores are closed, only the (in-memory) result remains.
+        assert running.registry.job_count() == 1 and _files_under(spill) == []
+        assert a.result(token_a).total == 50_000
+        assert running.registry.job_count() == 1  # b has not fetched yet
+        assert b.result(token_b).total == 50_000
+        _assert_wiped(running, spill)
+        assert "job released: every party has its result; job state wiped" in caplog.text
+        for client, token in ((a, token_a), (b, token_b)):
+            with pytest.raises(PsiClientError, match="UNAUTHENTICATED: unknown or expired"):
+                client.result(token)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_job_state_wiped_after_expiry_while_waiting(small_server, policy, caplog):
+    caplog.set_level(logging.INFO, logger="teepsi")
+    running, spill = small_server
+    a = _client(running.port, policy, "a", job="expired")
+    try:
+        token = _upload(a, _secret_items("exp", 100_000))
+        assert _files_under(spill)
+        started = time.monotonic()
+        with pytest.raises(PsiClientError, match="DEADLINE_EXCEEDED: job expired expired: 1 of 2"):
+            a.result(token)
+        assert time.monotonic() - started < 6
+        _assert_wiped(running, spill)
+        assert "job expired expired (deadline passed): 1 of 2 parties had uploaded" in caplog.text
+        with pytest.raises(PsiClientError, match="UNAUTHENTICATED"):
+            a.result(token)
+    finally:
+        a.close()
+
+
+def test_job_state_wiped_after_expiry_with_an_undelivered_result(small_server, policy):
+    """Every party uploaded, one never fetched: the result is dropped at the deadline."""
+    running, spill = small_server
+    items = _secret_items("undelivered", 1000)
+    a, b = (_client(running.port, policy, n, job="undelivered") for n in "ab")
+    try:
+        token_a, token_b = _upload(a, items), _upload(b, items)
+        assert a.result(token_a).total == 1000
+        assert running.registry.job_count() == 1
+        _wait_for(lambda: running.registry.job_count() == 0, "the deadline", timeout=15)
+        _assert_wiped(running, spill)
+        with pytest.raises(grpc.RpcError) as err:
+            _raw_result(b, token_b)
+        assert err.value.code() is grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        a.close()
+        b.close()
