@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: bench bench-quick demo demo-2 demo-3 demo-contract test lint typecheck unit proto install clean
+.PHONY: fuzz bench bench-quick demo demo-2 demo-3 demo-contract test lint typecheck unit proto install clean
 
 install: $(STAMP)
 
@@ -28,7 +28,7 @@ demo-contract: $(STAMP)
 test: lint typecheck unit
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests scripts bench deploy
+	$(VENV)/bin/ruff check src tests scripts bench deploy fuzz
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
@@ -44,6 +44,11 @@ bench: $(STAMP)
 bench-quick: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) bench/run.py --quick
+
+# Long fuzzing runs (CI runs each harness for a bounded number of iterations).
+FUZZ_TIME ?= 3600
+fuzz: $(STAMP)
+	$(PY) fuzz/run.py --time $(FUZZ_TIME)
 
 # Regenerate the gRPC code after editing src/teepsi/protocol/teepsi.proto.
 proto: $(STAMP)

@@ -93,8 +93,11 @@ def _show(value: object, limit: int = 40) -> str:
     """A short, single-line rendering of a user-supplied value for error messages."""
     try:
         text = json.dumps(value)
-    except (TypeError, ValueError):
-        text = repr(value).replace("\n", "\\n")
+    except (TypeError, ValueError, RecursionError):
+        try:
+            text = repr(value).replace("\n", "\\n")
+        except (ValueError, RecursionError):  # nested too deeply, or an int too long
+            text = f"<{type(value).__name__}>"
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -350,8 +353,18 @@ class Policy:
         def no_constant(name: str) -> object:
             raise PolicyError(f"{where}: invalid JSON: {name} is not allowed")
 
+        def bounded_int(digits: str) -> int:
+            if len(digits) > 64:
+                raise PolicyError(f"{where}: invalid JSON: a number of {len(digits)} digits")
+            return int(digits)
+
         try:
-            data = json.loads(text, object_pairs_hook=no_duplicates, parse_constant=no_constant)
+            data = json.loads(
+                text,
+                object_pairs_hook=no_duplicates,
+                parse_constant=no_constant,
+                parse_int=bounded_int,
+            )
         except json.JSONDecodeError as exc:
             raise PolicyError(
                 f"{where}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"

@@ -164,11 +164,13 @@ class ParsedQuote:
     qe_auth_data: bytes
     cert_data_type: int
     cert_data: bytes
+    #: The report body exactly as it appears in the quote (reserved bytes included).
+    report_body_bytes: bytes = b""
 
     @property
     def signed_bytes(self) -> bytes:
         """What the attestation key signs: the header followed by the report body."""
-        return self.header + self.report_body.to_bytes()
+        return self.header + (self.report_body_bytes or self.report_body.to_bytes())
 
 
 class _Reader:
@@ -207,7 +209,8 @@ def parse_quote(quote: bytes) -> ParsedQuote:
             f"not an SGX v3 ECDSA-P256 quote (version {version}, key type {key_type}, "
             f"tee type {tee_type})"
         )
-    body = ReportBody.from_bytes(reader.take(REPORT_BODY_SIZE))
+    body_bytes = reader.take(REPORT_BODY_SIZE)
+    body = ReportBody.from_bytes(body_bytes)
     sig_reader = _Reader(reader.take(reader.u32()))
     isv_signature = sig_reader.take(ECDSA_SIG_SIZE)
     attestation_public_key = sig_reader.take(ECDSA_PUBKEY_SIZE)
@@ -226,4 +229,5 @@ def parse_quote(quote: bytes) -> ParsedQuote:
         qe_auth_data=qe_auth_data,
         cert_data_type=cert_data_type,
         cert_data=cert_data,
+        report_body_bytes=body_bytes,
     )

@@ -29,8 +29,11 @@ def show(value: object, limit: int = 40) -> str:
     """A short, single-line rendering of a user-supplied value for error messages."""
     try:
         text = json.dumps(value)
-    except (TypeError, ValueError):
-        text = repr(value).replace("\n", "\\n")
+    except (TypeError, ValueError, RecursionError):
+        try:
+            text = repr(value).replace("\n", "\\n")
+        except (ValueError, RecursionError):  # nested too deeply, or an int too long
+            text = f"<{type(value).__name__}>"
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -39,6 +42,10 @@ def canonical_json(value: object) -> bytes:
     return json.dumps(
         value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
     ).encode("ascii")
+
+
+#: Longest integer literal accepted in JSON input (Python refuses over 4300 by default).
+MAX_INT_DIGITS = 64
 
 
 def strict_json_loads(text: str, fail: Callable[[str], Exception]) -> object:
@@ -59,8 +66,18 @@ def strict_json_loads(text: str, fail: Callable[[str], Exception]) -> object:
     def no_constant(name: str) -> object:
         raise fail(f"invalid JSON: {name} is not allowed")
 
+    def bounded_int(digits: str) -> int:
+        if len(digits) > MAX_INT_DIGITS:
+            raise fail(f"invalid JSON: a number of {len(digits)} digits")
+        return int(digits)
+
     try:
-        return json.loads(text, object_pairs_hook=no_duplicates, parse_constant=no_constant)
+        return json.loads(
+            text,
+            object_pairs_hook=no_duplicates,
+            parse_constant=no_constant,
+            parse_int=bounded_int,
+        )
     except json.JSONDecodeError as exc:
         raise fail(f"invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
     except RecursionError:

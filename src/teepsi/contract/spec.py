@@ -221,9 +221,14 @@ class JobSpec:
             raise SpecError(f"{source}: not UTF-8 text (byte {exc.start})") from None
         raw: object
         if fmt == "toml":
+            _check_dotted_keys(text, source)
             try:
                 raw = tomllib.loads(text)
             except tomllib.TOMLDecodeError as exc:
+                raise SpecError(f"{source}: invalid TOML: {_first_line(exc)}") from None
+            except RecursionError:
+                raise SpecError(f"{source}: invalid TOML: nested too deeply") from None
+            except ValueError as exc:  # e.g. an integer of more digits than Python converts
                 raise SpecError(f"{source}: invalid TOML: {_first_line(exc)}") from None
         else:
             raw = strict_json_loads(text, lambda problem: SpecError(f"{source}: {problem}"))
@@ -294,6 +299,22 @@ class JobSpec:
 
 
 # --- field readers ---------------------------------------------------------------------
+
+
+#: Dotted parts allowed in one TOML line: tomllib parses keys of thousands of parts in
+#: quadratic time, so such input is refused before it gets there.
+_MAX_DOTS_PER_LINE = 64
+_TOML_STRINGS = re.compile(r'"(?:[^"\\\n]|\\.)*"|\'[^\'\n]*\'')
+
+
+def _check_dotted_keys(text: str, source: str) -> None:
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.count(".") > _MAX_DOTS_PER_LINE:
+            bare = _TOML_STRINGS.sub("", line)
+            if bare.count(".") > _MAX_DOTS_PER_LINE:
+                raise SpecError(
+                    f"{source}: line {number}: more than {_MAX_DOTS_PER_LINE} dotted key parts"
+                )
 
 
 def _first_line(exc: Exception) -> str:
@@ -390,7 +411,7 @@ def _deadline_seconds(value: object, where: str) -> int:
         assert isinstance(value, int)
         if 1 <= value <= _MAX_DEADLINE:
             return value
-        _fail(where, f"UNIX seconds must be between 1 and {_MAX_DEADLINE}, got {value}")
+        _fail(where, f"UNIX seconds must be between 1 and {_MAX_DEADLINE}, got {show(value)}")
     moment: dt.datetime
     if isinstance(value, str):
         match = _RFC3339_UTC.fullmatch(value)
