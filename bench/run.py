@@ -1350,4 +1350,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt as interrupted:
+        # The finally-blocks have already stopped every child process by now.
+        log(f"interrupted ({interrupted or 'Ctrl-C'}); child processes stopped")
+        sys.exit(130)
