@@ -33,7 +33,6 @@ allowed. Parsing fails closed:
 from __future__ import annotations
 
 import difflib
-import json
 import logging
 import re
 from collections.abc import Sequence
@@ -41,6 +40,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from teepsi.attestation.evidence import AttributeFlag, EnclaveIdentity
+from teepsi.jsontext import show, strict_json_loads
 
 __all__ = [
     "MeasurementEntry",
@@ -89,18 +89,6 @@ class PolicyViolation(Exception):
     """A peer is refused by the policy; the message is one line saying why."""
 
 
-def _show(value: object, limit: int = 40) -> str:
-    """A short, single-line rendering of a user-supplied value for error messages."""
-    try:
-        text = json.dumps(value)
-    except (TypeError, ValueError, RecursionError):
-        try:
-            text = repr(value).replace("\n", "\\n")
-        except (ValueError, RecursionError):  # nested too deeply, or an int too long
-            text = f"<{type(value).__name__}>"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def _is_ignored_key(key: str) -> bool:
     return key.startswith(("_", "comment"))
 
@@ -109,12 +97,12 @@ def _check_keys(obj: dict[object, object], allowed: Sequence[str], prefix: str) 
     """Refuse unknown keys; ``prefix`` is ``"<source>: "`` or ``"<source>: sgx_mrs[i]."``."""
     for key in obj:
         if not isinstance(key, str):
-            raise PolicyError(f"{prefix}{_show(key)}: keys must be strings")
+            raise PolicyError(f"{prefix}{show(key)}: keys must be strings")
         if key in allowed or _is_ignored_key(key):
             continue
         hint = difflib.get_close_matches(key, allowed, n=1)
         suggestion = f" (did you mean {hint[0]}?)" if hint else ""
-        shown = key if key.isprintable() and len(key) <= 60 else _show(key)  # stay one line
+        shown = key if key.isprintable() and len(key) <= 60 else show(key)  # stay one line
         raise PolicyError(
             f'{prefix}{shown}: unknown key{suggestion}; keys starting with "_" or '
             '"comment" are ignored'
@@ -127,7 +115,7 @@ def _parse_flag(value: object, where: str) -> bool:
     # isascii(): no Unicode look-alikes that happen to lower() to "on"
     if isinstance(value, str) and value.isascii() and value.lower() in ("on", "off"):
         return value.lower() == "on"
-    raise PolicyError(f'{where}: expected "on", "off", true or false, got {_show(value)}')
+    raise PolicyError(f'{where}: expected "on", "off", true or false, got {show(value)}')
 
 
 def _parse_mr(value: object, where: str) -> bytes:
@@ -135,7 +123,7 @@ def _parse_mr(value: object, where: str) -> bytes:
     if isinstance(value, str) and _HEX64.fullmatch(value):
         return bytes.fromhex(value)
     detail = f" ({len(value)} characters)" if isinstance(value, str) else ""
-    raise PolicyError(f"{where}: expected 64 hex characters, got {_show(value)}{detail}")
+    raise PolicyError(f"{where}: expected 64 hex characters, got {show(value)}{detail}")
 
 
 def _parse_u16(value: object, where: str) -> int:
@@ -150,7 +138,7 @@ def _parse_u16(value: object, where: str) -> int:
     if number is None or not 0 <= number <= _MAX_U16:
         raise PolicyError(
             f"{where}: expected an integer 0..65535 (JSON number or decimal string), "
-            f"got {_show(value)}"
+            f"got {show(value)}"
         )
     return number
 
@@ -159,7 +147,7 @@ def _parse_name(value: object, where: str) -> str:
     # the name ends up in one-line log and error messages: keep it on one line
     if isinstance(value, str) and value.isprintable():
         return value
-    raise PolicyError(f"{where}: expected a single line of text, got {_show(value)}")
+    raise PolicyError(f"{where}: expected a single line of text, got {show(value)}")
 
 
 @dataclass(frozen=True)
@@ -187,7 +175,7 @@ class MeasurementEntry:
 
     def label(self, index: int) -> str:
         """``sgx_mrs[i]`` plus the entry's name when it has one."""
-        return f"sgx_mrs[{index}]" + (f" ({_show(self.name)})" if self.name else "")
+        return f"sgx_mrs[{index}]" + (f" ({show(self.name)})" if self.name else "")
 
     def to_dict(self) -> dict[str, object]:
         out: dict[str, object] = {}
@@ -240,7 +228,7 @@ class TcbAllowances:
         needs = _TCB_NEEDS.get(status) if isinstance(status, str) else None
         if needs is None:
             # fail closed: a status we do not know may mean anything
-            raise PolicyViolation(f"TCB status {_show(status)} is unknown and refused")
+            raise PolicyViolation(f"TCB status {show(status)} is unknown and refused")
         missing = [key for key in needs if not self._allowed(key)]
         if missing:
             raise PolicyViolation(
@@ -291,7 +279,7 @@ class Policy:
         """Build a policy from parsed JSON; errors are ``<source>: <field>: <problem>``."""
         if not isinstance(data, dict):
             raise PolicyError(
-                f"{source}: expected a JSON object at the top level, got {_show(data)}"
+                f"{source}: expected a JSON object at the top level, got {show(data)}"
             )
         _check_keys(data, _TOP_KEYS, f"{source}: ")
         flags: dict[str, bool] = {}
@@ -306,7 +294,7 @@ class Policy:
             raise PolicyError(f"{source}: sgx_mrs: missing (a list of measurement entries)")
         raw_entries = data["sgx_mrs"]
         if not isinstance(raw_entries, list):
-            raise PolicyError(f"{source}: sgx_mrs: expected a list, got {_show(raw_entries)}")
+            raise PolicyError(f"{source}: sgx_mrs: expected a list, got {show(raw_entries)}")
         enabled = [key for key in _VERIFY_KEYS if flags[key]]
         if enabled and not raw_entries:
             raise PolicyError(
@@ -341,36 +329,7 @@ class Policy:
         except UnicodeDecodeError as exc:
             raise PolicyError(f"{where}: not UTF-8 text (byte {exc.start})") from None
 
-        def no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
-            # json keeps the last duplicate silently; a second "verify_..." must not win
-            out: dict[str, object] = {}
-            for key, value in pairs:
-                if key in out:
-                    raise PolicyError(f"{where}: {key}: duplicate key")
-                out[key] = value
-            return out
-
-        def no_constant(name: str) -> object:
-            raise PolicyError(f"{where}: invalid JSON: {name} is not allowed")
-
-        def bounded_int(digits: str) -> int:
-            if len(digits) > 64:
-                raise PolicyError(f"{where}: invalid JSON: a number of {len(digits)} digits")
-            return int(digits)
-
-        try:
-            data = json.loads(
-                text,
-                object_pairs_hook=no_duplicates,
-                parse_constant=no_constant,
-                parse_int=bounded_int,
-            )
-        except json.JSONDecodeError as exc:
-            raise PolicyError(
-                f"{where}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
-            ) from None
-        except RecursionError:
-            raise PolicyError(f"{where}: invalid JSON: nested too deeply") from None
+        data = strict_json_loads(text, lambda problem: PolicyError(f"{where}: {problem}"))
         return cls.from_dict(data, source=where)
 
     def to_dict(self) -> dict[str, object]:
@@ -431,7 +390,7 @@ class Policy:
 
 def _parse_entry(raw: object, flags: dict[str, bool], where: str) -> MeasurementEntry:
     if not isinstance(raw, dict):
-        raise PolicyError(f"{where}: expected an object, got {_show(raw)}")
+        raise PolicyError(f"{where}: expected an object, got {show(raw)}")
     _check_keys(raw, _ENTRY_KEYS, f"{where}.")
 
     def present(attr: str, flag: str) -> bool:

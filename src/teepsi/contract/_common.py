@@ -4,7 +4,20 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
+
+from teepsi.jsontext import MAX_INT_DIGITS, one_line, show, strict_json_loads
+
+__all__ = [
+    "IDENTIFIER_PATTERN",
+    "MAX_COUNT",
+    "MAX_INT_DIGITS",
+    "canonical_json",
+    "is_identifier",
+    "is_int",
+    "one_line",
+    "show",
+    "strict_json_loads",
+]
 
 #: Job ids and party names: 1-128 letters, digits, '.', '_', '@' or '-', not starting
 #: with a sign (so a name never reads as a command-line option). Same rule as the server's
@@ -25,65 +38,8 @@ def is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def show(value: object, limit: int = 40) -> str:
-    """A short, single-line rendering of a user-supplied value for error messages."""
-    try:
-        text = json.dumps(value)
-    except (TypeError, ValueError, RecursionError):
-        try:
-            text = repr(value).replace("\n", "\\n")
-        except (ValueError, RecursionError):  # nested too deeply, or an int too long
-            text = f"<{type(value).__name__}>"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def canonical_json(value: object) -> bytes:
     """Sorted keys, no whitespace, ASCII only: one byte string per value."""
     return json.dumps(
         value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
     ).encode("ascii")
-
-
-#: Longest integer literal accepted in JSON input (Python refuses over 4300 by default).
-MAX_INT_DIGITS = 64
-
-
-def strict_json_loads(text: str, fail: Callable[[str], Exception]) -> object:
-    """``json.loads`` that refuses duplicate keys and NaN/Infinity.
-
-    ``fail`` turns a one-line problem into the caller's exception type.
-    """
-
-    def no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
-        # json keeps the last duplicate silently; a second value must not win unseen
-        out: dict[str, object] = {}
-        for key, value in pairs:
-            if key in out:
-                raise fail(f"{one_line(key)}: duplicate key")
-            out[key] = value
-        return out
-
-    def no_constant(name: str) -> object:
-        raise fail(f"invalid JSON: {name} is not allowed")
-
-    def bounded_int(digits: str) -> int:
-        if len(digits) > MAX_INT_DIGITS:
-            raise fail(f"invalid JSON: a number of {len(digits)} digits")
-        return int(digits)
-
-    try:
-        return json.loads(
-            text,
-            object_pairs_hook=no_duplicates,
-            parse_constant=no_constant,
-            parse_int=bounded_int,
-        )
-    except json.JSONDecodeError as exc:
-        raise fail(f"invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
-    except RecursionError:
-        raise fail("invalid JSON: nested too deeply") from None
-
-
-def one_line(text: str, limit: int = 60) -> str:
-    """``text`` itself when it is short and printable, else a quoted, shortened form."""
-    return text if text.isprintable() and len(text) <= limit else show(text, limit)
