@@ -32,6 +32,7 @@ from teepsi.contract.audit import AuditError, AuditLog
 from teepsi.contract.receipt import sign_receipt
 from teepsi.protocol import teepsi_pb2_grpc as pb_grpc
 from teepsi.server.jobs import JobRegistry, Limits
+from teepsi.server.memory import tune_allocator
 from teepsi.server.service import PsiService, ServerEvidenceBundle
 
 log = logging.getLogger(__name__)
@@ -101,6 +102,7 @@ def start_server(config: ServerConfig) -> RunningServer:
             "a policy for data providers is required (--config dynamic_config.json), "
             "or turn client attestation off with --no-client-attestation"
         )
+    tune_allocator()
     provider = config.provider or make_provider(config.attestation, Role.SERVER)
     if provider.simulated:
         log.warning("%s: this server's own evidence is simulated", SIMULATED_WARNING)

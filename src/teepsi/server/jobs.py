@@ -24,6 +24,7 @@ from teepsi.engine.keys import U64Array
 from teepsi.engine.spill import SpillArea
 from teepsi.engine.store import MemoryBudget, RecordStore, intersect_stores
 from teepsi.server.errors import ErrorKind, ServiceError
+from teepsi.server.memory import release_free_memory
 
 log = logging.getLogger(__name__)
 
@@ -520,6 +521,7 @@ class JobRegistry:
                 len(result),
             )
             job.cond.notify_all()
+        release_free_memory()  # the parties' stores are gone: return their pages
 
     def _receipt(
         self,
@@ -617,6 +619,7 @@ class JobRegistry:
 
     def mark_delivered(self, token: bytes) -> None:
         """Record that the party has its whole result; the last delivery frees the job."""
+        wiped = False
         with self._lock:
             session = self._sessions.get(token)
             if session is None:
@@ -627,6 +630,9 @@ class JobRegistry:
                 log.info("job %s: every party has its result; job state wiped", job.job_id)
                 self._record("delivered", job_id=job.job_id)
                 self._drop_locked(job)
+                wiped = True
+        if wiped:
+            release_free_memory()  # the result is gone too
 
     def snapshot(self) -> Iterable[tuple[str, str, int, int]]:
         """(job id, state, parties joined, party count) for operators; no items."""
