@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from pathlib import Path
 
 
 def show(value: object, limit: int = 40) -> str:
@@ -65,3 +66,15 @@ def strict_json_loads(text: str, fail: Callable[[str], Exception]) -> object:
 def one_line(text: str, limit: int = 60) -> str:
     """``text`` itself when it is short and printable, else a quoted, shortened form."""
     return text if text.isprintable() and len(text) <= limit else show(text, limit)
+
+
+def read_user_text(path: str | Path, fail: Callable[[str], Exception]) -> str:
+    """A user's UTF-8 file (a BOM from Windows editors tolerated); one-line errors via ``fail``."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise fail(f"cannot read: {exc.strerror or exc}") from None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise fail(f"not UTF-8 text (byte {exc.start})") from None

@@ -57,6 +57,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from teepsi import __version__
+from teepsi.jsontext import read_user_text
 
 __all__ = [
     "DEFAULT_QCNL_PATH",
@@ -242,14 +243,7 @@ class QcnlConfig:
     def load(cls, path: str | Path = DEFAULT_QCNL_PATH) -> QcnlConfig:
         """Read a QCNL file; every failure is a one-line CollateralError naming ``path``."""
         where = str(path)
-        try:
-            raw = Path(path).read_bytes()
-        except OSError as exc:
-            raise CollateralError(f"{where}: cannot read: {exc.strerror or exc}") from None
-        try:
-            text = raw.decode("utf-8-sig")
-        except UnicodeDecodeError as exc:
-            raise CollateralError(f"{where}: not UTF-8 text (byte {exc.start})") from None
+        text = read_user_text(path, lambda problem: CollateralError(f"{where}: {problem}"))
         return cls.parse(text, source=where)
 
     @classmethod
@@ -535,14 +529,7 @@ def _validate_collateral(collateral_json: str, where: str) -> None:
 def load_collateral_file(path: str | Path) -> str:
     """Read a collateral file (dcap-qvl's JSON form); errors are one line naming ``path``."""
     where = str(path)
-    try:
-        raw = Path(path).read_bytes()
-    except OSError as exc:
-        raise CollateralError(f"{where}: cannot read: {exc.strerror or exc}") from None
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise CollateralError(f"{where}: not UTF-8 text (byte {exc.start})") from None
+    text = read_user_text(path, lambda problem: CollateralError(f"{where}: {problem}"))
     try:
         json.loads(text)
     except json.JSONDecodeError as exc:

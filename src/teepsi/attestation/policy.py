@@ -40,7 +40,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from teepsi.attestation.evidence import AttributeFlag, EnclaveIdentity
-from teepsi.jsontext import show, strict_json_loads
+from teepsi.jsontext import read_user_text, show, strict_json_loads
 
 __all__ = [
     "MeasurementEntry",
@@ -320,14 +320,7 @@ class Policy:
     def load(cls, path: str | Path) -> Policy:
         """Read a policy JSON file; every failure is a one-line PolicyError naming ``path``."""
         where = str(path)
-        try:
-            raw = Path(path).read_bytes()
-        except OSError as exc:
-            raise PolicyError(f"{where}: cannot read: {exc.strerror or exc}") from None
-        try:
-            text = raw.decode("utf-8-sig")  # tolerate a BOM from Windows editors
-        except UnicodeDecodeError as exc:
-            raise PolicyError(f"{where}: not UTF-8 text (byte {exc.start})") from None
+        text = read_user_text(path, lambda problem: PolicyError(f"{where}: {problem}"))
 
         data = strict_json_loads(text, lambda problem: PolicyError(f"{where}: {problem}"))
         return cls.from_dict(data, source=where)
