@@ -8,8 +8,17 @@ import time
 import numpy as np
 import polars as pl
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from teepsi.engine.intersect import as_u128, intersect_records, records_digest, split_u128
+from teepsi.engine.intersect import (
+    as_u128,
+    intersect_records,
+    is_strictly_increasing,
+    records_digest,
+    sorted_unique_records,
+    split_u128,
+)
 from teepsi.engine.keys import hash_keys
 from teepsi.server.errors import ErrorKind, ServiceError
 from teepsi.server.jobs import JobRegistry, Limits
@@ -221,3 +230,35 @@ def test_u128_round_trip():
     hi, lo = _rand(100, 2)
     back_hi, back_lo = split_u128(as_u128(hi, lo))
     assert np.array_equal(back_hi, hi) and np.array_equal(back_lo, lo)
+
+
+_small_records = st.lists(
+    st.tuples(st.integers(0, 3), st.integers(0, 3)), max_size=12
+)  # tiny ranges: repeats and shared first digests are common
+
+
+@given(st.lists(_small_records, min_size=1, max_size=4))
+@settings(max_examples=300, deadline=None)
+def test_intersect_records_matches_a_set_model(parties):
+    """Any order, repeats, records sharing their first digest: exact 128-bit semantics."""
+    arrays = [
+        (np.array([h for h, _ in p], np.uint64), np.array([lo for _, lo in p], np.uint64))
+        for p in parties
+    ]
+    rhi, rlo, distinct = intersect_records(arrays)
+    sets = [set(p) for p in parties]
+    assert distinct == [len(s) for s in sets]
+    assert list(zip(rhi.tolist(), rlo.tolist(), strict=True)) == sorted(set.intersection(*sets))
+
+
+def test_sorted_upload_is_only_checked_and_unsorted_is_sorted():
+    hi, lo = _rand(1000, 3)
+    shi, slo = split_u128(as_u128(hi, lo).sort())
+    assert is_strictly_increasing(shi, slo) and not is_strictly_increasing(hi, lo)
+    same = sorted_unique_records(shi, slo)
+    assert same[0] is shi and same[1] is slo  # no copy for an honest, sorted upload
+    again = sorted_unique_records(hi, lo)
+    assert np.array_equal(again[0], shi) and np.array_equal(again[1], slo)
+    repeated = (np.repeat(shi, 2), np.repeat(slo, 2))
+    assert not is_strictly_increasing(*repeated)
+    assert np.array_equal(sorted_unique_records(*repeated)[1], slo)

@@ -7,6 +7,8 @@ from pathlib import Path
 import polars as pl
 import pytest
 import xxhash
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from teepsi.engine.intersect import intersect_records
 from teepsi.engine.keys import Normalization, NormalizationError, hash_keys, key_scheme_id
@@ -15,6 +17,7 @@ from teepsi.engine.tables import (
     TableFormat,
     TableSpec,
     detect_format,
+    key_order,
     matching_rows,
     read_table,
     text_lines,
@@ -168,3 +171,68 @@ def test_text_output_is_distinct_normalised_items_bytewise(tmp_path):
     b = read_table(TableSpec(path=other, normalization=norm))
     rows_a, rows_b = _run([a, b])
     assert text_lines(rows_a) == text_lines(rows_b) == "apple\nzed\néclair\n".encode()
+
+
+def _polars_order(keys: list[str]) -> list[int]:
+    frame = pl.Series(keys, dtype=pl.String).to_frame("k").with_row_index("i")
+    return frame.sort(["k", "i"])["i"].to_list()
+
+
+@pytest.mark.parametrize(
+    "keys",
+    [
+        ["b", "a", "c", "a", "ab", "a"],  # repeats: stable within a key
+        ["user2@x.com", "user10@x.com", "user1@x.com"],  # ASCII: numpy's fixed-width sort
+        ["é", "e", "z", "ä", "e\u0301"],  # multi-byte: polars' sort
+        ["a\x00", "a", "a\x00b", ""],  # NUL (numpy would drop the trailing one): polars
+        ["a" * 300, "b", "a", "a" * 299],  # padded to 300 bytes each
+        ["only"],
+        [],
+    ],
+)
+def test_key_order_is_polars_bytewise_stable_order(keys):
+    order = key_order(pl.Series(keys, dtype=pl.String))
+    assert order.tolist() == _polars_order(keys)
+
+
+def test_key_order_falls_back_to_polars_when_padding_costs_too_much(monkeypatch):
+    import teepsi.engine.tables as tables
+
+    keys = ["a" * 300, "b", "a", "b"]
+    monkeypatch.setattr(tables, "_PADDING_ALLOWANCE", 0)
+    monkeypatch.setattr(tables, "_fixed_width_bytes", None)  # would fail if called
+    assert key_order(pl.Series(keys)).tolist() == _polars_order(keys) == [2, 0, 1, 3]
+
+
+@given(st.lists(st.text(alphabet=st.characters(codec="utf-8"), max_size=6), max_size=60))
+@settings(max_examples=200, deadline=None)
+def test_key_order_matches_polars_on_any_strings(keys):
+    series = pl.Series(keys, dtype=pl.String)
+    assert key_order(series).tolist() == _polars_order(keys)
+    unique = list(dict.fromkeys(keys))
+    assert key_order(pl.Series(unique, dtype=pl.String), distinct=True).tolist() == (
+        _polars_order(unique)
+    )
+
+
+def test_matching_rows_of_a_large_ascii_table_are_key_ordered(tmp_path):
+    """The numpy path at a size where it is taken, repeats included, against polars."""
+    import numpy as np
+
+    rng = np.random.default_rng(7)
+    emails = [f"user{n}@example{n % 97}.com" for n in rng.integers(0, 30_000, 20_000)]
+    path = tmp_path / "a.csv"
+    pl.DataFrame({"email": emails, "row": [str(i) for i in range(len(emails))]}).write_csv(path)
+    spec = TableSpec(path=path, format=TableFormat.CSV, key_columns=("email",))
+    other = tmp_path / "b.csv"
+    pl.DataFrame({"email": emails[::3]}).write_csv(other)
+    rows, _ = _run([read_table(spec), read_table(TableSpec(other, TableFormat.CSV, ("email",)))])
+    wanted = set(emails[::3])
+    expected = (
+        pl.read_csv(path, infer_schema=False)
+        .filter(pl.col("email").is_in(list(wanted)))
+        .with_row_index("i")
+        .sort(["email", "i"])
+        .drop("i")
+    )
+    assert rows.equals(expected)
