@@ -36,7 +36,7 @@ from teepsi.attestation.providers import make_provider
 from teepsi.attestation.ratls import RaTlsError, extract_evidence
 from teepsi.attestation.transcript import join_transcript_digest
 from teepsi.attestation.verify import SIMULATED_WARNING
-from teepsi.client.progress import PhaseBar, Progress
+from teepsi.client.progress import PhaseBar, Progress, timed
 from teepsi.contract.keys import PartyPrivateKey, public_key_der, sign
 from teepsi.contract.receipt import ReceiptError, SignedReceipt, check_own_entry, verify_receipt
 from teepsi.contract.spec import JobSpec
@@ -467,12 +467,14 @@ def run_party(config: PartyConfig, table: Table) -> PartyResult:
     try:
         server = client.connect()
         token, seeds = client.join(table.spec.key_scheme)
-        hi, lo = table.key_records(seeds)
+        with timed("hashing"):
+            hi, lo = table.key_records(seeds)
         with progress.phase("uploading", total=len(hi)) as bar:
             client.upload(token, hi, lo, bar)
         with progress.phase("waiting for the other parties", total=None):
             got = client.result(token)
-        receipt = _check_receipt(config, client, got, hi, lo)
+        with timed("receipt"):
+            receipt = _check_receipt(config, client, got, hi, lo)
     finally:
         client.close()
     if got.status == "RELEASED":

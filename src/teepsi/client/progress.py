@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -16,6 +18,23 @@ from rich.progress import (
 from rich.progress import (
     Progress as RichProgress,
 )
+
+log = logging.getLogger("teepsi.client")
+
+
+@contextmanager
+def timed(name: str) -> Iterator[None]:
+    """Log ``timing: NAME SECONDS s (cpu SECONDS s)`` at DEBUG (bench/run.py reads these)."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    try:
+        yield
+    finally:
+        log.debug(
+            "timing: %s %.3f s (cpu %.3f s)",
+            name,
+            time.perf_counter() - wall,
+            time.process_time() - cpu,
+        )
 
 
 class PhaseBar:
@@ -36,9 +55,16 @@ class Progress:
 
     @contextmanager
     def phase(self, label: str, *, total: int | None) -> Iterator[PhaseBar]:
-        if not self.enabled:
-            yield PhaseBar(None, None)
-            return
+        """A bar for one phase, named in timing lines by the label's first word."""
+        with timed(label.split()[0]):
+            if not self.enabled:
+                yield PhaseBar(None, None)
+                return
+            with self._bar(label, total) as bar:
+                yield bar
+
+    @contextmanager
+    def _bar(self, label: str, total: int | None) -> Iterator[PhaseBar]:
         columns = [
             TextColumn("{task.description}"),
             BarColumn(),

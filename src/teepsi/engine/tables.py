@@ -253,7 +253,28 @@ def matching_rows(
     # One gather of every column, in key order: ties keep input order, so the output is
     # deterministic (and the same with or without spilling).
     ordered: pl.DataFrame = table.frame[rows[key_order(keys, distinct=distinct)]]
-    return ordered
+    return _compact_strings(ordered)
+
+
+#: Polars stores strings up to this many bytes inline; longer ones point into a buffer.
+_INLINE_STRING_BYTES = 12
+
+
+def _compact_strings(frame: pl.DataFrame) -> pl.DataFrame:
+    """Copy long string columns into fresh, contiguous buffers.
+
+    After a gather in key order, long strings still point into the whole input's buffers
+    in scattered order: writing them costs a cache miss each (writing 5M rows took twice
+    as long), and they keep every input row's text alive. One copy through Arrow fixes
+    both.
+    """
+    columns: list[pl.Series] = []
+    for name, dtype in frame.schema.items():
+        longest = frame[name].str.len_bytes().max() if dtype == pl.String else None
+        if isinstance(longest, int) and longest > _INLINE_STRING_BYTES:
+            copied = pl.Series(name, frame[name].to_arrow().cast(pa.large_string()))
+            columns.append(copied)
+    return frame.with_columns(columns) if columns else frame
 
 
 #: Padding may cost this many bytes beyond twice the keys' own before polars sorts instead.
