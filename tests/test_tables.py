@@ -209,10 +209,6 @@ def test_key_order_falls_back_to_polars_when_padding_costs_too_much(monkeypatch)
 def test_key_order_matches_polars_on_any_strings(keys):
     series = pl.Series(keys, dtype=pl.String)
     assert key_order(series).tolist() == _polars_order(keys)
-    unique = list(dict.fromkeys(keys))
-    assert key_order(pl.Series(unique, dtype=pl.String), distinct=True).tolist() == (
-        _polars_order(unique)
-    )
 
 
 def test_matching_rows_of_a_large_ascii_table_are_key_ordered(tmp_path):
