@@ -83,8 +83,11 @@ def key_scheme_id(normalization: Normalization, arity: int) -> str:
     return f"{KEY_SCHEME};normalize={normalization.describe()};columns={arity}"
 
 
-def key_expression(columns: Sequence[str], normalization: Normalization) -> pl.Expr:
-    """The normalised key of a row, as one string; null when any key part is missing.
+def normalized_keys(
+    frame: pl.DataFrame, columns: Sequence[str], normalization: Normalization
+) -> pl.Series:
+    """Each row's normalised key, as one string; null when any key part is missing or
+    the key is empty (an empty key never matches).
 
     Composite keys are length-prefixed ("3:abc5:hello") so that ("ab", "c") and
     ("a", "bc") stay distinct.
@@ -97,8 +100,9 @@ def key_expression(columns: Sequence[str], normalization: Normalization) -> pl.E
         for part in parts:
             pieces += [part.str.len_bytes().cast(pl.String), pl.lit(":"), part]
         key = pl.concat_str(pieces)
-    # An empty key is no key: it never matches.
-    return pl.when(key.str.len_bytes() > 0).then(key).otherwise(None)
+    # Two steps: one expression would compute the normalised key twice.
+    keys = frame.select(key.alias("key"))
+    return keys.select(pl.when(pl.col("key").str.len_bytes() > 0).then(pl.col("key")))["key"]
 
 
 def hash_keys(keys: pl.Series, seeds: tuple[int, int]) -> tuple[U64Array, U64Array]:

@@ -25,14 +25,13 @@ from teepsi.engine.keys import (
     Normalization,
     U64Array,
     hash_keys,
-    key_expression,
     key_scheme_id,
+    normalized_keys,
 )
 
 #: Largest text item, in bytes, after stripping.
 MAX_TEXT_ITEM_BYTES = 64 * 1024
 TEXT_COLUMN = "item"
-_KEY = "__teepsi_key"
 
 
 class TableError(ValueError):
@@ -177,7 +176,7 @@ def table_from_frame(frame: pl.DataFrame, spec: TableSpec) -> Table:
             f"{spec.path}: an item of {longest} bytes exceeds the limit of "
             f"{MAX_TEXT_ITEM_BYTES} bytes"
         )
-    keys = frame.select(key_expression([TEXT_COLUMN], spec.normalization))[TEXT_COLUMN]
+    keys = normalized_keys(frame, [TEXT_COLUMN], spec.normalization)
     return Table(spec=spec, frame=frame, keys=keys, rows_read=len(frame))
 
 
@@ -216,7 +215,7 @@ def _read_structured(spec: TableSpec) -> Table:
     # One contiguous chunk per column: gathering the matching rows from the hundreds of
     # chunks a parallel reader leaves costs ten times more than this copy.
     frame = frame.rechunk()
-    keys = frame.select(key_expression(spec.key_columns, spec.normalization).alias(_KEY))[_KEY]
+    keys = normalized_keys(frame, spec.key_columns, spec.normalization)
     return Table(spec=spec, frame=frame, keys=keys, rows_read=len(frame))
 
 
