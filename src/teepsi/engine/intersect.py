@@ -74,6 +74,21 @@ def _intersect_two(
     return a_hi[found], a_lo[found]
 
 
+def intersect_sorted_records(
+    uniques: Sequence[tuple[U64Array, U64Array]],
+) -> tuple[U64Array, U64Array]:
+    """Records in every one of these sorted, distinct record arrays, in order."""
+    if not uniques or min(len(hi) for hi, _ in uniques) == 0:
+        return np.empty(0, RECORD_DTYPE), np.empty(0, RECORD_DTYPE)
+    # Smallest set first: the common records can only shrink.
+    ordered = sorted(uniques, key=lambda records: len(records[0]))
+    common = ordered[0]
+    for other in ordered[1:]:
+        common = _intersect_two(common, other)
+    hi, lo = common
+    return np.ascontiguousarray(hi, RECORD_DTYPE), np.ascontiguousarray(lo, RECORD_DTYPE)
+
+
 def intersect_records(
     parties: Sequence[tuple[U64Array, U64Array]],
     set_digests: Sequence[hashlib._Hash] | None = None,
@@ -85,34 +100,25 @@ def intersect_records(
     digest a receipt carries).
     """
     uniques = [sorted_unique_records(hi, lo) for hi, lo in parties]
-    distinct = [len(hi) for hi, _ in uniques]
     if set_digests is not None:
         for (hi, lo), digest in zip(uniques, set_digests, strict=True):
-            if len(hi):
-                digest.update(records_to_bytes(hi, lo))
-    if not uniques or min(distinct) == 0:
-        return np.empty(0, RECORD_DTYPE), np.empty(0, RECORD_DTYPE), distinct
-    # Smallest set first: the common records can only shrink.
-    ordered = sorted(uniques, key=lambda records: len(records[0]))
-    common = ordered[0]
-    for other in ordered[1:]:
-        common = _intersect_two(common, other)
-    hi, lo = common
-    return (
-        np.ascontiguousarray(hi, dtype=RECORD_DTYPE),
-        np.ascontiguousarray(lo, dtype=RECORD_DTYPE),
-        distinct,
-    )
+            feed_records(digest, hi, lo)
+    return (*intersect_sorted_records(uniques), [len(hi) for hi, _ in uniques])
 
 
 #: Records hashed per step: bounds the memory a digest of a large result needs.
 _DIGEST_STEP = 1 << 20
 
 
-def _feed(digest: hashlib._Hash, hi: U64Array, lo: U64Array) -> bytes:
+def feed_records(digest: hashlib._Hash, hi: U64Array, lo: U64Array) -> None:
+    """Feed records to a hash in their canonical bytes, a bounded step at a time."""
     for start in range(0, len(hi), _DIGEST_STEP):
         end = start + _DIGEST_STEP
         digest.update(records_to_bytes(hi[start:end], lo[start:end]))
+
+
+def _feed(digest: hashlib._Hash, hi: U64Array, lo: U64Array) -> bytes:
+    feed_records(digest, hi, lo)
     return digest.digest()
 
 
