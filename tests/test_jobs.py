@@ -262,3 +262,41 @@ def test_sorted_upload_is_only_checked_and_unsorted_is_sorted():
     repeated = (np.repeat(shi, 2), np.repeat(slo, 2))
     assert not is_strictly_increasing(*repeated)
     assert np.array_equal(sorted_unique_records(*repeated)[1], slo)
+
+
+@pytest.mark.parametrize("sort_upload", [True, False])
+@pytest.mark.parametrize("budget", [1 << 30, 4096])
+def test_intersect_stores_equals_intersect_records(tmp_path, sort_upload, budget):
+    """Sorted uploads take the no-copy path, unsorted ones are grouped; spilled or not,
+    the result, distinct counts and set digests are those of the one-shot intersection."""
+    import hashlib
+
+    from teepsi.engine.spill import SpillArea
+    from teepsi.engine.store import MemoryBudget, RecordStore, intersect_stores
+
+    hi, lo = _rand(30_000, 9)
+    parties = [(hi[:20_000], lo[:20_000]), (hi[5_000:], lo[5_000:]), (hi[::3], lo[::3])]
+    if sort_upload:
+        parties = [split_u128(as_u128(h, lo_).sort()) for h, lo_ in parties]
+    limits = MemoryBudget(budget)
+    spill = SpillArea(tmp_path)
+    stores = []
+    for party_hi, party_lo in parties:
+        store = RecordStore(limits, spill)
+        for start in range(0, len(party_hi), 777):  # chunks that split partitions
+            store.add(party_hi[start : start + 777].copy(), party_lo[start : start + 777].copy())
+        store.finish()
+        assert store.spilled is (budget < 1 << 20)
+        stores.append(store)
+    assert any(spill.path.iterdir()) is (budget < 1 << 20)
+    salts = [b"s1", b"s2", b"s3"]
+    found = intersect_stores(stores, salts=salts)
+    digests = [hashlib.sha256(salt) for salt in salts]
+    ehi, elo, distinct = intersect_records(parties, digests)
+    assert np.array_equal(found.hi, ehi) and np.array_equal(found.lo, elo)
+    assert found.distinct == distinct == [20_000, 25_000, 10_000]
+    assert found.set_sha256 == [d.digest() for d in digests]
+    for store in stores:
+        store.close()
+    assert limits.held == 0 and not any(spill.path.iterdir())
+    spill.close()

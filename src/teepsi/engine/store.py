@@ -82,9 +82,13 @@ class RecordStore:
         if len(hi) == 0:
             return
         part = (hi >> np.uint64(64 - PARTITION_BITS)).astype(np.uint8)
-        order = np.argsort(part, kind="stable")  # radix sort on 8-bit values: linear
         bounds = np.cumsum(np.bincount(part, minlength=PARTITIONS))
-        hi_sorted, lo_sorted = hi[order], lo[order]
+        if np.all(part[1:] >= part[:-1]):
+            # Sorted uploads (what clients send) are already grouped by partition.
+            hi_sorted, lo_sorted = hi, lo
+        else:
+            order = np.argsort(part, kind="stable")  # radix sort on 8-bit values: linear
+            hi_sorted, lo_sorted = hi[order], lo[order]
         start = 0
         for p, end in enumerate(bounds.tolist()):
             if end > start:
