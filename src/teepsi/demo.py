@@ -45,6 +45,43 @@ def start_server_process(
     return proc, int(json.loads(line)["port"])
 
 
+def _start_client(
+    port: int, policy: Path, data: Path, name: str, *extra: str, verbose: bool
+) -> subprocess.Popen[bytes]:
+    """One data provider, in sim mode, against the local server."""
+    cmd = _teepsi(
+        "client",
+        "--host",
+        f"127.0.0.1:{port}",
+        "--config",
+        str(policy),
+        "--data",
+        str(data),
+        "--name",
+        name,
+        "--attestation",
+        "sim",
+        "--allow-simulated",
+        "--timeout",
+        "120",
+        "--quiet",
+        *extra,
+    )
+    return subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=None if verbose else subprocess.PIPE
+    )
+
+
+def _finish_client(name: str, proc: subprocess.Popen[bytes]) -> bytes | None:
+    """The client's stdout, or None after printing why it failed."""
+    out, err = proc.communicate(timeout=180)
+    if proc.returncode == 0:
+        return out
+    reason = (err or b"").decode(errors="replace").strip().splitlines()
+    print(f"{name}: FAILED: {reason[-1] if reason else proc.returncode}")
+    return None
+
+
 CONTRACT_PARTIES = ("hospital", "insurer", "researcher")
 
 
@@ -85,41 +122,27 @@ def run_contract_demo(*, verbose: bool = False) -> int:
         audit = workdir / "audit.jsonl"
         server, port = start_server_process(workdir, policy, "--audit-log", str(audit))
         try:
-            procs = {}
-            for name in CONTRACT_PARTIES:
-                cmd = _teepsi(
-                    "client",
-                    "--host",
-                    f"127.0.0.1:{port}",
-                    "--config",
-                    str(policy),
-                    "--data",
-                    str(workdir / f"{name}.txt"),
+            procs = {
+                name: _start_client(
+                    port,
+                    policy,
+                    workdir / f"{name}.txt",
+                    name,
                     "--spec",
                     str(spec),
                     "--key-file",
                     str(workdir / f"{name}.key"),
-                    "--name",
-                    name,
-                    "--attestation",
-                    "sim",
-                    "--allow-simulated",
-                    "--timeout",
-                    "120",
-                    "--quiet",
                     "--receipt",
                     str(workdir / f"{name}.receipt.json"),
+                    verbose=verbose,
                 )
-                procs[name] = subprocess.Popen(
-                    cmd, stdout=subprocess.PIPE, stderr=None if verbose else subprocess.PIPE
-                )
+                for name in CONTRACT_PARTIES
+            }
             failed = False
             for name, proc in procs.items():
-                out, err = proc.communicate(timeout=180)
-                if proc.returncode != 0:
+                out = _finish_client(name, proc)
+                if out is None:
                     failed = True
-                    reason = (err or b"").decode(errors="replace").strip().splitlines()
-                    print(f"{name}: FAILED: {reason[-1] if reason else proc.returncode}")
                     continue
                 lines = out.decode().split()
                 shown = ", ".join(lines) if len(lines) < 10 else out.decode().strip()
@@ -160,43 +183,25 @@ def run_demo(*, parties: int = 3, verbose: bool = False) -> int:
         )
         server, port = start_server_process(workdir, policy)
         try:
-            clients = []
-            for index in range(1, parties + 1):
-                cmd = _teepsi(
-                    "client",
-                    "--host",
-                    f"127.0.0.1:{port}",
-                    "--config",
-                    str(policy),
-                    "--data",
-                    str(workdir / f"data{index}.txt"),
+            clients = [
+                _start_client(
+                    port,
+                    policy,
+                    workdir / f"data{index}.txt",
+                    f"data_provider{index}",
                     "--parties",
                     str(parties),
-                    "--name",
-                    f"data_provider{index}",
-                    "--attestation",
-                    "sim",
-                    "--allow-simulated",
-                    "--timeout",
-                    "120",
-                    "--quiet",
                     "--output",
                     str(workdir / f"result{index}.txt"),
+                    verbose=verbose,
                 )
-                clients.append(
-                    subprocess.Popen(
-                        cmd, stdout=subprocess.PIPE, stderr=None if verbose else subprocess.PIPE
-                    )
-                )
+                for index in range(1, parties + 1)
+            ]
             failed = False
             for index, proc in enumerate(clients, start=1):
-                out, err = proc.communicate(timeout=180)
-                if proc.returncode != 0:
+                out = _finish_client(f"data_provider{index}", proc)
+                if out is None:
                     failed = True
-                    reason = (err or b"").decode(errors="replace").strip().splitlines()
-                    print(
-                        f"data_provider{index}: FAILED: {reason[-1] if reason else proc.returncode}"
-                    )
                     continue
                 items = out.decode().split()
                 data = SEED_DATA[f"data{index}.txt"]
