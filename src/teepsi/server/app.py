@@ -30,10 +30,9 @@ from teepsi.attestation.ratls import create_certificate
 from teepsi.attestation.verify import SIMULATED_WARNING
 from teepsi.contract.audit import AuditError, AuditLog
 from teepsi.contract.receipt import sign_receipt
-from teepsi.protocol import teepsi_pb2_grpc as pb_grpc
 from teepsi.server.jobs import JobRegistry, Limits
 from teepsi.server.memory import tune_allocator
-from teepsi.server.service import PsiService, ServerEvidenceBundle
+from teepsi.server.service import PsiService, ServerEvidenceBundle, add_to_server
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +194,7 @@ def start_server(config: ServerConfig) -> RunningServer:
         ],
         maximum_concurrent_rpcs=config.max_workers,
     )
-    pb_grpc.add_PsiServicer_to_server(service, server)
+    add_to_server(service, server)
     key_pem = ratls.private_key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
