@@ -50,9 +50,10 @@ class SpillArea:
         os.mkdir(creating, 0o700)
         os.chmod(creating, 0o700)
         # Locked before it gets its sweepable name: no other server can take it for stale.
-        self._lock_fd = os.open(creating, _OPEN_DIR)
-        # Where flock is unsupported, no sweeper can lock (so remove) it either.
+        # Where this fails (no flock here), no sweeper can lock (so remove) it either.
+        self._lock_fd = -1
         with contextlib.suppress(OSError):
+            self._lock_fd = os.open(creating, _OPEN_DIR)
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         self._dir = base / f"{AREA_PREFIX}{suffix}"
         os.rename(creating, self._dir)
