@@ -654,20 +654,36 @@ def test_garbage_bytes_on_the_port_are_dropped_and_the_server_keeps_serving(
         ):
             tls.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\xff" * 5000)
             _drain_until_closed(tls)
-        # A well-formed gRPC call whose protobuf payload is garbage.
+        # A well-formed gRPC call whose protobuf payload is garbage: INVALID_ARGUMENT with
+        # one line (finding F4), one log line, no traceback, never the bytes.
+        log_before = len(limited.log())
+        junks = (b"\xff\xff\xff\xff", b"\x0a\x80\x80\x80\x80\x10", b"\x0a\x02\xff\xfe")
         with _pinned_channel(limited.host) as channel:
-            raw_call = channel.unary_unary(
-                "/teepsi.v1.Psi/GetChallenge", request_serializer=None, response_deserializer=None
-            )
-            for junk in (b"\xff\xff\xff\xff", b"\x0a\x80\x80\x80\x80\x10"):
-                with pytest.raises(grpc.RpcError) as err:
-                    raw_call(junk, timeout=10)
-                assert err.value.code() is grpc.StatusCode.INTERNAL
-                assert err.value.details() == "Exception deserializing request!"
+            for method in ("GetChallenge", "Join"):
+                message = f"{method}Request"
+                raw_call = channel.unary_unary(
+                    f"/teepsi.v1.Psi/{method}", request_serializer=None, response_deserializer=None
+                )
+                for junk in junks:
+                    with pytest.raises(grpc.RpcError) as err:
+                        raw_call(junk, timeout=10)
+                    assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+                    assert err.value.details() == (
+                        f"request is not a valid teepsi.v1.{message} message"
+                    )
             unknown = channel.unary_unary("/teepsi.v1.Psi/Nope")
             with pytest.raises(grpc.RpcError) as err:
                 unknown(b"", timeout=10)
             assert err.value.code() is grpc.StatusCode.UNIMPLEMENTED
+        garbage_log = limited.log()[log_before:]
+        refusals = [ln for ln in garbage_log.splitlines() if "is not a valid" in ln]
+        assert len(refusals) == 2 * len(junks), garbage_log
+        assert all(
+            ln.endswith(f"request is not a valid teepsi.v1.{m} message")
+            for ln, m in zip(refusals, ["GetChallengeRequest"] * 3 + ["JoinRequest"] * 3)
+        ), refusals
+        assert "Traceback" not in garbage_log and "deserializ" not in garbage_log, garbage_log
+        assert "\\xff" not in garbage_log and "ff ff" not in garbage_log
         # The server is alive and runs a job while the idle connections are still open.
         data = tmp_path / "a.txt"
         data.write_text("x\ny\n")

@@ -301,24 +301,50 @@ def test_spill_left_by_a_killed_server_is_ciphertext_only(
     start_server, policy_file, policy, tmp_path
 ):
     """SIGKILL leaves segment files behind (nothing can delete them); the key died with
-    the process, so they are ciphertext nobody can open. A restart does not remove them."""
+    the process, so they are ciphertext nobody can open. The next server to start on the
+    spill directory removes them (finding F3), but not those of a live server sharing it."""
     spill = tmp_path / "spill"
     spill.mkdir()
-    server = start_server("--memory-budget", "1MiB", "--spill-dir", str(spill), policy=policy_file)
+    args = ("--memory-budget", "1MiB", "--spill-dir", str(spill))
+    server = start_server(*args, policy=policy_file)
+    neighbour = start_server(*args, policy=policy_file)  # shares the spill directory
     items = _secret_items("killed", 150_000)
     a = _client(server.port, policy, "a", job="killed")
+    n = _client(neighbour.port, policy, "a", job="alive")
+    n_b = _client(neighbour.port, policy, "b", job="alive")
     try:
         a.connect()
         token, seeds = a.join(KEY_SCHEME)
         records = hash_keys(pl.Series(items), seeds)
         a.upload(token, *records, _NoBar())
+        n.connect()
+        token_n, seeds_n = n.join(KEY_SCHEME)
+        records_n = hash_keys(pl.Series(items), seeds_n)
+        n.upload(token_n, *records_n, _NoBar())  # spilled, waiting for b
     finally:
         a.close()
     server.proc.send_signal(signal.SIGKILL)
     server.proc.wait(timeout=10)
+    areas = sorted(p for p in spill.iterdir() if _files_under(p))
+    assert len(areas) == 2, areas  # the killed server's and the live neighbour's
     left = _files_under(spill)
-    assert left, "expected the killed server's segments to remain"
     assert _scan(left, _plaintext_needles(items, *records)) == []
+    restarted = start_server(*args, policy=policy_file)
+    log = restarted.log()
+    swept = [ln for ln in log.splitlines() if "stale spill area" in ln]
+    assert len(swept) == 1, log
+    assert f"spill directory {spill}: removed 1 stale spill area(s) (" in swept[0], swept
+    remaining = [p for p in spill.iterdir() if _files_under(p)]
+    assert len(remaining) == 1 and remaining[0] in areas, remaining  # the live one
+    # The neighbour's job was not disturbed: its spilled records are still readable.
+    try:
+        n_b.connect()
+        token_b, _ = n_b.join(KEY_SCHEME)
+        n_b.upload(token_b, *records_n, _NoBar())
+        assert n.result(token_n).total == n_b.result(token_b).total == 150_000
+    finally:
+        n.close()
+        n_b.close()
 
 
 # -- results reach only recipients -------------------------------------------------------

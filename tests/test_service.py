@@ -145,6 +145,40 @@ def test_malformed_uploads_refused_and_slot_freed(server, chunks, needle):
     again.close()
 
 
+def test_garbage_messages_are_invalid_argument(server, caplog):
+    """Well-formed calls whose protobuf is garbage: INVALID_ARGUMENT, one line (F4)."""
+    client, token = _joined(server)
+    channel = client._channel
+    junk = b"\x0a\x80\x80\x80\x80\x10"
+    for method, message in (
+        ("GetServerEvidence", "GetServerEvidenceRequest"),
+        ("GetChallenge", "GetChallengeRequest"),
+        ("Join", "JoinRequest"),
+    ):
+        call = channel.unary_unary(f"/teepsi.v1.Psi/{method}")
+        with pytest.raises(grpc.RpcError) as err:
+            call(junk, timeout=10)
+        assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert err.value.details() == f"request is not a valid teepsi.v1.{message} message"
+    results = channel.unary_stream("/teepsi.v1.Psi/GetResult")
+    with pytest.raises(grpc.RpcError) as err:
+        list(results(junk, metadata=_meta(token), timeout=10))
+    assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details() == "request is not a valid teepsi.v1.GetResultRequest message"
+    # A garbage chunk mid-upload ends the upload and frees the slot.
+    upload = channel.stream_unary("/teepsi.v1.Psi/Upload")
+    good = _chunk(0, [b"x"]).SerializeToString()
+    with pytest.raises(grpc.RpcError) as err:
+        upload(iter([good, junk]), metadata=_meta(token), timeout=10)
+    assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details() == ("upload message 1 is not a valid teepsi.v1.UploadChunk message")
+    assert "Traceback" not in caplog.text and "deserializ" not in caplog.text
+    client.close()
+    again, token = _joined(server)
+    again.stub.Upload(iter([_chunk(0, [b"x"], last=True)]), metadata=_meta(token))
+    again.close()
+
+
 def test_oversized_message_refused(server):
     client, token = _joined(server)
     huge = pb.UploadChunk(sequence=0, records=b"x" * (17 * 1024 * 1024), record_count=1, last=True)

@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import logging
 import signal
+import tempfile
 import threading
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -30,10 +31,10 @@ from teepsi.attestation.ratls import create_certificate
 from teepsi.attestation.verify import SIMULATED_WARNING
 from teepsi.contract.audit import AuditError, AuditLog
 from teepsi.contract.receipt import sign_receipt
-from teepsi.protocol import teepsi_pb2_grpc as pb_grpc
+from teepsi.engine.spill import remove_stale_areas
 from teepsi.server.jobs import JobRegistry, Limits
 from teepsi.server.memory import tune_allocator
-from teepsi.server.service import PsiService, ServerEvidenceBundle
+from teepsi.server.service import PsiService, ServerEvidenceBundle, add_to_server
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,24 @@ def _describe_own_quote(quote: bytes) -> str:
     return (
         f"MRENCLAVE {body.mr_enclave.hex()} MRSIGNER {body.mr_signer.hex()} "
         f"ISV_PROD_ID {body.isv_prod_id} ISV_SVN {body.isv_svn}"
+    )
+
+
+def _remove_stale_spill(spill_dir: str | None) -> None:
+    """Spill areas of servers killed before they could clean up (ciphertext, key lost)."""
+    where = spill_dir or tempfile.gettempdir()
+    try:
+        swept = remove_stale_areas(where)
+    except OSError as exc:
+        log.warning("cannot look for stale spill areas in %s: %s", where, exc.strerror)
+        return
+    log.info(
+        "spill directory %s: removed %d stale spill area(s) (%d files, %d bytes of "
+        "ciphertext) left by servers that did not stop cleanly",
+        where,
+        swept.areas,
+        swept.files,
+        swept.bytes,
     )
 
 
@@ -167,6 +186,7 @@ def start_server(config: ServerConfig) -> RunningServer:
             config.max_workers - 1,
         )
         limits = dataclasses.replace(limits, max_parties_per_job=config.max_workers - 1)
+    _remove_stale_spill(config.spill_dir)
     registry = JobRegistry(
         limits,
         spill_dir=config.spill_dir,
@@ -195,7 +215,7 @@ def start_server(config: ServerConfig) -> RunningServer:
         ],
         maximum_concurrent_rpcs=config.max_workers,
     )
-    pb_grpc.add_PsiServicer_to_server(service, server)
+    add_to_server(service, server)
     key_pem = ratls.private_key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,

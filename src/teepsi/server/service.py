@@ -14,6 +14,7 @@ import numpy as np
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from google.protobuf.message import DecodeError
 
 from teepsi.attestation.collateral import CollateralError
 from teepsi.attestation.evidence import Role
@@ -335,6 +336,84 @@ class PsiService(pb_grpc.PsiServicer):
             )
         # Reached only when the client took every chunk; a cut stream can fetch again.
         self.registry.mark_delivered(token)
+
+
+def _parse(message_class: Any, raw: bytes) -> Any:
+    """A request message from its bytes; garbage is INVALID_ARGUMENT, not gRPC's INTERNAL."""
+    try:
+        return message_class.FromString(raw)
+    except DecodeError:
+        raise ServiceError(
+            ErrorKind.INVALID_ARGUMENT,
+            f"request is not a valid {message_class.DESCRIPTOR.full_name} message",
+        ) from None
+
+
+def _parsed_chunks(raw_chunks: Iterator[bytes]) -> Iterator[Any]:
+    """Upload chunks parsed as they arrive (a garbage chunk ends the upload, one line)."""
+    for sequence, raw in enumerate(raw_chunks):
+        try:
+            yield pb.UploadChunk.FromString(raw)
+        except DecodeError:
+            raise ServiceError(
+                ErrorKind.INVALID_ARGUMENT,
+                f"upload message {sequence} is not a valid {pb.UploadChunk.DESCRIPTOR.full_name} "
+                "message",
+            ) from None
+
+
+def _unary(
+    method: Callable[[Any, grpc.ServicerContext], Any], request_class: Any
+) -> Callable[[bytes, grpc.ServicerContext], Any]:
+    """A handler that takes the request's raw bytes and parses them itself."""
+
+    def handler(raw: bytes, context: grpc.ServicerContext) -> Any:
+        try:
+            request = _parse(request_class, raw)
+        except ServiceError as exc:
+            # One line, no traceback, never the bytes.
+            log.warning("refused a %s call: %s", method.__name__, exc.message)
+            _abort(context, exc)
+        return method(request, context)
+
+    return handler
+
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Psi"].full_name
+
+
+def method_handlers(service: PsiService) -> dict[str, grpc.RpcMethodHandler]:
+    """The service's handlers, registered by hand (not with the generated
+    ``add_PsiServicer_to_server``): requests arrive as raw bytes and are parsed here, so a
+    well-formed call carrying garbage gets INVALID_ARGUMENT with one line (finding F4)."""
+    return {
+        "GetServerEvidence": grpc.unary_unary_rpc_method_handler(
+            _unary(service.GetServerEvidence, pb.GetServerEvidenceRequest),
+            response_serializer=pb.ServerEvidence.SerializeToString,
+        ),
+        "GetChallenge": grpc.unary_unary_rpc_method_handler(
+            _unary(service.GetChallenge, pb.GetChallengeRequest),
+            response_serializer=pb.Challenge.SerializeToString,
+        ),
+        "Join": grpc.unary_unary_rpc_method_handler(
+            _unary(service.Join, pb.JoinRequest),
+            response_serializer=pb.JoinResponse.SerializeToString,
+        ),
+        "Upload": grpc.stream_unary_rpc_method_handler(
+            lambda raw_chunks, context: service.Upload(_parsed_chunks(raw_chunks), context),
+            response_serializer=pb.UploadSummary.SerializeToString,
+        ),
+        "GetResult": grpc.unary_stream_rpc_method_handler(
+            _unary(service.GetResult, pb.GetResultRequest),
+            response_serializer=pb.ResultChunk.SerializeToString,
+        ),
+    }
+
+
+def add_to_server(service: PsiService, server: grpc.Server) -> None:
+    handlers = method_handlers(service)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
 def _decode_upload(payload: bytes, count: int, sequence: int) -> tuple[U64Array, U64Array]:
