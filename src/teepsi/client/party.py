@@ -40,7 +40,7 @@ from teepsi.client.progress import PhaseBar, Progress, timed
 from teepsi.contract.keys import PartyPrivateKey, public_key_der, sign
 from teepsi.contract.receipt import ReceiptError, SignedReceipt, check_own_entry, verify_receipt
 from teepsi.contract.spec import JobSpec
-from teepsi.engine.intersect import intersect_records, records_digest, salted_records_digest
+from teepsi.engine.intersect import intersect_records
 from teepsi.engine.keys import Normalization, U64Array, records_from_bytes, seeds_from_bytes
 from teepsi.engine.store import RECORDS_PER_CHUNK, iter_record_chunks, mark_last
 from teepsi.engine.tables import TEXT_COLUMN, Table, TableSpec, matching_rows, table_from_frame
@@ -386,16 +386,19 @@ class PsiClient:
         return payloads, last
 
     def _finish_result(self, payloads: list[bytes], last: Any) -> ResultStream:
-        hi, lo = records_from_bytes(b"".join(payloads))
+        canonical = b"".join(payloads)  # the records' canonical bytes, as digests hash them
+        payloads.clear()
+        hi, lo = records_from_bytes(canonical)
         status = pb.ResultStatus.Name(last.status)
         if status == "RELEASED" and (
             last.total_records != len(hi)
-            or not hmac.compare_digest(records_digest(hi, lo), last.result_sha256)
+            or not hmac.compare_digest(hashlib.sha256(canonical).digest(), last.result_sha256)
         ):
             raise PsiClientError("result stream is incomplete or corrupted (digest mismatch)")
         return ResultStream(
             hi=hi,
             lo=lo,
+            canonical=canonical,
             status=status,
             total=int(last.total_records),
             sha256=bytes(last.result_sha256),
@@ -410,6 +413,8 @@ class PsiClient:
 class ResultStream:
     hi: U64Array
     lo: U64Array
+    #: The records as received: 16-byte little-endian records, in order.
+    canonical: bytes
     status: str
     total: int
     sha256: bytes
@@ -442,7 +447,9 @@ def _check_receipt(
         if receipt.spec_sha256 != expected_spec:
             raise ReceiptError("receipt names another job spec")
         if got.status == "RELEASED" and receipt.output == "intersection":
-            mine = salted_records_digest(got.result_salt, got.hi, got.lo)
+            salted = hashlib.sha256(got.result_salt)
+            salted.update(got.canonical)
+            mine = salted.digest()
             if receipt.result_sha256 != mine:
                 raise ReceiptError("receipt's result digest differs from the result received")
         if config.spec is not None:

@@ -130,3 +130,15 @@ def records_digest(hi: U64Array, lo: U64Array) -> bytes:
 def salted_records_digest(salt: bytes, hi: U64Array, lo: U64Array) -> bytes:
     """SHA-256 over salt then the records: a digest only holders of the salt can check."""
     return _feed(hashlib.sha256(salt), hi, lo)
+
+
+def records_digests(hi: U64Array, lo: U64Array, salts: Sequence[bytes]) -> list[bytes]:
+    """``salted_records_digest`` for each salt (b"" gives ``records_digest``), in one pass
+    over the records: each step is laid out in canonical bytes once for all of them."""
+    digests = [hashlib.sha256(salt) for salt in salts]
+    for start in range(0, len(hi), _DIGEST_STEP):
+        end = start + _DIGEST_STEP
+        step = records_to_bytes(hi[start:end], lo[start:end])
+        for digest in digests:
+            digest.update(step)
+    return [digest.digest() for digest in digests]

@@ -19,7 +19,7 @@ from enum import Enum
 from teepsi.contract.audit import AuditError, AuditLog
 from teepsi.contract.receipt import PartyEntry, Receipt, SignedReceipt
 from teepsi.contract.spec import IDENTIFIER_PATTERN, JobSpec, OutputKind
-from teepsi.engine.intersect import records_digest, salted_records_digest
+from teepsi.engine.intersect import records_digests
 from teepsi.engine.keys import U64Array
 from teepsi.engine.spill import SpillArea
 from teepsi.engine.store import MemoryBudget, RecordStore, intersect_stores
@@ -483,8 +483,8 @@ class JobRegistry:
             stores = [p.store for p in parties if p.store is not None]
         # Compute without the lock: other jobs keep moving meanwhile.
         found = intersect_stores(stores, salts=[p.set_salt for p in parties])
-        digest = records_digest(found.hi, found.lo)
-        receipt = self._receipt(job, parties, found.set_sha256, found.hi, found.lo)
+        digest, salted_digest = records_digests(found.hi, found.lo, [b"", job.result_salt])
+        receipt = self._receipt(job, parties, found.set_sha256, len(found.hi), salted_digest)
         result = JobResult(hi=found.hi, lo=found.lo, sha256=digest, receipt_json=receipt)
         with self._lock:
             if job.state is not JobState.COMPUTING:
@@ -528,13 +528,12 @@ class JobRegistry:
         job: Job,
         parties: list[Party],
         set_digests: list[bytes],
-        hi: U64Array,
-        lo: U64Array,
+        size: int,
+        salted_result_sha256: bytes,
     ) -> str:
         """The signed receipt every party gets (empty if the server has no signer)."""
         if self._signer is None:
             return ""
-        size = len(hi)
         withheld = release_status(job.spec, "", size) is ReleaseStatus.BELOW_THRESHOLD
         count_only = job.spec is not None and job.spec.output is OutputKind.COUNT
         receipt = Receipt(
@@ -547,9 +546,7 @@ class JobRegistry:
             output=job.spec.output.value if job.spec is not None else "intersection",
             released=not withheld,
             result_size=None if withheld else size,
-            result_sha256=None
-            if withheld or count_only
-            else salted_records_digest(job.result_salt, hi, lo),
+            result_sha256=None if withheld or count_only else salted_result_sha256,
             issued_at=int(self._clock()),
             certificate_sha256=self._certificate_sha256,
         )
