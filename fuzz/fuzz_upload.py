@@ -11,11 +11,13 @@ Every input goes through four decoders:
 3. :func:`_decode_upload` on ``data[1:]`` with ``record_count`` = the payload's record
    count shifted by ``data[0] - 0x40`` (so counts near the truth, and wrong ones, are
    both common), sequence = the input length;
-4. the whole server ``Upload`` handler (a real :class:`JobRegistry`, no network): the
-   input is a stream of chunks, each a u16 little-endian length and an ``UploadChunk``
-   message (unparseable pieces end the stream). The handler must either return a
-   summary counting exactly the records sent, or abort the call with a gRPC status;
-   any other exception escapes the handler and is a finding.
+4. the whole server ``Upload`` handler (a real :class:`JobRegistry`, no network), on an
+   event loop as the grpc.aio server runs it: the input is a stream of messages, each a
+   u16 little-endian length and that many bytes, handed to the handler as raw bytes as
+   the wire delivers them (the handler parses each chunk itself). The handler must
+   either return a summary counting exactly the records sent (only if every message was
+   a valid ``UploadChunk``), or abort the call with a gRPC status; any other exception
+   escapes the handler and is a finding.
 
     python fuzz/fuzz_upload.py -max_total_time=3600 fuzz/work/upload fuzz/corpus/upload
 
@@ -24,10 +26,12 @@ See docs/fuzzing.md.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import logging
 import struct
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import atheris
@@ -105,8 +109,23 @@ class _Context:
     def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
         return self._metadata
 
-    def abort(self, code: Any, details: str) -> None:
+    async def abort(self, code: Any, details: str) -> None:
         raise _Aborted(code, details)
+
+
+class _InlineExecutor(concurrent.futures.Executor):
+    """Runs the handler's blocking steps at once in the fuzzing thread (fast, and every
+    exception surfaces in the handler as it would from the server's thread pool)."""
+
+    def submit(
+        self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any
+    ) -> concurrent.futures.Future[Any]:
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except Exception as exc:
+            future.set_exception(exc)
+        return future
 
 
 _REGISTRY = JobRegistry(Limits(max_items_per_party=MAX_ITEMS, max_jobs=4))
@@ -117,22 +136,25 @@ _SERVICE = PsiService(
     ),
     client_verifier=None,
     require_client_attestation=False,
+    executor=_InlineExecutor(),
 )
+_LOOP = asyncio.new_event_loop()
 _jobs_started = 0
 
 
-def _chunks(data: bytes, sent: list[Any]) -> Iterator[Any]:
+async def _messages(data: bytes, sent: list[Any]) -> AsyncIterator[bytes]:
+    """The input's messages as raw bytes; ``sent`` gets each one parsed (None: garbage)."""
     pos = 0
     while pos + 2 <= len(data):
         (size,) = struct.unpack_from("<H", data, pos)
         pos += 2
-        try:
-            chunk = pb.UploadChunk.FromString(data[pos : pos + size])
-        except DecodeError:
-            return
+        raw = data[pos : pos + size]
         pos += size
-        sent.append(chunk)
-        yield chunk
+        try:
+            sent.append(pb.UploadChunk.FromString(raw))
+        except DecodeError:
+            sent.append(None)
+        yield raw
 
 
 def _upload_stream(data: bytes) -> None:
@@ -143,7 +165,9 @@ def _upload_stream(data: bytes) -> None:
     outcome = _REGISTRY.join(job_id, "a", 2)
     sent: list[Any] = []
     try:
-        summary = _SERVICE.Upload(_chunks(data, sent), _Context(outcome.token))
+        summary = _LOOP.run_until_complete(
+            _SERVICE.Upload(_messages(data, sent), _Context(outcome.token))
+        )
     except _Aborted:
         summary = None
     finally:
@@ -153,6 +177,7 @@ def _upload_stream(data: bytes) -> None:
             if job is not None:
                 _REGISTRY._expire_locked(job, reason="fuzz input done")
     if summary is not None:
+        assert None not in sent, "upload accepted a message that is not an UploadChunk"
         assert sent and sent[-1].last, "upload accepted without its last chunk"
         assert [c.sequence for c in sent] == list(range(len(sent))), "accepted out of order"
         assert summary.records_received == sum(c.record_count for c in sent)

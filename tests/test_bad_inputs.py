@@ -18,6 +18,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -576,29 +577,46 @@ def test_job_emptied_by_a_refused_upload_frees_its_slot(server_with, policy_file
 
 
 def test_concurrent_rpc_limit(server_with, policy_file):
-    """Each waiting party holds a worker thread: --max-workers bounds a job's parties.
+    """A waiting party holds no worker thread (finding F1): --max-workers sizes the pool for
+    blocking work only, so it bounds neither a job's parties nor the RPCs at once.
 
-    With --max-workers 3 the server lowers --max-parties to 2 at start (and says so), so a
-    3-party job is refused at its first join instead of never completing.
+    Before the fix, --max-workers 2 lowered --max-parties to 1 at start and a 4-party job was
+    refused at its first join (and a third concurrent RPC got RESOURCE_EXHAUSTED).
     """
-    server = server_with("--max-workers", "3", "--job-timeout", "60")
-    assert "--max-parties 256 lowered to 2" in server.log()
+    server = server_with("--max-workers", "2", "--job-timeout", "60")
+    assert "lowered" not in server.log()
     policy = Policy.from_dict(stable_policy_dict())
-    config = PartyConfig(
-        host=server.host,
-        policy=policy,
-        name="a",
-        party_count=3,
-        job_id="crowded",
-        attestation="sim",
-        allow_simulated=True,
-        timeout=60,
-    )
-    with pytest.raises(PsiClientError) as err:
-        run_party_items(config, ["x"])
-    assert str(err.value) == (
-        "joining the job failed: INVALID_ARGUMENT: party count 3 is out of range: 1 to 2"
-    )
+    configs = [
+        PartyConfig(
+            host=server.host,
+            policy=policy,
+            name=f"p{n}",
+            party_count=4,
+            job_id="crowded",
+            attestation="sim",
+            allow_simulated=True,
+            timeout=60,
+        )
+        for n in range(4)
+    ]
+    results: dict[str, object] = {}
+
+    def party(config: PartyConfig) -> None:
+        try:
+            results[config.name] = run_party_items(config, ["x", config.name])
+        except PsiClientError as exc:
+            results[config.name] = exc
+
+    threads = [threading.Thread(target=party, args=(c,), daemon=True) for c in configs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(90)
+    assert not any(t.is_alive() for t in threads)
+    failures = {n: str(r) for n, r in results.items() if isinstance(r, PsiClientError)}
+    assert not failures and len(results) == 4, failures
+    assert all(r.text() == ["x"] for r in results.values())
+    _wait_for_log(server, "job crowded: every party has its result; job state wiped")
 
 
 def _drain_until_closed(sock: socket.socket, timeout: float = 15.0) -> bytes:

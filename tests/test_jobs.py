@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 
@@ -300,3 +301,97 @@ def test_intersect_stores_equals_intersect_records(tmp_path, sort_upload, budget
         store.close()
     assert limits.held == 0 and not any(spill.path.iterdir())
     spill.close()
+
+
+# -- asyncio waits (the gRPC server's): no thread held while waiting ------------------------
+
+
+def test_async_waiters_of_many_jobs_are_woken_by_their_own_release(registry):
+    """Nine asyncio waiters (3 jobs x 3 parties) on one loop thread, no other thread: each is
+    woken by its own job's last upload (from another thread), none by another job's."""
+    tokens = {}
+    for j in range(3):
+        for p in range(4):
+            tokens[(j, p)] = registry.join(f"j{j}", f"p{p}", 4).token
+    for j in range(3):
+        for p in range(3):
+            _upload(registry, tokens[(j, p)], {f"j{j}", f"own-{j}-{p}"})
+
+    async def wait_all():
+        waits = {
+            key: asyncio.ensure_future(registry.wait_result_async(token, timeout=20))
+            for key, token in tokens.items()
+            if key[1] < 3
+        }
+        await asyncio.sleep(0.1)
+        assert not any(w.done() for w in waits.values())
+        threads = threading.active_count()
+        released: set[int] = set()
+        for j in (2, 0, 1):
+            # The last party of job j uploads from another thread; only job j's wake.
+            uploader = threading.Thread(
+                target=_upload, args=(registry, tokens[(j, 3)], {f"j{j}", "last"})
+            )
+            uploader.start()
+            mine = [w for key, w in waits.items() if key[0] == j]
+            done, _ = await asyncio.wait(mine, timeout=10)
+            assert len(done) == 3
+            released.add(j)
+            await asyncio.sleep(0.05)
+            assert all(not w.done() for key, w in waits.items() if key[0] not in released)
+            uploader.join(5)
+        assert threading.active_count() <= threads
+        return {key: w.result() for key, w in waits.items()}
+
+    deliveries = asyncio.run(wait_all())
+    for (j, _), delivery in deliveries.items():
+        assert decode(delivery.result, {f"j{j}", "last"}) == [f"j{j}"]
+
+
+def test_async_wait_ends_at_the_deadline_without_spinning():
+    reg = JobRegistry(Limits(job_timeout_seconds=1.0))
+    try:
+        a = reg.join("late", "a", 2)
+        _upload(reg, a.token, {"x"})
+        cpu_before = time.process_time()
+        wall_before = time.monotonic()
+        with pytest.raises(ServiceError) as err:
+            asyncio.run(reg.wait_result_async(a.token, timeout=10))
+        waited = time.monotonic() - wall_before
+        assert err.value.kind is ErrorKind.DEADLINE_EXCEEDED
+        assert err.value.message == (
+            "job late expired: 1 of 2 parties uploaded before its deadline"
+        )
+        assert 0.5 < waited < 5
+        assert time.process_time() - cpu_before < 0.2 * waited
+        assert reg.job_count() == 0
+    finally:
+        reg.close()
+
+
+def test_async_wait_tells_why_on_shutdown_and_cancel_leaves_no_waker():
+    reg = JobRegistry(Limits(job_timeout_seconds=30))
+    a = reg.join("j", "a", 2)
+    _upload(reg, a.token, {"x"})
+    job = reg._jobs["j"]
+
+    async def cancelled_then_shutdown():
+        wait = asyncio.ensure_future(reg.wait_result_async(a.token, timeout=None))
+        await asyncio.sleep(0.05)
+        assert len(job.waiters) == 1
+        wait.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await wait
+        assert job.waiters == set()  # a caller that went away leaves nothing behind
+        wait = asyncio.ensure_future(reg.wait_result_async(a.token, timeout=None))
+        await asyncio.sleep(0.05)
+        closer = threading.Thread(target=reg.close)
+        closer.start()
+        with pytest.raises(ServiceError) as err:
+            await asyncio.wait_for(wait, 10)
+        closer.join(10)
+        return err.value
+
+    error = asyncio.run(cancelled_then_shutdown())
+    assert error.kind is ErrorKind.UNAVAILABLE
+    assert error.message == ("server shutting down: job j was dropped; run every party again")

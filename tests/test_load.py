@@ -215,3 +215,52 @@ def test_soak_server_memory_returns_to_baseline(server, policy):
     assert (final["VmRSS"] - baseline["VmRSS"]) / 1024 < 24, samples
     assert final["Threads"] <= baseline["Threads"] + 4
     assert final["fds"] <= baseline["fds"] + 4
+
+
+def test_waiting_parties_hold_no_worker_threads(server, policy):
+    """3 jobs x 3 parties with --max-workers 2: 6 parties wait for their results at once,
+    then the last party of each job arrives and all 9 complete (finding F1).
+
+    Before grpc.aio each waiting party held a worker thread: --max-workers 2 lowered
+    --max-parties to 1 (every join refused) and a third concurrent RPC got
+    RESOURCE_EXHAUSTED. Now a waiting party is a suspended coroutine on the event loop.
+    """
+    srv = server("--max-workers", "2", "--job-timeout", "120")
+    assert "lowered" not in srv.log()
+    jobs = [f"few-workers-{j}" for j in range(3)]
+    items = {
+        (job, n): [f"{job}-common-{i}" for i in range(50)] + [f"{job}-p{n}-{i}" for i in range(50)]
+        for job in jobs
+        for n in range(3)
+    }
+    first = [(job, f"p{n}", 3, items[(job, n)]) for job in jobs for n in range(2)]
+    last = [(job, "p2", 3, items[(job, 2)]) for job in jobs]
+    waiting: dict[tuple[str, str], PartyResult] = {}
+    errors: list[BaseException] = []
+
+    def early_parties() -> None:
+        try:
+            waiting.update(run_parties(srv.host, policy, first, timeout=120))
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    early = threading.Thread(target=early_parties, daemon=True)
+    early.start()
+    # All 6 have uploaded: each now waits in GetResult (the client asks right after).
+    give_up = time.monotonic() + 90
+    while srv.log().count(" uploaded ") < 6:
+        assert time.monotonic() < give_up, srv.log()
+        assert not errors, errors
+        time.sleep(0.05)
+    time.sleep(1.0)
+    assert early.is_alive() and not errors, errors  # still waiting, none refused
+    threads_waiting = proc_status(srv.proc.pid)["Threads"]
+    finished = run_parties(srv.host, policy, last, timeout=120)
+    early.join(60)
+    assert not early.is_alive() and not errors, errors
+    results = {**waiting, **finished}
+    assert len(results) == 9
+    for (job, _), result in results.items():
+        assert result.text() == sorted(f"{job}-common-{i}" for i in range(50)), job
+    assert srv.log().count("job state wiped") == 3
+    report("3 jobs x 3 parties, --max-workers 2", server_threads_while_6_wait=threads_waiting)

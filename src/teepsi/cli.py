@@ -629,7 +629,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="append-only, hash-chained JSON-lines log of job events (never items)",
     )
     server.add_argument(
-        "--max-workers", type=int, default=256, help="gRPC worker threads (default 256)"
+        "--max-workers",
+        type=int,
+        default=256,
+        help="threads for blocking work: attestation checks, uploads, intersections, receipts; "
+        "parties waiting for a result hold none (default 256)",
     )
     server.add_argument("--announce", action="store_true", help=argparse.SUPPRESS)
     server.add_argument("-v", "--verbose", action="store_true")

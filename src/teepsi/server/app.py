@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-import dataclasses
+import asyncio
 import hashlib
 import logging
 import signal
 import tempfile
 import threading
+from collections.abc import Coroutine
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
+from typing import Any, TypeVar
 
 import grpc
 from cryptography.hazmat.primitives import serialization
@@ -38,6 +40,8 @@ from teepsi.server.service import PsiService, ServerEvidenceBundle, add_to_serve
 
 log = logging.getLogger(__name__)
 
+_T = TypeVar("_T")
+
 #: Largest gRPC message the server accepts; upload chunks are ~1 MiB.
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
@@ -55,6 +59,8 @@ class ServerConfig:
     require_client_attestation: bool = True
     allow_simulated: bool = False
     limits: Limits = field(default_factory=Limits)
+    #: Threads for blocking work (attestation checks, uploads, intersections, receipts).
+    #: Waiting parties hold none: they are bounded by the job limits only.
     max_workers: int = 256
     spill_dir: str | None = None
     #: Where the server fetches collateral for its own quote (default: the QCNL config).
@@ -67,6 +73,36 @@ class ServerConfig:
     provider: EvidenceProvider | None = None
 
 
+class _EventLoopThread:
+    """An asyncio event loop running in a thread of its own (the gRPC server's)."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run, name="teepsi-rpc", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_forever()
+        finally:
+            pending = asyncio.all_tasks(self.loop)
+            for task in pending:
+                task.cancel()
+            self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            self.loop.run_until_complete(self.loop.shutdown_asyncgens())
+            self.loop.close()
+
+    def run(self, coroutine: Coroutine[Any, Any, _T], timeout: float | None = None) -> _T:
+        """Run ``coroutine`` on the loop and wait for its result (from another thread)."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(timeout=10)
+
+
 @dataclass
 class RunningServer:
     """A started server; ``stop()`` shuts it down and wipes every job."""
@@ -75,14 +111,21 @@ class RunningServer:
     certificate_pem: bytes
     certificate_der: bytes
     registry: JobRegistry
-    _server: grpc.Server
+    _server: grpc.aio.Server
+    _loop: _EventLoopThread
+    _executor: futures.ThreadPoolExecutor
 
     def stop(self, grace: float | None = 2.0) -> None:
+        # Expiring every job first tells waiting parties why (UNAVAILABLE, shutting down).
         self.registry.close()
-        self._server.stop(grace).wait()
+        try:
+            self._loop.run(self._server.stop(grace), timeout=(grace or 0) + 10)
+        finally:
+            self._loop.close()
+            self._executor.shutdown(wait=False, cancel_futures=True)
 
     def wait(self) -> None:
-        self._server.wait_for_termination()
+        self._loop.run(self._server.wait_for_termination())
 
 
 def _describe_own_quote(quote: bytes) -> str:
@@ -177,15 +220,6 @@ def start_server(config: ServerConfig) -> RunningServer:
     if audit is not None:
         log.info("audit log %s (head %s)", config.audit_log, audit.head)
     limits = config.limits
-    if limits.max_parties_per_job >= config.max_workers:
-        # Every waiting party holds a worker thread: a job needs one per party, plus one.
-        log.warning(
-            "--max-parties %d lowered to %d: a job needs a worker thread per waiting party "
-            "(raise --max-workers for larger jobs)",
-            limits.max_parties_per_job,
-            config.max_workers - 1,
-        )
-        limits = dataclasses.replace(limits, max_parties_per_job=config.max_workers - 1)
     _remove_stale_spill(config.spill_dir)
     registry = JobRegistry(
         limits,
@@ -193,6 +227,9 @@ def start_server(config: ServerConfig) -> RunningServer:
         signer=lambda receipt: sign_receipt(receipt, ratls.private_key),
         certificate_sha256=hashlib.sha256(ratls.certificate_der).digest(),
         audit=audit,
+    )
+    executor = futures.ThreadPoolExecutor(
+        max_workers=config.max_workers, thread_name_prefix="teepsi-work"
     )
     service = PsiService(
         registry=registry,
@@ -205,32 +242,41 @@ def start_server(config: ServerConfig) -> RunningServer:
         ),
         client_verifier=verifier,
         require_client_attestation=config.require_client_attestation,
+        executor=executor,
     )
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="teepsi-rpc"),
-        options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.so_reuseport", 0),
-        ],
-        maximum_concurrent_rpcs=config.max_workers,
-    )
-    add_to_server(service, server)
     key_pem = ratls.private_key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
     credentials = grpc.ssl_server_credentials([(key_pem, ratls.certificate_pem)])
+
+    async def serve() -> tuple[grpc.aio.Server, int]:
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        add_to_server(service, server)
+        try:
+            port = server.add_secure_port(config.host, credentials)
+        except RuntimeError as exc:
+            raise ServerConfigError(f"cannot listen on {config.host}: {exc}") from None
+        if port == 0:
+            raise ServerConfigError(f"cannot listen on {config.host}: address in use or invalid")
+        await server.start()
+        return server, port
+
+    loop = _EventLoopThread()
     try:
-        port = server.add_secure_port(config.host, credentials)
-    except RuntimeError as exc:
+        server, port = loop.run(serve(), timeout=60)
+    except BaseException:
+        loop.close()
+        executor.shutdown(wait=False)
         registry.close()
-        raise ServerConfigError(f"cannot listen on {config.host}: {exc}") from None
-    if port == 0:
-        registry.close()
-        raise ServerConfigError(f"cannot listen on {config.host}: address in use or invalid")
-    server.start()
+        raise
     log.info("teepsi server listening on %s (port %d)", config.host, port)
     return RunningServer(
         port=port,
@@ -238,6 +284,8 @@ def start_server(config: ServerConfig) -> RunningServer:
         certificate_der=ratls.certificate_der,
         registry=registry,
         _server=server,
+        _loop=loop,
+        _executor=executor,
     )
 
 

@@ -3,11 +3,16 @@
 A job is created by its first party's join and lives until every party has its result
 or its deadline passes; then all of its state (items, result, sessions) is dropped.
 Nothing of one job is reachable from another: each has its own parties, sessions and
-condition variable. Every wait is a condition wait with a deadline; nothing polls.
+condition variable. Every wait is a condition wait with a deadline; nothing polls. The
+registry is thread-safe; the gRPC server (on an asyncio event loop) waits for a result with
+:meth:`JobRegistry.wait_result_async`, which holds no thread while it waits: every change
+of a job's state also wakes the job's asyncio waiters, through their loops.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import secrets
 import threading
@@ -98,6 +103,14 @@ class Job:
     result: JobResult | None = None
     #: Why the job ended early ("deadline passed", "server shutting down", ...).
     end_reason: str = ""
+    #: Wakers of asyncio waiters (each schedules its waiter on its own loop).
+    waiters: set[Callable[[], None]] = field(default_factory=set)
+
+    def notify_locked(self) -> None:
+        """The job's state changed: wake its thread waiters and its asyncio waiters."""
+        self.cond.notify_all()
+        for wake in list(self.waiters):
+            wake()
 
     def uploaded(self) -> int:
         return sum(1 for p in self.parties.values() if p.upload is UploadState.DONE)
@@ -167,7 +180,8 @@ ReceiptSigner = Callable[[Receipt], SignedReceipt]
 
 
 class JobRegistry:
-    """All live jobs of one server. Thread-safe; waits are condition waits."""
+    """All live jobs of one server. Thread-safe; waits are condition waits (threads) or
+    awaited events (asyncio, :meth:`wait_result_async`)."""
 
     def __init__(
         self,
@@ -272,7 +286,7 @@ class JobRegistry:
                 party.store.close()
                 party.store = None
         job.result = None
-        job.cond.notify_all()
+        job.notify_locked()
 
     # -- joining -------------------------------------------------------------------
 
@@ -520,7 +534,7 @@ class JobRegistry:
                 job.party_count,
                 len(result),
             )
-            job.cond.notify_all()
+            job.notify_locked()
         release_free_memory()  # the parties' stores are gone: return their pages
 
     def _receipt(
@@ -563,56 +577,96 @@ class JobRegistry:
     ) -> Delivery:
         """Block (condition wait, no polling) until the result exists; the caller's view."""
         with self._lock:
-            job, party = self._lookup_locked(token)
-            if party.upload is not UploadState.DONE:
-                raise ServiceError(
-                    ErrorKind.FAILED_PRECONDITION,
-                    f"party {party.name} has not uploaded its set for job {job.job_id}",
-                )
-            give_up = (
-                job.deadline if timeout is None else min(job.deadline, self._clock() + timeout)
-            )
+            job, party, give_up = self._begin_wait_locked(token, timeout)
             while job.state in (JobState.WAITING, JobState.COMPUTING) and is_active():
                 remaining = give_up - self._clock()
                 if remaining <= 0:
                     break
                 job.cond.wait(remaining)
-            if job.state is JobState.DONE and job.result is not None:
-                return Delivery(
-                    result=job.result,
-                    status=release_status(job.spec, party.name, len(job.result)),
-                    distinct_records=party.distinct_records,
-                    set_salt=party.set_salt,
-                    result_salt=job.result_salt,
-                )
-            if not is_active():
-                raise ServiceError(ErrorKind.CANCELLED, "caller went away")
-            if job.state is JobState.WAITING and self._clock() >= job.deadline:
-                # The reaper may not have run yet; the deadline is the deadline.
-                self._expire_locked(job, reason="deadline passed")
-            if job.state is JobState.EXPIRED and job.end_reason == "server shutting down":
-                raise ServiceError(
-                    ErrorKind.UNAVAILABLE,
-                    f"server shutting down: job {job.job_id} was dropped; run every party again",
-                )
-            if job.state is JobState.EXPIRED:
-                raise ServiceError(
-                    ErrorKind.DEADLINE_EXCEEDED,
-                    f"job {job.job_id} expired: {job.uploaded()} of {job.party_count} parties "
-                    "uploaded before its deadline",
-                )
+            return self._end_wait_locked(job, party, cancelled=not is_active())
+
+    async def wait_result_async(self, token: bytes, *, timeout: float | None) -> Delivery:
+        """Await the result without holding a thread (asyncio; no polling); the caller's view.
+
+        Whatever changes the job's state (the last upload, expiry, shutdown) wakes the wait
+        through the caller's event loop; a cancelled caller simply stops waiting.
+        """
+        loop = asyncio.get_running_loop()
+        woken = asyncio.Event()
+
+        def wake() -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                loop.call_soon_threadsafe(woken.set)
+
+        with self._lock:
+            job, party, give_up = self._begin_wait_locked(token, timeout)
+            job.waiters.add(wake)
+        try:
+            while True:
+                with self._lock:
+                    if job.state not in (JobState.WAITING, JobState.COMPUTING):
+                        break
+                    remaining = give_up - self._clock()
+                    if remaining <= 0:
+                        break
+                    woken.clear()  # under the lock: no wake-up after this is lost
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(woken.wait(), remaining)
+            with self._lock:
+                return self._end_wait_locked(job, party, cancelled=False)
+        finally:
+            with self._lock:
+                job.waiters.discard(wake)
+
+    def _begin_wait_locked(self, token: bytes, timeout: float | None) -> tuple[Job, Party, float]:
+        """The caller's job and party, and when its wait gives up."""
+        job, party = self._lookup_locked(token)
+        if party.upload is not UploadState.DONE:
+            raise ServiceError(
+                ErrorKind.FAILED_PRECONDITION,
+                f"party {party.name} has not uploaded its set for job {job.job_id}",
+            )
+        give_up = job.deadline if timeout is None else min(job.deadline, self._clock() + timeout)
+        return job, party, give_up
+
+    def _end_wait_locked(self, job: Job, party: Party, *, cancelled: bool) -> Delivery:
+        """After a wait: the party's view of the result, or why there is none."""
+        if job.state is JobState.DONE and job.result is not None:
+            return Delivery(
+                result=job.result,
+                status=release_status(job.spec, party.name, len(job.result)),
+                distinct_records=party.distinct_records,
+                set_salt=party.set_salt,
+                result_salt=job.result_salt,
+            )
+        if cancelled:
+            raise ServiceError(ErrorKind.CANCELLED, "caller went away")
+        if job.state is JobState.WAITING and self._clock() >= job.deadline:
+            # The reaper may not have run yet; the deadline is the deadline.
+            self._expire_locked(job, reason="deadline passed")
+        if job.state is JobState.EXPIRED and job.end_reason == "server shutting down":
+            raise ServiceError(
+                ErrorKind.UNAVAILABLE,
+                f"server shutting down: job {job.job_id} was dropped; run every party again",
+            )
+        if job.state is JobState.EXPIRED:
             raise ServiceError(
                 ErrorKind.DEADLINE_EXCEEDED,
-                f"timed out waiting for job {job.job_id}: {job.uploaded()} of "
-                f"{job.party_count} parties have uploaded",
+                f"job {job.job_id} expired: {job.uploaded()} of {job.party_count} parties "
+                "uploaded before its deadline",
             )
+        raise ServiceError(
+            ErrorKind.DEADLINE_EXCEEDED,
+            f"timed out waiting for job {job.job_id}: {job.uploaded()} of "
+            f"{job.party_count} parties have uploaded",
+        )
 
     def wake(self, token: bytes) -> None:
         """Wake waiters of the token's job (used when a caller cancels)."""
         with self._lock:
             session = self._sessions.get(token)
             if session is not None and session.job_id in self._jobs:
-                self._jobs[session.job_id].cond.notify_all()
+                self._jobs[session.job_id].notify_locked()
 
     def mark_delivered(self, token: bytes) -> None:
         """Record that the party has its whole result; the last delivery frees the job."""

@@ -1,13 +1,23 @@
-"""The gRPC service: translates requests into job operations and errors into status codes."""
+"""The gRPC service: translates requests into job operations and errors into status codes.
+
+It runs on a grpc.aio server: a party waiting for its result is a suspended coroutine, not a
+thread, so waiting parties are bounded by the job limits, not by threads. Anything that
+takes CPU or may block (quote and signature checks, decoding and storing upload chunks,
+spilling, the intersection, signing the receipt, building result chunks) runs on the
+service's bounded thread pool (``--max-workers``), never on the event loop.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import functools
 import hashlib
 import hmac
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 import numpy as np
@@ -23,16 +33,22 @@ from teepsi.attestation.transcript import join_transcript_digest
 from teepsi.contract.spec import JobSpec, SpecError
 from teepsi.engine.keys import RECORD_BYTES, U64Array, records_from_bytes
 from teepsi.engine.spill import SpillError
-from teepsi.engine.store import RECORDS_PER_CHUNK, iter_record_chunks, mark_last
+from teepsi.engine.store import RECORDS_PER_CHUNK, RecordStore, iter_record_chunks, mark_last
 from teepsi.protocol import SESSION_METADATA
 from teepsi.protocol import teepsi_pb2 as pb
-from teepsi.protocol import teepsi_pb2_grpc as pb_grpc
 from teepsi.server.challenges import ChallengeStore
 from teepsi.server.errors import ErrorKind, ServiceError
-from teepsi.server.jobs import JobRegistry, ReleaseStatus, check_identifier
+from teepsi.server.jobs import (
+    Delivery,
+    JobRegistry,
+    JoinOutcome,
+    ReleaseStatus,
+    check_identifier,
+)
 
 log = logging.getLogger(__name__)
 
+_T = TypeVar("_T")
 
 _STATUS = {kind: getattr(grpc.StatusCode, kind.value) for kind in ErrorKind}
 _RESULT_STATUS = {
@@ -63,12 +79,12 @@ class ServerEvidenceBundle:
             return ""
 
 
-def _abort(context: grpc.ServicerContext, error: ServiceError) -> NoReturn:
-    context.abort(_STATUS[error.kind], error.message)
+async def _abort(context: grpc.aio.ServicerContext, error: ServiceError) -> NoReturn:
+    await context.abort(_STATUS[error.kind], error.message)
     raise AssertionError("unreachable")  # context.abort raises
 
 
-def _session_token(context: grpc.ServicerContext) -> bytes:
+def _session_token(context: grpc.aio.ServicerContext) -> bytes:
     for key, value in context.invocation_metadata() or ():
         if key == SESSION_METADATA:
             try:
@@ -106,7 +122,7 @@ def _check_possession(public_key_der: bytes, signature: bytes, message: bytes) -
         ) from None
 
 
-class PsiService(pb_grpc.PsiServicer):
+class PsiService:
     def __init__(
         self,
         *,
@@ -115,30 +131,46 @@ class PsiService(pb_grpc.PsiServicer):
         client_verifier: PeerVerifier | None,
         require_client_attestation: bool = True,
         challenges: ChallengeStore | None = None,
+        executor: concurrent.futures.Executor | None = None,
     ) -> None:
         self.registry = registry
         self.evidence = evidence
         self.client_verifier = client_verifier
         self.require_client_attestation = require_client_attestation
         self.challenges = challenges or ChallengeStore()
+        #: Where blocking work runs (bounded: ``--max-workers`` threads).
+        self.executor = executor or concurrent.futures.ThreadPoolExecutor(
+            thread_name_prefix="teepsi-work"
+        )
 
-    # Each handler turns ServiceError into a status; unexpected errors become INTERNAL
-    # without details (they could carry data).
+    def _submit(self, fn: Callable[..., _T], *args: Any) -> concurrent.futures.Future[_T]:
+        return self.executor.submit(fn, *args)
 
-    def GetServerEvidence(self, request: Any, context: grpc.ServicerContext) -> Any:
+    async def _blocking(self, fn: Callable[..., _T], *args: Any) -> _T:
+        """Run ``fn(*args)`` on the thread pool; the event loop keeps serving meanwhile."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self.executor, functools.partial(fn, *args)
+        )
+
+    # Each handler turns ServiceError into a status (one line); anything else is a bug,
+    # which gRPC reports as UNKNOWN.
+
+    async def GetServerEvidence(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        # Fresh collateral may come from the network (PCCS): off the event loop.
+        collateral = await self._blocking(self.evidence.current_collateral)
         return pb.ServerEvidence(
             certificate_der=self.evidence.certificate_der,
-            collateral_json=self.evidence.current_collateral(),
+            collateral_json=collateral,
             attestation=self.evidence.attestation,
             requires_client_attestation=self.require_client_attestation,
         )
 
-    def GetChallenge(self, request: Any, context: grpc.ServicerContext) -> Any:
+    async def GetChallenge(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
             check_identifier(request.job_id, "job id")
             check_identifier(request.party_name, "party name")
         except ServiceError as exc:
-            _abort(context, exc)
+            await _abort(context, exc)
         nonce = self.challenges.issue(request.job_id, request.party_name)
         return pb.Challenge(nonce=nonce, ttl_seconds=self.challenges.ttl_seconds)
 
@@ -175,74 +207,10 @@ class PsiService(pb_grpc.PsiServicer):
             )
         return spec
 
-    def Join(self, request: Any, context: grpc.ServicerContext) -> Any:
+    async def Join(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
-            check_identifier(request.job_id, "job id")
-            check_identifier(request.party_name, "party name")
-            self.challenges.redeem(request.nonce, request.job_id, request.party_name)
-            spec = self._job_spec(request)
-            key_hash = _party_key_sha256(request.party_public_key)
-            digest = join_transcript_digest(
-                nonce=request.nonce,
-                server_certificate_sha256=self.evidence.certificate_sha256,
-                job_id=request.job_id,
-                party_name=request.party_name,
-                party_public_key_sha256=key_hash,
-                spec_sha256=spec.digest() if spec is not None else b"",
-            )
-            # With a spec this is the party's listed key: a listed party cannot be
-            # impersonated without its private key.
-            _check_possession(request.party_public_key, request.transcript_signature, digest)
-            listed = spec.party(request.party_name) if spec is not None else None
-            must_attest = self.require_client_attestation or (listed is not None and listed.attest)
-            attested = False
-            if must_attest:
-                if not request.HasField("evidence") or not request.evidence.quote:
-                    raise ServiceError(
-                        ErrorKind.PERMISSION_DENIED,
-                        "this job requires data providers to attest; run the client in an "
-                        "enclave (--attestation gramine or sim)",
-                    )
-                if self.client_verifier is None:
-                    raise ServiceError(
-                        ErrorKind.FAILED_PRECONDITION,
-                        "the job spec requires this party to attest, but the server has no "
-                        "policy for data providers (start it with --config)",
-                    )
-                try:
-                    peer = self.client_verifier.verify_bound_quote(
-                        request.evidence.quote,
-                        request.evidence.collateral_json,
-                        digest,
-                        what=f"data provider {request.party_name}",
-                        role=Role.DATA_PROVIDER,
-                    )
-                except PeerRejected as exc:
-                    log.warning("refused data provider %s: %s", request.party_name, exc)
-                    raise ServiceError(ErrorKind.PERMISSION_DENIED, str(exc)) from None
-                attested = True
-                log.info("data provider %s attested: %s", request.party_name, peer.describe())
-            else:
-                log.warning(
-                    "data provider %s joined WITHOUT attestation (the server runs with "
-                    "--no-client-attestation%s)",
-                    request.party_name,
-                    " and the job spec does not require it" if spec is not None else "",
-                )
-            if spec is None:
-                log.warning(
-                    "job %s runs WITHOUT a job spec: parties are not authenticated; anyone "
-                    "who passes attestation can fill a slot",
-                    request.job_id,
-                )
-            outcome = self.registry.join(
-                request.job_id,
-                request.party_name,
-                request.party_count,
-                request.key_scheme,
-                spec=spec,
-                attested=attested,
-            )
+            # Quote verification and signature checks take CPU (and may fetch collateral).
+            outcome = await self._blocking(self._join, request)
         except ServiceError as exc:
             log.warning(
                 "job %s: join of %s refused: %s",
@@ -250,7 +218,7 @@ class PsiService(pb_grpc.PsiServicer):
                 request.party_name[:64],
                 exc.message,
             )
-            _abort(context, exc)
+            await _abort(context, exc)
         return pb.JoinResponse(
             session_token=outcome.token,
             job_deadline=int(outcome.deadline),
@@ -258,84 +226,190 @@ class PsiService(pb_grpc.PsiServicer):
             key_seeds=outcome.key_seeds,
         )
 
-    def Upload(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Any:
+    def _join(self, request: Any) -> JoinOutcome:
+        """Authenticate and attest the joining party, then add it to its job (blocking)."""
+        check_identifier(request.job_id, "job id")
+        check_identifier(request.party_name, "party name")
+        self.challenges.redeem(request.nonce, request.job_id, request.party_name)
+        spec = self._job_spec(request)
+        key_hash = _party_key_sha256(request.party_public_key)
+        digest = join_transcript_digest(
+            nonce=request.nonce,
+            server_certificate_sha256=self.evidence.certificate_sha256,
+            job_id=request.job_id,
+            party_name=request.party_name,
+            party_public_key_sha256=key_hash,
+            spec_sha256=spec.digest() if spec is not None else b"",
+        )
+        # With a spec this is the party's listed key: a listed party cannot be
+        # impersonated without its private key.
+        _check_possession(request.party_public_key, request.transcript_signature, digest)
+        listed = spec.party(request.party_name) if spec is not None else None
+        must_attest = self.require_client_attestation or (listed is not None and listed.attest)
+        attested = False
+        if must_attest:
+            if not request.HasField("evidence") or not request.evidence.quote:
+                raise ServiceError(
+                    ErrorKind.PERMISSION_DENIED,
+                    "this job requires data providers to attest; run the client in an "
+                    "enclave (--attestation gramine or sim)",
+                )
+            if self.client_verifier is None:
+                raise ServiceError(
+                    ErrorKind.FAILED_PRECONDITION,
+                    "the job spec requires this party to attest, but the server has no "
+                    "policy for data providers (start it with --config)",
+                )
+            try:
+                peer = self.client_verifier.verify_bound_quote(
+                    request.evidence.quote,
+                    request.evidence.collateral_json,
+                    digest,
+                    what=f"data provider {request.party_name}",
+                    role=Role.DATA_PROVIDER,
+                )
+            except PeerRejected as exc:
+                log.warning("refused data provider %s: %s", request.party_name, exc)
+                raise ServiceError(ErrorKind.PERMISSION_DENIED, str(exc)) from None
+            attested = True
+            log.info("data provider %s attested: %s", request.party_name, peer.describe())
+        else:
+            log.warning(
+                "data provider %s joined WITHOUT attestation (the server runs with "
+                "--no-client-attestation%s)",
+                request.party_name,
+                " and the job spec does not require it" if spec is not None else "",
+            )
+        if spec is None:
+            log.warning(
+                "job %s runs WITHOUT a job spec: parties are not authenticated; anyone "
+                "who passes attestation can fill a slot",
+                request.job_id,
+            )
+        return self.registry.join(
+            request.job_id,
+            request.party_name,
+            request.party_count,
+            request.key_scheme,
+            spec=spec,
+            attested=attested,
+        )
+
+    async def Upload(
+        self, raw_chunks: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+    ) -> Any:
         try:
             token = _session_token(context)
             job_id, party, store, limit = self.registry.begin_upload(token)
         except ServiceError as exc:
-            _abort(context, exc)
+            await _abort(context, exc)
         completed = False
+        #: The upload's one blocking step in flight (a chunk, or the final computation).
+        step: concurrent.futures.Future[Any] | None = None
         try:
             finished = False
-            for expected, chunk in enumerate(request_iterator):
-                if finished:
-                    raise ServiceError(ErrorKind.INVALID_ARGUMENT, "chunk after the last chunk")
-                if chunk.sequence != expected:
-                    raise ServiceError(
-                        ErrorKind.INVALID_ARGUMENT,
-                        f"chunk {chunk.sequence} arrived out of order (expected {expected}); "
-                        "chunks must be sent once each, in order",
-                    )
-                hi, lo = _decode_upload(chunk.records, chunk.record_count, chunk.sequence)
-                if store.records + len(hi) > limit:
-                    raise ServiceError(
-                        ErrorKind.RESOURCE_EXHAUSTED,
-                        f"more than {limit} items in one party's upload (the limit of this "
-                        "job: its spec's max_items_per_party or the server's --max-items)",
-                    )
-                store.add(hi, lo)
-                finished = chunk.last
+            sequence = 0
+            async for raw in raw_chunks:
+                step = self._submit(_take_chunk, raw, sequence, finished, store, limit)
+                finished = await asyncio.wrap_future(step)
+                sequence += 1
             if not finished:
                 raise ServiceError(
                     ErrorKind.INVALID_ARGUMENT, "upload ended without its last chunk"
                 )
             received = store.records
-            self.registry.finish_upload(token)
+            step = self._submit(self.registry.finish_upload, token)
+            await asyncio.wrap_future(step)
             completed = True
             return pb.UploadSummary(records_received=received)
         except SpillError as exc:
             log.error("job %s: spill failed: %s", job_id, exc)
-            _abort(context, ServiceError(ErrorKind.RESOURCE_EXHAUSTED, "server spill area failed"))
+            await _abort(
+                context, ServiceError(ErrorKind.RESOURCE_EXHAUSTED, "server spill area failed")
+            )
         except ServiceError as exc:
             log.warning("job %s: upload of %s refused: %s", job_id, party, exc.message)
-            _abort(context, exc)
+            await _abort(context, exc)
         finally:
             if not completed:
-                self.registry.abort_upload(token)
+                # A cancelled call may leave its step running on the pool: the store is
+                # closed only after it (a RecordStore has one user at a time).
+                if step is None:
+                    self.registry.abort_upload(token)
+                else:
+                    step.add_done_callback(lambda _: self.registry.abort_upload(token))
 
-    def GetResult(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+    async def GetResult(
+        self, request: Any, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bytes]:
         try:
             token = _session_token(context)
-            context.add_callback(lambda: self.registry.wake(token))
-            remaining = context.time_remaining()
-            delivery = self.registry.wait_result(
-                token, timeout=remaining, is_active=context.is_active
+            # Awaited, not blocked on: no thread is held while the job waits for parties.
+            # A caller that goes away cancels this coroutine, and with it the wait.
+            delivery = await self.registry.wait_result_async(
+                token, timeout=context.time_remaining()
             )
         except ServiceError as exc:
-            _abort(context, exc)
-        result, status = delivery.result, delivery.status
-        # Release rules, enforced here: records only when released; the size only when
-        # the threshold was met.
-        hi, lo = (result.hi, result.lo) if status is ReleaseStatus.RELEASED else (_EMPTY, _EMPTY)
-        total = 0 if status is ReleaseStatus.BELOW_THRESHOLD else len(result)
-        released = status is ReleaseStatus.RELEASED
-        chunks = iter_record_chunks(hi, lo, records_per_chunk=RECORDS_PER_CHUNK)
-        for sequence, (payload, count, last) in enumerate(mark_last(chunks)):
-            yield pb.ResultChunk(
-                sequence=sequence,
-                records=payload,
-                record_count=count,
-                total_records=total,
-                result_sha256=result.sha256 if last and released else b"",
-                last=last,
-                party_distinct_records=delivery.distinct_records,
-                status=_RESULT_STATUS[status],
-                receipt_json=result.receipt_json if last else "",
-                set_digest_salt=delivery.set_salt if last else b"",
-                result_digest_salt=delivery.result_salt if last and released else b"",
-            )
+            await _abort(context, exc)
+        chunks = _result_chunks(delivery)
+        while (message := await self._blocking(next, chunks, None)) is not None:
+            yield message
         # Reached only when the client took every chunk; a cut stream can fetch again.
-        self.registry.mark_delivered(token)
+        await self._blocking(self.registry.mark_delivered, token)
+
+
+def _result_chunks(delivery: Delivery) -> Iterator[bytes]:
+    """One party's result as serialized ResultChunks, built one at a time."""
+    result, status = delivery.result, delivery.status
+    # Release rules, enforced here: records only when released; the size only when
+    # the threshold was met.
+    hi, lo = (result.hi, result.lo) if status is ReleaseStatus.RELEASED else (_EMPTY, _EMPTY)
+    total = 0 if status is ReleaseStatus.BELOW_THRESHOLD else len(result)
+    released = status is ReleaseStatus.RELEASED
+    chunks = iter_record_chunks(hi, lo, records_per_chunk=RECORDS_PER_CHUNK)
+    for sequence, (payload, count, last) in enumerate(mark_last(chunks)):
+        yield pb.ResultChunk(
+            sequence=sequence,
+            records=payload,
+            record_count=count,
+            total_records=total,
+            result_sha256=result.sha256 if last and released else b"",
+            last=last,
+            party_distinct_records=delivery.distinct_records,
+            status=_RESULT_STATUS[status],
+            receipt_json=result.receipt_json if last else "",
+            set_digest_salt=delivery.set_salt if last else b"",
+            result_digest_salt=delivery.result_salt if last and released else b"",
+        ).SerializeToString()
+
+
+def _take_chunk(raw: bytes, sequence: int, finished: bool, store: RecordStore, limit: int) -> bool:
+    """Parse, check, decode and store one upload chunk (blocking); True if it was the last."""
+    try:
+        chunk = pb.UploadChunk.FromString(raw)
+    except DecodeError:
+        raise ServiceError(
+            ErrorKind.INVALID_ARGUMENT,
+            f"upload message {sequence} is not a valid {pb.UploadChunk.DESCRIPTOR.full_name} "
+            "message",
+        ) from None
+    if finished:
+        raise ServiceError(ErrorKind.INVALID_ARGUMENT, "chunk after the last chunk")
+    if chunk.sequence != sequence:
+        raise ServiceError(
+            ErrorKind.INVALID_ARGUMENT,
+            f"chunk {chunk.sequence} arrived out of order (expected {sequence}); "
+            "chunks must be sent once each, in order",
+        )
+    hi, lo = _decode_upload(chunk.records, chunk.record_count, chunk.sequence)
+    if store.records + len(hi) > limit:
+        raise ServiceError(
+            ErrorKind.RESOURCE_EXHAUSTED,
+            f"more than {limit} items in one party's upload (the limit of this "
+            "job: its spec's max_items_per_party or the server's --max-items)",
+        )
+    store.add(hi, lo)
+    return bool(chunk.last)
 
 
 def _parse(message_class: Any, raw: bytes) -> Any:
@@ -349,34 +423,38 @@ def _parse(message_class: Any, raw: bytes) -> Any:
         ) from None
 
 
-def _parsed_chunks(raw_chunks: Iterator[bytes]) -> Iterator[Any]:
-    """Upload chunks parsed as they arrive (a garbage chunk ends the upload, one line)."""
-    for sequence, raw in enumerate(raw_chunks):
-        try:
-            yield pb.UploadChunk.FromString(raw)
-        except DecodeError:
-            raise ServiceError(
-                ErrorKind.INVALID_ARGUMENT,
-                f"upload message {sequence} is not a valid {pb.UploadChunk.DESCRIPTOR.full_name} "
-                "message",
-            ) from None
-
-
 def _unary(
-    method: Callable[[Any, grpc.ServicerContext], Any], request_class: Any
-) -> Callable[[bytes, grpc.ServicerContext], Any]:
+    method: Callable[[Any, grpc.aio.ServicerContext], Any], request_class: Any
+) -> Callable[[bytes, grpc.aio.ServicerContext], Any]:
     """A handler that takes the request's raw bytes and parses them itself."""
 
-    def handler(raw: bytes, context: grpc.ServicerContext) -> Any:
-        try:
-            request = _parse(request_class, raw)
-        except ServiceError as exc:
-            # One line, no traceback, never the bytes.
-            log.warning("refused a %s call: %s", method.__name__, exc.message)
-            _abort(context, exc)
-        return method(request, context)
+    async def handler(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+        request = await _parsed(raw, request_class, method.__name__, context)
+        return await method(request, context)
 
     return handler
+
+
+def _server_stream(
+    method: Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]], request_class: Any
+) -> Callable[[bytes, grpc.aio.ServicerContext], AsyncIterator[Any]]:
+    async def handler(raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        request = await _parsed(raw, request_class, method.__name__, context)
+        async for response in method(request, context):
+            yield response
+
+    return handler
+
+
+async def _parsed(
+    raw: bytes, request_class: Any, method: str, context: grpc.aio.ServicerContext
+) -> Any:
+    try:
+        return _parse(request_class, raw)
+    except ServiceError as exc:
+        # One line, no traceback, never the bytes.
+        log.warning("refused a %s call: %s", method, exc.message)
+        await _abort(context, exc)
 
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Psi"].full_name
@@ -385,7 +463,9 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Psi"].full_name
 def method_handlers(service: PsiService) -> dict[str, grpc.RpcMethodHandler]:
     """The service's handlers, registered by hand (not with the generated
     ``add_PsiServicer_to_server``): requests arrive as raw bytes and are parsed here, so a
-    well-formed call carrying garbage gets INVALID_ARGUMENT with one line (finding F4)."""
+    well-formed call carrying garbage gets INVALID_ARGUMENT with one line (finding F4).
+    Upload chunks are parsed one by one as they arrive; result chunks are serialized on
+    the thread pool."""
     return {
         "GetServerEvidence": grpc.unary_unary_rpc_method_handler(
             _unary(service.GetServerEvidence, pb.GetServerEvidenceRequest),
@@ -400,17 +480,16 @@ def method_handlers(service: PsiService) -> dict[str, grpc.RpcMethodHandler]:
             response_serializer=pb.JoinResponse.SerializeToString,
         ),
         "Upload": grpc.stream_unary_rpc_method_handler(
-            lambda raw_chunks, context: service.Upload(_parsed_chunks(raw_chunks), context),
+            service.Upload,
             response_serializer=pb.UploadSummary.SerializeToString,
         ),
         "GetResult": grpc.unary_stream_rpc_method_handler(
-            _unary(service.GetResult, pb.GetResultRequest),
-            response_serializer=pb.ResultChunk.SerializeToString,
+            _server_stream(service.GetResult, pb.GetResultRequest)
         ),
     }
 
 
-def add_to_server(service: PsiService, server: grpc.Server) -> None:
+def add_to_server(service: PsiService, server: grpc.aio.Server) -> None:
     handlers = method_handlers(service)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
