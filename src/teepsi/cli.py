@@ -631,9 +631,10 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument(
         "--max-workers",
         type=int,
-        default=256,
+        default=16,
         help="threads for blocking work: attestation checks, uploads, intersections, receipts; "
-        "parties waiting for a result hold none (default 256)",
+        "parties waiting for a result hold none (default 16: with the server's own threads, "
+        "within a Gramine enclave's default sgx.max_threads of 32)",
     )
     server.add_argument("--announce", action="store_true", help=argparse.SUPPRESS)
     server.add_argument("-v", "--verbose", action="store_true")

@@ -61,7 +61,7 @@ class ServerConfig:
     limits: Limits = field(default_factory=Limits)
     #: Threads for blocking work (attestation checks, uploads, intersections, receipts).
     #: Waiting parties hold none: they are bounded by the job limits only.
-    max_workers: int = 256
+    max_workers: int = 16
     spill_dir: str | None = None
     #: Where the server fetches collateral for its own quote (default: the QCNL config).
     pccs_url: str | None = None
