@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         workdir = Path(tmp)
         policy_path = workdir / "dynamic_config.json"
         policy_path.write_text(json.dumps(policy.to_dict()))
-        extra = ["--max-workers", str(max(64, 4 * args.concurrency * args.parties))]
+        extra: list[str] = []
         if args.spill:
             spill = workdir / "spill"
             spill.mkdir()

@@ -108,7 +108,7 @@ def server(start_server, policy_file) -> Callable[..., object]:
 
 
 def test_one_job_with_64_parties(server, policy, tmp_path):
-    srv = server("--max-workers", "160")
+    srv = server()  # default --max-workers: waiting parties hold no worker thread
     common = [f"shared-{i:04d}" for i in range(200)]
     parties = [
         ("big", f"p{n:02d}", 64, [*common, *(f"p{n}-own-{i}" for i in range(1800))])
