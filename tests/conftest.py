@@ -13,7 +13,7 @@ import pytest
 
 from teepsi.attestation.evidence import Role
 from teepsi.attestation.measure import sim_identity
-from teepsi.attestation.policy import policy_for
+from teepsi.attestation.policy import Policy, policy_for
 from teepsi.demo import start_server_process
 
 
@@ -34,6 +34,37 @@ def sim_policy_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     assert json.loads(path.read_text()) == expected.to_dict()
     return path
+
+
+def stable_policy_dict() -> dict[str, object]:
+    """This installation's simulated identities with MRENCLAVE not pinned.
+
+    For the fault, bad-input, leakage and load tests: they start many processes, and a
+    pinned MRENCLAVE (a digest of the installed files) would turn an edit made while they
+    run into a policy mismatch instead of the failure under test.
+    """
+    data = policy_for(
+        [
+            ("teepsi server (simulated)", sim_identity(Role.SERVER)),
+            ("teepsi data provider (simulated)", sim_identity(Role.DATA_PROVIDER)),
+        ]
+    ).to_dict()
+    data["verify_mr_enclave"] = "off"
+    return data
+
+
+@pytest.fixture(scope="session")
+def policy_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``stable_policy_dict`` as a dynamic_config.json file."""
+    path = tmp_path_factory.mktemp("stable-policy") / "dynamic_config.json"
+    path.write_text(json.dumps(stable_policy_dict(), indent=2))
+    return path
+
+
+@pytest.fixture(scope="session")
+def policy() -> Policy:
+    """``stable_policy_dict`` as a Policy, for in-process servers and clients."""
+    return Policy.from_dict(stable_policy_dict())
 
 
 @dataclass

@@ -24,10 +24,9 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import client_args, start_client, teepsi_cmd
+from conftest import client_args, stable_policy_dict, start_client, teepsi_cmd
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from test_faults import stable_policy_dict
 
 from teepsi.attestation.policy import Policy
 from teepsi.cli import main
@@ -39,13 +38,6 @@ from teepsi.protocol import teepsi_pb2 as pb
 from teepsi.protocol import teepsi_pb2_grpc as pb_grpc
 
 MiB = 1024 * 1024
-
-
-@pytest.fixture(scope="module")
-def policy_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("policy") / "dynamic_config.json"
-    path.write_text(json.dumps(stable_policy_dict(), indent=2))
-    return path
 
 
 def _error_lines(stderr: str) -> list[str]:

@@ -435,45 +435,25 @@ def test_data_provider_brings_its_own_collateral(start_server, sim_policy_file, 
 
     server = start_server()
     data = _write(tmp_path / "a.txt", ["x", "y"])
+
+    def run_client(job: str, *extra: str) -> subprocess.CompletedProcess[bytes]:
+        args = client_args(
+            server, data, parties=1, name="a", policy=sim_policy_file, job=job, extra=extra
+        )
+        return subprocess.run(args, capture_output=True, timeout=60)
+
     collateral = SimPlatform().collateral_json()
     path = tmp_path / "collateral.json"
     path.write_text(collateral)
-    args = client_args(
-        server,
-        data,
-        parties=1,
-        name="a",
-        policy=sim_policy_file,
-        job="file",
-        extra=["--collateral", str(path)],
-    )
-    run = subprocess.run(args, capture_output=True, timeout=60)
+    run = run_client("file", "--collateral", str(path))
     assert run.returncode == 0, run.stderr.decode()
     assert run.stdout == b"x\ny\n"
     with fake_pccs(collateral) as pccs:
-        args = client_args(
-            server,
-            data,
-            parties=1,
-            name="a",
-            policy=sim_policy_file,
-            job="pccs",
-            extra=["--pccs-url", pccs.url],
-        )
-        run = subprocess.run(args, capture_output=True, timeout=60)
+        run = run_client("pccs", "--pccs-url", pccs.url)
         assert run.returncode == 0, run.stderr.decode()
         assert pccs.count("tcb") >= 1  # the provider fetched it, not the server
     broken = tmp_path / "broken.json"
     broken.write_text("{}")
-    args = client_args(
-        server,
-        data,
-        parties=1,
-        name="a",
-        policy=sim_policy_file,
-        job="bad",
-        extra=["--collateral", str(broken)],
-    )
-    run = subprocess.run(args, capture_output=True, timeout=60)
+    run = run_client("bad", "--collateral", str(broken))
     assert run.returncode == 2
     assert len(_errors(run.stderr)) == 1 and "broken.json" in _errors(run.stderr)[0]

@@ -9,7 +9,6 @@ keep passing while src/ is edited under them; tests/test_end_to_end.py pins MREN
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -23,34 +22,13 @@ import pytest
 from conftest import client_args, start_client
 from tcp_proxy import TcpProxy
 
-from teepsi.attestation.evidence import Role
-from teepsi.attestation.measure import sim_identity
-from teepsi.attestation.policy import Policy, policy_for
+from teepsi.attestation.policy import Policy
 from teepsi.client.party import PartyConfig, PsiClient, PsiClientError
 from teepsi.engine.intersect import intersect_records
 from teepsi.engine.keys import hash_keys
 from teepsi.engine.tables import TableSpec
 
 KEY_SCHEME = TableSpec(path=Path("x")).key_scheme
-
-
-def stable_policy_dict() -> dict[str, object]:
-    """This installation's simulated identities, MRENCLAVE not pinned (see module doc)."""
-    data = policy_for(
-        [
-            ("teepsi server (simulated)", sim_identity(Role.SERVER)),
-            ("teepsi data provider (simulated)", sim_identity(Role.DATA_PROVIDER)),
-        ]
-    ).to_dict()
-    data["verify_mr_enclave"] = "off"
-    return data
-
-
-@pytest.fixture(scope="module")
-def policy_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("policy") / "dynamic_config.json"
-    path.write_text(json.dumps(stable_policy_dict(), indent=2))
-    return path
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ Items are random and distinctive, so finding one anywhere is a leak, not a coinc
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import secrets
@@ -19,7 +18,6 @@ import numpy as np
 import polars as pl
 import pytest
 from conftest import client_args, start_client
-from test_faults import stable_policy_dict
 
 from teepsi.attestation.policy import Policy
 from teepsi.client.party import PartyConfig, PsiClient, PsiClientError
@@ -39,18 +37,6 @@ from teepsi.server.app import ServerConfig, start_server
 from teepsi.server.jobs import Limits
 
 KEY_SCHEME = TableSpec(path=Path("x")).key_scheme
-
-
-@pytest.fixture(scope="module")
-def policy_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("policy") / "dynamic_config.json"
-    path.write_text(json.dumps(stable_policy_dict(), indent=2))
-    return path
-
-
-@pytest.fixture(scope="module")
-def policy() -> Policy:
-    return Policy.from_dict(stable_policy_dict())
 
 
 def _secret_items(prefix: str, n: int) -> list[str]:

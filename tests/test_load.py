@@ -18,22 +18,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from test_faults import stable_policy_dict
 
 from teepsi.attestation.policy import Policy
 from teepsi.client import PartyConfig, PartyResult, run_party_items
-
-
-@pytest.fixture(scope="module")
-def policy_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("policy") / "dynamic_config.json"
-    path.write_text(json.dumps(stable_policy_dict(), indent=2))
-    return path
-
-
-@pytest.fixture(scope="module")
-def policy() -> Policy:
-    return Policy.from_dict(stable_policy_dict())
 
 
 def proc_status(pid: int) -> dict[str, int]:
