@@ -182,10 +182,12 @@ def _polars_order(keys: list[str]) -> list[int]:
     "keys",
     [
         ["b", "a", "c", "a", "ab", "a"],  # repeats: stable within a key
-        ["user2@x.com", "user10@x.com", "user1@x.com"],  # ASCII: numpy's fixed-width sort
-        ["é", "e", "z", "ä", "e\u0301"],  # multi-byte: polars' sort
-        ["a\x00", "a", "a\x00b", ""],  # NUL (numpy would drop the trailing one): polars
-        ["a" * 300, "b", "a", "a" * 299],  # padded to 300 bytes each
+        ["user2@x.com", "user10@x.com", "user1@x.com"],
+        ["é", "e", "z", "ä", "e\u0301", "\U0001f600"],  # multi-byte UTF-8
+        ["a\x00", "a", "a\x00b", "", "a\x00\x00"],  # NUL bytes: equal words, length decides
+        ["x" * 16, "x" * 15 + "y", "x" * 17, "x" * 8],  # across word boundaries
+        ["a" * 128, "b", "a", "a" * 127],  # 16 words, the most sorted as words
+        ["a" * 300, "b", "a", "a" * 299],  # too long for words: polars' string sort
         ["only"],
         [],
     ],
@@ -195,12 +197,12 @@ def test_key_order_is_polars_bytewise_stable_order(keys):
     assert order.tolist() == _polars_order(keys)
 
 
-def test_key_order_falls_back_to_polars_when_padding_costs_too_much(monkeypatch):
+def test_key_order_falls_back_to_polars_when_words_cost_too_much(monkeypatch):
     import teepsi.engine.tables as tables
 
-    keys = ["a" * 300, "b", "a", "b"]
-    monkeypatch.setattr(tables, "_PADDING_ALLOWANCE", 0)
-    monkeypatch.setattr(tables, "_fixed_width_bytes", None)  # would fail if called
+    keys = ["a" * 100, "b", "a", "b"]
+    monkeypatch.setattr(tables, "_WORD_SORT_ALLOWANCE", 0)
+    monkeypatch.setattr(tables, "as_u128", None)  # the word path would call it
     assert key_order(pl.Series(keys)).tolist() == _polars_order(keys) == [2, 0, 1, 3]
 
 
@@ -209,6 +211,12 @@ def test_key_order_falls_back_to_polars_when_padding_costs_too_much(monkeypatch)
 def test_key_order_matches_polars_on_any_strings(keys):
     series = pl.Series(keys, dtype=pl.String)
     assert key_order(series).tolist() == _polars_order(keys)
+
+
+@given(st.lists(st.text(alphabet="ab\x00\u00e9\uffff", max_size=40), max_size=60))
+@settings(max_examples=200, deadline=None)
+def test_key_order_matches_polars_on_long_keys_sharing_prefixes(keys):
+    assert key_order(pl.Series(keys, dtype=pl.String)).tolist() == _polars_order(keys)
 
 
 def test_matching_rows_of_a_large_ascii_table_are_key_ordered(tmp_path):
