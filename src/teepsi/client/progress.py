@@ -6,18 +6,11 @@ import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    TaskID,
-    TextColumn,
-    TimeElapsedColumn,
-)
-from rich.progress import (
-    Progress as RichProgress,
-)
+if TYPE_CHECKING:  # rich is imported only when bars are shown (--quiet starts faster)
+    from rich.progress import Progress as RichProgress
+    from rich.progress import TaskID
 
 log = logging.getLogger("teepsi.client")
 
@@ -65,6 +58,10 @@ class Progress:
 
     @contextmanager
     def _bar(self, label: str, total: int | None) -> Iterator[PhaseBar]:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+        from rich.progress import Progress as RichProgress
+
         columns = [
             TextColumn("{task.description}"),
             BarColumn(),
