@@ -39,7 +39,7 @@ unit: $(STAMP)
 # Benchmarks (issue 4): separate processes vs the in-process reference and openmined-psi.
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[bench]'
-	$(PY) bench/run.py --write-docs
+	$(PY) bench/run.py --repeat 3 --quiet-wait 300 --write-docs
 
 bench-quick: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[bench]'
