@@ -98,6 +98,9 @@ ENV_KEYS = {
         "TMPDIR",
         "SSL_CERT_FILE",
         "GRPC_VERBOSITY",
+        "OPENBLAS_NUM_THREADS",
+        "OMP_NUM_THREADS",
+        "POLARS_MAX_THREADS",
     },
     "client": {
         "LD_LIBRARY_PATH",
@@ -107,6 +110,9 @@ ENV_KEYS = {
         "PYTHONUTF8",
         "TMPDIR",
         "GRPC_VERBOSITY",
+        "OPENBLAS_NUM_THREADS",
+        "OMP_NUM_THREADS",
+        "POLARS_MAX_THREADS",
     },
 }
 PROD_ID = {"server": int(Role.SERVER), "client": int(Role.DATA_PROVIDER)}
@@ -533,6 +539,16 @@ def test_max_threads_default_and_override(role: str) -> None:
     assert manifest(role, max_threads="64")["sgx"]["max_threads"] == 64
 
 
+@pytest.mark.parametrize("role", ROLES)
+def test_thread_pools_are_pinned_within_max_threads(role: str) -> None:
+    """Libraries size their pools by the host's cores unless told; an enclave can't follow."""
+    env = manifest(role)["loader"]["env"]
+    assert env["POLARS_MAX_THREADS"] == "4"
+    assert env["OPENBLAS_NUM_THREADS"] == env["OMP_NUM_THREADS"] == "1"
+    wide = manifest(role, max_threads="64", compute_threads="32")
+    assert wide["loader"]["env"]["POLARS_MAX_THREADS"] == "32"
+
+
 def test_server_port_variable() -> None:
     args = cli_args(manifest("server", port="6000")["loader"]["argv"])
     assert flag_value(args, "--host") == "0.0.0.0:6000"
@@ -546,6 +562,9 @@ def test_server_port_variable() -> None:
         ("enclave_size", "lots"),
         ("max_threads", "3"),
         ("max_threads", "32; sgx.debug = true"),
+        ("compute_threads", "0"),
+        ("compute_threads", "17"),  # more than half of max_threads 32
+        ("compute_threads", '4"\nsgx.debug = true\n#'),
         ("isv_svn", "70000"),
         ("isv_svn", "-1"),
         ("log_level", "verbose"),

@@ -753,6 +753,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Before numpy loads: its BLAS is unused here, and would start a thread per core
+    # (an enclave's sgx.max_threads is finite; the deploy manifests pin this too).
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
