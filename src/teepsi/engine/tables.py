@@ -306,6 +306,7 @@ def key_order(keys: pl.Series) -> npt.NDArray[np.int64]:
     start, end = int(offsets[0]), int(offsets[-1])
     if (
         array.null_count
+        or count >= 1 << 32  # the position shares a 64-bit column with the length
         or words * 8 > _MAX_WORD_SORT_BYTES
         or (count * words * 8 > 2 * (end - start) + _WORD_SORT_ALLOWANCE)
     ):
