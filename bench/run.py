@@ -1067,8 +1067,8 @@ on parallelism. What each part costs at 10M rows per party, and the choices behi
   as 128-bit values; the client uploads its records sorted.
 * **Server**: a sorted upload is only checked (linear) and sliced into partitions without a
   copy; per partition the smaller set's records are looked up in the larger by binary search
-  on the first digest (exact on all 128 bits); the parties' SHA-256 set digests run on a
-  second thread one partition behind. About 1 CPU-s for 2 x 10M records.
+  on the first digest (exact on all 128 bits); each record is laid out in canonical bytes
+  once for all the digests that cover it. About 1 CPU-s for 2 x 10M records.
 * **Matching rows** (about 4 CPU-s for 5M matches): the result's records select rows by a
   hash lookup; the keys are then ordered by sorting their UTF-8 bytes as 128-bit columns of
   big-endian words, then length, then position (1.7 CPU-s for 5M keys against 5.5 for a

@@ -102,7 +102,7 @@ def intersect_records(
     uniques = [sorted_unique_records(hi, lo) for hi, lo in parties]
     if set_digests is not None:
         for (hi, lo), digest in zip(uniques, set_digests, strict=True):
-            feed_records(digest, hi, lo)
+            feed_records([digest], hi, lo)
     return (*intersect_sorted_records(uniques), [len(hi) for hi, _ in uniques])
 
 
@@ -110,35 +110,24 @@ def intersect_records(
 _DIGEST_STEP = 1 << 20
 
 
-def feed_records(digest: hashlib._Hash, hi: U64Array, lo: U64Array) -> None:
-    """Feed records to a hash in their canonical bytes, a bounded step at a time."""
-    for start in range(0, len(hi), _DIGEST_STEP):
-        end = start + _DIGEST_STEP
-        digest.update(records_to_bytes(hi[start:end], lo[start:end]))
-
-
-def _feed(digest: hashlib._Hash, hi: U64Array, lo: U64Array) -> bytes:
-    feed_records(digest, hi, lo)
-    return digest.digest()
-
-
-def records_digest(hi: U64Array, lo: U64Array) -> bytes:
-    """SHA-256 over the records' canonical bytes (sorted, 16-byte little-endian)."""
-    return _feed(hashlib.sha256(), hi, lo)
-
-
-def salted_records_digest(salt: bytes, hi: U64Array, lo: U64Array) -> bytes:
-    """SHA-256 over salt then the records: a digest only holders of the salt can check."""
-    return _feed(hashlib.sha256(salt), hi, lo)
-
-
-def records_digests(hi: U64Array, lo: U64Array, salts: Sequence[bytes]) -> list[bytes]:
-    """``salted_records_digest`` for each salt (b"" gives ``records_digest``), in one pass
-    over the records: each step is laid out in canonical bytes once for all of them."""
-    digests = [hashlib.sha256(salt) for salt in salts]
+def feed_records(digests: Sequence[hashlib._Hash], hi: U64Array, lo: U64Array) -> None:
+    """Feed records to hashes in their canonical bytes, a bounded step at a time, each
+    step laid out once for all of them."""
     for start in range(0, len(hi), _DIGEST_STEP):
         end = start + _DIGEST_STEP
         step = records_to_bytes(hi[start:end], lo[start:end])
         for digest in digests:
             digest.update(step)
+
+
+def records_digest(hi: U64Array, lo: U64Array) -> bytes:
+    """SHA-256 over the records' canonical bytes (sorted, 16-byte little-endian)."""
+    return records_digests(hi, lo, [b""])[0]
+
+
+def records_digests(hi: U64Array, lo: U64Array, salts: Sequence[bytes]) -> list[bytes]:
+    """SHA-256 over each salt then the records (b"" gives ``records_digest``): a salted
+    digest only holders of the salt can check. One pass over the records."""
+    digests = [hashlib.sha256(salt) for salt in salts]
+    feed_records(digests, hi, lo)
     return [digest.digest() for digest in digests]

@@ -13,17 +13,12 @@ import hashlib
 import secrets
 import threading
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from teepsi.engine.intersect import (
-    feed_records,
-    intersect_sorted_records,
-    sorted_unique_records,
-)
+from teepsi.engine.intersect import intersect_records
 from teepsi.engine.keys import RECORD_BYTES, RECORD_DTYPE, U64Array
 from teepsi.engine.spill import SpillArea
 
@@ -167,34 +162,17 @@ class Intersection:
 def intersect_stores(
     stores: Sequence[RecordStore], *, salts: Sequence[bytes] | None = None
 ) -> Intersection:
-    """Intersect partition by partition (partitions in order give the result in order).
-
-    The parties' set digests are fed on a second thread, one partition behind the
-    intersection: SHA-256 over every record is a third of the work, and both it and
-    numpy release the GIL. Waiting for the previous partition's digests before handing
-    over the next bounds the memory this holds to about two partitions.
-    """
+    """Intersect partition by partition (partitions in order give the result in order)."""
     his: list[U64Array] = []
     los: list[U64Array] = []
     distinct = [0] * len(stores)
     # Each set digest starts with its party's salt (see the receipt's set_sha256).
     digests = [hashlib.sha256(salt) for salt in (salts or [b""] * len(stores))]
-    pending: list[Future[None]] = []
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="teepsi-digest") as hasher:
-        for p in range(PARTITIONS):
-            uniques = [sorted_unique_records(*store.partition(p)) for store in stores]
-            for done in pending:
-                done.result()
-            pending = [
-                hasher.submit(feed_records, digest, hi, lo)
-                for (hi, lo), digest in zip(uniques, digests, strict=True)
-            ]
-            distinct = [d + len(hi) for d, (hi, _) in zip(distinct, uniques, strict=True)]
-            hi, lo = intersect_sorted_records(uniques)
-            his.append(hi)
-            los.append(lo)
-        for done in pending:
-            done.result()
+    for p in range(PARTITIONS):
+        hi, lo, counts = intersect_records([store.partition(p) for store in stores], digests)
+        distinct = [d + c for d, c in zip(distinct, counts, strict=True)]
+        his.append(hi)
+        los.append(lo)
     return Intersection(
         hi=np.concatenate(his),
         lo=np.concatenate(los),

@@ -3,10 +3,10 @@
 A job is created by its first party's join and lives until every party has its result
 or its deadline passes; then all of its state (items, result, sessions) is dropped.
 Nothing of one job is reachable from another: each has its own parties, sessions and
-condition variable. Every wait is a condition wait with a deadline; nothing polls. The
-registry is thread-safe; the gRPC server (on an asyncio event loop) waits for a result with
-:meth:`JobRegistry.wait_result_async`, which holds no thread while it waits: every change
-of a job's state also wakes the job's asyncio waiters, through their loops.
+waiters. The registry is thread-safe; the gRPC server (on an asyncio event loop) waits for
+a result with :meth:`JobRegistry.wait_result_async`, which holds no thread while it waits
+and has a deadline: every change of a job's state wakes the job's waiters through their
+loops; nothing polls.
 """
 
 from __future__ import annotations
@@ -90,7 +90,6 @@ class Job:
     party_count: int
     created: float
     deadline: float
-    cond: threading.Condition
     parties: dict[str, Party] = field(default_factory=dict)
     key_scheme: str = ""
     key_seeds: bytes = b""
@@ -107,8 +106,7 @@ class Job:
     waiters: set[Callable[[], None]] = field(default_factory=set)
 
     def notify_locked(self) -> None:
-        """The job's state changed: wake its thread waiters and its asyncio waiters."""
-        self.cond.notify_all()
+        """The job's state changed: wake its waiters."""
         for wake in list(self.waiters):
             wake()
 
@@ -180,8 +178,8 @@ ReceiptSigner = Callable[[Receipt], SignedReceipt]
 
 
 class JobRegistry:
-    """All live jobs of one server. Thread-safe; waits are condition waits (threads) or
-    awaited events (asyncio, :meth:`wait_result_async`)."""
+    """All live jobs of one server. Thread-safe; a result is awaited
+    (:meth:`wait_result_async`), holding no thread."""
 
     def __init__(
         self,
@@ -341,7 +339,6 @@ class JobRegistry:
                     party_count=party_count,
                     created=now,
                     deadline=deadline,
-                    cond=threading.Condition(self._lock),
                     key_scheme=key_scheme,
                     key_seeds=secrets.token_bytes(16),
                     spec=spec,
@@ -568,23 +565,6 @@ class JobRegistry:
 
     # -- results -------------------------------------------------------------------
 
-    def wait_result(
-        self,
-        token: bytes,
-        *,
-        timeout: float | None,
-        is_active: Callable[[], bool] = lambda: True,
-    ) -> Delivery:
-        """Block (condition wait, no polling) until the result exists; the caller's view."""
-        with self._lock:
-            job, party, give_up = self._begin_wait_locked(token, timeout)
-            while job.state in (JobState.WAITING, JobState.COMPUTING) and is_active():
-                remaining = give_up - self._clock()
-                if remaining <= 0:
-                    break
-                job.cond.wait(remaining)
-            return self._end_wait_locked(job, party, cancelled=not is_active())
-
     async def wait_result_async(self, token: bytes, *, timeout: float | None) -> Delivery:
         """Await the result without holding a thread (asyncio; no polling); the caller's view.
 
@@ -613,7 +593,7 @@ class JobRegistry:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(woken.wait(), remaining)
             with self._lock:
-                return self._end_wait_locked(job, party, cancelled=False)
+                return self._end_wait_locked(job, party)
         finally:
             with self._lock:
                 job.waiters.discard(wake)
@@ -629,7 +609,7 @@ class JobRegistry:
         give_up = job.deadline if timeout is None else min(job.deadline, self._clock() + timeout)
         return job, party, give_up
 
-    def _end_wait_locked(self, job: Job, party: Party, *, cancelled: bool) -> Delivery:
+    def _end_wait_locked(self, job: Job, party: Party) -> Delivery:
         """After a wait: the party's view of the result, or why there is none."""
         if job.state is JobState.DONE and job.result is not None:
             return Delivery(
@@ -639,8 +619,6 @@ class JobRegistry:
                 set_salt=party.set_salt,
                 result_salt=job.result_salt,
             )
-        if cancelled:
-            raise ServiceError(ErrorKind.CANCELLED, "caller went away")
         if job.state is JobState.WAITING and self._clock() >= job.deadline:
             # The reaper may not have run yet; the deadline is the deadline.
             self._expire_locked(job, reason="deadline passed")
