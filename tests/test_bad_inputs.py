@@ -36,6 +36,7 @@ from teepsi.contract.keys import generate_private_key, public_key_der, public_ke
 from teepsi.demo import start_server_process
 from teepsi.protocol import teepsi_pb2 as pb
 from teepsi.protocol import teepsi_pb2_grpc as pb_grpc
+from teepsi.server.challenges import NONCE_BYTES
 
 MiB = 1024 * 1024
 
@@ -496,16 +497,20 @@ def test_duplicate_party_name_and_party_count_mismatch(limited, policy_file, tmp
         _wait_for_log(limited, "job dup: party a joined (1/2)")
         code, _, stderr = _run(_args(limited, policy_file, data, "a", parties=2, job="dup"))
         assert code == 1
-        assert _only_error(stderr).endswith(
-            "ERROR joining the job failed: ALREADY_EXISTS: party name 'a' is already taken "
-            "in job dup"
+        # Without a spec nobody is authenticated: one line for every refusal, naming
+        # neither the job's party count nor its settings (a listed party under a spec is
+        # told more: test_service.py::test_server_authenticates_parties_against_the_spec).
+        refusal = (
+            "ERROR joining the job failed: FAILED_PRECONDITION: cannot join job dup as {!r}: "
+            "a job of that id takes no such party now (it may be full, running or done, the "
+            "name may be taken, or its parties use other --parties or key settings); agree on "
+            "--job, --parties, --normalize and --key with the other parties, or use another "
+            "--job id"
         )
+        assert _only_error(stderr).endswith(refusal.format("a"))
         code, _, stderr = _run(_args(limited, policy_file, data, "b", parties=3, job="dup"))
         assert code == 1
-        assert _only_error(stderr).endswith(
-            "ERROR joining the job failed: FAILED_PRECONDITION: job dup was created for 2 "
-            "parties, not 3; every party must pass the same --parties"
-        )
+        assert _only_error(stderr).endswith(refusal.format("b"))
         # The refusals left the job intact: the right second party completes it.
         code, stdout, stderr = _run(_args(limited, policy_file, data, "b", parties=2, job="dup"))
         assert code == 0 and stdout == b"car\ncat\n", stderr
@@ -729,7 +734,7 @@ def test_20_mib_messages_are_resource_exhausted(limited):
         )
         # Still serving small requests.
         nonce = stub.GetChallenge(pb.GetChallengeRequest(job_id="j", party_name="a"), timeout=10)
-        assert len(nonce.nonce) == 32
+        assert len(nonce.nonce) == NONCE_BYTES
     assert limited.proc.poll() is None
 
 

@@ -12,6 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from teepsi.contract.keys import generate_private_key, public_key_der
+from teepsi.contract.spec import JobSpec, PartySpec
 from teepsi.engine.intersect import (
     as_u128,
     intersect_records,
@@ -22,7 +24,7 @@ from teepsi.engine.intersect import (
 )
 from teepsi.engine.keys import hash_keys
 from teepsi.server.errors import ErrorKind, ServiceError
-from teepsi.server.jobs import JobRegistry, Limits
+from teepsi.server.jobs import JobCreator, JobRegistry, Limits
 
 SEEDS = (11, 22)
 
@@ -110,7 +112,9 @@ def test_duplicate_party_name_and_second_upload_refused(registry):
     a = registry.join("j1", "a", 2)
     with pytest.raises(ServiceError) as err:
         registry.join("j1", "a", 2)
-    assert err.value.kind is ErrorKind.ALREADY_EXISTS
+    # Without a spec nobody is authenticated: the one refusal line (see below).
+    assert err.value.kind is ErrorKind.FAILED_PRECONDITION
+    assert "the name may be taken" in err.value.message
     _upload(registry, a.token, {"x"})
     with pytest.raises(ServiceError) as err:
         registry.begin_upload(a.token)
@@ -175,13 +179,136 @@ def test_max_jobs_enforced():
         reg.close()
 
 
-def test_key_scheme_mismatch_refused(registry):
-    registry.join("j1", "a", 2, "xxh3-64x2-v1;normalize=trim;columns=1")
+TRIM = "xxh3-64x2-v1;normalize=trim;columns=1"
+CASEFOLD = "xxh3-64x2-v1;normalize=trim,casefold;columns=1"
+
+
+def _refusal(reg: JobRegistry, *args, **kwargs) -> ServiceError:
     with pytest.raises(ServiceError) as err:
-        registry.join("j1", "b", 2, "xxh3-64x2-v1;normalize=trim,casefold;columns=1")
-    assert err.value.kind is ErrorKind.FAILED_PRECONDITION
-    assert "--normalize" in err.value.message
-    assert "trim;" not in err.value.message.split("differ")[1]  # the job's settings stay private
+        reg.join(*args, **kwargs)
+    return err.value
+
+
+def test_quick_mode_refusals_are_one_line_that_reveals_nothing(registry):
+    """Without a spec a joiner is not authenticated: whatever is wrong (settings, party
+    count, name, state, full), it gets the same line, with no value of the job's."""
+    registry.join("j1", "a", 2, TRIM)
+    registry.join("j1", "b", 2, TRIM)  # full now
+    registry.join("j2", "a", 3, TRIM)
+    done = registry.join("j3", "a", 1, TRIM)
+    _upload(registry, done.token, {"x"})  # j3 is done, its result not yet fetched
+    refusals = [
+        _refusal(registry, "j1", "c", 2, TRIM),  # full
+        _refusal(registry, "j2", "a", 3, TRIM),  # name taken
+        _refusal(registry, "j2", "b", 2, TRIM),  # party count differs
+        _refusal(registry, "j2", "b", 3, CASEFOLD),  # key settings differ
+        _refusal(registry, "j3", "b", 1, TRIM),  # done
+    ]
+    lines = {
+        e.message.replace(f"job {j} as '{n}'", "")
+        for e, j, n in zip(
+            refusals, ["j1", "j2", "j2", "j2", "j3"], ["c", "a", "b", "b", "b"], strict=True
+        )
+    }
+    assert len(lines) == 1, lines
+    assert {e.kind for e in refusals} == {ErrorKind.FAILED_PRECONDITION}
+    (line,) = lines
+    assert "--parties" in line and "--normalize" in line
+    for secret in ("trim", "casefold", " 2 ", " 3 ", "spec"):
+        assert secret not in line
+
+
+def _spec(job_id: str, *names: str, **fields):
+    keys = {name: generate_private_key() for name in names}
+    parties = tuple(PartySpec(name=n, public_key=public_key_der(k)) for n, k in keys.items())
+    return JobSpec(job_id=job_id, parties=parties, recipients=names, **fields)
+
+
+def test_key_scheme_mismatch_is_told_to_a_listed_party(registry):
+    spec = _spec("contract", "alice", "bob")
+    registry.join("contract", "alice", 2, TRIM, spec=spec)
+    err = _refusal(registry, "contract", "bob", 2, CASEFOLD, spec=spec)
+    assert err.kind is ErrorKind.FAILED_PRECONDITION
+    assert "--normalize" in err.message
+    assert "trim;" not in err.message.split("differ")[1]  # the job's settings stay private
+    err = _refusal(registry, "contract", "alice", 2, TRIM, spec=spec)
+    assert err.kind is ErrorKind.ALREADY_EXISTS
+
+
+def test_a_spec_less_join_can_neither_squat_nor_see_a_spec_job(registry):
+    """A quick-mode party that claims a contract's job id first does not lock the listed
+    parties out, and a join without (or with another) spec learns nothing of the spec job."""
+    spec = _spec("contract", "alice", "bob")
+    squatter = registry.join("contract", "alice", 2, TRIM)  # first, and without the spec
+    registry.join("contract", "bob", 2, TRIM)  # its accomplice: the quick job is full
+    alice = registry.join("contract", "alice", 2, TRIM, spec=spec)
+    bob = registry.join("contract", "bob", 2, TRIM, spec=spec)
+    _upload(registry, alice.token, {"x", "y"})
+    _upload(registry, bob.token, {"y"})
+    assert decode(wait(registry, alice.token, timeout=5).result, {"x", "y"}) == ["y"]
+    # The squatter's job is its own, untouched by the spec job's run.
+    assert registry.begin_upload(squatter.token)[0] == "contract"
+    # A third spec-less join is refused with the quick-mode line, which names no spec.
+    err = _refusal(registry, "contract", "carol", 2, TRIM)
+    assert "spec" not in err.message
+    # Another spec for the same id is another job: no "different spec" answer either.
+    other = _spec("contract", "alice", "bob")
+    assert registry.join("contract", "alice", 2, TRIM, spec=other).token
+
+
+def _creator(key: str, address: str = "ipv4:10.0.0.1") -> JobCreator:
+    return JobCreator(key_sha256=key.encode().ljust(32, b"."), address=address)
+
+
+def test_one_party_key_holds_at_most_its_share_of_the_jobs():
+    reg = JobRegistry(Limits(max_jobs=8, max_jobs_per_party=2, max_jobs_per_address=0))
+    try:
+        mallory = _creator("mallory")
+        reg.join("m1", "a", 2, creator=mallory)
+        reg.join("m2", "a", 2, creator=mallory)
+        err = _refusal(reg, "m3", "a", 2, creator=mallory)
+        assert err.kind is ErrorKind.RESOURCE_EXHAUSTED and "--max-jobs-per-party" in err.message
+        # Joining an existing job is not creating one: it is charged to nobody.
+        reg.join("m1", "b", 2, creator=mallory)
+        # Others still get slots.
+        assert reg.join("h1", "a", 2, creator=_creator("honest")).token
+        assert reg.job_count() == 3
+    finally:
+        reg.close()
+
+
+def test_one_address_holds_at_most_its_share_of_the_jobs():
+    reg = JobRegistry(Limits(max_jobs=8, max_jobs_per_party=8, max_jobs_per_address=3))
+    try:
+        for n in range(3):  # fresh keys from one address: a Sybil
+            reg.join(f"s{n}", "a", 2, creator=_creator(f"sybil{n}", "ipv4:10.6.6.6"))
+        err = _refusal(reg, "s3", "a", 2, creator=_creator("sybil3", "ipv4:10.6.6.6"))
+        assert err.kind is ErrorKind.RESOURCE_EXHAUSTED
+        assert "--max-jobs-per-address" in err.message
+        assert reg.join("h1", "a", 2, creator=_creator("honest", "ipv4:10.0.0.2")).token
+    finally:
+        reg.close()
+
+
+def test_job_without_upload_is_dropped_after_the_join_timeout():
+    """A join alone holds a --max-jobs slot only for --join-timeout."""
+    reg = JobRegistry(Limits(max_jobs=2, job_timeout_seconds=30, join_timeout_seconds=0.5))
+    try:
+        idle = reg.join("idle", "a", 2)
+        busy = reg.join("busy", "a", 2)
+        reg.begin_upload(busy.token)  # an upload has begun: the job keeps its deadline
+        assert _refusal(reg, "third", "a", 1).kind is ErrorKind.RESOURCE_EXHAUSTED
+        give_up = time.monotonic() + 10
+        while reg.job_count() > 1:
+            assert time.monotonic() < give_up
+            time.sleep(0.05)
+        assert [j for j, *_ in reg.snapshot()] == ["busy"]
+        with pytest.raises(ServiceError) as err:
+            reg.begin_upload(idle.token)
+        assert err.value.kind is ErrorKind.UNAUTHENTICATED
+        assert reg.join("third", "a", 1).token  # the slot is free again
+    finally:
+        reg.close()
 
 
 def _rand(n, seed):
@@ -356,7 +483,7 @@ def test_async_wait_tells_why_on_shutdown_and_cancel_leaves_no_waker():
     reg = JobRegistry(Limits(job_timeout_seconds=30))
     a = reg.join("j", "a", 2)
     _upload(reg, a.token, {"x"})
-    job = reg._jobs["j"]
+    job = reg._jobs[("j", b"")]
 
     async def cancelled_then_shutdown():
         wait = asyncio.ensure_future(reg.wait_result_async(a.token, timeout=None))

@@ -55,6 +55,23 @@ class Limits:
     job_timeout_seconds: float = 600.0
     #: Bytes of key records held in memory across all jobs; beyond it they spill to disk.
     memory_budget_bytes: int = 1024**3
+    #: A job in which no party has begun an upload this long after its creation is
+    #: dropped: a join alone holds a --max-jobs slot only briefly.
+    join_timeout_seconds: float = 120.0
+    #: Live jobs one party key may have created; None = a sixteenth of max_jobs.
+    max_jobs_per_party: int | None = None
+    #: Live jobs created from one network address; None = half of max_jobs; 0 = no limit.
+    max_jobs_per_address: int | None = None
+
+    def party_quota(self) -> int:
+        if self.max_jobs_per_party is not None:
+            return self.max_jobs_per_party
+        return max(1, self.max_jobs // 16)
+
+    def address_quota(self) -> int:
+        if self.max_jobs_per_address is not None:
+            return self.max_jobs_per_address
+        return max(1, self.max_jobs // 2)
 
 
 class JobState(Enum):
@@ -84,12 +101,32 @@ class Party:
     delivered: bool = False
 
 
+#: Jobs are keyed by id *and* spec digest (empty without a spec): a join without a spec,
+#: or with another spec, never reaches a job under a spec, so it can neither take that
+#: job's id nor learn that it exists.
+JobKey = tuple[str, bytes]
+
+
+@dataclass(frozen=True)
+class JobCreator:
+    """Who created a job, for the per-party and per-address quotas."""
+
+    #: SHA-256 of the party's public key (its signature over the join transcript verified).
+    key_sha256: bytes
+    #: The peer's network address without its port ("ipv4:10.0.0.7").
+    address: str
+
+
+_NO_CREATOR = JobCreator(key_sha256=b"", address="")
+
+
 @dataclass
 class Job:
     job_id: str
     party_count: int
     created: float
     deadline: float
+    creator: JobCreator = _NO_CREATOR
     parties: dict[str, Party] = field(default_factory=dict)
     key_scheme: str = ""
     key_seeds: bytes = b""
@@ -112,6 +149,16 @@ class Job:
 
     def uploaded(self) -> int:
         return sum(1 for p in self.parties.values() if p.upload is UploadState.DONE)
+
+    @property
+    def key(self) -> JobKey:
+        return (self.job_id, self.spec_sha256)
+
+    def reap_at(self, join_timeout: float) -> float:
+        """When the reaper drops the job: its deadline, or sooner while nobody uploads."""
+        if any(p.upload is not UploadState.NONE for p in self.parties.values()):
+            return self.deadline
+        return min(self.deadline, self.created + join_timeout)
 
 
 @dataclass(frozen=True)
@@ -161,7 +208,7 @@ class Delivery:
 
 @dataclass(frozen=True)
 class Session:
-    job_id: str
+    job_key: JobKey
     party_name: str
 
 
@@ -199,7 +246,7 @@ class JobRegistry:
         self.budget = MemoryBudget(self.limits.memory_budget_bytes)
         self.spill = SpillArea(spill_dir)
         self._lock = threading.Lock()
-        self._jobs: dict[str, Job] = {}
+        self._jobs: dict[JobKey, Job] = {}
         self._sessions: dict[bytes, Session] = {}
         self._reaper_wakeup = threading.Condition(self._lock)
         self._closed = False
@@ -236,10 +283,15 @@ class JobRegistry:
         with self._lock:
             while not self._closed:
                 now = self._clock()
+                join_timeout = self.limits.join_timeout_seconds
                 for job in list(self._jobs.values()):
                     if job.deadline <= now:
                         self._expire_locked(job, reason="deadline passed")
-                next_deadline = min((j.deadline for j in self._jobs.values()), default=None)
+                    elif job.reap_at(join_timeout) <= now:
+                        self._expire_locked(job, reason="no upload within the join timeout")
+                next_deadline = min(
+                    (j.reap_at(join_timeout) for j in self._jobs.values()), default=None
+                )
                 timeout = None if next_deadline is None else max(0.0, next_deadline - self._clock())
                 self._reaper_wakeup.wait(timeout)
 
@@ -276,8 +328,8 @@ class JobRegistry:
 
     def _drop_locked(self, job: Job) -> None:
         """Forget the job: its sessions, items and result. Waiters keep only the state."""
-        if self._jobs.get(job.job_id) is job:
-            del self._jobs[job.job_id]
+        if self._jobs.get(job.key) is job:
+            del self._jobs[job.key]
         for party in job.parties.values():
             self._sessions.pop(party.token, None)
             if party.store is not None:
@@ -288,6 +340,124 @@ class JobRegistry:
 
     # -- joining -------------------------------------------------------------------
 
+    def _check_quota_locked(self, creator: JobCreator) -> None:
+        """One party key, or one address, holds no more than its share of --max-jobs."""
+        by_key = sum(1 for j in self._jobs.values() if j.creator.key_sha256 == creator.key_sha256)
+        if creator.key_sha256 and by_key >= self.limits.party_quota():
+            raise ServiceError(
+                ErrorKind.RESOURCE_EXHAUSTED,
+                f"this party key already created {by_key} live jobs (the limit per party, "
+                "--max-jobs-per-party); finish or wait for one of them",
+            )
+        quota = self.limits.address_quota()
+        by_address = sum(1 for j in self._jobs.values() if j.creator.address == creator.address)
+        if creator.address and quota and by_address >= quota:
+            raise ServiceError(
+                ErrorKind.RESOURCE_EXHAUSTED,
+                f"{by_address} live jobs were created from this network address (the limit "
+                "per address, --max-jobs-per-address); retry later",
+            )
+
+    def _create_locked(
+        self,
+        job_id: str,
+        party_count: int,
+        key_scheme: str,
+        spec: JobSpec | None,
+        spec_sha256: bytes,
+        creator: JobCreator,
+    ) -> Job:
+        if len(self._jobs) >= self.limits.max_jobs:
+            raise ServiceError(
+                ErrorKind.RESOURCE_EXHAUSTED,
+                f"server already runs {self.limits.max_jobs} jobs (the limit); retry later",
+            )
+        self._check_quota_locked(creator)
+        now = self._clock()
+        deadline = now + self.limits.job_timeout_seconds
+        max_items = self.limits.max_items_per_party
+        if spec is not None:
+            if spec.deadline is not None:
+                if spec.deadline <= now:
+                    raise ServiceError(
+                        ErrorKind.FAILED_PRECONDITION,
+                        f"job {job_id}'s deadline {spec.deadline_text()} has passed",
+                    )
+                deadline = min(deadline, float(spec.deadline))
+            if spec.max_items_per_party is not None:
+                max_items = min(max_items, spec.max_items_per_party)
+        job = Job(
+            job_id=job_id,
+            party_count=party_count,
+            created=now,
+            deadline=deadline,
+            creator=creator,
+            key_scheme=key_scheme,
+            key_seeds=secrets.token_bytes(16),
+            spec=spec,
+            spec_sha256=spec_sha256,
+            max_items=max_items,
+        )
+        self._jobs[job.key] = job
+        self._reaper_wakeup.notify_all()
+        log.info("job %s created for %d parties", job_id, party_count)
+        self._record(
+            "created",
+            job_id=job_id,
+            parties=party_count,
+            spec_sha256=spec_sha256.hex() or None,
+            output=spec.output.value if spec is not None else "intersection",
+            deadline=int(deadline),
+        )
+        return job
+
+    def _check_joinable_locked(
+        self, job: Job, party_name: str, party_count: int, key_scheme: str
+    ) -> None:
+        """Refuse a join the job cannot take, telling no more than the caller may know.
+
+        Under a spec the caller is authenticated as one of the job's listed parties (its
+        name, its key's signature over the spec digest): it is told what is wrong. Without
+        a spec nobody is authenticated, so every refusal is the same line: it says neither
+        the job's state, nor its party count, nor which setting differs.
+        """
+        if job.spec is None:
+            if (
+                job.state is not JobState.WAITING
+                or job.party_count != party_count
+                or job.key_scheme != key_scheme
+                or party_name in job.parties
+                or len(job.parties) >= job.party_count
+            ):
+                raise ServiceError(
+                    ErrorKind.FAILED_PRECONDITION,
+                    f"cannot join job {job.job_id} as {party_name!r}: a job of that id "
+                    "takes no such party now (it may be full, running or done, the name may "
+                    "be taken, or its parties use other --parties or key settings); agree "
+                    "on --job, --parties, --normalize and --key with the other parties, or "
+                    "use another --job id",
+                )
+            return
+        if job.state is not JobState.WAITING:
+            raise ServiceError(
+                ErrorKind.FAILED_PRECONDITION,
+                f"job {job.job_id} is {job.state.value} and takes no new parties",
+            )
+        if party_name in job.parties:
+            raise ServiceError(
+                ErrorKind.ALREADY_EXISTS,
+                f"party {party_name!r} already joined job {job.job_id} (with this party's "
+                "key: if that was not you, the key has leaked)",
+            )
+        if job.key_scheme != key_scheme:
+            # A listed party; still, say what differs without revealing the others' value.
+            raise ServiceError(
+                ErrorKind.FAILED_PRECONDITION,
+                f"this party's key settings ({key_scheme or 'none'}) differ from job "
+                f"{job.job_id}'s: every party must use the same --normalize, the same "
+                "number of --key columns and the same teepsi version",
+            )
+
     def join(
         self,
         job_id: str,
@@ -297,11 +467,13 @@ class JobRegistry:
         *,
         spec: JobSpec | None = None,
         attested: bool = False,
+        creator: JobCreator = _NO_CREATOR,
     ) -> JoinOutcome:
         """Add a party to a job, creating the job (from ``spec`` when given) on first join.
 
         The caller has already authenticated the party against ``spec`` (listed name, its
-        key's signature, attestation where required).
+        key's signature, attestation where required). ``creator`` is charged for the job
+        if this join creates it.
         """
         check_identifier(job_id, "job id")
         check_identifier(party_name, "party name")
@@ -311,95 +483,19 @@ class JobRegistry:
                 ErrorKind.INVALID_ARGUMENT,
                 f"party count {party_count} is out of range: 1 to {most}",
             )
+        spec_sha256 = spec.digest() if spec is not None else b""
         with self._lock:
             if self._closed:
                 raise ServiceError(ErrorKind.FAILED_PRECONDITION, "server is shutting down")
-            job = self._jobs.get(job_id)
+            job = self._jobs.get((job_id, spec_sha256))
             if job is None:
-                if len(self._jobs) >= self.limits.max_jobs:
-                    raise ServiceError(
-                        ErrorKind.RESOURCE_EXHAUSTED,
-                        f"server already runs {self.limits.max_jobs} jobs (the limit); retry later",
-                    )
-                now = self._clock()
-                deadline = now + self.limits.job_timeout_seconds
-                max_items = self.limits.max_items_per_party
-                if spec is not None:
-                    if spec.deadline is not None:
-                        if spec.deadline <= now:
-                            raise ServiceError(
-                                ErrorKind.FAILED_PRECONDITION,
-                                f"job {job_id}'s deadline {spec.deadline_text()} has passed",
-                            )
-                        deadline = min(deadline, float(spec.deadline))
-                    if spec.max_items_per_party is not None:
-                        max_items = min(max_items, spec.max_items_per_party)
-                job = Job(
-                    job_id=job_id,
-                    party_count=party_count,
-                    created=now,
-                    deadline=deadline,
-                    key_scheme=key_scheme,
-                    key_seeds=secrets.token_bytes(16),
-                    spec=spec,
-                    spec_sha256=spec.digest() if spec is not None else b"",
-                    max_items=max_items,
+                job = self._create_locked(
+                    job_id, party_count, key_scheme, spec, spec_sha256, creator
                 )
-                self._jobs[job_id] = job
-                self._reaper_wakeup.notify_all()
-                log.info("job %s created for %d parties", job_id, party_count)
-                self._record(
-                    "created",
-                    job_id=job_id,
-                    parties=party_count,
-                    spec_sha256=job.spec_sha256.hex() or None,
-                    output=spec.output.value if spec is not None else "intersection",
-                    deadline=int(deadline),
-                )
-            claimed = spec.digest() if spec is not None else b""
-            if job.spec_sha256 != claimed:
-                # Only the fact of a mismatch: nothing of the job's spec leaks.
-                if job.spec_sha256 and claimed:
-                    problem = "runs under a different job spec (digest mismatch): every party "
-                    problem += "must join with the same --spec file"
-                elif job.spec_sha256:
-                    problem = "runs under a job spec: pass --spec"
-                else:
-                    problem = "has no job spec: join without --spec"
-                raise ServiceError(ErrorKind.FAILED_PRECONDITION, f"job {job_id} {problem}")
-            if job.state is not JobState.WAITING:
-                raise ServiceError(
-                    ErrorKind.FAILED_PRECONDITION,
-                    f"job {job_id} is {job.state.value} and takes no new parties; "
-                    "use another --job id or wait for it to finish",
-                )
-            if job.party_count != party_count:
-                raise ServiceError(
-                    ErrorKind.FAILED_PRECONDITION,
-                    f"job {job_id} was created for {job.party_count} parties, not {party_count}; "
-                    "every party must pass the same --parties",
-                )
-            if job.key_scheme != key_scheme:
-                # Say what differs without revealing the other parties' settings.
-                raise ServiceError(
-                    ErrorKind.FAILED_PRECONDITION,
-                    f"this party's key settings ({key_scheme or 'none'}) differ from job "
-                    f"{job_id}'s: every party must use the same --normalize, the same number "
-                    "of --key columns and the same teepsi version",
-                )
-            if party_name in job.parties:
-                raise ServiceError(
-                    ErrorKind.ALREADY_EXISTS,
-                    f"party name {party_name!r} is already taken in job {job_id}",
-                )
-            if len(job.parties) >= job.party_count:
-                raise ServiceError(
-                    ErrorKind.FAILED_PRECONDITION,
-                    f"job {job_id} already has all {job.party_count} parties",
-                )
+            self._check_joinable_locked(job, party_name, party_count, key_scheme)
             token = secrets.token_bytes(32)
             job.parties[party_name] = Party(name=party_name, token=token)
-            self._sessions[token] = Session(job_id, party_name)
+            self._sessions[token] = Session(job.key, party_name)
             self._record("joined", job_id=job_id, party=party_name, attested=attested)
             log.info(
                 "job %s: party %s joined (%d/%d)",
@@ -422,7 +518,7 @@ class JobRegistry:
                 ErrorKind.UNAUTHENTICATED,
                 "unknown or expired session: join the job first (the job may have ended)",
             )
-        job = self._jobs[session.job_id]
+        job = self._jobs[session.job_key]
         return job, job.parties[session.party_name]
 
     # -- uploading -----------------------------------------------------------------
@@ -451,7 +547,7 @@ class JobRegistry:
             session = self._sessions.get(token)
             if session is None:
                 return
-            job = self._jobs[session.job_id]
+            job = self._jobs[session.job_key]
             party = job.parties[session.party_name]
             if party.upload is UploadState.IN_PROGRESS and job.state is JobState.WAITING:
                 if party.store is not None:
@@ -643,8 +739,8 @@ class JobRegistry:
         """Wake waiters of the token's job (used when a caller cancels)."""
         with self._lock:
             session = self._sessions.get(token)
-            if session is not None and session.job_id in self._jobs:
-                self._jobs[session.job_id].notify_locked()
+            if session is not None and session.job_key in self._jobs:
+                self._jobs[session.job_key].notify_locked()
 
     def mark_delivered(self, token: bytes) -> None:
         """Record that the party has its whole result; the last delivery frees the job."""
@@ -653,7 +749,7 @@ class JobRegistry:
             session = self._sessions.get(token)
             if session is None:
                 return
-            job = self._jobs[session.job_id]
+            job = self._jobs[session.job_key]
             job.parties[session.party_name].delivered = True
             if all(p.delivered for p in job.parties.values()):
                 log.info("job %s: every party has its result; job state wiped", job.job_id)

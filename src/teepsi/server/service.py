@@ -40,6 +40,7 @@ from teepsi.server.challenges import ChallengeStore
 from teepsi.server.errors import ErrorKind, ServiceError
 from teepsi.server.jobs import (
     Delivery,
+    JobCreator,
     JobRegistry,
     JoinOutcome,
     ReleaseStatus,
@@ -94,6 +95,16 @@ def _session_token(context: grpc.aio.ServicerContext) -> bytes:
     raise ServiceError(
         ErrorKind.UNAUTHENTICATED, f"missing or malformed {SESSION_METADATA} metadata; join first"
     )
+
+
+def peer_address(peer: str) -> str:
+    """The host part of a gRPC peer (``ipv4:1.2.3.4:5678``, ``ipv6:[::1]:5678``): the
+    address a quota is charged to; the port changes with every connection."""
+    kind, _, rest = peer.partition(":")
+    if kind in ("ipv4", "ipv6"):
+        host, _, _port = rest.rpartition(":")
+        return f"{kind}:{host.strip('[]')}"
+    return peer  # unix sockets and the like: the whole peer
 
 
 def _party_key_sha256(public_key_der: bytes) -> bytes:
@@ -210,7 +221,7 @@ class PsiService:
     async def Join(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
             # Quote verification and signature checks take CPU (and may fetch collateral).
-            outcome = await self._blocking(self._join, request)
+            outcome = await self._blocking(self._join, request, peer_address(context.peer()))
         except ServiceError as exc:
             log.warning(
                 "job %s: join of %s refused: %s",
@@ -226,11 +237,12 @@ class PsiService:
             key_seeds=outcome.key_seeds,
         )
 
-    def _join(self, request: Any) -> JoinOutcome:
+    def _join(self, request: Any, address: str) -> JoinOutcome:
         """Authenticate and attest the joining party, then add it to its job (blocking)."""
         check_identifier(request.job_id, "job id")
         check_identifier(request.party_name, "party name")
-        self.challenges.redeem(request.nonce, request.job_id, request.party_name)
+        # Cheap and stateless first; the nonce is consumed once the signature verified.
+        self.challenges.check(request.nonce, request.job_id, request.party_name)
         spec = self._job_spec(request)
         key_hash = _party_key_sha256(request.party_public_key)
         digest = join_transcript_digest(
@@ -244,6 +256,7 @@ class PsiService:
         # With a spec this is the party's listed key: a listed party cannot be
         # impersonated without its private key.
         _check_possession(request.party_public_key, request.transcript_signature, digest)
+        self.challenges.redeem(request.nonce, request.job_id, request.party_name)
         listed = spec.party(request.party_name) if spec is not None else None
         must_attest = self.require_client_attestation or (listed is not None and listed.attest)
         attested = False
@@ -293,6 +306,7 @@ class PsiService:
             request.key_scheme,
             spec=spec,
             attested=attested,
+            creator=JobCreator(key_sha256=key_hash, address=address),
         )
 
     async def Upload(
