@@ -10,7 +10,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -106,7 +106,11 @@ def _cmd_server(args: argparse.Namespace) -> int:
             max_parties_per_job=args.max_parties,
             max_items_per_party=args.max_items,
             memory_budget_bytes=args.memory_budget,
+            join_timeout_seconds=args.join_timeout,
+            max_jobs_per_party=args.max_jobs_per_party,
+            max_jobs_per_address=args.max_jobs_per_address,
         ),
+        max_connections=args.max_connections,
         spill_dir=args.spill_dir,
         max_workers=args.max_workers,
         audit_log=args.audit_log,
@@ -143,6 +147,32 @@ def _serve_announced(running: object) -> None:
     log.info("shutting down")
     running.stop()
     log.info("server stopped")
+
+
+def _whole_number(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer of at least ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is below the minimum, {minimum}")
+        return value
+
+    return parse
+
+
+def _seconds(text: str) -> float:
+    """An argparse type: a positive number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
 
 
 def parse_size(text: str) -> int:
@@ -611,6 +641,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="key records held in memory; beyond it they spill to disk, encrypted (default 1GiB)",
     )
     server.add_argument("--spill-dir", help="where encrypted spill files go (default: temp dir)")
+    server.add_argument(
+        "--join-timeout",
+        type=_seconds,
+        default=120.0,
+        help="seconds a job may go without any party starting its upload before it is "
+        "dropped and its --max-jobs slot freed (default 120)",
+    )
+    server.add_argument(
+        "--max-jobs-per-party",
+        type=_whole_number(1),
+        help="live jobs one party key may create (default: --max-jobs / 16, at least 1)",
+    )
+    server.add_argument(
+        "--max-jobs-per-address",
+        type=_whole_number(0),
+        help="live jobs that may be created from one network address (default: "
+        "--max-jobs / 2; 0 = no limit, for parties behind one proxy or NAT)",
+    )
+    server.add_argument(
+        "--max-connections",
+        type=_whole_number(1),
+        default=512,
+        help="client connections open at once; idle ones close after 30 s, handshakes "
+        "must finish in 10 s (default 512)",
+    )
     server.add_argument(
         "--pccs-url",
         help="PCCS for the server's own collateral (default: PCCS_URL of the QCNL config)",

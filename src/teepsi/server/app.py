@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import resource
 import signal
 import tempfile
 import threading
@@ -44,6 +45,11 @@ _T = TypeVar("_T")
 
 #: Largest gRPC message the server accepts; upload chunks are ~1 MiB.
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+#: File descriptors kept free beyond --max-connections (listener, spill files, audit log,
+#: collateral fetches, Python's own).
+RESERVED_FDS = 128
+#: Concurrent streams on one connection: an honest party runs one call at a time.
+MAX_STREAMS_PER_CONNECTION = 8
 
 
 class ServerConfigError(ValueError):
@@ -71,6 +77,55 @@ class ServerConfig:
     audit_log: Path | None = None
     #: Evidence provider override (tests inject fakes); default from ``attestation``.
     provider: EvidenceProvider | None = None
+    #: Connections open at once; more are refused by gRPC (each holds a file descriptor).
+    max_connections: int = 512
+    #: A connection with no call in flight for this long is closed (GOAWAY).
+    connection_idle_seconds: float = 30.0
+    #: A connection must finish its TLS and HTTP/2 handshake within this (slow loris).
+    handshake_timeout_seconds: float = 10.0
+
+
+def grpc_server_options(config: ServerConfig) -> list[tuple[str, int]]:
+    """gRPC core channel arguments: message sizes, connection limits and timeouts.
+
+    Every long-lived call (an upload, a wait for a result) needs a session, so an outsider
+    can hold the server only through connections: they are capped, and an idle one, or
+    one still in its handshake, is closed after a short time. Keepalive pings find dead
+    peers; a client pinging more often than every 10 s without data is sent away.
+    """
+    return [
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.so_reuseport", 0),
+        ("grpc.max_allowed_incoming_connections", config.max_connections),
+        ("grpc.max_connection_idle_ms", int(config.connection_idle_seconds * 1000)),
+        ("grpc.server_handshake_timeout_ms", int(config.handshake_timeout_seconds * 1000)),
+        ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.max_ping_strikes", 2),
+    ]
+
+
+def _ensure_fd_limit(max_connections: int) -> None:
+    """Raise the soft file-descriptor limit to fit --max-connections, or refuse to start:
+    running out of descriptors would refuse honest parties and break spill files."""
+    needed = max_connections + RESERVED_FDS
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        if hard != resource.RLIM_INFINITY and hard < needed:
+            raise ServerConfigError(
+                f"--max-connections {max_connections} needs {needed} file descriptors but "
+                f"the process may open only {hard} (ulimit -Hn): lower --max-connections"
+            )
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+        except (ValueError, OSError) as exc:
+            raise ServerConfigError(
+                f"--max-connections {max_connections}: cannot raise the file descriptor "
+                f"limit from {soft} to {needed} ({exc}): lower --max-connections"
+            ) from None
 
 
 class _EventLoopThread:
@@ -164,6 +219,9 @@ def start_server(config: ServerConfig) -> RunningServer:
             "a policy for data providers is required (--config dynamic_config.json), "
             "or turn client attestation off with --no-client-attestation"
         )
+    if config.max_connections < 1:
+        raise ServerConfigError("--max-connections must be at least 1")
+    _ensure_fd_limit(config.max_connections)
     tune_allocator()
     provider = config.provider or make_provider(config.attestation, Role.SERVER)
     if provider.simulated:
@@ -252,13 +310,7 @@ def start_server(config: ServerConfig) -> RunningServer:
     credentials = grpc.ssl_server_credentials([(key_pem, ratls.certificate_pem)])
 
     async def serve() -> tuple[grpc.aio.Server, int]:
-        server = grpc.aio.server(
-            options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.so_reuseport", 0),
-            ],
-        )
+        server = grpc.aio.server(options=grpc_server_options(config))
         add_to_server(service, server)
         try:
             port = server.add_secure_port(config.host, credentials)
