@@ -75,6 +75,7 @@ class TcpProxy:
         window: int = 1024 * 1024,
         lifetime: float = 300.0,
         max_connections: int = 256,
+        source_address: str | None = None,
     ) -> None:
         if direction not in _DIRECTIONS:
             raise ValueError(f"direction must be one of {_DIRECTIONS}")
@@ -86,6 +87,9 @@ class TcpProxy:
         self.refuse_after_cut = refuse_after_cut
         self.lifetime = lifetime
         self.max_connections = max_connections
+        #: The local address connections to the target come from (another loopback
+        #: address, e.g. 127.0.0.2, makes them look like another host's).
+        self.source_address = source_address
         self._cond = threading.Condition()
         self._cut_after = cut_after
         self._links: list[_Link] = []
@@ -207,7 +211,13 @@ class TcpProxy:
                 _reset(client)
                 continue
             try:
-                upstream = socket.create_connection(("127.0.0.1", target), timeout=10)
+                upstream = socket.create_connection(
+                    ("127.0.0.1", target),
+                    timeout=10,
+                    source_address=None
+                    if self.source_address is None
+                    else (self.source_address, 0),
+                )
                 upstream.settimeout(None)
             except OSError:
                 _reset(client)

@@ -133,6 +133,8 @@ def test_connections_beyond_the_limit_are_refused_and_honest_ones_get_in_later(s
         ("--max-jobs-per-address", "-1"),
         ("--join-timeout", "0"),
         ("--join-timeout", "soon"),
+        ("--connection-idle-timeout", "-1"),
+        ("--handshake-timeout", "inf"),
     ],
 )
 def test_bad_limit_flags_are_usage_errors(flag, value, capsys):

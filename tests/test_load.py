@@ -1,5 +1,6 @@
-"""Load: one job of 64 parties, 50 concurrent 3-party jobs, and a short soak that checks
-the server's memory, threads and file descriptors return to their baseline.
+"""Load: one job of 64 parties, 50 concurrent 3-party jobs, a short soak that checks
+the server's memory, threads and file descriptors return to their baseline, and honest
+jobs completing while a hostile client floods, grabs, squats and holds connections.
 
 The server is a separate process (``teepsi server``); the parties are threads of this
 process using the Python API (``teepsi.client.run_party_items``), each with its own
@@ -10,17 +11,28 @@ when ``TEEPSI_LOAD_FIGURES`` names a file, appended to it as JSON lines. The lon
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import grpc
 import pytest
+from tcp_proxy import TcpProxy
 
 from teepsi.attestation.policy import Policy
 from teepsi.client import PartyConfig, PartyResult, run_party_items
+from teepsi.client.party import PsiClient, PsiClientError
+from teepsi.contract.keys import generate_private_key, public_key_der
+from teepsi.contract.spec import JobSpec, PartySpec
+from teepsi.engine.tables import TableSpec
+from teepsi.protocol import teepsi_pb2 as pb
 
 
 def proc_status(pid: int) -> dict[str, int]:
@@ -49,8 +61,10 @@ def run_parties(
     parties: list[tuple[str, str, int, list[str]]],
     *,
     timeout: float = 240,
+    extra: dict[tuple[str, str], dict[str, Any]] | None = None,
 ) -> dict[tuple[str, str], PartyResult]:
-    """Run (job, name, party count, items) parties as threads; every failure is raised."""
+    """Run (job, name, party count, items) parties as threads; every failure is raised.
+    ``extra`` adds PartyConfig fields (a spec and key) for some (job, name)."""
     results: dict[tuple[str, str], PartyResult] = {}
     failures: list[str] = []
     lock = threading.Lock()
@@ -65,6 +79,7 @@ def run_parties(
             attestation="sim",
             allow_simulated=True,
             timeout=timeout,
+            **(extra or {}).get((job, name), {}),
         )
         try:
             result = run_party_items(config, items)
@@ -251,3 +266,250 @@ def test_waiting_parties_hold_no_worker_threads(server, policy):
         assert result.text() == sorted(f"{job}-common-{i}" for i in range(50)), job
     assert srv.log().count("job state wiped") == 3
     report("3 jobs x 3 parties, --max-workers 2", server_threads_while_6_wait=threads_waiting)
+
+
+KEY_SCHEME = TableSpec(path=Path("<memory>")).key_scheme
+#: The HTTP/2 client connection preface and an empty SETTINGS frame.
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+
+
+def _spec(job_id: str, keys: dict[str, Any]) -> JobSpec:
+    parties = tuple(PartySpec(name=n, public_key=public_key_der(k)) for n, k in keys.items())
+    return JobSpec(job_id=job_id, parties=parties, recipients=tuple(keys))
+
+
+def hostile_join(host: str, policy: Policy, job: str, name: str, **fields: Any) -> str:
+    """A join that never uploads; "joined", or the one-line refusal."""
+    client = PsiClient(
+        PartyConfig(
+            host=host,
+            policy=policy,
+            name=name,
+            party_count=3,
+            job_id=job,
+            attestation="sim",
+            allow_simulated=True,
+            timeout=30,
+            **fields,
+        )
+    )
+    try:
+        client.connect()
+        client.join(KEY_SCHEME)
+        return "joined"
+    except PsiClientError as exc:
+        return str(exc)
+    finally:
+        client.close()
+
+
+class ChallengeFlood(threading.Thread):
+    """GetChallenge as fast as one channel goes, 64 calls in flight."""
+
+    def __init__(self, host: str, policy: Policy, count: int) -> None:
+        super().__init__(daemon=True)
+        self.client = PsiClient(
+            PartyConfig(
+                host=host,
+                policy=policy,
+                name="flood",
+                party_count=2,
+                attestation="sim",
+                allow_simulated=True,
+                timeout=120,
+            )
+        )
+        self.count, self.issued, self.errors = count, 0, 0
+        self.last_error = ""
+
+    def run(self) -> None:
+        self.client.connect()
+        try:
+            while self.issued < self.count and self.errors < self.count:
+                calls = [
+                    self.client.stub.GetChallenge.future(
+                        pb.GetChallengeRequest(job_id=f"victim{n % 10}", party_name="p0"),
+                        timeout=30,
+                    )
+                    for n in range(64)
+                ]
+                for call in calls:
+                    try:
+                        call.result()
+                        self.issued += 1
+                    except grpc.RpcError as exc:  # counted: the flood goes on
+                        self.errors += 1
+                        self.last_error = f"{exc.code()}: {exc.details()}"
+        finally:
+            self.client.close()
+
+
+class SlowLoris(threading.Thread):
+    """Hold ``raw`` TCP connections that never start TLS and ``idle`` TLS+HTTP/2 ones
+    that never call, reopening each one the server closes; sample the server's fds."""
+
+    def __init__(self, port: int, pid: int, *, raw: int, idle: int) -> None:
+        super().__init__(daemon=True)
+        self.port, self.pid, self.raw, self.idle = port, pid, raw, idle
+        self.stop = threading.Event()
+        self.closed_by_server = 0
+        self.max_server_fds = 0
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        self.context.check_hostname = False
+        self.context.verify_mode = ssl.CERT_NONE
+        self.context.set_alpn_protocols(["h2"])
+
+    def _open(self, tls: bool) -> socket.socket | None:
+        try:
+            sock = socket.create_connection(("127.0.0.1", self.port), timeout=5)
+            if tls:
+                sock = self.context.wrap_socket(sock)
+                sock.sendall(H2_PREFACE)
+            sock.setblocking(False)
+            return sock
+        except OSError:
+            return None
+
+    def run(self) -> None:
+        held: list[tuple[socket.socket | None, bool]] = [
+            (self._open(False), False) for _ in range(self.raw)
+        ] + [(self._open(True), True) for _ in range(self.idle)]
+        while not self.stop.wait(0.2):
+            with contextlib.suppress(FileNotFoundError):  # the server has stopped
+                self.max_server_fds = max(self.max_server_fds, proc_status(self.pid)["fds"])
+            for i, (sock, tls) in enumerate(held):
+                if sock is not None and not _server_closed(sock):
+                    continue
+                if sock is not None:
+                    self.closed_by_server += 1
+                    sock.close()
+                held[i] = (self._open(tls), tls)
+        for sock, _ in held:
+            if sock is not None:
+                sock.close()
+
+
+def _server_closed(sock: socket.socket) -> bool:
+    try:
+        return not sock.recv(65536)  # EOF; frames the server sent are read and dropped
+    except (BlockingIOError, ssl.SSLWantReadError):
+        return False
+    except OSError:
+        return True
+
+
+def test_honest_jobs_complete_with_a_hostile_client_in_the_loop(server, policy):
+    """10 concurrent honest 3-party jobs (5 quick, 5 under a spec) against one hostile
+    client that, all at once: floods 12k challenges (more than the old nonce store held),
+    squats the spec jobs' ids in quick mode first, grabs job slots with one attested
+    party key and with fresh keys from another address (127.0.0.2), and holds 100
+    connections open (half never start TLS, half idle after HTTP/2)."""
+    srv = server(
+        "--max-jobs",
+        "40",  # per party key: 40/16 = 2; per address: 40/2 = 20
+        "--join-timeout",
+        "8",
+        "--connection-idle-timeout",
+        "2",
+        "--handshake-timeout",
+        "2",
+        "--max-connections",
+        "200",
+        "--job-timeout",
+        "120",
+    )
+    started = time.monotonic()
+    loris = SlowLoris(srv.port, srv.proc.pid, raw=50, idle=50)
+    flood = ChallengeFlood(srv.host, policy, 12_000)
+    loris.start()
+    flood.start()
+    keys = {j: {n: generate_private_key() for n in ("alice", "bob", "carol")} for j in range(5)}
+    specs = {j: _spec(f"contract-{j}", keys[j]) for j in range(5)}
+    with TcpProxy(srv.port, source_address="127.0.0.2", lifetime=120) as elsewhere:
+        # Squat first: the contract ids, in quick mode, under the listed names.
+        squats = [
+            hostile_join(elsewhere.host, policy, f"contract-{j}", name)
+            for j in range(5)
+            for name in ("alice", "bob", "carol")
+        ]
+        assert squats == ["joined"] * 15  # the squatter's own quick jobs, full now
+        honest: list[tuple[str, str, int, list[str]]] = []
+        extra: dict[tuple[str, str], dict[str, Any]] = {}
+        for j in range(10):
+            job = f"contract-{j}" if j < 5 else f"quick-{j}"
+            common = [f"{job}-common-{i}" for i in range(100)]
+            for n, name in enumerate(("alice", "bob", "carol")):
+                honest.append((job, name, 3, [*common, *(f"{job}-{n}-{i}" for i in range(900))]))
+                if j < 5:
+                    extra[(job, name)] = {"spec": specs[j], "party_key": keys[j][name]}
+        results: dict[tuple[str, str], PartyResult] = {}
+        errors: list[BaseException] = []
+
+        def run_honest() -> None:
+            try:
+                results.update(run_parties(srv.host, policy, honest, timeout=90, extra=extra))
+            except BaseException as exc:  # reported below
+                errors.append(exc)
+
+        honest_thread = threading.Thread(target=run_honest, daemon=True)
+        honest_thread.start()
+        # Slot grabbing by one attested party with one key (its own specs)...
+        mallory = generate_private_key()
+        grabs = [
+            hostile_join(
+                srv.host,
+                policy,
+                f"grab-{k}",
+                "mallory",
+                spec=_spec(
+                    f"grab-{k}",
+                    {"mallory": mallory, "x": generate_private_key(), "y": generate_private_key()},
+                ),
+                party_key=mallory,
+            )
+            for k in range(4)
+        ]
+        # ... and by fresh keys from one other address (a Sybil), until refused.
+        sybil: list[str] = []
+        while len(sybil) < 40 and (not sybil or sybil[-1] == "joined"):
+            sybil.append(hostile_join(elsewhere.host, policy, f"sybil-{len(sybil)}", "p0"))
+        honest_thread.join(120)
+    assert not honest_thread.is_alive() and not errors, errors
+    elapsed = time.monotonic() - started
+    assert len(results) == 30
+    for (job, _), result in results.items():
+        assert result.text() == sorted(f"{job}-common-{i}" for i in range(100)), job
+    assert srv.log().count("job state wiped") == 10
+    assert grabs[:2] == ["joined"] * 2
+    assert all("--max-jobs-per-party" in g for g in grabs[2:]), grabs
+    # The squats and the Sybil's jobs fill 127.0.0.2's share (20 of 40), then are refused
+    # (more than 15 only if squat jobs were already dropped by the join timeout).
+    sybil_jobs = len(sybil) - 1
+    assert 15 <= sybil_jobs <= 20 and "--max-jobs-per-address" in sybil[-1], sybil
+    flood.join(60)
+    # Calls beyond the server's 8 streams per connection may be refused (REFUSED_STREAM):
+    # the flood only counts the challenges it got.
+    assert flood.issued >= 12_000, (flood.errors, flood.last_error)
+    # The hostile jobs never upload: the join timeout drops them and frees their slots.
+    give_up = time.monotonic() + 15
+    while srv.log().count("no upload within the join timeout") < 5 + sybil_jobs + 2:
+        assert time.monotonic() < give_up, srv.log()[-2000:]
+        time.sleep(0.2)
+    loris.stop.set()
+    loris.join(10)
+    # Every held connection was closed by the server at least once (2 s timeouts).
+    assert loris.closed_by_server >= 100, loris.closed_by_server
+    assert loris.max_server_fds <= 200 + 128
+    report(
+        "10 honest 3-party jobs with a hostile client",
+        honest_parties=30,
+        items_per_party=1000,
+        seconds=round(elapsed, 1),
+        challenges_flooded=flood.issued,
+        flood_calls_refused=flood.errors,
+        challenges_per_s=round(flood.issued / elapsed),
+        held_connections=100,
+        connections_closed_by_server=loris.closed_by_server,
+        max_server_fds=loris.max_server_fds,
+        hostile_jobs_created=5 + sybil_jobs + 2,
+    )

@@ -111,6 +111,8 @@ def _cmd_server(args: argparse.Namespace) -> int:
             max_jobs_per_address=args.max_jobs_per_address,
         ),
         max_connections=args.max_connections,
+        connection_idle_seconds=args.connection_idle_timeout,
+        handshake_timeout_seconds=args.handshake_timeout,
         spill_dir=args.spill_dir,
         max_workers=args.max_workers,
         audit_log=args.audit_log,
@@ -663,8 +665,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-connections",
         type=_whole_number(1),
         default=512,
-        help="client connections open at once; idle ones close after 30 s, handshakes "
-        "must finish in 10 s (default 512)",
+        help="client connections open at once; more are refused (default 512)",
+    )
+    server.add_argument(
+        "--connection-idle-timeout",
+        type=_seconds,
+        default=30.0,
+        help="seconds a connection may carry no call before the server closes it (default 30)",
+    )
+    server.add_argument(
+        "--handshake-timeout",
+        type=_seconds,
+        default=10.0,
+        help="seconds a new connection has to finish its TLS handshake (default 10)",
     )
     server.add_argument(
         "--pccs-url",
