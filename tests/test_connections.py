@@ -164,3 +164,54 @@ def test_more_connections_than_file_descriptors_is_refused_at_start(capsys):
     assert code == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "lower --max-connections" in error[0], error
+
+
+def test_a_party_idle_between_its_calls_reconnects_and_completes(server):
+    """An honest party that hashes a large set between Join and Upload may stay idle
+    longer than --connection-idle-timeout: the server closes the connection, the
+    client's channel opens a new one for the next call, and the session still holds."""
+    from test_service import KEY_SCHEME, _NoBar, _records
+
+    clients = []
+    for name in ("a", "b"):
+        client = PsiClient(
+            PartyConfig(
+                host=f"127.0.0.1:{server.port}",
+                policy=POLICY,
+                name=name,
+                party_count=2,
+                job_id="slow-hash",
+                attestation="sim",
+                allow_simulated=True,
+                timeout=30,
+            )
+        )
+        client.connect()
+        token, _seeds = client.join(KEY_SCHEME)
+        clients.append((client, token))
+    time.sleep(2.5)  # idle timeout is 1 s: both connections are closed meanwhile
+    for (client, token), items in zip(clients, ([b"x", b"y"], [b"y", b"z"]), strict=True):
+        client.upload(token, *_records(items), _NoBar())
+    results = [client.result(token) for client, token in clients]
+    assert all(r.status == "RELEASED" and len(r.hi) == 1 for r in results)
+    for client, _ in clients:
+        client.close()
+
+
+@pytest.mark.parametrize(
+    ("peer", "charged"),
+    [
+        ("ipv4:10.1.2.3:50000", "ipv4:10.1.2.3"),
+        ("ipv4:10.1.2.3:50001", "ipv4:10.1.2.3"),  # another connection, same host
+        # A host holds its whole /64: fresh IPv6 addresses are not fresh quotas.
+        ("ipv6:[2001:db8:1:2::1]:443", "ipv6:2001:db8:1:2::/64"),
+        ("ipv6:[2001:db8:1:2:ffff::9]:443", "ipv6:2001:db8:1:2::/64"),
+        ("ipv6:[::ffff:10.1.2.3]:50000", "ipv4:10.1.2.3"),  # dual-stack listener
+        ("ipv6:[fe80::1%eth0]:1", "ipv6:fe80::/64"),
+        ("unix:/run/teepsi.sock", "unix:/run/teepsi.sock"),
+    ],
+)
+def test_quota_address_of_a_peer(peer, charged):
+    from teepsi.server.service import peer_address
+
+    assert peer_address(peer) == charged

@@ -14,6 +14,7 @@ import concurrent.futures
 import functools
 import hashlib
 import hmac
+import ipaddress
 import logging
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -98,13 +99,23 @@ def _session_token(context: grpc.aio.ServicerContext) -> bytes:
 
 
 def peer_address(peer: str) -> str:
-    """The host part of a gRPC peer (``ipv4:1.2.3.4:5678``, ``ipv6:[::1]:5678``): the
-    address a quota is charged to; the port changes with every connection."""
+    """What a job quota is charged to, from a gRPC peer (``ipv4:1.2.3.4:5678``,
+    ``ipv6:[2001:db8::1]:5678``): the host without its port, which changes with every
+    connection. An IPv6 host is its /64 (one subscriber usually holds all of it); an
+    IPv4-mapped IPv6 address (a dual-stack listener) is the IPv4 address."""
     kind, _, rest = peer.partition(":")
-    if kind in ("ipv4", "ipv6"):
-        host, _, _port = rest.rpartition(":")
-        return f"{kind}:{host.strip('[]')}"
-    return peer  # unix sockets and the like: the whole peer
+    if kind not in ("ipv4", "ipv6"):
+        return peer  # unix sockets and the like: the whole peer
+    host = rest.rpartition(":")[0].strip("[]")
+    try:
+        address = ipaddress.ip_address(host.partition("%")[0])
+    except ValueError:
+        return peer
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return f"ipv4:{address.ipv4_mapped}"
+        return f"ipv6:{ipaddress.IPv6Network((address, 64), strict=False)}"
+    return f"ipv4:{address}"
 
 
 def _party_key_sha256(public_key_der: bytes) -> bytes:
