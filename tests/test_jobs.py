@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import threading
 import time
 
@@ -505,3 +506,49 @@ def test_async_wait_tells_why_on_shutdown_and_cancel_leaves_no_waker():
     error = asyncio.run(cancelled_then_shutdown())
     assert error.kind is ErrorKind.UNAVAILABLE
     assert error.message == ("server shutting down: job j was dropped; run every party again")
+
+
+def _key_creator(key) -> JobCreator:
+    return JobCreator(key_sha256=hashlib.sha256(public_key_der(key)).digest(), address="")
+
+
+def test_a_listed_party_is_told_its_co_parties_use_another_spec(registry):
+    """Stale copy: a party of alice's own spec created the job under another version."""
+    alice, bob = generate_private_key(), generate_private_key()
+    parties = (
+        PartySpec(name="alice", public_key=public_key_der(alice)),
+        PartySpec(name="bob", public_key=public_key_der(bob)),
+    )
+    old = JobSpec(job_id="c", parties=parties, recipients=("alice", "bob"))
+    new = JobSpec(job_id="c", parties=parties, recipients=("alice", "bob"), min_intersection=1)
+    registry.join("c", "bob", 2, TRIM, spec=old, creator=_key_creator(bob))
+    err = _refusal(registry, "c", "alice", 2, TRIM, spec=new, creator=_key_creator(alice))
+    assert err.kind is ErrorKind.FAILED_PRECONDITION and "digest mismatch" in err.message
+    assert "min_intersection" not in err.message  # nothing of the other spec
+
+
+def test_a_fake_spec_naming_a_party_does_not_block_it(registry):
+    """Mallory writes a spec listing alice's (public) key first; alice's real job runs."""
+    alice, bob, mallory = (generate_private_key() for _ in range(3))
+    fake = JobSpec(
+        job_id="c",
+        parties=(
+            PartySpec(name="alice", public_key=public_key_der(alice)),
+            PartySpec(name="mallory", public_key=public_key_der(mallory)),
+        ),
+        recipients=("mallory",),
+    )
+    registry.join("c", "mallory", 2, TRIM, spec=fake, creator=_key_creator(mallory))
+    real = JobSpec(
+        job_id="c",
+        parties=(
+            PartySpec(name="alice", public_key=public_key_der(alice)),
+            PartySpec(name="bob", public_key=public_key_der(bob)),
+        ),
+        recipients=("alice", "bob"),
+    )
+    a = registry.join("c", "alice", 2, TRIM, spec=real, creator=_key_creator(alice))
+    b = registry.join("c", "bob", 2, TRIM, spec=real, creator=_key_creator(bob))
+    _upload(registry, a.token, {"x"})
+    _upload(registry, b.token, {"x"})
+    assert decode(wait(registry, a.token, timeout=5).result, {"x"}) == ["x"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import secrets
 import threading
@@ -411,6 +412,33 @@ class JobRegistry:
         )
         return job
 
+    def _refuse_other_spec_locked(
+        self, job_id: str, party_name: str, spec: JobSpec, key_sha256: bytes
+    ) -> None:
+        """Tell a listed party that its co-parties run this job id under another spec.
+
+        Only when the other job was created by a party this spec lists (same key) and lists
+        this party with this key: then the caller is a party of that job too, and the other
+        job is no outsider's (a fake spec naming someone's public key cannot block them; it
+        is simply another job).
+        """
+        own_keys = {hashlib.sha256(p.public_key).digest() for p in spec.parties}
+        for job in self._jobs.values():
+            if job.job_id != job_id or job.spec is None:
+                continue
+            listed = job.spec.party(party_name)
+            if (
+                listed is not None
+                and hashlib.sha256(listed.public_key).digest() == key_sha256
+                and job.creator.key_sha256 in own_keys
+            ):
+                raise ServiceError(
+                    ErrorKind.FAILED_PRECONDITION,
+                    f"job {job_id} runs under a different job spec (digest mismatch), "
+                    "created by one of this spec's parties: every party must join with the "
+                    "same --spec file (compare the sha256 of `teepsi spec check`)",
+                )
+
     def _check_joinable_locked(
         self, job: Job, party_name: str, party_count: int, key_scheme: str
     ) -> None:
@@ -489,6 +517,8 @@ class JobRegistry:
                 raise ServiceError(ErrorKind.FAILED_PRECONDITION, "server is shutting down")
             job = self._jobs.get((job_id, spec_sha256))
             if job is None:
+                if spec is not None:
+                    self._refuse_other_spec_locked(job_id, party_name, spec, creator.key_sha256)
                 job = self._create_locked(
                     job_id, party_count, key_scheme, spec, spec_sha256, creator
                 )
