@@ -220,9 +220,12 @@ def test_quick_mode_refusals_are_one_line_that_reveals_nothing(registry):
 
 
 def _spec(job_id: str, *names: str, **fields):
-    keys = {name: generate_private_key() for name in names}
+    return _spec_with(job_id, {name: generate_private_key() for name in names}, **fields)
+
+
+def _spec_with(job_id: str, keys: dict, recipients=None, **fields):
     parties = tuple(PartySpec(name=n, public_key=public_key_der(k)) for n, k in keys.items())
-    return JobSpec(job_id=job_id, parties=parties, recipients=names, **fields)
+    return JobSpec(job_id=job_id, parties=parties, recipients=recipients or tuple(keys), **fields)
 
 
 def test_key_scheme_mismatch_is_told_to_a_listed_party(registry):
@@ -515,12 +518,8 @@ def _key_creator(key) -> JobCreator:
 def test_a_listed_party_is_told_its_co_parties_use_another_spec(registry):
     """Stale copy: a party of alice's own spec created the job under another version."""
     alice, bob = generate_private_key(), generate_private_key()
-    parties = (
-        PartySpec(name="alice", public_key=public_key_der(alice)),
-        PartySpec(name="bob", public_key=public_key_der(bob)),
-    )
-    old = JobSpec(job_id="c", parties=parties, recipients=("alice", "bob"))
-    new = JobSpec(job_id="c", parties=parties, recipients=("alice", "bob"), min_intersection=1)
+    old = _spec_with("c", {"alice": alice, "bob": bob})
+    new = _spec_with("c", {"alice": alice, "bob": bob}, min_intersection=1)
     registry.join("c", "bob", 2, TRIM, spec=old, creator=_key_creator(bob))
     err = _refusal(registry, "c", "alice", 2, TRIM, spec=new, creator=_key_creator(alice))
     assert err.kind is ErrorKind.FAILED_PRECONDITION and "digest mismatch" in err.message
@@ -530,23 +529,9 @@ def test_a_listed_party_is_told_its_co_parties_use_another_spec(registry):
 def test_a_fake_spec_naming_a_party_does_not_block_it(registry):
     """Mallory writes a spec listing alice's (public) key first; alice's real job runs."""
     alice, bob, mallory = (generate_private_key() for _ in range(3))
-    fake = JobSpec(
-        job_id="c",
-        parties=(
-            PartySpec(name="alice", public_key=public_key_der(alice)),
-            PartySpec(name="mallory", public_key=public_key_der(mallory)),
-        ),
-        recipients=("mallory",),
-    )
+    fake = _spec_with("c", {"alice": alice, "mallory": mallory}, recipients=("mallory",))
     registry.join("c", "mallory", 2, TRIM, spec=fake, creator=_key_creator(mallory))
-    real = JobSpec(
-        job_id="c",
-        parties=(
-            PartySpec(name="alice", public_key=public_key_der(alice)),
-            PartySpec(name="bob", public_key=public_key_der(bob)),
-        ),
-        recipients=("alice", "bob"),
-    )
+    real = _spec_with("c", {"alice": alice, "bob": bob})
     a = registry.join("c", "alice", 2, TRIM, spec=real, creator=_key_creator(alice))
     b = registry.join("c", "bob", 2, TRIM, spec=real, creator=_key_creator(bob))
     _upload(registry, a.token, {"x"})
