@@ -215,3 +215,28 @@ def test_quota_address_of_a_peer(peer, charged):
     from teepsi.server.service import peer_address
 
     assert peer_address(peer) == charged
+
+
+def _server_settings(tls: ssl.SSLSocket) -> dict[int, int]:
+    """The parameters of the server's first HTTP/2 SETTINGS frame (RFC 9113 §6.5)."""
+    tls.settimeout(5)
+    data = b""
+    while True:
+        while len(data) < 9:
+            data += tls.recv(65536)
+        length, kind, flags = int.from_bytes(data[:3], "big"), data[3], data[4]
+        while len(data) < 9 + length:
+            data += tls.recv(65536)
+        payload, data = data[9 : 9 + length], data[9 + length :]
+        if kind == 4 and not flags & 1:  # SETTINGS, not an ACK
+            return {
+                int.from_bytes(payload[i : i + 2], "big"): int.from_bytes(payload[i + 2 : i + 6])
+                for i in range(0, length, 6)
+            }
+
+
+def test_streams_per_connection_are_capped(server):
+    """One connection cannot carry more than 8 calls at once (SETTINGS_MAX_CONCURRENT_STREAMS,
+    id 3). Before: gRPC's default, no limit."""
+    with _h2(server) as tls:
+        assert _server_settings(tls).get(3) == 8
