@@ -1,7 +1,8 @@
 """Jobs and their lifecycle, with no gRPC in sight.
 
 A job is created by its first party's join and lives until every party has its result
-or its deadline passes; then all of its state (items, result, sessions) is dropped.
+or its deadline passes (or, if no party starts an upload, until the join timeout); then
+all of its state (items, result, sessions) is dropped.
 Nothing of one job is reachable from another: each has its own parties, sessions and
 waiters. The registry is thread-safe; the gRPC server (on an asyncio event loop) waits for
 a result with :meth:`JobRegistry.wait_result_async`, which holds no thread while it waits
@@ -118,6 +119,8 @@ class JobCreator:
     address: str
 
 
+#: Charged to no quota: for in-process callers of the registry; the gRPC service always
+#: names the joining party's key and address.
 _NO_CREATOR = JobCreator(key_sha256=b"", address="")
 
 
