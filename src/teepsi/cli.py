@@ -443,16 +443,22 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
         public_key_der,
         public_key_text,
     )
+    from teepsi.privatefile import write_private
 
     out = Path(args.out)
-    if out.exists() and not args.force:
-        raise UsageError(f"{out} exists; choose another --out or pass --force")
+    if os.path.lexists(out) and not args.force:
+        raise UsageError(f"--out {out} exists; choose another --out or pass --force")
+    if out.is_dir():
+        raise UsageError(f"--out {out} is a directory; name a file")
     key = generate_private_key()
     try:
-        out.write_bytes(private_key_pem(key))
-        out.chmod(0o600)
+        # Created 0600 under a temporary name, then renamed: never readable by others,
+        # and with --force a symlink at --out is replaced, its target left alone.
+        write_private(out, private_key_pem(key), replace=args.force)
+    except FileExistsError:
+        raise UsageError(f"--out {out} exists; choose another --out or pass --force") from None
     except OSError as exc:
-        raise UsageError(f"cannot write {out}: {exc.strerror}") from None
+        raise UsageError(f"--out {out}: cannot write: {exc.strerror or exc}") from None
     print(public_key_text(public_key_der(key)))
     print(f"private key written to {out}; put the line above in the job spec", file=sys.stderr)
     return EXIT_OK
