@@ -286,6 +286,14 @@ class PsiService:
                 "who passes attestation can fill a slot",
                 request.job_id,
             )
+        if request.resume:
+            if spec is None:
+                raise ServiceError(
+                    ErrorKind.INVALID_ARGUMENT,
+                    "resume by join needs a job spec (the party's key proves it is the same "
+                    "party); in quick mode resume with the saved --resume-file",
+                )
+            return self.registry.resume(request.job_id, request.party_name, spec=spec)
         return self.registry.join(
             request.job_id,
             request.party_name,
