@@ -264,3 +264,56 @@ def test_below_threshold_job_ends_with_one_clear_line_and_no_traceback(
         text = stderr.decode()
         assert "Traceback" not in text and "Logging error" not in text, text
         assert "intersection withheld" in text
+
+
+def test_resume_with_other_data_withholds_the_rows_and_says_why(
+    serve, policy_file, tmp_path, procs
+):
+    """The receipt names the set each party uploaded: a restarted client whose --data
+    changed does not map the result onto other rows; it withholds them, with the reason."""
+    server = serve("--job-timeout", "90")
+    out = tmp_path / "out.txt"
+    a_data = _text(tmp_path / "a.txt", ["x", "y", "z"])
+    a_args = _party(server, policy_file, a_data, "a", "r", "--output", str(out))
+    a = start_client(a_args)
+    procs.append(a)
+    _wait_for_log(server, "job r: party a uploaded")
+    a.send_signal(signal.SIGKILL)
+    a.wait(timeout=10)
+    b = _run(_party(server, policy_file, _text(tmp_path / "b.txt", ["y", "z", "w"]), "b", "r"))
+    assert b.returncode == 0, b.stderr.decode()
+    _text(a_data, ["y", "other"])  # the data file changed before the restart
+    again = _run([*a_args, "--resume"])
+    assert again.returncode == 1
+    errors = _errors(again.stderr)
+    assert len(errors) == 1, again.stderr.decode()
+    assert "receipt does not check out" in errors[0] and "withheld" in errors[0]
+    assert not out.exists() and again.stdout == b""
+
+
+def test_partner_of_a_party_whose_upload_broke_off_learns_why_the_job_fails(
+    serve, policy_file, tmp_path, procs
+):
+    from tcp_proxy import TcpProxy
+
+    server = serve("--job-timeout", "15")
+    common = [f"common-{i}" for i in range(50)]
+    b = start_client(_party(server, policy_file, _text(tmp_path / "b.txt", common), "b", "gone"))
+    procs.append(b)
+    _wait_for_log(server, "job gone: party b uploaded")
+    # a's client dies 2 MB into a 6.4 MB upload (through a 2 MB/s link).
+    big = _text(tmp_path / "a.txt", [*common, *(f"a-{i}" for i in range(400_000))])
+    with TcpProxy(server.port, bytes_per_second=2_000_000, lifetime=60) as proxy:
+        a = start_client(_party(proxy, policy_file, big, "a", "gone"))
+        procs.append(a)
+        assert proxy.wait_for_bytes(up=2_000_000, timeout=60), "upload never started"
+        a.send_signal(signal.SIGKILL)
+        a.wait(timeout=10)
+        _wait_for_log(server, "upload of party a broke off", 30)
+    _, stderr = b.communicate(timeout=60)
+    assert b.returncode == 1
+    errors = _errors(stderr)
+    assert len(errors) == 1 and errors[0].endswith(
+        "DEADLINE_EXCEEDED: job gone expired: 1 of 2 parties uploaded before its deadline; "
+        "party a joined but its upload broke off"
+    ), errors
