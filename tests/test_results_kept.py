@@ -12,6 +12,7 @@ import shutil
 import signal
 import stat
 import subprocess
+import time
 from pathlib import Path
 
 import test_faults
@@ -170,6 +171,9 @@ def test_quick_mode_party_killed_after_upload_resumes_from_its_file(
     procs.append(a)
     _wait_for_log(server, "job q: party a uploaded")
     resume_file = Path(f"{out}.resume")
+    give_up = time.monotonic() + 30  # written once the client has the upload's summary
+    while not resume_file.exists() and time.monotonic() < give_up:
+        time.sleep(0.05)
     assert resume_file.exists() and _mode(resume_file) == 0o600
     a.send_signal(signal.SIGKILL)
     a.wait(timeout=10)

@@ -530,8 +530,11 @@ def _cmd_client(args: argparse.Namespace) -> int:
     elif spec.format is TableFormat.TEXT:
         if outputs.rows != STDOUT_PATH:
             # Text results are printed as well as written (as they always were).
-            sys.stdout.buffer.write(text_lines(result.rows))
-            sys.stdout.flush()
+            try:
+                sys.stdout.buffer.write(text_lines(result.rows))
+                sys.stdout.flush()
+            except OSError as exc:  # a closed pipe: the --output file has them
+                log.warning("cannot print the result: %s", exc.strerror or exc)
     elif not failed:
         # With --output - the rows are on stdout: the summary goes to stderr.
         summary = sys.stderr if outputs.rows == STDOUT_PATH else sys.stdout

@@ -160,7 +160,7 @@ class ResumeToken:
             raise ResumeTokenError(f"{where}: not a valid teepsi resume file ({exc})") from None
 
 
-#: Called once a quick-mode party has joined, before it uploads: save this to resume.
+#: Called once a quick-mode party's upload is complete: save this to resume.
 ResumeSaver = Callable[[ResumeToken], None]
 
 
@@ -569,8 +569,8 @@ def run_party(
 ) -> PartyResult:
     """Run one data provider end to end with an already loaded table.
 
-    ``save_resume`` (quick mode) gets the session once joined, so a restarted client can
-    fetch the result with ``PartyConfig.resume_token``.
+    ``save_resume`` (quick mode) gets the session once the upload is complete, so a
+    restarted client can fetch the result with ``PartyConfig.resume_token``.
     """
     if config.party_count < 1:
         raise PsiClientError("--parties must be at least 1")
@@ -587,6 +587,13 @@ def run_party(
             token, seeds = _resumed_session(config, client)
         else:
             token, seeds = client.join(table.spec.key_scheme)
+        with timed("hashing"):
+            # On resume too: the receipt's entry for us is checked against these.
+            hi, lo = table.key_records(seeds)
+        if not config.resume:
+            with progress.phase("uploading", total=len(hi)) as bar:
+                client.upload(token, hi, lo, bar)
+            # Only now is there something to resume (a broken upload frees the slot).
             if save_resume is not None and config.spec is None:
                 save_resume(
                     ResumeToken(
@@ -598,12 +605,6 @@ def run_party(
                         server_certificate_sha256=client.server_certificate_sha256,
                     )
                 )
-        with timed("hashing"):
-            # On resume too: the receipt's entry for us is checked against these.
-            hi, lo = table.key_records(seeds)
-        if not config.resume:
-            with progress.phase("uploading", total=len(hi)) as bar:
-                client.upload(token, hi, lo, bar)
         with progress.phase("waiting for the other parties", total=None):
             got = client.result(token)
         with timed("receipt"):
