@@ -131,13 +131,14 @@ def test_bad_data_file_is_exit_2_with_one_line(capsys, policy_file, tmp_path, ca
 def test_bad_csv_is_exit_2_with_one_line(capsys, policy_file, tmp_path):
     path = tmp_path / "rows.csv"
     path.write_bytes(b"email,n\nok@x,1\n\xff@x,2\n")
-    code, stderr = _run_main(capsys, _client_argv(policy_file, path, "--key", "email"))
+    out = ("--output", str(tmp_path / "out.csv"))  # tables need one (checked first)
+    code, stderr = _run_main(capsys, _client_argv(policy_file, path, "--key", "email", *out))
     assert code == 2
     assert _only_error(stderr) == (
         f"teepsi client: error: {path}: line 3: not valid UTF-8 (byte offset 15); "
         "save the file as UTF-8"
     )
-    code, stderr = _run_main(capsys, _client_argv(policy_file, path, "--key", "mail"))
+    code, stderr = _run_main(capsys, _client_argv(policy_file, path, "--key", "mail", *out))
     assert code == 2
     assert _only_error(stderr).startswith(f"teepsi client: error: {path}: ")
 

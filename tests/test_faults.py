@@ -194,7 +194,7 @@ def test_party_that_never_arrives_others_get_deadline_exceeded_without_spinning(
         assert code == 1 and len(errors) == 1, stderr.decode()
         assert errors[0].endswith(
             "ERROR waiting for the result failed: DEADLINE_EXCEEDED: job late expired: "
-            "2 of 3 parties uploaded before its deadline"
+            "2 of 3 parties uploaded before its deadline; 1 party has not joined"
         ), errors[0]
     # Within the deadline plus process start-up and reaping slack, not a client timeout.
     assert time.monotonic() - started < timeout + 8

@@ -474,7 +474,7 @@ def test_missing_party_gives_deadline_error_without_spinning():
         waited = time.monotonic() - wall_before
         assert err.value.kind is ErrorKind.DEADLINE_EXCEEDED
         assert err.value.message == (
-            "job late expired: 1 of 2 parties uploaded before its deadline"
+            "job late expired: 1 of 2 parties uploaded before its deadline; 1 party has not joined"
         )
         assert 0.5 < waited < 5
         assert time.process_time() - cpu_before < 0.2 * waited
@@ -537,3 +537,66 @@ def test_a_fake_spec_naming_a_party_does_not_block_it(registry):
     _upload(registry, a.token, {"x"})
     _upload(registry, b.token, {"x"})
     assert decode(wait(registry, a.token, timeout=5).result, {"x"}) == ["x"]
+
+
+def _two_party_spec(job: str = "js"):
+    from teepsi.contract.keys import generate_private_key, public_key_der, public_key_text
+    from teepsi.contract.spec import JobSpec
+
+    parties = [
+        {"name": name, "public_key": public_key_text(public_key_der(generate_private_key()))}
+        for name in ("a", "b")
+    ]
+    data = {"job_id": job, "parties": parties}
+    import json
+
+    return JobSpec.parse(json.dumps(data).encode(), source="spec.json", fmt="json")
+
+
+def test_resume_gives_an_uploaded_party_a_new_session_for_its_slot(registry):
+    spec = _two_party_spec()
+    a = registry.join("js", "a", 2, spec=spec)
+    b = registry.join("js", "b", 2, spec=spec)
+    # Nothing to resume before the upload is complete.
+    with pytest.raises(ServiceError) as err:
+        registry.resume("js", "a", spec=spec)
+    assert err.value.kind is ErrorKind.FAILED_PRECONDITION
+    _upload(registry, a.token, {"x", "y"})
+    again = registry.resume("js", "a", spec=spec)
+    assert again.token != a.token and again.key_seeds == a.key_seeds
+    # The dead client's session is gone; the new one is the party's.
+    with pytest.raises(ServiceError) as err:
+        wait(registry, a.token, timeout=1)
+    assert err.value.kind is ErrorKind.UNAUTHENTICATED
+    _upload(registry, b.token, {"y", "z"})
+    got = wait(registry, again.token, timeout=5)
+    assert len(got.result) == 1
+    # Only under the job's own spec, and only for a party of the job.
+    with pytest.raises(ServiceError) as err:
+        registry.resume("js", "a", spec=_two_party_spec())
+    assert err.value.kind is ErrorKind.NOT_FOUND
+    with pytest.raises(ServiceError) as err:
+        registry.resume("js", "c", spec=spec)
+    assert err.value.kind is ErrorKind.NOT_FOUND
+
+
+def test_waiting_partner_learns_who_broke_off():
+    """The job's parties learn why it fails: who uploaded, whose upload broke off."""
+    reg = JobRegistry(Limits(job_timeout_seconds=1.0))
+    try:
+        a = reg.join("gone", "a", 3)
+        b = reg.join("gone", "b", 3)
+        c = reg.join("gone", "c", 3)
+        _upload(reg, a.token, {"x"})
+        _upload(reg, b.token, {"x"})
+        reg.begin_upload(c.token)
+        reg.abort_upload(c.token)  # c's client died mid-upload
+        with pytest.raises(ServiceError) as err:
+            wait(reg, a.token, timeout=10)
+        assert err.value.kind is ErrorKind.DEADLINE_EXCEEDED
+        assert err.value.message == (
+            "job gone expired: 2 of 3 parties uploaded before its deadline; "
+            "party c joined but its upload broke off"
+        )
+    finally:
+        reg.close()

@@ -104,7 +104,10 @@ def test_logs_at_every_level_never_contain_items_or_keys(start_server, policy_fi
         args = client_args(server, csv, parties=2, name=name, policy=policy_file, job="csv-logs")
         args.remove("--quiet")
         procs[name] = start_client(
-            [*args, "-v", "--key", "email", "--spec", str(spec), "--key-file", str(key_file)]
+            [
+                *(*args, "-v", "--key", "email", "--spec", str(spec)),
+                *("--key-file", str(key_file), "--output", str(tmp_path / f"{name}-out.csv")),
+            ]
         )
     stderr_of = {}
     for name, proc in procs.items():

@@ -9,8 +9,8 @@ import grpc
 import numpy as np
 import polars as pl
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa
 
 from teepsi.attestation.evidence import Role
 from teepsi.attestation.measure import sim_identity
@@ -399,4 +399,83 @@ def test_server_authenticates_parties_against_the_spec(server):
     with pytest.raises(grpc.RpcError) as err:
         _spec_join(client, spec, "bob", bob)
     assert err.value.code() is grpc.StatusCode.ALREADY_EXISTS
+    client.close()
+
+
+def _join_signed_with(client: PsiClient, key, *, name: str = "a", signature: bytes | None = None):
+    """A quick-mode join whose transcript is signed by ``key`` (any type), with evidence."""
+    from teepsi.contract.keys import sign
+
+    nonce = client.stub.GetChallenge(pb.GetChallengeRequest(job_id="j", party_name=name)).nonce
+    public = key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    digest = join_transcript_digest(
+        nonce=nonce,
+        server_certificate_sha256=client.server_certificate_sha256,
+        job_id="j",
+        party_name=name,
+        party_public_key_sha256=hashlib.sha256(public).digest(),
+    )
+    if signature is None:
+        try:
+            signature = sign(key, digest)
+        except ValueError:  # a type the contract refuses: sign it the key's own way
+            if isinstance(key, rsa.RSAPrivateKey):
+                signature = key.sign(digest, padding.PKCS1v15(), hashes.SHA256())
+            elif isinstance(key, ec.EllipticCurvePrivateKey):
+                signature = key.sign(digest, ec.ECDSA(hashes.SHA256()))
+            else:
+                signature = key.sign(digest)
+    provider = SimEvidenceProvider(sim_identity(Role.DATA_PROVIDER))
+    quote = provider.quote(digest)
+    request = pb.JoinRequest(
+        job_id="j",
+        party_name=name,
+        party_count=2,
+        nonce=nonce,
+        party_public_key=public,
+        transcript_signature=signature,
+        evidence=pb.ClientEvidence(quote=quote, collateral_json=provider.collateral_json(quote)),
+    )
+    with pytest.raises(grpc.RpcError) as err:
+        client.stub.Join(request)
+    return err.value
+
+
+@pytest.mark.parametrize(
+    "make_key",
+    [
+        lambda: ec.generate_private_key(ec.SECP521R1()),
+        lambda: ec.generate_private_key(ec.SECP256K1()),
+        lambda: ed448.Ed448PrivateKey.generate(),
+        lambda: rsa.generate_private_key(public_exponent=65537, key_size=2048),
+    ],
+    ids=["P-521", "secp256k1", "Ed448", "RSA"],
+)
+def test_join_refuses_party_keys_the_contract_refuses(server, make_key):
+    """The proof of possession uses the contract's key rules: other types and curves fail."""
+    client = PsiClient(_config(server))
+    client.connect()
+    refused = _join_signed_with(client, make_key())
+    assert refused.code() is grpc.StatusCode.INVALID_ARGUMENT, refused.details()
+    assert "party_public_key" in refused.details()
+    client.close()
+
+
+@pytest.mark.parametrize(
+    "make_key",
+    [lambda: ec.generate_private_key(ec.SECP256R1()), ed25519.Ed25519PrivateKey.generate],
+    ids=["P-256", "Ed25519"],
+)
+def test_join_refuses_a_bad_signature_under_an_accepted_key(server, make_key):
+    client = PsiClient(_config(server))
+    client.connect()
+    other = make_key()
+    # Signed by another key of the same type: a well-formed signature that does not verify.
+    from teepsi.contract.keys import sign
+
+    refused = _join_signed_with(client, make_key(), signature=sign(other, b"x" * 32))
+    assert refused.code() is grpc.StatusCode.PERMISSION_DENIED
+    assert "signature does not verify" in refused.details()
     client.close()

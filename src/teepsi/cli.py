@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -347,11 +348,99 @@ def _apply_run_config(args: argparse.Namespace) -> None:
             raise UsageError(f"--{key} is required (on the command line or in --run-config)")
 
 
+@dataclass(frozen=True)
+class _ClientOutputs:
+    """Where a client run puts what it gets; every path checked before the run starts."""
+
+    #: The rows: a file, or "-" for standard output; None when no rows can come.
+    rows: str | None
+    receipt: str | None
+    #: Quick mode's resume file (the session, for a restarted client); None if not kept.
+    resume: str | None
+
+    def receipt_files(self) -> list[str]:
+        return [] if self.receipt is None else [self.receipt, self.receipt + ".cert.pem"]
+
+
+def _client_outputs(args: argparse.Namespace, fmt: object, job_spec: Any) -> _ClientOutputs:
+    """Decide and check the run's output paths (a usage error, exit 2, before joining)."""
+    from teepsi.contract.spec import OutputKind
+    from teepsi.engine.tables import STDOUT_PATH, TableFormat
+    from teepsi.privatefile import OutputPathError, check_output_path
+
+    rows_may_come = job_spec is None or (
+        job_spec.output is OutputKind.INTERSECTION and job_spec.is_recipient(args.name)
+    )
+    rows = args.output
+    if rows is None and fmt is TableFormat.TEXT:
+        rows = STDOUT_PATH  # text results are printed
+    if rows is None and rows_may_come:
+        raise UsageError(
+            f"--data {args.data}: CSV and Parquet results are tables: pass --output FILE "
+            "(or --output - to write them to standard output)"
+        )
+    resume = args.resume_file
+    if resume is None and job_spec is None and rows not in (None, STDOUT_PATH):
+        resume = f"{rows}.resume"  # beside the result
+    if args.resume and job_spec is None and resume is None:
+        raise UsageError(
+            "--resume in quick mode needs the earlier run's --resume-file (it is written "
+            "beside --output FILE by default)"
+        )
+    inputs = [
+        p
+        for p in (args.data, args.spec, args.key_file, args.config, args.collateral)
+        if p is not None
+    ]
+    if args.run_config:
+        inputs.append(args.run_config)
+    flagged = [("--output", rows), ("--receipt", args.receipt)]
+    if args.receipt:
+        flagged.append(("--receipt (its certificate)", args.receipt + ".cert.pem"))
+    if resume is not None:
+        flagged.append(("--resume-file", resume))
+    seen: dict[str, str] = {}
+    for flag, path in flagged:
+        if path is None or path == STDOUT_PATH:
+            continue
+        try:
+            check_output_path(path, flag=flag, inputs=inputs)
+        except OutputPathError as exc:
+            raise UsageError(str(exc)) from None
+        key = os.path.realpath(path)
+        if key in seen:
+            raise UsageError(f"{flag} {path} is also the file of {seen[key]}: name another")
+        seen[key] = flag
+    return _ClientOutputs(rows=rows if rows_may_come else None, receipt=args.receipt, resume=resume)
+
+
+def _rescue_rows(rows: Any, spec: Any, job: str, name: str) -> str | None:
+    """Rows that could not go to --output: a private file in the temp directory."""
+    import tempfile
+
+    from teepsi.engine.tables import TableError, write_rows
+
+    suffix = spec.path.suffix if spec.path.suffix else ".txt"
+    rescue = Path(tempfile.gettempdir()) / f"teepsi-{job}-{name}-rescued-{os.getpid()}{suffix}"
+    try:
+        write_rows(rows, spec, rescue)
+    except TableError:
+        return None
+    return str(rescue)
+
+
 def _cmd_client(args: argparse.Namespace) -> int:
     from teepsi.attestation.policy import Policy
-    from teepsi.client.party import PartyConfig, PsiClientError, run_party
+    from teepsi.client.party import (
+        PartyConfig,
+        PsiClientError,
+        ResumeToken,
+        ResumeTokenError,
+        run_party,
+    )
     from teepsi.client.progress import Progress
     from teepsi.engine.tables import (
+        STDOUT_PATH,
         TableError,
         TableFormat,
         TableSpec,
@@ -359,6 +448,7 @@ def _cmd_client(args: argparse.Namespace) -> int:
         text_lines,
         write_rows,
     )
+    from teepsi.privatefile import write_private
 
     _setup_logging("client", args.verbose, args.quiet)
     job_spec, party_key = _client_contract(args)
@@ -375,6 +465,21 @@ def _cmd_client(args: argparse.Namespace) -> int:
     assert isinstance(loaded, Policy)
     spec = _table_spec(args)
     assert isinstance(spec, TableSpec)
+    # Before anything is read or sent: a result is never computed for a place it cannot go.
+    outputs = _client_outputs(args, spec.format, job_spec)
+    resume_token = None
+    if args.resume and job_spec is None:
+        assert outputs.resume is not None
+        try:
+            text = Path(outputs.resume).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise UsageError(
+                f"--resume-file {outputs.resume}: cannot read: {exc.strerror}"
+            ) from None
+        try:
+            resume_token = ResumeToken.from_json(text, f"--resume-file {outputs.resume}")
+        except ResumeTokenError as exc:
+            raise UsageError(str(exc)) from None
     progress = Progress(enabled=not args.quiet)
     try:
         with progress.phase(f"reading {spec.path.name}", total=None):
@@ -396,23 +501,55 @@ def _cmd_client(args: argparse.Namespace) -> int:
         server_collateral_json=_collateral_file(args.collateral),
         pccs_url=args.pccs_url,
         insecure_pccs_tls=args.insecure_pccs_tls,
+        resume=args.resume,
+        resume_token=resume_token,
     )
     if job_spec is None:
         log.warning(
             "no --spec: quick mode; parties are not authenticated, anyone who passes "
             "attestation can fill a slot"
         )
+
+    def save_resume(token: ResumeToken) -> None:
+        if outputs.resume is not None:
+            try:
+                write_private(outputs.resume, (token.to_json() + "\n").encode())
+            except OSError as exc:
+                # Not fatal: the run goes on; only a restart could not resume.
+                log.warning("cannot save --resume-file %s: %s", outputs.resume, exc.strerror)
+
     try:
-        result = run_party(config, table)
-        if result.receipt is not None and args.receipt:
-            Path(args.receipt).write_text(result.receipt.to_json() + "\n")
-            Path(args.receipt + ".cert.pem").write_bytes(_pem(result.server_certificate_der))
-        if args.output and result.status == "RELEASED":
-            with progress.phase(f"writing {Path(args.output).name}", total=len(result.rows)):
-                write_rows(result.rows, spec, args.output)
-    except (PsiClientError, TableError) as exc:
-        log.error("%s", exc)
+        result = run_party(config, table, save_resume=save_resume)
+    except PsiClientError as exc:
+        hint = ""
+        if outputs.resume is not None and Path(outputs.resume).exists():
+            hint = (
+                f" (while the job lives, --resume with --resume-file {outputs.resume} fetches it)"
+            )
+        log.error("%s%s", exc, hint)
         return EXIT_FAILED
+    failed = False
+    # The rows first: they are what the run was for.
+    if outputs.rows is not None and result.status == "RELEASED":
+        where = "standard output" if outputs.rows == STDOUT_PATH else outputs.rows
+        try:
+            with progress.phase(f"writing {where}", total=len(result.rows)):
+                write_rows(result.rows, spec, outputs.rows)
+        except TableError as exc:
+            rescued = _rescue_rows(result.rows, spec, result.job_id, result.party_name)
+            kept = f"the rows were saved to {rescued} instead" if rescued else "rows LOST"
+            log.error("%s; %s", exc, kept)
+            failed = True
+    if result.receipt is not None and outputs.receipt is not None:
+        receipt_path, cert_path = outputs.receipt_files()
+        try:
+            write_private(receipt_path, (result.receipt.to_json() + "\n").encode())
+            write_private(cert_path, _pem(result.server_certificate_der))
+        except OSError as exc:
+            log.error("cannot write --receipt %s: %s", receipt_path, exc.strerror or exc)
+            failed = True
+    if outputs.resume is not None and not failed:
+        Path(outputs.resume).unlink(missing_ok=True)  # the result is saved: nothing to resume
     outcome = {
         "COUNT_ONLY": f"count-only job: the intersection has {result.intersection_size} keys",
         "NOT_RECIPIENT": "this party is not a result recipient: no items received "
@@ -423,25 +560,30 @@ def _cmd_client(args: argparse.Namespace) -> int:
     if outcome is not None:
         print(outcome)
     elif spec.format is TableFormat.TEXT:
-        sys.stdout.buffer.write(text_lines(result.rows))
-        sys.stdout.flush()
-    else:
-        print(
-            f"{len(result.rows)} matching rows"
-            + (f" written to {args.output}" if args.output else "")
-        )
+        if outputs.rows != STDOUT_PATH:
+            # Text results are printed as well as written (as they always were).
+            try:
+                sys.stdout.buffer.write(text_lines(result.rows))
+                sys.stdout.flush()
+            except OSError as exc:  # a closed pipe: the --output file has them
+                log.warning("cannot print the result: %s", exc.strerror or exc)
+    elif not failed:
+        # With --output - the rows are on stdout: the summary goes to stderr.
+        summary = sys.stderr if outputs.rows == STDOUT_PATH else sys.stdout
+        written = "" if outputs.rows == STDOUT_PATH else f" written to {outputs.rows}"
+        print(f"{len(result.rows)} matching rows{written}", file=summary)
     log.info(
-        "job %s: rows read %d, with a key %d, distinct keys %d, intersection %d, "
+        "job %s: rows read %d, with a key %d, distinct keys %d, intersection %s, "
         "matching rows %d (result sha256 %s)",
         result.job_id,
         result.rows_read,
         result.rows_with_key,
         result.distinct_keys,
-        result.intersection_size,
+        "withheld" if result.intersection_size is None else result.intersection_size,
         len(result.rows),
-        result.result_sha256.hex(),
+        result.result_sha256.hex() or "withheld",
     )
-    return EXIT_OK
+    return EXIT_FAILED if failed else EXIT_OK
 
 
 def _cmd_measure(args: argparse.Namespace) -> int:
@@ -475,16 +617,22 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
         public_key_der,
         public_key_text,
     )
+    from teepsi.privatefile import write_private
 
     out = Path(args.out)
-    if out.exists() and not args.force:
-        raise UsageError(f"{out} exists; choose another --out or pass --force")
+    if os.path.lexists(out) and not args.force:
+        raise UsageError(f"--out {out} exists; choose another --out or pass --force")
+    if out.is_dir():
+        raise UsageError(f"--out {out} is a directory; name a file")
     key = generate_private_key()
     try:
-        out.write_bytes(private_key_pem(key))
-        out.chmod(0o600)
+        # Created 0600 under a temporary name, then renamed: never readable by others,
+        # and with --force a symlink at --out is replaced, its target left alone.
+        write_private(out, private_key_pem(key), replace=args.force)
+    except FileExistsError:
+        raise UsageError(f"--out {out} exists; choose another --out or pass --force") from None
     except OSError as exc:
-        raise UsageError(f"cannot write {out}: {exc.strerror}") from None
+        raise UsageError(f"--out {out}: cannot write: {exc.strerror or exc}") from None
     print(public_key_text(public_key_der(key)))
     print(f"private key written to {out}; put the line above in the job spec", file=sys.stderr)
     return EXIT_OK
@@ -738,7 +886,24 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_argument("--parties", type=int, help="number of parties in the job")
     client.add_argument("--name", help="this party's name, unique in the job")
     client.add_argument("--job", help="job id (default: default)")
-    client.add_argument("--output", help="write the result here, in the input's format")
+    client.add_argument(
+        "--output",
+        help="write the result here, in the input's format (0600, atomically; checked "
+        "before joining); - for standard output. Required for CSV/Parquet input; text "
+        "results are printed when it is not given",
+    )
+    client.add_argument(
+        "--resume-file",
+        help="quick mode: where the session is saved (0600) so a restarted client can "
+        "fetch the result with --resume (default: OUTPUT.resume beside --output FILE)",
+    )
+    client.add_argument(
+        "--resume",
+        action="store_true",
+        help="fetch the result of this party's earlier run (its client died after "
+        "uploading) while the job lives: under --spec the key proves it is the same party; "
+        "in quick mode the --resume-file is used",
+    )
     client.add_argument("--attestation", choices=["sim", "gramine", "none"], default="gramine")
     client.add_argument("--timeout", type=float, help="seconds to wait in all (default 600)")
     client.add_argument(

@@ -17,10 +17,8 @@ import binascii
 import datetime as dt
 import hashlib
 import json
-import os
 import re
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -53,6 +51,7 @@ from teepsi.attestation.ratls import (
 )
 from teepsi.attestation.sim import is_simulated_quote
 from teepsi.attestation.verify import QuoteVerificationError, verify_quote
+from teepsi.privatefile import write_private
 
 __all__ = ["quote_fields", "register"]
 
@@ -525,18 +524,6 @@ def _cmd_inspect_cert(args: argparse.Namespace) -> int:
 # --- fetch-collateral -----------------------------------------------------------------
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    directory = path.parent if str(path.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _cmd_fetch_collateral(args: argparse.Namespace) -> int:
     command = "fetch-collateral"
     try:
@@ -561,7 +548,7 @@ def _cmd_fetch_collateral(args: argparse.Namespace) -> int:
         sys.stdout.write(collateral + "\n")
         return EXIT_OK
     try:
-        _write_atomically(Path(args.output), collateral + "\n")
+        write_private(args.output, (collateral + "\n").encode("utf-8"))
     except OSError as exc:
         _fail(command, f"cannot write {args.output}: {exc.strerror or exc}")
         return EXIT_REJECTED

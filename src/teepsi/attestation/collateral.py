@@ -36,10 +36,8 @@ import hashlib
 import ipaddress
 import json
 import logging
-import os
 import re
 import ssl
-import tempfile
 import threading
 import time
 import urllib.error
@@ -58,6 +56,7 @@ from cryptography.hazmat.primitives import serialization
 
 from teepsi import __version__
 from teepsi.jsontext import read_user_text
+from teepsi.privatefile import write_private
 
 __all__ = [
     "DEFAULT_QCNL_PATH",
@@ -613,17 +612,9 @@ class CollateralFreshness:
     def _save(self) -> None:
         assert self.state_path is not None
         data = {"version": self._STATE_VERSION, "newest": dict(sorted(self._newest.items()))}
-        directory = self.state_path.parent
         try:
-            fd, tmp = tempfile.mkstemp(prefix=".collateral-state-", dir=directory)
-            try:
-                with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                    json.dump(data, handle, indent=1)
-                    handle.write("\n")
-                os.replace(tmp, self.state_path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            text = json.dumps(data, indent=1) + "\n"
+            write_private(self.state_path, text.encode("utf-8"))
         except OSError as exc:
             raise CollateralError(
                 f"{self.state_path}: cannot write collateral state: {exc.strerror or exc}"

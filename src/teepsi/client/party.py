@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import logging
 import socket
 import ssl
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -92,6 +93,75 @@ class PartyConfig:
     server_collateral_json: str | None = None
     pccs_url: str | None = None
     insecure_pccs_tls: bool = False
+    #: Fetch the result of an earlier run of this party instead of joining and uploading:
+    #: under a spec the party's key re-authenticates it (see ``resume_token`` otherwise).
+    resume: bool = False
+    #: Quick mode's way back in: the session an earlier run of this party saved.
+    resume_token: ResumeToken | None = None
+
+
+class ResumeTokenError(ValueError):
+    """A resume file that cannot be read or does not fit this run; one line."""
+
+
+@dataclass(frozen=True)
+class ResumeToken:
+    """What a quick-mode party needs to fetch its result again after its client died.
+
+    The session token is a bearer secret for the party's slot: it is only ever sent over
+    a channel pinned to the attested server it was issued by, and the file is 0600.
+    """
+
+    host: str
+    job_id: str
+    party_name: str
+    session_token: bytes
+    key_seeds: tuple[int, int]
+    server_certificate_sha256: bytes
+
+    VERSION = 1
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "teepsi_resume": self.VERSION,
+                "host": self.host,
+                "job_id": self.job_id,
+                "party_name": self.party_name,
+                "session_token": self.session_token.hex(),
+                "key_seeds": list(self.key_seeds),
+                "server_certificate_sha256": self.server_certificate_sha256.hex(),
+            },
+            indent=1,
+        )
+
+    @classmethod
+    def from_json(cls, text: str, where: str) -> ResumeToken:
+        try:
+            data = json.loads(text)
+            if not isinstance(data, dict) or data.get("teepsi_resume") != cls.VERSION:
+                raise ValueError("not a teepsi resume file")
+            seeds = data["key_seeds"]
+            if not (
+                isinstance(seeds, list)
+                and len(seeds) == 2
+                and all(isinstance(v, int) and 0 <= v < 2**64 for v in seeds)
+            ):
+                raise ValueError("bad key_seeds")
+            return cls(
+                host=str(data["host"]),
+                job_id=str(data["job_id"]),
+                party_name=str(data["party_name"]),
+                session_token=bytes.fromhex(data["session_token"]),
+                key_seeds=(seeds[0], seeds[1]),
+                server_certificate_sha256=bytes.fromhex(data["server_certificate_sha256"]),
+            )
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ResumeTokenError(f"{where}: not a valid teepsi resume file ({exc})") from None
+
+
+#: Called once a quick-mode party's upload is complete: save this to resume.
+ResumeSaver = Callable[[ResumeToken], None]
 
 
 @dataclass(frozen=True)
@@ -259,8 +329,12 @@ class PsiClient:
                 "(set --pccs-url or PCCS_URL in /etc/sgx_default_qcnl.conf)"
             ) from None
 
-    def join(self, key_scheme: str) -> tuple[bytes, tuple[int, int]]:
-        """Answer the server's challenge with our evidence; returns (session token, seeds)."""
+    def join(self, key_scheme: str, *, resume: bool = False) -> tuple[bytes, tuple[int, int]]:
+        """Answer the server's challenge with our evidence; returns (session token, seeds).
+
+        With ``resume`` (under a job spec) the same proof asks for a new session for this
+        party's earlier upload instead of a new slot.
+        """
         cfg = self.config
         try:
             challenge = self.stub.GetChallenge(
@@ -297,6 +371,7 @@ class PsiClient:
             transcript_signature=sign(key, digest),
             key_scheme=key_scheme,
             job_spec=cfg.spec.canonical_bytes() if cfg.spec is not None else b"",
+            resume=resume,
         )
         if cfg.attestation != "none":
             try:
@@ -316,7 +391,7 @@ class PsiClient:
         try:
             response = self.stub.Join(request, timeout=min(60.0, self._remaining()))
         except grpc.RpcError as exc:
-            raise _rpc_error("joining the job", exc) from None
+            raise _rpc_error("resuming" if resume else "joining the job", exc) from None
         try:
             seeds = seeds_from_bytes(bytes(response.key_seeds))
         except ValueError:
@@ -452,16 +527,51 @@ def _check_receipt(
             mine = salted.digest()
             if receipt.result_sha256 != mine:
                 raise ReceiptError("receipt's result digest differs from the result received")
-        if config.spec is not None:
+        if config.spec is not None or config.resume:
+            # Under a spec always; on a resume also in quick mode: the result must be the
+            # one of the set this run holds (a changed --data would map it to wrong rows).
             own = _own_set_sha256(got.set_salt, hi, lo)
             check_own_entry(signed, name=config.name, items=len(hi), set_sha256=own)
     except ReceiptError as exc:
-        raise PsiClientError(f"the server's receipt does not check out: {exc}") from None
+        withheld = (
+            f"; the {got.total} result records are withheld (not written)" if len(got.hi) else ""
+        )
+        raise PsiClientError(
+            f"the server's receipt does not check out: {exc}{withheld}: the server does not "
+            "vouch for this result"
+        ) from None
     return signed
 
 
-def run_party(config: PartyConfig, table: Table) -> PartyResult:
-    """Run one data provider end to end with an already loaded table."""
+def _resumed_session(config: PartyConfig, client: PsiClient) -> tuple[bytes, tuple[int, int]]:
+    """The session of an earlier run of this party: its saved token, or (under a spec) a
+    new one the party's key obtains."""
+    saved = config.resume_token
+    if saved is None:
+        if config.spec is None:
+            raise PsiClientError("--resume in quick mode needs the run's --resume-file")
+        return client.join("", resume=True)
+    if (saved.job_id, saved.party_name) != (config.job_id, config.name):
+        raise PsiClientError(
+            f"the resume file is for party {saved.party_name} of job {saved.job_id}, not "
+            f"{config.name} of {config.job_id}"
+        )
+    if not hmac.compare_digest(saved.server_certificate_sha256, client.server_certificate_sha256):
+        raise PsiClientError(
+            f"the server at {config.host} restarted since (new certificate): job "
+            f"{config.job_id} and its result are gone; run the job again without --resume"
+        )
+    return saved.session_token, saved.key_seeds
+
+
+def run_party(
+    config: PartyConfig, table: Table, *, save_resume: ResumeSaver | None = None
+) -> PartyResult:
+    """Run one data provider end to end with an already loaded table.
+
+    ``save_resume`` (quick mode) gets the session once the upload is complete, so a
+    restarted client can fetch the result with ``PartyConfig.resume_token``.
+    """
     if config.party_count < 1:
         raise PsiClientError("--parties must be at least 1")
     if config.spec is not None and table.spec.normalization.describe() != config.spec.normalize:
@@ -473,11 +583,28 @@ def run_party(config: PartyConfig, table: Table) -> PartyResult:
     progress = Progress(enabled=config.progress)
     try:
         server = client.connect()
-        token, seeds = client.join(table.spec.key_scheme)
+        if config.resume:
+            token, seeds = _resumed_session(config, client)
+        else:
+            token, seeds = client.join(table.spec.key_scheme)
         with timed("hashing"):
+            # On resume too: the receipt's entry for us is checked against these.
             hi, lo = table.key_records(seeds)
-        with progress.phase("uploading", total=len(hi)) as bar:
-            client.upload(token, hi, lo, bar)
+        if not config.resume:
+            with progress.phase("uploading", total=len(hi)) as bar:
+                client.upload(token, hi, lo, bar)
+            # Only now is there something to resume (a broken upload frees the slot).
+            if save_resume is not None and config.spec is None:
+                save_resume(
+                    ResumeToken(
+                        host=config.host,
+                        job_id=config.job_id,
+                        party_name=config.name,
+                        session_token=token,
+                        key_seeds=seeds,
+                        server_certificate_sha256=client.server_certificate_sha256,
+                    )
+                )
         with progress.phase("waiting for the other parties", total=None):
             got = client.result(token)
         with timed("receipt"):

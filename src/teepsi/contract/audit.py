@@ -39,6 +39,7 @@ from types import TracebackType
 from typing import NoReturn
 
 from teepsi.contract._common import canonical_json, is_int, show
+from teepsi.privatefile import open_private_append
 
 __all__ = ["GENESIS_HASH", "AuditError", "AuditLog", "AuditSummary", "verify_audit_log"]
 
@@ -103,7 +104,9 @@ class AuditLog:
         self._seq = summary.entries
         self._head = summary.head
         try:
-            self._file = open(self._path, "ab")  # noqa: SIM115 (lives as long as the log)
+            # Created 0600: the log is public by design, but who may read it is the
+            # operator's choice, not the umask's.
+            self._file = open_private_append(self._path)
         except OSError as exc:
             raise AuditError(f"{path}: cannot open for append: {exc.strerror or exc}") from None
         if created:

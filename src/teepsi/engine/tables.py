@@ -10,9 +10,11 @@ matches once but returns all its rows).
 from __future__ import annotations
 
 import io
+import sys
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import numpy.typing as npt
@@ -28,6 +30,7 @@ from teepsi.engine.keys import (
     key_scheme_id,
     normalized_keys,
 )
+from teepsi.privatefile import private_writer
 
 #: Largest text item, in bytes, after stripping.
 MAX_TEXT_ITEM_BYTES = 64 * 1024
@@ -339,15 +342,32 @@ def text_lines(rows: pl.DataFrame) -> bytes:
     return str((rows[TEXT_COLUMN] + "\n").str.join("")[0]).encode()
 
 
-def write_rows(rows: pl.DataFrame, spec: TableSpec, path: str | Path) -> None:
-    """Write rows in the input's format."""
-    target = Path(path)
+#: ``--output -``: the rows go to standard output.
+STDOUT_PATH = "-"
+
+
+def _write_rows_to(rows: pl.DataFrame, spec: TableSpec, handle: BinaryIO) -> None:
+    if spec.format is TableFormat.TEXT:
+        handle.write(text_lines(rows))
+    elif spec.format is TableFormat.CSV:
+        rows.write_csv(handle, separator=spec.delimiter, quote_char=spec.quote_char or '"')
+    else:
+        rows.write_parquet(handle)
+
+
+def write_rows(
+    rows: pl.DataFrame, spec: TableSpec, path: str | Path, *, stdout: BinaryIO | None = None
+) -> None:
+    """Write rows in the input's format: to ``path`` atomically with mode 0600 (the old
+    file, if any, stays whole until the new one is complete), or to ``stdout`` for "-"."""
     try:
-        if spec.format is TableFormat.TEXT:
-            target.write_bytes(text_lines(rows))
-        elif spec.format is TableFormat.CSV:
-            rows.write_csv(target, separator=spec.delimiter, quote_char=spec.quote_char or '"')
-        else:
-            rows.write_parquet(target)
-    except OSError as exc:
-        raise TableError(f"cannot write --output {target}: {exc.strerror}") from None
+        if str(path) == STDOUT_PATH:
+            out = stdout if stdout is not None else sys.stdout.buffer
+            _write_rows_to(rows, spec, out)
+            out.flush()
+            return
+        with private_writer(path) as handle:
+            _write_rows_to(rows, spec, handle)
+    except (OSError, pl.exceptions.PolarsError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
+        raise TableError(f"cannot write --output {path}: {reason}") from None

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cteepsi/protocol/teepsi.proto\x12\tteepsi.v1\"\x1a\n\x18GetServerEvidenceRequest\"|\n\x0eServerEvidence\x12\x17\n\x0f\x63\x65rtificate_der\x18\x01 \x01(\x0c\x12\x17\n\x0f\x63ollateral_json\x18\x02 \x01(\t\x12\x13\n\x0b\x61ttestation\x18\x03 \x01(\t\x12#\n\x1brequires_client_attestation\x18\x04 \x01(\x08\"9\n\x13GetChallengeRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x12\n\nparty_name\x18\x02 \x01(\t\"/\n\tChallenge\x12\r\n\x05nonce\x18\x01 \x01(\x0c\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\r\"8\n\x0e\x43lientEvidence\x12\r\n\x05quote\x18\x01 \x01(\x0c\x12\x17\n\x0f\x63ollateral_json\x18\x02 \x01(\t\"\xe0\x01\n\x0bJoinRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x12\n\nparty_name\x18\x02 \x01(\t\x12\x13\n\x0bparty_count\x18\x03 \x01(\r\x12\r\n\x05nonce\x18\x04 \x01(\x0c\x12\x18\n\x10party_public_key\x18\x05 \x01(\x0c\x12\x1c\n\x14transcript_signature\x18\x06 \x01(\x0c\x12+\n\x08\x65vidence\x18\x07 \x01(\x0b\x32\x19.teepsi.v1.ClientEvidence\x12\x12\n\nkey_scheme\x18\x08 \x01(\t\x12\x10\n\x08job_spec\x18\t \x01(\x0c\"c\n\x0cJoinResponse\x12\x15\n\rsession_token\x18\x01 \x01(\x0c\x12\x14\n\x0cjob_deadline\x18\x02 \x01(\x03\x12\x13\n\x0bparty_count\x18\x03 \x01(\r\x12\x11\n\tkey_seeds\x18\x04 \x01(\x0c\"T\n\x0bUploadChunk\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x0f\n\x07records\x18\x02 \x01(\x0c\x12\x14\n\x0crecord_count\x18\x03 \x01(\r\x12\x0c\n\x04last\x18\x04 \x01(\x08\")\n\rUploadSummary\x12\x18\n\x10records_received\x18\x01 \x01(\x04\"\x12\n\x10GetResultRequest\"\x96\x02\n\x0bResultChunk\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x0f\n\x07records\x18\x02 \x01(\x0c\x12\x14\n\x0crecord_count\x18\x03 \x01(\r\x12\x15\n\rtotal_records\x18\x04 \x01(\x04\x12\x15\n\rresult_sha256\x18\x05 \x01(\x0c\x12\x0c\n\x04last\x18\x06 \x01(\x08\x12\x1e\n\x16party_distinct_records\x18\x07 \x01(\x04\x12\'\n\x06status\x18\x08 \x01(\x0e\x32\x17.teepsi.v1.ResultStatus\x12\x14\n\x0creceipt_json\x18\t \x01(\t\x12\x17\n\x0fset_digest_salt\x18\n \x01(\x0c\x12\x1a\n\x12result_digest_salt\x18\x0b \x01(\x0c*s\n\x0cResultStatus\x12\x1d\n\x19RESULT_STATUS_UNSPECIFIED\x10\x00\x12\x0c\n\x08RELEASED\x10\x01\x12\x0e\n\nCOUNT_ONLY\x10\x02\x12\x11\n\rNOT_RECIPIENT\x10\x03\x12\x13\n\x0f\x42\x45LOW_THRESHOLD\x10\x04\x32\xdb\x02\n\x03Psi\x12S\n\x11GetServerEvidence\x12#.teepsi.v1.GetServerEvidenceRequest\x1a\x19.teepsi.v1.ServerEvidence\x12\x44\n\x0cGetChallenge\x12\x1e.teepsi.v1.GetChallengeRequest\x1a\x14.teepsi.v1.Challenge\x12\x37\n\x04Join\x12\x16.teepsi.v1.JoinRequest\x1a\x17.teepsi.v1.JoinResponse\x12<\n\x06Upload\x12\x16.teepsi.v1.UploadChunk\x1a\x18.teepsi.v1.UploadSummary(\x01\x12\x42\n\tGetResult\x12\x1b.teepsi.v1.GetResultRequest\x1a\x16.teepsi.v1.ResultChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cteepsi/protocol/teepsi.proto\x12\tteepsi.v1\"\x1a\n\x18GetServerEvidenceRequest\"|\n\x0eServerEvidence\x12\x17\n\x0f\x63\x65rtificate_der\x18\x01 \x01(\x0c\x12\x17\n\x0f\x63ollateral_json\x18\x02 \x01(\t\x12\x13\n\x0b\x61ttestation\x18\x03 \x01(\t\x12#\n\x1brequires_client_attestation\x18\x04 \x01(\x08\"9\n\x13GetChallengeRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x12\n\nparty_name\x18\x02 \x01(\t\"/\n\tChallenge\x12\r\n\x05nonce\x18\x01 \x01(\x0c\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\r\"8\n\x0e\x43lientEvidence\x12\r\n\x05quote\x18\x01 \x01(\x0c\x12\x17\n\x0f\x63ollateral_json\x18\x02 \x01(\t\"\xf0\x01\n\x0bJoinRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x12\n\nparty_name\x18\x02 \x01(\t\x12\x13\n\x0bparty_count\x18\x03 \x01(\r\x12\r\n\x05nonce\x18\x04 \x01(\x0c\x12\x18\n\x10party_public_key\x18\x05 \x01(\x0c\x12\x1c\n\x14transcript_signature\x18\x06 \x01(\x0c\x12+\n\x08\x65vidence\x18\x07 \x01(\x0b\x32\x19.teepsi.v1.ClientEvidence\x12\x12\n\nkey_scheme\x18\x08 \x01(\t\x12\x10\n\x08job_spec\x18\t \x01(\x0c\x12\x0e\n\x06resume\x18\n \x01(\x08\"c\n\x0cJoinResponse\x12\x15\n\rsession_token\x18\x01 \x01(\x0c\x12\x14\n\x0cjob_deadline\x18\x02 \x01(\x03\x12\x13\n\x0bparty_count\x18\x03 \x01(\r\x12\x11\n\tkey_seeds\x18\x04 \x01(\x0c\"T\n\x0bUploadChunk\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x0f\n\x07records\x18\x02 \x01(\x0c\x12\x14\n\x0crecord_count\x18\x03 \x01(\r\x12\x0c\n\x04last\x18\x04 \x01(\x08\")\n\rUploadSummary\x12\x18\n\x10records_received\x18\x01 \x01(\x04\"\x12\n\x10GetResultRequest\"\x96\x02\n\x0bResultChunk\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x0f\n\x07records\x18\x02 \x01(\x0c\x12\x14\n\x0crecord_count\x18\x03 \x01(\r\x12\x15\n\rtotal_records\x18\x04 \x01(\x04\x12\x15\n\rresult_sha256\x18\x05 \x01(\x0c\x12\x0c\n\x04last\x18\x06 \x01(\x08\x12\x1e\n\x16party_distinct_records\x18\x07 \x01(\x04\x12\'\n\x06status\x18\x08 \x01(\x0e\x32\x17.teepsi.v1.ResultStatus\x12\x14\n\x0creceipt_json\x18\t \x01(\t\x12\x17\n\x0fset_digest_salt\x18\n \x01(\x0c\x12\x1a\n\x12result_digest_salt\x18\x0b \x01(\x0c*s\n\x0cResultStatus\x12\x1d\n\x19RESULT_STATUS_UNSPECIFIED\x10\x00\x12\x0c\n\x08RELEASED\x10\x01\x12\x0e\n\nCOUNT_ONLY\x10\x02\x12\x11\n\rNOT_RECIPIENT\x10\x03\x12\x13\n\x0f\x42\x45LOW_THRESHOLD\x10\x04\x32\xdb\x02\n\x03Psi\x12S\n\x11GetServerEvidence\x12#.teepsi.v1.GetServerEvidenceRequest\x1a\x19.teepsi.v1.ServerEvidence\x12\x44\n\x0cGetChallenge\x12\x1e.teepsi.v1.GetChallengeRequest\x1a\x14.teepsi.v1.Challenge\x12\x37\n\x04Join\x12\x16.teepsi.v1.JoinRequest\x1a\x17.teepsi.v1.JoinResponse\x12<\n\x06Upload\x12\x16.teepsi.v1.UploadChunk\x1a\x18.teepsi.v1.UploadSummary(\x01\x12\x42\n\tGetResult\x12\x1b.teepsi.v1.GetResultRequest\x1a\x16.teepsi.v1.ResultChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'teepsi.protocol.teepsi_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_RESULTSTATUS']._serialized_start=1121
-  _globals['_RESULTSTATUS']._serialized_end=1236
+  _globals['_RESULTSTATUS']._serialized_start=1137
+  _globals['_RESULTSTATUS']._serialized_end=1252
   _globals['_GETSERVEREVIDENCEREQUEST']._serialized_start=43
   _globals['_GETSERVEREVIDENCEREQUEST']._serialized_end=69
   _globals['_SERVEREVIDENCE']._serialized_start=71
@@ -44,17 +44,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CLIENTEVIDENCE']._serialized_start=305
   _globals['_CLIENTEVIDENCE']._serialized_end=361
   _globals['_JOINREQUEST']._serialized_start=364
-  _globals['_JOINREQUEST']._serialized_end=588
-  _globals['_JOINRESPONSE']._serialized_start=590
-  _globals['_JOINRESPONSE']._serialized_end=689
-  _globals['_UPLOADCHUNK']._serialized_start=691
-  _globals['_UPLOADCHUNK']._serialized_end=775
-  _globals['_UPLOADSUMMARY']._serialized_start=777
-  _globals['_UPLOADSUMMARY']._serialized_end=818
-  _globals['_GETRESULTREQUEST']._serialized_start=820
-  _globals['_GETRESULTREQUEST']._serialized_end=838
-  _globals['_RESULTCHUNK']._serialized_start=841
-  _globals['_RESULTCHUNK']._serialized_end=1119
-  _globals['_PSI']._serialized_start=1239
-  _globals['_PSI']._serialized_end=1586
+  _globals['_JOINREQUEST']._serialized_end=604
+  _globals['_JOINRESPONSE']._serialized_start=606
+  _globals['_JOINRESPONSE']._serialized_end=705
+  _globals['_UPLOADCHUNK']._serialized_start=707
+  _globals['_UPLOADCHUNK']._serialized_end=791
+  _globals['_UPLOADSUMMARY']._serialized_start=793
+  _globals['_UPLOADSUMMARY']._serialized_end=834
+  _globals['_GETRESULTREQUEST']._serialized_start=836
+  _globals['_GETRESULTREQUEST']._serialized_end=854
+  _globals['_RESULTCHUNK']._serialized_start=857
+  _globals['_RESULTCHUNK']._serialized_end=1135
+  _globals['_PSI']._serialized_start=1255
+  _globals['_PSI']._serialized_end=1602
 # @@protoc_insertion_point(module_scope)

@@ -179,6 +179,7 @@ class JoinRequest(_message.Message):
     EVIDENCE_FIELD_NUMBER: _builtins.int
     KEY_SCHEME_FIELD_NUMBER: _builtins.int
     JOB_SPEC_FIELD_NUMBER: _builtins.int
+    RESUME_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     party_name: _builtins.str
     party_count: _builtins.int
@@ -196,6 +197,13 @@ class JoinRequest(_message.Message):
     """The job spec (canonical JSON, see docs/contracts.md); empty in quick mode. The
     first valid join creates the job from it; later joins must carry the same spec.
     """
+    resume: _builtins.bool
+    """Resume: this party joined and uploaded before and its client restarted. Only under
+    a job spec (the listed key's signature on this fresh transcript proves it is the
+    same party): the server gives it a new session for its slot, whose result it then
+    fetches with GetResult; it uploads nothing. The old session ends. In quick mode a
+    restarted client uses the session token it saved instead (see docs/protocol.md).
+    """
     @_builtins.property
     def evidence(self) -> Global___ClientEvidence:
         """Absent when the party runs outside an enclave and the server allows that."""
@@ -212,10 +220,11 @@ class JoinRequest(_message.Message):
         evidence: Global___ClientEvidence | None = ...,
         key_scheme: _builtins.str = ...,
         job_spec: _builtins.bytes = ...,
+        resume: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["evidence", b"evidence"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["evidence", b"evidence", "job_id", b"job_id", "job_spec", b"job_spec", "key_scheme", b"key_scheme", "nonce", b"nonce", "party_count", b"party_count", "party_name", b"party_name", "party_public_key", b"party_public_key", "transcript_signature", b"transcript_signature"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["evidence", b"evidence", "job_id", b"job_id", "job_spec", b"job_spec", "key_scheme", b"key_scheme", "nonce", b"nonce", "party_count", b"party_count", "party_name", b"party_name", "party_public_key", b"party_public_key", "resume", b"resume", "transcript_signature", b"transcript_signature"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

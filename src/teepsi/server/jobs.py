@@ -143,6 +143,9 @@ class Job:
     result: JobResult | None = None
     #: Why the job ended early ("deadline passed", "server shutting down", ...).
     end_reason: str = ""
+    #: Parties that joined and left again, and why ("its upload broke off"); told only to
+    #: the job's parties, so a waiting partner learns why the job does not complete.
+    departed: dict[str, str] = field(default_factory=dict)
     #: Wakers of asyncio waiters (each schedules its waiter on its own loop).
     waiters: set[Callable[[], None]] = field(default_factory=set)
 
@@ -163,6 +166,21 @@ class Job:
         if any(p.upload is not UploadState.NONE for p in self.parties.values()):
             return self.deadline
         return min(self.deadline, self.created + join_timeout)
+
+    def progress(self, when: str = "") -> str:
+        """Where the job stands, for its own parties: who uploaded, who is missing and why."""
+        text = f"{self.uploaded()} of {self.party_count} parties uploaded{when}"
+        notes = [
+            f"party {p.name} joined but has not finished uploading"
+            for p in self.parties.values()
+            if p.upload is not UploadState.DONE
+        ]
+        left = {name: why for name, why in self.departed.items() if name not in self.parties}
+        notes += [f"party {name} joined but {why}" for name, why in sorted(left.items())]
+        missing = self.party_count - len(self.parties) - len(left)
+        if missing > 0:
+            notes.append(f"{missing} {'party has' if missing == 1 else 'parties have'} not joined")
+        return "; ".join([text, *notes])
 
 
 @dataclass(frozen=True)
@@ -544,6 +562,43 @@ class JobRegistry:
                 key_seeds=job.key_seeds,
             )
 
+    def resume(self, job_id: str, party_name: str, *, spec: JobSpec) -> JoinOutcome:
+        """A new session for a party that joined and uploaded before (its client restarted).
+
+        Only under a job spec, and the caller has authenticated the party as for a join
+        (its listed key signed a fresh transcript, attestation where required). The old
+        session ends; the party's slot, upload and result stay as they are.
+        """
+        check_identifier(job_id, "job id")
+        check_identifier(party_name, "party name")
+        with self._lock:
+            job = self._jobs.get((job_id, spec.digest()))
+            party = job.parties.get(party_name) if job is not None else None
+            if job is None or party is None:
+                raise ServiceError(
+                    ErrorKind.NOT_FOUND,
+                    f"job {job_id} holds no upload of party {party_name} to resume (the job "
+                    "may have ended or never started): run the party without --resume",
+                )
+            if party.upload is not UploadState.DONE:
+                raise ServiceError(
+                    ErrorKind.FAILED_PRECONDITION,
+                    f"party {party_name} has not finished its upload for job {job_id}: "
+                    "nothing to resume; run the party without --resume once it broke off",
+                )
+            token = secrets.token_bytes(32)
+            self._sessions.pop(party.token, None)
+            party.token = token
+            self._sessions[token] = Session(job.key, party_name)
+            self._record("resumed", job_id=job_id, party=party_name)
+            log.info("job %s: party %s resumed its session", job_id, party_name)
+            return JoinOutcome(
+                token=token,
+                deadline=job.deadline,
+                party_count=job.party_count,
+                key_seeds=job.key_seeds,
+            )
+
     def _lookup_locked(self, token: bytes) -> tuple[Job, Party]:
         session = self._sessions.get(token)
         if session is None:
@@ -586,6 +641,7 @@ class JobRegistry:
                 if party.store is not None:
                     party.store.close()
                 del job.parties[party.name]
+                job.departed[party.name] = "its upload broke off"
                 del self._sessions[token]
                 if not job.parties:
                     # Nobody left: free the job (and its --max-jobs slot) now.
@@ -756,16 +812,15 @@ class JobRegistry:
                 ErrorKind.UNAVAILABLE,
                 f"server shutting down: job {job.job_id} was dropped; run every party again",
             )
+        # Only the job's own parties get here (by their session): they may know who.
         if job.state is JobState.EXPIRED:
             raise ServiceError(
                 ErrorKind.DEADLINE_EXCEEDED,
-                f"job {job.job_id} expired: {job.uploaded()} of {job.party_count} parties "
-                "uploaded before its deadline",
+                f"job {job.job_id} expired: {job.progress(' before its deadline')}",
             )
         raise ServiceError(
             ErrorKind.DEADLINE_EXCEEDED,
-            f"timed out waiting for job {job.job_id}: {job.uploaded()} of "
-            f"{job.party_count} parties have uploaded",
+            f"timed out waiting for job {job.job_id}: {job.progress()}",
         )
 
     def wake(self, token: bytes) -> None:

@@ -22,15 +22,14 @@ from typing import Any, NoReturn, TypeVar
 
 import grpc
 import numpy as np
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from google.protobuf.message import DecodeError
 
 from teepsi.attestation.collateral import CollateralError
 from teepsi.attestation.evidence import Role
 from teepsi.attestation.peer import PeerRejected, PeerVerifier
 from teepsi.attestation.transcript import join_transcript_digest
+from teepsi.contract.keys import PartyKeyError, canonical_public_key_der
+from teepsi.contract.keys import verify as verify_party_signature
 from teepsi.contract.spec import JobSpec, SpecError
 from teepsi.engine.keys import RECORD_BYTES, U64Array, records_from_bytes
 from teepsi.engine.spill import SpillError
@@ -119,29 +118,30 @@ def peer_address(peer: str) -> str:
 
 
 def _party_key_sha256(public_key_der: bytes) -> bytes:
+    """SHA-256 of the party's key, once the contract's key rules accept it."""
     try:
-        key = serialization.load_der_public_key(public_key_der)
-    except ValueError:
+        canonical = canonical_public_key_der(public_key_der)
+    except PartyKeyError as exc:
+        raise ServiceError(ErrorKind.INVALID_ARGUMENT, f"party_public_key: {exc}") from None
+    if canonical != public_key_der:
+        # The transcript hashes the bytes sent, the spec compares canonical ones: one form.
         raise ServiceError(
-            ErrorKind.INVALID_ARGUMENT, "party_public_key is not a DER SubjectPublicKeyInfo"
-        ) from None
-    if not isinstance(key, ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey):
-        raise ServiceError(ErrorKind.INVALID_ARGUMENT, "party key must be Ed25519 or EC")
+            ErrorKind.INVALID_ARGUMENT, "party_public_key is not canonical SubjectPublicKeyInfo DER"
+        )
     return hashlib.sha256(public_key_der).digest()
 
 
 def _check_possession(public_key_der: bytes, signature: bytes, message: bytes) -> None:
-    """The party signs the transcript digest: proof it holds the key its quote binds."""
-    key = serialization.load_der_public_key(public_key_der)
+    """The party signs the transcript digest: proof it holds the key its quote binds.
+
+    The contract's one key verification (its key types, curves and signature scheme).
+    """
     try:
-        if isinstance(key, ed25519.Ed25519PublicKey):
-            key.verify(signature, message)
-        elif isinstance(key, ec.EllipticCurvePublicKey):
-            key.verify(signature, message, ec.ECDSA(hashes.SHA256()))
-    except InvalidSignature:
-        raise ServiceError(
-            ErrorKind.PERMISSION_DENIED, "join transcript signature does not verify"
-        ) from None
+        valid = verify_party_signature(public_key_der, signature, message)
+    except PartyKeyError as exc:
+        raise ServiceError(ErrorKind.INVALID_ARGUMENT, f"party_public_key: {exc}") from None
+    if not valid:
+        raise ServiceError(ErrorKind.PERMISSION_DENIED, "join transcript signature does not verify")
 
 
 class PsiService:
@@ -310,6 +310,14 @@ class PsiService:
                 "who passes attestation can fill a slot",
                 request.job_id,
             )
+        if request.resume:
+            if spec is None:
+                raise ServiceError(
+                    ErrorKind.INVALID_ARGUMENT,
+                    "resume by join needs a job spec (the party's key proves it is the same "
+                    "party); in quick mode resume with the saved --resume-file",
+                )
+            return self.registry.resume(request.job_id, request.party_name, spec=spec)
         return self.registry.join(
             request.job_id,
             request.party_name,
