@@ -83,6 +83,7 @@ def _cmd_server(args: argparse.Namespace) -> int:
     from teepsi.server.jobs import Limits
 
     _setup_logging("server", args.verbose)
+    _apply_run_config(args)
     if args.no_client_attestation and args.config is None:
         policy = None
     else:
@@ -257,19 +258,32 @@ def _client_contract(args: argparse.Namespace) -> tuple[Any, Any]:
     return spec, key
 
 
-#: Keys a --run-config file may set: per-run values only. What the client trusts (policy,
-#: attestation, allow flags) and its files stay on the enclave's fixed command line.
-RUN_CONFIG_KEYS: dict[str, type | tuple[type, ...]] = {
-    "host": str,
-    "name": str,
-    "parties": int,
-    "job": str,
-    "timeout": (int, float),
-    "format": str,
-    "key": list,
-    "delimiter": str,
-    "quote": str,
-    "normalize": str,
+#: What a ``--run-config`` TOML file may set: its key -> the flag it stands for. Only
+#: per-run values that decide nothing about whom the process trusts; the policy, the
+#: attestation mode and the allow flags stay on the (under Gramine, measured) command line.
+#: The flag's own argparse type and choices check the value, so adding a key is one line.
+CLIENT_RUN_KEYS: dict[str, str] = {
+    "host": "--host",
+    "name": "--name",
+    "parties": "--parties",
+    "job": "--job",
+    "timeout": "--timeout",
+    "format": "--format",
+    "key": "--key",
+    "delimiter": "--delimiter",
+    "quote": "--quote",
+    "normalize": "--normalize",
+    # Paths: under Gramine only the manifest's allowed files can be opened at all.
+    "spec": "--spec",
+    "key_file": "--key-file",
+}
+SERVER_RUN_KEYS: dict[str, str] = {
+    "max_jobs": "--max-jobs",
+    "max_parties": "--max-parties",
+    "max_items": "--max-items",
+    "job_timeout": "--job-timeout",
+    "memory_budget": "--memory-budget",
+    "max_workers": "--max-workers",
 }
 CLIENT_DEFAULTS: dict[str, object] = {
     "job": "default",
@@ -279,34 +293,90 @@ CLIENT_DEFAULTS: dict[str, object] = {
 }
 
 
-def _apply_run_config(args: argparse.Namespace) -> None:
-    """Merge ``--run-config`` (TOML) into ``args``; refuse anything else it tries to set."""
+def _toml_types(action: argparse.Action) -> tuple[type, ...]:
+    """The TOML value types a flag takes: what its command-line type can mean, no more."""
+    if action.nargs == 0:
+        return (bool,)
+    if action.type is int:
+        return (int,)
+    if action.type is float:
+        return (int, float)
+    if action.type is parse_size:
+        return (int, str)
+    return (str,)
+
+
+def _run_config_values(
+    path: Path, keys: dict[str, str], parser: argparse.ArgumentParser
+) -> dict[str, tuple[str, object]]:
+    """``key -> (dest, value)`` from a run file, each value checked as its flag checks it."""
     import tomllib
 
-    if args.run_config:
-        path = Path(args.run_config)
-        try:
-            values: dict[str, Any] = tomllib.loads(path.read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise UsageError(f"--run-config {path}: cannot read: {exc.strerror}") from None
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise UsageError(f"--run-config {path}: not valid TOML: {exc}") from None
-        for key, value in values.items():
-            expected = RUN_CONFIG_KEYS.get(key)
-            if expected is None:
+    try:
+        values: dict[str, Any] = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise UsageError(f"--run-config {path}: cannot read: {exc.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise UsageError(f"--run-config {path}: not valid TOML: {exc}") from None
+    actions = {option: a for a in parser._actions for option in a.option_strings}
+    merged: dict[str, tuple[str, object]] = {}
+    for key, value in values.items():
+        flag = keys.get(key)
+        if flag is None:
+            raise UsageError(
+                f"--run-config {path}: {key}: not a per-run setting (allowed: {', '.join(keys)})"
+            )
+        action = actions[flag]
+        many = isinstance(action, argparse._AppendAction)  # a repeatable flag: a TOML list
+        wanted = _toml_types(action)
+        kinds = " or ".join(t.__name__ for t in wanted)
+        items = value if many and isinstance(value, list) else [value]
+        for item in [value] if many and not isinstance(value, list) else items:
+            # bool is an int subclass: true must not pass for a number.
+            if (
+                (many and not isinstance(value, list))
+                or not isinstance(item, wanted)
+                or (isinstance(item, bool) and bool not in wanted)
+            ):
                 raise UsageError(
-                    f"--run-config {path}: {key}: not a per-run setting (allowed: "
-                    f"{', '.join(RUN_CONFIG_KEYS)})"
+                    f"--run-config {path}: {key}: wrong type {type(item).__name__} "
+                    f"(expected {f'a list of {kinds}' if many else kinds}, as for {flag})"
                 )
-            if isinstance(value, bool) or not isinstance(value, expected):
-                raise UsageError(f"--run-config {path}: {key}: wrong type {type(value).__name__}")
-            if isinstance(value, list) and not all(isinstance(k, str) for k in value):
-                raise UsageError(f"--run-config {path}: key: must be a list of column names")
-            if getattr(args, key) is not None:
+        converter = action.type if callable(action.type) else None
+        converted: list[object] = []
+        for item in items:
+            try:
+                result = item if converter is None else converter(str(item))
+            except (ValueError, TypeError, argparse.ArgumentTypeError) as exc:
+                raise UsageError(f"--run-config {path}: {key}: {exc}") from None
+            if action.choices is not None and result not in action.choices:
                 raise UsageError(
-                    f"--run-config {path}: {key}: also given on the command line; give it once"
+                    f"--run-config {path}: {key}: {item!r} is not one of "
+                    f"{', '.join(map(str, action.choices))}"
                 )
-            setattr(args, key, value)
+            converted.append(result)
+        merged[key] = (action.dest, converted if many else converted[0])
+    return merged
+
+
+def _apply_run_config(args: argparse.Namespace) -> None:
+    """Merge ``--run-config`` (TOML) into ``args``; refuse anything else it tries to set.
+
+    A value may come from the command line or the file, never both (``args.explicit`` holds
+    the dests given on the command line).
+    """
+    if not args.run_config:
+        return
+    path = Path(args.run_config)
+    for key, (dest, value) in _run_config_values(path, args.run_keys, args.subparser).items():
+        if dest in args.explicit:
+            raise UsageError(
+                f"--run-config {path}: {key}: also given on the command line; give it once"
+            )
+        setattr(args, dest, value)
+
+
+def _client_defaults(args: argparse.Namespace) -> None:
     for key, default in CLIENT_DEFAULTS.items():
         if getattr(args, key) is None:
             setattr(args, key, default)
@@ -329,8 +399,9 @@ def _cmd_client(args: argparse.Namespace) -> int:
     )
 
     _setup_logging("client", args.verbose, args.quiet)
-    job_spec, party_key = _client_contract(args)
     _apply_run_config(args)
+    job_spec, party_key = _client_contract(args)
+    _client_defaults(args)
     from teepsi.contract.spec import IDENTIFIER_PATTERN
 
     for flag, value in (("--name", args.name), ("--job", args.job)):
@@ -636,10 +707,15 @@ def build_parser() -> argparse.ArgumentParser:
         "parties waiting for a result hold none (default 16: with the server's own threads, "
         "within a Gramine enclave's default sgx.max_threads of 32)",
     )
+    server.add_argument(
+        "--run-config",
+        help=f"TOML file with this run's limits ({', '.join(SERVER_RUN_KEYS)}); "
+        "for enclaves whose command line is fixed",
+    )
     server.add_argument("--announce", action="store_true", help=argparse.SUPPRESS)
     server.add_argument("-v", "--verbose", action="store_true")
     _add_trust_flags(server)
-    server.set_defaults(func=_cmd_server)
+    server.set_defaults(func=_cmd_server, run_keys=SERVER_RUN_KEYS, subparser=server)
 
     client = sub.add_parser("client", help="run a data provider")
     client.add_argument("--host", help="server address HOST:PORT")
@@ -694,13 +770,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     client.add_argument(
         "--run-config",
-        help="TOML file with per-run settings (host, name, parties, job, timeout, format, key, "
-        "delimiter, quote, normalize); for enclaves whose command line is fixed",
+        help=f"TOML file with per-run settings ({', '.join(CLIENT_RUN_KEYS)}); "
+        "for enclaves whose command line is fixed",
     )
     client.add_argument("--quiet", action="store_true", help="no progress bars or info logs")
     client.add_argument("-v", "--verbose", action="store_true")
     _add_trust_flags(client)
-    client.set_defaults(func=_cmd_client)
+    client.set_defaults(func=_cmd_client, run_keys=CLIENT_RUN_KEYS, subparser=client)
 
     measure = sub.add_parser("measure", help="print a dynamic_config.json for this installation")
     measure.add_argument("--attestation", choices=["sim", "gramine"], default="sim")
@@ -752,12 +828,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _explicit_dests(argv: Sequence[str] | None) -> set[str]:
+    """The dests the command line itself sets: the same parse with every default left out."""
+    parser = build_parser()
+    pending = [parser]
+    while pending:
+        current = pending.pop()
+        for action in current._actions:
+            action.default = argparse.SUPPRESS
+            if isinstance(action, argparse._SubParsersAction):
+                pending.extend(action.choices.values())
+    return set(vars(parser.parse_args(argv)))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     # Before numpy loads: its BLAS is unused here, and would start a thread per core
     # (an enclave's sgx.max_threads is finite; the deploy manifests pin this too).
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.explicit = _explicit_dests(argv)
     try:
         code: int = args.func(args)
     except UsageError as exc:
