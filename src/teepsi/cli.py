@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,7 @@ def _add_trust_flags(parser: argparse.ArgumentParser) -> None:
 
 def _cmd_server(args: argparse.Namespace) -> int:
     from teepsi.attestation.policy import Policy
+    from teepsi.attestation.ratls import DEFAULT_LIFETIME
     from teepsi.server.app import ServerConfig, ServerConfigError, run_server, start_server
     from teepsi.server.jobs import Limits
 
@@ -111,6 +113,7 @@ def _cmd_server(args: argparse.Namespace) -> int:
         spill_dir=args.spill_dir,
         max_workers=args.max_workers,
         audit_log=args.audit_log,
+        certificate_lifetime=args.certificate_lifetime or DEFAULT_LIFETIME,
         pccs_url=args.pccs_url,
         qcnl_path=args.qcnl_config,
         insecure_pccs_tls=args.insecure_pccs_tls,
@@ -119,16 +122,16 @@ def _cmd_server(args: argparse.Namespace) -> int:
         if args.announce:
             # The demo and tests learn the bound port from one JSON line on stdout.
             running = start_server(config)
-            _serve_announced(running)
+            expired = _serve_announced(running)
         else:
-            run_server(config)
+            expired = run_server(config)
     except ServerConfigError as exc:
         log.error("%s", exc)
         return EXIT_USAGE
-    return EXIT_OK
+    return EXIT_FAILED if expired else EXIT_OK
 
 
-def _serve_announced(running: object) -> None:
+def _serve_announced(running: object) -> bool:
     import signal
     import threading
 
@@ -140,10 +143,11 @@ def _serve_announced(running: object) -> None:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     sys.stdout.write(json.dumps({"port": running.port, "pid": os.getpid()}) + "\n")
     sys.stdout.flush()
-    stop.wait()
+    expired = running.serve_until(stop)
     log.info("shutting down")
     running.stop()
     log.info("server stopped")
+    return expired
 
 
 def parse_size(text: str) -> int:
@@ -169,6 +173,22 @@ def parse_size(text: str) -> int:
     if unit not in units or value <= 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size like 256MiB or 1GiB")
     return int(value * units[unit])
+
+
+def parse_duration(text: str) -> timedelta:
+    """A duration from "30d", "12h", "90m", "45s" or plain seconds."""
+    units = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+    number = text.strip()
+    scale = units.get(number[-1:].lower()) if number else None
+    if scale is not None:
+        number = number[:-1]
+    try:
+        value = float(number) * (scale or 1)
+    except ValueError:
+        value = -1.0
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 30d, 12h or 90s")
+    return timedelta(seconds=value)
 
 
 def _table_spec(args: argparse.Namespace) -> object:
@@ -557,6 +577,8 @@ def _cmd_spec_check(args: argparse.Namespace) -> int:
 
 def _cmd_verify_receipt(args: argparse.Namespace) -> int:
     """Signature, certificate binding, and (with --config) whose enclave signed it."""
+    from datetime import UTC, datetime
+
     from teepsi.attestation.evidence import EnclaveIdentity, Role
     from teepsi.attestation.policy import Policy, PolicyError, PolicyViolation
     from teepsi.attestation.quote import QuoteFormatError, parse_quote
@@ -577,7 +599,9 @@ def _cmd_verify_receipt(args: argparse.Namespace) -> int:
         return refuse(str(exc))
     try:
         verify_receipt(signed, cert)
-        evidence = extract_evidence(cert)
+        # The certificate must have been valid when the receipt was issued.
+        issued = datetime.fromtimestamp(signed.receipt.issued_at, UTC)
+        evidence = extract_evidence(cert, at=issued)
         body = parse_quote(evidence.quote).report_body
     except (ReceiptError, RaTlsError, QuoteFormatError) as exc:
         return refuse(str(exc))
@@ -698,6 +722,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--audit-log",
         type=Path,
         help="append-only, hash-chained JSON-lines log of job events (never items)",
+    )
+    server.add_argument(
+        "--certificate-lifetime",
+        type=parse_duration,
+        help="how long the server's RA-TLS certificate is valid, at most 90d; the server "
+        "stops when it ends, and a restart makes a new one (default 30d)",
     )
     server.add_argument(
         "--max-workers",
