@@ -1761,6 +1761,20 @@ def test_teepsi_run_client_contract_names_the_spec_and_a_private_key(
     run = tomllib.loads(json.loads(container["log"].read_text())["run_toml"])
     assert run["spec"] == "/data/spec.toml" and run["key_file"] == "/data/party.key"
     assert stat.S_IMODE((data / "receipt").stat().st_mode) == 0o700
+    # Under a spec the name and party count come from it.
+    result = teepsi_run(container, "client", "--host", "h:1", "--contract")
+    assert result.returncode == 0, result.stderr
+    run = tomllib.loads(json.loads(container["log"].read_text())["run_toml"])
+    assert run == {"host": "h:1", "spec": "/data/spec.toml", "key_file": "/data/party.key"}
+
+
+def test_teepsi_run_keygen_writes_the_party_key_into_data(container: dict[str, Any]) -> None:
+    log = recorder(container["tmp"] / "bin", "teepsi")
+    result = teepsi_run(container, "keygen", TEEPSI_BIN=str(container["tmp"] / "bin" / "teepsi"))
+    assert result.returncode == 0, result.stderr
+    call = json.loads(log.read_text())
+    assert call["argv"] == ["keygen", "--out", str(container["data"] / "party.key")]
+    assert teepsi_run(container, "keygen", "--out", "/etc/x").returncode == 2
 
 
 def test_teepsi_run_needs_the_sgx_device(container: dict[str, Any]) -> None:

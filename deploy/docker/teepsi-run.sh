@@ -11,7 +11,10 @@
 #                                     write /data/run.toml, then run the data-provider enclave
 #                                     on /data/input; the result goes to /data/output, the
 #                                     receipt to /data/receipt/; --contract: join under the job
-#                                     spec /data/spec.toml with the key /data/party.key (0600)
+#                                     spec /data/spec.toml with the key /data/party.key (0600),
+#                                     which then fix the name, party count and job
+#   teepsi-run keygen                 make this party's key at /data/party.key (outside the
+#                                     enclave) and print the public key line for the spec
 #   teepsi-run measurements           print MRENCLAVE/MRSIGNER/ISV values and both policies
 #   teepsi-run shell                  an interactive shell (the default command)
 #   teepsi-run COMMAND [ARGS...]      run any other command
@@ -26,6 +29,7 @@ ENCLAVE_DIR=${TEEPSI_ENCLAVE_DIR:-/opt/teepsi/enclave}
 DATA_DIR=${TEEPSI_DATA_DIR:-/data}
 QCNL_CONF=${TEEPSI_QCNL_CONF:-/etc/sgx_default_qcnl.conf}
 SGX_DEVICE=${TEEPSI_SGX_DEVICE:-/dev/sgx_enclave}
+TEEPSI=${TEEPSI_BIN:-/opt/teepsi/venv/bin/teepsi}
 AESM_SOCKET=${TEEPSI_AESM_SOCKET:-/var/run/aesmd/aesm.socket}
 
 die() {
@@ -34,7 +38,7 @@ die() {
 }
 
 usage() {
-    sed -n '3,19p' "$0" | sed 's/^# \{0,1\}//' >&2
+    sed -n '3,21p' "$0" | sed 's/^# \{0,1\}//' >&2
     exit 2
 }
 
@@ -109,10 +113,12 @@ client() {
             *) die "unknown argument '$1' (the policy, data and output paths are fixed in the enclave)" ;;
         esac
     done
-    [[ -n "$host" && -n "$name" && -n "$parties" ]] || die "client needs --host, --name and --parties"
+    [[ -n "$host" ]] || die "client needs --host"
+    [[ -n "$contract" || (-n "$name" && -n "$parties") ]] ||
+        die "client needs --name and --parties (or --contract: the job spec lists the parties)"
     check_text --host "$host" '^[A-Za-z0-9._:-]+$|^\[[0-9A-Fa-f:.]+\]:[0-9]+$'
-    check_text --name "$name" '^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$'
-    check_text --parties "$parties" '^[0-9]{1,5}$'
+    [[ -z "$name" ]] || check_text --name "$name" '^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$'
+    [[ -z "$parties" ]] || check_text --parties "$parties" '^[0-9]{1,5}$'
     [[ -z "$job" ]] || check_text --job "$job" '^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$'
     [[ -z "$timeout" ]] || check_text --timeout "$timeout" '^[0-9]{1,7}(\.[0-9]{1,3})?$'
     [[ -z "$format" ]] || check_text --format "$format" '^(text|csv|parquet)$'
@@ -134,8 +140,8 @@ client() {
     local toml
     toml="# Written by teepsi-run; read by the data-provider enclave (--run-config)."$'\n'
     toml+="host = $(toml_str "$host")"$'\n'
-    toml+="name = $(toml_str "$name")"$'\n'
-    toml+="parties = $((10#$parties))"$'\n'
+    [[ -z "$name" ]] || toml+="name = $(toml_str "$name")"$'\n'
+    [[ -z "$parties" ]] || toml+="parties = $((10#$parties))"$'\n'
     [[ -z "$job" ]] || toml+="job = $(toml_str "$job")"$'\n'
     [[ -z "$timeout" ]] || toml+="timeout = $timeout"$'\n'
     [[ -z "$format" ]] || toml+="format = $(toml_str "$format")"$'\n'
@@ -204,6 +210,10 @@ main() {
     case "$command" in
         server) server "$@" ;;
         client) client "$@" ;;
+        keygen)
+            (($# == 0)) || die "keygen takes no arguments: the key goes to $DATA_DIR/party.key"
+            exec "$TEEPSI" keygen --out "$DATA_DIR/party.key"
+            ;;
         measurements) measurements ;;
         shell) exec bash ;;
         -h | --help | help) usage ;;
