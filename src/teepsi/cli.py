@@ -175,6 +175,28 @@ def parse_size(text: str) -> int:
     return int(value * units[unit])
 
 
+def positive_int(text: str) -> int:
+    """A count of at least 1 (a limit of 0 or less would refuse everything, or nothing)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be at least 1")
+    return value
+
+
+def positive_seconds(text: str) -> float:
+    """Seconds, finite and above 0 (float() would take nan, inf and negatives)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a finite number of seconds above 0")
+    return value
+
+
 def parse_duration(text: str) -> timedelta:
     """A duration from "30d", "12h", "90m", "45s" or plain seconds."""
     units = {"d": 86400, "h": 3600, "m": 60, "s": 1}
@@ -317,9 +339,9 @@ def _toml_types(action: argparse.Action) -> tuple[type, ...]:
     """The TOML value types a flag takes: what its command-line type can mean, no more."""
     if action.nargs == 0:
         return (bool,)
-    if action.type is int:
+    if action.type in (int, positive_int):
         return (int,)
-    if action.type is float:
+    if action.type in (float, positive_seconds):
         return (int, float)
     if action.type is parse_size:
         return (int, str)
@@ -685,17 +707,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     server.add_argument(
         "--job-timeout",
-        type=float,
+        type=positive_seconds,
         default=600.0,
         help="seconds a job waits for all its parties (default 600)",
     )
-    server.add_argument("--max-jobs", type=int, default=256, help="jobs at once (default 256)")
     server.add_argument(
-        "--max-parties", type=int, default=256, help="parties per job (default 256)"
+        "--max-jobs", type=positive_int, default=256, help="jobs at once (default 256)"
+    )
+    server.add_argument(
+        "--max-parties", type=positive_int, default=256, help="parties per job (default 256)"
     )
     server.add_argument(
         "--max-items",
-        type=int,
+        type=positive_int,
         default=100_000_000,
         help="items per party (default 100000000)",
     )
@@ -731,7 +755,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     server.add_argument(
         "--max-workers",
-        type=int,
+        type=positive_int,
         default=16,
         help="threads for blocking work: attestation checks, uploads, intersections, receipts; "
         "parties waiting for a result hold none (default 16: with the server's own threads, "
@@ -778,7 +802,9 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_argument("--job", help="job id (default: default)")
     client.add_argument("--output", help="write the result here, in the input's format")
     client.add_argument("--attestation", choices=["sim", "gramine", "none"], default="gramine")
-    client.add_argument("--timeout", type=float, help="seconds to wait in all (default 600)")
+    client.add_argument(
+        "--timeout", type=positive_seconds, help="seconds to wait in all (default 600)"
+    )
     client.add_argument(
         "--collateral",
         help="collateral for the server's quote (dcap-qvl JSON); default: what the server staples",
