@@ -528,6 +528,8 @@ def test_server_stops_when_its_certificate_ends(tmp_path: Path) -> None:
             "--no-client-attestation",
             "--certificate-lifetime",
             "2s",
+            "--job-timeout",
+            "1",
         ],
         capture_output=True,
         text=True,
@@ -546,6 +548,7 @@ def test_server_stops_when_its_certificate_ends(tmp_path: Path) -> None:
     ("lifetime", "problem"),
     [
         ("91d", "out of range"),
+        ("5m", "must be longer than --job-timeout 600s"),
         ("0s", "is not a duration"),
         ("soon", "is not a duration"),
         ("-5m", "is not a duration"),
@@ -832,3 +835,31 @@ def test_mutated_certificates_fail_cleanly() -> None:
                 data.insert(pos, rng.randrange(256))
         with contextlib.suppress(RaTlsError):
             extract_evidence(bytes(data), at=NOW)
+
+
+def test_no_job_outlives_the_server_certificate() -> None:
+    """The server stops when its certificate ends, so it admits no job that would end later."""
+    from teepsi.server.errors import ErrorKind, ServiceError
+    from teepsi.server.jobs import JobRegistry, Limits
+
+    now = 1_800_000_000.0
+    registry = JobRegistry(
+        Limits(job_timeout_seconds=600), clock=lambda: now, certificate_not_after=now + 300
+    )
+    try:
+        with pytest.raises(ServiceError) as refused:
+            registry.join("late", "a", 2)
+        assert refused.value.kind is ErrorKind.UNAVAILABLE
+        assert "certificate ends 2027-01-15T08:05:00Z, before this job could finish" in str(
+            refused.value
+        )
+        assert registry.job_count() == 0
+    finally:
+        registry.close()
+    roomy = JobRegistry(
+        Limits(job_timeout_seconds=600), clock=lambda: now, certificate_not_after=now + 601
+    )
+    try:
+        assert roomy.join("early", "a", 2).deadline == now + 600
+    finally:
+        roomy.close()

@@ -185,6 +185,12 @@ def start_server(config: ServerConfig) -> RunningServer:
             "a policy for data providers is required (--config dynamic_config.json), "
             "or turn client attestation off with --no-client-attestation"
         )
+    if config.limits.job_timeout_seconds >= config.certificate_lifetime.total_seconds():
+        # No job may outlive the certificate (the server stops when it ends).
+        raise ServerConfigError(
+            f"--certificate-lifetime {config.certificate_lifetime} must be longer than "
+            f"--job-timeout {config.limits.job_timeout_seconds:g}s"
+        )
     tune_allocator()
     provider = config.provider or make_provider(config.attestation, Role.SERVER)
     if provider.simulated:
@@ -256,6 +262,7 @@ def start_server(config: ServerConfig) -> RunningServer:
         signer=lambda receipt: sign_receipt(receipt, ratls.private_key),
         certificate_sha256=hashlib.sha256(ratls.certificate_der).digest(),
         audit=audit,
+        certificate_not_after=not_after.timestamp(),
     )
     executor = futures.ThreadPoolExecutor(
         max_workers=config.max_workers, thread_name_prefix="teepsi-work"
