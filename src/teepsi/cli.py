@@ -373,7 +373,7 @@ def _run_config_values(
         wanted = _toml_types(action)
         kinds = " or ".join(t.__name__ for t in wanted)
         items = value if many and isinstance(value, list) else [value]
-        for item in [value] if many and not isinstance(value, list) else items:
+        for item in items:
             # bool is an int subclass: true must not pass for a number.
             if (
                 (many and not isinstance(value, list))
