@@ -23,6 +23,7 @@ import shutil
 import struct
 import sys
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 from cryptography import x509
@@ -33,8 +34,6 @@ from teepsi.attestation.evidence import Role
 from teepsi.attestation.measure import sim_identity
 from teepsi.attestation.policy import policy_for
 from teepsi.attestation.ratls import (
-    DEFAULT_NOT_AFTER,
-    DEFAULT_NOT_BEFORE,
     LEGACY_QUOTE_OID,
     SUBJECT,
     TCG_DICE_TAGGED_EVIDENCE_OID,
@@ -49,6 +48,12 @@ from teepsi.contract.receipt import PartyEntry, Receipt, sign_receipt
 from teepsi.contract.spec import JobSpec
 from teepsi.engine.keys import records_to_bytes
 from teepsi.protocol import teepsi_pb2 as pb
+
+#: Validity of the small certificates (Gramine's own fixed one) and the time the simulated
+#: server's certificate is made at: fuzz/fuzz_ratls.py judges every seed at a time inside both.
+GRAMINE_NOT_BEFORE = datetime(2001, 1, 1, tzinfo=UTC)
+GRAMINE_NOT_AFTER = datetime(2030, 12, 31, 23, 59, 59, tzinfo=UTC)
+SIM_CERTIFICATE_MADE = datetime(2024, 1, 1, tzinfo=UTC)
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS = ROOT / "fuzz" / "corpus"
@@ -82,8 +87,8 @@ def _certificate(key: ec.EllipticCurvePrivateKey, extensions: list[x509.Extensio
         .issuer_name(SUBJECT)
         .public_key(key.public_key())
         .serial_number(1)
-        .not_valid_before(DEFAULT_NOT_BEFORE)
-        .not_valid_after(DEFAULT_NOT_AFTER)
+        .not_valid_before(GRAMINE_NOT_BEFORE)
+        .not_valid_after(GRAMINE_NOT_AFTER)
     )
     for extension in extensions:
         builder = builder.add_extension(extension, critical=False)
@@ -94,7 +99,9 @@ def _certificate(key: ec.EllipticCurvePrivateKey, extensions: list[x509.Extensio
 
 
 def ratls() -> dict[str, bytes]:
-    sim = create_certificate(SimEvidenceProvider(sim_identity(Role.SERVER)))
+    sim = create_certificate(
+        SimEvidenceProvider(sim_identity(Role.SERVER)), now=SIM_CERTIFICATE_MADE
+    )
     p256 = _ec_key("fuzz ratls legacy", ec.SECP256R1())
     legacy = _certificate(
         p256,

@@ -298,9 +298,12 @@ RUN_CONFIG_CASES = {
     "unknown-key": (
         'hots = "x"\n',
         "hots: not a per-run setting (allowed: host, name, parties, job, timeout, format, key, "
-        "delimiter, quote, normalize)",
+        "delimiter, quote, normalize, spec, key_file)",
     ),
-    "wrong-type": ('timeout = "soon"\n', "timeout: wrong type str"),
+    "wrong-type": (
+        'timeout = "soon"\n',
+        "timeout: wrong type str (expected int or float, as for --timeout)",
+    ),
     "bad-toml": ("timeout = \n", "not valid TOML: Invalid value (at line 1, column 11)"),
     "missing": (None, "cannot read: No such file or directory"),
 }

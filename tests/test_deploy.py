@@ -17,6 +17,7 @@ without them:
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import hashlib
 import importlib.util
@@ -73,6 +74,7 @@ BASE_VARS: dict[str, dict[str, str]] = {
         "port": "50051",
         "ca_bundle": "/etc/ssl/certs/ca-certificates.crt",
         "spill_dir": "/var/lib/teepsi/spill/server",
+        "state_dir": "/var/lib/teepsi/state/server",
     },
     "client": {
         "log_level": "error",
@@ -81,40 +83,40 @@ BASE_VARS: dict[str, dict[str, str]] = {
         "python_stdlib": "/usr/lib/python3.11",
         "site_packages": "/opt/teepsi/venv/lib/python3.11/site-packages",
         "policy": CLIENT_POLICY,
+        "ca_bundle": "/etc/ssl/certs/ca-certificates.crt",
         "spill_dir": "/var/lib/teepsi/spill/client",
     },
 }
+QCNL_CONF = "file:/etc/sgx_default_qcnl.conf"
 ALLOWED_FILES = {
-    "server": {"file:/etc/sgx_default_qcnl.conf"},
-    "client": {"file:/data/input", "file:/data/output", "file:/data/run.toml"},
+    "server": {QCNL_CONF, "file:/data/run.toml", "file:/data/audit/"},
+    "client": {
+        "file:/data/input",
+        "file:/data/output",
+        "file:/data/run.toml",
+        "file:/data/spec.toml",
+        "file:/data/party.key",
+        "file:/data/receipt/",
+        QCNL_CONF,
+    },
 }
+#: Allowed directories: what the enclave writes beside its receipt or audit log.
+ALLOWED_DIRECTORIES = {"server": {"file:/data/audit/"}, "client": {"file:/data/receipt/"}}
+#: No PYTHON* variable: Python runs isolated (-I) and would ignore them.
 ENV_KEYS = {
-    "server": {
+    role: {
         "LD_LIBRARY_PATH",
-        "PYTHONPATH",
-        "PYTHONDONTWRITEBYTECODE",
-        "PYTHONUNBUFFERED",
-        "PYTHONUTF8",
         "TMPDIR",
         "SSL_CERT_FILE",
         "GRPC_VERBOSITY",
         "OPENBLAS_NUM_THREADS",
         "OMP_NUM_THREADS",
         "POLARS_MAX_THREADS",
-    },
-    "client": {
-        "LD_LIBRARY_PATH",
-        "PYTHONPATH",
-        "PYTHONDONTWRITEBYTECODE",
-        "PYTHONUNBUFFERED",
-        "PYTHONUTF8",
-        "TMPDIR",
-        "GRPC_VERBOSITY",
-        "OPENBLAS_NUM_THREADS",
-        "OMP_NUM_THREADS",
-        "POLARS_MAX_THREADS",
-    },
+    }
+    for role in ("server", "client")
 }
+#: The interpreter options before the -c bootstrap: isolated, and what -I makes it ignore.
+PYTHON_OPTIONS = ["-I", "-B", "-u", "-X", "utf8", "-c"]
 PROD_ID = {"server": int(Role.SERVER), "client": int(Role.DATA_PROVIDER)}
 
 
@@ -181,9 +183,27 @@ def all_keys(node: object, prefix: str = "") -> Iterator[str]:
 
 
 def cli_args(argv: list[str]) -> list[str]:
-    """The teepsi arguments of a manifest argv: after ``python -s -m teepsi``."""
-    assert argv[1:4] == ["-s", "-m", "teepsi"], argv
-    return argv[4:]
+    """The teepsi arguments of a manifest argv: after ``python -I ... -c BOOTSTRAP``."""
+    assert argv[1 : 1 + len(PYTHON_OPTIONS)] == PYTHON_OPTIONS, argv
+    return argv[2 + len(PYTHON_OPTIONS) :]
+
+
+def bootstrap_site_dir(argv: list[str]) -> str:
+    """The -c line must be exactly: add one site directory, run ``python -m teepsi``."""
+    import ast
+
+    code = argv[1 + len(PYTHON_OPTIONS)]
+    tree = ast.parse(code)
+    calls = [node for node in ast.walk(tree) if isinstance(node, ast.Call)]
+    assert len(tree.body) == 3 and len(calls) == 2, code
+    add, run = calls
+    assert ast.unparse(add.func) == "site.addsitedir" and len(add.args) == 1, code
+    assert ast.unparse(run) == (
+        "runpy.run_module('teepsi', run_name='__main__', alter_sys=True)"
+    ), code
+    site_dir = ast.literal_eval(add.args[0])
+    assert isinstance(site_dir, str)
+    return site_dir
 
 
 def flag_value(args: list[str], flag: str) -> str:
@@ -250,6 +270,10 @@ def test_server_argv_exact() -> None:
         SERVER_POLICY,
         "--attestation",
         "gramine",
+        "--run-config",
+        "/data/run.toml",
+        "--audit-log",
+        "/data/audit/audit.log",
     ]
 
 
@@ -265,6 +289,8 @@ def test_client_argv_exact() -> None:
         "/data/input",
         "--output",
         "/data/output",
+        "--receipt",
+        "/data/receipt/receipt.json",
         "--attestation",
         "gramine",
     ]
@@ -359,6 +385,340 @@ def test_run_config_cannot_change_what_the_client_trusts(
     assert not (tmp_path / "out").exists()
 
 
+# ---- the enclaves' configuration, run through the CLI in sim mode -----------------------------
+
+
+def local_manifest(role: str, policy: Path) -> dict[str, Any]:
+    """The manifest as the Makefile renders it for this machine's interpreter and venv."""
+    import sysconfig
+
+    return manifest(
+        role,
+        entrypoint=os.path.realpath(getattr(sys, "_base_executable", sys.executable)),
+        python_stdlib=sysconfig.get_paths()["stdlib"],
+        site_packages=sysconfig.get_paths()["purelib"],
+        policy=str(policy),
+    )
+
+
+def allowed_by(data: dict[str, Any], enclave_path: str) -> bool:
+    """Whether Gramine lets the enclave open ``enclave_path`` as an allowed file."""
+    for uri in data["sgx"]["allowed_files"]:
+        allowed = uri.removeprefix("file:")
+        if enclave_path == allowed or (allowed.endswith("/") and enclave_path.startswith(allowed)):
+            return True
+    return False
+
+
+def manifest_env(data: dict[str, Any], **overrides: str) -> dict[str, str]:
+    """The manifest's fixed environment, as the only one the process gets.
+
+    Without LD_LIBRARY_PATH: it puts Gramine's patched libc first, which this machine
+    lacks (and this interpreter need not be the distribution's, whose libraries it names).
+    """
+    env = {name: str(value) for name, value in data["loader"]["env"].items()}
+    del env["LD_LIBRARY_PATH"]
+    return {**env, **overrides}
+
+
+class EnclaveRun:
+    """One enclave's manifest run as a plain process: its argv, its environment, its mounts.
+
+    The host directories behind the manifest's ``/data``, ``/spill`` and ``/state`` mounts
+    are folders under ``root``. The only changes to what the manifest says: sim evidence for
+    gramine (no SGX here), and a server port the test can learn.
+    """
+
+    def __init__(self, data: dict[str, Any], root: Path) -> None:
+        self.data = data
+        self.roots = {name: root / name.strip("/") for name in ("/data", "/spill", "/state")}
+        for folder in self.roots.values():
+            folder.mkdir(parents=True, exist_ok=True)
+        # teepsi-run makes the allowed directories before it starts an enclave.
+        for uri in data["sgx"]["allowed_files"]:
+            if uri.endswith("/"):
+                Path(self.host(uri.removeprefix("file:"))).mkdir(mode=0o700, parents=True)
+
+    def host(self, enclave_path: str) -> str:
+        for prefix, folder in self.roots.items():
+            if enclave_path == prefix or enclave_path.startswith(prefix + "/"):
+                return str(folder) + enclave_path[len(prefix) :]
+        return enclave_path
+
+    def command(self) -> list[str]:
+        argv: list[str] = self.data["loader"]["argv"]
+        args = cli_args(argv)
+        assert flag_value(args, "--attestation") == "gramine"
+        out = [argv[0], *argv[1 : len(argv) - len(args)]]
+        for before, arg in zip(["", *args], args, strict=False):
+            if before == "--attestation":
+                arg = "sim"
+            elif before == "--host" and args[0] == "server":
+                arg = "127.0.0.1:0"
+            out.append(self.host(arg))
+        out.append("--allow-simulated")
+        if args[0] == "server":
+            out.append("--announce")
+        return out
+
+    def env(self) -> dict[str, str]:
+        return manifest_env(self.data, TMPDIR=self.host(self.data["loader"]["env"]["TMPDIR"]))
+
+    def write_run_config(self, values: dict[str, Any], path_keys: tuple[str, ...] = ()) -> None:
+        """run.toml as the host writes it (enclave paths), mapped to the host folders."""
+        for key in path_keys:
+            assert allowed_by(self.data, values[key]), f"{key} {values[key]} is not allowed"
+        run_config = flag_value(cli_args(self.data["loader"]["argv"]), "--run-config")
+        assert allowed_by(self.data, run_config)
+        mapped = {k: self.host(v) if k in path_keys else v for k, v in values.items()}
+        lines = [f"{key} = {json.dumps(value)}" for key, value in mapped.items()]
+        Path(self.host(run_config)).write_text("\n".join(lines) + "\n")
+
+    def files_outside_allowed(self) -> list[str]:
+        data_root = self.roots["/data"]
+        enclave = ["/data/" + str(p.relative_to(data_root)) for p in data_root.rglob("*")]
+        return [
+            path
+            for path in enclave
+            if not allowed_by(self.data, path) and not Path(self.host(path)).is_dir()
+        ]
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_manifest_python_ignores_the_host_environment(role: str, tmp_path: Path) -> None:
+    """-I: no PYTHONPATH, PYTHONHOME, user site or working directory can steer the enclave."""
+    data = local_manifest(role, tmp_path / "policy.json")
+    evil = tmp_path / "evil"
+    for package in (evil / "teepsi", evil / ".local/lib/python3.11/site-packages/teepsi"):
+        package.mkdir(parents=True)
+        (package / "__init__.py").write_text("print('EVIL teepsi'); raise SystemExit(7)\n")
+        (package / "__main__.py").write_text("print('EVIL teepsi'); raise SystemExit(7)\n")
+    user_site = evil / ".local/lib/python3.11/site-packages"
+    (user_site / "usercustomize.py").write_text("print('EVIL usercustomize')\n")
+    (evil / "sitecustomize.py").write_text("print('EVIL sitecustomize')\n")
+    (evil / "startup.py").write_text("print('EVIL startup')\n")
+    argv = data["loader"]["argv"]
+    command = [*argv[: 2 + len(PYTHON_OPTIONS)], "--version"]
+    hostile = manifest_env(
+        data,
+        PYTHONPATH=str(evil),
+        PYTHONHOME=str(evil),
+        PYTHONSTARTUP=str(evil / "startup.py"),
+        PYTHONINSPECT="1",
+        PYTHONUSERBASE=str(evil / ".local"),
+        HOME=str(evil),
+    )
+    result = subprocess.run(
+        command, capture_output=True, text=True, env=hostile, cwd=evil, check=False, timeout=60
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "EVIL" not in result.stdout + result.stderr
+    assert re.fullmatch(r"teepsi \S+\n", result.stdout), result.stdout
+
+
+def test_enclave_configuration_runs_a_contract_job_through_the_cli(
+    tmp_path: Path, sim_policy_file: Path
+) -> None:
+    """Both manifests' argv, environment and run.toml, run as a real sim-mode job.
+
+    A job under a spec with each party's key, receipts, the server's audit log and limits:
+    every file either side reads or writes is one its manifest allows, at the path it names.
+    """
+    server = EnclaveRun(local_manifest("server", sim_policy_file), tmp_path / "server")
+    server.write_run_config(
+        {
+            "max_jobs": 8,
+            "max_parties": 2,
+            "max_items": 1000,
+            "job_timeout": 120,
+            "memory_budget": "64MiB",
+            "max_workers": 8,
+        }
+    )
+    proc = subprocess.Popen(
+        server.command(),
+        stdout=subprocess.PIPE,
+        stderr=(tmp_path / "server.log").open("wb"),
+        env=server.env(),
+        cwd=tmp_path,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line, (tmp_path / "server.log").read_text()
+        port = json.loads(line)["port"]
+
+        parties = {"data_provider1": "data1.txt", "data_provider2": "data2.txt"}
+        clients: dict[str, EnclaveRun] = {}
+        public: dict[str, str] = {}
+        for name, data_file in parties.items():
+            run = EnclaveRun(local_manifest("client", sim_policy_file), tmp_path / name)
+            shutil.copy(DATA_DIR / data_file, run.host("/data/input"))
+            made = subprocess.run(
+                [sys.executable, "-m", "teepsi", "keygen", "--out", run.host("/data/party.key")],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            public[name] = made.stdout.strip()
+            clients[name] = run
+        spec = 'job_id = "toy-2"\n' + "".join(
+            f'[[parties]]\nname = "{name}"\npublic_key = "{key}"\n' for name, key in public.items()
+        )
+        started = {}
+        for name, run in clients.items():
+            Path(run.host("/data/spec.toml")).write_text(spec)
+            run.write_run_config(
+                {
+                    "host": f"127.0.0.1:{port}",
+                    "spec": "/data/spec.toml",
+                    "key_file": "/data/party.key",
+                    "timeout": 120,
+                },
+                path_keys=("spec", "key_file"),
+            )
+            started[name] = subprocess.Popen(
+                [*run.command(), "--quiet"],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=run.env(),
+                cwd=tmp_path,
+            )
+        for name, client in started.items():
+            _, stderr = client.communicate(timeout=120)
+            assert client.returncode == 0, stderr.decode()
+            run = clients[name]
+            output = Path(run.host("/data/output")).read_text().split()
+            assert sorted(output) == ["car", "cat", "train"], name
+            receipt = json.loads(Path(run.host("/data/receipt/receipt.json")).read_text())
+            assert receipt, name
+            assert Path(run.host("/data/receipt/receipt.json.cert.pem")).is_file()
+            assert run.files_outside_allowed() == [], name
+
+        # The limits of the server's run.toml hold: max_parties 2 refuses a 3-party job.
+        third = EnclaveRun(local_manifest("client", sim_policy_file), tmp_path / "third")
+        shutil.copy(DATA_DIR / "data3.txt", third.host("/data/input"))
+        third.write_run_config(
+            {"host": f"127.0.0.1:{port}", "name": "third", "parties": 3, "job": "toy-3"}
+        )
+        refused = subprocess.run(
+            [*third.command(), "--quiet"],
+            capture_output=True,
+            text=True,
+            env=third.env(),
+            check=False,
+            timeout=120,
+            cwd=tmp_path,
+        )
+        assert refused.returncode == 1, refused.stderr
+        assert "party count 3 is out of range: 1 to 2" in refused.stderr
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        assert proc.stdout is not None
+        proc.stdout.close()
+    audit = Path(server.host("/data/audit/audit.log"))
+    events = [json.loads(line)["event"] for line in audit.read_text().splitlines()]
+    assert events and "released" in " ".join(events), events
+    assert server.files_outside_allowed() == []
+
+
+@pytest.mark.parametrize(
+    ("command", "run_toml", "problem"),
+    [
+        ("server", "max_jobs = 4\nallow_simulated = true\n", "allow_simulated: not a per-run"),
+        ("server", "no_client_attestation = true\n", "no_client_attestation: not a per-run"),
+        ("server", 'audit_log = "/tmp/elsewhere"\n', "audit_log: not a per-run setting"),
+        ("server", 'config = "/tmp/other.json"\n', "config: not a per-run setting"),
+        ("server", 'max_jobs = "4"\n', "max_jobs: wrong type str (expected int"),
+        ("server", "max_items = true\n", "max_items: wrong type bool (expected int"),
+        ("server", 'memory_budget = "lots"\n', "memory_budget: 'lots' is not a size"),
+        ("server", "job_timeout = nan\n", "job_timeout: 'nan': must be a finite number"),
+        ("server", "job_timeout = inf\n", "job_timeout: 'inf': must be a finite number"),
+        ("server", "max_jobs = 0\n", "max_jobs: '0': must be at least 1"),
+        ("server", "max_workers = -3\n", "max_workers: '-3': must be at least 1"),
+        ("client", "timeout = -1\n", "timeout: '-1': must be a finite number"),
+        ("server", "[limits]\nmax_jobs = 4\n", "limits: not a per-run setting"),
+        ("client", 'receipt = "/data/elsewhere"\n', "receipt: not a per-run setting"),
+        ("client", 'attestation = "none"\n', "attestation: not a per-run setting"),
+        ("client", 'format = "exe"\n', "format: 'exe' is not one of text, csv, parquet"),
+        ("client", 'key = "email"\n', "key: wrong type str (expected a list of str"),
+        ("client", "timeout = true\n", "timeout: wrong type bool (expected int or float"),
+    ],
+)
+def test_run_config_refuses_with_one_line_naming_file_and_field(
+    tmp_path: Path, command: str, run_toml: str, problem: str
+) -> None:
+    """Unknown keys, trust settings and ill-typed values: exit 2, `--run-config FILE: KEY: ...`."""
+    run = tmp_path / "run.toml"
+    run.write_text(run_toml)
+    policy = tmp_path / "policy.json"
+    policy.write_text("{}")
+    fixed = {
+        "server": ["--config", str(policy), "--attestation", "sim", "--host", "127.0.0.1:0"],
+        "client": [
+            "--config",
+            str(policy),
+            "--data",
+            str(DATA_DIR / "data1.txt"),
+            "--host",
+            "127.0.0.1:9",
+            "--name",
+            "a",
+            "--parties",
+            "2",
+        ],
+    }[command]
+    result = subprocess.run(
+        [sys.executable, "-m", "teepsi", command, "--run-config", str(run), *fixed],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"teepsi {command}: error: --run-config {run}: "), lines
+    assert problem in lines[0], lines
+
+
+def test_run_config_tables_name_real_flags_and_nothing_that_decides_trust() -> None:
+    """Every run.toml key stands for one existing flag; none of them widens trust or moves a
+    fixed file (policy, data, output, receipt, audit log)."""
+    from teepsi.cli import CLIENT_RUN_KEYS, SERVER_RUN_KEYS, build_parser
+
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    never = {
+        "--config",
+        "--attestation",
+        "--allow-simulated",
+        "--allow-outdated-tcb",
+        "--allow-hw-config",
+        "--allow-sw-hardening",
+        "--no-client-attestation",
+        "--insecure-pccs-tls",
+        "--pccs-url",
+        "--qcnl-config",
+        "--collateral",
+        "--data",
+        "--output",
+        "--receipt",
+        "--audit-log",
+        "--spill-dir",
+        "--run-config",
+        "--announce",
+    }
+    for command, keys in (("server", SERVER_RUN_KEYS), ("client", CLIENT_RUN_KEYS)):
+        flags = {o for a in subparsers.choices[command]._actions for o in a.option_strings}
+        assert set(keys.values()) <= flags, command
+        assert not set(keys.values()) & never, command
+        assert len(set(keys.values())) == len(keys), command
+        for key, flag in keys.items():
+            assert key == flag.removeprefix("--").replace("-", "_"), key
+
+
 @pytest.mark.parametrize("role", ROLES)
 def test_environment_is_fixed_values_only(role: str) -> None:
     loader = manifest(role)["loader"]
@@ -372,7 +732,8 @@ def test_environment_is_fixed_values_only(role: str) -> None:
             value = value["value"]
         assert isinstance(value, str), name
     assert "LD_PRELOAD" not in env
-    assert env["PYTHONPATH"] == BASE_VARS[role]["site_packages"]
+    assert not [name for name in env if name.startswith("PYTHON")]
+    assert bootstrap_site_dir(loader["argv"]) == BASE_VARS[role]["site_packages"]
     assert env["LD_LIBRARY_PATH"].split(":")[0] == "/lib"  # Gramine's patched libc first
 
 
@@ -405,7 +766,7 @@ def test_spill_space_is_encrypted_with_the_enclave_key(role: str) -> None:
     data = manifest(role)
     mounts = data["fs"]["mounts"]
     encrypted = [m for m in mounts if m.get("type") == "encrypted"]
-    assert encrypted == [
+    expected = [
         {
             "type": "encrypted",
             "path": "/spill",
@@ -413,6 +774,16 @@ def test_spill_space_is_encrypted_with_the_enclave_key(role: str) -> None:
             "key_name": "_sgx_mrenclave",
         }
     ]
+    if role == "server":  # state that outlives a restart, sealed to this very enclave
+        expected.append(
+            {
+                "type": "encrypted",
+                "path": "/state",
+                "uri": f"file:{BASE_VARS[role]['state_dir']}",
+                "key_name": "_sgx_mrenclave",
+            }
+        )
+    assert encrypted == expected
     assert data["loader"]["env"]["TMPDIR"] == "/spill"
     tmpfs = [m for m in mounts if m.get("type") == "tmpfs"]
     assert tmpfs == [{"type": "tmpfs", "path": "/tmp"}]
@@ -426,17 +797,33 @@ def test_allowed_files_are_exactly_the_intended_ones(role: str) -> None:
     allowed = data["sgx"]["allowed_files"]
     assert len(allowed) == len(set(allowed))
     assert set(allowed) == ALLOWED_FILES[role]
-    assert not [uri for uri in allowed if uri.endswith("/")], "no allowed directories"
+    assert {uri for uri in allowed if uri.endswith("/")} == ALLOWED_DIRECTORIES[role]
 
 
 def test_client_reads_and_writes_only_its_allowed_files() -> None:
     args = cli_args(manifest("client")["loader"]["argv"])
+    receipt_dir = str(Path(flag_value(args, "--receipt")).parent)
     used = {
         f"file:{flag_value(args, '--data')}",
         f"file:{flag_value(args, '--output')}",
         f"file:{flag_value(args, '--run-config')}",
+        f"file:{receipt_dir}/",
+        # named by run.toml for a job under a contract (teepsi-run client --contract)
+        "file:/data/spec.toml",
+        "file:/data/party.key",
+        QCNL_CONF,  # the default --qcnl-config: collateral for the client's own quote
     }
     assert used == ALLOWED_FILES["client"]
+
+
+def test_server_reads_and_writes_only_its_allowed_files() -> None:
+    args = cli_args(manifest("server")["loader"]["argv"])
+    used = {
+        f"file:{flag_value(args, '--run-config')}",
+        f"file:{Path(flag_value(args, '--audit-log')).parent}/",
+        QCNL_CONF,  # the default --qcnl-config: collateral for the server's own quote
+    }
+    assert used == ALLOWED_FILES["server"]
 
 
 @pytest.mark.parametrize("role", ROLES)
@@ -583,14 +970,21 @@ def test_quotes_in_paths_cannot_inject_manifest_keys(role: str) -> None:
     data = manifest(role, site_packages=evil)
     assert not [k for k in all_keys(data) if "insecure__" in k]
     assert data["sgx"]["debug"] is False
-    assert data["loader"]["env"]["PYTHONPATH"] == evil
+    # nor code into the -c line: the path stays one string literal
+    assert bootstrap_site_dir(data["loader"]["argv"]) == evil
+    quote = manifest(role, site_packages="/opt/x'); import os; os.system('id'); ('")
+    assert bootstrap_site_dir(quote["loader"]["argv"]).startswith("/opt/x'); import os")
 
 
 def test_roles_are_distinct_enclaves() -> None:
     server, client = manifest("server"), manifest("client")
     assert server["sgx"]["isvprodid"] != client["sgx"]["isvprodid"]
     assert server["loader"]["argv"] != client["loader"]["argv"]
-    assert server["fs"]["mounts"][-1]["uri"] != client["fs"]["mounts"][-1]["uri"]  # spill dirs
+    spill = [
+        [m["uri"] for m in data["fs"]["mounts"] if m["path"] == "/spill"]
+        for data in (server, client)
+    ]
+    assert spill[0] != spill[1]
     assert not any(CLIENT_POLICY in uri for uri in server["sgx"]["trusted_files"])
     assert not any(SERVER_POLICY in uri for uri in client["sgx"]["trusted_files"])
 
@@ -1292,6 +1686,12 @@ def test_teepsi_run_client_table_options_are_escaped(container: dict[str, Any]) 
         ["client", "--host", "h:1", "--name", "a", "--parties", "2", "--format", "exe"],
         ["client", "--host", "h:1", "--name", "a", "--parties", "2", "--data", "/etc/shadow"],
         ["server", "--allow-simulated"],
+        ["server", "--max-jobs", "4\nallow_simulated = true"],
+        ["server", "--max-jobs", "-1"],
+        ["server", "--memory-budget", '1GiB"\nconfig = "/evil'],
+        ["server", "--audit-log", "/tmp/elsewhere"],
+        ["server", "--max-jobs"],
+        ["client", "--host", "h:1", "--name", "a", "--parties", "2", "--contract"],  # no spec
     ],
 )
 def test_teepsi_run_refuses_bad_or_security_relevant_arguments(
@@ -1312,6 +1712,74 @@ def test_teepsi_run_server_and_qcnl_conf(container: dict[str, Any]) -> None:
     assert "USE_SECURE_CERT=FALSE" in conf
     bad = teepsi_run(container, "server", PCCS_URL="https://x/\nUSE_SECURE_CERT=FALSE")
     assert bad.returncode == 2
+
+
+def test_teepsi_run_server_writes_its_limits_and_makes_the_audit_directory(
+    container: dict[str, Any],
+) -> None:
+    result = teepsi_run(
+        container,
+        "server",
+        "--max-jobs",
+        "16",
+        "--max-parties",
+        "5",
+        "--max-items",
+        "1000000",
+        "--job-timeout",
+        "300",
+        "--memory-budget",
+        "512MiB",
+        "--max-workers",
+        "12",
+    )
+    assert result.returncode == 0, result.stderr
+    call = json.loads(container["log"].read_text())
+    assert call["argv"] == ["teepsi-server"]
+    assert tomllib.loads(call["run_toml"]) == {
+        "max_jobs": 16,
+        "max_parties": 5,
+        "max_items": 1000000,
+        "job_timeout": 300,
+        "memory_budget": "512MiB",
+        "max_workers": 12,
+    }
+    audit = container["data"] / "audit"
+    assert audit.is_dir() and stat.S_IMODE(audit.stat().st_mode) == 0o700
+
+
+def test_teepsi_run_client_contract_names_the_spec_and_a_private_key(
+    container: dict[str, Any],
+) -> None:
+    data = container["data"]
+    (data / "spec.toml").write_text('job_id = "j"\n')
+    key = data / "party.key"
+    key.write_text("key")
+    key.chmod(0o644)
+    base = ["client", "--host", "h:1", "--name", "a", "--parties", "2", "--contract"]
+    readable = teepsi_run(container, *base)
+    assert readable.returncode == 2 and "chmod 600" in readable.stderr
+    assert not container["log"].exists()
+    key.chmod(0o600)
+    result = teepsi_run(container, *base)
+    assert result.returncode == 0, result.stderr
+    run = tomllib.loads(json.loads(container["log"].read_text())["run_toml"])
+    assert run["spec"] == "/data/spec.toml" and run["key_file"] == "/data/party.key"
+    assert stat.S_IMODE((data / "receipt").stat().st_mode) == 0o700
+    # Under a spec the name and party count come from it.
+    result = teepsi_run(container, "client", "--host", "h:1", "--contract")
+    assert result.returncode == 0, result.stderr
+    run = tomllib.loads(json.loads(container["log"].read_text())["run_toml"])
+    assert run == {"host": "h:1", "spec": "/data/spec.toml", "key_file": "/data/party.key"}
+
+
+def test_teepsi_run_keygen_writes_the_party_key_into_data(container: dict[str, Any]) -> None:
+    log = recorder(container["tmp"] / "bin", "teepsi")
+    result = teepsi_run(container, "keygen", TEEPSI_BIN=str(container["tmp"] / "bin" / "teepsi"))
+    assert result.returncode == 0, result.stderr
+    call = json.loads(log.read_text())
+    assert call["argv"] == ["keygen", "--out", str(container["data"] / "party.key")]
+    assert teepsi_run(container, "keygen", "--out", "/etc/x").returncode == 2
 
 
 def test_teepsi_run_needs_the_sgx_device(container: dict[str, Any]) -> None:
@@ -1375,7 +1843,10 @@ def test_start_container_maps_sgx_and_pccs(fake_docker: dict[str, Any], role: st
     assert argv[-2:] == ["teepsi:ubuntu2204", "shell"]
     inputs = [v for v in volumes if v.endswith(":/data/input:ro")]
     if role == "server":
-        assert not inputs and not [v for v in volumes if ":/data" in v]
+        assert not inputs
+        assert f"{fake_docker['tmp'] / 'out' / 'server'}:/data" in volumes
+        state = f"{fake_docker['tmp'] / 'out' / 'server-state'}:/var/lib/teepsi/state/server"
+        assert state in volumes
     else:
         n = role.removeprefix("client")
         assert inputs == [f"{(DATA_DIR / f'data{n}.txt').resolve()}:/data/input:ro"]
@@ -1445,6 +1916,8 @@ def test_compose_three_party_run() -> None:
     dockerfile = server["build"]["dockerfile"].replace("${TEEPSI_DISTRO:-anolis8}", "anolis8")
     assert (ROOT / dockerfile).is_file()
     assert "healthcheck" in server
+    assert "./out/server:/data" in server["volumes"]  # run.toml and the audit log persist
+    assert "./out/server-state:/var/lib/teepsi/state/server" in server["volumes"]
     for n in (1, 2, 3):
         client = services[f"client{n}"]
         assert client["depends_on"] == {"server": {"condition": "service_healthy"}}

@@ -16,6 +16,7 @@ import os
 import re
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -132,7 +133,8 @@ def test_seeds_reach_the_accepting_paths() -> None:
     from teepsi.server.service import _decode_upload
 
     certificates = [p for p in (CORPUS / "ratls").iterdir() if p.suffix != ".cbor"]
-    sources = {extract_evidence(p.read_bytes()).source for p in certificates}
+    judged_at = datetime(2024, 1, 2, tzinfo=UTC)  # fuzz/fuzz_ratls.py's JUDGED_AT
+    sources = {extract_evidence(p.read_bytes(), at=judged_at).source for p in certificates}
     assert sources == {"tcg-dice", "legacy"}
     # the claims seed belongs to the small TCG certificate's key (the harness's second target)
     tcg = _parse_certificate((CORPUS / "ratls" / "small_tcg_p384.der").read_bytes())

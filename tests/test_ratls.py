@@ -16,10 +16,11 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import json
 import random
 import struct
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,9 @@ from teepsi.attestation.ratls import (
 )
 
 VECTOR = Path(__file__).parent / "vectors" / "gramine_ratls_interop_2023.pem"
+#: The time certificates are judged at, unless a test is about validity: inside the
+#: validity of the Gramine vector (2001 to 2030) and of certificates made during the test.
+NOW = datetime.now(UTC)
 
 # OID bytes exactly as Gramine's ra_tls_common.h spells them. The legacy one keeps its
 # own tag and length (06 09) inside, which is why it parses as 0.6.9.42.840....
@@ -155,6 +159,7 @@ def gramine_tbs(
     null_params: bool = False,
     sig_oid: bytes = ECDSA_SHA256_OID,
     standard_extensions: bool = True,
+    validity: tuple[bytes, bytes] = (b"010101000000Z", b"301231235959Z"),  # Gramine's own
 ) -> bytes:
     # mbedTLS before 3.5 wrote NULL parameters into the ECDSA AlgorithmIdentifier.
     sig_alg = _seq(_tlv(0x06, sig_oid), b"\x05\x00" if null_params else b"")
@@ -165,7 +170,7 @@ def gramine_tbs(
         _tlv(0x02, b"\x01"),  # serial 1
         sig_alg,
         _gramine_name(),
-        _seq(_tlv(0x17, b"010101000000Z"), _tlv(0x17, b"301231235959Z")),
+        _seq(_tlv(0x17, validity[0]), _tlv(0x17, validity[1])),
         _gramine_name(),
         _spki(public_key),
         _tlv(0xA3, _seq(*extensions)),
@@ -299,12 +304,12 @@ def test_independent_builder_reproduces_the_real_certificate_byte_for_byte() -> 
 
 
 def test_extracts_the_real_gramine_certificate() -> None:
-    evidence = extract_evidence(VECTOR.read_bytes())
+    evidence = extract_evidence(VECTOR.read_bytes(), at=NOW)
     assert evidence.source == "tcg-dice"
     assert evidence.public_key_sha256 == hashlib.sha256(_spki(_vector_key())).digest()
     assert evidence.certificate_sha256 == hashlib.sha256(_vector_der()).digest()
     assert len(evidence.quote) == 4734
-    assert extract_evidence(_vector_der()) == evidence
+    assert extract_evidence(_vector_der(), at=NOW) == evidence
 
 
 def test_extracts_the_real_gramine_legacy_quote() -> None:
@@ -317,7 +322,7 @@ def test_extracts_the_real_gramine_legacy_quote() -> None:
     certificate = _seq(
         legacy_tbs, _seq(_tlv(0x06, ECDSA_SHA256_OID), b"\x05\x00"), _tlv(0x03, b"\0" + signature)
     )
-    evidence = extract_evidence(certificate)
+    evidence = extract_evidence(certificate, at=NOW)
     assert evidence.source == "legacy"
     assert evidence.quote == legacy_quote
 
@@ -328,7 +333,7 @@ def test_extracts_the_real_gramine_legacy_quote() -> None:
 def test_round_trip() -> None:
     provider = FakeProvider()
     cert = create_certificate(provider)
-    evidence = extract_evidence(cert.certificate_der)
+    evidence = extract_evidence(cert.certificate_der, at=NOW)
     spki = _spki(cert.private_key.public_key())
     assert evidence.source == "tcg-dice"
     assert evidence.quote == cert.quote
@@ -344,12 +349,15 @@ def test_round_trip() -> None:
 
 def test_pem_and_der_both_accepted() -> None:
     cert = create_certificate(FakeProvider())
-    assert extract_evidence(cert.certificate_pem) == extract_evidence(cert.certificate_der)
+    assert extract_evidence(cert.certificate_pem, at=NOW) == extract_evidence(
+        cert.certificate_der, at=NOW
+    )
     assert cert.certificate_pem.startswith(b"-----BEGIN CERTIFICATE-----")
 
 
 def test_certificate_matches_gramine_byte_for_byte() -> None:
-    cert = create_certificate(FakeProvider())
+    # Gramine's layout; the validity is teepsi's (an hour back, 30 days ahead).
+    cert = create_certificate(FakeProvider(), now=datetime(2024, 1, 1, 1, 0, 0, tzinfo=UTC))
     key = cert.private_key.public_key()
     provider = FakeProvider()
     claims = gramine_claims(key)
@@ -363,13 +371,16 @@ def test_certificate_matches_gramine_byte_for_byte() -> None:
                 )
             ),
         ],
+        validity=(b"240101000000Z", b"240131010000Z"),
     )
     parsed = x509.load_der_x509_certificate(cert.certificate_der)
     assert parsed.tbs_certificate_bytes == expected_tbs
 
 
 def test_certificate_fields() -> None:
+    before = datetime.now(UTC).replace(microsecond=0)
     cert = create_certificate(FakeProvider())
+    after = datetime.now(UTC)
     parsed = x509.load_der_x509_certificate(cert.certificate_der)
     expected_name = x509.Name(
         [
@@ -381,8 +392,14 @@ def test_certificate_fields() -> None:
     assert parsed.subject == expected_name
     assert parsed.issuer == expected_name
     assert parsed.serial_number == 1
-    assert parsed.not_valid_before_utc == datetime(2001, 1, 1, tzinfo=UTC)
-    assert parsed.not_valid_after_utc == datetime(2030, 12, 31, 23, 59, 59, tzinfo=UTC)
+    # An hour back for verifiers' clocks, DEFAULT_LIFETIME (30 days) ahead.
+    skew = timedelta(hours=1)
+    assert before - skew <= parsed.not_valid_before_utc <= after - skew
+    assert parsed.not_valid_after_utc - parsed.not_valid_before_utc == timedelta(days=30, hours=1)
+    assert (cert.not_before, cert.not_after) == (
+        parsed.not_valid_before_utc,
+        parsed.not_valid_after_utc,
+    )
     assert isinstance(parsed.signature_hash_algorithm, hashes.SHA256)
     assert isinstance(cert.private_key.curve, ec.SECP384R1)
     assert not any(ext.critical for ext in parsed.extensions)
@@ -393,12 +410,176 @@ def test_certificate_fields() -> None:
     parsed.verify_directly_issued_by(parsed)
 
 
-def test_validity_can_be_overridden() -> None:
-    start = datetime(2024, 1, 1, tzinfo=UTC)
-    end = datetime(2024, 2, 1, tzinfo=UTC)
-    cert = create_certificate(FakeProvider(), not_before=start, not_after=end)
+def test_validity_is_its_making_time_less_the_clock_skew_plus_the_lifetime() -> None:
+    made = datetime(2024, 1, 1, 12, 0, 0, 250_000, tzinfo=UTC)
+    cert = create_certificate(FakeProvider(), now=made, lifetime=timedelta(days=2))
     parsed = x509.load_der_x509_certificate(cert.certificate_der)
-    assert (parsed.not_valid_before_utc, parsed.not_valid_after_utc) == (start, end)
+    assert parsed.not_valid_before_utc == datetime(2024, 1, 1, 11, 0, 0, tzinfo=UTC)
+    assert parsed.not_valid_after_utc == datetime(2024, 1, 3, 12, 0, 0, tzinfo=UTC)
+    evidence = extract_evidence(cert.certificate_der, at=made)
+    assert (evidence.not_before, evidence.not_after) == (cert.not_before, cert.not_after)
+
+
+@pytest.mark.parametrize("lifetime", [timedelta(0), timedelta(seconds=-1), timedelta(days=91)])
+def test_lifetime_out_of_bounds_is_refused(lifetime: timedelta) -> None:
+    with pytest.raises(RaTlsError, match=r"lifetime .* out of range"):
+        create_certificate(FakeProvider(), lifetime=lifetime)
+
+
+def test_certificate_is_judged_at_the_time_given() -> None:
+    """Before its start (less the skew allowance) and after its end, a certificate is refused."""
+    made = datetime(2024, 6, 1, tzinfo=UTC)
+    cert = create_certificate(FakeProvider(), now=made, lifetime=timedelta(days=1)).certificate_der
+    for fine in (made - timedelta(hours=1), made, made + timedelta(days=1)):
+        assert extract_evidence(cert, at=fine).source == "tcg-dice"
+    with pytest.raises(
+        RaTlsError, match=r"expired at 2024-06-02T00:00:00Z \(judged at 2024-06-02T00:00:01Z\)"
+    ):
+        extract_evidence(cert, at=made + timedelta(days=1, seconds=1))
+    with pytest.raises(RaTlsError, match=r"not valid before 2024-05-31T23:00:00Z"):
+        extract_evidence(cert, at=made - timedelta(hours=1, seconds=1))
+    with pytest.raises(ValueError, match="timezone-aware"):
+        extract_evidence(cert, at=made.replace(tzinfo=None))
+    # The real Gramine certificate carries Gramine's own fixed validity.
+    with pytest.raises(RaTlsError, match="expired at 2030-12-31T23:59:59Z"):
+        extract_evidence(VECTOR.read_bytes(), at=datetime(2031, 1, 1, tzinfo=UTC))
+
+
+def test_peer_verifier_refuses_an_expired_server_certificate() -> None:
+    from teepsi.attestation.evidence import Role
+    from teepsi.attestation.measure import sim_identity
+    from teepsi.attestation.peer import PeerRejected, PeerVerifier
+    from teepsi.attestation.policy import policy_for
+    from teepsi.attestation.sim import SimEvidenceProvider
+
+    identity = sim_identity(Role.SERVER)
+    made = datetime.now(UTC)
+    cert = create_certificate(SimEvidenceProvider(identity), now=made, lifetime=timedelta(days=1))
+    provider = SimEvidenceProvider(identity)
+    collateral = provider.collateral_json(cert.quote)
+    verifier = PeerVerifier(policy_for([("server", identity)]), allow_simulated=True)
+    peer, _ = verifier.verify_certificate(cert.certificate_der, collateral, at=made)
+    assert peer.verified.simulated
+    with pytest.raises(PeerRejected, match="server certificate: certificate expired at"):
+        verifier.verify_certificate(
+            cert.certificate_der, collateral, at=made + timedelta(days=1, minutes=1)
+        )
+
+
+def test_verify_receipt_needs_the_certificate_valid_at_the_issue_time(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+
+    from teepsi.attestation.evidence import Role
+    from teepsi.attestation.measure import sim_identity
+    from teepsi.attestation.sim import SimEvidenceProvider
+    from teepsi.cli import main
+    from teepsi.contract.receipt import PartyEntry, Receipt, sign_receipt
+
+    made = datetime.now(UTC) - timedelta(days=3)
+    provider = SimEvidenceProvider(sim_identity(Role.SERVER))
+    cert = create_certificate(provider, now=made, lifetime=timedelta(days=1))
+    (tmp_path / "cert.pem").write_bytes(cert.certificate_pem)
+    ends = cert.not_after.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+    def verdict(issued: datetime) -> tuple[int, dict[str, object]]:
+        receipt = Receipt(
+            spec_sha256=hashlib.sha256(b"spec").digest(),
+            job_id="q4",
+            parties=(PartyEntry("bank-a", 3, hashlib.sha256(b"a").digest()),),
+            output="intersection",
+            released=True,
+            result_size=2,
+            result_sha256=hashlib.sha256(b"result").digest(),
+            issued_at=int(issued.timestamp()),
+            certificate_sha256=hashlib.sha256(cert.certificate_der).digest(),
+        )
+        path = tmp_path / "receipt.json"
+        path.write_text(sign_receipt(receipt, cert.private_key).to_json())
+        cert_file = str(tmp_path / "cert.pem")
+        code = main(["verify-receipt", str(path), "--cert", cert_file, "--allow-simulated"])
+        out = json.loads(capsys.readouterr().out)
+        assert isinstance(out, dict)
+        return code, out
+
+    code, out = verdict(made + timedelta(hours=2))
+    assert code == 0 and out["valid"] is True, out
+    code, out = verdict(made + timedelta(days=2))
+    assert code == 1 and out["valid"] is False
+    assert f"certificate expired at {ends}" in str(out["reason"])
+
+
+def test_server_stops_when_its_certificate_ends(tmp_path: Path) -> None:
+    """Past its end no verifier accepts the certificate: the server says so and exits 1."""
+    import subprocess
+    import sys
+    import time
+
+    started = time.monotonic()
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "teepsi",
+            "server",
+            "--host",
+            "127.0.0.1:0",
+            "--attestation",
+            "sim",
+            "--no-client-attestation",
+            "--certificate-lifetime",
+            "2s",
+            "--job-timeout",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 1, result.stderr
+    errors = [line for line in result.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and "server certificate expired at" in errors[0], result.stderr
+    assert "start the server again" in errors[0]
+    assert time.monotonic() - started < 50
+
+
+@pytest.mark.parametrize(
+    ("lifetime", "problem"),
+    [
+        ("91d", "out of range"),
+        ("5m", "must be longer than --job-timeout 600s"),
+        ("0s", "is not a duration"),
+        ("soon", "is not a duration"),
+        ("-5m", "is not a duration"),
+    ],
+)
+def test_server_certificate_lifetime_is_checked(lifetime: str, problem: str) -> None:
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "teepsi",
+            "server",
+            "--attestation",
+            "sim",
+            "--no-client-attestation",
+            "--host",
+            "127.0.0.1:0",
+            f"--certificate-lifetime={lifetime}",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and problem in errors[0], result.stderr
 
 
 def test_provider_ignoring_report_data_is_caught() -> None:
@@ -416,7 +597,7 @@ def test_sim_provider_round_trip() -> None:
         mr_enclave=b"\x11" * 32, mr_signer=b"\x22" * 32, isv_prod_id=1, isv_svn=1
     )
     cert = create_certificate(sim.SimEvidenceProvider(identity))
-    evidence = extract_evidence(cert.certificate_der)
+    evidence = extract_evidence(cert.certificate_der, at=NOW)
     assert evidence.source == "tcg-dice"
     assert evidence.quote == cert.quote
 
@@ -426,7 +607,7 @@ def test_sim_provider_round_trip() -> None:
 
 def test_legacy_only_certificate_accepted() -> None:
     key = ec.generate_private_key(ec.SECP384R1())
-    evidence = extract_evidence(gramine_style(key, tcg=False))
+    evidence = extract_evidence(gramine_style(key, tcg=False), at=NOW)
     assert evidence.source == "legacy"
     assert evidence.quote[REPORT_DATA_OFFSET : REPORT_DATA_OFFSET + 64] == report_data_for_key(
         key.public_key()
@@ -438,13 +619,13 @@ def test_properly_encoded_legacy_oid_accepted() -> None:
     quote = FakeProvider().quote(report_data_for_key(key.public_key()))
     der = _gramine_certificate(key, [legacy_ext(quote, PROPER_LEGACY_OID_CONTENT)])
     assert x509.load_der_x509_certificate(der).extensions[-1].oid == LEGACY_QUOTE_OID
-    assert extract_evidence(der).source == "legacy"
+    assert extract_evidence(der, at=NOW).source == "legacy"
 
 
 def test_p256_key_accepted() -> None:
     key = ec.generate_private_key(ec.SECP256R1())
-    assert extract_evidence(gramine_style(key)).source == "tcg-dice"
-    assert extract_evidence(gramine_style(key, tcg=False)).source == "legacy"
+    assert extract_evidence(gramine_style(key), at=NOW).source == "tcg-dice"
+    assert extract_evidence(gramine_style(key, tcg=False), at=NOW).source == "legacy"
 
 
 @pytest.mark.parametrize("alg", [7, 8])
@@ -455,7 +636,8 @@ def test_other_pubkey_hash_algorithms_accepted(alg: int) -> None:
     quote = FakeProvider().quote(hashlib.sha256(claims).digest() + bytes(32))
     der = _gramine_certificate(key, [tcg_ext(gramine_evidence(quote, claims))])
     assert (
-        extract_evidence(der).public_key_sha256 == hashlib.sha256(_spki(key.public_key())).digest()
+        extract_evidence(der, at=NOW).public_key_sha256
+        == hashlib.sha256(_spki(key.public_key())).digest()
     )
 
 
@@ -465,7 +647,7 @@ def test_unknown_claims_ignored() -> None:
     claims = _cbor_head(5, 2) + pubkey_claims[1:] + _cbor_head(3, 5) + b"nonce" + _cbor_bstr(b"n")
     quote = FakeProvider().quote(hashlib.sha256(claims).digest() + bytes(32))
     der = _gramine_certificate(key, [tcg_ext(gramine_evidence(quote, claims))])
-    assert extract_evidence(der).source == "tcg-dice"
+    assert extract_evidence(der, at=NOW).source == "tcg-dice"
 
 
 def test_report_data_for_key() -> None:
@@ -479,7 +661,7 @@ def test_report_data_for_key() -> None:
 
 def _refused(der: bytes, match: str) -> None:
     with pytest.raises(RaTlsError, match=match) as info:
-        extract_evidence(der)
+        extract_evidence(der, at=NOW)
     assert "\n" not in str(info.value)
 
 
@@ -549,7 +731,7 @@ def test_corrupted_tcg_extension_refused_even_with_good_legacy(
     claims = gramine_claims(key.public_key())
     evidence = gramine_evidence(provider.quote(hashlib.sha256(claims).digest() + bytes(32)), claims)
     assert (
-        extract_evidence(_gramine_certificate(key, [legacy, tcg_ext(evidence)])).source
+        extract_evidence(_gramine_certificate(key, [legacy, tcg_ext(evidence)]), at=NOW).source
         == "tcg-dice"
     )
     _refused(_gramine_certificate(key, [legacy, tcg_ext(mangle(evidence))]), match)
@@ -633,7 +815,7 @@ def test_wrong_quote_version_refused() -> None:
 )
 def test_garbage_refused(data: bytes) -> None:
     with pytest.raises(RaTlsError):
-        extract_evidence(data)
+        extract_evidence(data, at=NOW)
 
 
 def test_mutated_certificates_fail_cleanly() -> None:
@@ -653,4 +835,32 @@ def test_mutated_certificates_fail_cleanly() -> None:
             else:
                 data.insert(pos, rng.randrange(256))
         with contextlib.suppress(RaTlsError):
-            extract_evidence(bytes(data))
+            extract_evidence(bytes(data), at=NOW)
+
+
+def test_no_job_outlives_the_server_certificate() -> None:
+    """The server stops when its certificate ends, so it admits no job that would end later."""
+    from teepsi.server.errors import ErrorKind, ServiceError
+    from teepsi.server.jobs import JobRegistry, Limits
+
+    now = 1_800_000_000.0
+    registry = JobRegistry(
+        Limits(job_timeout_seconds=600), clock=lambda: now, certificate_not_after=now + 300
+    )
+    try:
+        with pytest.raises(ServiceError) as refused:
+            registry.join("late", "a", 2)
+        assert refused.value.kind is ErrorKind.UNAVAILABLE
+        assert "certificate ends 2027-01-15T08:05:00Z, before this job could finish" in str(
+            refused.value
+        )
+        assert registry.job_count() == 0
+    finally:
+        registry.close()
+    roomy = JobRegistry(
+        Limits(job_timeout_seconds=600), clock=lambda: now, certificate_not_after=now + 601
+    )
+    try:
+        assert roomy.join("early", "a", 2).deadline == now + 600
+    finally:
+        roomy.close()

@@ -13,7 +13,11 @@
 #       USE_SECURE_CERT=${USE_SECURE_CERT:-FALSE}
 #     (the IP, not the name: the enclaves do not read /etc/hosts);
 #   * for clientN: deploy/data/dataN.txt (or $TEEPSI_DATA_FILE) read-only at /data/input, and
-#     ${TEEPSI_OUT:-./teepsi-out}/clientN at /data, where /data/output and /data/run.toml go.
+#     ${TEEPSI_OUT:-./teepsi-out}/clientN at /data, where run.toml, output and receipt/ go (and
+#     where spec.toml and party.key are put for `teepsi-run client --contract`);
+#   * for server: ${TEEPSI_OUT:-./teepsi-out}/server at /data (run.toml, audit/audit.log) and
+#     ${TEEPSI_OUT:-./teepsi-out}/server-state at /var/lib/teepsi/state/server (the enclave's
+#     sealed state), so both outlive the container.
 # It opens an interactive shell, like the seed's; inside, run `teepsi-run server` or
 # `teepsi-run client --host 127.0.0.1:50051 --name data_provider1 --parties 3`. To run the role
 # directly instead, put the command after --, e.g. `... client1 10.0.0.5 teepsi:anolis8 --
@@ -21,7 +25,7 @@
 set -euo pipefail
 
 usage() {
-    sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//' >&2
     exit 2
 }
 
@@ -71,18 +75,30 @@ args=(
     -e "PCCS_URL=https://$pccs_ip:$pccs_port/sgx/certification/v4/"
     -e "USE_SECURE_CERT=$use_secure_cert"
 )
-if [[ "$role" == client* ]]; then
+absolute() {
+    echo "$(cd "$(dirname "$1")" && pwd)/$(basename "$1")"
+}
+out_dir=${TEEPSI_OUT:-$PWD/teepsi-out}/$role
+if [[ "$role" == server ]]; then
+    state_dir=${TEEPSI_OUT:-$PWD/teepsi-out}/server-state
+    mkdir -p "$out_dir" "$state_dir"
+    chmod 0700 "$out_dir" "$state_dir"
+    args+=(
+        -v "$(absolute "$out_dir"):/data"
+        -v "$(absolute "$state_dir"):/var/lib/teepsi/state/server"
+    )
+else
     n=${role#client}
     data_file=${TEEPSI_DATA_FILE:-$here/../data/data$n.txt}
-    out_dir=${TEEPSI_OUT:-$PWD/teepsi-out}/$role
     [[ -f "$data_file" ]] || {
         echo "start_container.sh: data file $data_file not found" >&2
         exit 2
     }
     mkdir -p "$out_dir"
+    chmod 0700 "$out_dir"
     args+=(
-        -v "$(cd "$(dirname "$out_dir")" && pwd)/$(basename "$out_dir"):/data"
-        -v "$(cd "$(dirname "$data_file")" && pwd)/$(basename "$data_file"):/data/input:ro"
+        -v "$(absolute "$out_dir"):/data"
+        -v "$(absolute "$data_file"):/data/input:ro"
     )
 fi
 if [[ ${#command[@]} -eq 0 ]]; then

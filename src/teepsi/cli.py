@@ -10,8 +10,9 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -80,10 +81,12 @@ def _add_trust_flags(parser: argparse.ArgumentParser) -> None:
 
 def _cmd_server(args: argparse.Namespace) -> int:
     from teepsi.attestation.policy import Policy
+    from teepsi.attestation.ratls import DEFAULT_LIFETIME
     from teepsi.server.app import ServerConfig, ServerConfigError, run_server, start_server
     from teepsi.server.jobs import Limits
 
     _setup_logging("server", args.verbose)
+    _apply_run_config(args)
     if args.no_client_attestation and args.config is None:
         policy = None
     else:
@@ -117,6 +120,7 @@ def _cmd_server(args: argparse.Namespace) -> int:
         spill_dir=args.spill_dir,
         max_workers=args.max_workers,
         audit_log=args.audit_log,
+        certificate_lifetime=args.certificate_lifetime or DEFAULT_LIFETIME,
         pccs_url=args.pccs_url,
         qcnl_path=args.qcnl_config,
         insecure_pccs_tls=args.insecure_pccs_tls,
@@ -125,16 +129,16 @@ def _cmd_server(args: argparse.Namespace) -> int:
         if args.announce:
             # The demo and tests learn the bound port from one JSON line on stdout.
             running = start_server(config)
-            _serve_announced(running)
+            expired = _serve_announced(running)
         else:
-            run_server(config)
+            expired = run_server(config)
     except ServerConfigError as exc:
         log.error("%s", exc)
         return EXIT_USAGE
-    return EXIT_OK
+    return EXIT_FAILED if expired else EXIT_OK
 
 
-def _serve_announced(running: object) -> None:
+def _serve_announced(running: object) -> bool:
     import signal
     import threading
 
@@ -146,36 +150,11 @@ def _serve_announced(running: object) -> None:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     sys.stdout.write(json.dumps({"port": running.port, "pid": os.getpid()}) + "\n")
     sys.stdout.flush()
-    stop.wait()
+    expired = running.serve_until(stop)
     log.info("shutting down")
     running.stop()
     log.info("server stopped")
-
-
-def _whole_number(minimum: int) -> Callable[[str], int]:
-    """An argparse type: an integer of at least ``minimum``."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{value} is below the minimum, {minimum}")
-        return value
-
-    return parse
-
-
-def _seconds(text: str) -> float:
-    """An argparse type: a positive number of seconds."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
-    return value
+    return expired
 
 
 def parse_size(text: str) -> int:
@@ -201,6 +180,55 @@ def parse_size(text: str) -> int:
     if unit not in units or value <= 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size like 256MiB or 1GiB")
     return int(value * units[unit])
+
+
+def positive_int(text: str) -> int:
+    """A count of at least 1 (a limit of 0 or less would refuse everything, or nothing)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be at least 1")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """A count of 0 or more (0 where a limit may be turned off)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be 0 or more")
+    return value
+
+
+def positive_seconds(text: str) -> float:
+    """Seconds, finite and above 0 (float() would take nan, inf and negatives)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a finite number of seconds above 0")
+    return value
+
+
+def parse_duration(text: str) -> timedelta:
+    """A duration from "30d", "12h", "90m", "45s" or plain seconds."""
+    units = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+    number = text.strip()
+    scale = units.get(number[-1:].lower()) if number else None
+    if scale is not None:
+        number = number[:-1]
+    try:
+        value = float(number) * (scale or 1)
+    except ValueError:
+        value = -1.0
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 30d, 12h or 90s")
+    return timedelta(seconds=value)
 
 
 def _table_spec(args: argparse.Namespace) -> object:
@@ -290,19 +318,38 @@ def _client_contract(args: argparse.Namespace) -> tuple[Any, Any]:
     return spec, key
 
 
-#: Keys a --run-config file may set: per-run values only. What the client trusts (policy,
-#: attestation, allow flags) and its files stay on the enclave's fixed command line.
-RUN_CONFIG_KEYS: dict[str, type | tuple[type, ...]] = {
-    "host": str,
-    "name": str,
-    "parties": int,
-    "job": str,
-    "timeout": (int, float),
-    "format": str,
-    "key": list,
-    "delimiter": str,
-    "quote": str,
-    "normalize": str,
+#: What a ``--run-config`` TOML file may set: its key -> the flag it stands for. Only
+#: per-run values that decide nothing about whom the process trusts; the policy, the
+#: attestation mode and the allow flags stay on the (under Gramine, measured) command line.
+#: The flag's own argparse type and choices check the value, so adding a key is one line.
+CLIENT_RUN_KEYS: dict[str, str] = {
+    "host": "--host",
+    "name": "--name",
+    "parties": "--parties",
+    "job": "--job",
+    "timeout": "--timeout",
+    "format": "--format",
+    "key": "--key",
+    "delimiter": "--delimiter",
+    "quote": "--quote",
+    "normalize": "--normalize",
+    # Paths: under Gramine only the manifest's allowed files can be opened at all.
+    "spec": "--spec",
+    "key_file": "--key-file",
+}
+SERVER_RUN_KEYS: dict[str, str] = {
+    "max_jobs": "--max-jobs",
+    "max_parties": "--max-parties",
+    "max_items": "--max-items",
+    "job_timeout": "--job-timeout",
+    "memory_budget": "--memory-budget",
+    "max_workers": "--max-workers",
+    "join_timeout": "--join-timeout",
+    "max_jobs_per_party": "--max-jobs-per-party",
+    "max_jobs_per_address": "--max-jobs-per-address",
+    "max_connections": "--max-connections",
+    "connection_idle_timeout": "--connection-idle-timeout",
+    "handshake_timeout": "--handshake-timeout",
 }
 CLIENT_DEFAULTS: dict[str, object] = {
     "job": "default",
@@ -312,34 +359,90 @@ CLIENT_DEFAULTS: dict[str, object] = {
 }
 
 
-def _apply_run_config(args: argparse.Namespace) -> None:
-    """Merge ``--run-config`` (TOML) into ``args``; refuse anything else it tries to set."""
+def _toml_types(action: argparse.Action) -> tuple[type, ...]:
+    """The TOML value types a flag takes: what its command-line type can mean, no more."""
+    if action.nargs == 0:
+        return (bool,)
+    if action.type in (int, positive_int, non_negative_int):
+        return (int,)
+    if action.type in (float, positive_seconds):
+        return (int, float)
+    if action.type is parse_size:
+        return (int, str)
+    return (str,)
+
+
+def _run_config_values(
+    path: Path, keys: dict[str, str], parser: argparse.ArgumentParser
+) -> dict[str, tuple[str, object]]:
+    """``key -> (dest, value)`` from a run file, each value checked as its flag checks it."""
     import tomllib
 
-    if args.run_config:
-        path = Path(args.run_config)
-        try:
-            values: dict[str, Any] = tomllib.loads(path.read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise UsageError(f"--run-config {path}: cannot read: {exc.strerror}") from None
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise UsageError(f"--run-config {path}: not valid TOML: {exc}") from None
-        for key, value in values.items():
-            expected = RUN_CONFIG_KEYS.get(key)
-            if expected is None:
+    try:
+        values: dict[str, Any] = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise UsageError(f"--run-config {path}: cannot read: {exc.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise UsageError(f"--run-config {path}: not valid TOML: {exc}") from None
+    actions = {option: a for a in parser._actions for option in a.option_strings}
+    merged: dict[str, tuple[str, object]] = {}
+    for key, value in values.items():
+        flag = keys.get(key)
+        if flag is None:
+            raise UsageError(
+                f"--run-config {path}: {key}: not a per-run setting (allowed: {', '.join(keys)})"
+            )
+        action = actions[flag]
+        many = isinstance(action, argparse._AppendAction)  # a repeatable flag: a TOML list
+        wanted = _toml_types(action)
+        kinds = " or ".join(t.__name__ for t in wanted)
+        items = value if many and isinstance(value, list) else [value]
+        for item in items:
+            # bool is an int subclass: true must not pass for a number.
+            if (
+                (many and not isinstance(value, list))
+                or not isinstance(item, wanted)
+                or (isinstance(item, bool) and bool not in wanted)
+            ):
                 raise UsageError(
-                    f"--run-config {path}: {key}: not a per-run setting (allowed: "
-                    f"{', '.join(RUN_CONFIG_KEYS)})"
+                    f"--run-config {path}: {key}: wrong type {type(item).__name__} "
+                    f"(expected {f'a list of {kinds}' if many else kinds}, as for {flag})"
                 )
-            if isinstance(value, bool) or not isinstance(value, expected):
-                raise UsageError(f"--run-config {path}: {key}: wrong type {type(value).__name__}")
-            if isinstance(value, list) and not all(isinstance(k, str) for k in value):
-                raise UsageError(f"--run-config {path}: key: must be a list of column names")
-            if getattr(args, key) is not None:
+        converter = action.type if callable(action.type) else None
+        converted: list[object] = []
+        for item in items:
+            try:
+                result = item if converter is None else converter(str(item))
+            except (ValueError, TypeError, argparse.ArgumentTypeError) as exc:
+                raise UsageError(f"--run-config {path}: {key}: {exc}") from None
+            if action.choices is not None and result not in action.choices:
                 raise UsageError(
-                    f"--run-config {path}: {key}: also given on the command line; give it once"
+                    f"--run-config {path}: {key}: {item!r} is not one of "
+                    f"{', '.join(map(str, action.choices))}"
                 )
-            setattr(args, key, value)
+            converted.append(result)
+        merged[key] = (action.dest, converted if many else converted[0])
+    return merged
+
+
+def _apply_run_config(args: argparse.Namespace) -> None:
+    """Merge ``--run-config`` (TOML) into ``args``; refuse anything else it tries to set.
+
+    A value may come from the command line or the file, never both (``args.explicit`` holds
+    the dests given on the command line).
+    """
+    if not args.run_config:
+        return
+    path = Path(args.run_config)
+    for key, (dest, value) in _run_config_values(path, args.run_keys, args.subparser).items():
+        if dest in args.explicit:
+            raise UsageError(
+                f"--run-config {path}: {key}: also given on the command line; give it once"
+            )
+        setattr(args, dest, value)
+
+
+def _client_defaults(args: argparse.Namespace) -> None:
     for key, default in CLIENT_DEFAULTS.items():
         if getattr(args, key) is None:
             setattr(args, key, default)
@@ -451,8 +554,9 @@ def _cmd_client(args: argparse.Namespace) -> int:
     from teepsi.privatefile import write_private
 
     _setup_logging("client", args.verbose, args.quiet)
-    job_spec, party_key = _client_contract(args)
     _apply_run_config(args)
+    job_spec, party_key = _client_contract(args)
+    _client_defaults(args)
     from teepsi.contract.spec import IDENTIFIER_PATTERN
 
     for flag, value in (("--name", args.name), ("--job", args.job)):
@@ -666,6 +770,8 @@ def _cmd_spec_check(args: argparse.Namespace) -> int:
 
 def _cmd_verify_receipt(args: argparse.Namespace) -> int:
     """Signature, certificate binding, and (with --config) whose enclave signed it."""
+    from datetime import UTC, datetime
+
     from teepsi.attestation.evidence import EnclaveIdentity, Role
     from teepsi.attestation.policy import Policy, PolicyError, PolicyViolation
     from teepsi.attestation.quote import QuoteFormatError, parse_quote
@@ -686,7 +792,9 @@ def _cmd_verify_receipt(args: argparse.Namespace) -> int:
         return refuse(str(exc))
     try:
         verify_receipt(signed, cert)
-        evidence = extract_evidence(cert)
+        # The certificate must have been valid when the receipt was issued.
+        issued = datetime.fromtimestamp(signed.receipt.issued_at, UTC)
+        evidence = extract_evidence(cert, at=issued)
         body = parse_quote(evidence.quote).report_body
     except (ReceiptError, RaTlsError, QuoteFormatError) as exc:
         return refuse(str(exc))
@@ -770,17 +878,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     server.add_argument(
         "--job-timeout",
-        type=float,
+        type=positive_seconds,
         default=600.0,
         help="seconds a job waits for all its parties (default 600)",
     )
-    server.add_argument("--max-jobs", type=int, default=256, help="jobs at once (default 256)")
     server.add_argument(
-        "--max-parties", type=int, default=256, help="parties per job (default 256)"
+        "--max-jobs", type=positive_int, default=256, help="jobs at once (default 256)"
+    )
+    server.add_argument(
+        "--max-parties", type=positive_int, default=256, help="parties per job (default 256)"
     )
     server.add_argument(
         "--max-items",
-        type=int,
+        type=positive_int,
         default=100_000_000,
         help="items per party (default 100000000)",
     )
@@ -793,37 +903,37 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--spill-dir", help="where encrypted spill files go (default: temp dir)")
     server.add_argument(
         "--join-timeout",
-        type=_seconds,
+        type=positive_seconds,
         default=120.0,
         help="seconds a job may go without any party starting its upload before it is "
         "dropped and its --max-jobs slot freed (default 120)",
     )
     server.add_argument(
         "--max-jobs-per-party",
-        type=_whole_number(1),
+        type=positive_int,
         help="live jobs one party key may create (default: --max-jobs / 16, at least 1)",
     )
     server.add_argument(
         "--max-jobs-per-address",
-        type=_whole_number(0),
+        type=non_negative_int,
         help="live jobs that may be created from one network address (default: "
         "--max-jobs / 2; 0 = no limit, for parties behind one proxy or NAT)",
     )
     server.add_argument(
         "--max-connections",
-        type=_whole_number(1),
+        type=positive_int,
         default=512,
         help="client connections open at once; more are refused (default 512)",
     )
     server.add_argument(
         "--connection-idle-timeout",
-        type=_seconds,
+        type=positive_seconds,
         default=30.0,
         help="seconds a connection may carry no call before the server closes it (default 30)",
     )
     server.add_argument(
         "--handshake-timeout",
-        type=_seconds,
+        type=positive_seconds,
         default=10.0,
         help="seconds a new connection has to finish its TLS handshake (default 10)",
     )
@@ -845,17 +955,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="append-only, hash-chained JSON-lines log of job events (never items)",
     )
     server.add_argument(
+        "--certificate-lifetime",
+        type=parse_duration,
+        help="how long the server's RA-TLS certificate is valid, at most 90d; the server "
+        "stops when it ends, and a restart makes a new one (default 30d)",
+    )
+    server.add_argument(
         "--max-workers",
-        type=int,
+        type=positive_int,
         default=16,
         help="threads for blocking work: attestation checks, uploads, intersections, receipts; "
         "parties waiting for a result hold none (default 16: with the server's own threads, "
         "within a Gramine enclave's default sgx.max_threads of 32)",
     )
+    server.add_argument(
+        "--run-config",
+        help=f"TOML file with this run's limits ({', '.join(SERVER_RUN_KEYS)}); "
+        "for enclaves whose command line is fixed",
+    )
     server.add_argument("--announce", action="store_true", help=argparse.SUPPRESS)
     server.add_argument("-v", "--verbose", action="store_true")
     _add_trust_flags(server)
-    server.set_defaults(func=_cmd_server)
+    server.set_defaults(func=_cmd_server, run_keys=SERVER_RUN_KEYS, subparser=server)
 
     client = sub.add_parser("client", help="run a data provider")
     client.add_argument("--host", help="server address HOST:PORT")
@@ -905,7 +1026,9 @@ def build_parser() -> argparse.ArgumentParser:
         "in quick mode the --resume-file is used",
     )
     client.add_argument("--attestation", choices=["sim", "gramine", "none"], default="gramine")
-    client.add_argument("--timeout", type=float, help="seconds to wait in all (default 600)")
+    client.add_argument(
+        "--timeout", type=positive_seconds, help="seconds to wait in all (default 600)"
+    )
     client.add_argument(
         "--collateral",
         help="collateral for the server's quote (dcap-qvl JSON); default: what the server staples",
@@ -927,13 +1050,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     client.add_argument(
         "--run-config",
-        help="TOML file with per-run settings (host, name, parties, job, timeout, format, key, "
-        "delimiter, quote, normalize); for enclaves whose command line is fixed",
+        help=f"TOML file with per-run settings ({', '.join(CLIENT_RUN_KEYS)}); "
+        "for enclaves whose command line is fixed",
     )
     client.add_argument("--quiet", action="store_true", help="no progress bars or info logs")
     client.add_argument("-v", "--verbose", action="store_true")
     _add_trust_flags(client)
-    client.set_defaults(func=_cmd_client)
+    client.set_defaults(func=_cmd_client, run_keys=CLIENT_RUN_KEYS, subparser=client)
 
     measure = sub.add_parser("measure", help="print a dynamic_config.json for this installation")
     measure.add_argument("--attestation", choices=["sim", "gramine"], default="sim")
@@ -985,12 +1108,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _explicit_dests(argv: Sequence[str] | None) -> set[str]:
+    """The dests the command line itself sets: the same parse with every default left out."""
+    parser = build_parser()
+    pending = [parser]
+    while pending:
+        current = pending.pop()
+        for action in current._actions:
+            action.default = argparse.SUPPRESS
+            if isinstance(action, argparse._SubParsersAction):
+                pending.extend(action.choices.values())
+    return set(vars(parser.parse_args(argv)))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     # Before numpy loads: its BLAS is unused here, and would start a thread per core
     # (an enclave's sgx.max_threads is finite; the deploy manifests pin this too).
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.explicit = _explicit_dests(argv)
     try:
         code: int = args.func(args)
     except UsageError as exc:

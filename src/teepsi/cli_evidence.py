@@ -490,7 +490,7 @@ def _cmd_inspect_cert(args: argparse.Namespace) -> int:
     binding: dict[str, Any]
     quote: bytes | None
     try:
-        evidence = extract_evidence(der)
+        evidence = extract_evidence(der, at=dt.datetime.now(dt.UTC))
     except RaTlsError as exc:
         quote, source = _quote_from_extensions(cert)
         binding = {"holds": False, "evidence": source, "reason": str(exc)}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hmac
 import logging
 from dataclasses import dataclass
+from datetime import datetime
 
 from teepsi.attestation.collateral import CollateralFreshness
 from teepsi.attestation.evidence import Role
@@ -86,12 +87,14 @@ class PeerVerifier:
         certificate_der: bytes,
         collateral_json: str | None,
         *,
+        at: datetime,
         what: str = "server",
         role: Role | None = Role.SERVER,
     ) -> tuple[TrustedPeer, ExtractedEvidence]:
-        """Verify an RA-TLS certificate: its evidence, key binding, quote and policy."""
+        """Verify an RA-TLS certificate: its evidence, key binding, validity at ``at``,
+        quote and policy."""
         try:
-            evidence = extract_evidence(certificate_der)
+            evidence = extract_evidence(certificate_der, at=at)
         except RaTlsError as exc:
             raise PeerRejected(f"{what} certificate: {exc}") from None
         return self._check(evidence.quote, collateral_json, what, role), evidence

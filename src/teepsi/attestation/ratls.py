@@ -18,6 +18,14 @@ binding twice, with two separate quotes:
 A verifier uses the TCG extension when it is present, and then only it: if it is
 present but invalid the certificate is refused, never rescued by the legacy one.
 
+Validity: a certificate is valid from an hour before it was made (verifiers' clocks may lag
+the server's) for a bounded lifetime, :data:`DEFAULT_LIFETIME` unless the server is given
+another, at most :data:`MAX_LIFETIME`; the server stops when its certificate ends, and a new
+start makes a new key and certificate. Verifiers pass the time to judge the certificate at
+(``extract_evidence(..., at=...)``): now for a live peer, the issue time for a receipt. An
+enclave has no trusted clock, so the server's own time is the host's; the check that counts
+is the verifier's.
+
 The certificate itself is parsed with a small DER walker instead of ``cryptography``'s
 X.509 loader: Gramine builds linked against mbedTLS before 3.5 wrote an explicit NULL
 into the ECDSA signature AlgorithmIdentifier, which ``cryptography`` rejects, and such
@@ -34,7 +42,7 @@ import hmac
 import re
 import struct
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import cbor2
 from cryptography import x509
@@ -65,8 +73,14 @@ SUBJECT = x509.Name(
         x509.NameAttribute(NameOID.COUNTRY_NAME, "US"),
     ]
 )
-DEFAULT_NOT_BEFORE = datetime(2001, 1, 1, 0, 0, 0, tzinfo=UTC)
-DEFAULT_NOT_AFTER = datetime(2030, 12, 31, 23, 59, 59, tzinfo=UTC)
+#: How far a certificate's start is set back from its making: verifiers whose clocks lag the
+#: server's by up to this much still accept a fresh certificate.
+CLOCK_SKEW = timedelta(hours=1)
+#: A server's certificate lives this long unless the server is configured otherwise (then at
+#: most MAX_LIFETIME): long enough that a restart is a monthly chore, short enough to bound
+#: how long a key that leaked from an enclave could be used to pose as it.
+DEFAULT_LIFETIME = timedelta(days=30)
+MAX_LIFETIME = timedelta(days=90)
 
 # SGX quote layout (sgx_quote_t): 48-byte header, 384-byte report body whose last 64
 # bytes are report_data, then a u32 signature length. Gramine refuses anything shorter
@@ -97,6 +111,8 @@ class RaTlsCertificate:
     certificate_pem: bytes
     private_key: ec.EllipticCurvePrivateKey
     quote: bytes
+    not_before: datetime
+    not_after: datetime
 
 
 @dataclass(frozen=True)
@@ -107,6 +123,8 @@ class ExtractedEvidence:
     public_key_sha256: bytes
     source: str
     certificate_sha256: bytes
+    not_before: datetime
+    not_after: datetime
 
 
 # --- CBOR: cbor2 may come without type information, so its results pass through -------
@@ -210,14 +228,26 @@ def _binds(quote: bytes, digest: bytes) -> bool:
 def create_certificate(
     provider: EvidenceProvider,
     *,
-    not_before: datetime | None = None,
-    not_after: datetime | None = None,
+    now: datetime | None = None,
+    lifetime: timedelta = DEFAULT_LIFETIME,
 ) -> RaTlsCertificate:
     """Create a Gramine-style RA-TLS certificate for a fresh P-384 key.
 
-    Asks ``provider`` for two quotes, as Gramine does: one binding the key directly
-    (legacy extension) and one binding the claims (TCG DICE extension).
+    Valid from ``now`` (default: the current time) less :data:`CLOCK_SKEW` until ``now`` plus
+    ``lifetime`` (positive, at most :data:`MAX_LIFETIME`). Asks ``provider`` for two quotes,
+    as Gramine does: one binding the key directly (legacy extension) and one binding the
+    claims (TCG DICE extension).
     """
+    if not timedelta(0) < lifetime <= MAX_LIFETIME:
+        raise RaTlsError(
+            f"certificate lifetime {lifetime} is out of range: more than 0, at most "
+            f"{MAX_LIFETIME.days} days"
+        )
+    start = now if now is not None else datetime.now(UTC)
+    if start.tzinfo is None:
+        raise ValueError("create_certificate: now must be timezone-aware")
+    # X.509 times have whole seconds.
+    start = start.astimezone(UTC).replace(microsecond=0)
     key = ec.generate_private_key(ec.SECP384R1())
     public_key = key.public_key()
 
@@ -241,8 +271,8 @@ def create_certificate(
         .issuer_name(SUBJECT)
         .public_key(public_key)
         .serial_number(1)
-        .not_valid_before(not_before or DEFAULT_NOT_BEFORE)
-        .not_valid_after(not_after or DEFAULT_NOT_AFTER)
+        .not_valid_before(start - CLOCK_SKEW)
+        .not_valid_after(start + lifetime)
         # Same extensions, order and criticality as Gramine's ra_tls_attest.c.
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
@@ -265,6 +295,8 @@ def create_certificate(
         certificate_pem=certificate.public_bytes(serialization.Encoding.PEM),
         private_key=key,
         quote=tcg_quote,
+        not_before=certificate.not_valid_before_utc,
+        not_after=certificate.not_valid_after_utc,
     )
 
 
@@ -327,6 +359,38 @@ def _oid_from_der(content: bytes) -> str:
 class _ParsedCertificate:
     spki_der: bytes
     extensions: dict[str, tuple[bool, bytes]]  # dotted OID -> (critical, value)
+    not_before: datetime
+    not_after: datetime
+
+
+_UTC_TIME = 0x17
+_GENERALIZED_TIME = 0x18
+
+
+def _der_time(tag: int, content: bytes) -> datetime:
+    """RFC 5280 4.1.2.5: UTCTime YYMMDDHHMMSSZ (YY < 50 is 20YY), GeneralizedTime
+    YYYYMMDDHHMMSSZ; no fractions, no offsets."""
+    text = content.decode("ascii", errors="replace")
+    digits = {_UTC_TIME: 12, _GENERALIZED_TIME: 14}.get(tag)
+    if digits is None or len(text) != digits + 1 or not text[:-1].isdigit() or text[-1] != "Z":
+        raise RaTlsError("malformed certificate: bad validity time")
+    if tag == _UTC_TIME:
+        year = int(text[:2])
+        text = f"{1900 + year if year >= 50 else 2000 + year}{text[2:]}"
+    try:
+        return datetime.strptime(text, "%Y%m%d%H%M%SZ").replace(tzinfo=UTC)
+    except ValueError:
+        raise RaTlsError("malformed certificate: bad validity time") from None
+
+
+def _validity(der: bytes, start: int, end: int) -> tuple[datetime, datetime]:
+    times = _der_children(der, start, end)
+    if len(times) != 2:
+        raise RaTlsError("malformed certificate: bad validity")
+    not_before, not_after = (_der_time(tag, der[cs:ce]) for tag, _, cs, ce in times)
+    if not_after < not_before:
+        raise RaTlsError("malformed certificate: validity ends before it starts")
+    return not_before, not_after
 
 
 def _parse_certificate(der: bytes) -> _ParsedCertificate:
@@ -347,6 +411,7 @@ def _parse_certificate(der: bytes) -> _ParsedCertificate:
     if any(t not in (0x81, 0x82, 0xA3) for t in rest) or rest.count(0xA3) > 1:
         raise RaTlsError("malformed certificate: unexpected TBSCertificate layout")
     _, spki_start, _, spki_end = fields[index + 5]
+    not_before, not_after = _validity(der, fields[index + 3][2], fields[index + 3][3])
 
     extensions: dict[str, tuple[bool, bytes]] = {}
     for field_tag, _, content_start, content_end in fields[index + 6 :]:
@@ -372,7 +437,12 @@ def _parse_certificate(der: bytes) -> _ParsedCertificate:
             if oid in extensions:
                 raise RaTlsError(f"certificate repeats extension {oid}")
             extensions[oid] = (critical, der[parts[-1][2] : parts[-1][3]])
-    return _ParsedCertificate(spki_der=der[spki_start:spki_end], extensions=extensions)
+    return _ParsedCertificate(
+        spki_der=der[spki_start:spki_end],
+        extensions=extensions,
+        not_before=not_before,
+        not_after=not_after,
+    )
 
 
 def _certificate_der(certificate: bytes) -> bytes:
@@ -465,8 +535,25 @@ def _quote_from_tcg_evidence(value: bytes, spki_der: bytes) -> bytes:
     return quote
 
 
-def extract_evidence(certificate: bytes) -> ExtractedEvidence:
-    """Find the quote in an RA-TLS certificate (PEM or DER) and check it binds the key.
+def _check_validity(parsed: _ParsedCertificate, at: datetime) -> None:
+    if at.tzinfo is None:
+        raise ValueError("extract_evidence: at must be timezone-aware")
+    stamp = "%Y-%m-%dT%H:%M:%SZ"
+    when = at.astimezone(UTC).strftime(stamp)
+    if at < parsed.not_before:
+        raise RaTlsError(
+            f"certificate is not valid before {parsed.not_before.strftime(stamp)} "
+            f"(judged at {when}): check the clocks"
+        )
+    if at > parsed.not_after:
+        raise RaTlsError(
+            f"certificate expired at {parsed.not_after.strftime(stamp)} (judged at {when})"
+        )
+
+
+def extract_evidence(certificate: bytes, *, at: datetime) -> ExtractedEvidence:
+    """Find the quote in an RA-TLS certificate (PEM or DER) and check it binds the key
+    and that the certificate is within its validity period at ``at`` (timezone-aware).
 
     Follows Gramine's verifier: the TCG DICE extension decides when present; otherwise
     the legacy extension is used. The quote's signature is not verified here.
@@ -491,20 +578,23 @@ def extract_evidence(certificate: bytes) -> ExtractedEvidence:
 
     evidence = evidence_extension("TCG DICE evidence", TCG_DICE_TAGGED_EVIDENCE_OID)
     if evidence is not None:
-        return ExtractedEvidence(
-            quote=_quote_from_tcg_evidence(evidence, parsed.spki_der),
-            public_key_sha256=public_key_sha256,
-            source=SOURCE_TCG_DICE,
-            certificate_sha256=certificate_sha256,
-        )
-    quote = evidence_extension("legacy quote", LEGACY_QUOTE_OID_GRAMINE, LEGACY_QUOTE_OID)
-    if quote is None:
-        raise RaTlsError("certificate has no RA-TLS evidence extension (TCG DICE or legacy)")
-    if not _binds(quote, public_key_sha256):
-        raise RaTlsError("quote report_data does not bind the certificate's public key")
+        quote = _quote_from_tcg_evidence(evidence, parsed.spki_der)
+        source = SOURCE_TCG_DICE
+    else:
+        legacy = evidence_extension("legacy quote", LEGACY_QUOTE_OID_GRAMINE, LEGACY_QUOTE_OID)
+        if legacy is None:
+            raise RaTlsError("certificate has no RA-TLS evidence extension (TCG DICE or legacy)")
+        if not _binds(legacy, public_key_sha256):
+            raise RaTlsError("quote report_data does not bind the certificate's public key")
+        quote, source = legacy, SOURCE_LEGACY
+    # Last, so that a certificate is judged whole whatever its dates (and fuzzing reaches
+    # every check above).
+    _check_validity(parsed, at)
     return ExtractedEvidence(
         quote=quote,
         public_key_sha256=public_key_sha256,
-        source=SOURCE_LEGACY,
+        source=source,
         certificate_sha256=certificate_sha256,
+        not_before=parsed.not_before,
+        not_after=parsed.not_after,
     )

@@ -15,6 +15,7 @@ import ssl
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -282,7 +283,7 @@ class PsiClient:
         collateral = self._server_collateral(der, evidence.collateral_json or None)
         try:
             peer, extracted = self._verifier.verify_certificate(
-                der, collateral, what="server", role=Role.SERVER
+                der, collateral, at=datetime.now(UTC), what="server", role=Role.SERVER
             )
         except PeerRejected as exc:
             raise PsiClientError(f"refusing the server: {exc}") from None
@@ -305,7 +306,7 @@ class PsiClient:
         if cfg.pccs_url is None:
             return stapled
         try:
-            quote = extract_evidence(certificate_der).quote
+            quote = extract_evidence(certificate_der, at=datetime.now(UTC)).quote
             return fetch_collateral(quote, cfg.pccs_url, verify_tls=not cfg.insecure_pccs_tls)
         except (RaTlsError, CollateralError) as exc:
             raise PsiClientError(f"cannot fetch collateral for the server's quote: {exc}") from None

@@ -12,6 +12,7 @@ import threading
 from collections.abc import Coroutine
 from concurrent import futures
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import FrameType
 from typing import Any, TypeVar
@@ -30,7 +31,7 @@ from teepsi.attestation.peer import PeerVerifier
 from teepsi.attestation.policy import Policy
 from teepsi.attestation.providers import make_provider
 from teepsi.attestation.quote import QuoteFormatError, parse_quote
-from teepsi.attestation.ratls import create_certificate
+from teepsi.attestation.ratls import DEFAULT_LIFETIME, RaTlsError, create_certificate
 from teepsi.attestation.verify import SIMULATED_WARNING
 from teepsi.contract.audit import AuditError, AuditLog
 from teepsi.contract.receipt import sign_receipt
@@ -75,6 +76,8 @@ class ServerConfig:
     insecure_pccs_tls: bool = False
     #: Append-only, hash-chained log of job events (never items); None = no log.
     audit_log: Path | None = None
+    #: How long the server's RA-TLS certificate is valid; the server stops when it ends.
+    certificate_lifetime: timedelta = DEFAULT_LIFETIME
     #: Evidence provider override (tests inject fakes); default from ``attestation``.
     provider: EvidenceProvider | None = None
     #: Connections open at once; more are refused by gRPC (each holds a file descriptor).
@@ -166,6 +169,8 @@ class RunningServer:
     port: int
     certificate_pem: bytes
     certificate_der: bytes
+    #: When the certificate ends; verifiers refuse it after, so the server stops then.
+    certificate_not_after: datetime
     registry: JobRegistry
     _server: grpc.aio.Server
     _loop: _EventLoopThread
@@ -182,6 +187,22 @@ class RunningServer:
 
     def wait(self) -> None:
         self._loop.run(self._server.wait_for_termination())
+
+    def serve_until(self, stop: threading.Event) -> bool:
+        """Block until ``stop`` is set or the certificate ends; True when it ended.
+
+        Either way the caller stops the server: past its certificate's end no verifier
+        accepts it, and a new start makes a new key and certificate.
+        """
+        left = (self.certificate_not_after - datetime.now(UTC)).total_seconds()
+        if stop.wait(timeout=max(0.0, left)):
+            return False
+        log.error(
+            "the server certificate expired at %s: stopping; start the server again for a "
+            "new certificate",
+            self.certificate_not_after.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        )
+        return True
 
 
 def _describe_own_quote(quote: bytes) -> str:
@@ -223,6 +244,12 @@ def start_server(config: ServerConfig) -> RunningServer:
     if config.max_connections < 1:
         raise ServerConfigError("--max-connections must be at least 1")
     _ensure_fd_limit(config.max_connections)
+    if config.limits.job_timeout_seconds >= config.certificate_lifetime.total_seconds():
+        # No job may outlive the certificate (the server stops when it ends).
+        raise ServerConfigError(
+            f"--certificate-lifetime {config.certificate_lifetime} must be longer than "
+            f"--job-timeout {config.limits.job_timeout_seconds:g}s"
+        )
     tune_allocator()
     provider = config.provider or make_provider(config.attestation, Role.SERVER)
     if provider.simulated:
@@ -232,7 +259,10 @@ def start_server(config: ServerConfig) -> RunningServer:
             "%s: this server ACCEPTS simulated evidence from data providers (--allow-simulated)",
             SIMULATED_WARNING,
         )
-    ratls = create_certificate(provider)
+    try:
+        ratls = create_certificate(provider, lifetime=config.certificate_lifetime)
+    except RaTlsError as exc:
+        raise ServerConfigError(str(exc)) from None
     collateral_cache = CollateralCache()
 
     def own_collateral() -> str:
@@ -256,7 +286,12 @@ def start_server(config: ServerConfig) -> RunningServer:
             exc,
         )
     log.info("server enclave: %s", _describe_own_quote(ratls.quote))
-    log.info("server certificate SHA-256 %s", hashlib.sha256(ratls.certificate_der).hexdigest())
+    not_after = ratls.not_after
+    log.info(
+        "server certificate SHA-256 %s, valid until %s",
+        hashlib.sha256(ratls.certificate_der).hexdigest(),
+        not_after.strftime("%Y-%m-%dT%H:%M:%SZ"),
+    )
 
     verifier = None
     if config.client_policy is not None:
@@ -286,6 +321,7 @@ def start_server(config: ServerConfig) -> RunningServer:
         signer=lambda receipt: sign_receipt(receipt, ratls.private_key),
         certificate_sha256=hashlib.sha256(ratls.certificate_der).digest(),
         audit=audit,
+        certificate_not_after=not_after.timestamp(),
     )
     executor = futures.ThreadPoolExecutor(
         max_workers=config.max_workers, thread_name_prefix="teepsi-work"
@@ -335,6 +371,7 @@ def start_server(config: ServerConfig) -> RunningServer:
         port=port,
         certificate_pem=ratls.certificate_pem,
         certificate_der=ratls.certificate_der,
+        certificate_not_after=not_after,
         registry=registry,
         _server=server,
         _loop=loop,
@@ -342,8 +379,11 @@ def start_server(config: ServerConfig) -> RunningServer:
     )
 
 
-def run_server(config: ServerConfig, *, ready: threading.Event | None = None) -> None:
-    """Serve until SIGTERM or SIGINT, then shut down cleanly."""
+def run_server(config: ServerConfig, *, ready: threading.Event | None = None) -> bool:
+    """Serve until SIGTERM or SIGINT, or the certificate's end, then shut down cleanly.
+
+    Returns True when the certificate ended (the process should exit non-zero, so that a
+    supervisor starts it again)."""
     running = start_server(config)
     stop = threading.Event()
 
@@ -355,6 +395,7 @@ def run_server(config: ServerConfig, *, ready: threading.Event | None = None) ->
     signal.signal(signal.SIGINT, _on_signal)
     if ready is not None:
         ready.set()
-    stop.wait()
+    expired = running.serve_until(stop)
     running.stop()
     log.info("server stopped")
+    return expired

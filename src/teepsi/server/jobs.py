@@ -259,8 +259,12 @@ class JobRegistry:
         signer: ReceiptSigner | None = None,
         certificate_sha256: bytes = b"",
         audit: AuditLog | None = None,
+        certificate_not_after: float | None = None,
     ) -> None:
         self.limits = limits or Limits()
+        #: When the server's certificate ends (UNIX seconds): no job may outlive it, since
+        #: the server stops then and would take the job with it.
+        self._certificate_not_after = certificate_not_after
         self._clock = clock
         self._signer = signer
         self._certificate_sha256 = certificate_sha256
@@ -408,6 +412,14 @@ class JobRegistry:
                 deadline = min(deadline, float(spec.deadline))
             if spec.max_items_per_party is not None:
                 max_items = min(max_items, spec.max_items_per_party)
+        ends = self._certificate_not_after
+        if ends is not None and deadline > ends:
+            raise ServiceError(
+                ErrorKind.UNAVAILABLE,
+                "the server's certificate ends "
+                f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(ends))}, before this "
+                "job could finish; the server then restarts with a new one: retry then",
+            )
         job = Job(
             job_id=job_id,
             party_count=party_count,
