@@ -110,6 +110,7 @@ def _cmd_server(args: argparse.Namespace) -> int:
         spill_dir=args.spill_dir,
         max_workers=args.max_workers,
         audit_log=args.audit_log,
+        collateral_state=_collateral_state(args, "server"),
         pccs_url=args.pccs_url,
         qcnl_path=args.qcnl_config,
         insecure_pccs_tls=args.insecure_pccs_tls,
@@ -208,6 +209,52 @@ def _collateral_file(path: str | None) -> str | None:
         return load_collateral_file(path)
     except CollateralError as exc:
         raise UsageError(str(exc)) from None
+
+
+def _collateral_state(args: argparse.Namespace, role: str) -> Path:
+    """--collateral-state, or the CLI's default file for ``role``."""
+    from teepsi.attestation.collateral import CollateralError, default_state_path
+
+    if args.collateral_state is not None:
+        return Path(args.collateral_state)
+    try:
+        return default_state_path(role)
+    except CollateralError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _add_collateral_state_flag(parser: argparse.ArgumentParser, role: str, whose: str) -> None:
+    parser.add_argument(
+        "--collateral-state",
+        metavar="FILE",
+        help=f"remembers the newest collateral each {whose} platform showed, so older "
+        "collateral is refused after a restart too (default "
+        f"$XDG_STATE_HOME/teepsi/{role}-collateral-state.json; under Gramine a file on "
+        "an encrypted mount)",
+    )
+
+
+RECEIPT_CERT_SUFFIX = ".cert.pem"
+RECEIPT_COLLATERAL_SUFFIX = ".collateral.json"
+
+
+def _save_receipt(path: str, receipt_json: str, certificate_der: bytes, collateral: str) -> None:
+    """The receipt and the evidence to verify it offline: RECEIPT, .cert.pem, .collateral.json.
+
+    All 0600, each written atomically; the collateral is what this client verified the
+    server with, so ``verify-receipt`` can verify the quote as of the receipt's time.
+    """
+    from teepsi.privatefile import write_private
+
+    for target, data in (
+        (path + RECEIPT_CERT_SUFFIX, _pem(certificate_der)),
+        (path + RECEIPT_COLLATERAL_SUFFIX, (collateral + "\n").encode()),
+        (path, (receipt_json + "\n").encode()),
+    ):
+        try:
+            write_private(target, data)
+        except OSError as exc:
+            raise OSError(f"cannot write {target}: {exc.strerror or exc}") from None
 
 
 def _pem(der: bytes) -> bytes:
@@ -364,6 +411,7 @@ def _cmd_client(args: argparse.Namespace) -> int:
         server_collateral_json=_collateral_file(args.collateral),
         pccs_url=args.pccs_url,
         insecure_pccs_tls=args.insecure_pccs_tls,
+        collateral_state=_collateral_state(args, "client"),
     )
     if job_spec is None:
         log.warning(
@@ -373,12 +421,16 @@ def _cmd_client(args: argparse.Namespace) -> int:
     try:
         result = run_party(config, table)
         if result.receipt is not None and args.receipt:
-            Path(args.receipt).write_text(result.receipt.to_json() + "\n")
-            Path(args.receipt + ".cert.pem").write_bytes(_pem(result.server_certificate_der))
+            _save_receipt(
+                args.receipt,
+                result.receipt.to_json(),
+                result.server_certificate_der,
+                result.server_collateral_json,
+            )
         if args.output and result.status == "RELEASED":
             with progress.phase(f"writing {Path(args.output).name}", total=len(result.rows)):
                 write_rows(result.rows, spec, args.output)
-    except (PsiClientError, TableError) as exc:
+    except (PsiClientError, TableError, OSError) as exc:
         log.error("%s", exc)
         return EXIT_FAILED
     outcome = {
@@ -485,68 +537,83 @@ def _cmd_spec_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify_receipt(args: argparse.Namespace) -> int:
-    """Signature, certificate binding, and (with --config) whose enclave signed it."""
-    from teepsi.attestation.evidence import EnclaveIdentity, Role
-    from teepsi.attestation.policy import Policy, PolicyError, PolicyViolation
-    from teepsi.attestation.quote import QuoteFormatError, parse_quote
-    from teepsi.attestation.ratls import RaTlsError, extract_evidence
-    from teepsi.attestation.sim import is_simulated_quote
+    """The receipt's signature, and the attestation of the certificate that signed it.
+
+    The certificate goes through the same verification path as a live server's
+    (:class:`teepsi.attestation.peer.PeerVerifier`), as of the receipt's issue time.
+    """
+    from teepsi.attestation.collateral import CollateralError, iso_utc, load_collateral_file
+    from teepsi.attestation.evidence import Role
+    from teepsi.attestation.peer import PeerRejected, PeerVerifier
+    from teepsi.attestation.policy import Policy, PolicyError
     from teepsi.contract.receipt import ReceiptError, SignedReceipt, verify_receipt
 
     def refuse(reason: str) -> int:
         print(json.dumps({"valid": False, "reason": reason}))
         return EXIT_FAILED
 
-    try:
-        signed = SignedReceipt.from_json(Path(args.receipt).read_bytes())
-        cert = Path(args.cert).read_bytes()
-    except OSError as exc:
-        raise UsageError(f"cannot read {exc.filename}: {exc.strerror}") from None
-    except ReceiptError as exc:
-        return refuse(str(exc))
-    try:
-        verify_receipt(signed, cert)
-        evidence = extract_evidence(cert)
-        body = parse_quote(evidence.quote).report_body
-    except (ReceiptError, RaTlsError, QuoteFormatError) as exc:
-        return refuse(str(exc))
-    flags = int.from_bytes(body.attributes[:8], "little")
-    signer = {
-        "mr_enclave": body.mr_enclave.hex(),
-        "mr_signer": body.mr_signer.hex(),
-        "isv_prod_id": body.isv_prod_id,
-        "isv_svn": body.isv_svn,
-        "simulated": is_simulated_quote(evidence.quote),
-    }
+    cert_path = args.cert or args.receipt + RECEIPT_CERT_SUFFIX
+    collateral_path = args.collateral or args.receipt + RECEIPT_COLLATERAL_SUFFIX
+    policy: Policy | None = None
     if args.config:
         try:
             policy = Policy.load(args.config)
         except PolicyError as exc:
             raise UsageError(str(exc)) from None
-        if signer["simulated"] and not args.allow_simulated:
-            return refuse("the certificate's evidence is SIMULATED; pass --allow-simulated")
-        if body.isv_prod_id != Role.SERVER:
-            return refuse(f"the signing enclave has ISV_PROD_ID {body.isv_prod_id}, not a server")
-        identity = EnclaveIdentity(
-            mr_enclave=body.mr_enclave,
-            mr_signer=body.mr_signer,
-            isv_prod_id=body.isv_prod_id,
-            isv_svn=body.isv_svn,
-            attribute_flags=flags,
-            xfrm=int.from_bytes(body.attributes[8:], "little"),
+    try:
+        receipt_bytes = Path(args.receipt).read_bytes()
+        cert = Path(cert_path).read_bytes()
+    except OSError as exc:
+        raise UsageError(
+            f"cannot read {exc.filename}: {exc.strerror} (the client saves RECEIPT, "
+            f"RECEIPT{RECEIPT_CERT_SUFFIX} and RECEIPT{RECEIPT_COLLATERAL_SUFFIX})"
+        ) from None
+    try:
+        collateral = load_collateral_file(collateral_path)
+    except CollateralError as exc:
+        raise UsageError(
+            f"{exc} (the collateral the server was verified with: pass --collateral FILE)"
+        ) from None
+    try:
+        signed = SignedReceipt.from_json(receipt_bytes)
+        verify_receipt(signed, cert)
+    except ReceiptError as exc:
+        return refuse(str(exc))
+    issued_at = signed.receipt.issued_at
+    verifier = PeerVerifier(policy, allow_simulated=args.allow_simulated)
+    try:
+        peer, _ = verifier.verify_certificate(
+            cert, collateral, what="signing server", role=Role.SERVER, at=issued_at, record=False
         )
-        try:
-            # The TCB status of the time is not re-judged: its collateral has expired.
-            policy.check(identity, "UpToDate")
-        except PolicyViolation as exc:
-            return refuse(f"signing enclave refused by --config: {exc}")
-    print(
-        json.dumps(
-            {"valid": True, "signer": signer, "receipt": signed.receipt.to_dict()},
-            indent=2,
-            default=str,
+    except PeerRejected as exc:
+        return refuse(str(exc))
+    verified = peer.verified
+    identity = verified.identity
+    assert identity is not None
+    out: dict[str, object] = {
+        "valid": True,
+        "signer": {
+            "mr_enclave": identity.mr_enclave.hex(),
+            "mr_signer": identity.mr_signer.hex(),
+            "isv_prod_id": identity.isv_prod_id,
+            "isv_svn": identity.isv_svn,
+            "simulated": verified.simulated,
+        },
+        "quote_verified": True,
+        "root": verified.root,
+        "tcb_status": verified.tcb_status,
+        "advisory_ids": list(verified.advisory_ids),
+        "verified_at": issued_at,
+        "verified_at_iso": iso_utc(issued_at),
+        "policy": str(args.config) if args.config else None,
+    }
+    if policy is None:
+        out["note"] = (
+            "no --config: quote, key binding and server role verified, but no policy was "
+            "applied (measurements, attributes and TCB status not judged)"
         )
-    )
+    out["receipt"] = signed.receipt.to_dict()
+    print(json.dumps(out, indent=2, default=str))
     return EXIT_OK
 
 
@@ -637,6 +704,7 @@ def build_parser() -> argparse.ArgumentParser:
         "within a Gramine enclave's default sgx.max_threads of 32)",
     )
     server.add_argument("--announce", action="store_true", help=argparse.SUPPRESS)
+    _add_collateral_state_flag(server, "server", "data provider's")
     server.add_argument("-v", "--verbose", action="store_true")
     _add_trust_flags(server)
     server.set_defaults(func=_cmd_server)
@@ -690,8 +758,11 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_argument("--key-file", help="this party's private key, listed in the spec")
     client.add_argument(
         "--receipt",
-        help="save the server's signed receipt here (and its certificate as RECEIPT.cert.pem)",
+        help="save the server's signed receipt here, with the evidence to verify it offline: "
+        "the server's certificate (RECEIPT.cert.pem) and the collateral it was verified "
+        "with (RECEIPT.collateral.json)",
     )
+    _add_collateral_state_flag(client, "client", "server")
     client.add_argument(
         "--run-config",
         help="TOML file with per-run settings (host, name, parties, job, timeout, format, key, "
@@ -730,7 +801,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     verify_receipt = sub.add_parser("verify-receipt", help="re-check a job's signed receipt")
     verify_receipt.add_argument("receipt")
-    verify_receipt.add_argument("--cert", required=True, help="the server's certificate")
+    verify_receipt.add_argument(
+        "--cert", help="the server's certificate (default RECEIPT.cert.pem, as the client saves it)"
+    )
+    verify_receipt.add_argument(
+        "--collateral",
+        metavar="FILE",
+        help="the collateral the server was verified with (default RECEIPT.collateral.json)",
+    )
     verify_receipt.add_argument(
         "--config", help="policy the signing server enclave must satisfy (dynamic_config.json)"
     )

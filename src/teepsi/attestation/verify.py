@@ -19,12 +19,15 @@ from typing import Any
 
 import dcap_qvl
 
-from teepsi.attestation.collateral import CollateralError, CollateralFreshness
 from teepsi.attestation.evidence import EnclaveIdentity
 
 log = logging.getLogger(__name__)
 
 INTEL_ROOT_CA_SHA256 = "44a0196b2b99f889b8e149e95b807a350e7424964399e885a7cbb8ccfab674d3"
+
+#: How outputs name the root a quote was verified against.
+INTEL_ROOT_NAME = "Intel SGX Root CA"
+SIMULATED_ROOT_NAME = "SIMULATED root"
 
 SIMULATED_WARNING = (
     "SIMULATED ATTESTATION: evidence is produced by teepsi's simulated platform; "
@@ -56,6 +59,16 @@ class VerifiedQuote:
     advisory_ids: tuple[str, ...]
     simulated: bool
     report: dict[str, Any]
+    #: The platform's PPID (hex) from its verified PCK certificate: the collateral
+    #: rollback state is kept per platform (:class:`CollateralFreshness`).
+    ppid: str = ""
+    #: UNIX seconds the verdict holds for (TCB status and collateral validity as of then).
+    verified_at: int = 0
+
+    @property
+    def root(self) -> str:
+        """The trust root the PCK chain was verified against."""
+        return SIMULATED_ROOT_NAME if self.simulated else INTEL_ROOT_NAME
 
 
 def _identity_from_report(body: dict[str, Any]) -> EnclaveIdentity:
@@ -83,12 +96,13 @@ def verify_quote(
     *,
     allow_simulated: bool = False,
     now: int | None = None,
-    freshness: CollateralFreshness | None = None,
 ) -> VerifiedQuote:
     """Verify ``quote`` with its collateral; raise QuoteVerificationError if it fails.
 
-    The TCB status is returned, not judged: accepting a status other than UpToDate
-    is the policy's decision (:mod:`teepsi.attestation.policy`).
+    The quote stage of the one verification path (:class:`teepsi.attestation.peer.
+    PeerVerifier`); it records nothing. The TCB status is returned, not judged:
+    accepting a status other than UpToDate is the policy's decision
+    (:mod:`teepsi.attestation.policy`).
     """
     from teepsi.attestation.sim import SIM_ROOT_CA_DER, is_simulated_quote
 
@@ -114,13 +128,6 @@ def verify_quote(
                 "Intel's root; pass --allow-simulated to accept simulated evidence"
             ) from None
         raise QuoteVerificationError(f"quote verification failed: {reason}") from None
-    if freshness is not None:
-        # Only after verification: the dates are then signed, so a forger cannot push
-        # the tracker forward; older collateral than already seen is a rollback.
-        try:
-            freshness.observe(collateral_json)
-        except CollateralError as exc:
-            raise QuoteVerificationError(str(exc)) from None
     if use_sim_root:
         log.warning("%s (peer quote accepted under the simulated root)", SIMULATED_WARNING)
     report = json.loads(verified.to_json())
@@ -143,4 +150,6 @@ def verify_quote(
         advisory_ids=tuple(verified.advisory_ids),
         simulated=use_sim_root,
         report=report,
+        ppid=str(report.get("ppid") or ""),
+        verified_at=at,
     )

@@ -24,8 +24,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from teepsi.attestation.collateral import (
+    FRESHNESS_TOLERANCE_SECONDS,
     CollateralCache,
     CollateralError,
+    CollateralFreshness,
     collateral_for_quote,
     fetch_collateral,
 )
@@ -92,6 +94,9 @@ class PartyConfig:
     server_collateral_json: str | None = None
     pccs_url: str | None = None
     insecure_pccs_tls: bool = False
+    #: The server platforms' collateral rollback state, kept across runs; None keeps it
+    #: in memory for this run only (the CLI passes a file).
+    collateral_state: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -114,6 +119,9 @@ class PartyResult:
     party_name: str
     receipt: SignedReceipt | None = None
     server_certificate_der: bytes = b""
+    #: The collateral the server's certificate was verified with (dcap-qvl JSON): saved
+    #: with the receipt so it can be verified again offline.
+    server_collateral_json: str = ""
 
     def text(self) -> list[str]:
         """Text input: the intersecting items."""
@@ -161,11 +169,20 @@ class PsiClient:
     def __init__(self, config: PartyConfig) -> None:
         self.config = config
         self._deadline = time.monotonic() + config.timeout
-        self._verifier = PeerVerifier(config.policy, allow_simulated=config.allow_simulated)
+        try:
+            freshness = CollateralFreshness(
+                config.collateral_state, tolerance_seconds=FRESHNESS_TOLERANCE_SECONDS
+            )
+        except CollateralError as exc:
+            raise PsiClientError(f"--collateral-state: {exc}") from None
+        self._verifier = PeerVerifier(
+            config.policy, allow_simulated=config.allow_simulated, freshness=freshness
+        )
         self._channel: grpc.Channel | None = None
         self.server: TrustedPeer | None = None
         self.server_certificate_sha256 = b""
         self.server_certificate_der = b""
+        self.server_collateral_json = ""
         self.requires_client_attestation = True
 
     def _remaining(self) -> float:
@@ -225,6 +242,7 @@ class PsiClient:
         self.server = peer
         self.server_certificate_sha256 = extracted.certificate_sha256
         self.server_certificate_der = der
+        self.server_collateral_json = collateral or ""
         self.requires_client_attestation = evidence.requires_client_attestation
         return peer
 
@@ -502,6 +520,7 @@ def run_party(config: PartyConfig, table: Table) -> PartyResult:
         party_name=config.name,
         receipt=receipt,
         server_certificate_der=client.server_certificate_der,
+        server_collateral_json=client.server_collateral_json,
     )
 
 
