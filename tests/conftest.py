@@ -18,7 +18,6 @@ from teepsi.attestation.measure import sim_identity
 from teepsi.attestation.policy import Policy, policy_for
 from teepsi.demo import start_server_process
 
-
 # CLI servers and clients keep collateral rollback state under $XDG_STATE_HOME by
 # default: this session's processes keep theirs in a directory of their own.
 os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="teepsi-test-state-")

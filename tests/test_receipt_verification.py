@@ -187,6 +187,12 @@ def test_receipt_is_verified_as_of_its_issue_time(
         )
         code, out = _verify(capsys, str(receipt), "--allow-simulated")
         assert code == 1 and out["valid"] is False, outside
+    # --at overrides the issue time: the same receipt, judged as of a time the collateral
+    # covers, or of a time it does not.
+    code, out = _verify(capsys, str(receipt), "--allow-simulated", "--at", str(t0 + DAY))
+    assert code == 0 and out["verified_at"] == t0 + DAY
+    code, out = _verify(capsys, str(inside), "--allow-simulated", "--at", str(t0 + 31 * DAY))
+    assert code == 1 and "expired" in str(out["reason"]).lower(), out
 
 
 def test_receipt_signed_by_a_data_provider_enclave_is_refused_without_config(

@@ -579,11 +579,12 @@ def _cmd_verify_receipt(args: argparse.Namespace) -> int:
         verify_receipt(signed, cert)
     except ReceiptError as exc:
         return refuse(str(exc))
-    issued_at = signed.receipt.issued_at
+    # As of the receipt's issue time by default: the verdict a live client had then.
+    at = signed.receipt.issued_at if args.at is None else args.at
     verifier = PeerVerifier(policy, allow_simulated=args.allow_simulated)
     try:
         peer, _ = verifier.verify_certificate(
-            cert, collateral, what="signing server", role=Role.SERVER, at=issued_at, record=False
+            cert, collateral, what="signing server", role=Role.SERVER, at=at, record=False
         )
     except PeerRejected as exc:
         return refuse(str(exc))
@@ -603,8 +604,8 @@ def _cmd_verify_receipt(args: argparse.Namespace) -> int:
         "root": verified.root,
         "tcb_status": verified.tcb_status,
         "advisory_ids": list(verified.advisory_ids),
-        "verified_at": issued_at,
-        "verified_at_iso": iso_utc(issued_at),
+        "verified_at": at,
+        "verified_at_iso": iso_utc(at),
         "policy": str(args.config) if args.config else None,
     }
     if policy is None:
@@ -799,6 +800,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("file")
     check.set_defaults(func=_cmd_spec_check)
 
+    from teepsi.cli_evidence import register as register_evidence_tools
+    from teepsi.cli_evidence import unix_seconds
+
     verify_receipt = sub.add_parser("verify-receipt", help="re-check a job's signed receipt")
     verify_receipt.add_argument("receipt")
     verify_receipt.add_argument(
@@ -808,6 +812,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--collateral",
         metavar="FILE",
         help="the collateral the server was verified with (default RECEIPT.collateral.json)",
+    )
+    verify_receipt.add_argument(
+        "--at",
+        metavar="UNIX_SECONDS",
+        type=unix_seconds,
+        help="verify the certificate as of this time instead of the receipt's issued_at "
+        "(e.g. now, with current collateral, to refuse a platform revoked since)",
     )
     verify_receipt.add_argument(
         "--config", help="policy the signing server enclave must satisfy (dynamic_config.json)"
@@ -823,8 +834,6 @@ def build_parser() -> argparse.ArgumentParser:
     audit_verify.add_argument("log")
     audit_verify.add_argument("--head", help="expected last hash (detects truncation)")
     audit_verify.set_defaults(func=_cmd_audit_verify)
-
-    from teepsi.cli_evidence import register as register_evidence_tools
 
     register_evidence_tools(sub)
     return parser

@@ -55,7 +55,7 @@ from teepsi.attestation.ratls import (
 from teepsi.attestation.sim import is_simulated_quote
 from teepsi.attestation.verify import QuoteVerificationError, verify_quote
 
-__all__ = ["quote_fields", "register"]
+__all__ = ["quote_fields", "register", "unix_seconds"]
 
 EXIT_OK = 0
 EXIT_REJECTED = 1
@@ -201,7 +201,7 @@ def quote_fields(quote: bytes) -> dict[str, Any]:
 # --- verify-quote ---------------------------------------------------------------------
 
 
-def _unix_seconds(text: str) -> int:
+def unix_seconds(text: str) -> int:
     if not re.fullmatch(r"[0-9]{1,12}", text.strip()):
         raise argparse.ArgumentTypeError(
             f"expected UNIX seconds (a non-negative integer): {text!r}"
@@ -657,7 +657,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     verify.add_argument(
         "--at",
         metavar="UNIX_SECONDS",
-        type=_unix_seconds,
+        type=unix_seconds,
         help="verify as of this time (default: now)",
     )
     verify.add_argument(
@@ -703,7 +703,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     inspect.add_argument(
         "--at",
         metavar="UNIX_SECONDS",
-        type=_unix_seconds,
+        type=unix_seconds,
         help="verify as of this time (default: now)",
     )
     inspect.add_argument(
