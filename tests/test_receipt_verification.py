@@ -344,3 +344,34 @@ def test_forged_quote_layout_is_what_the_forger_claims() -> None:
     parsed = parse_quote(forged_quote(entry, bytes(64)))
     assert parsed.report_body.mr_enclave == entry.mr_enclave
     assert parsed.report_body.isv_prod_id == Role.SERVER
+
+
+# --- the client's side ------------------------------------------------------------------
+
+
+def test_client_without_a_policy_is_refused_before_connecting() -> None:
+    """None must never reach the verifier as "no policy" on the live path."""
+    from teepsi.client.party import PartyConfig, PsiClient, PsiClientError
+
+    config = PartyConfig(host="127.0.0.1:1", policy=None, name="a", party_count=1)  # type: ignore[arg-type]
+    with pytest.raises(PsiClientError, match="a policy for the server is required"):
+        PsiClient(config)
+
+
+def test_unwritable_receipt_does_not_lose_the_result(start_server, sim_policy_file, tmp_path):
+    import subprocess
+
+    from conftest import client_args
+
+    server = start_server()
+    data = tmp_path / "items.txt"
+    data.write_text("x\ny\n")
+    receipt = tmp_path / "no-such-dir" / "r.json"
+    args = client_args(
+        server, data, parties=1, name="a", policy=sim_policy_file, extra=("--receipt", str(receipt))
+    )
+    run = subprocess.run(args, capture_output=True, timeout=120)
+    assert run.stdout == b"x\ny\n"  # the result is shown all the same
+    assert run.returncode == 1
+    errors = [line for line in run.stderr.decode().splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and "cannot write" in errors[0] and "no-such-dir" in errors[0]

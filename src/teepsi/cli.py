@@ -420,17 +420,23 @@ def _cmd_client(args: argparse.Namespace) -> int:
         )
     try:
         result = run_party(config, table)
+        receipt_saved = True
         if result.receipt is not None and args.receipt:
-            _save_receipt(
-                args.receipt,
-                result.receipt.to_json(),
-                result.server_certificate_der,
-                result.server_collateral_json,
-            )
+            try:
+                _save_receipt(
+                    args.receipt,
+                    result.receipt.to_json(),
+                    result.server_certificate_der,
+                    result.server_collateral_json,
+                )
+            except OSError as exc:
+                # The result is still written and shown; the run fails at the end.
+                log.error("%s", exc)
+                receipt_saved = False
         if args.output and result.status == "RELEASED":
             with progress.phase(f"writing {Path(args.output).name}", total=len(result.rows)):
                 write_rows(result.rows, spec, args.output)
-    except (PsiClientError, TableError, OSError) as exc:
+    except (PsiClientError, TableError) as exc:
         log.error("%s", exc)
         return EXIT_FAILED
     outcome = {
@@ -461,7 +467,7 @@ def _cmd_client(args: argparse.Namespace) -> int:
         len(result.rows),
         result.result_sha256.hex(),
     )
-    return EXIT_OK
+    return EXIT_OK if receipt_saved else EXIT_FAILED
 
 
 def _cmd_measure(args: argparse.Namespace) -> int:

@@ -167,6 +167,9 @@ class PsiClient:
     """One attested connection to a PSI server."""
 
     def __init__(self, config: PartyConfig) -> None:
+        if not isinstance(config.policy, Policy):
+            # Fail closed: the verifier would read None as "judge no measurement".
+            raise PsiClientError("a policy for the server is required (PartyConfig.policy)")
         self.config = config
         self._deadline = time.monotonic() + config.timeout
         try:
