@@ -375,3 +375,12 @@ def test_unwritable_receipt_does_not_lose_the_result(start_server, sim_policy_fi
     assert run.returncode == 1
     errors = [line for line in run.stderr.decode().splitlines() if " ERROR " in line]
     assert len(errors) == 1 and "cannot write" in errors[0] and "no-such-dir" in errors[0]
+
+
+@pytest.mark.parametrize("at", [-1, 2**63, 2**64 + 5])
+def test_impossible_verification_time_is_a_one_line_refusal(at: int) -> None:
+    """dcap-qvl takes an unsigned 64-bit time: anything else is refused, not an OverflowError."""
+    certificate, collateral = _sim_server()
+    verifier = PeerVerifier(None, allow_simulated=True)
+    with pytest.raises(PeerRejected, match="is not a valid UNIX time"):
+        verifier.verify_certificate(certificate.certificate_der, collateral, at=at, record=False)

@@ -62,8 +62,6 @@ class VerifiedQuote:
     #: The platform's PPID (hex) from its verified PCK certificate: the collateral
     #: rollback state is kept per platform (:class:`CollateralFreshness`).
     ppid: str = ""
-    #: UNIX seconds the verdict holds for (TCB status and collateral validity as of then).
-    verified_at: int = 0
 
     @property
     def root(self) -> str:
@@ -115,6 +113,9 @@ def verify_quote(
     use_sim_root = simulated and allow_simulated
     root = SIM_ROOT_CA_DER if use_sim_root else intel_root_ca_der()
     at = int(time.time()) if now is None else now
+    if not 0 <= at < 2**63:
+        # A time from a receipt or the command line; dcap-qvl takes an unsigned 64-bit.
+        raise QuoteVerificationError(f"verification time {at} is not a valid UNIX time")
     collateral = _parse_collateral(collateral_json)
     try:
         verified = dcap_qvl.verify_with_root_ca(quote, collateral, root, at)
@@ -151,5 +152,4 @@ def verify_quote(
         simulated=use_sim_root,
         report=report,
         ppid=str(report.get("ppid") or ""),
-        verified_at=at,
     )
