@@ -721,6 +721,11 @@ class CollateralFreshness:
     def observe(self, collateral_json: str, *, source: str) -> CollateralInfo:
         """Check (as :meth:`check`) and then remember this collateral's dates, atomically."""
         info = describe_collateral(collateral_json)
+        self.record(info, source=source)
+        return info
+
+    def record(self, info: CollateralInfo, *, source: str) -> None:
+        """:meth:`observe` for collateral already described (parsed once by the caller)."""
         with self._lock:
             lock_fd = self._file_lock() if self.state_path is not None else None
             try:
@@ -740,7 +745,6 @@ class CollateralFreshness:
             finally:
                 if lock_fd is not None:
                     os.close(lock_fd)
-        return info
 
 
 # --- the PCCS client -------------------------------------------------------------------

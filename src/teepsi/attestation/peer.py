@@ -133,7 +133,7 @@ class PeerVerifier:
                 raise PeerRejected(f"{what}: the verified quote names no platform (PPID)")
             try:
                 # Last: only a fully accepted peer moves its platform's rollback state.
-                self.freshness.observe(collateral_json, source=f"ppid:{verified.ppid}")
+                self.freshness.record(info, source=f"ppid:{verified.ppid}")
             except CollateralError as exc:
                 raise PeerRejected(f"{what}: {exc}") from None
         return TrustedPeer(verified=verified, matched=matched)
