@@ -280,29 +280,28 @@ def test_client_refuses_older_server_collateral_in_a_fresh_process(
     assert fourth.returncode == 1 and "lower than 18" in fourth.stderr.decode()
 
 
-def test_server_reads_its_collateral_state_at_start(sim_policy_file, tmp_path):
-    """--collateral-state reaches the server's verifier: a bad file stops it, in one line."""
+@pytest.mark.parametrize("command", ["server", "client"])
+def test_bad_collateral_state_file_is_a_usage_error(sim_policy_file, tmp_path, command):
+    """--collateral-state is read before anything runs: a bad file stops it, in one line."""
     state = tmp_path / "collateral-state.json"
     state.write_text("{not json")
+    data = tmp_path / "items.txt"
+    data.write_text("x\n")
+    args = {
+        "server": ["--host", "127.0.0.1:0", "--attestation", "sim", "--allow-simulated"],
+        "client": ["--host", "127.0.0.1:1", "--data", str(data), "--parties", "1", "--name", "a"],
+    }[command]
     run = subprocess.run(
         teepsi_cmd(
-            "server",
-            "--host",
-            "127.0.0.1:0",
-            "--attestation",
-            "sim",
-            "--allow-simulated",
-            "--config",
-            str(sim_policy_file),
-            "--collateral-state",
-            str(state),
+            command, *args, "--config", str(sim_policy_file), "--collateral-state", str(state)
         ),
         capture_output=True,
         timeout=60,
     )
     assert run.returncode == 2
-    errors = [line for line in run.stderr.decode().splitlines() if "ERROR" in line]
-    assert len(errors) == 1 and str(state) in errors[0] and "Traceback" not in run.stderr.decode()
+    err = run.stderr.decode()
+    assert err.count("\n") == 1 and err.startswith(f"teepsi {command}: error: --collateral-state")
+    assert str(state) in err and "not JSON" in err
 
 
 # --- the real server, in-process -------------------------------------------------------

@@ -212,15 +212,23 @@ def _collateral_file(path: str | None) -> str | None:
 
 
 def _collateral_state(args: argparse.Namespace, role: str) -> Path:
-    """--collateral-state, or the CLI's default file for ``role``."""
-    from teepsi.attestation.collateral import CollateralError, default_state_path
+    """--collateral-state, or the CLI's default file for ``role``; checked readable now."""
+    from teepsi.attestation.collateral import (
+        CollateralError,
+        CollateralFreshness,
+        default_state_path,
+    )
 
-    if args.collateral_state is not None:
-        return Path(args.collateral_state)
     try:
-        return default_state_path(role)
+        path = (
+            Path(args.collateral_state)
+            if args.collateral_state is not None
+            else default_state_path(role)
+        )
+        CollateralFreshness(path)  # a bad file is a usage error before anything runs
     except CollateralError as exc:
-        raise UsageError(str(exc)) from None
+        raise UsageError(f"--collateral-state: {exc}") from None
+    return path
 
 
 def _add_collateral_state_flag(parser: argparse.ArgumentParser, role: str, whose: str) -> None:
@@ -388,6 +396,7 @@ def _cmd_client(args: argparse.Namespace) -> int:
             )
     loaded = _load_policy(args.config, args)
     assert isinstance(loaded, Policy)
+    collateral_state = _collateral_state(args, "client")
     spec = _table_spec(args)
     assert isinstance(spec, TableSpec)
     progress = Progress(enabled=not args.quiet)
@@ -411,7 +420,7 @@ def _cmd_client(args: argparse.Namespace) -> int:
         server_collateral_json=_collateral_file(args.collateral),
         pccs_url=args.pccs_url,
         insecure_pccs_tls=args.insecure_pccs_tls,
-        collateral_state=_collateral_state(args, "client"),
+        collateral_state=collateral_state,
     )
     if job_spec is None:
         log.warning(
