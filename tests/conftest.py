@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -21,6 +23,7 @@ from teepsi.demo import start_server_process
 # CLI servers and clients keep collateral rollback state under $XDG_STATE_HOME by
 # default: this session's processes keep theirs in a directory of their own.
 os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="teepsi-test-state-")
+atexit.register(shutil.rmtree, os.environ["XDG_STATE_HOME"], True)
 
 
 def teepsi_cmd(*args: str) -> list[str]:
