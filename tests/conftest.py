@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
 import json
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +19,11 @@ from teepsi.attestation.evidence import Role
 from teepsi.attestation.measure import sim_identity
 from teepsi.attestation.policy import Policy, policy_for
 from teepsi.demo import start_server_process
+
+# CLI servers and clients keep collateral rollback state under $XDG_STATE_HOME by
+# default: this session's processes keep theirs in a directory of their own.
+os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="teepsi-test-state-")
+atexit.register(shutil.rmtree, os.environ["XDG_STATE_HOME"], True)
 
 
 def teepsi_cmd(*args: str) -> list[str]:

@@ -20,7 +20,6 @@ from teepsi.attestation.collateral import (
     CollateralRollbackError,
     PccsClient,
     QcnlConfig,
-    check_freshness,
     collateral_for_quote,
     describe_collateral,
     fetch_collateral,
@@ -345,18 +344,21 @@ def test_collateral_for_quote_reads_qcnl(tmp_path: Path) -> None:
 # --- rollback refusal ------------------------------------------------------------------
 
 
+SOURCE = "ppid:00112233445566778899aabbccddeeff"
+
+
 def test_rollback_refused() -> None:
     t0 = int(time.time()) - 10 * DAY
     old, new = _sim_collateral(t0), _sim_collateral(t0 + 5 * DAY)
     freshness = CollateralFreshness()
-    freshness.observe(old)
-    freshness.observe(new)
-    freshness.observe(new)  # the same collateral again is fine
+    freshness.observe(old, source=SOURCE)
+    freshness.observe(new, source=SOURCE)
+    freshness.observe(new, source=SOURCE)  # the same collateral again is fine
     with pytest.raises(CollateralRollbackError) as exc:
-        freshness.observe(old)
+        freshness.observe(old, source=SOURCE)
     text = _one_line(exc)
-    assert text.startswith(f"collateral issued {collateral_mod._iso(t0)} is older than ")
-    assert f"already seen ({collateral_mod._iso(t0 + 5 * DAY)})" in text
+    assert text.startswith(f"collateral issued {collateral_mod.iso_utc(t0)} is older than ")
+    assert f"this platform showed before ({collateral_mod.iso_utc(t0 + 5 * DAY)})" in text
     assert text.endswith("refusing a possible rollback")
 
 
@@ -372,32 +374,32 @@ def _with_evaluation_number(collateral_json: str, number: int) -> str:
 def test_tolerance_for_several_sources_but_never_a_lower_evaluation_number() -> None:
     t0 = int(time.time()) - 10 * DAY
     freshness = CollateralFreshness(tolerance_seconds=DAY)
-    freshness.observe(_sim_collateral(t0 + DAY))
-    freshness.observe(_sim_collateral(t0 + 1))  # a day older than seen: tolerated
+    freshness.observe(_sim_collateral(t0 + DAY), source=SOURCE)
+    freshness.observe(_sim_collateral(t0 + 1), source=SOURCE)  # a day older than seen: tolerated
     with pytest.raises(CollateralRollbackError):
-        freshness.observe(_sim_collateral(t0 - 1))
+        freshness.observe(_sim_collateral(t0 - 1), source=SOURCE)
     with pytest.raises(CollateralRollbackError) as exc:
-        freshness.observe(_with_evaluation_number(_sim_collateral(t0 + DAY), 16))
+        freshness.observe(_with_evaluation_number(_sim_collateral(t0 + DAY), 16), source=SOURCE)
     assert "TCB evaluation data number 16, lower than 17" in _one_line(exc)
-    freshness.observe(_with_evaluation_number(_sim_collateral(t0 + DAY), 18))
+    freshness.observe(_with_evaluation_number(_sim_collateral(t0 + DAY), 18), source=SOURCE)
     with pytest.raises(CollateralRollbackError):
-        freshness.observe(_sim_collateral(t0 + DAY))  # back to 17
+        freshness.observe(_sim_collateral(t0 + DAY), source=SOURCE)  # back to 17
 
 
 def test_check_does_not_record() -> None:
     t0 = int(time.time()) - 10 * DAY
     freshness = CollateralFreshness()
-    freshness.check(_sim_collateral(t0 + DAY))
-    freshness.observe(_sim_collateral(t0))  # nothing was recorded by check()
+    freshness.check(_sim_collateral(t0 + DAY), source=SOURCE)
+    freshness.observe(_sim_collateral(t0), source=SOURCE)  # nothing was recorded by check()
 
 
 def test_rollback_state_persists(tmp_path: Path) -> None:
     t0 = int(time.time()) - 10 * DAY
     state = tmp_path / "collateral-state.json"
-    CollateralFreshness(state).observe(_sim_collateral(t0 + DAY))
-    assert json.loads(state.read_text())["version"] == 1
+    CollateralFreshness(state).observe(_sim_collateral(t0 + DAY), source=SOURCE)
+    assert json.loads(state.read_text())["version"] == 2
     with pytest.raises(CollateralRollbackError):
-        CollateralFreshness(state).observe(_sim_collateral(t0))
+        CollateralFreshness(state).observe(_sim_collateral(t0), source=SOURCE)
     state.write_text("{not json")
     with pytest.raises(CollateralError) as exc:
         CollateralFreshness(state)
@@ -407,23 +409,24 @@ def test_rollback_state_persists(tmp_path: Path) -> None:
 def test_rollback_state_is_per_trust_root() -> None:
     """Simulated collateral dated now must not make Intel's real collateral look old."""
     freshness = CollateralFreshness()
-    freshness.observe(_sim_collateral(int(time.time()) - 600))
+    freshness.observe(_sim_collateral(int(time.time()) - 600), source=SOURCE)
     _, intel = _vector("sgx_quote")
-    check_freshness(intel, freshness)
+    freshness.observe(intel, source=SOURCE)
 
 
 def test_rollback_refusal_in_the_verification_path() -> None:
-    """How verify_quote's caller uses it: verify first, then observe."""
+    """The one path records after acceptance and refuses older collateral afterwards."""
+    from teepsi.attestation.peer import PeerRejected, PeerVerifier
+
     t0 = int(time.time()) - 10 * DAY
     platform_new, quote = _sim(t0 + 5 * DAY)
-    freshness = CollateralFreshness()
+    verifier = PeerVerifier(None, allow_simulated=True)
     new = platform_new.collateral_json()
-    verify_quote(quote, new, allow_simulated=True)
-    check_freshness(new, freshness)
+    verifier.verify_bound_quote(quote, new, quote[368:432], what="peer", role=None)
     old = _sim_collateral(t0)
     verify_quote(quote, old, allow_simulated=True, now=t0 + 60)  # a host with its clock rolled back
-    with pytest.raises(CollateralRollbackError):
-        check_freshness(old, freshness)
+    with pytest.raises(PeerRejected, match="refusing a possible rollback"):
+        verifier.verify_bound_quote(quote, old, quote[368:432], what="peer", role=None, at=t0 + 60)
 
 
 def test_describe_collateral_on_vector() -> None:
@@ -432,7 +435,7 @@ def test_describe_collateral_on_vector() -> None:
     assert info.fmspc == "00A067110000" and info.tee_type == "SGX"
     kinds = [item.kind for item in info.items]
     assert kinds == ["TCB info", "QE identity", "PCK CRL", "root CA CRL"]
-    assert collateral_mod._iso(info.items[0].issued) == "2025-06-19T10:56:11Z"
+    assert collateral_mod.iso_utc(info.items[0].issued) == "2025-06-19T10:56:11Z"
     assert info.expired(PINNED) == []
     assert "root CA CRL (Intel SGX Root CA) expired 2026-04-03" in info.describe_expired(1800000000)
 

@@ -85,6 +85,7 @@ BASE_VARS: dict[str, dict[str, str]] = {
         "policy": CLIENT_POLICY,
         "ca_bundle": "/etc/ssl/certs/ca-certificates.crt",
         "spill_dir": "/var/lib/teepsi/spill/client",
+        "state_dir": "/var/lib/teepsi/state/client",
     },
 }
 QCNL_CONF = "file:/etc/sgx_default_qcnl.conf"
@@ -274,6 +275,8 @@ def test_server_argv_exact() -> None:
         "/data/run.toml",
         "--audit-log",
         "/data/audit/audit.log",
+        "--collateral-state",
+        "/state/collateral-state.json",
     ]
 
 
@@ -291,6 +294,8 @@ def test_client_argv_exact() -> None:
         "/data/output",
         "--receipt",
         "/data/receipt/receipt.json",
+        "--collateral-state",
+        "/state/collateral-state.json",
         "--attestation",
         "gramine",
     ]
@@ -774,15 +779,15 @@ def test_spill_space_is_encrypted_with_the_enclave_key(role: str) -> None:
             "key_name": "_sgx_mrenclave",
         }
     ]
-    if role == "server":  # state that outlives a restart, sealed to this very enclave
-        expected.append(
-            {
-                "type": "encrypted",
-                "path": "/state",
-                "uri": f"file:{BASE_VARS[role]['state_dir']}",
-                "key_name": "_sgx_mrenclave",
-            }
-        )
+    # State that outlives a restart (collateral rollback state), sealed to this very enclave.
+    expected.append(
+        {
+            "type": "encrypted",
+            "path": "/state",
+            "uri": f"file:{BASE_VARS[role]['state_dir']}",
+            "key_name": "_sgx_mrenclave",
+        }
+    )
     assert encrypted == expected
     assert data["loader"]["env"]["TMPDIR"] == "/spill"
     tmpfs = [m for m in mounts if m.get("type") == "tmpfs"]

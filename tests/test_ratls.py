@@ -458,11 +458,12 @@ def test_peer_verifier_refuses_an_expired_server_certificate() -> None:
     provider = SimEvidenceProvider(identity)
     collateral = provider.collateral_json(cert.quote)
     verifier = PeerVerifier(policy_for([("server", identity)]), allow_simulated=True)
-    peer, _ = verifier.verify_certificate(cert.certificate_der, collateral, at=made)
+    at = int(made.timestamp())
+    peer, _ = verifier.verify_certificate(cert.certificate_der, collateral, at=at)
     assert peer.verified.simulated
     with pytest.raises(PeerRejected, match="server certificate: certificate expired at"):
         verifier.verify_certificate(
-            cert.certificate_der, collateral, at=made + timedelta(days=1, minutes=1)
+            cert.certificate_der, collateral, at=at + 24 * 3600 + 60, record=False
         )
 
 
@@ -472,14 +473,19 @@ def test_verify_receipt_needs_the_certificate_valid_at_the_issue_time(
 
     from teepsi.attestation.evidence import Role
     from teepsi.attestation.measure import sim_identity
-    from teepsi.attestation.sim import SimEvidenceProvider
+    from teepsi.attestation.sim import SimEvidenceProvider, SimPlatform, SimPlatformConfig
     from teepsi.cli import main
     from teepsi.contract.receipt import PartyEntry, Receipt, sign_receipt
 
     made = datetime.now(UTC) - timedelta(days=3)
-    provider = SimEvidenceProvider(sim_identity(Role.SERVER))
+    # Collateral valid over the whole window, so only the certificate's validity decides.
+    platform = SimPlatform(SimPlatformConfig(collateral_issued_at=int(made.timestamp()) - 3600))
+    provider = SimEvidenceProvider(sim_identity(Role.SERVER), platform)
     cert = create_certificate(provider, now=made, lifetime=timedelta(days=1))
     (tmp_path / "cert.pem").write_bytes(cert.certificate_pem)
+    collateral = provider.collateral_json(cert.quote)
+    assert collateral is not None
+    (tmp_path / "receipt.json.collateral.json").write_text(collateral)
     ends = cert.not_after.strftime("%Y-%m-%dT%H:%M:%SZ")
 
     def verdict(issued: datetime) -> tuple[int, dict[str, object]]:

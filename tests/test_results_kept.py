@@ -147,7 +147,7 @@ def test_result_receipt_and_certificate_are_0600_whatever_the_umask(serve, polic
     run = _run(args, preexec_fn=lambda: os.umask(0))
     assert run.returncode == 0, run.stderr.decode()
     assert out.read_text() == "x\ny\n"
-    for path in (out, receipt, Path(f"{receipt}.cert.pem")):
+    for path in (out, receipt, Path(f"{receipt}.cert.pem"), Path(f"{receipt}.collateral.json")):
         assert _mode(path) == 0o600, path
     assert not Path(f"{out}.resume").exists()  # the result is saved: nothing to resume
     assert sorted(p.name for p in tmp_path.iterdir()) == [
@@ -155,6 +155,7 @@ def test_result_receipt_and_certificate_are_0600_whatever_the_umask(serve, polic
         "out.txt",
         "r.json",
         "r.json.cert.pem",
+        "r.json.collateral.json",
         "server0",
     ]
 
@@ -246,6 +247,41 @@ def test_rows_are_kept_when_the_output_cannot_be_written_after_the_result(
         assert rescued.read_text() == "q\n" and _mode(rescued) == 0o600
     finally:
         rescued.unlink(missing_ok=True)
+
+
+def test_receipt_that_cannot_be_written_after_the_result_does_not_lose_the_rows(
+    serve, policy_file, tmp_path, procs
+):
+    """The receipt's directory vanishes while the party waits: rows saved, one line, exit 1."""
+    server = serve("--job-timeout", "90")
+    folder = tmp_path / "receipts"
+    folder.mkdir()
+    a_data = _text(tmp_path / "a.txt", ["p", "q"])
+    out = tmp_path / "a-out.txt"
+    a = start_client(
+        _party(
+            server,
+            policy_file,
+            a_data,
+            "a",
+            "rw",
+            "--output",
+            str(out),
+            "--receipt",
+            f"{folder}/r.json",
+        )
+    )
+    procs.append(a)
+    _wait_for_log(server, "job rw: party a uploaded")
+    shutil.rmtree(folder)
+    b = _run(_party(server, policy_file, _text(tmp_path / "b.txt", ["q", "r"]), "b", "rw"))
+    assert b.returncode == 0
+    _, stderr = a.communicate(timeout=60)
+    assert a.returncode == 1
+    errors = _errors(stderr)
+    assert len(errors) == 1 and "cannot write" in errors[0], stderr.decode()
+    assert "Traceback" not in stderr.decode()
+    assert out.read_text() == "q\n" and _mode(out) == 0o600
 
 
 def test_below_threshold_job_ends_with_one_clear_line_and_no_traceback(

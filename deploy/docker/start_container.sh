@@ -94,10 +94,12 @@ else
         echo "start_container.sh: data file $data_file not found" >&2
         exit 2
     }
-    mkdir -p "$out_dir"
-    chmod 0700 "$out_dir"
+    state_dir=${TEEPSI_OUT:-$PWD/teepsi-out}/$role-state
+    mkdir -p "$out_dir" "$state_dir"
+    chmod 0700 "$out_dir" "$state_dir"
     args+=(
         -v "$(absolute "$out_dir"):/data"
+        -v "$(absolute "$state_dir"):/var/lib/teepsi/state/client"
         -v "$(absolute "$data_file"):/data/input:ro"
     )
 fi

@@ -121,6 +121,7 @@ def _cmd_server(args: argparse.Namespace) -> int:
         max_workers=args.max_workers,
         audit_log=args.audit_log,
         certificate_lifetime=args.certificate_lifetime or DEFAULT_LIFETIME,
+        collateral_state=_collateral_state(args, "server"),
         pccs_url=args.pccs_url,
         qcnl_path=args.qcnl_config,
         insecure_pccs_tls=args.insecure_pccs_tls,
@@ -269,6 +270,60 @@ def _collateral_file(path: str | None) -> str | None:
         return load_collateral_file(path)
     except CollateralError as exc:
         raise UsageError(str(exc)) from None
+
+
+def _collateral_state(args: argparse.Namespace, role: str) -> Path:
+    """--collateral-state, or the CLI's default file for ``role``; checked readable now."""
+    from teepsi.attestation.collateral import (
+        CollateralError,
+        CollateralFreshness,
+        default_state_path,
+    )
+
+    try:
+        path = (
+            Path(args.collateral_state)
+            if args.collateral_state is not None
+            else default_state_path(role)
+        )
+        CollateralFreshness(path)  # a bad file is a usage error before anything runs
+    except CollateralError as exc:
+        raise UsageError(f"--collateral-state: {exc}") from None
+    return path
+
+
+def _add_collateral_state_flag(parser: argparse.ArgumentParser, role: str, whose: str) -> None:
+    parser.add_argument(
+        "--collateral-state",
+        metavar="FILE",
+        help=f"remembers the newest collateral each {whose} platform showed, so older "
+        "collateral is refused after a restart too (default "
+        f"$XDG_STATE_HOME/teepsi/{role}-collateral-state.json; under Gramine a file on "
+        "an encrypted mount)",
+    )
+
+
+RECEIPT_CERT_SUFFIX = ".cert.pem"
+RECEIPT_COLLATERAL_SUFFIX = ".collateral.json"
+
+
+def _save_receipt(path: str, receipt_json: str, certificate_der: bytes, collateral: str) -> None:
+    """The receipt and the evidence to verify it offline: RECEIPT, .cert.pem, .collateral.json.
+
+    All 0600, each written atomically; the collateral is what this client verified the
+    server with, so ``verify-receipt`` can verify the quote as of the receipt's time.
+    """
+    from teepsi.privatefile import write_private
+
+    for target, data in (
+        (path + RECEIPT_CERT_SUFFIX, _pem(certificate_der)),
+        (path + RECEIPT_COLLATERAL_SUFFIX, (collateral + "\n").encode()),
+        (path, (receipt_json + "\n").encode()),
+    ):
+        try:
+            write_private(target, data)
+        except OSError as exc:
+            raise OSError(f"cannot write {target}: {exc.strerror or exc}") from None
 
 
 def _pem(der: bytes) -> bytes:
@@ -462,7 +517,10 @@ class _ClientOutputs:
     resume: str | None
 
     def receipt_files(self) -> list[str]:
-        return [] if self.receipt is None else [self.receipt, self.receipt + ".cert.pem"]
+        if self.receipt is None:
+            return []
+        suffixes = ("", RECEIPT_CERT_SUFFIX, RECEIPT_COLLATERAL_SUFFIX)
+        return [self.receipt + suffix for suffix in suffixes]
 
 
 def _client_outputs(args: argparse.Namespace, fmt: object, job_spec: Any) -> _ClientOutputs:
@@ -499,7 +557,8 @@ def _client_outputs(args: argparse.Namespace, fmt: object, job_spec: Any) -> _Cl
         inputs.append(args.run_config)
     flagged = [("--output", rows), ("--receipt", args.receipt)]
     if args.receipt:
-        flagged.append(("--receipt (its certificate)", args.receipt + ".cert.pem"))
+        flagged.append(("--receipt (its certificate)", args.receipt + RECEIPT_CERT_SUFFIX))
+        flagged.append(("--receipt (its collateral)", args.receipt + RECEIPT_COLLATERAL_SUFFIX))
     if resume is not None:
         flagged.append(("--resume-file", resume))
     seen: dict[str, str] = {}
@@ -567,6 +626,7 @@ def _cmd_client(args: argparse.Namespace) -> int:
             )
     loaded = _load_policy(args.config, args)
     assert isinstance(loaded, Policy)
+    collateral_state = _collateral_state(args, "client")
     spec = _table_spec(args)
     assert isinstance(spec, TableSpec)
     # Before anything is read or sent: a result is never computed for a place it cannot go.
@@ -607,6 +667,7 @@ def _cmd_client(args: argparse.Namespace) -> int:
         insecure_pccs_tls=args.insecure_pccs_tls,
         resume=args.resume,
         resume_token=resume_token,
+        collateral_state=collateral_state,
     )
     if job_spec is None:
         log.warning(
@@ -645,12 +706,16 @@ def _cmd_client(args: argparse.Namespace) -> int:
             log.error("%s; %s", exc, kept)
             failed = True
     if result.receipt is not None and outputs.receipt is not None:
-        receipt_path, cert_path = outputs.receipt_files()
         try:
-            write_private(receipt_path, (result.receipt.to_json() + "\n").encode())
-            write_private(cert_path, _pem(result.server_certificate_der))
+            _save_receipt(
+                outputs.receipt,
+                result.receipt.to_json(),
+                result.server_certificate_der,
+                result.server_collateral_json,
+            )
         except OSError as exc:
-            log.error("cannot write --receipt %s: %s", receipt_path, exc.strerror or exc)
+            # The rows are already saved; the run fails at the end.
+            log.error("--receipt: %s", exc)
             failed = True
     if outputs.resume is not None and not failed:
         Path(outputs.resume).unlink(missing_ok=True)  # the result is saved: nothing to resume
@@ -769,72 +834,84 @@ def _cmd_spec_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify_receipt(args: argparse.Namespace) -> int:
-    """Signature, certificate binding, and (with --config) whose enclave signed it."""
-    from datetime import UTC, datetime
+    """The receipt's signature, and the attestation of the certificate that signed it.
 
-    from teepsi.attestation.evidence import EnclaveIdentity, Role
-    from teepsi.attestation.policy import Policy, PolicyError, PolicyViolation
-    from teepsi.attestation.quote import QuoteFormatError, parse_quote
-    from teepsi.attestation.ratls import RaTlsError, extract_evidence
-    from teepsi.attestation.sim import is_simulated_quote
+    The certificate goes through the same verification path as a live server's
+    (:class:`teepsi.attestation.peer.PeerVerifier`), as of the receipt's issue time.
+    """
+    from teepsi.attestation.collateral import CollateralError, iso_utc, load_collateral_file
+    from teepsi.attestation.evidence import Role
+    from teepsi.attestation.peer import PeerRejected, PeerVerifier
+    from teepsi.attestation.policy import Policy, PolicyError
     from teepsi.contract.receipt import ReceiptError, SignedReceipt, verify_receipt
 
     def refuse(reason: str) -> int:
         print(json.dumps({"valid": False, "reason": reason}))
         return EXIT_FAILED
 
-    try:
-        signed = SignedReceipt.from_json(Path(args.receipt).read_bytes())
-        cert = Path(args.cert).read_bytes()
-    except OSError as exc:
-        raise UsageError(f"cannot read {exc.filename}: {exc.strerror}") from None
-    except ReceiptError as exc:
-        return refuse(str(exc))
-    try:
-        verify_receipt(signed, cert)
-        # The certificate must have been valid when the receipt was issued.
-        issued = datetime.fromtimestamp(signed.receipt.issued_at, UTC)
-        evidence = extract_evidence(cert, at=issued)
-        body = parse_quote(evidence.quote).report_body
-    except (ReceiptError, RaTlsError, QuoteFormatError) as exc:
-        return refuse(str(exc))
-    flags = int.from_bytes(body.attributes[:8], "little")
-    signer = {
-        "mr_enclave": body.mr_enclave.hex(),
-        "mr_signer": body.mr_signer.hex(),
-        "isv_prod_id": body.isv_prod_id,
-        "isv_svn": body.isv_svn,
-        "simulated": is_simulated_quote(evidence.quote),
-    }
+    cert_path = args.cert or args.receipt + RECEIPT_CERT_SUFFIX
+    collateral_path = args.collateral or args.receipt + RECEIPT_COLLATERAL_SUFFIX
+    policy: Policy | None = None
     if args.config:
         try:
             policy = Policy.load(args.config)
         except PolicyError as exc:
             raise UsageError(str(exc)) from None
-        if signer["simulated"] and not args.allow_simulated:
-            return refuse("the certificate's evidence is SIMULATED; pass --allow-simulated")
-        if body.isv_prod_id != Role.SERVER:
-            return refuse(f"the signing enclave has ISV_PROD_ID {body.isv_prod_id}, not a server")
-        identity = EnclaveIdentity(
-            mr_enclave=body.mr_enclave,
-            mr_signer=body.mr_signer,
-            isv_prod_id=body.isv_prod_id,
-            isv_svn=body.isv_svn,
-            attribute_flags=flags,
-            xfrm=int.from_bytes(body.attributes[8:], "little"),
+    try:
+        receipt_bytes = Path(args.receipt).read_bytes()
+        cert = Path(cert_path).read_bytes()
+    except OSError as exc:
+        raise UsageError(
+            f"cannot read {exc.filename}: {exc.strerror} (the client saves RECEIPT, "
+            f"RECEIPT{RECEIPT_CERT_SUFFIX} and RECEIPT{RECEIPT_COLLATERAL_SUFFIX})"
+        ) from None
+    try:
+        collateral = load_collateral_file(collateral_path)
+    except CollateralError as exc:
+        raise UsageError(
+            f"{exc} (the collateral the server was verified with: pass --collateral FILE)"
+        ) from None
+    try:
+        signed = SignedReceipt.from_json(receipt_bytes)
+        verify_receipt(signed, cert)
+    except ReceiptError as exc:
+        return refuse(str(exc))
+    # As of the receipt's issue time by default: the verdict a live client had then.
+    at = signed.receipt.issued_at if args.at is None else args.at
+    verifier = PeerVerifier(policy, allow_simulated=args.allow_simulated)
+    try:
+        peer, _ = verifier.verify_certificate(
+            cert, collateral, what="signing server", role=Role.SERVER, at=at, record=False
         )
-        try:
-            # The TCB status of the time is not re-judged: its collateral has expired.
-            policy.check(identity, "UpToDate")
-        except PolicyViolation as exc:
-            return refuse(f"signing enclave refused by --config: {exc}")
-    print(
-        json.dumps(
-            {"valid": True, "signer": signer, "receipt": signed.receipt.to_dict()},
-            indent=2,
-            default=str,
+    except PeerRejected as exc:
+        return refuse(str(exc))
+    verified = peer.verified
+    identity = verified.identity
+    assert identity is not None
+    out: dict[str, object] = {
+        "valid": True,
+        "signer": {
+            "mr_enclave": identity.mr_enclave.hex(),
+            "mr_signer": identity.mr_signer.hex(),
+            "isv_prod_id": identity.isv_prod_id,
+            "isv_svn": identity.isv_svn,
+            "simulated": verified.simulated,
+        },
+        "quote_verified": True,
+        "root": verified.root,
+        "tcb_status": verified.tcb_status,
+        "advisory_ids": list(verified.advisory_ids),
+        "verified_at": at,
+        "verified_at_iso": iso_utc(at),
+        "policy": str(args.config) if args.config else None,
+    }
+    if policy is None:
+        out["note"] = (
+            "no --config: quote, key binding and server role verified, but no policy was "
+            "applied (measurements, attributes and TCB status not judged)"
         )
-    )
+    out["receipt"] = signed.receipt.to_dict()
+    print(json.dumps(out, indent=2, default=str))
     return EXIT_OK
 
 
@@ -974,6 +1051,7 @@ def build_parser() -> argparse.ArgumentParser:
         "for enclaves whose command line is fixed",
     )
     server.add_argument("--announce", action="store_true", help=argparse.SUPPRESS)
+    _add_collateral_state_flag(server, "server", "data provider's")
     server.add_argument("-v", "--verbose", action="store_true")
     _add_trust_flags(server)
     server.set_defaults(func=_cmd_server, run_keys=SERVER_RUN_KEYS, subparser=server)
@@ -1046,8 +1124,11 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_argument("--key-file", help="this party's private key, listed in the spec")
     client.add_argument(
         "--receipt",
-        help="save the server's signed receipt here (and its certificate as RECEIPT.cert.pem)",
+        help="save the server's signed receipt here, with the evidence to verify it offline: "
+        "the server's certificate (RECEIPT.cert.pem) and the collateral it was verified "
+        "with (RECEIPT.collateral.json)",
     )
+    _add_collateral_state_flag(client, "client", "server")
     client.add_argument(
         "--run-config",
         help=f"TOML file with per-run settings ({', '.join(CLIENT_RUN_KEYS)}); "
@@ -1084,9 +1165,26 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("file")
     check.set_defaults(func=_cmd_spec_check)
 
+    from teepsi.cli_evidence import register as register_evidence_tools
+    from teepsi.cli_evidence import unix_seconds
+
     verify_receipt = sub.add_parser("verify-receipt", help="re-check a job's signed receipt")
     verify_receipt.add_argument("receipt")
-    verify_receipt.add_argument("--cert", required=True, help="the server's certificate")
+    verify_receipt.add_argument(
+        "--cert", help="the server's certificate (default RECEIPT.cert.pem, as the client saves it)"
+    )
+    verify_receipt.add_argument(
+        "--collateral",
+        metavar="FILE",
+        help="the collateral the server was verified with (default RECEIPT.collateral.json)",
+    )
+    verify_receipt.add_argument(
+        "--at",
+        metavar="UNIX_SECONDS",
+        type=unix_seconds,
+        help="verify the certificate as of this time instead of the receipt's issued_at "
+        "(e.g. now, with current collateral, to refuse a platform revoked since)",
+    )
     verify_receipt.add_argument(
         "--config", help="policy the signing server enclave must satisfy (dynamic_config.json)"
     )
@@ -1101,8 +1199,6 @@ def build_parser() -> argparse.ArgumentParser:
     audit_verify.add_argument("log")
     audit_verify.add_argument("--head", help="expected last hash (detects truncation)")
     audit_verify.set_defaults(func=_cmd_audit_verify)
-
-    from teepsi.cli_evidence import register as register_evidence_tools
 
     register_evidence_tools(sub)
     return parser

@@ -34,11 +34,13 @@ from teepsi.attestation.collateral import (
     CollateralError,
     describe_collateral,
     fetch_collateral,
+    iso_utc,
     load_collateral_file,
     pccs_settings,
     quote_platform,
 )
-from teepsi.attestation.evidence import AttributeFlag
+from teepsi.attestation.evidence import AttributeFlag, Role
+from teepsi.attestation.peer import PeerRejected, PeerVerifier
 from teepsi.attestation.policy import PolicyViolation, TcbAllowances
 from teepsi.attestation.quote import REPORT_BODY_SIZE, ReportBody
 from teepsi.attestation.ratls import (
@@ -53,7 +55,7 @@ from teepsi.attestation.sim import is_simulated_quote
 from teepsi.attestation.verify import QuoteVerificationError, verify_quote
 from teepsi.privatefile import write_private
 
-__all__ = ["quote_fields", "register"]
+__all__ = ["quote_fields", "register", "unix_seconds"]
 
 EXIT_OK = 0
 EXIT_REJECTED = 1
@@ -107,10 +109,6 @@ def _fail(command: str, message: object) -> None:
 def _emit(obj: dict[str, Any]) -> None:
     sys.stdout.write(json.dumps(obj, indent=2) + "\n")
     sys.stdout.flush()
-
-
-def _iso(ts: int) -> str:
-    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _read(path: str, what: str) -> bytes:
@@ -203,7 +201,7 @@ def quote_fields(quote: bytes) -> dict[str, Any]:
 # --- verify-quote ---------------------------------------------------------------------
 
 
-def _unix_seconds(text: str) -> int:
+def unix_seconds(text: str) -> int:
     if not re.fullmatch(r"[0-9]{1,12}", text.strip()):
         raise argparse.ArgumentTypeError(
             f"expected UNIX seconds (a non-negative integer): {text!r}"
@@ -239,7 +237,7 @@ def _cmd_verify_quote(args: argparse.Namespace) -> int:
         verified=False,
         accepted=False,
         verified_at=at,
-        verified_at_iso=_iso(at),
+        verified_at_iso=iso_utc(at),
     )
     try:
         verified = verify_quote(quote, collateral, allow_simulated=args.allow_simulated, now=at)
@@ -251,7 +249,7 @@ def _cmd_verify_quote(args: argparse.Namespace) -> int:
         except CollateralError:
             expired = ""
         if expired:
-            reason += f" (at {_iso(at)}: {expired})"
+            reason += f" (at {iso_utc(at)}: {expired})"
         out["reason"] = reason
         _emit(out)
         return EXIT_REJECTED
@@ -460,6 +458,11 @@ def _cmd_inspect_cert(args: argparse.Namespace) -> int:
     except (_InputError, ValueError) as exc:
         _fail(command, f"{args.cert}: {exc}")
         return EXIT_USAGE
+    try:
+        collateral = load_collateral_file(args.collateral) if args.collateral else None
+    except CollateralError as exc:
+        _fail(command, exc)
+        return EXIT_USAGE
 
     out: dict[str, Any] = {
         "subject": cert.subject.rfc4514_string(),
@@ -490,7 +493,8 @@ def _cmd_inspect_cert(args: argparse.Namespace) -> int:
     binding: dict[str, Any]
     quote: bytes | None
     try:
-        evidence = extract_evidence(der, at=dt.datetime.now(dt.UTC))
+        when = int(time.time()) if args.at is None else int(args.at)
+        evidence = extract_evidence(der, at=dt.datetime.fromtimestamp(when, dt.UTC))
     except RaTlsError as exc:
         quote, source = _quote_from_extensions(cert)
         binding = {"holds": False, "evidence": source, "reason": str(exc)}
@@ -507,18 +511,59 @@ def _cmd_inspect_cert(args: argparse.Namespace) -> int:
             quote_info: dict[str, Any] = quote_fields(quote)
         except _InputError as exc:
             quote_info = {"error": str(exc)}
+        # What the embedded chain claims; quote_verification below says what holds.
         quote_info["simulated"] = is_simulated_quote(quote)
         quote_info["quote_size"] = len(quote)
         quote_info["quote_sha256"] = hashlib.sha256(quote).hexdigest()
         out["quote"] = quote_info
-        out["note_quote"] = (
-            "the quote's signature is not verified here: use `teepsi verify-quote` with "
-            "collateral, or a teepsi client with a policy"
-        )
     else:
         out["quote"] = None
+    verification = _verify_certificate_quote(der, binding, collateral, args)
+    out["quote_verification"] = verification
     _emit(out)
-    return EXIT_OK if binding["holds"] else EXIT_REJECTED
+    if not binding["holds"] or (collateral is not None and not verification["verified"]):
+        return EXIT_REJECTED
+    return EXIT_OK
+
+
+def _verify_certificate_quote(
+    der: bytes, binding: dict[str, Any], collateral: str | None, args: argparse.Namespace
+) -> dict[str, Any]:
+    """The certificate through the one verification path, without a policy or a role."""
+    at = int(time.time()) if args.at is None else int(args.at)
+    result: dict[str, Any] = {"verified": False, "root": None}
+    if not binding["holds"]:
+        result["reason"] = f"not verified: the quote does not bind the key ({binding['reason']})"
+        return result
+    if collateral is None:
+        result["reason"] = (
+            "not verified: no --collateral given, so the quote's signatures, QE report and "
+            "PCK chain were not checked"
+        )
+        return result
+    verifier = PeerVerifier(None, allow_simulated=args.allow_simulated)
+    try:
+        peer, _ = verifier.verify_certificate(
+            der, collateral, what="certificate", role=None, at=at, record=False
+        )
+    except PeerRejected as exc:
+        result["reason"] = f"not verified: {exc}"
+        result["verified_at"] = iso_utc(at)
+        return result
+    verified = peer.verified
+    assert verified.identity is not None
+    prod_id = verified.identity.isv_prod_id
+    roles = {int(role): role.name.lower() for role in Role}
+    result.update(
+        verified=True,
+        root=verified.root,
+        tcb_status=verified.tcb_status,
+        advisory_ids=list(verified.advisory_ids),
+        verified_at=iso_utc(at),
+        role=roles.get(prod_id, f"none (ISV_PROD_ID {prod_id})"),
+        note="no policy applied: measurements, attributes and TCB status are not judged",
+    )
+    return result
 
 
 # --- fetch-collateral -----------------------------------------------------------------
@@ -560,12 +605,12 @@ def _cmd_fetch_collateral(args: argparse.Namespace) -> int:
         "tee_type": platform.tee_type,
         "fmspc": platform.fmspc,
         "pck_ca": platform.ca,
-        "valid_until": _iso(info.next_update),
+        "valid_until": iso_utc(info.next_update),
         "documents": [
             {
                 "document": item.label,
-                "issued": _iso(item.issued),
-                "next_update": _iso(item.next_update),
+                "issued": iso_utc(item.issued),
+                "next_update": iso_utc(item.next_update),
             }
             for item in info.items
         ],
@@ -601,7 +646,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     verify.add_argument(
         "--at",
         metavar="UNIX_SECONDS",
-        type=_unix_seconds,
+        type=unix_seconds,
         help="verify as of this time (default: now)",
     )
     verify.add_argument(
@@ -632,10 +677,29 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "inspect-cert",
         help="show what an RA-TLS certificate carries and check its key binding",
         description="Print the extensions, key, key binding and quote measurements of an "
-        "RA-TLS certificate (PEM or DER). Exit 0 when the quote binds the key, 1 when not, "
-        "2 when the input is unreadable.",
+        "RA-TLS certificate (PEM or DER), and whether its quote verifies (with --collateral, "
+        "through the same path as a live peer, without a policy). Exit 0 when the quote "
+        "binds the key and, with --collateral, verifies; 1 when not; 2 when the input is "
+        "unreadable.",
     )
     inspect.add_argument("cert", metavar="CERT", help="certificate file, PEM or DER")
+    inspect.add_argument(
+        "--collateral",
+        metavar="FILE",
+        help="collateral (dcap-qvl JSON) to verify the quote with; without it the quote's "
+        "signatures are not checked, and the output says so",
+    )
+    inspect.add_argument(
+        "--at",
+        metavar="UNIX_SECONDS",
+        type=unix_seconds,
+        help="verify as of this time (default: now)",
+    )
+    inspect.add_argument(
+        "--allow-simulated",
+        action="store_true",
+        help="verify simulated quotes under teepsi's simulated root (proves nothing)",
+    )
     inspect.set_defaults(func=_cmd_inspect_cert)
 
     fetch = subparsers.add_parser(

@@ -32,10 +32,13 @@ breaks) and cannot read the hex-encoded CRLs of the PCCS 3.0 API.
 from __future__ import annotations
 
 import datetime as dt
+import errno
+import fcntl
 import hashlib
 import ipaddress
 import json
 import logging
+import os
 import re
 import ssl
 import threading
@@ -60,6 +63,7 @@ from teepsi.privatefile import write_private
 
 __all__ = [
     "DEFAULT_QCNL_PATH",
+    "FRESHNESS_TOLERANCE_SECONDS",
     "CacheStats",
     "CollateralCache",
     "CollateralError",
@@ -71,11 +75,11 @@ __all__ = [
     "PccsSettings",
     "QcnlConfig",
     "QuotePlatform",
-    "check_freshness",
     "collateral_for_quote",
-    "default_freshness",
+    "default_state_path",
     "describe_collateral",
     "fetch_collateral",
+    "iso_utc",
     "load_collateral_file",
     "pccs_settings",
     "quote_platform",
@@ -114,7 +118,8 @@ def _one_line(text: object) -> str:
     return " ".join(str(text).split())
 
 
-def _iso(ts: int) -> str:
+def iso_utc(ts: int) -> str:
+    """UNIX seconds as ISO 8601 UTC, e.g. ``2026-04-03T11:15:17Z``."""
     return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
@@ -396,6 +401,11 @@ class CollateralInfo:
         """The earliest nextUpdate: collateral is usable until then."""
         return min(item.next_update for item in self.items)
 
+    @property
+    def oldest_issued(self) -> int:
+        """The earliest issueDate / thisUpdate: how old the collateral set is."""
+        return min(item.issued for item in self.items)
+
     def expired(self, now: int) -> list[CollateralItem]:
         return [item for item in self.items if item.next_update < now]
 
@@ -404,8 +414,8 @@ class CollateralInfo:
 
     def describe_expired(self, now: int) -> str:
         """``"root CA CRL … expired 2026-04-03T11:15:17Z; …"`` or "" when nothing expired."""
-        parts = [f"{i.label} expired {_iso(i.next_update)}" for i in self.expired(now)]
-        parts += [f"{i.label} is issued only {_iso(i.issued)}" for i in self.not_yet_valid(now)]
+        parts = [f"{i.label} expired {iso_utc(i.next_update)}" for i in self.expired(now)]
+        parts += [f"{i.label} is issued only {iso_utc(i.issued)}" for i in self.not_yet_valid(now)]
         return "; ".join(parts)
 
 
@@ -546,30 +556,53 @@ def load_collateral_file(path: str | Path) -> str:
 
 _EVALUATION_SUFFIX = "#tcbEvaluationDataNumber"
 
+#: How much older than the newest seen from the same source collateral may be: one
+#: platform's collateral may reach a verifier through several PCCS caches (e.g. two
+#: server processes on one machine refreshing on different days). Evaluation numbers
+#: never go back, whatever the tolerance.
+FRESHNESS_TOLERANCE_SECONDS = 24 * 3600
+
+
+def default_state_path(role: str) -> Path:
+    """Where the CLI keeps ``role``'s rollback state unless told otherwise.
+
+    ``$XDG_STATE_HOME/teepsi/ROLE-collateral-state.json`` (``~/.local/state`` when unset).
+    """
+    base = os.environ.get("XDG_STATE_HOME")
+    try:
+        root = Path(base) if base else Path.home() / ".local" / "state"
+    except RuntimeError:
+        raise CollateralError(
+            "cannot tell where to keep collateral state (no HOME); pass --collateral-state FILE"
+        ) from None
+    return root / "teepsi" / f"{role}-collateral-state.json"
+
 
 class CollateralFreshness:
-    """Remembers the newest collateral seen and refuses anything older.
+    """Remembers the newest collateral each source has shown and refuses anything older.
 
-    Per document identity (TCB info per FMSPC, QE identity, each CRL issuer, all under
-    their trust root) it keeps the newest issueDate / thisUpdate seen, and for TCB info
-    and QE identity the highest tcbEvaluationDataNumber. Collateral with an older date or
-    a lower number is refused: a host that rolls the clock back and replays old, genuine
-    collateral must not revive a TCB level or a certificate revoked since.
+    A *source* is the attesting platform, named by the PPID of its verified PCK
+    certificate. Per source and document identity (TCB info per FMSPC, QE identity,
+    each CRL issuer, all under their trust root) it keeps the newest issueDate /
+    thisUpdate and, for TCB info and QE identity, the highest tcbEvaluationDataNumber.
+    Collateral older, or with a lower number, than its source showed before is refused:
+    a host that rolls the clock back and replays old, genuine collateral must not
+    revive a TCB level or a certificate revoked since.
 
-    ``tolerance_seconds`` lets collateral be older than the newest seen by that much
-    (never with a lower evaluation number). Use it where collateral comes from several
-    independent sources, e.g. a server checking data providers that each fetched their
-    own from PCCSs refreshing at different times; with the default 0 such a verifier
-    refuses a provider whose still-valid collateral is a day older than another's.
+    Why per source: a peer's collateral must never raise the floor for other peers,
+    or one party (or a refused caller) could lock out every honest party whose PCCS
+    lags. The floor across all peers is the policy's (``min_tcb_evaluation_data_number``,
+    ``max_collateral_age_days``), set by whoever owns the policy.
 
-    Call :meth:`observe` only with collateral that has just *verified*: recording dates
-    from unverified collateral would let a forger push the tracker into the future.
+    Call :meth:`observe` only for a peer that was fully accepted (quote, binding, role,
+    policy): recording anything earlier lets a refused caller poison the state.
 
-    With ``state_path`` the newest dates survive restarts (a small JSON file, written
-    atomically). Thread-safe.
+    With ``state_path`` the state survives restarts: a small JSON file (mode 0600,
+    written atomically), re-read and merged under a lock before each update, so
+    processes sharing it never forget what another recorded. Thread-safe.
     """
 
-    _STATE_VERSION = 1
+    _STATE_VERSION = 2
 
     def __init__(self, state_path: str | Path | None = None, *, tolerance_seconds: int = 0) -> None:
         if tolerance_seconds < 0:
@@ -609,84 +642,109 @@ class CollateralFreshness:
             )
         return dict(newest)
 
+    def _merge(self, other: dict[str, int]) -> None:
+        for key, value in other.items():
+            if value > self._newest.get(key, -1):
+                self._newest[key] = value
+
     def _save(self) -> None:
         assert self.state_path is not None
         data = {"version": self._STATE_VERSION, "newest": dict(sorted(self._newest.items()))}
         try:
-            text = json.dumps(data, indent=1) + "\n"
-            write_private(self.state_path, text.encode("utf-8"))
+            write_private(self.state_path, (json.dumps(data, indent=1) + "\n").encode())
         except OSError as exc:
             raise CollateralError(
                 f"{self.state_path}: cannot write collateral state: {exc.strerror or exc}"
             ) from None
 
-    def newest(self, key: str) -> int | None:
-        """The newest issue date seen for a document identity (UNIX seconds)."""
-        with self._lock:
-            return self._newest.get(key)
+    def _file_lock(self) -> int | None:
+        """An exclusive lock on ``STATE.lock`` (None where the OS has no flock)."""
+        assert self.state_path is not None
+        lock_path = self.state_path.with_name(self.state_path.name + ".lock")
+        try:
+            self.state_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        except OSError as exc:
+            raise CollateralError(
+                f"{lock_path}: cannot open the collateral state lock: {exc.strerror or exc}"
+            ) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                os.close(fd)
+                raise CollateralError(f"{lock_path}: cannot lock: {exc.strerror}") from None
+        return fd
 
-    def _check_locked(self, info: CollateralInfo) -> None:
+    @staticmethod
+    def _key(source: str, item: CollateralItem) -> str:
+        if not source or not source.isprintable() or "|" in source:
+            raise CollateralError("collateral source must be a non-empty name without '|'")
+        return f"{source}|{item.key}"
+
+    def newest(self, key: str, *, source: str) -> int | None:
+        """The newest issue date ``source`` showed for a document identity (UNIX seconds)."""
+        with self._lock:
+            return self._newest.get(f"{source}|{key}")
+
+    def _check_locked(self, info: CollateralInfo, source: str) -> None:
         for item in info.items:
-            seen = self._newest.get(item.key)
+            key = self._key(source, item)
+            seen = self._newest.get(key)
             if seen is not None and item.issued < seen - self.tolerance_seconds:
                 raise CollateralRollbackError(
-                    f"collateral issued {_iso(item.issued)} is older than collateral already "
-                    f"seen ({_iso(seen)}) for the {item.label}: refusing a possible rollback"
+                    f"collateral issued {iso_utc(item.issued)} is older than collateral this "
+                    f"platform showed before ({iso_utc(seen)}) for the {item.label}: refusing a "
+                    "possible rollback"
                 )
-            highest = self._newest.get(item.key + _EVALUATION_SUFFIX)
+            highest = self._newest.get(key + _EVALUATION_SUFFIX)
             number = item.evaluation_number
             if highest is not None and number is not None and number < highest:
                 raise CollateralRollbackError(
                     f"collateral has TCB evaluation data number {number}, lower than "
-                    f"{highest} already seen for the {item.label}: refusing a possible rollback"
+                    f"{highest} this platform showed before for the {item.label}: refusing a "
+                    "possible rollback"
                 )
 
-    def check(self, collateral_json: str) -> CollateralInfo:
-        """Raise CollateralRollbackError if any document is older than one seen; record nothing."""
+    def check(self, collateral_json: str, *, source: str) -> CollateralInfo:
+        """Raise CollateralRollbackError if any document is older than ``source`` showed.
+
+        Records nothing.
+        """
         info = describe_collateral(collateral_json)
         with self._lock:
-            self._check_locked(info)
+            if self.state_path is not None:
+                self._merge(self._load(self.state_path))
+            self._check_locked(info, source)
         return info
 
-    def observe(self, collateral_json: str) -> CollateralInfo:
+    def observe(self, collateral_json: str, *, source: str) -> CollateralInfo:
         """Check (as :meth:`check`) and then remember this collateral's dates, atomically."""
         info = describe_collateral(collateral_json)
-        with self._lock:
-            self._check_locked(info)
-            changed = False
-            for item in info.items:
-                updates = [(item.key, item.issued)]
-                if item.evaluation_number is not None:
-                    updates.append((item.key + _EVALUATION_SUFFIX, item.evaluation_number))
-                for key, value in updates:
-                    if value > self._newest.get(key, -1):
-                        self._newest[key] = value
-                        changed = True
-            if changed and self.state_path is not None:
-                self._save()
+        self.record(info, source=source)
         return info
 
-
-_default_freshness: CollateralFreshness | None = None
-_default_lock = threading.Lock()
-
-
-def default_freshness() -> CollateralFreshness:
-    """The process-wide, in-memory tracker :func:`check_freshness` uses by default."""
-    global _default_freshness
-    with _default_lock:
-        if _default_freshness is None:
-            _default_freshness = CollateralFreshness()
-        return _default_freshness
-
-
-def check_freshness(collateral_json: str, freshness: CollateralFreshness | None = None) -> None:
-    """Refuse collateral older than collateral already seen, then remember it.
-
-    For the verification path, *after* the quote and collateral verified. Raises
-    CollateralRollbackError (a CollateralError) with a one-line message.
-    """
-    (freshness or default_freshness()).observe(collateral_json)
+    def record(self, info: CollateralInfo, *, source: str) -> None:
+        """:meth:`observe` for collateral already described (parsed once by the caller)."""
+        with self._lock:
+            lock_fd = self._file_lock() if self.state_path is not None else None
+            try:
+                if self.state_path is not None:
+                    self._merge(self._load(self.state_path))
+                self._check_locked(info, source)
+                updates: dict[str, int] = {}
+                for item in info.items:
+                    key = self._key(source, item)
+                    updates[key] = item.issued
+                    if item.evaluation_number is not None:
+                        updates[key + _EVALUATION_SUFFIX] = item.evaluation_number
+                changed = any(value > self._newest.get(k, -1) for k, value in updates.items())
+                self._merge(updates)
+                if changed and self.state_path is not None:
+                    self._save()
+            finally:
+                if lock_fd is not None:
+                    os.close(lock_fd)
 
 
 # --- the PCCS client -------------------------------------------------------------------
@@ -1122,7 +1180,7 @@ class CollateralCache:
                         entry.next_attempt = now + self.retry_interval
                         log.warning(
                             "collateral refresh failed, serving the cached collateral until %s: %s",
-                            _iso(entry.info.next_update),
+                            iso_utc(entry.info.next_update),
                             exc,
                         )
                         return entry.collateral_json
@@ -1151,7 +1209,7 @@ class CollateralCache:
             validate(quote, collateral_json, int(now))
         # Recorded only after validation (see CollateralFreshness); a refresh that is
         # older than what we hand out already is refused here.
-        self._freshness.observe(collateral_json)
+        self._freshness.observe(collateral_json, source="own platform")
         refresh_at = info.next_update - self.refresh_margin
         if self.max_age is not None:
             refresh_at = min(refresh_at, now + self.max_age)

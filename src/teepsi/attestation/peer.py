@@ -1,21 +1,47 @@
-"""Deciding whether a peer is trusted: evidence, key binding, quote, policy.
+"""Deciding whether a peer is trusted: the one verification path for all evidence.
 
-Both directions use this: a data provider checking the server's RA-TLS certificate,
-and the server checking a data provider's challenge evidence.
+Every place that judges evidence goes through :class:`PeerVerifier`: a data provider
+checking the server's RA-TLS certificate, the server checking a data provider's
+challenge evidence, ``teepsi verify-receipt`` checking the certificate that signed a
+receipt (as of the receipt's issue time) and ``teepsi inspect-cert``. The stages, in
+order, cheapest first:
+
+1. binding: the quote's report_data binds the certificate's key (RA-TLS) or equals
+   the expected value exactly (a join), checked on the quote's bytes before anything
+   expensive, so a mismatch costs nothing;
+2. quote: signature, QE report, attestation key and PCK chain to Intel's root (or,
+   only when allowed, the simulated root), against collateral, at a given time
+   (:func:`teepsi.attestation.verify.verify_quote`, dcap-qvl);
+3. role: the enclave's ISV_PROD_ID (server 1, data provider 2);
+4. policy: measurements, attributes, TCB status and the collateral rules (when a
+   policy is given; offline tools may verify without one and say so);
+5. rollback: only now, with the peer fully accepted, its collateral is checked against
+   and recorded in the per-platform rollback state (:class:`CollateralFreshness`).
 """
 
 from __future__ import annotations
 
 import hmac
 import logging
+import time
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
-from teepsi.attestation.collateral import CollateralFreshness
+from teepsi.attestation.collateral import CollateralError, CollateralFreshness, describe_collateral
 from teepsi.attestation.evidence import Role
 from teepsi.attestation.policy import MeasurementEntry, Policy, PolicyViolation
-from teepsi.attestation.ratls import ExtractedEvidence, RaTlsError, extract_evidence
-from teepsi.attestation.verify import QuoteVerificationError, VerifiedQuote, verify_quote
+from teepsi.attestation.ratls import (
+    ExtractedEvidence,
+    RaTlsError,
+    extract_evidence,
+    quote_report_data,
+)
+from teepsi.attestation.verify import (
+    QuoteVerificationError,
+    VerifiedQuote,
+    checked_verification_time,
+    verify_quote,
+)
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +53,8 @@ class PeerRejected(Exception):
 @dataclass(frozen=True)
 class TrustedPeer:
     verified: VerifiedQuote
-    matched: MeasurementEntry
+    #: The policy entry the peer matched; None when no policy was applied.
+    matched: MeasurementEntry | None
 
     def describe(self) -> str:
         ident = self.verified.identity
@@ -39,12 +66,24 @@ class TrustedPeer:
         )
 
 
+_NOT_BOUND = "quote report_data does not bind this join (nonce, server, job, party and key)"
+
+
+def _role_name(role: Role) -> str:
+    return role.name.lower().replace("_", " ")
+
+
 class PeerVerifier:
-    """Applies one policy to peers' evidence; never uses the network."""
+    """Applies one policy to peers' evidence; never uses the network.
+
+    ``policy`` None verifies everything but measurements, attributes, TCB status and
+    collateral rules: for offline tools, which must say so. ``freshness`` None keeps
+    the rollback state in memory for this verifier's life.
+    """
 
     def __init__(
         self,
-        policy: Policy,
+        policy: Policy | None,
         *,
         allow_simulated: bool = False,
         freshness: CollateralFreshness | None = None,
@@ -54,14 +93,19 @@ class PeerVerifier:
         self.freshness = freshness if freshness is not None else CollateralFreshness()
 
     def _check(
-        self, quote: bytes, collateral_json: str | None, what: str, role: Role | None
+        self,
+        quote: bytes,
+        collateral_json: str | None,
+        what: str,
+        role: Role | None,
+        at: int | None,
+        record: bool,
+        expected_report_data: bytes | None = None,
     ) -> TrustedPeer:
+        when = int(time.time()) if at is None else at
         try:
             verified = verify_quote(
-                quote,
-                collateral_json,
-                allow_simulated=self.allow_simulated,
-                freshness=self.freshness,
+                quote, collateral_json, allow_simulated=self.allow_simulated, now=when
             )
         except QuoteVerificationError as exc:
             raise PeerRejected(f"{what}: {exc}") from None
@@ -74,12 +118,30 @@ class PeerVerifier:
             # as the server (or the reverse), even under a policy that lists both.
             raise PeerRejected(
                 f"{what}: enclave has ISV_PROD_ID {verified.identity.isv_prod_id}, which is not "
-                f"the {role.name.lower().replace('_', ' ')} role ({int(role)})"
+                f"the {_role_name(role)} role ({int(role)})"
             )
+        if expected_report_data is not None and not hmac.compare_digest(
+            verified.report_data, expected_report_data
+        ):
+            # The signed value decides; the byte check before was an early exit.
+            raise PeerRejected(f"{what}: {_NOT_BOUND}")
+        assert collateral_json  # verify_quote refuses a quote without collateral
+        matched: MeasurementEntry | None = None
         try:
-            matched = self.policy.check(verified.identity, verified.tcb_status)
-        except PolicyViolation as exc:
+            info = describe_collateral(collateral_json)
+            if self.policy is not None:
+                matched = self.policy.check(verified.identity, verified.tcb_status)
+                self.policy.check_collateral(info, when)
+        except (PolicyViolation, CollateralError) as exc:
             raise PeerRejected(f"{what}: {exc}") from None
+        if record:
+            if not verified.ppid:
+                raise PeerRejected(f"{what}: the verified quote names no platform (PPID)")
+            try:
+                # Last: only a fully accepted peer moves its platform's rollback state.
+                self.freshness.record(info, source=f"ppid:{verified.ppid}")
+            except CollateralError as exc:
+                raise PeerRejected(f"{what}: {exc}") from None
         return TrustedPeer(verified=verified, matched=matched)
 
     def verify_certificate(
@@ -87,17 +149,30 @@ class PeerVerifier:
         certificate_der: bytes,
         collateral_json: str | None,
         *,
-        at: datetime,
         what: str = "server",
         role: Role | None = Role.SERVER,
+        at: int | None = None,
+        record: bool = True,
     ) -> tuple[TrustedPeer, ExtractedEvidence]:
-        """Verify an RA-TLS certificate: its evidence, key binding, validity at ``at``,
-        quote and policy."""
+        """Verify an RA-TLS certificate: key binding, validity, quote, role, policy, rollback.
+
+        ``at`` (UNIX seconds) verifies as of that time, the certificate's validity period
+        included (default now); ``record=False`` leaves the rollback state alone (offline
+        checks of old evidence).
+        """
         try:
-            evidence = extract_evidence(certificate_der, at=at)
+            when = checked_verification_time(at)
+        except QuoteVerificationError as exc:
+            raise PeerRejected(f"{what}: {exc}") from None
+        try:
+            # Binding first: it reads the quote's bytes only.
+            evidence = extract_evidence(
+                certificate_der, at=datetime.fromtimestamp(when, tz=UTC)
+            )
         except RaTlsError as exc:
             raise PeerRejected(f"{what} certificate: {exc}") from None
-        return self._check(evidence.quote, collateral_json, what, role), evidence
+        peer = self._check(evidence.quote, collateral_json, what, role, when, record)
+        return peer, evidence
 
     def verify_bound_quote(
         self,
@@ -107,12 +182,16 @@ class PeerVerifier:
         *,
         what: str,
         role: Role | None = Role.DATA_PROVIDER,
+        at: int | None = None,
+        record: bool = True,
     ) -> TrustedPeer:
         """Verify a quote whose report_data must equal ``expected_report_data`` exactly."""
-        peer = self._check(quote, collateral_json, what, role)
-        if not hmac.compare_digest(peer.verified.report_data, expected_report_data):
-            raise PeerRejected(
-                f"{what}: quote report_data does not bind this join (nonce, server, job, "
-                "party and key)"
-            )
-        return peer
+        try:
+            claimed = quote_report_data(quote)
+        except RaTlsError as exc:
+            raise PeerRejected(f"{what}: {exc}") from None
+        # The cheap check before the expensive one: a replayed or foreign quote is
+        # refused without running dcap-qvl.
+        if not hmac.compare_digest(claimed, expected_report_data):
+            raise PeerRejected(f"{what}: {_NOT_BOUND}")
+        return self._check(quote, collateral_json, what, role, at, record, expected_report_data)

@@ -27,6 +27,11 @@ allowed. Parsing fails closed:
   0..65535 (the seed's reference silently read strings as 0);
 * unknown keys are errors, except keys starting with ``_`` or ``comment``, which are
   ignored everywhere so that files can carry notes;
+* two optional collateral rules (teepsi extensions), absent meaning "no rule":
+  ``min_tcb_evaluation_data_number`` (an integer 0..2^32-1: TCB info and QE identity
+  must carry at least this tcbEvaluationDataNumber, e.g. the number of Intel's latest
+  TCB recovery) and ``max_collateral_age_days`` (an integer 1..3650: no document of the
+  collateral may be issued longer ago than this, as of the verification time);
 * :meth:`Policy.load` also refuses duplicate keys and NaN/Infinity.
 """
 
@@ -38,9 +43,13 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from teepsi.attestation.evidence import AttributeFlag, EnclaveIdentity
 from teepsi.jsontext import read_user_text, show, strict_json_loads
+
+if TYPE_CHECKING:
+    from teepsi.attestation.collateral import CollateralInfo
 
 __all__ = [
     "MeasurementEntry",
@@ -59,7 +68,12 @@ _MAX_U16 = 0xFFFF
 
 _VERIFY_KEYS = ("verify_mr_enclave", "verify_mr_signer", "verify_isv_prod_id", "verify_isv_svn")
 _ALLOW_KEYS = ("allow_outdated_tcb", "allow_hw_config_needed", "allow_sw_hardening_needed")
-_TOP_KEYS = (*_VERIFY_KEYS, *_ALLOW_KEYS, "sgx_mrs")
+_MIN_EVALUATION_KEY = "min_tcb_evaluation_data_number"
+_MAX_AGE_KEY = "max_collateral_age_days"
+_MAX_EVALUATION_NUMBER = 0xFFFFFFFF
+_MAX_AGE_DAYS = 3650
+_DAY_SECONDS = 24 * 3600
+_TOP_KEYS = (*_VERIFY_KEYS, *_ALLOW_KEYS, "sgx_mrs", _MIN_EVALUATION_KEY, _MAX_AGE_KEY)
 # (entry attribute / JSON key, label used in messages, flag that enables it)
 _FIELDS = (
     ("mr_enclave", "MRENCLAVE", "verify_mr_enclave"),
@@ -126,7 +140,8 @@ def _parse_mr(value: object, where: str) -> bytes:
     raise PolicyError(f"{where}: expected 64 hex characters, got {show(value)}{detail}")
 
 
-def _parse_u16(value: object, where: str) -> int:
+def _parse_int(value: object, where: str, low: int, high: int) -> int:
+    """A JSON integer or decimal string in low..high (never a bool, float or null)."""
     # bool is an int subclass in Python: true must not read as 1
     number: int | None = None
     if isinstance(value, int) and not isinstance(value, bool):
@@ -134,13 +149,17 @@ def _parse_u16(value: object, where: str) -> int:
     elif isinstance(value, str) and _DECIMAL.fullmatch(value):
         digits = value.lstrip("0") or "0"
         # bound the length before int(): a huge digit string is simply out of range
-        number = int(digits) if len(digits) <= 5 else _MAX_U16 + 1
-    if number is None or not 0 <= number <= _MAX_U16:
+        number = int(digits) if len(digits) <= len(str(high)) else high + 1
+    if number is None or not low <= number <= high:
         raise PolicyError(
-            f"{where}: expected an integer 0..65535 (JSON number or decimal string), "
+            f"{where}: expected an integer {low}..{high} (JSON number or decimal string), "
             f"got {show(value)}"
         )
     return number
+
+
+def _parse_u16(value: object, where: str) -> int:
+    return _parse_int(value, where, 0, _MAX_U16)
 
 
 def _parse_name(value: object, where: str) -> str:
@@ -247,10 +266,23 @@ class Policy:
     verify_isv_svn: bool
     entries: tuple[MeasurementEntry, ...]
     tcb: TcbAllowances = field(default_factory=TcbAllowances)
+    #: Lowest tcbEvaluationDataNumber accepted in TCB info and QE identity (None: any).
+    min_tcb_evaluation_data_number: int | None = None
+    #: Oldest collateral accepted, in days before the verification time (None: any).
+    max_collateral_age_days: int | None = None
 
     def __post_init__(self) -> None:
         # invariants hold however the policy was built, not only when parsed
         object.__setattr__(self, "entries", tuple(self.entries))
+        for attr, low, high in (
+            (_MIN_EVALUATION_KEY, 0, _MAX_EVALUATION_NUMBER),
+            (_MAX_AGE_KEY, 1, _MAX_AGE_DAYS),
+        ):
+            value = getattr(self, attr)
+            if value is not None and (
+                not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high
+            ):
+                raise PolicyError(f"Policy: {attr}: must be an integer {low}..{high} or None")
         for flag in _VERIFY_KEYS:
             if not isinstance(getattr(self, flag), bool):
                 raise PolicyError(f"Policy: {flag}: must be a bool")
@@ -303,6 +335,22 @@ class Policy:
         entries = tuple(
             _parse_entry(raw, flags, f"{source}: sgx_mrs[{i}]") for i, raw in enumerate(raw_entries)
         )
+        # Present means a rule: null is not "no rule" but an error, like any odd value.
+        min_evaluation = (
+            _parse_int(
+                data[_MIN_EVALUATION_KEY],
+                f"{source}: {_MIN_EVALUATION_KEY}",
+                0,
+                _MAX_EVALUATION_NUMBER,
+            )
+            if _MIN_EVALUATION_KEY in data
+            else None
+        )
+        max_age = (
+            _parse_int(data[_MAX_AGE_KEY], f"{source}: {_MAX_AGE_KEY}", 1, _MAX_AGE_DAYS)
+            if _MAX_AGE_KEY in data
+            else None
+        )
         return cls(
             verify_mr_enclave=flags["verify_mr_enclave"],
             verify_mr_signer=flags["verify_mr_signer"],
@@ -314,6 +362,8 @@ class Policy:
                 hw_config_needed=allow["allow_hw_config_needed"],
                 sw_hardening_needed=allow["allow_sw_hardening_needed"],
             ),
+            min_tcb_evaluation_data_number=min_evaluation,
+            max_collateral_age_days=max_age,
         )
 
     @classmethod
@@ -333,6 +383,10 @@ class Policy:
         out["allow_hw_config_needed"] = on_off[self.tcb.hw_config_needed]
         out["allow_sw_hardening_needed"] = on_off[self.tcb.sw_hardening_needed]
         out["sgx_mrs"] = [entry.to_dict() for entry in self.entries]
+        if self.min_tcb_evaluation_data_number is not None:
+            out[_MIN_EVALUATION_KEY] = self.min_tcb_evaluation_data_number
+        if self.max_collateral_age_days is not None:
+            out[_MAX_AGE_KEY] = self.max_collateral_age_days
         return out
 
     def with_tcb(self, tcb: TcbAllowances) -> Policy:
@@ -366,6 +420,35 @@ class Policy:
         assert best is not None
         index, _, mismatched = best
         raise PolicyViolation(_describe(self.entries[index], index, identity, mismatched))
+
+    def check_collateral(self, info: CollateralInfo, at: int) -> None:
+        """Raise PolicyViolation unless the (verified) collateral meets the policy's rules.
+
+        ``at`` is the verification time: a receipt checked later is judged as of its
+        issue time, as the live peer was.
+        """
+        floor = self.min_tcb_evaluation_data_number
+        if floor is not None:
+            for item in info.items:
+                if item.kind not in ("TCB info", "QE identity"):
+                    continue
+                if item.evaluation_number is None or item.evaluation_number < floor:
+                    have = "none" if item.evaluation_number is None else item.evaluation_number
+                    raise PolicyViolation(
+                        f"collateral's {item.label} has TCB evaluation data number {have}, "
+                        f"below the policy's {_MIN_EVALUATION_KEY} {floor} (fetch current "
+                        "collateral from the PCCS)"
+                    )
+        max_days = self.max_collateral_age_days
+        if max_days is not None:
+            for item in info.items:
+                age = at - item.issued
+                if age > max_days * _DAY_SECONDS:
+                    raise PolicyViolation(
+                        f"collateral's {item.label} was issued {age // _DAY_SECONDS} days "
+                        f"before the verification time, more than the policy's "
+                        f"{_MAX_AGE_KEY} {max_days} (fetch current collateral from the PCCS)"
+                    )
 
     def _mismatches(self, entry: MeasurementEntry, identity: EnclaveIdentity) -> list[str]:
         out: list[str] = []

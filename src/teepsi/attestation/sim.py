@@ -94,6 +94,9 @@ class SimPlatformConfig:
     collateral_validity_seconds: int = 30 * 24 * 3600
     #: List the PCK certificate's serial number in the PCK CRL.
     revoke_pck: bool = False
+    #: tcbEvaluationDataNumber of TCB info and QE identity (Intel raises it at each TCB
+    #: recovery); a higher one makes genuine, signed "newer" collateral.
+    tcb_evaluation_data_number: int = 17
 
     def __post_init__(self) -> None:
         # Accept plain strings too, but fail early on ones Intel never uses.
@@ -102,6 +105,8 @@ class SimPlatformConfig:
             raise ValueError("an UpToDate TCB level carries no advisories")
         if self.collateral_validity_seconds <= 0:
             raise ValueError("collateral_validity_seconds must be positive")
+        if not 0 <= self.tcb_evaluation_data_number <= 0xFFFFFFFF:
+            raise ValueError("tcb_evaluation_data_number must fit in 32 bits")
 
 
 # --- The committed PKI ---
@@ -109,7 +114,6 @@ class SimPlatformConfig:
 # Collateral made "now" is dated a little in the past: dcap-qvl refuses documents
 # issued in the future, and the verifier's clock may lag the prover's.
 _CLOCK_SKEW_ALLOWANCE_SECONDS = 300
-_TCB_EVALUATION_DATA_NUMBER = 17
 # What Intel's Quoting Enclave puts in its authentication data; any 32 bytes would do.
 _QE_AUTH_DATA = bytes(range(32))
 _QE_MR_ENCLAVE = hashlib.sha256(b"teepsi INSECURE-SIMULATED Quoting Enclave").digest()
@@ -392,7 +396,7 @@ class SimPlatform:
             "fmspc": pki.fmspc,
             "pceId": pki.pce_id,
             "tcbType": 0,
-            "tcbEvaluationDataNumber": _TCB_EVALUATION_DATA_NUMBER,
+            "tcbEvaluationDataNumber": self.config.tcb_evaluation_data_number,
             "tcbLevels": levels,
         }
 
@@ -403,7 +407,7 @@ class SimPlatform:
             "version": 2,
             "issueDate": _iso(issued),
             "nextUpdate": _iso(expires),
-            "tcbEvaluationDataNumber": _TCB_EVALUATION_DATA_NUMBER,
+            "tcbEvaluationDataNumber": self.config.tcb_evaluation_data_number,
             "miscselect": pki.qe_misc_select.to_bytes(4, "little").hex().upper(),
             "miscselectMask": "FFFFFFFF",
             "attributes": attributes_bytes(pki.qe_attribute_flags, 0).hex().upper(),

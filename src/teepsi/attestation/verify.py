@@ -19,12 +19,15 @@ from typing import Any
 
 import dcap_qvl
 
-from teepsi.attestation.collateral import CollateralError, CollateralFreshness
 from teepsi.attestation.evidence import EnclaveIdentity
 
 log = logging.getLogger(__name__)
 
 INTEL_ROOT_CA_SHA256 = "44a0196b2b99f889b8e149e95b807a350e7424964399e885a7cbb8ccfab674d3"
+
+#: How outputs name the root a quote was verified against.
+INTEL_ROOT_NAME = "Intel SGX Root CA"
+SIMULATED_ROOT_NAME = "SIMULATED root"
 
 SIMULATED_WARNING = (
     "SIMULATED ATTESTATION: evidence is produced by teepsi's simulated platform; "
@@ -56,6 +59,14 @@ class VerifiedQuote:
     advisory_ids: tuple[str, ...]
     simulated: bool
     report: dict[str, Any]
+    #: The platform's PPID (hex) from its verified PCK certificate: the collateral
+    #: rollback state is kept per platform (:class:`CollateralFreshness`).
+    ppid: str = ""
+
+    @property
+    def root(self) -> str:
+        """The trust root the PCK chain was verified against."""
+        return SIMULATED_ROOT_NAME if self.simulated else INTEL_ROOT_NAME
 
 
 def _identity_from_report(body: dict[str, Any]) -> EnclaveIdentity:
@@ -77,18 +88,28 @@ def _parse_collateral(collateral_json: str) -> Any:
         raise QuoteVerificationError(f"collateral is not valid dcap-qvl JSON: {exc}") from None
 
 
+def checked_verification_time(now: int | None) -> int:
+    """The time evidence is judged at (default now), refused unless dcap-qvl can take it."""
+    at = int(time.time()) if now is None else now
+    if not 0 <= at < 2**63:
+        # A time from a receipt or the command line; dcap-qvl takes an unsigned 64-bit.
+        raise QuoteVerificationError(f"verification time {at} is not a valid UNIX time")
+    return at
+
+
 def verify_quote(
     quote: bytes,
     collateral_json: str | None,
     *,
     allow_simulated: bool = False,
     now: int | None = None,
-    freshness: CollateralFreshness | None = None,
 ) -> VerifiedQuote:
     """Verify ``quote`` with its collateral; raise QuoteVerificationError if it fails.
 
-    The TCB status is returned, not judged: accepting a status other than UpToDate
-    is the policy's decision (:mod:`teepsi.attestation.policy`).
+    The quote stage of the one verification path (:class:`teepsi.attestation.peer.
+    PeerVerifier`); it records nothing. The TCB status is returned, not judged:
+    accepting a status other than UpToDate is the policy's decision
+    (:mod:`teepsi.attestation.policy`).
     """
     from teepsi.attestation.sim import SIM_ROOT_CA_DER, is_simulated_quote
 
@@ -100,7 +121,7 @@ def verify_quote(
     simulated = is_simulated_quote(quote)
     use_sim_root = simulated and allow_simulated
     root = SIM_ROOT_CA_DER if use_sim_root else intel_root_ca_der()
-    at = int(time.time()) if now is None else now
+    at = checked_verification_time(now)
     collateral = _parse_collateral(collateral_json)
     try:
         verified = dcap_qvl.verify_with_root_ca(quote, collateral, root, at)
@@ -114,13 +135,6 @@ def verify_quote(
                 "Intel's root; pass --allow-simulated to accept simulated evidence"
             ) from None
         raise QuoteVerificationError(f"quote verification failed: {reason}") from None
-    if freshness is not None:
-        # Only after verification: the dates are then signed, so a forger cannot push
-        # the tracker forward; older collateral than already seen is a rollback.
-        try:
-            freshness.observe(collateral_json)
-        except CollateralError as exc:
-            raise QuoteVerificationError(str(exc)) from None
     if use_sim_root:
         log.warning("%s (peer quote accepted under the simulated root)", SIMULATED_WARNING)
     report = json.loads(verified.to_json())
@@ -143,4 +157,5 @@ def verify_quote(
         advisory_ids=tuple(verified.advisory_ids),
         simulated=use_sim_root,
         report=report,
+        ppid=str(report.get("ppid") or ""),
     )

@@ -26,8 +26,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from teepsi.attestation.collateral import (
+    FRESHNESS_TOLERANCE_SECONDS,
     CollateralCache,
     CollateralError,
+    CollateralFreshness,
     collateral_for_quote,
     fetch_collateral,
 )
@@ -99,6 +101,9 @@ class PartyConfig:
     resume: bool = False
     #: Quick mode's way back in: the session an earlier run of this party saved.
     resume_token: ResumeToken | None = None
+    #: The server platforms' collateral rollback state, kept across runs; None keeps it
+    #: in memory for this run only (the CLI passes a file).
+    collateral_state: Path | None = None
 
 
 class ResumeTokenError(ValueError):
@@ -185,6 +190,9 @@ class PartyResult:
     party_name: str
     receipt: SignedReceipt | None = None
     server_certificate_der: bytes = b""
+    #: The collateral the server's certificate was verified with (dcap-qvl JSON): saved
+    #: with the receipt so it can be verified again offline.
+    server_collateral_json: str = ""
 
     def text(self) -> list[str]:
         """Text input: the intersecting items."""
@@ -230,13 +238,25 @@ class PsiClient:
     """One attested connection to a PSI server."""
 
     def __init__(self, config: PartyConfig) -> None:
+        if not isinstance(config.policy, Policy):
+            # Fail closed: the verifier would read None as "judge no measurement".
+            raise PsiClientError("a policy for the server is required (PartyConfig.policy)")
         self.config = config
         self._deadline = time.monotonic() + config.timeout
-        self._verifier = PeerVerifier(config.policy, allow_simulated=config.allow_simulated)
+        try:
+            freshness = CollateralFreshness(
+                config.collateral_state, tolerance_seconds=FRESHNESS_TOLERANCE_SECONDS
+            )
+        except CollateralError as exc:
+            raise PsiClientError(f"--collateral-state: {exc}") from None
+        self._verifier = PeerVerifier(
+            config.policy, allow_simulated=config.allow_simulated, freshness=freshness
+        )
         self._channel: grpc.Channel | None = None
         self.server: TrustedPeer | None = None
         self.server_certificate_sha256 = b""
         self.server_certificate_der = b""
+        self.server_collateral_json = ""
         self.requires_client_attestation = True
 
     def _remaining(self) -> float:
@@ -283,7 +303,7 @@ class PsiClient:
         collateral = self._server_collateral(der, evidence.collateral_json or None)
         try:
             peer, extracted = self._verifier.verify_certificate(
-                der, collateral, at=datetime.now(UTC), what="server", role=Role.SERVER
+                der, collateral, what="server", role=Role.SERVER
             )
         except PeerRejected as exc:
             raise PsiClientError(f"refusing the server: {exc}") from None
@@ -296,6 +316,7 @@ class PsiClient:
         self.server = peer
         self.server_certificate_sha256 = extracted.certificate_sha256
         self.server_certificate_der = der
+        self.server_collateral_json = collateral or ""
         self.requires_client_attestation = evidence.requires_client_attestation
         return peer
 
@@ -630,6 +651,7 @@ def run_party(
         party_name=config.name,
         receipt=receipt,
         server_certificate_der=client.server_certificate_der,
+        server_collateral_json=client.server_collateral_json,
     )
 
 

@@ -7,9 +7,9 @@ server's certificate can re-check the signature later.
 
 :func:`verify_receipt` proves only that the holder of the certificate's key signed the
 receipt. That the key belongs to a genuine teepsi enclave is what the certificate's
-attestation proves, and checking it (``ratls.extract_evidence`` plus quote verification
-against a policy) is the caller's part: without it, anyone could mint a certificate and
-sign a receipt.
+attestation proves, and checking it is the caller's part, through the one verification
+path (:class:`teepsi.attestation.peer.PeerVerifier`, as ``teepsi verify-receipt`` does):
+without it, anyone could mint a certificate and sign a receipt.
 
 Receipts have exactly one encoding. :meth:`SignedReceipt.to_json` writes canonical JSON
 (sorted keys, no whitespace, lower-case hex) and :meth:`SignedReceipt.from_json` refuses

@@ -21,6 +21,7 @@ import grpc
 from cryptography.hazmat.primitives import serialization
 
 from teepsi.attestation.collateral import (
+    FRESHNESS_TOLERANCE_SECONDS,
     CollateralCache,
     CollateralError,
     CollateralFreshness,
@@ -74,6 +75,9 @@ class ServerConfig:
     pccs_url: str | None = None
     qcnl_path: Path | None = None
     insecure_pccs_tls: bool = False
+    #: Data providers' collateral rollback state (per platform), kept across restarts;
+    #: None keeps it in memory only. Under Gramine a file on an encrypted mount.
+    collateral_state: Path | None = None
     #: Append-only, hash-chained log of job events (never items); None = no log.
     audit_log: Path | None = None
     #: How long the server's RA-TLS certificate is valid; the server stops when it ends.
@@ -295,12 +299,16 @@ def start_server(config: ServerConfig) -> RunningServer:
 
     verifier = None
     if config.client_policy is not None:
-        # A day's tolerance: providers refreshing from different PCCSs on different days
-        # must not refuse each other; the TCB evaluation number stays strictly monotonic.
+        # Per platform, kept across restarts; a day's tolerance for one platform's
+        # collateral reaching us through PCCS caches refreshed on different days.
+        try:
+            freshness = CollateralFreshness(
+                config.collateral_state, tolerance_seconds=FRESHNESS_TOLERANCE_SECONDS
+            )
+        except CollateralError as exc:
+            raise ServerConfigError(f"--collateral-state: {exc}") from None
         verifier = PeerVerifier(
-            config.client_policy,
-            allow_simulated=config.allow_simulated,
-            freshness=CollateralFreshness(tolerance_seconds=24 * 3600),
+            config.client_policy, allow_simulated=config.allow_simulated, freshness=freshness
         )
     if not config.require_client_attestation:
         log.warning(
