@@ -44,6 +44,7 @@ from teepsi.attestation.ratls import (
     tagged_evidence,
 )
 from teepsi.attestation.sim import SimEvidenceProvider, SimPlatform
+from teepsi.contract.audit import AuditHead
 from teepsi.contract.keys import public_key_der, public_key_text
 from teepsi.contract.receipt import PartyEntry, Receipt, sign_receipt
 from teepsi.contract.spec import JobSpec
@@ -313,6 +314,7 @@ def receipt() -> dict[str, bytes]:
         result_sha256=hashlib.sha256(b"result").digest(),
         issued_at=1767225600,
         certificate_sha256=certificate_sha256,
+        audit_head=AuditHead(entries=7, hash=hashlib.sha256(b"head").hexdigest()),
     )
     held = Receipt(
         spec_sha256=b"",

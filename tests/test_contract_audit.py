@@ -2,21 +2,45 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import itertools
 import json
+import stat
 import threading
+import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import polars as pl
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
+from teepsi.attestation.evidence import Role
+from teepsi.attestation.providers import make_provider
+from teepsi.attestation.ratls import create_certificate
+from teepsi.cli import main as cli_main
+from teepsi.client.party import PartyConfig, PsiClient
 from teepsi.contract.audit import (
     GENESIS_HASH,
     AuditError,
+    AuditHead,
     AuditLog,
     AuditSummary,
+    HeadSigner,
+    head_payload,
     verify_audit_log,
 )
+from teepsi.contract.receipt import SignedReceipt
+from teepsi.contract.signing import sign_document
+from teepsi.engine.keys import hash_keys
+from teepsi.engine.tables import TableSpec
+from teepsi.server.app import ServerConfig, start_server
+
+KEY_SCHEME = TableSpec(path=Path("x")).key_scheme
 
 
 def write_log(path: Path, count: int = 5) -> str:
@@ -235,4 +259,363 @@ def test_concurrent_appends_keep_the_chain(tmp_path: Path) -> None:
     entries = [json.loads(line) for line in lines(path)]
     assert sorted((e["job_id"], e["items"]) for e in entries) == sorted(
         (f"job-{n}", i) for n in range(threads_count) for i in range(per_thread)
+    )
+
+
+# -- signed heads: the enclave's key authenticates the chain ------------------------------
+
+
+@pytest.fixture(scope="module")
+def server_identity():
+    """A simulated server's RA-TLS certificate and key, as a real server makes them."""
+    return create_certificate(make_provider("sim", Role.SERVER))
+
+
+def _signer(identity) -> HeadSigner:
+    return HeadSigner(identity.certificate_der, identity.private_key)
+
+
+def _entries(path: Path) -> list[dict[str, object]]:
+    return [json.loads(line) for line in lines(path)]
+
+
+def _rechain(path: Path, entries: list[dict[str, object]]) -> None:
+    """Write entries as a well-formed chain: what someone who can write the file does."""
+    prev = GENESIS_HASH
+    out = []
+    for number, entry in enumerate(entries, start=1):
+        body = {k: v for k, v in entry.items() if k != "hash"}
+        body.update(seq=number, prev=prev)
+        canonical = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+        prev = hashlib.sha256(bytes.fromhex(prev) + canonical).hexdigest()
+        out.append(json.dumps({**body, "hash": prev}, sort_keys=True, separators=(",", ":")))
+    path.write_text("".join(line + "\n" for line in out))
+
+
+def _signed_log(path: Path, identity, count: int = 4) -> AuditHead:
+    """certificate, signed head, events, a release's signed head; returns that head."""
+    with AuditLog(path, signer=_signer(identity)) as log:
+        for i in range(count):
+            log.append("joined", job_id="q4", party=f"bank-{i}", attested=True)
+        log.append("released", job_id="q4", output="count", threshold_met=True)
+        head = log.position()
+        log.sign_head()
+        log.append("delivered", job_id="q4")
+    return head
+
+
+def test_signed_log_records_its_certificate_and_signs_heads(tmp_path, server_identity):
+    path = tmp_path / "audit.jsonl"
+    head = _signed_log(path, server_identity)
+    entries = _entries(path)
+    events = [e["event"] for e in entries]
+    assert events == [
+        "server_certificate",
+        "signed_head",
+        *["joined"] * 4,
+        "released",
+        "signed_head",
+        "delivered",
+        "signed_head",  # close() signs the last head
+    ]
+    assert base64.b64decode(entries[0]["certificate"]) == server_identity.certificate_der
+    summary = verify_audit_log(path, expect_entry=head)
+    assert summary.signed_entries == len(entries) and summary.unsigned_tail == 0
+    assert summary.signers == (server_identity.certificate_der,)
+    assert entries[0]["unsigned_before"] == 0
+    # Reopened by a new start: its certificate again, and what it found unsigned.
+    with AuditLog(path) as unsigned:
+        unsigned.append("joined", job_id="q5", party="x")
+    with AuditLog(path, signer=_signer(server_identity)):
+        pass
+    entries = _entries(path)
+    assert [e["event"] for e in entries[-3:]] == ["joined", "server_certificate", "signed_head"]
+    assert entries[-2]["unsigned_before"] == 1  # "joined", written without a signer
+    assert verify_audit_log(path).unsigned_tail == 0
+
+
+def test_rewrite_and_rechain_before_a_signed_head_is_detected(tmp_path, server_identity):
+    path = tmp_path / "audit.jsonl"
+    _signed_log(path, server_identity)
+    entries = _entries(path)
+    entries[3]["party"] = "mallory"  # a joined line, rewritten and every hash recomputed
+    _rechain(path, entries)
+    assert error(path) == (
+        "line 8: signed head: signature does not verify under this certificate recorded at "
+        "line 1 (lines before it were rewritten, or the head was forged)"
+    )
+    # Dropping a line and re-chaining breaks the next signed head the same way.
+    other = tmp_path / "b.jsonl"
+    _signed_log(other, server_identity)
+    entries = _entries(other)
+    _rechain(path, entries[:3] + entries[4:])
+    assert error(path).startswith("line 7: signed head: signature does not verify")
+
+
+def test_forged_signed_heads_are_detected(tmp_path, server_identity):
+    path = tmp_path / "audit.jsonl"
+    _signed_log(path, server_identity)
+    genuine = _entries(path)
+    named = genuine[0]["certificate_sha256"]
+    other = ec.generate_private_key(ec.SECP384R1())
+    # Rewrite line 3, then sign the rewritten chain with another key in the genuine
+    # certificate's name.
+    entries = [dict(e) for e in genuine[:7]]
+    entries[2]["party"] = "mallory"
+    _rechain(path, entries)
+    forged_head = AuditHead(entries=7, hash=_entries(path)[-1]["hash"])
+    signature = sign_document(other, head_payload(forged_head, bytes.fromhex(named)))
+    forged = {"event": "signed_head", "certificate_sha256": named, "signature": signature.hex()}
+    _rechain(path, [*entries, {"time": 1.0, **forged}])
+    assert error(path).startswith("line 8: signed head: signature does not verify")
+    # A head naming a certificate the log never recorded.
+    _rechain(path, [*entries, {"time": 1.0, **forged, "certificate_sha256": "ab" * 32}])
+    assert error(path) == "line 8: signed head names a certificate not recorded before it (forged)"
+    # Malformed signature and extra fields: refused, not skipped.
+    _rechain(path, [*entries, {"time": 1.0, **forged, "signature": "XY"}])
+    assert error(path) == "line 8: signature is not lower-case hex"
+    _rechain(path, [*entries, {"time": 1.0, **forged, "note": "x"}])
+    assert error(path) == "line 8: signed_head entry has an unknown field note"
+    # A certificate entry whose digest is not its certificate's.
+    bad = [dict(e) for e in genuine]
+    bad[0]["certificate_sha256"] = "00" * 32
+    _rechain(path, bad)
+    assert error(path) == "line 1: certificate_sha256 is not the certificate's SHA-256"
+
+
+def test_receipt_head_detects_rewrite_and_truncation(tmp_path, server_identity):
+    path = tmp_path / "audit.jsonl"
+    head = _signed_log(path, server_identity)
+    data = lines(path)
+    assert verify_audit_log(path, expect_entry=head).entries == len(data)
+    path.write_bytes(b"".join(data[: head.entries - 1]))  # cut before the receipt's head
+    assert error(path, expect_entry=head) == (
+        f"the log ends at line {head.entries - 1}, before the expected head at line "
+        f"{head.entries} (lines removed from the end, or another log)"
+    )
+    # Rewritten up to the head, no signed head left to break: the receipt's head breaks.
+    entries = [json.loads(line) for line in data[: head.entries]]
+    entries = [e for e in entries if e["event"] != "signed_head"]
+    entries[3]["party"] = "mallory"
+    _rechain(path, entries)
+    message = error(path, expect_entry=AuditHead(len(entries), head.hash))
+    assert message.startswith(f"line {len(entries)} has hash ")
+    assert message.endswith(
+        "expected " + head.hash[:16] + "... (lines up to it were rewritten, or another log)"
+    )
+
+
+def test_head_is_signed_within_the_interval_and_log_is_private(tmp_path, server_identity):
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path, signer=_signer(server_identity), sign_interval_seconds=0.2)
+    try:
+        log.append("joined", job_id="q4", party="a")
+        assert verify_audit_log(path).unsigned_tail == 1
+        deadline = time.monotonic() + 10
+        while verify_audit_log(path).unsigned_tail and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert verify_audit_log(path).unsigned_tail == 0
+        with pytest.raises(ValueError, match="written by the log itself"):
+            log.append("signed_head", signature="00")
+        with pytest.raises(ValueError, match="written by the log itself"):
+            log.append("server_certificate")
+    finally:
+        log.close()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    target = tmp_path / "elsewhere"
+    target.write_text("")
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(target)
+    with pytest.raises(AuditError, match="cannot open for append"):
+        AuditLog(link)
+
+
+# -- teepsi audit verify against a real server's log and receipts --------------------------
+
+
+def _run_job(running, policy, job: str, folder: Path) -> Path:
+    """A two-party quick job on an in-process server; party a's receipt, saved as the CLI
+    saves it (RECEIPT and RECEIPT.cert.pem)."""
+    clients = [
+        PsiClient(
+            PartyConfig(
+                host=f"127.0.0.1:{running.port}",
+                policy=policy,
+                name=name,
+                party_count=2,
+                job_id=job,
+                attestation="sim",
+                allow_simulated=True,
+                timeout=60,
+            )
+        )
+        for name in ("a", "b")
+    ]
+    try:
+        tokens, seeds = [], None
+        for client in clients:
+            client.connect()
+            token, seeds = client.join(KEY_SCHEME)
+            tokens.append(token)
+        for client, token, own in zip(clients, tokens, ("x", "y")):
+            client.upload(token, *hash_keys(pl.Series(["shared", own]), seeds), _NoBar())
+        results = [client.result(token) for client, token in zip(clients, tokens)]
+    finally:
+        for client in clients:
+            client.close()
+    receipt = folder / f"{job}.receipt.json"
+    receipt.write_text(results[0].receipt_json + "\n")
+    receipt.with_name(receipt.name + ".cert.pem").write_bytes(running.certificate_pem)
+    return receipt
+
+
+class _NoBar:
+    def advance(self, amount: int) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def served_logs(tmp_path_factory, policy):
+    """Two servers' logs, one job each, and a receipt from each (servers stopped)."""
+    folder = tmp_path_factory.mktemp("served")
+    made = []
+    for index in range(2):
+        log_path = folder / f"audit{index}.jsonl"
+        running = start_server(
+            ServerConfig(
+                host="127.0.0.1:0",
+                attestation="sim",
+                client_policy=policy,
+                allow_simulated=True,
+                audit_log=log_path,
+            )
+        )
+        try:
+            receipt = _run_job(running, policy, f"job{index}", folder)
+        finally:
+            running.stop(grace=0)
+        made.append((log_path, receipt))
+    return made
+
+
+def _audit_verify(capsys, *args: str | Path) -> tuple[int, dict[str, object]]:
+    code = cli_main(["audit", "verify", *map(str, args)])
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1, out  # one line
+    report = json.loads(out)
+    assert report["valid"] is (code == 0)
+    return code, report
+
+
+def test_audit_verify_with_a_receipt(served_logs, capsys, tmp_path, sim_policy_file):
+    (log_path, receipt), (other_log, other_receipt) = served_logs
+    code, report = _audit_verify(capsys, log_path, "--receipt", receipt)
+    assert code == 0, report
+    head = SignedReceipt.from_json(receipt.read_bytes()).receipt.audit_head
+    assert head is not None and report["receipt_head"] == head.to_dict()
+    assert report["unsigned_tail"] == 0 and report["signed_entries"] == report["entries"]
+    assert [s["simulated"] for s in report["signers"]] == [True]
+    # The events of the job, and the head the receipt names is its release.
+    entries = _entries(log_path)
+    assert [e["event"] for e in entries[: head.entries]][-1] == "released"
+    assert entries[head.entries - 1]["hash"] == head.hash
+    # The signer's evidence is judged through the same path as verify-receipt's.
+    policy_args = ("--config", sim_policy_file)
+    assert _audit_verify(capsys, log_path, *policy_args, "--allow-simulated")[0] == 0
+    code, report = _audit_verify(capsys, log_path, *policy_args)
+    assert code == 1 and "SIMULATED" in report["reason"]
+    # A receipt of another server's log: its head is not in this log.
+    code, report = _audit_verify(capsys, log_path, "--receipt", other_receipt)
+    assert code == 1
+    assert report["reason"].endswith("(lines up to it were rewritten, or another log)")
+    assert _audit_verify(capsys, other_log, "--receipt", other_receipt)[0] == 0
+
+
+def test_audit_verify_detects_rewrite_truncation_and_forgery(served_logs, capsys, tmp_path):
+    (genuine_path, receipt), _ = served_logs
+    genuine = _entries(genuine_path)
+    head = SignedReceipt.from_json(receipt.read_bytes()).receipt.audit_head
+    assert head is not None
+    path = tmp_path / "audit.jsonl"
+
+    def verdict(entries: list[dict[str, object]], *extra: str | Path) -> str:
+        _rechain(path, entries)
+        code, report = _audit_verify(capsys, path, *extra)
+        assert code == 1, report
+        return str(report["reason"])
+
+    _rechain(path, genuine)
+    assert _audit_verify(capsys, path, "--receipt", receipt)[0] == 0
+    uploaded = next(i for i, e in enumerate(genuine) if e["event"] == "uploaded")
+    # Rewrite one entry (a party's record count) and recompute every hash.
+    rewritten = [dict(e) for e in genuine]
+    rewritten[uploaded]["records"] = 3
+    assert "signed head: signature does not verify" in verdict(rewritten)
+    # ...and strip the signed heads it broke: the receipt's head no longer matches.
+    stripped = [e for e in rewritten if e["event"] != "signed_head"]
+    stripped.insert(1, genuine[1])  # keep the first (valid) signed head
+    reason = verdict(stripped, "--receipt", receipt)
+    assert f"line {head.entries} has hash" in reason or "before the expected head" in reason
+    # Truncation before the receipt's head.
+    reason = verdict(genuine[: head.entries - 1], "--receipt", receipt)
+    assert reason.endswith(
+        f"the log ends at line {head.entries - 1}, before the expected head at line "
+        f"{head.entries} (lines removed from the end, or another log)"
+    )
+    # Everything stripped of signatures: nothing is authenticated.
+    unsigned = [e for e in genuine if e["event"] not in ("signed_head", "server_certificate")]
+    assert verdict(unsigned).endswith(
+        "no signed head: nothing in the log is authenticated by a server key"
+    )
+    # A head forged with another key in the genuine certificate's name.
+    other = ec.generate_private_key(ec.SECP384R1())
+    named = genuine[0]["certificate_sha256"]
+    body = [dict(e) for e in genuine if e["event"] != "signed_head"]
+    body[2]["records"] = 3
+    _rechain(path, body)
+    forged_at = AuditHead(entries=len(body), hash=_entries(path)[-1]["hash"])
+    signature = sign_document(other, head_payload(forged_at, bytes.fromhex(named)))
+    forged = {"time": 1.0, "event": "signed_head", "certificate_sha256": named}
+    reason = verdict([*body, {**forged, "signature": signature.hex()}])
+    assert "signed head: signature does not verify" in reason
+    # ...or in the name of a certificate of its own, recorded in the log: the chain and
+    # signature check out, but that certificate carries no enclave's evidence.
+    own_cert = _self_signed(other)
+    own = {
+        "time": 1.0,
+        "event": "server_certificate",
+        "certificate": base64.b64encode(own_cert).decode(),
+        "certificate_sha256": hashlib.sha256(own_cert).hexdigest(),
+        "unsigned_before": 0,
+    }
+    _rechain(path, [*body, own])
+    forged_at = AuditHead(entries=len(body) + 1, hash=_entries(path)[-1]["hash"])
+    signature = sign_document(other, head_payload(forged_at, hashlib.sha256(own_cert).digest()))
+    reason = verdict(
+        [
+            *body,
+            own,
+            {
+                **forged,
+                "certificate_sha256": own["certificate_sha256"],
+                "signature": signature.hex(),
+            },
+        ]
+    )
+    assert "a certificate that signs heads is refused" in reason
+
+
+def _self_signed(key: ec.EllipticCurvePrivateKey) -> bytes:
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "RATLS")])
+    now = datetime.now(UTC)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + timedelta(days=1))
+        .sign(key, hashes.SHA256())
+        .public_bytes(serialization.Encoding.DER)
     )

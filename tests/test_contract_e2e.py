@@ -138,7 +138,10 @@ def test_intersection_with_a_non_recipient_and_receipts(
     text = audit.read_text()
     assert "car" not in text and "train" not in text  # never any item
     lines = text.splitlines(keepends=True)
-    edited = [lines[0].replace('"parties":3', '"parties":4'), *lines[1:]]
+    created = next(i for i, line in enumerate(lines) if '"event":"created"' in line)
+    edited = list(lines)
+    edited[created] = lines[created].replace('"parties":3', '"parties":4')
+    assert edited != lines
     for broken in (edited, lines[:2] + lines[3:], [lines[1], lines[0], *lines[2:]]):
         audit.write_text("".join(broken))
         run = subprocess.run(teepsi_cmd("audit", "verify", str(audit)), capture_output=True)

@@ -12,9 +12,12 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from teepsi import __version__
+
+if TYPE_CHECKING:
+    from teepsi.contract.receipt import SignedReceipt
 
 log = logging.getLogger("teepsi")
 
@@ -484,34 +487,27 @@ def _cmd_spec_check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _cmd_verify_receipt(args: argparse.Namespace) -> int:
-    """Signature, certificate binding, and (with --config) whose enclave signed it."""
+class _Refused(Exception):
+    """Evidence or a signed document does not check out; the message is one line."""
+
+
+def _judge_signing_enclave(certificate: bytes, args: argparse.Namespace) -> dict[str, object]:
+    """The enclave whose certificate signed a receipt or audit heads, judged (with --config)
+    against the policy; raises _Refused. Every offline check of a server certificate's
+    evidence (verify-receipt, audit verify) goes through here."""
     from teepsi.attestation.evidence import EnclaveIdentity, Role
     from teepsi.attestation.policy import Policy, PolicyError, PolicyViolation
     from teepsi.attestation.quote import QuoteFormatError, parse_quote
     from teepsi.attestation.ratls import RaTlsError, extract_evidence
     from teepsi.attestation.sim import is_simulated_quote
-    from teepsi.contract.receipt import ReceiptError, SignedReceipt, verify_receipt
-
-    def refuse(reason: str) -> int:
-        print(json.dumps({"valid": False, "reason": reason}))
-        return EXIT_FAILED
 
     try:
-        signed = SignedReceipt.from_json(Path(args.receipt).read_bytes())
-        cert = Path(args.cert).read_bytes()
-    except OSError as exc:
-        raise UsageError(f"cannot read {exc.filename}: {exc.strerror}") from None
-    except ReceiptError as exc:
-        return refuse(str(exc))
-    try:
-        verify_receipt(signed, cert)
-        evidence = extract_evidence(cert)
+        evidence = extract_evidence(certificate)
         body = parse_quote(evidence.quote).report_body
-    except (ReceiptError, RaTlsError, QuoteFormatError) as exc:
-        return refuse(str(exc))
+    except (RaTlsError, QuoteFormatError) as exc:
+        raise _Refused(str(exc)) from None
     flags = int.from_bytes(body.attributes[:8], "little")
-    signer = {
+    signer: dict[str, object] = {
         "mr_enclave": body.mr_enclave.hex(),
         "mr_signer": body.mr_signer.hex(),
         "isv_prod_id": body.isv_prod_id,
@@ -524,9 +520,9 @@ def _cmd_verify_receipt(args: argparse.Namespace) -> int:
         except PolicyError as exc:
             raise UsageError(str(exc)) from None
         if signer["simulated"] and not args.allow_simulated:
-            return refuse("the certificate's evidence is SIMULATED; pass --allow-simulated")
+            raise _Refused("the certificate's evidence is SIMULATED; pass --allow-simulated")
         if body.isv_prod_id != Role.SERVER:
-            return refuse(f"the signing enclave has ISV_PROD_ID {body.isv_prod_id}, not a server")
+            raise _Refused(f"the signing enclave has ISV_PROD_ID {body.isv_prod_id}, not a server")
         identity = EnclaveIdentity(
             mr_enclave=body.mr_enclave,
             mr_signer=body.mr_signer,
@@ -539,7 +535,36 @@ def _cmd_verify_receipt(args: argparse.Namespace) -> int:
             # The TCB status of the time is not re-judged: its collateral has expired.
             policy.check(identity, "UpToDate")
         except PolicyViolation as exc:
-            return refuse(f"signing enclave refused by --config: {exc}")
+            raise _Refused(f"signing enclave refused by --config: {exc}") from None
+    return signer
+
+
+def _refuse(reason: str) -> int:
+    print(json.dumps({"valid": False, "reason": reason}))
+    return EXIT_FAILED
+
+
+def _load_receipt(receipt_path: str, cert_path: str) -> tuple[SignedReceipt, bytes]:
+    """(SignedReceipt, certificate bytes) from files; unreadable files are usage errors."""
+    from teepsi.contract.receipt import SignedReceipt
+
+    try:
+        data, cert = Path(receipt_path).read_bytes(), Path(cert_path).read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read {exc.filename}: {exc.strerror}") from None
+    return SignedReceipt.from_json(data), cert
+
+
+def _cmd_verify_receipt(args: argparse.Namespace) -> int:
+    """Signature, certificate binding, and (with --config) whose enclave signed it."""
+    from teepsi.contract.receipt import ReceiptError, verify_receipt
+
+    try:
+        signed, cert = _load_receipt(args.receipt, args.cert)
+        verify_receipt(signed, cert)
+        signer = _judge_signing_enclave(cert, args)
+    except (ReceiptError, _Refused) as exc:
+        return _refuse(str(exc))
     print(
         json.dumps(
             {"valid": True, "signer": signer, "receipt": signed.receipt.to_dict()},
@@ -551,15 +576,64 @@ def _cmd_verify_receipt(args: argparse.Namespace) -> int:
 
 
 def _cmd_audit_verify(args: argparse.Namespace) -> int:
+    """The chain, every signed head (and its signer's evidence), and with --receipt that
+    the log holds, unchanged, everything up to the receipt's release."""
     from teepsi.contract.audit import AuditError, verify_audit_log
+    from teepsi.contract.receipt import ReceiptError, verify_receipt
+
+    expect_entry = None
+    receipt_cert = b""
+    if args.receipt:
+        try:
+            signed, receipt_cert = _load_receipt(
+                args.receipt, args.cert or args.receipt + ".cert.pem"
+            )
+            verify_receipt(signed, receipt_cert)
+        except ReceiptError as exc:
+            return _refuse(str(exc))
+        expect_entry = signed.receipt.audit_head
+        if expect_entry is None:
+            return _refuse("the receipt carries no audit head (its server kept no audit log)")
+    try:
+        summary = verify_audit_log(args.log, expect_head=args.head, expect_entry=expect_entry)
+    except AuditError as exc:
+        return _refuse(str(exc))
+    if summary.signed_entries == 0:
+        return _refuse(
+            f"{args.log}: no signed head: nothing in the log is authenticated by a server key"
+        )
+    try:
+        signers = [_judge_signing_enclave(der, args) for der in summary.signers]
+    except _Refused as exc:
+        return _refuse(f"{args.log}: a certificate that signs heads is refused: {exc}")
+    if args.receipt and not _same_certificate(receipt_cert, summary.signers):
+        return _refuse(
+            f"{args.log}: the receipt's server certificate signs no head in this log (another log)"
+        )
+    report: dict[str, object] = {
+        "valid": True,
+        "entries": summary.entries,
+        "head": summary.head,
+        "signed_entries": summary.signed_entries,
+        # Lines after the newest signed head: a cut or rewrite there shows only against a
+        # head held elsewhere (a later receipt, --head).
+        "unsigned_tail": summary.unsigned_tail,
+        "signers": signers,
+    }
+    if expect_entry is not None:
+        report["receipt_head"] = expect_entry.to_dict()
+    print(json.dumps(report))
+    return EXIT_OK
+
+
+def _same_certificate(certificate: bytes, signers: tuple[bytes, ...]) -> bool:
+    from teepsi.contract.signing import SignatureError, certificate_public_key
 
     try:
-        summary = verify_audit_log(args.log, expect_head=args.head)
-    except AuditError as exc:
-        print(json.dumps({"valid": False, "reason": str(exc)}))
-        return EXIT_FAILED
-    print(json.dumps({"valid": True, "entries": summary.entries, "head": summary.head}))
-    return EXIT_OK
+        digest, _ = certificate_public_key(certificate)
+    except SignatureError:
+        return False
+    return any(certificate_public_key(der)[0] == digest for der in signers)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -741,9 +815,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     audit = sub.add_parser("audit", help="the server's audit log")
     audit_sub = audit.add_subparsers(dest="audit_command", required=True)
-    audit_verify = audit_sub.add_parser("verify", help="check the log's hash chain")
+    audit_verify = audit_sub.add_parser(
+        "verify", help="check the log's hash chain, its signed heads and (--receipt) a receipt"
+    )
     audit_verify.add_argument("log")
     audit_verify.add_argument("--head", help="expected last hash (detects truncation)")
+    audit_verify.add_argument(
+        "--receipt",
+        help="a receipt of a job of this log: the log must hold, unchanged, every line up to "
+        "its release",
+    )
+    audit_verify.add_argument(
+        "--cert", help="the receipt's server certificate (default: RECEIPT.cert.pem)"
+    )
+    audit_verify.add_argument(
+        "--config", help="policy the signing server enclave must satisfy (dynamic_config.json)"
+    )
+    audit_verify.add_argument(
+        "--allow-simulated", action="store_true", help="accept a simulated server enclave"
+    )
     audit_verify.set_defaults(func=_cmd_audit_verify)
 
     from teepsi.cli_evidence import register as register_evidence_tools
