@@ -135,6 +135,15 @@ def test_intersection_with_a_non_recipient_and_receipts(
     server.proc.terminate()
     server.proc.wait(20)
     assert subprocess.run(teepsi_cmd("audit", "verify", str(audit))).returncode == 0
+    # Every party's receipt names a head of this log, signed by the same server.
+    for name in NAMES:
+        receipt = tmp_path / f"{name}.receipt.json"
+        run = subprocess.run(
+            teepsi_cmd("audit", "verify", str(audit), "--receipt", str(receipt)),
+            capture_output=True,
+        )
+        assert run.returncode == 0, run.stdout
+        assert json.loads(run.stdout)["unsigned_tail"] == 0  # the stopping server signed
     text = audit.read_text()
     assert "car" not in text and "train" not in text  # never any item
     lines = text.splitlines(keepends=True)
