@@ -331,7 +331,8 @@ def test_signed_log_records_its_certificate_and_signs_heads(tmp_path, server_ide
     entries = _entries(path)
     assert [e["event"] for e in entries[-3:]] == ["joined", "server_certificate", "signed_head"]
     assert entries[-2]["unsigned_before"] == 1  # "joined", written without a signer
-    assert verify_audit_log(path).unsigned_tail == 0
+    summary = verify_audit_log(path)
+    assert summary.unsigned_tail == 0 and summary.found_unsigned == 1
 
 
 def test_rewrite_and_rechain_before_a_signed_head_is_detected(tmp_path, server_identity):
@@ -498,9 +499,14 @@ def served_logs(tmp_path_factory, policy):
     return made
 
 
-def _audit_verify(capsys, *args: str | Path) -> tuple[int, dict[str, object]]:
-    code = cli_main(["audit", "verify", *map(str, args)])
-    out = capsys.readouterr().out
+def _audit_verify(
+    capsys, *args: str | Path, simulated_ok: bool = True
+) -> tuple[int, dict[str, object]]:
+    allow = ["--allow-simulated"] if simulated_ok else []
+    code = cli_main(["audit", "verify", *allow, *map(str, args)])
+    out, err = capsys.readouterr()
+    if code == 0:  # simulated signers pass only when allowed, and loudly
+        assert "WARNING SIMULATED ATTESTATION" in err
     assert out.count("\n") == 1, out  # one line
     report = json.loads(out)
     assert report["valid"] is (code == 0)
@@ -514,6 +520,7 @@ def test_audit_verify_with_a_receipt(served_logs, capsys, tmp_path, sim_policy_f
     head = SignedReceipt.from_json(receipt.read_bytes()).receipt.audit_head
     assert head is not None and report["receipt_head"] == head.to_dict()
     assert report["unsigned_tail"] == 0 and report["signed_entries"] == report["entries"]
+    assert report["found_unsigned"] == 0
     assert [s["simulated"] for s in report["signers"]] == [True]
     # The events of the job, and the head the receipt names is its release.
     entries = _entries(log_path)
@@ -521,9 +528,10 @@ def test_audit_verify_with_a_receipt(served_logs, capsys, tmp_path, sim_policy_f
     assert entries[head.entries - 1]["hash"] == head.hash
     # The signer's evidence is judged through the same path as verify-receipt's.
     policy_args = ("--config", sim_policy_file)
-    assert _audit_verify(capsys, log_path, *policy_args, "--allow-simulated")[0] == 0
-    code, report = _audit_verify(capsys, log_path, *policy_args)
-    assert code == 1 and "SIMULATED" in report["reason"]
+    assert _audit_verify(capsys, log_path, *policy_args)[0] == 0
+    for extra in ((), policy_args):
+        code, report = _audit_verify(capsys, log_path, *extra, simulated_ok=False)
+        assert code == 1 and "SIMULATED; pass --allow-simulated" in report["reason"]
     # A receipt of another server's log: its head is not in this log.
     code, report = _audit_verify(capsys, log_path, "--receipt", other_receipt)
     assert code == 1

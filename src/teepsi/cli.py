@@ -492,14 +492,16 @@ class _Refused(Exception):
 
 
 def _judge_signing_enclave(certificate: bytes, args: argparse.Namespace) -> dict[str, object]:
-    """The enclave whose certificate signed a receipt or audit heads, judged (with --config)
-    against the policy; raises _Refused. Every offline check of a server certificate's
-    evidence (verify-receipt, audit verify) goes through here."""
+    """The enclave whose certificate signed a receipt or audit heads: simulated evidence
+    only with --allow-simulated, and with --config judged against the policy; raises
+    _Refused. Every offline check of a server certificate's evidence (verify-receipt,
+    audit verify) goes through here: this is where the one verification path plugs in."""
     from teepsi.attestation.evidence import EnclaveIdentity, Role
     from teepsi.attestation.policy import Policy, PolicyError, PolicyViolation
     from teepsi.attestation.quote import QuoteFormatError, parse_quote
     from teepsi.attestation.ratls import RaTlsError, extract_evidence
     from teepsi.attestation.sim import is_simulated_quote
+    from teepsi.attestation.verify import SIMULATED_WARNING
 
     try:
         evidence = extract_evidence(certificate)
@@ -514,13 +516,16 @@ def _judge_signing_enclave(certificate: bytes, args: argparse.Namespace) -> dict
         "isv_svn": body.isv_svn,
         "simulated": is_simulated_quote(evidence.quote),
     }
+    if signer["simulated"]:
+        # Anyone can make simulated evidence: never trusted unless asked for, and loudly.
+        if not args.allow_simulated:
+            raise _Refused("the certificate's evidence is SIMULATED; pass --allow-simulated")
+        print(f"teepsi {args.command}: WARNING {SIMULATED_WARNING}", file=sys.stderr)
     if args.config:
         try:
             policy = Policy.load(args.config)
         except PolicyError as exc:
             raise UsageError(str(exc)) from None
-        if signer["simulated"] and not args.allow_simulated:
-            raise _Refused("the certificate's evidence is SIMULATED; pass --allow-simulated")
         if body.isv_prod_id != Role.SERVER:
             raise _Refused(f"the signing enclave has ISV_PROD_ID {body.isv_prod_id}, not a server")
         identity = EnclaveIdentity(
@@ -618,6 +623,8 @@ def _cmd_audit_verify(args: argparse.Namespace) -> int:
         # Lines after the newest signed head: a cut or rewrite there shows only against a
         # head held elsewhere (a later receipt, --head).
         "unsigned_tail": summary.unsigned_tail,
+        # Lines a starting server found unsigned: it vouches only that they chained.
+        "found_unsigned": summary.found_unsigned,
         "signers": signers,
     }
     if expect_entry is not None:

@@ -152,6 +152,7 @@ def run_contract_demo(*, verbose: bool = False) -> int:
                         str(workdir / f"{name}.receipt.json"),
                         "--cert",
                         str(workdir / f"{name}.receipt.json.cert.pem"),
+                        "--allow-simulated",  # the demo's server is simulated
                     ),
                     capture_output=True,
                 )
@@ -164,7 +165,7 @@ def run_contract_demo(*, verbose: bool = False) -> int:
         # Against a receipt: the log holds, unchanged, everything up to that job's release.
         receipt = workdir / f"{CONTRACT_PARTIES[-1]}.receipt.json"
         chain = subprocess.run(
-            _teepsi("audit", "verify", str(audit), "--receipt", str(receipt)),
+            _teepsi("audit", "verify", str(audit), "--receipt", str(receipt), "--allow-simulated"),
             capture_output=True,
         )
         report = json.loads(chain.stdout) if chain.stdout else {}

@@ -163,6 +163,9 @@ class AuditSummary:
     signed_entries: int = 0
     #: DER of every certificate whose key signed a head in the log, in order of first use.
     signers: tuple[bytes, ...] = ()
+    #: Lines that servers, on starting, found covered by no signed head (``unsigned_before``
+    #: summed): a later head covers them, but vouches only that they chained.
+    found_unsigned: int = 0
 
     @property
     def unsigned_tail(self) -> int:
@@ -406,6 +409,7 @@ def verify_audit_log(
         head=head,
         signed_entries=chain.signed_entries,
         signers=tuple(chain.signers),
+        found_unsigned=chain.found_unsigned,
     )
 
 
@@ -425,6 +429,7 @@ class _SignedChain:
         self.keys: dict[str, tuple[int, bytes, ec.EllipticCurvePublicKey]] = {}
         self.signers: list[bytes] = []
         self.signed_entries = 0
+        self.found_unsigned = 0
 
     def check(self, entry: dict[str, object], number: int, fail: Callable[[str], NoReturn]) -> None:
         event = entry["event"]
@@ -454,6 +459,7 @@ class _SignedChain:
         if not (is_int(before) and isinstance(before, int) and 0 <= before < number):
             fail("unsigned_before is not a count of earlier lines")
         self.keys.setdefault(digest.hex(), (number, der, key))
+        self.found_unsigned += before
 
     def _head(self, entry: dict[str, object], number: int, fail: Callable[[str], NoReturn]) -> None:
         _exact_fields(entry, _HEAD_FIELDS, fail)
