@@ -627,3 +627,56 @@ def _self_signed(key: ec.EllipticCurvePrivateKey) -> bytes:
         .sign(key, hashes.SHA256())
         .public_bytes(serialization.Encoding.DER)
     )
+
+
+def test_server_signs_periodically_and_across_restarts(tmp_path, policy, capsys):
+    """A join with no release is signed within the interval; a restarted server records
+    its new certificate, and a receipt of the first run still checks out."""
+    log_path = tmp_path / "audit.jsonl"
+
+    def serve():
+        return start_server(
+            ServerConfig(
+                host="127.0.0.1:0",
+                attestation="sim",
+                client_policy=policy,
+                allow_simulated=True,
+                audit_log=log_path,
+                audit_sign_interval_seconds=0.3,
+            )
+        )
+
+    first = serve()
+    try:
+        receipt = _run_job(first, policy, "before", tmp_path)
+    finally:
+        first.stop(grace=0)
+    second = serve()
+    lonely = PsiClient(
+        PartyConfig(
+            host=f"127.0.0.1:{second.port}",
+            policy=policy,
+            name="a",
+            party_count=2,
+            job_id="waiting",
+            attestation="sim",
+            allow_simulated=True,
+            timeout=60,
+        )
+    )
+    try:
+        lonely.connect()
+        lonely.join(KEY_SCHEME)
+        deadline = time.monotonic() + 10
+        while _entries(log_path)[-1]["event"] != "signed_head" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        events = [e["event"] for e in _entries(log_path)]
+        # created and joined, then a head the server signed on its own (no release)
+        assert events[-3:] == ["created", "joined", "signed_head"]
+    finally:
+        lonely.close()
+        second.stop(grace=0)
+    code, report = _audit_verify(capsys, log_path, "--receipt", receipt)
+    assert code == 0, report
+    assert len(report["signers"]) == 2 and report["unsigned_tail"] == 0
+    assert report["found_unsigned"] == 0  # the first server signed its last line on stopping

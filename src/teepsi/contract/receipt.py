@@ -3,7 +3,10 @@
 After a job releases (or holds back) its result, the server signs a receipt with its
 RA-TLS key, the P-384 key its attestation binds, using ECDSA with SHA-384. Every party
 gets the same receipt and checks its own entry; anyone holding the receipt and the
-server's certificate can re-check the signature later.
+server's certificate can re-check the signature later. A receipt also carries
+``audit_head``, the server's audit log at the release (entries and head hash), so the holder
+can check that the log still holds, unchanged, everything up to it
+(``teepsi audit verify LOG --receipt R``).
 
 :func:`verify_receipt` proves only that the holder of the certificate's key signed the
 receipt. That the key belongs to a genuine teepsi enclave is what the certificate's
