@@ -510,6 +510,7 @@ def _audit_verify(
     assert out.count("\n") == 1, out  # one line
     report = json.loads(out)
     assert report["valid"] is (code == 0)
+    assert "\n" not in str(report.get("reason", ""))
     return code, report
 
 
@@ -537,6 +538,10 @@ def test_audit_verify_with_a_receipt(served_logs, capsys, tmp_path, sim_policy_f
     assert code == 1
     assert report["reason"].endswith("(lines up to it were rewritten, or another log)")
     assert _audit_verify(capsys, other_log, "--receipt", other_receipt)[0] == 0
+    # A receipt file that cannot be read is a usage error: exit 2, one line.
+    assert cli_main(["audit", "verify", str(log_path), "--receipt", str(tmp_path / "no")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("teepsi audit: error: cannot read ")
 
 
 def test_audit_verify_detects_rewrite_truncation_and_forgery(served_logs, capsys, tmp_path):
