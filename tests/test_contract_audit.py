@@ -685,3 +685,47 @@ def test_server_signs_periodically_and_across_restarts(tmp_path, policy, capsys)
     assert code == 0, report
     assert len(report["signers"]) == 2 and report["unsigned_tail"] == 0
     assert report["found_unsigned"] == 0  # the first server signed its last line on stopping
+
+
+def test_hostile_values_in_signed_entries_are_refused_in_one_line(tmp_path, server_identity):
+    """Every field of the certificate and head entries, replaced with values of every type
+    and the hashes recomputed: refused with AuditError naming the line, never a crash."""
+    path = tmp_path / "audit.jsonl"
+    _signed_log(path, server_identity)
+    genuine = _entries(path)
+    hostile = [None, True, 0, -1, 2**70, "", "zz", "ab" * 32, "x" * 2000, "AAAA", 1.5]
+    hostile += [base64.b64encode(b"\x30\x03\x02\x01\x00").decode()]  # DER, not a certificate
+    for index in (0, 1):
+        for field in sorted(set(genuine[index]) - {"seq", "prev", "hash", "time"}):
+            for value in hostile:
+                original = genuine[index][field]
+                if type(value) is type(original) and value == original:
+                    continue  # the genuine value
+                entries = [dict(e) for e in genuine]
+                entries[index][field] = value
+                _rechain(path, entries)
+                try:
+                    verify_audit_log(path)
+                except AuditError as exc:
+                    assert "\n" not in str(exc)
+                    # a changed event name makes it another event: a later line fails
+                    where = f"{path}: line " if field == "event" else f"{path}: line {index + 1}: "
+                    assert str(exc).startswith(where), (field, value, str(exc))
+                else:
+                    raise AssertionError(f"accepted {field}={value!r} on line {index + 1}")
+
+
+def test_entries_a_writer_could_not_write_are_refused(tmp_path):
+    """Event and field names outside what append() accepts, hashes recomputed: refused."""
+    path = tmp_path / "audit.jsonl"
+    write_log(path)
+    genuine = _entries(path)
+    for change, message in [
+        ({"event": "Joined!"}, "line 2: event is not an event name"),
+        ({"event": 7}, "line 2: event is not an event name"),
+        ({"Party": "x"}, 'line 2: field name "Party" is not one a writer can write'),
+    ]:
+        entries = [dict(e) for e in genuine]
+        entries[1].update(change)
+        _rechain(path, entries)
+        assert error(path) == message

@@ -540,6 +540,9 @@ def _check_line(line: bytes, number: int, prev: str, where: str, chain: _SignedC
         fail("prev is not 64 lower-case hex characters")
     if _entry_hash(entry_prev, entry) != claimed:
         fail("hash does not match the entry (edited)")
+    event = entry["event"]
+    if not isinstance(event, str) or not _EVENT_PATTERN.fullmatch(event):
+        fail("event is not an event name")
     seq = entry["seq"]
     if not is_int(seq):
         fail("seq is not an integer")
@@ -554,5 +557,7 @@ def _check_line(line: bytes, number: int, prev: str, where: str, chain: _SignedC
                 fail("time is not a number")
         elif isinstance(value, dict | list):
             fail(f"field {key} is not a scalar")
+        elif key not in _RESERVED and not _FIELD_PATTERN.fullmatch(key):
+            fail(f"field name {show(key[:64])} is not one a writer can write")
     chain.check(entry, number, fail)
     return claimed
