@@ -538,7 +538,9 @@ def test_audit_verify_with_a_receipt(served_logs, capsys, tmp_path, sim_policy_f
     assert code == 1
     assert report["reason"].endswith("(lines up to it were rewritten, or another log)")
     assert _audit_verify(capsys, other_log, "--receipt", other_receipt)[0] == 0
-    # A receipt file that cannot be read is a usage error: exit 2, one line.
+    # --cert without --receipt, and a receipt file that cannot be read: usage errors.
+    assert cli_main(["audit", "verify", str(log_path), "--cert", str(receipt)]) == 2
+    assert "pass the receipt too" in capsys.readouterr().err
     assert cli_main(["audit", "verify", str(log_path), "--receipt", str(tmp_path / "no")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("teepsi audit: error: cannot read ")

@@ -588,6 +588,8 @@ def _cmd_audit_verify(args: argparse.Namespace) -> int:
 
     expect_entry = None
     receipt_cert = b""
+    if args.cert and not args.receipt:
+        raise UsageError("--cert is the certificate of a --receipt; pass the receipt too")
     if args.receipt:
         try:
             signed, receipt_cert = _load_receipt(
