@@ -556,6 +556,7 @@ def _audit_numbers(audit: Path) -> list[tuple[str, str, int]]:
     return found
 
 
+@pytest.mark.parametrize("server_kind", ["process", "in-process"])
 @pytest.mark.parametrize(
     ("output", "recipients", "min_intersection", "status"),
     [
@@ -565,12 +566,23 @@ def _audit_numbers(audit: Path) -> list[tuple[str, str, int]]:
     ],
 )
 def test_host_logs_and_audit_log_confirm_no_guess_of_the_intersection(
-    policy, tmp_path, caplog, output, recipients, min_intersection, status
+    request,
+    policy,
+    policy_file,
+    tmp_path,
+    caplog,
+    output,
+    recipients,
+    min_intersection,
+    status,
+    server_kind,
 ):
     """Party c (count-only, non-recipient, or below the threshold) holds its own set, its
     job's key seeds and set salt, the server's DEBUG log and the audit log; it tries every
     subset of its set as the intersection against every digest there, salted with every
-    salt it has, and looks for the size: nothing matches."""
+    salt it has, and looks for the size: nothing matches. The server runs as a `teepsi
+    server -v` process, or in this process with all of teepsi's logging at DEBUG (which
+    also catches the clients' logs)."""
     caplog.set_level(logging.DEBUG, logger="teepsi")
     keys = {n: generate_private_key() for n in "abc"}
     spec = JobSpec(
@@ -581,19 +593,26 @@ def test_host_logs_and_audit_log_confirm_no_guess_of_the_intersection(
         min_intersection=min_intersection,
     )
     audit = tmp_path / "audit.jsonl"
-    running = start_server(
-        ServerConfig(
-            host="127.0.0.1:0",
-            attestation="sim",
-            client_policy=policy,
-            allow_simulated=True,
-            audit_log=audit,
+    if server_kind == "process":
+        process = request.getfixturevalue("start_server")(
+            "-v", "--audit-log", str(audit), policy=policy_file
         )
-    )
+        port = process.port
+    else:
+        running = start_server(
+            ServerConfig(
+                host="127.0.0.1:0",
+                attestation="sim",
+                client_policy=policy,
+                allow_simulated=True,
+                audit_log=audit,
+            )
+        )
+        port = running.port
     common = _secret_items("common", _GUESS_SIZE)
     sets = {"a": common + _secret_items("a", 29), "b": common + _secret_items("b", 24)}
     sets["c"] = common + _secret_items("c", 2)  # 13 items: 8192 subsets to try
-    clients = _spec_clients(running.port, policy, spec, keys)
+    clients = _spec_clients(port, policy, spec, keys)
     try:
         tokens, seeds = {}, None
         for name, client in clients.items():
@@ -605,11 +624,18 @@ def test_host_logs_and_audit_log_confirm_no_guess_of_the_intersection(
     finally:
         for client in clients.values():
             client.close()
-        running.stop(grace=0)
+        if server_kind == "process":
+            process.proc.send_signal(signal.SIGTERM)
+            process.proc.wait(timeout=20)
+        else:
+            running.stop(grace=0)
+    server_log = process.log() if server_kind == "process" else caplog.text
+    if server_kind == "process":
+        assert " INFO " in server_log
     last = chunks["c"][-1]
     assert pb.ResultStatus.Name(last.status) == status
-    host_view = caplog.text + "\n" + audit.read_text()
-    assert "job " + spec.job_id in caplog.text  # the log did record the job
+    host_view = server_log + "\n" + caplog.text + "\n" + audit.read_text()
+    assert "job " + spec.job_id in server_log  # the log did record the job
     # c's guessing kit: its records, and every salt it was given.
     records = _canonical_records(*hash_keys(pl.Series(sets["c"]), seeds))
     salts = [b"", bytes(last.set_digest_salt), bytes(last.result_digest_salt)]
@@ -634,5 +660,6 @@ def test_host_logs_and_audit_log_confirm_no_guess_of_the_intersection(
                     confirmed.append(len(subset))
     assert confirmed == []
     # The size is not in the server log, nor in any number of the audit log.
-    assert not re.search(rf"\b{_GUESS_SIZE}\b", caplog.text), caplog.text
+    for text in (server_log, caplog.text):
+        assert not re.search(rf"\b{_GUESS_SIZE}\b", text), text
     assert all(value != _GUESS_SIZE for _, _, value in _audit_numbers(audit))
