@@ -521,7 +521,13 @@ def test_audit_verify_with_a_receipt(served_logs, capsys, tmp_path, sim_policy_f
     head = SignedReceipt.from_json(receipt.read_bytes()).receipt.audit_head
     assert head is not None and report["receipt_head"] == head.to_dict()
     assert report["unsigned_tail"] == 0 and report["signed_entries"] == report["entries"]
-    assert report["found_unsigned"] == 0
+    assert report["found_unsigned"] == 0 and "warning" not in report
+    # The last signed head cut off: still a valid log, but its tail is flagged.
+    cut = tmp_path / "cut.jsonl"
+    cut.write_bytes(b"".join(lines(log_path)[:-1]))
+    code, report = _audit_verify(capsys, cut)
+    assert code == 0 and report["unsigned_tail"] == 1
+    assert str(report["warning"]).startswith("the last 1 line(s) follow the newest signed head")
     assert [s["simulated"] for s in report["signers"]] == [True]
     # The events of the job, and the head the receipt names is its release.
     entries = _entries(log_path)

@@ -629,6 +629,11 @@ def _cmd_audit_verify(args: argparse.Namespace) -> int:
         "found_unsigned": summary.found_unsigned,
         "signers": signers,
     }
+    if summary.unsigned_tail:
+        report["warning"] = (
+            f"the last {summary.unsigned_tail} line(s) follow the newest signed head: nothing "
+            "authenticates them (the server is running or crashed, or later heads were cut)"
+        )
     if expect_entry is not None:
         report["receipt_head"] = expect_entry.to_dict()
     print(json.dumps(report))
