@@ -50,7 +50,7 @@ from typing import NoReturn
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from teepsi.contract._common import canonical_json, is_int, show
+from teepsi.contract._common import MAX_COUNT, canonical_json, is_int, show
 from teepsi.contract.signing import (
     MAX_SIGNATURE_BYTES,
     SignatureError,
@@ -115,7 +115,7 @@ class AuditHead:
     hash: str
 
     def __post_init__(self) -> None:
-        if not is_int(self.entries) or self.entries < 0:
+        if not is_int(self.entries) or not 0 <= self.entries <= MAX_COUNT:
             raise ValueError(f"entries: expected a count, got {show(self.entries)}")
         if not isinstance(self.hash, str) or not _HEX64.fullmatch(self.hash):
             raise ValueError(f"hash: expected 64 lower-case hex characters, got {show(self.hash)}")
