@@ -191,11 +191,16 @@ def test_malformed_lines(tmp_path: Path) -> None:
     write_log(path)
     data = lines(path)
     for bad, message in [
-        (b"not json\n", "line 3: not a JSON entry"),
-        (b"\n", "line 3: not a JSON entry"),
+        (
+            b"not json\n",
+            "line 3: not a JSON entry (invalid JSON at line 1 column 1: Expecting value)",
+        ),
+        (b"\n", "line 3: not a JSON entry (invalid JSON at line 2 column 1: Expecting value)"),
         (b"[1]\n", "line 3: not a JSON object"),
         (b'{"seq":3}\n', "line 3: missing time"),
-        (b"\xff\n", "line 3: not a JSON entry"),
+        (b"\xff\n", "line 3: not a JSON entry (not ASCII)"),
+        (b'{"a":1,"a":2}\n', "line 3: not a JSON entry (a: duplicate key)"),
+        (b'{"time":NaN}\n', "line 3: not a JSON entry (invalid JSON: NaN is not allowed)"),
     ]:
         path.write_bytes(b"".join([*data[:2], bad, *data[3:]]))
         assert error(path) == message
