@@ -106,6 +106,7 @@ def _cmd_server(args: argparse.Namespace) -> int:
             max_parties_per_job=args.max_parties,
             max_items_per_party=args.max_items,
             memory_budget_bytes=args.memory_budget,
+            upload_idle_timeout_seconds=args.upload_idle_timeout,
         ),
         spill_dir=args.spill_dir,
         max_workers=args.max_workers,
@@ -168,6 +169,17 @@ def parse_size(text: str) -> int:
     if unit not in units or value <= 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size like 256MiB or 1GiB")
     return int(value * units[unit])
+
+
+def parse_seconds(text: str) -> float:
+    """A positive, finite number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
 
 
 def _table_spec(args: argparse.Namespace) -> object:
@@ -611,6 +623,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="key records held in memory; beyond it they spill to disk, encrypted (default 1GiB)",
     )
     server.add_argument("--spill-dir", help="where encrypted spill files go (default: temp dir)")
+    server.add_argument(
+        "--upload-idle-timeout",
+        type=parse_seconds,
+        default=60.0,
+        metavar="S",
+        help="end an upload stream that sends nothing for S seconds (default 60)",
+    )
     server.add_argument(
         "--pccs-url",
         help="PCCS for the server's own collateral (default: PCCS_URL of the QCNL config)",

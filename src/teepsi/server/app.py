@@ -8,7 +8,8 @@ import logging
 import signal
 import tempfile
 import threading
-from collections.abc import Coroutine
+import time
+from collections.abc import Callable, Coroutine
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,6 +72,8 @@ class ServerConfig:
     audit_log: Path | None = None
     #: Evidence provider override (tests inject fakes); default from ``attestation``.
     provider: EvidenceProvider | None = None
+    #: The jobs' clock (deadlines, receipts' issue time); tests inject one that jumps.
+    clock: Callable[[], float] = time.time
 
 
 class _EventLoopThread:
@@ -223,6 +226,7 @@ def start_server(config: ServerConfig) -> RunningServer:
     _remove_stale_spill(config.spill_dir)
     registry = JobRegistry(
         limits,
+        clock=config.clock,
         spill_dir=config.spill_dir,
         signer=lambda receipt: sign_receipt(receipt, ratls.private_key),
         certificate_sha256=hashlib.sha256(ratls.certificate_der).digest(),
