@@ -611,3 +611,31 @@ def test_unsorted_or_repeated_upload_refused_in_one_line(server):
     )
     assert server.registry.budget.held == 0
     client.close()
+
+
+def test_expiry_ends_a_result_stream_in_flight(tmp_path):
+    """A result still streaming when its job expires is ended at the next chunk with the
+    job's reason (the result is gone with the job), not streamed to the end."""
+    clock = _JumpingClock()
+    running = _start(Limits(job_timeout_seconds=600), clock=clock)
+    try:
+        records = _sorted_records(1_500_000, 7)
+        a, token_a = _joined(running, "a", parties=1, job="big")
+        a.upload(token_a, *records, _NoBar())
+        stream = a.stub.GetResult(pb.GetResultRequest(), metadata=_meta(token_a))
+        first = next(stream)
+        assert not first.last and first.total_records == 1_500_000
+        clock.offset += 601
+        running.registry.expire_due()
+        received = 1
+        with pytest.raises(grpc.RpcError) as err:
+            for _chunk_message in stream:
+                received += 1
+        assert err.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+        assert err.value.details() == (
+            "job big expired: 1 of 1 parties uploaded before its deadline"
+        )
+        assert received < 6  # 1.5M records are 6 chunks
+        a.close()
+    finally:
+        running.stop(grace=0)

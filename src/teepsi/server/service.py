@@ -128,9 +128,10 @@ class _JobCall:
     ) -> _T:
         """``awaitable``'s result, unless the job ends first (raises why) or nothing
         comes within ``timeout`` (raises ``on_timeout``); the loser is cancelled."""
-        if self.error is not None:
-            raise self.error
         task = asyncio.ensure_future(awaitable)
+        if self.error is not None:
+            task.cancel()  # never started: nothing of it runs
+            raise self.error
         contenders: set[asyncio.Future[Any]] = {task, self._ended}
         try:
             done, _ = await asyncio.wait(
@@ -424,18 +425,33 @@ class PsiService:
     async def GetResult(
         self, request: Any, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[bytes]:
+        call = _JobCall()
+        unwatch: Callable[[], None] | None = None
         try:
             token = _session_token(context)
+            unwatch = self.registry.watch_call(token, call.end)
             # Awaited, not blocked on: no thread is held while the job waits for parties.
             # A caller that goes away cancels this coroutine, and with it the wait.
             delivery = await self.registry.wait_result_async(
                 token, timeout=context.time_remaining()
             )
         except ServiceError as exc:
+            if unwatch is not None:
+                unwatch()
             await _abort(context, exc)
-        chunks = _result_chunks(delivery)
-        while (message := await self._blocking(next, chunks, None)) is not None:
-            yield message
+        ended: ServiceError | None = None
+        try:
+            chunks = _result_chunks(delivery)
+            # A job that ends while its result streams (expiry, shutdown) ends the stream
+            # at the next chunk, with the job's reason.
+            while (message := await call.race(self._blocking(next, chunks, None))) is not None:
+                yield message
+        except ServiceError as exc:
+            ended = exc
+        finally:
+            unwatch()
+        if ended is not None:
+            await _abort(context, ended)
         # Reached only when the client took every chunk; a cut stream can fetch again.
         await self._blocking(self.registry.mark_delivered, token)
 
