@@ -517,6 +517,64 @@ def test_expiry_ends_watched_calls_and_gives_back_budget_and_spill_at_once(tmp_p
         reg.close()
 
 
+def test_expiry_during_the_intersection_stops_it_with_the_job_s_reason(tmp_path):
+    """The intersection runs without the registry lock; a job that expires meanwhile takes
+    its stores with it: the computation stops at the next partition with the job's
+    reason (DEADLINE_EXCEEDED), holds nothing of the budget and leaves no spill file."""
+    from teepsi.engine.spill import SpillArea
+
+    reading, disk_free = threading.Event(), threading.Event()
+
+    class SlowDisk(SpillArea):
+        def read(self, path, label):
+            reading.set()
+            disk_free.wait(10)
+            return super().read(path, label)
+
+    now = [1_000.0]
+    reg = JobRegistry(
+        Limits(job_timeout_seconds=10, memory_budget_bytes=8_000),
+        clock=lambda: now[0],
+        spill_dir=str(tmp_path),
+    )
+    reg.spill.close()
+    reg.spill = SlowDisk(tmp_path)
+    try:
+        a, b = reg.join("j", "a", 2), reg.join("j", "b", 2)
+        hi, lo = _sorted_rand(2_000, 8)
+        for outcome, rows in ((a, slice(0, 1_200)), (b, slice(800, 2_000))):
+            _, _, store, _ = reg.begin_upload(outcome.token)
+            store.add(hi[rows][:400], lo[rows][:400])
+            store.add(hi[rows][400:], lo[rows][400:])
+        reg.finish_upload(a.token)
+        failed = []
+
+        def last_upload():
+            try:
+                reg.finish_upload(b.token)
+            except ServiceError as exc:
+                failed.append(exc)
+
+        computing = threading.Thread(target=last_upload)
+        computing.start()
+        assert reading.wait(10)
+        now[0] += 11
+        reg.expire_due()
+        disk_free.set()
+        computing.join(10)
+        assert [(e.kind, e.message) for e in failed] == [
+            (
+                ErrorKind.DEADLINE_EXCEEDED,
+                "job j expired: 2 of 2 parties uploaded before its deadline",
+            )
+        ]
+        assert reg.budget.held == 0 and not any(reg.spill.path.iterdir())
+        assert reg.job_count() == 0
+    finally:
+        disk_free.set()
+        reg.close()
+
+
 # -- the memory bound holds against crafted records ---------------------------------------
 
 
