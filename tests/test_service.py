@@ -639,3 +639,36 @@ def test_expiry_ends_a_result_stream_in_flight(tmp_path):
         a.close()
     finally:
         running.stop(grace=0)
+
+
+def test_expiry_ends_a_stalled_result_stream_and_frees_the_result(tmp_path):
+    """A reader that stops reading holds the server's handler in gRPC's send. At expiry
+    the server still ends that stream at once, and with it the handler's hold on the
+    result: nothing of the expired job stays in memory until the reader comes back."""
+    import gc
+    import weakref
+
+    clock = _JumpingClock()
+    running = _start(Limits(job_timeout_seconds=600), clock=clock)
+    try:
+        a, token_a = _joined(running, "a", parties=1, job="stalled")
+        a.upload(token_a, *_sorted_records(1_500_000, 8), _NoBar())
+        stream = a.stub.GetResult(pb.GetResultRequest(), metadata=_meta(token_a))
+        assert not next(stream).last  # and then the reader stalls
+        with running.registry._lock:
+            result = weakref.ref(running.registry._jobs["stalled"].result)
+        clock.offset += 601
+        running.registry.expire_due()
+
+        def freed() -> bool:
+            gc.collect()
+            return result() is None
+
+        _until(freed, "the expired job's result to be freed", timeout=10)
+        with pytest.raises(grpc.RpcError) as err:
+            for _chunk_message in stream:
+                pass
+        assert err.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+        a.close()
+    finally:
+        running.stop(grace=0)

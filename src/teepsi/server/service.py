@@ -105,6 +105,8 @@ class _JobCall:
         #: Set before the job's stores are closed, so a step that finds its store closed
         #: can say why.
         self.error: ServiceError | None = None
+        self._abort_context: grpc.aio.ServicerContext | None = None
+        self._abort: asyncio.Task[None] | None = None
 
     def end(self, error: ServiceError) -> None:
         """The job ended (any thread; must not block: the registry is locked)."""
@@ -115,6 +117,23 @@ class _JobCall:
     def _mark_ended(self) -> None:
         if not self._ended.done():
             self._ended.set_result(None)
+        self._abort_if_ended()
+
+    def abort_when_ended(self, context: grpc.aio.ServicerContext) -> None:
+        """From now on the job's end aborts the call at once, whatever the handler awaits:
+        a result stream whose reader stalls waits in gRPC's send, not in :meth:`race`."""
+        self._abort_context = context
+        self._abort_if_ended()
+
+    def _abort_if_ended(self) -> None:
+        if self.error is not None and self._abort_context is not None and self._abort is None:
+            self._abort = self._loop.create_task(self._abort_now(self._abort_context, self.error))
+
+    @staticmethod
+    async def _abort_now(context: grpc.aio.ServicerContext, error: ServiceError) -> None:
+        # abort() raises once the status is sent; gRPC then closes the handler.
+        with contextlib.suppress(Exception):
+            await context.abort(_STATUS[error.kind], error.message)
 
     def ended_error(self, fallback: str) -> ServiceError:
         return self.error or ServiceError(ErrorKind.CANCELLED, fallback)
@@ -439,19 +458,15 @@ class PsiService:
             if unwatch is not None:
                 unwatch()
             await _abort(context, exc)
-        ended: ServiceError | None = None
+        # A job that ends while its result streams (expiry, shutdown) ends the stream at
+        # once with the job's reason, and with it the handler and its hold on the result.
+        call.abort_when_ended(context)
         try:
             chunks = _result_chunks(delivery)
-            # A job that ends while its result streams (expiry, shutdown) ends the stream
-            # at the next chunk, with the job's reason.
-            while (message := await call.race(self._blocking(next, chunks, None))) is not None:
+            while (message := await self._blocking(next, chunks, None)) is not None:
                 yield message
-        except ServiceError as exc:
-            ended = exc
         finally:
             unwatch()
-        if ended is not None:
-            await _abort(context, ended)
         # Reached only when the client took every chunk; a cut stream can fetch again.
         await self._blocking(self.registry.mark_delivered, token)
 
