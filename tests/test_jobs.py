@@ -20,7 +20,7 @@ from teepsi.engine.intersect import (
     sorted_unique_records,
     split_u128,
 )
-from teepsi.engine.keys import hash_keys
+from teepsi.engine.keys import hash_keys, records_to_bytes
 from teepsi.server.errors import ErrorKind, ServiceError
 from teepsi.server.jobs import JobRegistry, Limits
 
@@ -642,6 +642,44 @@ def test_crafted_records_spread_and_the_intersection_stays_within_the_budget(tmp
     assert len(ehi) == common
     assert np.array_equal(found.hi, ehi) and np.array_equal(found.lo, elo)
     assert found.distinct == [n, n]
+    for store in stores:
+        store.close()
+    assert budget.held == 0 and not any(spill.path.iterdir())
+    spill.close()
+
+
+def test_spilling_uploads_hold_their_buffers_within_the_budget(tmp_path):
+    """Uploads that spill keep buffering between writes; those buffers are reserved like
+    any other, so two uploads of 3.2 MB each at a 512 KiB budget never hold more than the
+    budget (plus the one chunk being stored), and the budget sees all of it."""
+    import tracemalloc
+
+    from teepsi.engine.spill import SpillArea
+    from teepsi.engine.store import MemoryBudget, Partitioner, RecordStore
+
+    n, chunk, limit = 200_000, 16_384, 512 * 1024
+    # Each chunk arrives as its wire bytes, as the server receives it.
+    payloads = [
+        [records_to_bytes(hi[at : at + chunk], lo[at : at + chunk]) for at in range(0, n, chunk)]
+        for hi, lo in (_sorted_rand(n, 10), _sorted_rand(n, 11))
+    ]
+    budget = MemoryBudget(limit)
+    spill = SpillArea(tmp_path)
+    partitioner = Partitioner()
+    stores = [RecordStore(budget, spill, partitioner) for _ in payloads]
+    tracemalloc.start()
+    try:
+        for chunks in zip(*payloads, strict=True):
+            for store, records in zip(stores, chunks, strict=True):
+                store.add_records(records)
+                assert budget.held <= limit
+        _, traced_peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert all(store.spilled for store in stores)
+    assert budget.peak <= limit
+    # The chunk being stored is grouped by partition in a copy: about 2 chunks at most.
+    assert traced_peak < limit + 4 * chunk * 16
     for store in stores:
         store.close()
     assert budget.held == 0 and not any(spill.path.iterdir())

@@ -8,7 +8,7 @@ party could put its whole upload in one partition and make the intersection load
 whatever the budget. The intersection runs one partition at a time, so the memory it needs
 is a partition's worth of every party, not a job's; the results are merged into order at the
 end. When the server's budget is exhausted a store seals its buffered partitions to disk
-(:mod:`teepsi.engine.spill`) and keeps only small buffers in memory.
+(:mod:`teepsi.engine.spill`) and buffers only what the budget has room for.
 
 A store takes records only in the canonical order (ascending as 128-bit numbers, no
 repeats: what the client sends), so its set digest is computed as the records arrive and
@@ -42,7 +42,8 @@ PARTITION_BITS = 6
 PARTITIONS = 1 << PARTITION_BITS
 #: Records per upload or result chunk: 4 MiB messages, well under gRPC's limit we set.
 RECORDS_PER_CHUNK = 256 * 1024
-#: While spilling, a store writes its buffers out once they hold this much.
+#: While spilling, a store writes its buffers out once they hold this much, or sooner when
+#: the budget has no room for them.
 SPILL_FLUSH_BYTES = 8 * 1024 * 1024
 #: Records are mixed for partitioning this many bytes at a time (below malloc's mmap
 #: threshold, see teepsi.server.memory).
@@ -220,15 +221,17 @@ class RecordStore:
             nbytes = len(hi) * RECORD_BYTES
             self.records += len(hi)
             self._buffered_bytes += nbytes
-            if not self._spilling and self.budget.try_reserve(nbytes):
+            # Whatever a store buffers is reserved, spilling or not: the budget bounds the
+            # memory of every upload at once, not only of those that still fit.
+            if self.budget.try_reserve(nbytes):
                 self._reserved += nbytes
-                return
-            if self._spill is None:
+                if not self._spilling or self._buffered_bytes < SPILL_FLUSH_BYTES:
+                    return
+            elif self._spill is None:
                 # No spill area configured: hold it anyway (the budget is then advisory).
                 return
             self._spilling = True
-            if self._buffered_bytes >= SPILL_FLUSH_BYTES or self._reserved:
-                self._flush()
+            self._flush()
 
     def _check_order(self, hi: U64Array, lo: U64Array) -> None:
         first = (int(hi[0]), int(lo[0]))
