@@ -672,3 +672,20 @@ def test_expiry_ends_a_stalled_result_stream_and_frees_the_result(tmp_path):
         a.close()
     finally:
         running.stop(grace=0)
+
+
+@pytest.mark.parametrize("bad", ["0", "-1", "nan", "inf", "soon"])
+def test_upload_idle_timeout_flag_takes_positive_seconds(bad, capsys):
+    """``teepsi server --upload-idle-timeout`` is a usage error (exit 2, one line) unless
+    it is a positive, finite number of seconds (default 60)."""
+    from teepsi.cli import build_parser
+
+    parser = build_parser()
+    with pytest.raises(SystemExit) as exit_:
+        parser.parse_args(["server", "--upload-idle-timeout", bad])
+    assert exit_.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert f"{bad!r} is not a positive number of seconds" in lines[-1]
+    args = parser.parse_args(["server", "--upload-idle-timeout", "2.5"])
+    assert args.upload_idle_timeout == 2.5
+    assert parser.parse_args(["server"]).upload_idle_timeout == 60.0
