@@ -18,6 +18,7 @@ import datetime as dt
 import hashlib
 import importlib.metadata
 import importlib.util
+import itertools
 import json
 import os
 import platform
@@ -270,10 +271,11 @@ class SpillScan:
 
 
 def looks_structured(data: bytes) -> bool:
-    """True when some byte column at a 16-byte stride is far from uniform.
+    """True when some byte column at a 16-byte stride is far from uniform, or ordered.
 
-    A plaintext spill segment holds 16-byte records of one partition, so the top byte of
-    each record's first digest takes at most 4 values; AES-GCM output is uniform.
+    A plaintext spill segment holds 16-byte records of one partition in ascending order,
+    so the top byte of each record's first digest never decreases along it (and in a
+    window of a large segment takes few values); AES-GCM output is uniform and unordered.
     """
     if len(data) < 16 * 4096:
         return False
@@ -282,6 +284,9 @@ def looks_structured(data: bytes) -> bool:
         column = window[offset::16]
         top = Counter(column).most_common(1)[0][1]
         if top / len(column) > 0.05:  # uniform: ~0.004, at most ~0.007 for 8192 samples
+            return True
+        rising = sum(1 for a, b in itertools.pairwise(column) if b >= a) / (len(column) - 1)
+        if rising > 0.6:  # random bytes: ~0.502
             return True
     return False
 
@@ -1065,10 +1070,12 @@ on parallelism. What each part costs at 10M rows per party, and the choices behi
   a parallel read leaves costs ten times more), and keys are normalised in one pass.
 * **Hashing** (about 1 CPU-s): two keyed XXH3-64 digests per key, sorted and de-duplicated
   as 128-bit values; the client uploads its records sorted.
-* **Server**: a sorted upload is only checked (linear) and sliced into partitions without a
-  copy; per partition the smaller set's records are looked up in the larger by binary search
-  on the first digest (exact on all 128 bits); each record is laid out in canonical bytes
-  once for all the digests that cover it. About 1 CPU-s for 2 x 10M records.
+* **Server**: an upload is checked to be ascending and distinct (linear) and hashed for its
+  set digest as it arrives, then split into partitions by AES-128 of each record under a key
+  drawn per job (one 8-bit radix permutation and one gather, which replaces the decoding
+  copy; each partition stays sorted); per partition the smaller set's records are looked up
+  in the larger by binary search on the first digest (exact on all 128 bits); the result is
+  sorted once at the end. About 1.3 CPU-s for 2 x 10M records (1.0 with the old, steerable split).
 * **Matching rows** (about 4 CPU-s for 5M matches): the result's records select rows by a
   hash lookup; the keys are then ordered by sorting their UTF-8 bytes as 128-bit columns of
   big-endian words, then length, then position (1.7 CPU-s for 5M keys against 5.5 for a

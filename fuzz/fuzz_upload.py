@@ -75,11 +75,11 @@ def _one_chunk(data: bytes) -> None:
     except DecodeError:
         return
     try:
-        hi, lo = _decode_upload(chunk.records, chunk.record_count, chunk.sequence)
+        records = _decode_upload(chunk.records, chunk.record_count, chunk.sequence)
     except ServiceError as exc:
         assert "\n" not in exc.message
         return
-    _check_decoded(hi, lo, chunk.records, chunk.record_count)
+    _check_decoded(*records_from_bytes(records), chunk.records, chunk.record_count)
 
 
 def _counted_payload(data: bytes) -> None:
@@ -88,11 +88,11 @@ def _counted_payload(data: bytes) -> None:
     payload = data[1:]
     count = (len(payload) // RECORD_BYTES + data[0] - 0x40) % _U32  # uint32 on the wire
     try:
-        hi, lo = _decode_upload(payload, count, len(data))
+        records = _decode_upload(payload, count, len(data))
     except ServiceError as exc:
         assert "\n" not in exc.message
         return
-    _check_decoded(hi, lo, payload, count)
+    _check_decoded(*records_from_bytes(records), payload, count)
 
 
 # --- the Upload handler ------------------------------------------------------------------
@@ -173,7 +173,7 @@ def _upload_stream(data: bytes) -> None:
     finally:
         # The job is not needed past this input: drop it, as the deadline reaper would.
         with _REGISTRY._lock:
-            job = _REGISTRY._jobs.get(job_id)
+            job = _REGISTRY._jobs.get((job_id, b""))  # quick-mode jobs: no spec digest
             if job is not None:
                 _REGISTRY._expire_locked(job, reason="fuzz input done")
     if summary is not None:

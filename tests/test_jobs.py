@@ -23,7 +23,7 @@ from teepsi.engine.intersect import (
     sorted_unique_records,
     split_u128,
 )
-from teepsi.engine.keys import hash_keys
+from teepsi.engine.keys import hash_keys, records_to_bytes
 from teepsi.server.errors import ErrorKind, ServiceError
 from teepsi.server.jobs import JobCreator, JobRegistry, Limits
 
@@ -36,7 +36,8 @@ def wait(registry: JobRegistry, token: bytes, *, timeout: float):
 
 
 def records(items):
-    return hash_keys(pl.Series(sorted(items), dtype=pl.String), SEEDS)
+    """The items' records as a client uploads them: ascending and distinct."""
+    return sorted_unique_records(*hash_keys(pl.Series(sorted(items), dtype=pl.String), SEEDS))
 
 
 def decode(result, *universe_sets):
@@ -379,33 +380,32 @@ def test_sorted_upload_is_only_checked_and_unsorted_is_sorted():
     assert np.array_equal(sorted_unique_records(*repeated)[1], slo)
 
 
-@pytest.mark.parametrize("sort_upload", [True, False])
 @pytest.mark.parametrize("budget", [1 << 30, 4096])
-def test_intersect_stores_equals_intersect_records(tmp_path, sort_upload, budget):
-    """Sorted uploads take the no-copy path, unsorted ones are grouped; spilled or not,
-    the result, distinct counts and set digests are those of the one-shot intersection."""
+def test_intersect_stores_equals_intersect_records(tmp_path, budget):
+    """Spilled or not, in chunks that split partitions, the result (in ascending order),
+    distinct counts and set digests are those of the one-shot intersection."""
     import hashlib
 
     from teepsi.engine.spill import SpillArea
-    from teepsi.engine.store import MemoryBudget, RecordStore, intersect_stores
+    from teepsi.engine.store import MemoryBudget, Partitioner, RecordStore, intersect_stores
 
     hi, lo = _rand(30_000, 9)
     parties = [(hi[:20_000], lo[:20_000]), (hi[5_000:], lo[5_000:]), (hi[::3], lo[::3])]
-    if sort_upload:
-        parties = [split_u128(as_u128(h, lo_).sort()) for h, lo_ in parties]
+    parties = [split_u128(as_u128(h, lo_).sort()) for h, lo_ in parties]
     limits = MemoryBudget(budget)
     spill = SpillArea(tmp_path)
+    partitioner = Partitioner()
+    salts = [b"s1", b"s2", b"s3"]
     stores = []
-    for party_hi, party_lo in parties:
-        store = RecordStore(limits, spill)
+    for (party_hi, party_lo), salt in zip(parties, salts, strict=True):
+        store = RecordStore(limits, spill, partitioner, salt=salt)
         for start in range(0, len(party_hi), 777):  # chunks that split partitions
             store.add(party_hi[start : start + 777].copy(), party_lo[start : start + 777].copy())
         store.finish()
         assert store.spilled is (budget < 1 << 20)
         stores.append(store)
     assert any(spill.path.iterdir()) is (budget < 1 << 20)
-    salts = [b"s1", b"s2", b"s3"]
-    found = intersect_stores(stores, salts=salts)
+    found = intersect_stores(stores)
     digests = [hashlib.sha256(salt) for salt in salts]
     ehi, elo, distinct = intersect_records(parties, digests)
     assert np.array_equal(found.hi, ehi) and np.array_equal(found.lo, elo)
@@ -415,6 +415,29 @@ def test_intersect_stores_equals_intersect_records(tmp_path, sort_upload, budget
         store.close()
     assert limits.held == 0 and not any(spill.path.iterdir())
     spill.close()
+
+
+def test_store_takes_records_only_ascending_and_distinct(tmp_path):
+    """The store's set digest and sorted partitions rest on the upload's order: a record
+    out of order or repeated, within a chunk or across chunks, is refused (and the store
+    is left as it was)."""
+    from teepsi.engine.store import MemoryBudget, Partitioner, RecordOrderError, RecordStore
+
+    hi, lo = split_u128(as_u128(*_rand(1_000, 3)).sort())
+    store = RecordStore(MemoryBudget(1 << 20), None, Partitioner())
+    store.add(hi[:500], lo[:500])
+    refused = [
+        (hi[500:][::-1], lo[500:][::-1]),  # descending
+        (np.repeat(hi[500:510], 2), np.repeat(lo[500:510], 2)),  # repeats within a chunk
+        (hi[499:600], lo[499:600]),  # repeats the previous chunk's last record
+        (hi[:10], lo[:10]),  # below what came before
+    ]
+    for bad_hi, bad_lo in refused:
+        with pytest.raises(RecordOrderError):
+            store.add(bad_hi, bad_lo)
+    assert store.records == 500
+    store.add(hi[500:], lo[500:])
+    assert store.records == 1_000
 
 
 # -- asyncio waits (the gRPC server's): no thread held while waiting ------------------------
@@ -600,3 +623,307 @@ def test_waiting_partner_learns_who_broke_off():
         )
     finally:
         reg.close()
+
+
+# -- a job that ends ends what it holds ---------------------------------------------------
+
+
+def _sorted_rand(n, seed):
+    return split_u128(as_u128(*_rand(n, seed)).sort())
+
+
+def test_closed_store_refuses_data_and_reserves_nothing(tmp_path):
+    from teepsi.engine.spill import SpillArea
+    from teepsi.engine.store import MemoryBudget, Partitioner, RecordStore, StoreClosed
+
+    budget = MemoryBudget(1 << 20)
+    spill = SpillArea(tmp_path)
+    hi, lo = _sorted_rand(1_000, 5)
+    store = RecordStore(budget, spill, Partitioner())
+    store.add(hi[:500], lo[:500])
+    assert budget.held == 500 * 16
+    store.close()
+    assert budget.held == 0
+    for use in (
+        lambda: store.add(hi[500:], lo[500:]),
+        store.finish,
+        lambda: store.partition(0),
+    ):
+        with pytest.raises(StoreClosed):
+            use()
+    assert budget.held == 0 and not any(spill.path.iterdir())
+    spill.close()
+
+
+def test_close_during_a_running_add_returns_at_once_and_the_add_gives_everything_back(
+    tmp_path,
+):
+    """The registry closes stores under its lock, from another thread than the upload's:
+    close() must not wait for a slow disk, and the add that was running must not leave
+    memory reserved or a segment on disk behind it."""
+    from teepsi.engine.spill import SpillArea
+    from teepsi.engine.store import MemoryBudget, Partitioner, RecordStore, StoreClosed
+
+    writing, disk_free = threading.Event(), threading.Event()
+
+    class SlowDisk(SpillArea):
+        def write(self, payload: bytes, label: bytes):
+            writing.set()
+            disk_free.wait(10)
+            return super().write(payload, label)
+
+    budget = MemoryBudget(8_000)
+    spill = SlowDisk(tmp_path)
+    hi, lo = _sorted_rand(1_000, 6)
+    store = RecordStore(budget, spill, Partitioner())
+    store.add(hi[:500], lo[:500])  # reserved: 8,000 bytes
+    outcome = []
+    adder = threading.Thread(target=lambda: outcome.append(store.add(hi[500:], lo[500:])))
+    adder.start()  # over the budget: spills, and the disk is slow
+    assert writing.wait(10)
+    started = time.monotonic()
+    store.close()
+    assert time.monotonic() - started < 1
+    disk_free.set()
+    adder.join(10)
+    assert outcome == [None]
+    assert budget.held == 0 and not any(spill.path.iterdir())
+    with pytest.raises(StoreClosed):
+        store.add(hi[500:], lo[500:])
+    spill.close()
+
+
+def test_expiry_ends_watched_calls_and_gives_back_budget_and_spill_at_once(tmp_path):
+    """At expiry (an injected clock, no sleeping) the job's watched calls are told why
+    before its stores close; memory reserved and segments spilled by its uploads are
+    given back at once, and an upload still holding its store is refused."""
+    from teepsi.engine.store import StoreClosed
+
+    now = [1_000.0]
+    reg = JobRegistry(
+        Limits(job_timeout_seconds=10, memory_budget_bytes=8_000),
+        clock=lambda: now[0],
+        spill_dir=str(tmp_path),
+    )
+    try:
+        a, b = reg.join("j", "a", 2), reg.join("j", "b", 2)
+        told = []
+        reg.watch_call(a.token, told.append)
+        stopped = []
+        unwatch = reg.watch_call(b.token, stopped.append)
+        unwatch()  # a call that ended on its own is not told
+        hi, lo = _sorted_rand(1_000, 7)
+        _, _, store_a, _ = reg.begin_upload(a.token)
+        store_a.add(hi[:400], lo[:400])  # 6,400 bytes reserved
+        _, _, store_b, _ = reg.begin_upload(b.token)
+        store_b.add(hi[400:500], lo[400:500])  # 1,600 more: the budget is full
+        store_b.add(hi[500:600], lo[500:600])  # over it: b spills
+        assert reg.budget.held == 6_400 and any(reg.spill.path.iterdir())
+        now[0] += 11
+        reg.expire_due()
+        assert [(e.kind, e.message) for e in told] == [
+            (
+                ErrorKind.DEADLINE_EXCEEDED,
+                "job j expired: 0 of 2 parties uploaded before its deadline; party a joined "
+                "but has not finished uploading; party b joined but has not finished uploading",
+            )
+        ]
+        assert stopped == []
+        assert reg.budget.held == 0 and not any(reg.spill.path.iterdir())
+        with pytest.raises(StoreClosed):
+            store_a.add(hi[400:], lo[400:])
+        assert reg.budget.held == 0 and not any(reg.spill.path.iterdir())
+        with pytest.raises(ServiceError) as err:
+            reg.watch_call(a.token, told.append)
+        assert err.value.kind is ErrorKind.UNAUTHENTICATED
+    finally:
+        reg.close()
+
+
+def test_expiry_during_the_intersection_stops_it_with_the_job_s_reason(tmp_path):
+    """The intersection runs without the registry lock; a job that expires meanwhile takes
+    its stores with it: the computation stops at the next partition with the job's
+    reason (DEADLINE_EXCEEDED), holds nothing of the budget and leaves no spill file."""
+    from teepsi.engine.spill import SpillArea
+
+    reading, disk_free = threading.Event(), threading.Event()
+
+    class SlowDisk(SpillArea):
+        def read(self, path, label):
+            reading.set()
+            disk_free.wait(10)
+            return super().read(path, label)
+
+    now = [1_000.0]
+    reg = JobRegistry(
+        Limits(job_timeout_seconds=10, memory_budget_bytes=8_000),
+        clock=lambda: now[0],
+        spill_dir=str(tmp_path),
+    )
+    reg.spill.close()
+    reg.spill = SlowDisk(tmp_path)
+    try:
+        a, b = reg.join("j", "a", 2), reg.join("j", "b", 2)
+        hi, lo = _sorted_rand(2_000, 8)
+        for outcome, rows in ((a, slice(0, 1_200)), (b, slice(800, 2_000))):
+            _, _, store, _ = reg.begin_upload(outcome.token)
+            store.add(hi[rows][:400], lo[rows][:400])
+            store.add(hi[rows][400:], lo[rows][400:])
+        reg.finish_upload(a.token)
+        failed = []
+
+        def last_upload():
+            try:
+                reg.finish_upload(b.token)
+            except ServiceError as exc:
+                failed.append(exc)
+
+        computing = threading.Thread(target=last_upload)
+        computing.start()
+        assert reading.wait(10)
+        now[0] += 11
+        reg.expire_due()
+        disk_free.set()
+        computing.join(10)
+        assert [(e.kind, e.message) for e in failed] == [
+            (
+                ErrorKind.DEADLINE_EXCEEDED,
+                "job j expired: 2 of 2 parties uploaded before its deadline",
+            )
+        ]
+        assert reg.budget.held == 0 and not any(reg.spill.path.iterdir())
+        assert reg.job_count() == 0
+    finally:
+        disk_free.set()
+        reg.close()
+
+
+# -- the memory bound holds against crafted records ---------------------------------------
+
+
+def _crafted(n, kind, seed):
+    """Records a hostile party can choose freely: all in one partition of the old split
+    (the top 6 bits of the first digest), or all with one first digest."""
+    rng = np.random.default_rng(seed)
+    lo = rng.integers(0, 2**64, n, dtype=np.uint64)
+    if kind == "one old partition":
+        hi = rng.integers(0, 2**58, n, dtype=np.uint64)  # top 6 bits all 0
+    else:
+        hi = np.full(n, 0x0123_4567_89AB_CDEF, dtype=np.uint64)
+    return split_u128(as_u128(hi, lo).sort())
+
+
+@pytest.mark.parametrize("kind", ["one old partition", "equal first digest"])
+def test_crafted_records_spread_and_the_intersection_stays_within_the_budget(tmp_path, kind):
+    """Two parties upload 200,000 crafted records each (3.2 MB, both spilled) at a
+    512 KiB budget, 1,000 in common. The keyed split spreads them evenly; the
+    intersection's working set (counted in the budget, and what tracemalloc sees
+    allocated while it runs) stays within the budget; the result is exact and ascending;
+    no spill file is left after the stores close."""
+    import tracemalloc
+
+    from teepsi.engine.spill import SpillArea
+    from teepsi.engine.store import (
+        PARTITIONS,
+        MemoryBudget,
+        Partitioner,
+        RecordStore,
+        intersect_stores,
+    )
+
+    n, common, limit = 200_000, 1_000, 512 * 1024
+    hi, lo = _crafted(2 * n - common, kind, 8)
+    rng = np.random.default_rng(9)
+    order = rng.permutation(len(hi))
+    a_rows, b_rows = np.sort(order[:n]), np.sort(order[n - common :])
+    parties = [(hi[a_rows], lo[a_rows]), (hi[b_rows], lo[b_rows])]
+    budget = MemoryBudget(limit)
+    spill = SpillArea(tmp_path)
+    partitioner = Partitioner()
+    stores = []
+    for party_hi, party_lo in parties:
+        store = RecordStore(budget, spill, partitioner)
+        for start in range(0, n, 16_384):
+            store.add(party_hi[start : start + 16_384], party_lo[start : start + 16_384])
+        store.finish()
+        assert store.spilled
+        loads = [store.partition_bytes(p) for p in range(PARTITIONS)]
+        assert max(loads) < 1.25 * n * 16 / PARTITIONS  # even: no partition takes the lot
+        stores.append(store)
+    assert budget.held == 0
+    budget.reset_peak()
+    tracemalloc.start()
+    try:
+        found = intersect_stores(stores)
+        _, traced_peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # Balanced, one partition of both parties is about 100 KB (the old split: 6.4 MB).
+    assert 0 < budget.peak < limit / 4
+    assert traced_peak < limit
+    ehi, elo, _ = intersect_records(parties)
+    assert len(ehi) == common
+    assert np.array_equal(found.hi, ehi) and np.array_equal(found.lo, elo)
+    assert found.distinct == [n, n]
+    for store in stores:
+        store.close()
+    assert budget.held == 0 and not any(spill.path.iterdir())
+    spill.close()
+
+
+def test_spilling_uploads_hold_their_buffers_within_the_budget(tmp_path):
+    """Uploads that spill keep buffering between writes; those buffers are reserved like
+    any other, so two uploads of 3.2 MB each at a 512 KiB budget never hold more than the
+    budget (plus the one chunk being stored), and the budget sees all of it."""
+    import tracemalloc
+
+    from teepsi.engine.spill import SpillArea
+    from teepsi.engine.store import MemoryBudget, Partitioner, RecordStore
+
+    n, chunk, limit = 200_000, 16_384, 512 * 1024
+    # Each chunk arrives as its wire bytes, as the server receives it.
+    payloads = [
+        [records_to_bytes(hi[at : at + chunk], lo[at : at + chunk]) for at in range(0, n, chunk)]
+        for hi, lo in (_sorted_rand(n, 10), _sorted_rand(n, 11))
+    ]
+    budget = MemoryBudget(limit)
+    spill = SpillArea(tmp_path)
+    partitioner = Partitioner()
+    stores = [RecordStore(budget, spill, partitioner) for _ in payloads]
+    tracemalloc.start()
+    try:
+        for chunks in zip(*payloads, strict=True):
+            for store, records in zip(stores, chunks, strict=True):
+                store.add_records(records)
+                assert budget.held <= limit
+        _, traced_peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert all(store.spilled for store in stores)
+    assert budget.peak <= limit
+    # The chunk being stored is grouped by partition in a copy: about 2 chunks at most.
+    assert traced_peak < limit + 4 * chunk * 16
+    for store in stores:
+        store.close()
+    assert budget.held == 0 and not any(spill.path.iterdir())
+    spill.close()
+
+
+def test_partitions_do_not_follow_the_first_digest():
+    """Records with one first digest, or ones differing in only one bit, land in all
+    partitions; two partitioners (two jobs) split the same records differently."""
+    from teepsi.engine.keys import records_to_bytes
+    from teepsi.engine.store import PARTITIONS, Partitioner
+
+    n = 64_000
+    lo = np.arange(n, dtype=np.uint64)
+    hi = np.zeros(n, dtype=np.uint64)
+    records = records_to_bytes(hi, lo)
+    one, other = Partitioner().partitions(records), Partitioner().partitions(records)
+    counts = np.bincount(one, minlength=PARTITIONS)
+    assert len(counts) == PARTITIONS and counts.min() > 0.8 * n / PARTITIONS
+    assert counts.max() < 1.2 * n / PARTITIONS
+    assert np.mean(one == other) < 0.05
+    assert np.array_equal(
+        Partitioner(b"k" * 16).partitions(records), Partitioner(b"k" * 16).partitions(records)
+    )

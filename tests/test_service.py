@@ -18,7 +18,7 @@ from teepsi.attestation.policy import policy_for
 from teepsi.attestation.sim import SimEvidenceProvider
 from teepsi.attestation.transcript import join_transcript_digest
 from teepsi.client.party import PartyConfig, PsiClient, PsiClientError, run_party_items
-from teepsi.engine.intersect import intersect_records
+from teepsi.engine.intersect import intersect_records, sorted_unique_records
 from teepsi.engine.keys import hash_keys, records_to_bytes
 from teepsi.engine.tables import TableSpec
 from teepsi.protocol import SESSION_METADATA
@@ -31,17 +31,23 @@ POLICY = policy_for(
 )
 
 
-@pytest.fixture
-def server():
-    running = start_server(
+def _start(limits: Limits, **config):
+    """A sim server on a free loopback port."""
+    return start_server(
         ServerConfig(
             host="127.0.0.1:0",
             attestation="sim",
             client_policy=POLICY,
             allow_simulated=True,
-            limits=Limits(job_timeout_seconds=20),
+            limits=limits,
+            **config,
         )
     )
+
+
+@pytest.fixture
+def server():
+    running = _start(Limits(job_timeout_seconds=20))
     yield running
     running.stop(grace=0)
 
@@ -75,7 +81,10 @@ KEY_SCHEME = TableSpec(path=Path("x")).key_scheme
 
 
 def _records(items):
-    return hash_keys(pl.Series([i.decode() for i in items], dtype=pl.String), SEEDS)
+    """The items' records as a client uploads them: ascending and distinct."""
+    return sorted_unique_records(
+        *hash_keys(pl.Series([i.decode() for i in items], dtype=pl.String), SEEDS)
+    )
 
 
 def _chunk(seq: int, items: list[bytes], *, last: bool = False, count: int | None = None):
@@ -479,3 +488,285 @@ def test_join_refuses_a_bad_signature_under_an_accepted_key(server, make_key):
     assert refused.code() is grpc.StatusCode.PERMISSION_DENIED
     assert "signature does not verify" in refused.details()
     client.close()
+
+
+# -- a job that ends ends its calls; a stalled upload is cut -------------------------------
+
+
+class _JumpingClock:
+    """The jobs' clock: real time plus jumps the test makes."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        import time
+
+        return time.time() + self.offset
+
+
+def _sorted_records(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    hi = rng.integers(0, 2**64, n, dtype=np.uint64)
+    lo = rng.integers(0, 2**64, n, dtype=np.uint64)
+    return sorted_unique_records(hi, lo)
+
+
+def _held_upload(records, sizes: list[int], gate, *, last: bool = True):
+    """Upload chunks of ``sizes`` records, then wait for ``gate`` before the rest."""
+    hi, lo = records
+    start = 0
+    for sequence, size in enumerate(sizes):
+        if sequence == len(sizes) - 1:
+            gate.wait(30)
+        end = start + size
+        yield pb.UploadChunk(
+            sequence=sequence,
+            records=records_to_bytes(hi[start:end], lo[start:end]),
+            record_count=end - start,
+            last=last and sequence == len(sizes) - 1,
+        )
+        start = end
+
+
+def _spill_files(server) -> list[Path]:
+    return [p for p in server.registry.spill.path.iterdir()]
+
+
+def _until(condition, what: str, timeout: float = 20.0) -> None:
+    import time
+
+    give_up = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < give_up, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def test_expiry_ends_in_flight_uploads_and_gives_back_memory_and_spill(tmp_path):
+    """Two uploads in flight when their job expires: one holds memory (reserved against
+    --memory-budget), the other has spilled. At expiry the server ends both streams
+    (DEADLINE_EXCEEDED, one line) while their clients still hold chunks back; the budget
+    is back to 0 and the spill area is empty at once, and what the clients send later is
+    never taken."""
+    import threading
+
+    clock = _JumpingClock()
+    running = _start(
+        Limits(job_timeout_seconds=600, memory_budget_bytes=64_000),
+        spill_dir=str(tmp_path),
+        clock=clock,
+    )
+    gate = threading.Event()
+    try:
+        a, token_a = _joined(running, "a")
+        b, token_b = _joined(running, "b")
+        # a: 2,000 records (32,000 bytes) reserved; b: 2,000 reserved, then 1,000 more spill
+        # all of b (the budget is 64,000 bytes).
+        calls = [
+            a.stub.Upload.future(
+                _held_upload(_sorted_records(3_000, 1), [2_000, 1_000], gate),
+                metadata=_meta(token_a),
+            )
+        ]
+        _until(lambda: running.registry.budget.held == 32_000, "a's records held")
+        calls.append(
+            b.stub.Upload.future(
+                _held_upload(_sorted_records(4_000, 2), [2_000, 1_000, 1_000], gate),
+                metadata=_meta(token_b),
+            )
+        )
+        _until(
+            lambda: _spill_files(running) and running.registry.budget.held == 32_000,
+            "b's records spilled (its reservation given back)",
+        )
+        clock.offset += 601
+        running.registry.expire_due()
+        for call in calls:
+            with pytest.raises(grpc.RpcError) as err:
+                call.result(timeout=10)  # before the clients send their last chunks
+            assert err.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+            assert err.value.details() == (
+                "job j expired: 0 of 2 parties uploaded before its deadline; party a joined "
+                "but has not finished uploading; party b joined but has not finished uploading"
+            )
+        assert not gate.is_set()
+        assert running.registry.budget.held == 0
+        assert _spill_files(running) == []
+        assert running.registry.job_count() == 0
+        gate.set()  # the clients' held-back chunks go nowhere
+        import time
+
+        time.sleep(0.3)
+        assert running.registry.budget.held == 0 and _spill_files(running) == []
+        a.close()
+        b.close()
+    finally:
+        gate.set()
+        running.stop(grace=0)
+
+
+def test_shutdown_ends_in_flight_upload_with_unavailable(server):
+    import threading
+
+    gate = threading.Event()
+    client, token = _joined(server, "a")
+    call = client.stub.Upload.future(
+        _held_upload(_sorted_records(200, 3), [100, 100], gate), metadata=_meta(token)
+    )
+    try:
+        _until(lambda: server.registry.budget.held > 0, "the first chunk held")
+        server.registry.close()
+        with pytest.raises(grpc.RpcError) as err:
+            call.result(timeout=10)
+        assert err.value.code() is grpc.StatusCode.UNAVAILABLE
+        assert err.value.details() == (
+            "server shutting down: job j was dropped; run every party again"
+        )
+        assert server.registry.budget.held == 0
+    finally:
+        gate.set()
+        client.close()
+
+
+def test_stalled_upload_is_cut_after_the_idle_timeout():
+    """An upload that sends nothing for --upload-idle-timeout is ended by the server
+    (DEADLINE_EXCEEDED, saying what to do), its memory given back and its slot freed;
+    one that keeps sending, for longer than that in all, is not cut."""
+    import threading
+    import time
+
+    running = _start(Limits(job_timeout_seconds=60, upload_idle_timeout_seconds=0.5))
+    gate = threading.Event()
+    try:
+        client, token = _joined(running, "a", job="stall")
+        started = time.monotonic()
+        call = client.stub.Upload.future(
+            _held_upload(_sorted_records(200, 4), [100, 100], gate), metadata=_meta(token)
+        )
+        with pytest.raises(grpc.RpcError) as err:
+            call.result(timeout=10)
+        assert 0.5 <= time.monotonic() - started < 8
+        assert err.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+        assert err.value.details() == (
+            "upload of party a to job stall sent nothing for 0.5 s and was ended by the "
+            "server; check the client's network and run the party again"
+        )
+        assert not gate.is_set()
+        assert running.registry.budget.held == 0
+        # The slot is free: the party can join and upload again.
+        again, token = _joined(running, "a", job="stall")
+        records = _sorted_records(500, 5)
+
+        def steady():
+            for sequence in range(5):
+                time.sleep(0.25)  # 1.25 s in all, never 0.5 s without a chunk
+                part = slice(sequence * 100, (sequence + 1) * 100)
+                yield pb.UploadChunk(
+                    sequence=sequence,
+                    records=records_to_bytes(records[0][part], records[1][part]),
+                    record_count=100,
+                    last=sequence == 4,
+                )
+
+        summary = again.stub.Upload(steady(), metadata=_meta(token), timeout=20)
+        assert summary.records_received == 500
+        client.close()
+        again.close()
+    finally:
+        gate.set()
+        running.stop(grace=0)
+
+
+def test_unsorted_or_repeated_upload_refused_in_one_line(server):
+    client, token = _joined(server)
+    hi, lo = _sorted_records(10, 6)
+    payload = records_to_bytes(hi[::-1], lo[::-1])
+    chunk = pb.UploadChunk(sequence=0, records=payload, record_count=10, last=True)
+    with pytest.raises(grpc.RpcError) as err:
+        client.stub.Upload(iter([chunk]), metadata=_meta(token))
+    assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details() == (
+        "chunk 0: records must be sent ascending (as 128-bit numbers) and distinct, across "
+        "the whole upload (the teepsi client sends them so)"
+    )
+    assert server.registry.budget.held == 0
+    client.close()
+
+
+def test_expiry_ends_a_result_stream_in_flight(tmp_path):
+    """A result still streaming when its job expires is ended at the next chunk with the
+    job's reason (the result is gone with the job), not streamed to the end."""
+    clock = _JumpingClock()
+    running = _start(Limits(job_timeout_seconds=600), clock=clock)
+    try:
+        records = _sorted_records(1_500_000, 7)
+        a, token_a = _joined(running, "a", parties=1, job="big")
+        a.upload(token_a, *records, _NoBar())
+        stream = a.stub.GetResult(pb.GetResultRequest(), metadata=_meta(token_a))
+        first = next(stream)
+        assert not first.last and first.total_records == 1_500_000
+        clock.offset += 601
+        running.registry.expire_due()
+        received = 1
+        with pytest.raises(grpc.RpcError) as err:
+            for _chunk_message in stream:
+                received += 1
+        assert err.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+        assert err.value.details() == (
+            "job big expired: 1 of 1 parties uploaded before its deadline"
+        )
+        assert received < 6  # 1.5M records are 6 chunks
+        a.close()
+    finally:
+        running.stop(grace=0)
+
+
+def test_expiry_ends_a_stalled_result_stream_and_frees_the_result(tmp_path):
+    """A reader that stops reading holds the server's handler in gRPC's send. At expiry
+    the server still ends that stream at once, and with it the handler's hold on the
+    result: nothing of the expired job stays in memory until the reader comes back."""
+    import gc
+    import weakref
+
+    clock = _JumpingClock()
+    running = _start(Limits(job_timeout_seconds=600), clock=clock)
+    try:
+        a, token_a = _joined(running, "a", parties=1, job="stalled")
+        a.upload(token_a, *_sorted_records(1_500_000, 8), _NoBar())
+        stream = a.stub.GetResult(pb.GetResultRequest(), metadata=_meta(token_a))
+        assert not next(stream).last  # and then the reader stalls
+        with running.registry._lock:
+            result = weakref.ref(running.registry._jobs[("stalled", b"")].result)
+        clock.offset += 601
+        running.registry.expire_due()
+
+        def freed() -> bool:
+            gc.collect()
+            return result() is None
+
+        _until(freed, "the expired job's result to be freed", timeout=10)
+        with pytest.raises(grpc.RpcError) as err:
+            for _chunk_message in stream:
+                pass
+        assert err.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+        a.close()
+    finally:
+        running.stop(grace=0)
+
+
+@pytest.mark.parametrize("bad", ["0", "-1", "nan", "inf", "soon"])
+def test_upload_idle_timeout_flag_takes_positive_seconds(bad, capsys):
+    """``teepsi server --upload-idle-timeout`` is a usage error (exit 2, one line) unless
+    it is a positive, finite number of seconds (default 60)."""
+    from teepsi.cli import build_parser
+
+    parser = build_parser()
+    with pytest.raises(SystemExit) as exit_:
+        parser.parse_args(["server", "--upload-idle-timeout", bad])
+    assert exit_.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1].startswith(f"teepsi server: error: argument --upload-idle-timeout: {bad!r}")
+    assert "number of seconds" in lines[-1]
+    args = parser.parse_args(["server", "--upload-idle-timeout", "2.5"])
+    assert args.upload_idle_timeout == 2.5
+    assert parser.parse_args(["server"]).upload_idle_timeout == 60.0

@@ -116,6 +116,7 @@ def _cmd_server(args: argparse.Namespace) -> int:
             join_timeout_seconds=args.join_timeout,
             max_jobs_per_party=args.max_jobs_per_party,
             max_jobs_per_address=args.max_jobs_per_address,
+            upload_idle_timeout_seconds=args.upload_idle_timeout,
         ),
         max_connections=args.max_connections,
         connection_idle_seconds=args.connection_idle_timeout,
@@ -408,6 +409,7 @@ SERVER_RUN_KEYS: dict[str, str] = {
     "max_connections": "--max-connections",
     "connection_idle_timeout": "--connection-idle-timeout",
     "handshake_timeout": "--handshake-timeout",
+    "upload_idle_timeout": "--upload-idle-timeout",
 }
 CLIENT_DEFAULTS: dict[str, object] = {
     "job": "default",
@@ -1122,6 +1124,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=positive_seconds,
         default=10.0,
         help="seconds a new connection has to finish its TLS handshake (default 10)",
+    )
+    server.add_argument(
+        "--upload-idle-timeout",
+        type=positive_seconds,
+        default=60.0,
+        metavar="S",
+        help="end an upload stream that sends nothing for S seconds (default 60)",
     )
     server.add_argument(
         "--pccs-url",

@@ -44,7 +44,7 @@ from teepsi.client.progress import PhaseBar, Progress, timed
 from teepsi.contract.keys import PartyPrivateKey, public_key_der, sign
 from teepsi.contract.receipt import ReceiptError, SignedReceipt, check_own_entry, verify_receipt
 from teepsi.contract.spec import JobSpec
-from teepsi.engine.intersect import intersect_records
+from teepsi.engine.intersect import intersect_records, sorted_unique_records
 from teepsi.engine.keys import Normalization, U64Array, records_from_bytes, seeds_from_bytes
 from teepsi.engine.store import RECORDS_PER_CHUNK, iter_record_chunks, mark_last
 from teepsi.engine.tables import TEXT_COLUMN, Table, TableSpec, matching_rows, table_from_frame
@@ -421,6 +421,9 @@ class PsiClient:
         return bytes(response.session_token), seeds
 
     def upload(self, token: bytes, hi: U64Array, lo: U64Array, progress: PhaseBar) -> int:
+        # The server takes records only ascending and distinct (a check when they are).
+        hi, lo = sorted_unique_records(hi, lo)
+
         def chunks() -> Iterator[Any]:
             batches = iter_record_chunks(hi, lo, records_per_chunk=RECORDS_PER_CHUNK)
             for sequence, (payload, count, last) in enumerate(mark_last(batches)):

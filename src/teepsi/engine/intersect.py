@@ -43,7 +43,10 @@ def is_strictly_increasing(hi: U64Array, lo: U64Array) -> bool:
     if len(hi) < 2:
         return True
     later_hi, earlier_hi = hi[1:], hi[:-1]
-    return bool(np.all((later_hi > earlier_hi) | ((later_hi == earlier_hi) & (lo[1:] > lo[:-1]))))
+    rising = later_hi > earlier_hi
+    if bool(rising.all()):
+        return True  # the usual case, no first digest twice: one pass decides
+    return bool(np.all(rising | ((later_hi == earlier_hi) & (lo[1:] > lo[:-1]))))
 
 
 def sorted_unique_records(hi: U64Array, lo: U64Array) -> tuple[U64Array, U64Array]:

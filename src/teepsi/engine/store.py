@@ -1,14 +1,24 @@
 """A party's uploaded records, partitioned, held within a memory budget, spilled when over.
 
-Records are split by the top bits of their first digest into ``PARTITIONS`` partitions
-as they arrive. The intersection then runs one partition at a time, so the memory it
-needs is a partition's worth, not a job's; partitions in order give the result in order.
-When the server's budget is exhausted a store seals its buffered partitions to disk
-(:mod:`teepsi.engine.spill`) and keeps only small buffers in memory.
+Records are split into ``PARTITIONS`` partitions as they arrive, by a pseudo-random function
+of the whole 128-bit record under a key drawn inside the enclave for each job (AES-128 of
+the record, see :class:`Partitioner`). The records are chosen by the parties, so the split
+must be one no party can steer: under the old split (the top bits of the first digest) a
+party could put its whole upload in one partition and make the intersection load it at once
+whatever the budget. The intersection runs one partition at a time, so the memory it needs
+is a partition's worth of every party, not a job's; the results are merged into order at the
+end. When the server's budget is exhausted a store seals its buffered partitions to disk
+(:mod:`teepsi.engine.spill`) and buffers only what the budget has room for.
+
+A store takes records only in the canonical order (ascending as 128-bit numbers, no
+repeats: what the client sends), so its set digest is computed as the records arrive and
+each partition stays sorted without a sort. A store that is closed refuses data: an upload
+that outlives its job can neither reserve memory nor write spill files.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import secrets
 import threading
@@ -17,17 +27,35 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from teepsi.engine.intersect import intersect_records
-from teepsi.engine.keys import RECORD_BYTES, RECORD_DTYPE, U64Array
+from teepsi.engine.intersect import (
+    as_u128,
+    intersect_sorted_records,
+    is_strictly_increasing,
+    split_u128,
+)
+from teepsi.engine.keys import RECORD_BYTES, RECORD_DTYPE, U64Array, records_to_bytes
 from teepsi.engine.spill import SpillArea
 
 PARTITION_BITS = 6
 PARTITIONS = 1 << PARTITION_BITS
 #: Records per upload or result chunk: 4 MiB messages, well under gRPC's limit we set.
 RECORDS_PER_CHUNK = 256 * 1024
-#: While spilling, a store writes its buffers out once they hold this much.
+#: While spilling, a store writes its buffers out once they hold this much, or sooner when
+#: the budget has no room for them.
 SPILL_FLUSH_BYTES = 8 * 1024 * 1024
+#: Records are mixed for partitioning this many bytes at a time (below malloc's mmap
+#: threshold, see teepsi.server.memory).
+_MIX_BLOCK_BYTES = 4096 * RECORD_BYTES
+
+
+class StoreClosed(Exception):
+    """The store was closed (its job ended): it holds nothing and takes nothing."""
+
+
+class RecordOrderError(ValueError):
+    """An upload's records are not ascending and distinct (the one accepted order)."""
 
 
 class MemoryBudget:
@@ -36,6 +64,7 @@ class MemoryBudget:
     def __init__(self, limit_bytes: int) -> None:
         self.limit_bytes = limit_bytes
         self._held = 0
+        self._peak = 0
         self._lock = threading.Lock()
 
     @property
@@ -43,64 +72,175 @@ class MemoryBudget:
         with self._lock:
             return self._held
 
+    @property
+    def peak(self) -> int:
+        """The most ever held at once (stored records and the intersection's working set)."""
+        with self._lock:
+            return self._peak
+
+    def reset_peak(self) -> None:
+        """Start measuring the peak afresh (from what is held now)."""
+        with self._lock:
+            self._peak = self._held
+
     def try_reserve(self, nbytes: int) -> bool:
         with self._lock:
             if self._held + nbytes > self.limit_bytes:
                 return False
             self._held += nbytes
+            self._peak = max(self._peak, self._held)
             return True
 
     def release(self, nbytes: int) -> None:
         with self._lock:
             self._held = max(0, self._held - nbytes)
 
+    @contextlib.contextmanager
+    def working_set(self, nbytes: int) -> Iterator[None]:
+        """Count memory the intersection holds now, over the limit if it must (it cannot
+        wait): uploads meanwhile see the budget taken and spill; freed on exit."""
+        with self._lock:
+            self._held += nbytes
+            self._peak = max(self._peak, self._held)
+        try:
+            yield
+        finally:
+            self.release(nbytes)
+
+
+class Partitioner:
+    """Which partition a record goes to: the top bits of AES-128 under a secret key.
+
+    AES is a pseudo-random permutation of the whole 16-byte record, so without the key the
+    partition of any record is unpredictable: records sharing their first digest, or any
+    other pattern a party builds, spread evenly. The key is random, lives only in memory
+    and is never shown, so nobody outside the enclave can aim at a partition. ECB mode is
+    the right mode here: each record is one independent evaluation (nothing is encrypted
+    for secrecy, and the output is dropped after its top bits are read).
+    """
+
+    def __init__(self, key: bytes | None = None) -> None:
+        key = key or secrets.token_bytes(16)
+        # ECB: one independent PRF evaluation per 16-byte record, nothing kept secret by it.
+        self._cipher = Cipher(algorithms.AES(key), modes.ECB())  # noqa: S305
+
+    def partitions(self, records: bytes) -> np.ndarray:
+        """The partition of each canonical 16-byte record in ``records`` (uint8 array)."""
+        out = np.empty(len(records) // RECORD_BYTES, dtype=np.uint8)
+        encryptor = self._cipher.encryptor()
+        view = memoryview(records)
+        # In small blocks: a fresh multi-MiB output per chunk costs more in page faults
+        # than AES itself; 64 KiB blocks are reused from the heap.
+        for start in range(0, len(records), _MIX_BLOCK_BYTES):
+            mixed = encryptor.update(view[start : start + _MIX_BLOCK_BYTES])
+            first = start // RECORD_BYTES
+            out[first : first + len(mixed) // RECORD_BYTES] = np.frombuffer(mixed, dtype=np.uint8)[
+                ::RECORD_BYTES
+            ]
+        return out >> np.uint8(8 - PARTITION_BITS)
+
 
 class RecordStore:
-    """One party's records for one job. Not thread-safe: one uploader owns it."""
+    """One party's records for one job. One uploader adds at a time; any thread may close."""
 
-    def __init__(self, budget: MemoryBudget, spill: SpillArea | None) -> None:
-        self._budget = budget
+    def __init__(
+        self,
+        budget: MemoryBudget,
+        spill: SpillArea | None,
+        partitioner: Partitioner,
+        *,
+        salt: bytes = b"",
+    ) -> None:
+        self.budget = budget
         self._spill = spill
+        self.partitioner = partitioner
         self._label = secrets.token_bytes(16)
         self._buffers: list[list[tuple[U64Array, U64Array]]] = [[] for _ in range(PARTITIONS)]
         self._segments: list[list[Path]] = [[] for _ in range(PARTITIONS)]
+        self._partition_records = np.zeros(PARTITIONS, dtype=np.int64)
         self._buffered_bytes = 0  # in memory, reserved or not
         self._reserved = 0  # of which counted against the budget
         self._spilling = False
+        #: SHA-256 of the salt then the records in order (the receipt's set digest).
+        self._digest = hashlib.sha256(salt)
+        self._last: tuple[int, int] | None = None
         self.records = 0
+        # close() may come from another thread while a step runs: the step finishes on
+        # its own data and the store is emptied when it ends (never under its feet).
+        self._state_lock = threading.Lock()
+        self._closed = False
+        self._busy = False
 
     @property
     def spilled(self) -> bool:
         return self._spilling
 
+    @property
+    def set_sha256(self) -> bytes:
+        return self._digest.copy().digest()
+
+    @contextlib.contextmanager
+    def _in_use(self) -> Iterator[None]:
+        with self._state_lock:
+            if self._closed:
+                raise StoreClosed("the record store is closed (its job has ended)")
+            self._busy = True
+        try:
+            yield
+        finally:
+            with self._state_lock:
+                self._busy = False
+                discard = self._closed
+            if discard:
+                self._discard()
+
     def add(self, hi: U64Array, lo: U64Array) -> None:
-        if len(hi) == 0:
-            return
-        part = (hi >> np.uint64(64 - PARTITION_BITS)).astype(np.uint8)
-        bounds = np.cumsum(np.bincount(part, minlength=PARTITIONS))
-        if np.all(part[1:] >= part[:-1]):
-            # Sorted uploads (what clients send) are already grouped by partition.
-            hi_sorted, lo_sorted = hi, lo
-        else:
+        self.add_records(records_to_bytes(hi, lo))
+
+    def add_records(self, records: bytes) -> None:
+        """Take canonical 16-byte records (ascending, distinct, continuing the upload)."""
+        with self._in_use():
+            if not records:
+                return
+            pairs = np.frombuffer(records, dtype=RECORD_DTYPE).reshape(-1, 2)
+            hi, lo = pairs[:, 0], pairs[:, 1]
+            self._check_order(hi, lo)
+            self._digest.update(records)
+            part = self.partitioner.partitions(records)
+            counts = np.bincount(part, minlength=PARTITIONS)
+            self._partition_records += counts
+            bounds = np.cumsum(counts)
             order = np.argsort(part, kind="stable")  # radix sort on 8-bit values: linear
-            hi_sorted, lo_sorted = hi[order], lo[order]
-        start = 0
-        for p, end in enumerate(bounds.tolist()):
-            if end > start:
-                self._buffers[p].append((hi_sorted[start:end], lo_sorted[start:end]))
-            start = end
-        nbytes = len(hi) * RECORD_BYTES
-        self.records += len(hi)
-        self._buffered_bytes += nbytes
-        if not self._spilling and self._budget.try_reserve(nbytes):
-            self._reserved += nbytes
-            return
-        if self._spill is None:
-            # No spill area configured: hold it anyway (the budget is then advisory).
-            return
-        self._spilling = True
-        if self._buffered_bytes >= SPILL_FLUSH_BYTES or self._reserved:
+            # Stable: each partition keeps the upload's order, so it stays sorted.
+            hi_grouped, lo_grouped = hi[order], lo[order]
+            start = 0
+            for p, end in enumerate(bounds.tolist()):
+                if end > start:
+                    self._buffers[p].append((hi_grouped[start:end], lo_grouped[start:end]))
+                start = end
+            nbytes = len(hi) * RECORD_BYTES
+            self.records += len(hi)
+            self._buffered_bytes += nbytes
+            # Whatever a store buffers is reserved, spilling or not: the budget bounds the
+            # memory of every upload at once, not only of those that still fit.
+            if self.budget.try_reserve(nbytes):
+                self._reserved += nbytes
+                if not self._spilling or self._buffered_bytes < SPILL_FLUSH_BYTES:
+                    return
+            elif self._spill is None:
+                # No spill area configured: hold it anyway (the budget is then advisory).
+                return
+            self._spilling = True
             self._flush()
+
+    def _check_order(self, hi: U64Array, lo: U64Array) -> None:
+        first = (int(hi[0]), int(lo[0]))
+        if (self._last is not None and first <= self._last) or not is_strictly_increasing(hi, lo):
+            raise RecordOrderError(
+                "records must be sent ascending (as 128-bit numbers) and distinct, "
+                "across the whole upload"
+            )
+        self._last = (int(hi[-1]), int(lo[-1]))
 
     def _flush(self) -> None:
         assert self._spill is not None
@@ -113,7 +253,7 @@ class RecordStore:
             label = self._segment_label(p, len(self._segments[p]))
             self._segments[p].append(self._spill.write(payload, label))
             buffered.clear()
-        self._budget.release(self._reserved)
+        self.budget.release(self._reserved)
         self._reserved = 0
         self._buffered_bytes = 0
 
@@ -122,63 +262,102 @@ class RecordStore:
 
     def finish(self) -> None:
         """After the last chunk: a spilling store writes out what it still buffers."""
-        if self._spilling and self._buffered_bytes:
-            self._flush()
+        with self._in_use():
+            if self._spilling and self._buffered_bytes:
+                self._flush()
+
+    def partition_bytes(self, p: int) -> int:
+        """Bytes partition ``p`` takes when loaded."""
+        with self._in_use():
+            return int(self._partition_records[p]) * RECORD_BYTES
 
     def partition(self, p: int) -> tuple[U64Array, U64Array]:
-        his: list[U64Array] = [b[0] for b in self._buffers[p]]
-        los: list[U64Array] = [b[1] for b in self._buffers[p]]
-        for index, path in enumerate(self._segments[p]):
-            assert self._spill is not None
-            payload = self._spill.read(path, self._segment_label(p, index))
-            pairs = np.frombuffer(payload, dtype=RECORD_DTYPE).reshape(-1, 2)
-            his.append(pairs[:, 0])
-            los.append(pairs[:, 1])
-        if not his:
-            return np.empty(0, RECORD_DTYPE), np.empty(0, RECORD_DTYPE)
-        return np.concatenate(his), np.concatenate(los)
+        """Partition ``p``'s records, ascending and distinct."""
+        with self._in_use():
+            his: list[U64Array] = [b[0] for b in self._buffers[p]]
+            los: list[U64Array] = [b[1] for b in self._buffers[p]]
+            # Segments were sealed in upload order, buffers hold what came after them.
+            loaded: list[tuple[U64Array, U64Array]] = []
+            for index, path in enumerate(self._segments[p]):
+                assert self._spill is not None
+                payload = self._spill.read(path, self._segment_label(p, index))
+                pairs = np.frombuffer(payload, dtype=RECORD_DTYPE).reshape(-1, 2)
+                loaded.append((pairs[:, 0], pairs[:, 1]))
+            his = [h for h, _ in loaded] + his
+            los = [lo for _, lo in loaded] + los
+            if not his:
+                return np.empty(0, RECORD_DTYPE), np.empty(0, RECORD_DTYPE)
+            return np.concatenate(his), np.concatenate(los)
 
     def close(self) -> None:
-        """Drop every record: memory released, segment files deleted."""
+        """Drop every record: memory released, segment files deleted; later use raises
+        :class:`StoreClosed`. A step running meanwhile finishes first (then it is dropped)."""
+        with self._state_lock:
+            if self._closed:
+                return
+            self._closed = True
+            if self._busy:
+                return  # the running step drops everything as it leaves
+        self._discard()
+
+    def _discard(self) -> None:
         self._buffers = [[] for _ in range(PARTITIONS)]
-        self._budget.release(self._reserved)
+        self.budget.release(self._reserved)
         self._reserved = 0
         self._buffered_bytes = 0
         for paths in self._segments:
             for path in paths:
                 path.unlink(missing_ok=True)
         self._segments = [[] for _ in range(PARTITIONS)]
+        self._partition_records[:] = 0
 
 
 @dataclass(frozen=True)
 class Intersection:
     hi: U64Array
     lo: U64Array
-    #: Per store: distinct records, and SHA-256 of its de-duplicated sorted records.
+    #: Per store: distinct records, and SHA-256 of its salt then its sorted records.
     distinct: list[int]
     set_sha256: list[bytes]
 
 
-def intersect_stores(
-    stores: Sequence[RecordStore], *, salts: Sequence[bytes] | None = None
-) -> Intersection:
-    """Intersect partition by partition (partitions in order give the result in order)."""
+def intersect_stores(stores: Sequence[RecordStore]) -> Intersection:
+    """Intersect partition by partition, then put the result in ascending order.
+
+    Each partition's load is counted against the stores' budget while it is held (the
+    budget's ``peak`` shows what the intersection needed). Raises :class:`StoreClosed`
+    if a store is closed meanwhile (its job ended).
+    """
+    if len({id(store.partitioner) for store in stores}) > 1:
+        raise ValueError("stores of one intersection must share one partitioner")
     his: list[U64Array] = []
     los: list[U64Array] = []
-    distinct = [0] * len(stores)
-    # Each set digest starts with its party's salt (see the receipt's set_sha256).
-    digests = [hashlib.sha256(salt) for salt in (salts or [b""] * len(stores))]
     for p in range(PARTITIONS):
-        hi, lo, counts = intersect_records([store.partition(p) for store in stores], digests)
-        distinct = [d + c for d, c in zip(distinct, counts, strict=True)]
+        load = sum(store.partition_bytes(p) for store in stores)
+        with stores[0].budget.working_set(load) if stores else contextlib.nullcontext():
+            hi, lo = intersect_sorted_records([store.partition(p) for store in stores])
         his.append(hi)
         los.append(lo)
+    hi = np.concatenate(his) if his else np.empty(0, RECORD_DTYPE)
+    lo = np.concatenate(los) if los else np.empty(0, RECORD_DTYPE)
+    hi, lo = _ascending(hi, lo)
     return Intersection(
-        hi=np.concatenate(his),
-        lo=np.concatenate(los),
-        distinct=distinct,
-        set_sha256=[d.digest() for d in digests],
+        hi=hi,
+        lo=lo,
+        distinct=[store.records for store in stores],
+        set_sha256=[store.set_sha256 for store in stores],
     )
+
+
+def _ascending(hi: U64Array, lo: U64Array) -> tuple[U64Array, U64Array]:
+    """Distinct records in ascending order. Partitions are not ranges, so the result is
+    sorted once: by its first digests (numpy's fast sort), then, only if two share one
+    (rare, unless crafted), as whole 128-bit numbers."""
+    order = np.argsort(hi)
+    hi, lo = hi[order], lo[order]
+    if len(hi) > 1 and bool(np.any(hi[1:] == hi[:-1])):
+        hi, lo = split_u128(as_u128(hi, lo).sort())
+    return hi, lo
 
 
 def iter_record_chunks(

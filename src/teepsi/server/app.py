@@ -9,7 +9,8 @@ import resource
 import signal
 import tempfile
 import threading
-from collections.abc import Coroutine
+import time
+from collections.abc import Callable, Coroutine
 from concurrent import futures
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -86,6 +87,8 @@ class ServerConfig:
     audit_sign_interval_seconds: float = 60.0
     #: Evidence provider override (tests inject fakes); default from ``attestation``.
     provider: EvidenceProvider | None = None
+    #: The jobs' clock (deadlines, receipts' issue time); tests inject one that jumps.
+    clock: Callable[[], float] = time.time
     #: Connections open at once; more are refused by gRPC (each holds a file descriptor).
     max_connections: int = 512
     #: A connection with no call in flight for this long is closed (GOAWAY).
@@ -344,6 +347,7 @@ def start_server(config: ServerConfig) -> RunningServer:
     _remove_stale_spill(config.spill_dir)
     registry = JobRegistry(
         limits,
+        clock=config.clock,
         spill_dir=config.spill_dir,
         signer=lambda receipt: sign_receipt(receipt, ratls.private_key),
         certificate_sha256=hashlib.sha256(ratls.certificate_der).digest(),

@@ -30,11 +30,22 @@ from teepsi.contract.spec import IDENTIFIER_PATTERN, JobSpec, OutputKind
 from teepsi.engine.intersect import records_digests
 from teepsi.engine.keys import U64Array
 from teepsi.engine.spill import SpillArea
-from teepsi.engine.store import MemoryBudget, RecordStore, intersect_stores
+from teepsi.engine.store import (
+    MemoryBudget,
+    Partitioner,
+    RecordStore,
+    StoreClosed,
+    intersect_stores,
+)
 from teepsi.server.errors import ErrorKind, ServiceError
 from teepsi.server.memory import release_free_memory
 
 log = logging.getLogger(__name__)
+
+#: Why a job ended early (``Job.end_reason``), where the reason chooses the status.
+SHUTTING_DOWN = "server shutting down"
+DEADLINE_PASSED = "deadline passed"
+NO_UPLOAD = "no upload within the join timeout"
 
 _ID_PATTERN = IDENTIFIER_PATTERN
 
@@ -75,6 +86,8 @@ class Limits:
         if self.max_jobs_per_address is not None:
             return self.max_jobs_per_address
         return max(1, self.max_jobs // 2)
+    #: An upload stream that sends nothing for this long is ended by the server.
+    upload_idle_timeout_seconds: float = 60.0
 
 
 class JobState(Enum):
@@ -149,6 +162,10 @@ class Job:
     departed: dict[str, str] = field(default_factory=dict)
     #: Wakers of asyncio waiters (each schedules its waiter on its own loop).
     waiters: set[Callable[[], None]] = field(default_factory=set)
+    #: Enders of the job's in-flight calls: each is told why when the job ends.
+    calls: set[Callable[[ServiceError], None]] = field(default_factory=set)
+    #: Splits the parties' records into partitions under a key drawn for this job.
+    partitioner: Partitioner = field(default_factory=Partitioner)
 
     def notify_locked(self) -> None:
         """The job's state changed: wake its waiters."""
@@ -297,7 +314,7 @@ class JobRegistry:
         with self._lock:
             self._closed = True
             for job in list(self._jobs.values()):
-                self._expire_locked(job, reason="server shutting down")
+                self._expire_locked(job, reason=SHUTTING_DOWN)
             self._reaper_wakeup.notify_all()
         self._reaper.join(timeout=5)
         self.spill.close()
@@ -306,16 +323,26 @@ class JobRegistry:
         with self._lock:
             return len(self._jobs)
 
+    def expire_due(self) -> None:
+        """Expire every job whose deadline has passed by the registry's clock now (the
+        reaper does this at each deadline; a caller whose clock jumps can ask for it)."""
+        with self._lock:
+            self._expire_due_locked()
+
+    def _expire_due_locked(self) -> None:
+        now = self._clock()
+        join_timeout = self.limits.join_timeout_seconds
+        for job in list(self._jobs.values()):
+            if job.deadline <= now:
+                self._expire_locked(job, reason=DEADLINE_PASSED)
+            elif job.reap_at(join_timeout) <= now:
+                self._expire_locked(job, reason=NO_UPLOAD)
+
     def _reap_loop(self) -> None:
         with self._lock:
             while not self._closed:
-                now = self._clock()
+                self._expire_due_locked()
                 join_timeout = self.limits.join_timeout_seconds
-                for job in list(self._jobs.values()):
-                    if job.deadline <= now:
-                        self._expire_locked(job, reason="deadline passed")
-                    elif job.reap_at(join_timeout) <= now:
-                        self._expire_locked(job, reason="no upload within the join timeout")
                 next_deadline = min(
                     (j.reap_at(join_timeout) for j in self._jobs.values()), default=None
                 )
@@ -323,6 +350,7 @@ class JobRegistry:
                 self._reaper_wakeup.wait(timeout)
 
     def _expire_locked(self, job: Job, *, reason: str) -> None:
+        job.end_reason = reason
         if job.state is not JobState.DONE:
             log.warning(
                 "job %s expired (%s): %d of %d parties had uploaded",
@@ -332,7 +360,6 @@ class JobRegistry:
                 job.party_count,
             )
             job.state = JobState.EXPIRED
-            job.end_reason = reason
             self._record(
                 "expired",
                 job_id=job.job_id,
@@ -354,9 +381,14 @@ class JobRegistry:
         self._drop_locked(job)
 
     def _drop_locked(self, job: Job) -> None:
-        """Forget the job: its sessions, items and result. Waiters keep only the state."""
+        """Forget the job: its sessions, items and result; end its in-flight calls, give its
+        memory and spill files back now. Waiters keep only the state."""
         if self._jobs.get(job.key) is job:
             del self._jobs[job.key]
+        ended = self._end_error_locked(job)
+        for end in list(job.calls):
+            end(ended)
+        job.calls.clear()
         for party in job.parties.values():
             self._sessions.pop(party.token, None)
             if party.store is not None:
@@ -612,6 +644,36 @@ class JobRegistry:
                 key_seeds=job.key_seeds,
             )
 
+    def _end_error_locked(self, job: Job) -> ServiceError:
+        """What a call of an ended job is told: why it ended, and what to do."""
+        if job.end_reason == SHUTTING_DOWN:
+            return ServiceError(
+                ErrorKind.UNAVAILABLE,
+                f"server shutting down: job {job.job_id} was dropped; run every party again",
+            )
+        if job.end_reason == DEADLINE_PASSED:
+            # Only the job's own parties get here (by their session): they may know who.
+            return ServiceError(
+                ErrorKind.DEADLINE_EXCEEDED,
+                f"job {job.job_id} expired: {job.progress(' before its deadline')}",
+            )
+        return ServiceError(
+            ErrorKind.CANCELLED, f"job {job.job_id} has ended ({job.end_reason or 'finished'})"
+        )
+
+    def watch_call(self, token: bytes, end: Callable[[ServiceError], None]) -> Callable[[], None]:
+        """Have ``end`` told (once, from whichever thread ends it) when the token's job
+        ends; returns what stops the watch. ``end`` must not block: the registry is locked."""
+        with self._lock:
+            job, _party = self._lookup_locked(token)
+            job.calls.add(end)
+
+        def unwatch() -> None:
+            with self._lock:
+                job.calls.discard(end)
+
+        return unwatch
+
     def _lookup_locked(self, token: bytes) -> tuple[Job, Party]:
         session = self._sessions.get(token)
         if session is None:
@@ -639,7 +701,7 @@ class JobRegistry:
                     ErrorKind.FAILED_PRECONDITION, f"job {job.job_id} is {job.state.value}"
                 )
             party.upload = UploadState.IN_PROGRESS
-            party.store = RecordStore(self.budget, self.spill)
+            party.store = RecordStore(self.budget, self.spill, job.partitioner, salt=party.set_salt)
             return job.job_id, party.name, party.store, job.max_items
 
     def abort_upload(self, token: bytes) -> None:
@@ -659,6 +721,7 @@ class JobRegistry:
                 if not job.parties:
                     # Nobody left: free the job (and its --max-jobs slot) now.
                     log.info("job %s has no parties left; dropped", job.job_id)
+                    job.end_reason = "no parties left"
                     self._drop_locked(job)
                 log.warning(
                     "job %s: upload of party %s broke off; its slot is free again",
@@ -691,7 +754,11 @@ class JobRegistry:
             parties = list(job.parties.values())
             stores = [p.store for p in parties if p.store is not None]
         # Compute without the lock: other jobs keep moving meanwhile.
-        found = intersect_stores(stores, salts=[p.set_salt for p in parties])
+        try:
+            found = intersect_stores(stores)
+        except StoreClosed:
+            with self._lock:  # the job ended meanwhile, and took its stores with it
+                raise self._end_error_locked(job) from None
         digest, salted_digest = records_digests(found.hi, found.lo, [b"", job.result_salt])
         size = len(found.hi)
         withheld = release_status(job.spec, "", size) is ReleaseStatus.BELOW_THRESHOLD
@@ -830,18 +897,9 @@ class JobRegistry:
             )
         if job.state is JobState.WAITING and self._clock() >= job.deadline:
             # The reaper may not have run yet; the deadline is the deadline.
-            self._expire_locked(job, reason="deadline passed")
-        if job.state is JobState.EXPIRED and job.end_reason == "server shutting down":
-            raise ServiceError(
-                ErrorKind.UNAVAILABLE,
-                f"server shutting down: job {job.job_id} was dropped; run every party again",
-            )
-        # Only the job's own parties get here (by their session): they may know who.
+            self._expire_locked(job, reason=DEADLINE_PASSED)
         if job.state is JobState.EXPIRED:
-            raise ServiceError(
-                ErrorKind.DEADLINE_EXCEEDED,
-                f"job {job.job_id} expired: {job.progress(' before its deadline')}",
-            )
+            raise self._end_error_locked(job)
         raise ServiceError(
             ErrorKind.DEADLINE_EXCEEDED,
             f"timed out waiting for job {job.job_id}: {job.progress()}",
@@ -866,6 +924,7 @@ class JobRegistry:
             if all(p.delivered for p in job.parties.values()):
                 log.info("job %s: every party has its result; job state wiped", job.job_id)
                 self._record("delivered", job_id=job.job_id)
+                job.end_reason = "every party has its result"
                 self._drop_locked(job)
                 wiped = True
         if wiped:

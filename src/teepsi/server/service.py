@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import functools
 import hashlib
 import hmac
 import ipaddress
 import logging
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, NoReturn, TypeVar
 
@@ -31,9 +32,16 @@ from teepsi.attestation.transcript import join_transcript_digest
 from teepsi.contract.keys import PartyKeyError, canonical_public_key_der
 from teepsi.contract.keys import verify as verify_party_signature
 from teepsi.contract.spec import JobSpec, SpecError
-from teepsi.engine.keys import RECORD_BYTES, U64Array, records_from_bytes
+from teepsi.engine.keys import RECORD_BYTES
 from teepsi.engine.spill import SpillError
-from teepsi.engine.store import RECORDS_PER_CHUNK, RecordStore, iter_record_chunks, mark_last
+from teepsi.engine.store import (
+    RECORDS_PER_CHUNK,
+    RecordOrderError,
+    RecordStore,
+    StoreClosed,
+    iter_record_chunks,
+    mark_last,
+)
 from teepsi.protocol import SESSION_METADATA
 from teepsi.protocol import teepsi_pb2 as pb
 from teepsi.server.challenges import ChallengeStore
@@ -83,6 +91,81 @@ class ServerEvidenceBundle:
 async def _abort(context: grpc.aio.ServicerContext, error: ServiceError) -> NoReturn:
     await context.abort(_STATUS[error.kind], error.message)
     raise AssertionError("unreachable")  # context.abort raises
+
+
+class _JobCall:
+    """One in-flight call of a job, ended (with the job's reason) when the job ends.
+
+    The registry tells it from whatever thread ends the job; every await of the call goes
+    through :meth:`race`, so the call stops at once instead of feeding a job that is gone.
+    """
+
+    def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._ended: asyncio.Future[None] = self._loop.create_future()
+        #: Set before the job's stores are closed, so a step that finds its store closed
+        #: can say why.
+        self.error: ServiceError | None = None
+        self._abort_context: grpc.aio.ServicerContext | None = None
+        self._abort: asyncio.Task[None] | None = None
+
+    def end(self, error: ServiceError) -> None:
+        """The job ended (any thread; must not block: the registry is locked)."""
+        self.error = error
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting
+            self._loop.call_soon_threadsafe(self._mark_ended)
+
+    def _mark_ended(self) -> None:
+        if not self._ended.done():
+            self._ended.set_result(None)
+        self._abort_if_ended()
+
+    def abort_when_ended(self, context: grpc.aio.ServicerContext) -> None:
+        """From now on the job's end aborts the call at once, whatever the handler awaits:
+        a result stream whose reader stalls waits in gRPC's send, not in :meth:`race`."""
+        self._abort_context = context
+        self._abort_if_ended()
+
+    def _abort_if_ended(self) -> None:
+        if self.error is not None and self._abort_context is not None and self._abort is None:
+            self._abort = self._loop.create_task(self._abort_now(self._abort_context, self.error))
+
+    @staticmethod
+    async def _abort_now(context: grpc.aio.ServicerContext, error: ServiceError) -> None:
+        # abort() raises once the status is sent; gRPC then closes the handler.
+        with contextlib.suppress(Exception):
+            await context.abort(_STATUS[error.kind], error.message)
+
+    def ended_error(self, fallback: str) -> ServiceError:
+        return self.error or ServiceError(ErrorKind.CANCELLED, fallback)
+
+    async def race(
+        self,
+        awaitable: Awaitable[_T],
+        *,
+        timeout: float | None = None,
+        on_timeout: ServiceError | None = None,
+    ) -> _T:
+        """``awaitable``'s result, unless the job ends first (raises why) or nothing
+        comes within ``timeout`` (raises ``on_timeout``); the loser is cancelled."""
+        task = asyncio.ensure_future(awaitable)
+        if self.error is not None:
+            task.cancel()  # never started: nothing of it runs
+            raise self.error
+        contenders: set[asyncio.Future[Any]] = {task, self._ended}
+        try:
+            done, _ = await asyncio.wait(
+                contenders, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            if not task.done():
+                task.cancel()
+        if task in done:
+            return task.result()
+        if self.error is not None:
+            raise self.error
+        assert on_timeout is not None
+        raise on_timeout
 
 
 def _session_token(context: grpc.aio.ServicerContext) -> bytes:
@@ -331,20 +414,35 @@ class PsiService:
     async def Upload(
         self, raw_chunks: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> Any:
+        call = _JobCall()
+        unwatch: Callable[[], None] | None = None
         try:
             token = _session_token(context)
+            # Watched before it holds anything: the job's end stops this stream at once.
+            unwatch = self.registry.watch_call(token, call.end)
             job_id, party, store, limit = self.registry.begin_upload(token)
         except ServiceError as exc:
+            if unwatch is not None:
+                unwatch()
             await _abort(context, exc)
+        idle = self.registry.limits.upload_idle_timeout_seconds
+        stalled = ServiceError(
+            ErrorKind.DEADLINE_EXCEEDED,
+            f"upload of party {party} to job {job_id} sent nothing for {idle:g} s and was "
+            "ended by the server; check the client's network and run the party again",
+        )
         completed = False
         #: The upload's one blocking step in flight (a chunk, or the final computation).
         step: concurrent.futures.Future[Any] | None = None
+        chunks = aiter(raw_chunks)
         try:
             finished = False
             sequence = 0
-            async for raw in raw_chunks:
+            while (
+                raw := await call.race(anext(chunks, None), timeout=idle, on_timeout=stalled)
+            ) is not None:
                 step = self._submit(_take_chunk, raw, sequence, finished, store, limit)
-                finished = await asyncio.wrap_future(step)
+                finished = await call.race(asyncio.wrap_future(step))
                 sequence += 1
             if not finished:
                 raise ServiceError(
@@ -352,41 +450,56 @@ class PsiService:
                 )
             received = store.records
             step = self._submit(self.registry.finish_upload, token)
-            await asyncio.wrap_future(step)
+            await call.race(asyncio.wrap_future(step))
             completed = True
             return pb.UploadSummary(records_received=received)
+        except StoreClosed:
+            # The job ended under a running step (and took the store with it).
+            error = call.ended_error(f"job {job_id} has ended")
         except SpillError as exc:
             log.error("job %s: spill failed: %s", job_id, exc)
-            await _abort(
-                context, ServiceError(ErrorKind.RESOURCE_EXHAUSTED, "server spill area failed")
-            )
+            error = ServiceError(ErrorKind.RESOURCE_EXHAUSTED, "server spill area failed")
         except ServiceError as exc:
             log.warning("job %s: upload of %s refused: %s", job_id, party, exc.message)
-            await _abort(context, exc)
+            error = exc
         finally:
+            unwatch()
             if not completed:
+                # Before the caller hears the status: what the upload held is given back.
                 # A cancelled call may leave its step running on the pool: the store is
                 # closed only after it (a RecordStore has one user at a time).
-                if step is None:
+                if step is None or step.done():
                     self.registry.abort_upload(token)
                 else:
                     step.add_done_callback(lambda _: self.registry.abort_upload(token))
+        await _abort(context, error)
 
     async def GetResult(
         self, request: Any, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[bytes]:
+        call = _JobCall()
+        unwatch: Callable[[], None] | None = None
         try:
             token = _session_token(context)
+            unwatch = self.registry.watch_call(token, call.end)
             # Awaited, not blocked on: no thread is held while the job waits for parties.
             # A caller that goes away cancels this coroutine, and with it the wait.
             delivery = await self.registry.wait_result_async(
                 token, timeout=context.time_remaining()
             )
         except ServiceError as exc:
+            if unwatch is not None:
+                unwatch()
             await _abort(context, exc)
-        chunks = _result_chunks(delivery)
-        while (message := await self._blocking(next, chunks, None)) is not None:
-            yield message
+        # A job that ends while its result streams (expiry, shutdown) ends the stream at
+        # once with the job's reason, and with it the handler and its hold on the result.
+        call.abort_when_ended(context)
+        try:
+            chunks = _result_chunks(delivery)
+            while (message := await self._blocking(next, chunks, None)) is not None:
+                yield message
+        finally:
+            unwatch()
         # Reached only when the client took every chunk; a cut stream can fetch again.
         await self._blocking(self.registry.mark_delivered, token)
 
@@ -434,14 +547,20 @@ def _take_chunk(raw: bytes, sequence: int, finished: bool, store: RecordStore, l
             f"chunk {chunk.sequence} arrived out of order (expected {sequence}); "
             "chunks must be sent once each, in order",
         )
-    hi, lo = _decode_upload(chunk.records, chunk.record_count, chunk.sequence)
-    if store.records + len(hi) > limit:
+    records = _decode_upload(chunk.records, chunk.record_count, chunk.sequence)
+    if store.records + len(records) // RECORD_BYTES > limit:
         raise ServiceError(
             ErrorKind.RESOURCE_EXHAUSTED,
             f"more than {limit} items in one party's upload (the limit of this "
             "job: its spec's max_items_per_party or the server's --max-items)",
         )
-    store.add(hi, lo)
+    try:
+        store.add_records(records)
+    except RecordOrderError as exc:
+        raise ServiceError(
+            ErrorKind.INVALID_ARGUMENT,
+            f"chunk {chunk.sequence}: {exc} (the teepsi client sends them so)",
+        ) from None
     return bool(chunk.last)
 
 
@@ -528,11 +647,13 @@ def add_to_server(service: PsiService, server: grpc.aio.Server) -> None:
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
-def _decode_upload(payload: bytes, count: int, sequence: int) -> tuple[U64Array, U64Array]:
+def _decode_upload(payload: bytes, count: int, sequence: int) -> bytes:
+    """The chunk's records, checked to be ``count`` whole records (kept as bytes: the
+    store takes them in their wire layout, without a copy)."""
     if len(payload) != count * RECORD_BYTES:
         raise ServiceError(
             ErrorKind.INVALID_ARGUMENT,
             f"chunk {sequence} announces {count} records but carries {len(payload)} bytes "
             f"(records are {RECORD_BYTES} bytes)",
         )
-    return records_from_bytes(payload)
+    return payload
