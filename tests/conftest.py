@@ -151,3 +151,28 @@ def client_args(
 
 def start_client(args: list[str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def free_loopback_port() -> int:
+    """A port nothing listens on now, for commands whose address is written out in full."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until_listening(proc: subprocess.Popen[bytes], timeout: float = 60.0) -> str:
+    """Read a starting ``teepsi server``'s stderr (a pipe) up to its "listening on" line."""
+    import select
+    import time
+
+    assert proc.stderr is not None
+    log: list[str] = []
+    deadline = time.monotonic() + timeout
+    while not any("listening on" in line for line in log):
+        ready, _, _ = select.select([proc.stderr], [], [], max(0.0, deadline - time.monotonic()))
+        line = proc.stderr.readline().decode(errors="replace") if ready else ""
+        assert line, f"the server did not start: {''.join(log)}"
+        log.append(line)
+    return "".join(log)

@@ -13,17 +13,15 @@ from __future__ import annotations
 import csv
 import os
 import re
-import select
 import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from conftest import free_loopback_port, wait_until_listening
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -58,13 +56,6 @@ def test_readme_marks_the_quickstart_blocks() -> None:
     assert all(f"--parties {len(parties)}" in text for text in parties)
 
 
-@pytest.fixture
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _environment(tmp_path: Path) -> dict[str, str]:
     """What a shell with the venv activated has: teepsi and python on PATH."""
     bin_dir = Path(sys.executable).parent
@@ -78,11 +69,11 @@ def _environment(tmp_path: Path) -> dict[str, str]:
 
 @pytest.fixture
 def quickstart_server(
-    tmp_path: Path, free_port: int
+    tmp_path: Path,
 ) -> Iterator[tuple[dict[str, str], list[tuple[str, str, str]]]]:
     """The measure block run, the server block started; yields (env, blocks) with our port."""
     env = _environment(tmp_path)
-    port = f"127.0.0.1:{free_port}"
+    port = f"127.0.0.1:{free_loopback_port()}"
     blocks = [(r, lang, text.replace(README_PORT, port)) for r, lang, text in quickstart_blocks()]
     (tmp_path / "alice.csv").write_text(ALICE)
     (tmp_path / "bob.csv").write_text(BOB)
@@ -99,15 +90,8 @@ def quickstart_server(
         stderr=subprocess.PIPE,
         start_new_session=True,
     )
-    assert server.stderr is not None
-    log: list[str] = []
-    deadline = time.monotonic() + 60
-    while not any("listening on" in line for line in log):
-        ready, _, _ = select.select([server.stderr], [], [], max(0.0, deadline - time.monotonic()))
-        line = server.stderr.readline().decode() if ready else ""
-        assert line, f"the README's server did not start: {''.join(log)}"
-        log.append(line)
     try:
+        wait_until_listening(server)
         yield env, blocks
     finally:
         os.killpg(server.pid, signal.SIGTERM)
@@ -116,7 +100,8 @@ def quickstart_server(
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
             server.wait()
-        server.stderr.close()
+        if server.stderr is not None:
+            server.stderr.close()
 
 
 def _rows(path: Path) -> list[dict[str, str]]:
