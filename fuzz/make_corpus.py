@@ -43,6 +43,7 @@ from teepsi.attestation.ratls import (
     tagged_evidence,
 )
 from teepsi.attestation.sim import SimEvidenceProvider, SimPlatform
+from teepsi.contract.audit import AuditHead, AuditLog, HeadSigner
 from teepsi.contract.keys import public_key_der, public_key_text
 from teepsi.contract.receipt import PartyEntry, Receipt, sign_receipt
 from teepsi.contract.spec import JobSpec
@@ -320,6 +321,7 @@ def receipt() -> dict[str, bytes]:
         result_sha256=hashlib.sha256(b"result").digest(),
         issued_at=1767225600,
         certificate_sha256=certificate_sha256,
+        audit_head=AuditHead(entries=7, hash=hashlib.sha256(b"head").hexdigest()),
     )
     held = Receipt(
         spec_sha256=b"",
@@ -338,6 +340,33 @@ def receipt() -> dict[str, bytes]:
     }
 
 
+# --- audit -----------------------------------------------------------------------------
+
+
+def audit() -> dict[str, bytes]:
+    import tempfile
+
+    key = _ec_key("fuzz audit server", ec.SECP384R1())
+    signer = HeadSigner(_certificate(key, []), key)
+    seeds: dict[str, bytes] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, with_signer in (("signed.jsonl", True), ("unsigned.jsonl", False)):
+            path = Path(tmp) / name
+            with AuditLog(
+                path, clock=lambda: 1767225600.5, signer=signer if with_signer else None
+            ) as log:
+                log.append("created", job_id="q4", parties=2, spec_sha256="ab" * 32, output="count")
+                log.append("joined", job_id="q4", party="bank-a", attested=True)
+                log.append("uploaded", job_id="q4", party="bank-a", records=3, set_sha256="cd" * 32)
+                log.append(
+                    "released", job_id="q4", output="count", threshold_met=True, result_sha256=None
+                )
+                log.sign_head()
+                log.append("delivered", job_id="q4")
+            seeds[name] = path.read_bytes()
+    return seeds
+
+
 MAKERS: dict[str, Callable[[], dict[str, bytes]]] = {
     "ratls": ratls,
     "quote": quote,
@@ -345,6 +374,7 @@ MAKERS: dict[str, Callable[[], dict[str, bytes]]] = {
     "spec": spec,
     "upload": upload,
     "receipt": receipt,
+    "audit": audit,
 }
 
 

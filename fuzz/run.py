@@ -25,7 +25,7 @@ from pathlib import Path
 
 FUZZ = Path(__file__).resolve().parent
 ROOT = FUZZ.parent
-HARNESSES = ("ratls", "quote", "policy", "spec", "upload", "receipt")
+HARNESSES = ("ratls", "quote", "policy", "spec", "upload", "receipt", "audit")
 
 _DONE = re.compile(r"Done (\d+) runs in (\d+) second")
 _STATUS = re.compile(r"^#(\d+)\s+\S+\s+cov: (\d+) ft: (\d+) corp: (\d+)/", re.MULTILINE)

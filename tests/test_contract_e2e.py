@@ -134,14 +134,30 @@ def test_intersection_with_a_non_recipient_and_receipts(
     audit = tmp_path / "audit.jsonl"
     server.proc.terminate()
     server.proc.wait(20)
-    assert subprocess.run(teepsi_cmd("audit", "verify", str(audit))).returncode == 0
+    verify_audit = teepsi_cmd("audit", "verify", "--allow-simulated", str(audit))
+    assert subprocess.run(verify_audit).returncode == 0
+    # Simulated evidence is not trusted unless asked for.
+    run = subprocess.run(teepsi_cmd("audit", "verify", str(audit)), capture_output=True)
+    assert run.returncode == 1 and "SIMULATED" in json.loads(run.stdout)["reason"]
+    # Every party's receipt names a head of this log, signed by the same server.
+    for name in NAMES:
+        receipt = tmp_path / f"{name}.receipt.json"
+        run = subprocess.run(
+            [*verify_audit, "--receipt", str(receipt)],
+            capture_output=True,
+        )
+        assert run.returncode == 0, run.stdout
+        assert json.loads(run.stdout)["unsigned_tail"] == 0  # the stopping server signed
     text = audit.read_text()
     assert "car" not in text and "train" not in text  # never any item
     lines = text.splitlines(keepends=True)
-    edited = [lines[0].replace('"parties":3', '"parties":4'), *lines[1:]]
+    created = next(i for i, line in enumerate(lines) if '"event":"created"' in line)
+    edited = list(lines)
+    edited[created] = lines[created].replace('"parties":3', '"parties":4')
+    assert edited != lines
     for broken in (edited, lines[:2] + lines[3:], [lines[1], lines[0], *lines[2:]]):
         audit.write_text("".join(broken))
-        run = subprocess.run(teepsi_cmd("audit", "verify", str(audit)), capture_output=True)
+        run = subprocess.run(verify_audit, capture_output=True)
         assert run.returncode == 1 and json.loads(run.stdout)["valid"] is False
 
 

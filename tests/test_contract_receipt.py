@@ -22,6 +22,8 @@ from teepsi.attestation.evidence import Role
 from teepsi.attestation.measure import sim_identity
 from teepsi.attestation.ratls import RaTlsCertificate, create_certificate
 from teepsi.attestation.sim import SimEvidenceProvider
+from teepsi.contract._common import canonical_json
+from teepsi.contract.audit import AuditHead
 from teepsi.contract.keys import generate_private_key
 from teepsi.contract.receipt import (
     RECEIPT_DOMAIN,
@@ -305,3 +307,43 @@ def test_from_json_is_strict(server: RaTlsCertificate) -> None:
         SignedReceipt.from_json("é".encode())
     with pytest.raises(ReceiptError, match=r"^receipt: larger than"):
         SignedReceipt.from_json(b" " * (1024 * 1024 + 1))
+
+
+def test_audit_head_is_signed_and_parsed_strictly(server: RaTlsCertificate) -> None:
+    """The receipt's audit head: covered by the signature, one spelling, nothing extra."""
+    head = AuditHead(entries=9, hash=hashlib.sha256(b"line 9").hexdigest())
+    signed = sign_receipt(make_receipt(server.certificate_der, audit_head=head), server.private_key)
+    assert SignedReceipt.from_json(signed.to_json()) == signed
+    document = json.loads(signed.to_json())
+    assert document["receipt"]["audit_head"] == {"entries": 9, "hash": head.hash}
+    # Another head under the same signature: parses, but does not verify.
+    moved = json.loads(signed.to_json())
+    moved["receipt"]["audit_head"]["entries"] = 8
+    with pytest.raises(ReceiptError, match=r"^receipt signature does not verify"):
+        verify_receipt(SignedReceipt.from_json(canonical_json(moved)), server.certificate_der)
+
+    def refused(audit_head: object) -> str:
+        changed = {**document, "receipt": {**document["receipt"], "audit_head": audit_head}}
+        with pytest.raises(ReceiptError) as info:
+            SignedReceipt.from_json(canonical_json(changed))
+        return str(info.value)
+
+    assert refused([]) == "receipt.audit_head: expected a JSON object"
+    assert refused({"entries": 9}) == "receipt.audit_head: missing hash"
+    assert refused({"entries": 9, "hash": head.hash, "x": 1}) == (
+        'receipt.audit_head: unknown key "x"'
+    )
+    assert refused({"entries": -1, "hash": head.hash}).startswith(
+        "receipt.audit_head: entries: expected a count, got -1"
+    )
+    assert refused({"entries": 2**63, "hash": head.hash}).startswith(
+        "receipt.audit_head: entries: expected a count"
+    )
+    assert refused({"entries": True, "hash": head.hash}).startswith("receipt.audit_head: ")
+    assert refused({"entries": 9, "hash": head.hash.upper()}).startswith(
+        "receipt.audit_head: hash: expected 64 lower-case hex characters"
+    )
+    body = dict(document["receipt"])
+    body.pop("audit_head")  # a receipt from before the field: refused, not defaulted
+    with pytest.raises(ReceiptError, match=r"^receipt: missing audit_head$"):
+        SignedReceipt.from_json(canonical_json({**document, "receipt": body}))

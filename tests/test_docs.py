@@ -29,6 +29,7 @@ RECEIPT_FIELD_WORDS = {
     "result_sha256": "result digest",
     "issued_at": "time",
     "certificate_sha256": "certificate",
+    "audit_head": "audit log",
 }
 
 
@@ -73,7 +74,7 @@ def test_what_a_party_learns_names_every_receipt_field() -> None:
         for field, words in RECEIPT_FIELD_WORDS.items():
             assert words in flat, f"{where}: what a party learns omits the receipt's {field}"
     security = " ".join(section(README, "## Security model, plainly").split())
-    assert "every party's name and how many distinct items each uploaded" in security
+    assert "every party's name and how many records each uploaded" in security
 
 
 def test_readme_names_only_paths_that_exist() -> None:

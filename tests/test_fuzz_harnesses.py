@@ -24,7 +24,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 FUZZ = ROOT / "fuzz"
 CORPUS = FUZZ / "corpus"
-HARNESSES = ("ratls", "quote", "policy", "spec", "upload", "receipt")
+HARNESSES = ("ratls", "quote", "policy", "spec", "upload", "receipt", "audit")
 RUNS = int(os.environ.get("TEEPSI_FUZZ_RUNS", "10000"))
 MAX_SECONDS = 60
 SEED = int(os.environ.get("TEEPSI_FUZZ_SEED", "1"))
@@ -127,6 +127,7 @@ def test_seeds_reach_the_accepting_paths() -> None:
     from teepsi.attestation.quote import parse_quote
     from teepsi.attestation.ratls import _check_claims, _parse_certificate, extract_evidence
     from teepsi.attestation.sim import is_simulated_quote
+    from teepsi.contract.audit import verify_audit_log
     from teepsi.contract.receipt import SignedReceipt
     from teepsi.contract.spec import JobSpec
     from teepsi.protocol import teepsi_pb2 as pb
@@ -151,6 +152,8 @@ def test_seeds_reach_the_accepting_paths() -> None:
             JobSpec.parse(data, source=path.name, fmt=path.suffix.removeprefix("."))
     for path in (CORPUS / "receipt").iterdir():
         SignedReceipt.from_json(path.read_bytes())
+    signed = {p.name: verify_audit_log(p).signed_entries for p in (CORPUS / "audit").iterdir()}
+    assert signed["signed.jsonl"] > 0 and signed["unsigned.jsonl"] == 0
     for path in (CORPUS / "upload").glob("chunk_*"):
         chunk = pb.UploadChunk.FromString(path.read_bytes())
         _decode_upload(chunk.records, chunk.record_count, chunk.sequence)

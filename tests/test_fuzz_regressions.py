@@ -20,6 +20,7 @@ import pytest
 from teepsi.attestation.policy import Policy, PolicyError
 from teepsi.attestation.quote import HEADER_SIZE, REPORT_BODY_SIZE, parse_quote
 from teepsi.attestation.sim import SimPlatform
+from teepsi.contract.audit import AuditError, AuditLog, verify_audit_log
 from teepsi.contract.receipt import ReceiptError, SignedReceipt
 from teepsi.contract.spec import JobSpec, SpecError
 
@@ -192,6 +193,19 @@ def test_deeply_nested_json_spec_beyond_the_limit_is_a_spec_error() -> None:
         JobSpec.parse(b"[" * 100_000, source="spec.json", fmt="json")
 
 
+# --- F10: a JSON integer too long for int() in an audit log line ---------------------------
+
+
+def test_f10_huge_json_integer_in_an_audit_log_is_an_audit_error(tmp_path: Path) -> None:
+    """The host writes the audit log: `audit verify` and a restarting server read it."""
+    path = tmp_path / "audit.jsonl"
+    path.write_bytes(b'{"seq":' + HUGE_INT + b"}\n")
+    with pytest.raises(AuditError, match=r"audit\.jsonl: line 1: not a JSON entry \(invalid JSON"):
+        verify_audit_log(path)
+    with pytest.raises(AuditError, match=r"line 1: not a JSON entry"):
+        AuditLog(path)
+
+
 # --- every reproducer the fuzzer saved, replayed as its harness runs it -------------------
 
 #: Issues still open in src/: the exception their reproducers raise today.
@@ -216,6 +230,11 @@ def _replay(harness: str, data: bytes, tmp_path: Path) -> None:
             SignedReceipt.from_json(data)
         with contextlib.suppress(ReceiptError, UnicodeDecodeError):
             SignedReceipt.from_json(data.decode("utf-8"))  # files are read as text too
+    elif harness == "audit":
+        path = tmp_path / "audit.jsonl"
+        path.write_bytes(data)
+        with contextlib.suppress(AuditError):
+            verify_audit_log(path)
     else:
         raise AssertionError(f"no replay for harness {harness}: add one")
 

@@ -6,8 +6,13 @@ Items are random and distinctive, so finding one anywhere is a leak, not a coinc
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import itertools
+import json
 import logging
 import os
+import re
 import secrets
 import signal
 import time
@@ -29,6 +34,7 @@ from teepsi.contract.keys import (
 )
 from teepsi.contract.receipt import SignedReceipt
 from teepsi.contract.spec import JobSpec, OutputKind, PartySpec
+from teepsi.engine.intersect import intersect_records
 from teepsi.engine.keys import hash_keys, records_to_bytes
 from teepsi.engine.tables import TableSpec
 from teepsi.protocol import SESSION_METADATA
@@ -513,3 +519,150 @@ def test_job_state_wiped_after_expiry_with_an_undelivered_result(small_server, p
     finally:
         a.close()
         b.close()
+
+
+# -- the host's view: server log and audit log confirm no guess ---------------------------
+
+#: The intersection's size in the guessing jobs: distinctive, so finding it is a leak.
+_GUESS_SIZE = 11
+
+
+def _canonical_records(hi: np.ndarray, lo: np.ndarray) -> list[bytes]:
+    """A set's records as the enclave digests them: de-duplicated, sorted, 16 bytes each
+    (so every subset of the list, in order, is that subset's canonical form)."""
+    sorted_hi, sorted_lo, _ = intersect_records([(hi, lo)])
+    data = records_to_bytes(sorted_hi, sorted_lo)
+    return [data[i : i + 16] for i in range(0, len(data), 16)]
+
+
+def _published_digests(text: str) -> set[str]:
+    """Every 64-hex-digit and 44-character base64 window of the text: whatever spelling
+    of a SHA-256 digest appears there is in this set."""
+    windows: set[str] = set()
+    for run in re.findall(r"[0-9a-fA-F]{64,}", text):
+        run = run.lower()
+        windows.update(run[i : i + 64] for i in range(len(run) - 63))
+    for run in re.findall(r"[A-Za-z0-9+/=]{44,}", text):
+        windows.update(run[i : i + 44] for i in range(len(run) - 43))
+    return windows
+
+
+def _audit_numbers(audit: Path) -> list[tuple[str, str, int]]:
+    """(event, field, value) of every integer field of every entry but the chain's own."""
+    found = []
+    for line in audit.read_text().splitlines():
+        entry = json.loads(line)
+        for key, value in entry.items():
+            counts = isinstance(value, int) and not isinstance(value, bool)
+            if counts and key not in ("seq", "time"):
+                found.append((entry["event"], key, value))
+    return found
+
+
+@pytest.mark.parametrize("server_kind", ["process", "in-process"])
+@pytest.mark.parametrize(
+    ("output", "recipients", "min_intersection", "status"),
+    [
+        ("count", ("a", "b", "c"), 0, "COUNT_ONLY"),
+        ("intersection", ("a", "b"), 0, "NOT_RECIPIENT"),
+        ("intersection", ("a", "b", "c"), _GUESS_SIZE + 1, "BELOW_THRESHOLD"),
+    ],
+)
+def test_host_logs_and_audit_log_confirm_no_guess_of_the_intersection(
+    request,
+    policy,
+    policy_file,
+    tmp_path,
+    caplog,
+    output,
+    recipients,
+    min_intersection,
+    status,
+    server_kind,
+):
+    """Party c (count-only, non-recipient, or below the threshold) holds its own set, its
+    job's key seeds and set salt, the server's DEBUG log and the audit log; it tries every
+    subset of its set as the intersection against every digest there, salted with every
+    salt it has, and looks for the size: nothing matches. The server runs as a `teepsi
+    server -v` process, or in this process with all of teepsi's logging at DEBUG (which
+    also catches the clients' logs)."""
+    caplog.set_level(logging.DEBUG, logger="teepsi")
+    keys = {n: generate_private_key() for n in "abc"}
+    spec = JobSpec(
+        job_id=f"guess-{status.lower().replace('_', '-')}",
+        parties=tuple(PartySpec(name=n, public_key=public_key_der(k)) for n, k in keys.items()),
+        recipients=recipients,
+        output=OutputKind(output),
+        min_intersection=min_intersection,
+    )
+    audit = tmp_path / "audit.jsonl"
+    if server_kind == "process":
+        process = request.getfixturevalue("start_server")(
+            "-v", "--audit-log", str(audit), policy=policy_file
+        )
+        port = process.port
+    else:
+        running = start_server(
+            ServerConfig(
+                host="127.0.0.1:0",
+                attestation="sim",
+                client_policy=policy,
+                allow_simulated=True,
+                audit_log=audit,
+            )
+        )
+        port = running.port
+    common = _secret_items("common", _GUESS_SIZE)
+    sets = {"a": common + _secret_items("a", 29), "b": common + _secret_items("b", 24)}
+    sets["c"] = common + _secret_items("c", 2)  # 13 items: 8192 subsets to try
+    clients = _spec_clients(port, policy, spec, keys)
+    try:
+        tokens, seeds = {}, None
+        for name, client in clients.items():
+            client.connect()
+            tokens[name], seeds = client.join(KEY_SCHEME)
+        for name, client in clients.items():
+            client.upload(tokens[name], *hash_keys(pl.Series(sets[name]), seeds), _NoBar())
+        chunks = {name: _raw_result(client, tokens[name]) for name, client in clients.items()}
+    finally:
+        for client in clients.values():
+            client.close()
+        if server_kind == "process":
+            process.proc.send_signal(signal.SIGTERM)
+            process.proc.wait(timeout=20)
+        else:
+            running.stop(grace=0)
+    server_log = process.log() if server_kind == "process" else caplog.text
+    if server_kind == "process":
+        assert " INFO " in server_log
+    last = chunks["c"][-1]
+    assert pb.ResultStatus.Name(last.status) == status
+    host_view = server_log + "\n" + caplog.text + "\n" + audit.read_text()
+    assert "job " + spec.job_id in server_log  # the log did record the job
+    # c's guessing kit: its records, and every salt it was given.
+    records = _canonical_records(*hash_keys(pl.Series(sets["c"]), seeds))
+    salts = [b"", bytes(last.set_digest_salt), bytes(last.result_digest_salt)]
+    assert not last.result_digest_salt  # c never gets the result's salt
+    published = _published_digests(host_view)
+
+    def digests(subset: tuple[bytes, ...]) -> list[bytes]:
+        return [hashlib.sha256(salt + b"".join(subset)).digest() for salt in salts]
+
+    # The kit works: c's own salted set digest is its receipt entry, and the log has it.
+    own = digests(tuple(records))[1]
+    receipt = SignedReceipt.from_json(last.receipt_json).receipt
+    assert receipt.entry("c").set_sha256 == own and own.hex() in published
+    confirmed = []
+    for size in range(len(records) + 1):
+        for subset in itertools.combinations(records, size):
+            for digest in digests(subset):
+                if digest == own:
+                    continue  # c's own set with its own salt: c learns nothing from it
+                hex_form, b64_form = digest.hex(), base64.b64encode(digest).decode()
+                if hex_form in published or b64_form in published:
+                    confirmed.append(len(subset))
+    assert confirmed == []
+    # The size is not in the server log, nor in any number of the audit log.
+    for text in (server_log, caplog.text):
+        assert not re.search(rf"\b{_GUESS_SIZE}\b", text), text
+    assert all(value != _GUESS_SIZE for _, _, value in _audit_numbers(audit))

@@ -14,9 +14,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from teepsi import __version__
+
+if TYPE_CHECKING:
+    from teepsi.contract.receipt import SignedReceipt
 
 log = logging.getLogger("teepsi")
 
@@ -833,63 +836,45 @@ def _cmd_spec_check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _cmd_verify_receipt(args: argparse.Namespace) -> int:
-    """The receipt's signature, and the attestation of the certificate that signed it.
+class _Refused(Exception):
+    """Evidence or a signed document does not check out; the message is one line."""
 
-    The certificate goes through the same verification path as a live server's
-    (:class:`teepsi.attestation.peer.PeerVerifier`), as of the receipt's issue time.
-    """
-    from teepsi.attestation.collateral import CollateralError, iso_utc, load_collateral_file
+
+def _judge_signing_enclave(
+    certificate: bytes, collateral: str | None, at: int, args: argparse.Namespace
+) -> dict[str, object]:
+    """The server enclave whose certificate signed a receipt or audit heads, judged through
+    the one verification path (:class:`teepsi.attestation.peer.PeerVerifier`: quote
+    signatures and PCK chain to Intel's root, or the simulated root only with
+    --allow-simulated; key binding; server role; with --config the policy) as of ``at``.
+    Every offline check of a server certificate (verify-receipt, audit verify) comes here;
+    raises _Refused with one line."""
+    from teepsi.attestation.collateral import iso_utc
     from teepsi.attestation.evidence import Role
     from teepsi.attestation.peer import PeerRejected, PeerVerifier
     from teepsi.attestation.policy import Policy, PolicyError
-    from teepsi.contract.receipt import ReceiptError, SignedReceipt, verify_receipt
+    from teepsi.attestation.verify import SIMULATED_WARNING
 
-    def refuse(reason: str) -> int:
-        print(json.dumps({"valid": False, "reason": reason}))
-        return EXIT_FAILED
-
-    cert_path = args.cert or args.receipt + RECEIPT_CERT_SUFFIX
-    collateral_path = args.collateral or args.receipt + RECEIPT_COLLATERAL_SUFFIX
     policy: Policy | None = None
     if args.config:
         try:
             policy = Policy.load(args.config)
         except PolicyError as exc:
             raise UsageError(str(exc)) from None
-    try:
-        receipt_bytes = Path(args.receipt).read_bytes()
-        cert = Path(cert_path).read_bytes()
-    except OSError as exc:
-        raise UsageError(
-            f"cannot read {exc.filename}: {exc.strerror} (the client saves RECEIPT, "
-            f"RECEIPT{RECEIPT_CERT_SUFFIX} and RECEIPT{RECEIPT_COLLATERAL_SUFFIX})"
-        ) from None
-    try:
-        collateral = load_collateral_file(collateral_path)
-    except CollateralError as exc:
-        raise UsageError(
-            f"{exc} (the collateral the server was verified with: pass --collateral FILE)"
-        ) from None
-    try:
-        signed = SignedReceipt.from_json(receipt_bytes)
-        verify_receipt(signed, cert)
-    except ReceiptError as exc:
-        return refuse(str(exc))
-    # As of the receipt's issue time by default: the verdict a live client had then.
-    at = signed.receipt.issued_at if args.at is None else args.at
     verifier = PeerVerifier(policy, allow_simulated=args.allow_simulated)
     try:
         peer, _ = verifier.verify_certificate(
-            cert, collateral, what="signing server", role=Role.SERVER, at=at, record=False
+            certificate, collateral, what="signing server", role=Role.SERVER, at=at, record=False
         )
     except PeerRejected as exc:
-        return refuse(str(exc))
+        raise _Refused(str(exc)) from None
     verified = peer.verified
     identity = verified.identity
     assert identity is not None
-    out: dict[str, object] = {
-        "valid": True,
+    if verified.simulated:
+        # Anyone can make simulated evidence: trusted only because it was asked for, loudly.
+        print(f"teepsi {args.command}: WARNING {SIMULATED_WARNING}", file=sys.stderr)
+    judged: dict[str, object] = {
         "signer": {
             "mr_enclave": identity.mr_enclave.hex(),
             "mr_signer": identity.mr_signer.hex(),
@@ -906,25 +891,149 @@ def _cmd_verify_receipt(args: argparse.Namespace) -> int:
         "policy": str(args.config) if args.config else None,
     }
     if policy is None:
-        out["note"] = (
+        judged["note"] = (
             "no --config: quote, key binding and server role verified, but no policy was "
             "applied (measurements, attributes and TCB status not judged)"
         )
-    out["receipt"] = signed.receipt.to_dict()
+    return judged
+
+
+def _refuse(reason: str) -> int:
+    print(json.dumps({"valid": False, "reason": reason}))
+    return EXIT_FAILED
+
+
+def _receipt_files(args: argparse.Namespace) -> tuple[SignedReceipt, bytes, str | None]:
+    """The receipt, its server certificate and its collateral (None if there is none).
+
+    Unreadable files are usage errors; a receipt that does not parse raises ReceiptError.
+    """
+    from teepsi.attestation.collateral import CollateralError, load_collateral_file
+    from teepsi.contract.receipt import SignedReceipt
+
+    cert_path = args.cert or args.receipt + RECEIPT_CERT_SUFFIX
+    collateral_path = args.collateral or args.receipt + RECEIPT_COLLATERAL_SUFFIX
+    try:
+        receipt_bytes = Path(args.receipt).read_bytes()
+        cert = Path(cert_path).read_bytes()
+    except OSError as exc:
+        raise UsageError(
+            f"cannot read {exc.filename}: {exc.strerror} (the client saves RECEIPT, "
+            f"RECEIPT{RECEIPT_CERT_SUFFIX} and RECEIPT{RECEIPT_COLLATERAL_SUFFIX})"
+        ) from None
+    collateral: str | None = None
+    if args.collateral or Path(collateral_path).exists():
+        try:
+            collateral = load_collateral_file(collateral_path)
+        except CollateralError as exc:
+            raise UsageError(
+                f"{exc} (the collateral the server was verified with: pass --collateral FILE)"
+            ) from None
+    return SignedReceipt.from_json(receipt_bytes), cert, collateral
+
+
+def _cmd_verify_receipt(args: argparse.Namespace) -> int:
+    """The receipt's signature, and the attestation of the certificate that signed it,
+    as of the receipt's issue time (the verdict a live client had then)."""
+    from teepsi.contract.receipt import ReceiptError, verify_receipt
+
+    try:
+        signed, cert, collateral = _receipt_files(args)
+        if collateral is None:
+            raise UsageError(
+                f"cannot read {args.receipt}{RECEIPT_COLLATERAL_SUFFIX}: the collateral the "
+                "server was verified with (the client saves it beside the receipt; or pass "
+                "--collateral FILE)"
+            )
+        verify_receipt(signed, cert)
+        at = signed.receipt.issued_at if args.at is None else args.at
+        judged = _judge_signing_enclave(cert, collateral, at, args)
+    except (ReceiptError, _Refused) as exc:
+        return _refuse(str(exc))
+    out: dict[str, object] = {"valid": True, **judged, "receipt": signed.receipt.to_dict()}
     print(json.dumps(out, indent=2, default=str))
     return EXIT_OK
 
 
 def _cmd_audit_verify(args: argparse.Namespace) -> int:
+    """The chain, every signed head (and its signer's evidence, through the one path), and
+    with --receipt that the log holds, unchanged, everything up to the receipt's release."""
     from teepsi.contract.audit import AuditError, verify_audit_log
+    from teepsi.contract.receipt import ReceiptError, verify_receipt
+
+    expect_entry = None
+    receipt_cert = b""
+    receipt_collateral: str | None = None
+    if (args.cert or args.collateral) and not args.receipt:
+        raise UsageError("--cert and --collateral belong to a --receipt; pass the receipt too")
+    if args.receipt:
+        try:
+            signed, receipt_cert, receipt_collateral = _receipt_files(args)
+            verify_receipt(signed, receipt_cert)
+        except ReceiptError as exc:
+            return _refuse(str(exc))
+        expect_entry = signed.receipt.audit_head
+        if expect_entry is None:
+            return _refuse("the receipt carries no audit head (its server kept no audit log)")
+    try:
+        summary = verify_audit_log(args.log, expect_head=args.head, expect_entry=expect_entry)
+    except AuditError as exc:
+        return _refuse(str(exc))
+    if summary.signed_entries == 0:
+        return _refuse(
+            f"{args.log}: no signed head: nothing in the log is authenticated by a server key"
+        )
+    receipt_key = _certificate_key_sha256(receipt_cert) if args.receipt else None
+    signers = []
+    for signing in summary.signers:
+        # The collateral the server recorded beside its certificate at start; for the
+        # receipt's own server, the collateral its client verified it with also serves.
+        collateral = signing.collateral_json or None
+        same_as_receipt = _certificate_key_sha256(signing.der) == receipt_key
+        if collateral is None and same_as_receipt:
+            collateral = receipt_collateral
+        try:
+            judged = _judge_signing_enclave(signing.der, collateral, signing.recorded_at, args)
+        except _Refused as exc:
+            return _refuse(f"{args.log}: a certificate that signs heads is refused: {exc}")
+        signers.append(judged)
+    if args.receipt and not any(
+        _certificate_key_sha256(s.der) == receipt_key for s in summary.signers
+    ):
+        return _refuse(
+            f"{args.log}: the receipt's server certificate signs no head in this log (another log)"
+        )
+    report: dict[str, object] = {
+        "valid": True,
+        "entries": summary.entries,
+        "head": summary.head,
+        "signed_entries": summary.signed_entries,
+        # Lines after the newest signed head: a cut or rewrite there shows only against a
+        # head held elsewhere (a later receipt, --head).
+        "unsigned_tail": summary.unsigned_tail,
+        # Lines a starting server found unsigned: it vouches only that they chained.
+        "found_unsigned": summary.found_unsigned,
+        "signers": signers,
+    }
+    if summary.unsigned_tail:
+        report["warning"] = (
+            f"the last {summary.unsigned_tail} line(s) follow the newest signed head: nothing "
+            "authenticates them (the server is running or crashed, or later heads were cut)"
+        )
+    if expect_entry is not None:
+        report["receipt_head"] = expect_entry.to_dict()
+    print(json.dumps(report))
+    return EXIT_OK
+
+
+def _certificate_key_sha256(certificate: bytes) -> bytes | None:
+    """SHA-256 of a certificate's public key (PEM or DER); None if it cannot be read."""
+    from teepsi.contract.signing import SignatureError, certificate_public_key
 
     try:
-        summary = verify_audit_log(args.log, expect_head=args.head)
-    except AuditError as exc:
-        print(json.dumps({"valid": False, "reason": str(exc)}))
-        return EXIT_FAILED
-    print(json.dumps({"valid": True, "entries": summary.entries, "head": summary.head}))
-    return EXIT_OK
+        return certificate_public_key(certificate)[0]
+    except SignatureError:
+        return None
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -1195,9 +1304,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     audit = sub.add_parser("audit", help="the server's audit log")
     audit_sub = audit.add_subparsers(dest="audit_command", required=True)
-    audit_verify = audit_sub.add_parser("verify", help="check the log's hash chain")
+    audit_verify = audit_sub.add_parser(
+        "verify", help="check the log's hash chain, its signed heads and (--receipt) a receipt"
+    )
     audit_verify.add_argument("log")
     audit_verify.add_argument("--head", help="expected last hash (detects truncation)")
+    audit_verify.add_argument(
+        "--receipt",
+        help="a receipt of a job of this log: the log must hold, unchanged, every line up to "
+        "its release",
+    )
+    audit_verify.add_argument(
+        "--cert", help="the receipt's server certificate (default: RECEIPT.cert.pem)"
+    )
+    audit_verify.add_argument(
+        "--collateral",
+        help="collateral for the receipt's server certificate (default: "
+        "RECEIPT.collateral.json if present; the log records each server's own)",
+    )
+    audit_verify.add_argument(
+        "--config", help="policy the signing server enclave must satisfy (dynamic_config.json)"
+    )
+    audit_verify.add_argument(
+        "--allow-simulated", action="store_true", help="accept a simulated server enclave"
+    )
     audit_verify.set_defaults(func=_cmd_audit_verify)
 
     register_evidence_tools(sub)

@@ -3,7 +3,10 @@
 After a job releases (or holds back) its result, the server signs a receipt with its
 RA-TLS key, the P-384 key its attestation binds, using ECDSA with SHA-384. Every party
 gets the same receipt and checks its own entry; anyone holding the receipt and the
-server's certificate can re-check the signature later.
+server's certificate can re-check the signature later. A receipt also carries
+``audit_head``, the server's audit log at the release (entries and head hash), so the holder
+can check that the log still holds, unchanged, everything up to it
+(``teepsi audit verify LOG --receipt R``).
 
 :func:`verify_receipt` proves only that the holder of the certificate's key signed the
 receipt. That the key belongs to a genuine teepsi enclave is what the certificate's
@@ -20,22 +23,11 @@ makes it fail to parse or to verify.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import NoReturn
 
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.utils import (
-    decode_dss_signature,
-    encode_dss_signature,
-)
 
-# ratls parses certificates with its own DER walker (cryptography refuses some
-# Gramine-made ones); reuse it so "the certificate's SHA-256" means the same thing
-# in receipts as in attestation.
-from teepsi.attestation.ratls import RaTlsError, _certificate_der, _parse_certificate
 from teepsi.contract._common import (
     MAX_COUNT,
     canonical_json,
@@ -43,6 +35,14 @@ from teepsi.contract._common import (
     is_int,
     show,
     strict_json_loads,
+)
+from teepsi.contract.audit import AuditHead
+from teepsi.contract.signing import (
+    MAX_SIGNATURE_BYTES,
+    SignatureError,
+    certificate_public_key,
+    sign_document,
+    verify_document,
 )
 
 __all__ = [
@@ -61,19 +61,6 @@ __all__ = [
 RECEIPT_DOMAIN = b"teepsi-receipt-v1\n"
 OUTPUTS = ("intersection", "count")
 MAX_RECEIPT_BYTES = 1024 * 1024
-_MAX_SIGNATURE_BYTES = 256
-_SIGNATURE_HASH = hashes.SHA384()
-
-# Group orders, for the low-S rule.
-_CURVE_ORDERS = {
-    "secp256r1": 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551,
-    "secp384r1": int(
-        "FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFC7634D81F4372DDF"
-        "581A0DB248B0A77AECEC196ACCC52973",
-        16,
-    ),
-}
-
 _RECEIPT_KEYS = frozenset(
     {
         "spec_sha256",
@@ -85,6 +72,7 @@ _RECEIPT_KEYS = frozenset(
         "result_sha256",
         "issued_at",
         "certificate_sha256",
+        "audit_head",
     }
 )
 _ENTRY_KEYS = frozenset({"name", "items", "set_sha256"})
@@ -137,6 +125,9 @@ class Receipt:
     result_sha256: bytes | None
     issued_at: int  # UNIX seconds
     certificate_sha256: bytes  # SHA-256 of the signing server's certificate DER
+    #: The server's audit log at the release (its entries up to and including this job's
+    #: release); None when the server keeps no audit log.
+    audit_head: AuditHead | None = None
 
     def __post_init__(self) -> None:
         _check_digest(self.spec_sha256, "spec_sha256", optional=True)
@@ -170,6 +161,8 @@ class Receipt:
             _fail("released", "a result held back has no size and no digest")
         _check_count(self.issued_at, "issued_at")
         _check_digest(self.certificate_sha256, "certificate_sha256")
+        if self.audit_head is not None and not isinstance(self.audit_head, AuditHead):
+            _fail("audit_head", "must be an AuditHead or None")
 
     def entry(self, name: str) -> PartyEntry | None:
         return next((p for p in self.parties if p.name == name), None)
@@ -185,6 +178,7 @@ class Receipt:
             "result_sha256": None if self.result_sha256 is None else self.result_sha256.hex(),
             "issued_at": self.issued_at,
             "certificate_sha256": self.certificate_sha256.hex(),
+            "audit_head": None if self.audit_head is None else self.audit_head.to_dict(),
         }
 
     def signed_payload(self) -> bytes:
@@ -201,9 +195,9 @@ class SignedReceipt:
         if not isinstance(self.receipt, Receipt):
             _fail("receipt", "must be a Receipt")
         if not isinstance(self.signature, bytes) or not 0 < len(self.signature) <= (
-            _MAX_SIGNATURE_BYTES
+            MAX_SIGNATURE_BYTES
         ):
-            _fail("signature", f"must be 1 to {_MAX_SIGNATURE_BYTES} bytes")
+            _fail("signature", f"must be 1 to {MAX_SIGNATURE_BYTES} bytes")
 
     def to_json(self) -> str:
         """The canonical, self-contained document ``{"receipt": {...}, "signature": hex}``."""
@@ -304,6 +298,7 @@ def _signed_from_dict(raw: object) -> SignedReceipt:
         _fail("signature", "expected lower-case hex")
     spec_sha256 = _hex(body["spec_sha256"], at("spec_sha256"), optional_empty=True)
     certificate_sha256 = _hex(body["certificate_sha256"], at("certificate_sha256"))
+    audit_head = _audit_head(body["audit_head"], at("audit_head"))
     try:
         receipt = Receipt(
             spec_sha256=spec_sha256,
@@ -315,48 +310,30 @@ def _signed_from_dict(raw: object) -> SignedReceipt:
             result_sha256=result_sha256,
             issued_at=issued_at,
             certificate_sha256=certificate_sha256,
+            audit_head=audit_head,
         )
     except ReceiptError as exc:
         raise ReceiptError(f"receipt.{exc}") from None
     return SignedReceipt(receipt=receipt, signature=bytes.fromhex(signature))
 
 
-def _curve_order(key: ec.EllipticCurvePublicKey | ec.EllipticCurvePrivateKey) -> int:
-    order = _CURVE_ORDERS.get(key.curve.name)
-    if order is None:
-        raise ReceiptError(f"server key curve {key.curve.name} is not P-256 or P-384")
-    return order
+def _audit_head(raw: object, where: str) -> AuditHead | None:
+    if raw is None:
+        return None
+    head = _exact_keys(raw, frozenset({"entries", "hash"}), where)
+    try:
+        return AuditHead.from_dict(head)
+    except ValueError as exc:
+        _fail(where, str(exc))
 
 
 def sign_receipt(receipt: Receipt, private_key: ec.EllipticCurvePrivateKey) -> SignedReceipt:
     """Sign with the server's RA-TLS key (ECDSA-SHA384), normalised to low S."""
-    if not isinstance(private_key, ec.EllipticCurvePrivateKey):
-        raise ReceiptError("receipts are signed with the server's EC RA-TLS key")
-    order = _curve_order(private_key)
-    r, s = decode_dss_signature(
-        private_key.sign(receipt.signed_payload(), ec.ECDSA(_SIGNATURE_HASH))
-    )
-    if s > order // 2:
-        s = order - s
-    return SignedReceipt(receipt=receipt, signature=encode_dss_signature(r, s))
-
-
-def _certificate_public_key(certificate: bytes) -> tuple[bytes, ec.EllipticCurvePublicKey]:
-    """(SHA-256 of the certificate DER, its EC public key), for PEM or DER input."""
-    if not isinstance(certificate, bytes | bytearray):
-        raise ReceiptError("certificate must be PEM or DER bytes")
     try:
-        der = _certificate_der(bytes(certificate))
-        spki = _parse_certificate(der).spki_der
-    except RaTlsError as exc:
-        raise ReceiptError(f"certificate: {exc}") from None
-    try:
-        key = serialization.load_der_public_key(spki)
-    except (ValueError, UnsupportedAlgorithm):
-        raise ReceiptError("certificate: public key cannot be parsed") from None
-    if not isinstance(key, ec.EllipticCurvePublicKey):
-        raise ReceiptError("certificate: public key is not an EC key; no teepsi server's")
-    return hashlib.sha256(der).digest(), key
+        signature = sign_document(private_key, receipt.signed_payload(), what="receipts")
+    except SignatureError as exc:
+        raise ReceiptError(str(exc)) from None
+    return SignedReceipt(receipt=receipt, signature=signature)
 
 
 def verify_receipt(signed: SignedReceipt, certificate: bytes) -> None:
@@ -364,7 +341,10 @@ def verify_receipt(signed: SignedReceipt, certificate: bytes) -> None:
 
     Does not check the certificate's attestation: see the module documentation.
     """
-    certificate_sha256, key = _certificate_public_key(certificate)
+    try:
+        certificate_sha256, key = certificate_public_key(certificate)
+    except SignatureError as exc:
+        raise ReceiptError(str(exc)) from None
     receipt = signed.receipt
     if receipt.certificate_sha256 != certificate_sha256:
         named, given = receipt.certificate_sha256.hex()[:16], certificate_sha256.hex()[:16]
@@ -372,18 +352,10 @@ def verify_receipt(signed: SignedReceipt, certificate: bytes) -> None:
             f"receipt was issued under another certificate (SHA-256 {named}..., "
             f"this one {given}...)"
         )
-    order = _curve_order(key)
     try:
-        r, s = decode_dss_signature(signed.signature)
-    except ValueError:
-        raise ReceiptError("receipt signature is not a DER ECDSA signature") from None
-    canonical = encode_dss_signature(r, s) == signed.signature
-    if not canonical or not (0 < r < order and 0 < s <= order // 2):
-        raise ReceiptError("receipt signature is not a canonical low-S ECDSA signature")
-    try:
-        key.verify(signed.signature, receipt.signed_payload(), ec.ECDSA(_SIGNATURE_HASH))
-    except InvalidSignature:
-        raise ReceiptError("receipt signature does not verify under this certificate") from None
+        verify_document(key, signed.signature, receipt.signed_payload(), what="receipt signature")
+    except SignatureError as exc:
+        raise ReceiptError(str(exc)) from None
 
 
 def check_own_entry(signed: SignedReceipt, *, name: str, items: int, set_sha256: bytes) -> None:

@@ -34,7 +34,7 @@ from teepsi.attestation.providers import make_provider
 from teepsi.attestation.quote import QuoteFormatError, parse_quote
 from teepsi.attestation.ratls import DEFAULT_LIFETIME, RaTlsError, create_certificate
 from teepsi.attestation.verify import SIMULATED_WARNING
-from teepsi.contract.audit import AuditError, AuditLog
+from teepsi.contract.audit import AuditError, AuditLog, HeadSigner
 from teepsi.contract.receipt import sign_receipt
 from teepsi.engine.spill import remove_stale_areas
 from teepsi.server.jobs import JobRegistry, Limits
@@ -82,6 +82,8 @@ class ServerConfig:
     audit_log: Path | None = None
     #: How long the server's RA-TLS certificate is valid; the server stops when it ends.
     certificate_lifetime: timedelta = DEFAULT_LIFETIME
+    #: Longest time an audit entry stays without a signed head after it.
+    audit_sign_interval_seconds: float = 60.0
     #: Evidence provider override (tests inject fakes); default from ``attestation``.
     provider: EvidenceProvider | None = None
     #: Connections open at once; more are refused by gRPC (each holds a file descriptor).
@@ -179,6 +181,7 @@ class RunningServer:
     _server: grpc.aio.Server
     _loop: _EventLoopThread
     _executor: futures.ThreadPoolExecutor
+    _audit: AuditLog | None = None
 
     def stop(self, grace: float | None = 2.0) -> None:
         # Expiring every job first tells waiting parties why (UNAVAILABLE, shutting down).
@@ -188,6 +191,11 @@ class RunningServer:
         finally:
             self._loop.close()
             self._executor.shutdown(wait=False, cancel_futures=True)
+            if self._audit is not None:
+                try:
+                    self._audit.close()  # signs the final head
+                except AuditError as exc:
+                    log.error("audit log: %s", exc)
 
     def wait(self) -> None:
         self._loop.run(self._server.wait_for_termination())
@@ -316,7 +324,18 @@ def start_server(config: ServerConfig) -> RunningServer:
             "spec says so (--no-client-attestation)"
         )
     try:
-        audit = AuditLog(config.audit_log) if config.audit_log is not None else None
+        # The enclave's attested key signs the chain head, as it signs receipts.
+        audit = (
+            AuditLog(
+                config.audit_log,
+                signer=HeadSigner(
+                    ratls.certificate_der, ratls.private_key, collateral_json=collateral
+                ),
+                sign_interval_seconds=config.audit_sign_interval_seconds,
+            )
+            if config.audit_log is not None
+            else None
+        )
     except (AuditError, OSError) as exc:
         raise ServerConfigError(f"--audit-log {config.audit_log}: {exc}") from None
     if audit is not None:
@@ -373,6 +392,8 @@ def start_server(config: ServerConfig) -> RunningServer:
         loop.close()
         executor.shutdown(wait=False)
         registry.close()
+        if audit is not None:
+            audit.close()
         raise
     log.info("teepsi server listening on %s (port %d)", config.host, port)
     return RunningServer(
@@ -384,6 +405,7 @@ def start_server(config: ServerConfig) -> RunningServer:
         _server=server,
         _loop=loop,
         _executor=executor,
+        _audit=audit,
     )
 
 

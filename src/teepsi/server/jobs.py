@@ -23,8 +23,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import Enum
 
-from teepsi.contract.audit import AuditError, AuditLog
+from teepsi.contract.audit import AuditError, AuditHead, AuditLog
 from teepsi.contract.receipt import PartyEntry, Receipt, SignedReceipt
+from teepsi.contract.signing import SignatureError
 from teepsi.contract.spec import IDENTIFIER_PATTERN, JobSpec, OutputKind
 from teepsi.engine.intersect import records_digests
 from teepsi.engine.keys import U64Array
@@ -692,44 +693,54 @@ class JobRegistry:
         # Compute without the lock: other jobs keep moving meanwhile.
         found = intersect_stores(stores, salts=[p.set_salt for p in parties])
         digest, salted_digest = records_digests(found.hi, found.lo, [b"", job.result_salt])
-        receipt = self._receipt(job, parties, found.set_sha256, len(found.hi), salted_digest)
-        result = JobResult(hi=found.hi, lo=found.lo, sha256=digest, receipt_json=receipt)
+        size = len(found.hi)
+        withheld = release_status(job.spec, "", size) is ReleaseStatus.BELOW_THRESHOLD
+        count_only = job.spec is not None and job.spec.output is OutputKind.COUNT
+        # The receipt's digest, salted: only recipients of the records get the salt.
+        result_sha256 = None if withheld or count_only else salted_digest
         with self._lock:
             if job.state is not JobState.COMPUTING:
                 return  # expired while computing
-            job.result = result
-            job.state = JobState.DONE
             for p, count, set_digest in zip(parties, found.distinct, found.set_sha256, strict=True):
                 p.distinct_records = count
                 p.set_sha256 = set_digest
                 if p.store is not None:
                     p.store.close()
                     p.store = None
+                # The audit log is public: what the receipt gives every party, no more
+                # (the set digest is salted with a salt only this party gets).
                 self._record(
                     "uploaded",
                     job_id=job.job_id,
                     party=p.name,
                     records=p.records_received,
-                    distinct=count,
                     set_sha256=set_digest.hex(),
                 )
-            withheld = release_status(job.spec, "", len(result)) is ReleaseStatus.BELOW_THRESHOLD
+            # No size: the host is no party of the job, and a withheld size is nobody's.
             self._record(
                 "released",
                 job_id=job.job_id,
                 output=job.spec.output.value if job.spec is not None else "intersection",
                 threshold_met=not withheld,
-                result_size=None if withheld else len(result),
-                result_sha256=None if withheld else digest.hex(),
+                result_sha256=None if result_sha256 is None else result_sha256.hex(),
             )
-            log.info(
-                "job %s: intersection of %d parties has %d records",
-                job.job_id,
-                job.party_count,
-                len(result),
-            )
+            # The receipt carries the chain up to this release, and a signed head covers it.
+            audit_head = self._audit.position() if self._audit is not None else None
+            receipt = self._receipt(job, parties, found.set_sha256, size, result_sha256, audit_head)
+            self._sign_audit_head()
+            job.result = JobResult(hi=found.hi, lo=found.lo, sha256=digest, receipt_json=receipt)
+            job.state = JobState.DONE
+            # Host logs are public: never a result size, not even a released one.
+            log.info("job %s: intersection computed for %d parties", job.job_id, job.party_count)
             job.notify_locked()
         release_free_memory()  # the parties' stores are gone: return their pages
+
+    def _sign_audit_head(self) -> None:
+        if self._audit is not None:
+            try:
+                self._audit.sign_head()
+            except (OSError, AuditError, SignatureError) as exc:
+                log.error("audit log: cannot sign the head: %s", exc)
 
     def _receipt(
         self,
@@ -737,13 +748,13 @@ class JobRegistry:
         parties: list[Party],
         set_digests: list[bytes],
         size: int,
-        salted_result_sha256: bytes,
+        result_sha256: bytes | None,
+        audit_head: AuditHead | None,
     ) -> str:
         """The signed receipt every party gets (empty if the server has no signer)."""
         if self._signer is None:
             return ""
         withheld = release_status(job.spec, "", size) is ReleaseStatus.BELOW_THRESHOLD
-        count_only = job.spec is not None and job.spec.output is OutputKind.COUNT
         receipt = Receipt(
             spec_sha256=job.spec_sha256,
             job_id=job.job_id,
@@ -754,9 +765,10 @@ class JobRegistry:
             output=job.spec.output.value if job.spec is not None else "intersection",
             released=not withheld,
             result_size=None if withheld else size,
-            result_sha256=None if withheld or count_only else salted_result_sha256,
+            result_sha256=result_sha256,
             issued_at=int(self._clock()),
             certificate_sha256=self._certificate_sha256,
+            audit_head=audit_head,
         )
         return self._signer(receipt).to_json()
 
