@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
+import textwrap
 from pathlib import Path
 
 import polars as pl
+import pytest
 
+from teepsi.attestation.evidence import EnclaveIdentity
+from teepsi.attestation.policy import Policy, PolicyViolation
 from teepsi.contract.receipt import PartyEntry, Receipt
 from teepsi.engine.keys import Normalization
 
@@ -80,3 +85,75 @@ def test_what_a_party_learns_names_every_receipt_field() -> None:
 def test_readme_names_only_paths_that_exist() -> None:
     for path in set(re.findall(r"`((?:tests|docs|deploy|src|shared|bench)/[\w./-]*)`", README)):
         assert (ROOT / path).exists(), path
+
+
+OPERATIONS = (ROOT / "docs" / "operations.md").read_text()
+
+
+def fenced(text: str, language: str) -> list[str]:
+    """The code blocks in ``language``, indented ones (in a list item) dedented."""
+    blocks = re.findall(rf"^( *)```{language}\n(.*?)\n\1```", text, re.DOTALL | re.MULTILINE)
+    return [textwrap.dedent(indent + body) for indent, body in blocks]
+
+
+def github_anchor(heading: str) -> str:
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_operations_links_reach_files_and_headings() -> None:
+    for target in re.findall(r"\]\(([^)\s]+)\)", OPERATIONS):
+        if target.startswith("http"):
+            continue
+        path, _, anchor = target.partition("#")
+        doc = ROOT / "docs" / path if path else ROOT / "docs" / "operations.md"
+        assert doc.is_file(), target
+        if anchor:
+            headings = re.findall(r"^#+ (.+)$", doc.read_text(), re.MULTILINE)
+            assert anchor in {github_anchor(h) for h in headings}, target
+
+
+def test_operations_prometheus_examples_parse_and_use_the_documented_metrics() -> None:
+    yaml = pytest.importorskip("yaml", reason="PyYAML parses the examples (dev dependency)")
+    scrape, rules = (yaml.safe_load(block) for block in fenced(OPERATIONS, "yaml"))
+    assert scrape["scrape_configs"][0]["static_configs"][0]["targets"]
+    table = OPERATIONS.split("## Metrics")[1].split("```yaml")[0]
+    documented = set(re.findall(r"`(teepsi_[a-z_]+)", table))
+    alerts = {rule["alert"]: rule["expr"] for rule in rules["groups"][0]["rules"]}
+    # job failures, refusals, budget near full: each has its alert
+    assert {"TeepsiJobsFailing", "TeepsiRefusals", "TeepsiMemoryBudgetNearlyFull"} <= set(alerts)
+    for name, expr in alerts.items():
+        for metric in re.findall(r"\b(teepsi_[a-z_]+)", expr):
+            assert metric in documented, (name, metric)
+
+
+def test_operations_upgrade_policy_accepts_old_and_new_builds_during_the_change() -> None:
+    """The two-entry `sgx_mrs` of the upgrade section, with real values for its placeholders,
+    is a policy that accepts both builds; without the old entry the old build is refused."""
+    (fragment,) = fenced(OPERATIONS, "json")
+    signer = bytes(range(32))
+    old, new = (
+        EnclaveIdentity(b"\x01" * 32, signer, 1, 1),
+        EnclaveIdentity(b"\x02" * 32, signer, 1, 1),
+    )
+    text = (
+        fragment.replace("<old 64 hex>", old.mr_enclave.hex())
+        .replace("<new 64 hex>", new.mr_enclave.hex())
+        .replace("<64 hex>", signer.hex())
+    )
+    flags = {
+        "verify_mr_enclave": "on",
+        "verify_mr_signer": "on",
+        "verify_isv_prod_id": "on",
+        "verify_isv_svn": "on",
+        "allow_outdated_tcb": "off",
+        "allow_hw_config_needed": "off",
+        "allow_sw_hardening_needed": "off",
+    }
+    during = json.loads("{" + text + "}") | flags
+    policy = Policy.from_dict(during, source="operations.md")
+    assert policy.check(old, "UpToDate").mr_enclave == old.mr_enclave
+    assert policy.check(new, "UpToDate").mr_enclave == new.mr_enclave
+    after = during | {"sgx_mrs": during["sgx_mrs"][1:]}
+    Policy.from_dict(after).check(new, "UpToDate")
+    with pytest.raises(PolicyViolation):
+        Policy.from_dict(after).check(old, "UpToDate")
