@@ -12,7 +12,7 @@ import polars as pl
 import pytest
 
 from teepsi.attestation.evidence import EnclaveIdentity
-from teepsi.attestation.policy import Policy, PolicyViolation
+from teepsi.attestation.policy import Policy, PolicyViolation, policy_for
 from teepsi.contract.receipt import PartyEntry, Receipt
 from teepsi.engine.keys import Normalization
 
@@ -140,15 +140,8 @@ def test_operations_upgrade_policy_accepts_old_and_new_builds_during_the_change(
         .replace("<new 64 hex>", new.mr_enclave.hex())
         .replace("<64 hex>", signer.hex())
     )
-    flags = {
-        "verify_mr_enclave": "on",
-        "verify_mr_signer": "on",
-        "verify_isv_prod_id": "on",
-        "verify_isv_svn": "on",
-        "allow_outdated_tcb": "off",
-        "allow_hw_config_needed": "off",
-        "allow_sw_hardening_needed": "off",
-    }
+    # the flags of a policy teepsi writes itself, around the page's entries
+    flags = {k: v for k, v in policy_for([("old", old)]).to_dict().items() if k != "sgx_mrs"}
     during = json.loads("{" + text + "}") | flags
     policy = Policy.from_dict(during, source="operations.md")
     assert policy.check(old, "UpToDate").mr_enclave == old.mr_enclave
