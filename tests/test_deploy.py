@@ -2086,6 +2086,24 @@ def test_compose_sim_services_images_volumes_and_commands() -> None:
         }
 
 
+def test_compose_sim_file_validates_with_docker_compose() -> None:
+    """Where a Docker CLI with the compose plugin exists, it validates the file too."""
+    if (
+        not shutil.which("docker")
+        or subprocess.run(
+            ["docker", "compose", "version"], capture_output=True, check=False
+        ).returncode
+    ):
+        pytest.skip("`docker compose` is not installed")
+    result = subprocess.run(
+        ["docker", "compose", "-f", str(SIM_COMPOSE), "config", "-q"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 @pytest.mark.slow
 def test_compose_sim_commands_run_a_three_party_job(tmp_path: Path) -> None:
     """The services' commands, exactly as the compose file has them, run as local processes:
