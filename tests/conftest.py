@@ -151,3 +151,40 @@ def client_args(
 
 def start_client(args: list[str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def free_loopback_port() -> int:
+    """A port nothing listens on now, for commands whose address is written out in full."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until_listening(proc: subprocess.Popen[bytes], timeout: float = 120.0) -> list[str]:
+    """Read a starting ``teepsi server``'s stderr (a pipe) up to its "listening on" line.
+
+    Returns its log lines so far; a thread keeps appending the rest, so a chatty server
+    never blocks on a full pipe.
+    """
+    import select
+    import threading
+    import time
+
+    stream = proc.stderr
+    assert stream is not None
+    log: list[str] = []
+    deadline = time.monotonic() + timeout
+    while not any("listening on" in line for line in log):
+        ready, _, _ = select.select([stream], [], [], max(0.0, deadline - time.monotonic()))
+        line = stream.readline().decode(errors="replace") if ready else ""
+        assert line, f"the server did not start within {timeout:.0f} s: {''.join(log)}"
+        log.append(line)
+
+    def drain() -> None:
+        for rest in stream:
+            log.append(rest.decode(errors="replace"))
+
+    threading.Thread(target=drain, daemon=True).start()
+    return log

