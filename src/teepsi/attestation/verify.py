@@ -19,7 +19,7 @@ from typing import Any
 
 import dcap_qvl
 
-from teepsi.attestation.evidence import EnclaveIdentity
+from teepsi.attestation.evidence import TD_MEASUREMENTS, EnclaveIdentity, TdIdentity
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class VerifiedQuote:
     """What a verified quote proves: who produced it, on what platform state."""
 
     tee_type: str
-    identity: EnclaveIdentity | None  # None for TDX quotes: teepsi peers are SGX enclaves
+    identity: EnclaveIdentity | None  # an SGX enclave's identity; None for a TD
     report_data: bytes
     tcb_status: str
     advisory_ids: tuple[str, ...]
@@ -62,6 +62,8 @@ class VerifiedQuote:
     #: The platform's PPID (hex) from its verified PCK certificate: the collateral
     #: rollback state is kept per platform (:class:`CollateralFreshness`).
     ppid: str = ""
+    #: A TDX TD's identity; None for an SGX enclave.
+    td: TdIdentity | None = None
 
     @property
     def root(self) -> str:
@@ -78,6 +80,15 @@ def _identity_from_report(body: dict[str, Any]) -> EnclaveIdentity:
         isv_svn=int(body["isv_svn"]),
         attribute_flags=int.from_bytes(attributes[:8], "little"),
         xfrm=int.from_bytes(attributes[8:16], "little"),
+    )
+
+
+def _td_from_report(body: dict[str, Any]) -> TdIdentity:
+    return TdIdentity(
+        **{name: bytes.fromhex(body[name]) for name in TD_MEASUREMENTS},
+        td_attributes=int.from_bytes(bytes.fromhex(body["td_attributes"]), "little"),
+        xfam=int.from_bytes(bytes.fromhex(body["xfam"]), "little"),
+        tee_tcb_svn=bytes.fromhex(body["tee_tcb_svn"]),
     )
 
 
@@ -140,16 +151,22 @@ def verify_quote(
     report = json.loads(verified.to_json())
     body = report.get("report", {})
     identity: EnclaveIdentity | None = None
+    td: TdIdentity | None = None
     report_data = b""
     tee_type = "TDX"
     if "SgxEnclave" in body:
         tee_type = "SGX"
         identity = _identity_from_report(body["SgxEnclave"])
         report_data = bytes.fromhex(body["SgxEnclave"]["report_data"])
+    elif "TD10" in body:
+        td = _td_from_report(body["TD10"])
+        report_data = bytes.fromhex(body["TD10"]["report_data"])
     else:
+        # A TD 1.5 report (quote v5) or anything newer: teepsi judges no field of it.
         inner: dict[str, Any] = next(iter(body.values()), {}) if isinstance(body, dict) else {}
         report_data = bytes.fromhex(inner.get("report_data", ""))
     return VerifiedQuote(
+        td=td,
         tee_type=tee_type,
         identity=identity,
         report_data=report_data,
