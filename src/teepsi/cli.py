@@ -915,17 +915,10 @@ def _cmd_verify_receipt(args: argparse.Namespace) -> int:
     except PeerRejected as exc:
         return refuse(str(exc))
     verified = peer.verified
-    identity = verified.identity
-    assert identity is not None
     out: dict[str, object] = {
         "valid": True,
-        "signer": {
-            "mr_enclave": identity.mr_enclave.hex(),
-            "mr_signer": identity.mr_signer.hex(),
-            "isv_prod_id": identity.isv_prod_id,
-            "isv_svn": identity.isv_svn,
-            "simulated": verified.simulated,
-        },
+        # Which TEE signed ("tee": SGX or TDX) and its measurements.
+        "signer": {**verified.identity_fields(), "simulated": verified.simulated},
         "quote_verified": True,
         "root": verified.root,
         "tcb_status": verified.tcb_status,
@@ -962,7 +955,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     _setup_logging("demo", args.verbose)
     if args.contract:
         return run_contract_demo(verbose=args.verbose)
-    return run_demo(parties=args.parties, verbose=args.verbose)
+    return run_demo(parties=args.parties, verbose=args.verbose, tee=args.tee)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1190,6 +1183,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="run the seed's toy PSI locally in sim mode")
     demo.add_argument("--parties", type=int, choices=[2, 3], default=3)
+    demo.add_argument(
+        "--tee",
+        choices=["sgx", "tdx"],
+        default="sgx",
+        help="the simulated TEE every role runs in (default sgx)",
+    )
     demo.add_argument(
         "--contract",
         action="store_true",

@@ -39,10 +39,17 @@ from teepsi.attestation.collateral import (
     pccs_settings,
     quote_platform,
 )
-from teepsi.attestation.evidence import AttributeFlag, Role
+from teepsi.attestation.evidence import AttributeFlag, Role, TdAttributeFlag
 from teepsi.attestation.peer import PeerRejected, PeerVerifier
 from teepsi.attestation.policy import PolicyViolation, TcbAllowances
-from teepsi.attestation.quote import REPORT_BODY_SIZE, ReportBody
+from teepsi.attestation.quote import (
+    QUOTE_VERSION_4,
+    REPORT_BODY_SIZE,
+    TD_REPORT_BODY_SIZE,
+    TD_REPORT_FIELDS,
+    ReportBody,
+    TdReportBody,
+)
 from teepsi.attestation.ratls import (
     LEGACY_QUOTE_OID,
     LEGACY_QUOTE_OID_GRAMINE,
@@ -172,6 +179,18 @@ def quote_fields(quote: bytes) -> dict[str, Any]:
             attribute_flags=_flag_names(flags),
             debug=bool(flags & AttributeFlag.DEBUG),
             report_data=body.report_data.hex(),
+        )
+    elif version == QUOTE_VERSION_4:
+        start = _HEADER_SIZE
+        try:
+            td = TdReportBody.from_bytes(quote[start : start + TD_REPORT_BODY_SIZE])
+        except ValueError:
+            raise _InputError("not a DCAP quote: TD report body is truncated") from None
+        td_flags = int.from_bytes(td.td_attributes, "little")
+        fields.update({name: getattr(td, name).hex() for name, _ in TD_REPORT_FIELDS})
+        fields.update(
+            td_attribute_flags=[flag.name for flag in TdAttributeFlag if td_flags & flag],
+            debug=bool(td_flags & TdAttributeFlag.DEBUG),
         )
     else:
         report = parsed.report
@@ -551,16 +570,21 @@ def _verify_certificate_quote(
         result["verified_at"] = iso_utc(at)
         return result
     verified = peer.verified
-    assert verified.identity is not None
-    prod_id = verified.identity.isv_prod_id
-    roles = {int(role): role.name.lower() for role in Role}
+    if peer.role is not None:
+        role_name = peer.role.name.lower()
+    else:
+        assert verified.identity is not None
+        prod_id = verified.identity.isv_prod_id
+        roles = {int(role): role.name.lower() for role in Role}
+        role_name = roles.get(prod_id, f"none (ISV_PROD_ID {prod_id})")
     result.update(
+        tee=verified.tee_type,
         verified=True,
         root=verified.root,
         tcb_status=verified.tcb_status,
         advisory_ids=list(verified.advisory_ids),
         verified_at=iso_utc(at),
-        role=roles.get(prod_id, f"none (ISV_PROD_ID {prod_id})"),
+        role=role_name,
         note="no policy applied: measurements, attributes and TCB status are not judged",
     )
     return result

@@ -65,6 +65,29 @@ class VerifiedQuote:
     #: A TDX TD's identity; None for an SGX enclave.
     td: TdIdentity | None = None
 
+    def identity_fields(self) -> dict[str, object]:
+        """The verified identity as JSON fields: the enclave's, or the TD's registers."""
+        if self.td is not None:
+            td = self.td
+            fields: dict[str, object] = {"tee": "TDX"}
+            fields.update({name: getattr(td, name).hex() for name in TD_MEASUREMENTS})
+            fields.update(
+                td_attributes=td.td_attributes.to_bytes(8, "little").hex(),
+                xfam=td.xfam.to_bytes(8, "little").hex(),
+                tee_tcb_svn=td.tee_tcb_svn.hex(),
+            )
+            return fields
+        if self.identity is None:
+            return {"tee": self.tee_type}
+        ident = self.identity
+        return {
+            "tee": "SGX",
+            "mr_enclave": ident.mr_enclave.hex(),
+            "mr_signer": ident.mr_signer.hex(),
+            "isv_prod_id": ident.isv_prod_id,
+            "isv_svn": ident.isv_svn,
+        }
+
     @property
     def root(self) -> str:
         """The trust root the PCK chain was verified against."""
