@@ -42,14 +42,7 @@ from teepsi.attestation.collateral import (
 from teepsi.attestation.evidence import AttributeFlag, Role, TdAttributeFlag
 from teepsi.attestation.peer import PeerRejected, PeerVerifier
 from teepsi.attestation.policy import PolicyViolation, TcbAllowances
-from teepsi.attestation.quote import (
-    QUOTE_VERSION_4,
-    REPORT_BODY_SIZE,
-    TD_REPORT_BODY_SIZE,
-    TD_REPORT_FIELDS,
-    ReportBody,
-    TdReportBody,
-)
+from teepsi.attestation.quote import REPORT_BODY_SIZE, TD_REPORT_FIELDS, ReportBody
 from teepsi.attestation.ratls import (
     LEGACY_QUOTE_OID,
     LEGACY_QUOTE_OID_GRAMINE,
@@ -180,18 +173,6 @@ def quote_fields(quote: bytes) -> dict[str, Any]:
             debug=bool(flags & AttributeFlag.DEBUG),
             report_data=body.report_data.hex(),
         )
-    elif version == QUOTE_VERSION_4:
-        start = _HEADER_SIZE
-        try:
-            td = TdReportBody.from_bytes(quote[start : start + TD_REPORT_BODY_SIZE])
-        except ValueError:
-            raise _InputError("not a DCAP quote: TD report body is truncated") from None
-        td_flags = int.from_bytes(td.td_attributes, "little")
-        fields.update({name: getattr(td, name).hex() for name, _ in TD_REPORT_FIELDS})
-        fields.update(
-            td_attribute_flags=[flag.name for flag in TdAttributeFlag if td_flags & flag],
-            debug=bool(td_flags & TdAttributeFlag.DEBUG),
-        )
     else:
         report = parsed.report
         fields.update(
@@ -200,14 +181,12 @@ def quote_fields(quote: bytes) -> dict[str, Any]:
             isv_prod_id=None,
             isv_svn=None,
             attributes=None,
-            mr_td=bytes(report.mr_td).hex(),
-            mr_seam=bytes(report.mr_seam).hex(),
-            td_attributes=bytes(report.td_attributes).hex(),
-            rt_mr0=bytes(report.rt_mr0).hex(),
-            rt_mr1=bytes(report.rt_mr1).hex(),
-            rt_mr2=bytes(report.rt_mr2).hex(),
-            rt_mr3=bytes(report.rt_mr3).hex(),
-            report_data=bytes(report.report_data).hex(),
+            **{name: bytes(getattr(report, name)).hex() for name, _ in TD_REPORT_FIELDS},
+        )
+        td_flags = int.from_bytes(bytes(report.td_attributes), "little")
+        fields.update(
+            td_attribute_flags=[flag.name for flag in TdAttributeFlag if td_flags & flag],
+            debug=bool(td_flags & TdAttributeFlag.DEBUG),
         )
     try:
         platform = quote_platform(quote)
