@@ -31,6 +31,7 @@ from teepsi.attestation.policy import (
     PolicyError,
     PolicyViolation,
     TcbAllowances,
+    TdxEntry,
     policy_for,
 )
 from teepsi.attestation.quote import (
@@ -451,3 +452,64 @@ def test_demo_tee_tdx_prints_car_cat_train() -> None:
     results = [line for line in run.stdout.splitlines() if line.startswith("data_provider")]
     assert len(results) == 3
     assert all(line.endswith("-> car, cat, train") for line in results)
+
+
+def _cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, dict[str, object], str]:
+    from teepsi.cli import main
+
+    code = main(list(args))
+    captured = capsys.readouterr()
+    return code, json.loads(captured.out) if captured.out.strip() else {}, captured.err
+
+
+def _write_policy(path: Path, policy: Policy) -> Path:
+    path.write_text(json.dumps(policy.to_dict()))
+    return path
+
+
+def test_verify_quote_judges_a_real_tdx_quote_by_tdx_mrs(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    quote = str(VECTORS / "tdx_quote")
+    collateral = str(VECTORS / "tdx_quote_collateral.json")
+    pinned = Policy(
+        True, True, True, True, (), tdx_entries=(TdxEntry(bytes.fromhex(REAL_MR_TD), name="v"),)
+    )
+    good = _write_policy(tmp_path / "good.json", pinned)
+    args = ("verify-quote", quote, "--collateral", collateral, "--at", str(REAL_TDX_AT))
+    code, out, _ = _cli(capsys, *args, "--config", str(good))
+    assert (code, out["accepted"], out["matched"]) == (0, True, "v")
+    other = dataclasses.replace(pinned, tdx_entries=(TdxEntry(OTHER, name="other"),))
+    code, out, _ = _cli(capsys, *args, "--config", str(_write_policy(tmp_path / "o.json", other)))
+    assert code == 1 and out["accepted"] is False
+    assert str(out["reason"]).startswith("quote: peer TD matches no tdx_mrs entry")
+    assert f"MRTD {REAL_MR_TD}" in str(out["reason"])
+    sgx_only = _write_policy(
+        tmp_path / "sgx.json", policy_for([("server", sim_identity(Role.SERVER))])
+    )
+    code, out, _ = _cli(capsys, *args, "--config", str(sgx_only))
+    assert code == 1 and "TDX VM, but the policy lists none" in str(out["reason"])
+
+
+def test_inspect_cert_shows_td_fields_and_role(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    der, collateral = _certificate(Role.DATA_PROVIDER)
+    cert = tmp_path / "cert.der"
+    cert.write_bytes(der)
+    coll = tmp_path / "collateral.json"
+    coll.write_text(collateral)
+    code, out, _ = _cli(
+        capsys, "inspect-cert", str(cert), "--collateral", str(coll), "--allow-simulated"
+    )
+    assert code == 0
+    quote = out["quote"]
+    assert isinstance(quote, dict)
+    assert quote["tee_type"] == "TDX" and quote["quote_version"] == 4
+    assert quote["mr_td"] == sim_td_identity().mr_td.hex()
+    assert quote["rt_mr2"] == sim_td_identity().rt_mr2.hex()
+    assert quote["td_attribute_flags"] == ["SEPT_VE_DISABLE"] and quote["debug"] is False
+    verification = out["quote_verification"]
+    assert isinstance(verification, dict)
+    assert verification["verified"] is True and verification["tee"] == "TDX"
+    assert verification["role"] == "data_provider"

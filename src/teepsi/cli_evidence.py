@@ -41,7 +41,7 @@ from teepsi.attestation.collateral import (
 )
 from teepsi.attestation.evidence import AttributeFlag, Role, TdAttributeFlag
 from teepsi.attestation.peer import PeerRejected, PeerVerifier
-from teepsi.attestation.policy import PolicyViolation, TcbAllowances
+from teepsi.attestation.policy import Policy, PolicyError, PolicyViolation, TcbAllowances
 from teepsi.attestation.quote import REPORT_BODY_SIZE, TD_REPORT_FIELDS, ReportBody
 from teepsi.attestation.ratls import (
     LEGACY_QUOTE_OID,
@@ -229,6 +229,16 @@ def _cmd_verify_quote(args: argparse.Namespace) -> int:
         hw_config_needed=args.allow_hw_config,
         sw_hardening_needed=args.allow_sw_hardening,
     )
+    policy: Policy | None = None
+    if args.config:
+        try:
+            policy = Policy.load(args.config)
+        except PolicyError as exc:
+            _fail(command, exc)
+            return EXIT_USAGE
+        # The file's allow_* flags count, as on the PSI path; the command's flags widen.
+        allowances = allowances.union(policy.tcb)
+        policy = policy.with_tcb(allowances)
     out: dict[str, Any] = {"status": None, "advisory_ids": [], **fields}
     out.update(
         simulated=is_simulated_quote(quote),
@@ -263,6 +273,19 @@ def _cmd_verify_quote(args: argparse.Namespace) -> int:
         out["reason"] = _not_allowed(verified.tcb_status, exc)
         _emit(out)
         return EXIT_REJECTED
+    if policy is not None:
+        # Measurements (sgx_mrs or tdx_mrs), attributes and collateral rules, through
+        # the one verification path; a bare quote binds no key or role.
+        out["policy"] = str(args.config)
+        try:
+            peer = PeerVerifier(policy, allow_simulated=args.allow_simulated).verify_unbound_quote(
+                quote, collateral, at=at
+            )
+        except PeerRejected as exc:
+            out["reason"] = str(exc)
+            _emit(out)
+            return EXIT_REJECTED
+        out["matched"] = peer.matched.name if peer.matched is not None else None
     out["accepted"] = True
     _emit(out)
     return EXIT_OK
@@ -673,6 +696,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--allow-simulated",
         action="store_true",
         help="verify simulated quotes under teepsi's simulated root (proves nothing)",
+    )
+    verify.add_argument(
+        "--config",
+        metavar="POLICY",
+        help="also judge the quote by this policy (dynamic_config.json): sgx_mrs for an "
+        "SGX enclave, tdx_mrs for a TDX VM; a bare quote binds no key or role",
     )
     verify.set_defaults(func=_cmd_verify_quote)
 

@@ -129,6 +129,8 @@ class PeerVerifier:
         at: int | None,
         record: bool,
         expected_report_data: bytes | None = None,
+        *,
+        bound: bool = True,
     ) -> TrustedPeer:
         when = int(time.time()) if at is None else at
         try:
@@ -139,7 +141,7 @@ class PeerVerifier:
             raise PeerRejected(f"{what}: {exc}") from None
         if verified.td is not None:
             return self._check_td(
-                verified, collateral_json, what, role, when, record, expected_report_data
+                verified, collateral_json, what, role, when, record, expected_report_data, bound
             )
         if verified.identity is None:
             raise PeerRejected(
@@ -178,32 +180,15 @@ class PeerVerifier:
         when: int,
         record: bool,
         expected_report_data: bytes | None,
+        bound: bool,
     ) -> TrustedPeer:
         """The role and policy stages for a TD (after its quote verified)."""
         td = verified.td
         assert td is not None
-        # RA-TLS binds the key in the first 32 bytes (checked on the certificate); the
-        # value the TD was asked for is that hash padded with zeros, as for SGX.
-        requested = (
-            expected_report_data
-            if expected_report_data is not None
-            else verified.report_data[:32] + bytes(REPORT_DATA_SIZE - 32)
+        # A bare quote judged offline (``bound`` False) has no key or join: no role.
+        bound_role = (
+            self._td_role(verified.report_data, what, role, expected_report_data) if bound else None
         )
-        bound_role = _tdx_role(verified.report_data, requested, role)
-        if bound_role is None:
-            other = _tdx_role(verified.report_data, requested, None)
-            if role is not None and other is not None:
-                # One VM image may serve both roles: the binding, not MRTD, decides.
-                raise PeerRejected(
-                    f"{what}: TDX VM attests as the {_role_name(other)} role, not the "
-                    f"{_role_name(role)} role"
-                )
-            if expected_report_data is not None:
-                raise PeerRejected(f"{what}: {_NOT_BOUND}")
-            raise PeerRejected(
-                f"{what}: TDX quote report_data binds no teepsi role to this key "
-                "(not made by a teepsi TDX evidence provider)"
-            )
         matched = self._apply_policy(
             collateral_json,
             what,
@@ -213,6 +198,35 @@ class PeerVerifier:
             lambda policy: policy.check_td(td, verified.tcb_status),
         )
         return TrustedPeer(verified=verified, matched=matched, role=bound_role)
+
+    @staticmethod
+    def _td_role(
+        report_data: bytes, what: str, role: Role | None, expected_report_data: bytes | None
+    ) -> Role:
+        """The role a TD's verified report_data binds, or PeerRejected saying why not."""
+        # RA-TLS binds the key in the first 32 bytes (checked on the certificate); the
+        # value the TD was asked for is that hash padded with zeros, as for SGX.
+        requested = (
+            expected_report_data
+            if expected_report_data is not None
+            else report_data[:32] + bytes(REPORT_DATA_SIZE - 32)
+        )
+        bound_role = _tdx_role(report_data, requested, role)
+        if bound_role is not None:
+            return bound_role
+        other = _tdx_role(report_data, requested, None)
+        if role is not None and other is not None:
+            # One VM image may serve both roles: the binding, not MRTD, decides.
+            raise PeerRejected(
+                f"{what}: TDX VM attests as the {_role_name(other)} role, not the "
+                f"{_role_name(role)} role"
+            )
+        if expected_report_data is not None:
+            raise PeerRejected(f"{what}: {_NOT_BOUND}")
+        raise PeerRejected(
+            f"{what}: TDX quote report_data binds no teepsi role to this key "
+            "(not made by a teepsi TDX evidence provider)"
+        )
 
     def _apply_policy(
         self,
@@ -270,6 +284,21 @@ class PeerVerifier:
             raise PeerRejected(f"{what} certificate: {exc}") from None
         peer = self._check(evidence.quote, collateral_json, what, role, when, record)
         return peer, evidence
+
+    def verify_unbound_quote(
+        self, quote: bytes, collateral_json: str | None, *, what: str = "quote", at: int | None
+    ) -> TrustedPeer:
+        """Quote and policy stages for a bare quote (``teepsi verify-quote --config``).
+
+        No binding and no role: a bare quote carries neither a key nor a join to bind,
+        so this proves only who made it, never that it belongs to a session. The
+        rollback state is left alone.
+        """
+        try:
+            when = checked_verification_time(at)
+        except QuoteVerificationError as exc:
+            raise PeerRejected(f"{what}: {exc}") from None
+        return self._check(quote, collateral_json, what, None, when, False, bound=False)
 
     def verify_bound_quote(
         self,
