@@ -1,7 +1,9 @@
-"""An honest *simulated* Intel SGX DCAP platform.
+"""An honest *simulated* Intel SGX DCAP platform, and a simulated TDX platform.
 
 INSECURE-SIMULATED: this module makes evidence that proves nothing. It mints real
-DCAP v3 quotes and the matching collateral (TCB info, QE identity, CRLs) under a
+DCAP v3 quotes (SGX) and v4 quotes (TDX, TD report body) and the matching collateral
+(TCB info, QE identity, CRLs; for TDX the TDX TCB info with the TDX module and its
+identities, and the TD quoting enclave's identity) under a
 local PKI shaped like Intel's, whose private keys ship with teepsi in
 ``data/sim_pki.json`` (generated once by ``scripts/generate_sim_pki.py``). Anyone can
 therefore forge simulated quotes for any enclave identity and any TCB status.
