@@ -8,6 +8,7 @@ import hashlib
 import json
 import struct
 import subprocess
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -513,3 +514,38 @@ def test_inspect_cert_shows_td_fields_and_role(
     assert isinstance(verification, dict)
     assert verification["verified"] is True and verification["tee"] == "TDX"
     assert verification["role"] == "data_provider"
+
+
+def test_real_tdx_vector_through_the_peer_verifier_at_its_pinned_time_and_now() -> None:
+    """The path servers and clients use: accepted when its collateral was current,
+    refused today naming each expired document and its date."""
+    quote = (VECTORS / "tdx_quote").read_bytes()
+    collateral = (VECTORS / "tdx_quote_collateral.json").read_text()
+    pinned = Policy(True, True, True, True, (), tdx_entries=(TdxEntry(bytes.fromhex(REAL_MR_TD)),))
+    verifier = PeerVerifier(pinned)
+    peer = verifier.verify_unbound_quote(quote, collateral, at=REAL_TDX_AT)
+    assert peer.verified.tcb_status == "UpToDate" and not peer.verified.simulated
+    with pytest.raises(PeerRejected) as caught:
+        verifier.verify_unbound_quote(quote, collateral, at=None)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "TCB info (TDX, FMSPC B0C06F000000) expired 2025-07-19T10:16:03Z" in message
+    assert "QE identity (TD_QE) expired" in message
+    # In a test certificate the real quote cannot bind the certificate's key (its
+    # report_data was made for another key): refused at the binding stage.
+    key = ec.generate_private_key(ec.SECP384R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(SUBJECT)
+        .issuer_name(SUBJECT)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(datetime.fromtimestamp(REAL_TDX_AT - 3600, UTC))
+        .not_valid_after(datetime.fromtimestamp(REAL_TDX_AT + 3600, UTC))
+        .add_extension(x509.UnrecognizedExtension(LEGACY_QUOTE_OID_GRAMINE, quote), False)
+        .sign(key, hashes.SHA256())
+    )
+    with pytest.raises(PeerRejected, match="does not bind the certificate's public key"):
+        verifier.verify_certificate(
+            cert.public_bytes(serialization.Encoding.DER), collateral, at=REAL_TDX_AT
+        )

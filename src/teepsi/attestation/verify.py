@@ -122,6 +122,21 @@ def _parse_collateral(collateral_json: str) -> Any:
         raise QuoteVerificationError(f"collateral is not valid dcap-qvl JSON: {exc}") from None
 
 
+def _expired_items(collateral_json: str, at: int) -> str:
+    """`` (at <time>: TCB info … expired <date>; …)`` when documents are out of date, else "".
+
+    dcap-qvl names only the first check that failed ("CrlExpired"); the operator needs
+    the document and its date to know what to fetch.
+    """
+    from teepsi.attestation.collateral import CollateralError, describe_collateral, iso_utc
+
+    try:
+        expired = describe_collateral(collateral_json).describe_expired(at)
+    except CollateralError:
+        return ""
+    return f" (at {iso_utc(at)}: {expired})" if expired else ""
+
+
 def checked_verification_time(now: int | None) -> int:
     """The time evidence is judged at (default now), refused unless dcap-qvl can take it."""
     at = int(time.time()) if now is None else now
@@ -168,7 +183,9 @@ def verify_quote(
                 "peer evidence is SIMULATED (not hardware-backed) and does not verify under "
                 "Intel's root; pass --allow-simulated to accept simulated evidence"
             ) from None
-        raise QuoteVerificationError(f"quote verification failed: {reason}") from None
+        raise QuoteVerificationError(
+            f"quote verification failed: {reason}{_expired_items(collateral_json, at)}"
+        ) from None
     if use_sim_root:
         log.warning("%s (peer quote accepted under the simulated root)", SIMULATED_WARNING)
     report = json.loads(verified.to_json())
