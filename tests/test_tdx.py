@@ -323,6 +323,24 @@ def test_refused_a_data_provider_vm_posing_as_the_server() -> None:
     assert message == ("server: TDX VM attests as the data provider role, not the server role")
 
 
+def _legacy_certificate(
+    key: ec.EllipticCurvePrivateKey, quote: bytes, not_before: datetime, not_after: datetime
+) -> bytes:
+    """A self-signed RA-TLS-shaped certificate for ``key`` carrying ``quote`` as is."""
+    return (
+        x509.CertificateBuilder()
+        .subject_name(SUBJECT)
+        .issuer_name(SUBJECT)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.UnrecognizedExtension(LEGACY_QUOTE_OID_GRAMINE, quote), False)
+        .sign(key, hashes.SHA256())
+        .public_bytes(serialization.Encoding.DER)
+    )
+
+
 class _UnboundTdxProvider(EvidenceProvider):
     """A TD that quotes the key hash as is, without teepsi's role binding."""
 
@@ -346,18 +364,10 @@ def test_refused_a_tdx_quote_whose_report_data_does_not_bind_the_tls_key() -> No
     # Another key's certificate carrying this one's quote: the binding check refuses it.
     other = ec.generate_private_key(ec.SECP384R1())
     original = x509.load_der_x509_certificate(cert.certificate_der)
-    forged = (
-        x509.CertificateBuilder()
-        .subject_name(SUBJECT)
-        .issuer_name(SUBJECT)
-        .public_key(other.public_key())
-        .serial_number(1)
-        .not_valid_before(original.not_valid_before_utc)
-        .not_valid_after(original.not_valid_after_utc)
-        .add_extension(x509.UnrecognizedExtension(LEGACY_QUOTE_OID_GRAMINE, cert.quote), False)
-        .sign(other, hashes.SHA256())
+    forged = _legacy_certificate(
+        other, cert.quote, original.not_valid_before_utc, original.not_valid_after_utc
     )
-    message = _refused(_policy(), (forged.public_bytes(serialization.Encoding.DER), collateral))
+    message = _refused(_policy(), (forged, collateral))
     assert "does not bind the certificate's public key" in message
     # A TD quote over the key but without teepsi's role binding is refused too.
     unbound = _UnboundTdxProvider()
@@ -534,18 +544,11 @@ def test_real_tdx_vector_through_the_peer_verifier_at_its_pinned_time_and_now() 
     # In a test certificate the real quote cannot bind the certificate's key (its
     # report_data was made for another key): refused at the binding stage.
     key = ec.generate_private_key(ec.SECP384R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(SUBJECT)
-        .issuer_name(SUBJECT)
-        .public_key(key.public_key())
-        .serial_number(1)
-        .not_valid_before(datetime.fromtimestamp(REAL_TDX_AT - 3600, UTC))
-        .not_valid_after(datetime.fromtimestamp(REAL_TDX_AT + 3600, UTC))
-        .add_extension(x509.UnrecognizedExtension(LEGACY_QUOTE_OID_GRAMINE, quote), False)
-        .sign(key, hashes.SHA256())
+    cert = _legacy_certificate(
+        key,
+        quote,
+        datetime.fromtimestamp(REAL_TDX_AT - 3600, UTC),
+        datetime.fromtimestamp(REAL_TDX_AT + 3600, UTC),
     )
     with pytest.raises(PeerRejected, match="does not bind the certificate's public key"):
-        verifier.verify_certificate(
-            cert.public_bytes(serialization.Encoding.DER), collateral, at=REAL_TDX_AT
-        )
+        verifier.verify_certificate(cert, collateral, at=REAL_TDX_AT)
