@@ -132,42 +132,25 @@ def _run_job(
         assert out["receipt"]["result_size"] == 3
 
 
-def test_tdx_server_with_sgx_data_providers(
-    start_server: object, mixed_policy: Path, tmp_path: Path, keys: tuple[Path, dict[str, str]]
+@pytest.mark.parametrize(
+    ("server_tee", "party_tees"),
+    [
+        ("tdx", {"alpha": "sgx", "beta": "sgx", "gamma": "sgx"}),
+        ("sgx", {"alpha": "tdx", "beta": "tdx", "gamma": "tdx"}),
+        ("tdx", {"alpha": "sgx", "beta": "tdx", "gamma": "sgx"}),
+    ],
+    ids=["tdx-server-sgx-providers", "sgx-server-tdx-providers", "tdx-server-mixed-providers"],
+)
+def test_mixed_deployment(
+    start_server: object,
+    mixed_policy: Path,
+    tmp_path: Path,
+    keys: tuple[Path, dict[str, str]],
+    server_tee: str,
+    party_tees: dict[str, str],
 ) -> None:
     _run_job(
-        start_server,
-        mixed_policy,
-        tmp_path,
-        keys,
-        server_tee="tdx",
-        party_tees=dict.fromkeys(NAMES, "sgx"),
-    )
-
-
-def test_sgx_server_with_tdx_data_providers(
-    start_server: object, mixed_policy: Path, tmp_path: Path, keys: tuple[Path, dict[str, str]]
-) -> None:
-    _run_job(
-        start_server,
-        mixed_policy,
-        tmp_path,
-        keys,
-        server_tee="sgx",
-        party_tees=dict.fromkeys(NAMES, "tdx"),
-    )
-
-
-def test_tdx_server_with_mixed_data_providers(
-    start_server: object, mixed_policy: Path, tmp_path: Path, keys: tuple[Path, dict[str, str]]
-) -> None:
-    _run_job(
-        start_server,
-        mixed_policy,
-        tmp_path,
-        keys,
-        server_tee="tdx",
-        party_tees={"alpha": "sgx", "beta": "tdx", "gamma": "sgx"},
+        start_server, mixed_policy, tmp_path, keys, server_tee=server_tee, party_tees=party_tees
     )
 
 

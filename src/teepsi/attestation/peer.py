@@ -27,7 +27,6 @@ from __future__ import annotations
 import hmac
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -160,15 +159,7 @@ class PeerVerifier:
         ):
             # The signed value decides; the byte check before was an early exit.
             raise PeerRejected(f"{what}: {_NOT_BOUND}")
-        identity = verified.identity
-        matched = self._apply_policy(
-            collateral_json,
-            what,
-            when,
-            record,
-            verified.ppid,
-            lambda policy: policy.check(identity, verified.tcb_status),
-        )
+        matched = self._apply_policy(verified, collateral_json, what, when, record)
         return TrustedPeer(verified=verified, matched=matched, role=role)
 
     def _check_td(
@@ -183,20 +174,11 @@ class PeerVerifier:
         bound: bool,
     ) -> TrustedPeer:
         """The role and policy stages for a TD (after its quote verified)."""
-        td = verified.td
-        assert td is not None
         # A bare quote judged offline (``bound`` False) has no key or join: no role.
         bound_role = (
             self._td_role(verified.report_data, what, role, expected_report_data) if bound else None
         )
-        matched = self._apply_policy(
-            collateral_json,
-            what,
-            when,
-            record,
-            verified.ppid,
-            lambda policy: policy.check_td(td, verified.tcb_status),
-        )
+        matched = self._apply_policy(verified, collateral_json, what, when, record)
         return TrustedPeer(verified=verified, matched=matched, role=bound_role)
 
     @staticmethod
@@ -230,20 +212,24 @@ class PeerVerifier:
 
     def _apply_policy(
         self,
+        verified: VerifiedQuote,
         collateral_json: str | None,
         what: str,
         when: int,
         record: bool,
-        ppid: str,
-        check: Callable[[Policy], MeasurementEntry | TdxEntry],
     ) -> MeasurementEntry | TdxEntry | None:
         """Policy (measurements, TCB, collateral rules), then the rollback state."""
         assert collateral_json  # verify_quote refuses a quote without collateral
         matched: MeasurementEntry | TdxEntry | None = None
+        ppid = verified.ppid
         try:
             info = describe_collateral(collateral_json)
             if self.policy is not None:
-                matched = check(self.policy)
+                if verified.td is not None:
+                    matched = self.policy.check_td(verified.td, verified.tcb_status)
+                else:
+                    assert verified.identity is not None
+                    matched = self.policy.check(verified.identity, verified.tcb_status)
                 self.policy.check_collateral(info, when)
         except (PolicyViolation, CollateralError) as exc:
             raise PeerRejected(f"{what}: {exc}") from None
