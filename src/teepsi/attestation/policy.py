@@ -480,8 +480,8 @@ class Policy:
             )
         if "sgx_mrs" not in data and not tdx_entries:
             raise PolicyError(
-                f"{source}: sgx_mrs: missing (a list of measurement entries; or list TDX "
-                f"VMs in {_TDX_KEY})"
+                f"{source}: sgx_mrs: missing (a list of measurement entries); a policy "
+                f"for TDX VMs only lists them in {_TDX_KEY} instead"
             )
         raw_entries = data.get("sgx_mrs", [])
         if not isinstance(raw_entries, list):
