@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from teepsi.attestation.evidence import Role
-from teepsi.attestation.measure import sim_identity
+from teepsi.attestation.measure import sim_identity, sim_td_identity
 from teepsi.attestation.policy import policy_for
 from teepsi.attestation.ratls import (
     LEGACY_QUOTE_OID,
@@ -42,7 +42,7 @@ from teepsi.attestation.ratls import (
     report_data_for_key,
     tagged_evidence,
 )
-from teepsi.attestation.sim import SimEvidenceProvider, SimPlatform
+from teepsi.attestation.sim import SimEvidenceProvider, SimPlatform, SimTdxPlatform
 from teepsi.contract.audit import AuditHead, AuditLog, HeadSigner
 from teepsi.contract.keys import public_key_der, public_key_text
 from teepsi.contract.receipt import PartyEntry, Receipt, sign_receipt
@@ -138,6 +138,8 @@ def quote() -> dict[str, bytes]:
     return {
         "sim_data_provider": platform.quote(sim_identity(Role.DATA_PROVIDER), bytes(range(64))),
         "sgx_quote": (VECTORS / "sgx-dcap" / "sgx_quote").read_bytes(),
+        "sim_tdx_server": SimTdxPlatform().quote(sim_td_identity(), bytes(range(64))),
+        "tdx_quote": (VECTORS / "sgx-dcap" / "tdx_quote").read_bytes(),
         "header_only": _small_quote(bytes(64)),
     }
 
@@ -196,6 +198,9 @@ def policy() -> dict[str, bytes]:
         "seed_style.json": _json(seed_style),
         "booleans.json": b"\xef\xbb\xbf" + _json(booleans, indent=None),  # with a BOM
         "verify_nothing.json": _json(nothing, indent=None),
+        "sim_tdx.json": _json(
+            policy_for([], [("teepsi VM (simulated)", sim_td_identity())]).to_dict()
+        ),
     }
 
 

@@ -19,7 +19,10 @@ The PKI is shaped like Intel's: a self-signed root CA, a "PCK Processor CA" issu
 the platform's PCK leaf certificate (carrying the Intel SGX extension, OID
 1.2.840.113741.1.13.1), and a "TCB Signing" certificate that signs TCB info and QE
 identity documents. TCB info, QE identity and both CRLs are not generated here:
-:mod:`teepsi.attestation.sim` signs them at runtime with these keys.
+:mod:`teepsi.attestation.sim` signs them at runtime with these keys. The simulated
+TDX platform uses the same PKI (as a real TDX host has one PCK certificate for both):
+its TDX TCB info and TD_QE identity are signed by the same TCB Signing key, and its TD
+quoting enclave's report by the same PCK key, so nothing here changes for TDX.
 
 The private keys are committed on purpose. Anyone can mint simulated evidence, so
 simulated quotes prove nothing about any hardware; that is why they are only

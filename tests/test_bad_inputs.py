@@ -187,7 +187,8 @@ POLICY_CASES = {
     ),
     "missing-list": (
         lambda d: d.pop("sgx_mrs"),
-        "sgx_mrs: missing (a list of measurement entries)",
+        "sgx_mrs: missing (a list of measurement entries); a policy for TDX VMs only lists "
+        "them in tdx_mrs instead",
     ),
     "bad-json": (
         lambda d: '{"verify_mr_enclave": "on",',

@@ -142,6 +142,8 @@ def test_seeds_reach_the_accepting_paths() -> None:
     _check_claims((CORPUS / "ratls" / "claims_p384.cbor").read_bytes(), tcg.spki_der)
     assert parse_quote((CORPUS / "quote" / "sgx_quote").read_bytes())
     assert is_simulated_quote((CORPUS / "quote" / "sim_data_provider").read_bytes())
+    assert is_simulated_quote((CORPUS / "quote" / "sim_tdx_server").read_bytes())
+    assert parse_quote((CORPUS / "quote" / "tdx_quote").read_bytes()).report_body.tee == "TDX"
     for path in (CORPUS / "policy").iterdir():
         Policy.load(path)
     for path in (CORPUS / "spec").iterdir():

@@ -104,6 +104,7 @@ def _cmd_server(args: argparse.Namespace) -> int:
     config = ServerConfig(
         host=args.host,
         attestation=args.attestation,
+        sim_tee=_sim_tee(args),
         client_policy=policy,
         require_client_attestation=not args.no_client_attestation,
         allow_simulated=args.allow_simulated,
@@ -661,6 +662,7 @@ def _cmd_client(args: argparse.Namespace) -> int:
         party_count=args.parties,
         job_id=args.job,
         attestation=args.attestation,
+        sim_tee=_sim_tee(args),
         allow_simulated=args.allow_simulated,
         timeout=args.timeout,
         progress=progress.enabled,
@@ -759,22 +761,49 @@ def _cmd_client(args: argparse.Namespace) -> int:
     return EXIT_FAILED if failed else EXIT_OK
 
 
+def _sim_tee(args: argparse.Namespace) -> str:
+    """``--sim-tee``, which only means something with ``--attestation sim``."""
+    sim_tee: str | None = args.sim_tee
+    if sim_tee is not None and args.attestation != "sim":
+        raise UsageError(
+            f"--sim-tee {sim_tee}: only with --attestation sim (--attestation "
+            f"{args.attestation} uses the real TEE it names)"
+        )
+    return sim_tee or "sgx"
+
+
+def _add_sim_tee_flag(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--sim-tee",
+        choices=["sgx", "tdx"],
+        help=f"with --attestation sim: the TEE to simulate, {what} (default sgx)",
+    )
+
+
 def _cmd_measure(args: argparse.Namespace) -> int:
     from teepsi.attestation.evidence import Role
-    from teepsi.attestation.measure import sim_identity
+    from teepsi.attestation.measure import sim_identity, sim_td_identity
     from teepsi.attestation.policy import policy_for
 
     if args.attestation != "sim":
         raise UsageError(
             "--attestation gramine: real measurements come from gramine-sgx-sign "
-            "(see deploy/); `teepsi measure` computes simulated ones"
+            "(see deploy/); for a TDX VM image see docs/deploy.md (TDX confidential VM); "
+            "`teepsi measure` computes simulated ones"
         )
-    policy = policy_for(
-        [
-            ("teepsi server (simulated)", sim_identity(Role.SERVER)),
-            ("teepsi data provider (simulated)", sim_identity(Role.DATA_PROVIDER)),
-        ]
-    )
+    sim_tee = _sim_tee(args)
+    if sim_tee == "tdx":
+        # One VM image for both roles: its role is bound in the evidence, not measured.
+        policy = policy_for(
+            [], [("teepsi VM, server and data provider (simulated)", sim_td_identity())]
+        )
+    else:
+        policy = policy_for(
+            [
+                ("teepsi server (simulated)", sim_identity(Role.SERVER)),
+                ("teepsi data provider (simulated)", sim_identity(Role.DATA_PROVIDER)),
+            ]
+        )
     text = json.dumps(policy.to_dict(), indent=4) + "\n"
     if args.output:
         Path(args.output).write_text(text)
@@ -870,19 +899,12 @@ def _judge_signing_enclave(
     except PeerRejected as exc:
         raise _Refused(str(exc)) from None
     verified = peer.verified
-    identity = verified.identity
-    assert identity is not None
     if verified.simulated:
         # Anyone can make simulated evidence: trusted only because it was asked for, loudly.
         print(f"teepsi {args.command}: WARNING {SIMULATED_WARNING}", file=sys.stderr)
     judged: dict[str, object] = {
-        "signer": {
-            "mr_enclave": identity.mr_enclave.hex(),
-            "mr_signer": identity.mr_signer.hex(),
-            "isv_prod_id": identity.isv_prod_id,
-            "isv_svn": identity.isv_svn,
-            "simulated": verified.simulated,
-        },
+        # Which TEE signed ("tee": SGX or TDX) and its measurements.
+        "signer": {**verified.identity_fields(), "simulated": verified.simulated},
         "quote_verified": True,
         "root": verified.root,
         "tcb_status": verified.tcb_status,
@@ -1043,7 +1065,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     _setup_logging("demo", args.verbose)
     if args.contract:
         return run_contract_demo(verbose=args.verbose)
-    return run_demo(parties=args.parties, verbose=args.verbose)
+    return run_demo(parties=args.parties, verbose=args.verbose, tee=args.tee)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1057,7 +1079,14 @@ def build_parser() -> argparse.ArgumentParser:
     server = sub.add_parser("server", help="run the PSI server")
     server.add_argument("--host", default="0.0.0.0:50051", help="listen address HOST:PORT")
     server.add_argument("--config", help="policy for data providers (dynamic_config.json)")
-    server.add_argument("--attestation", choices=["sim", "gramine"], default="gramine")
+    server.add_argument(
+        "--attestation",
+        choices=["sim", "gramine", "tdx"],
+        default="gramine",
+        help="where this server's evidence comes from: gramine (SGX enclave), tdx (TDX "
+        "VM, configfs-tsm) or sim (simulated; see --sim-tee)",
+    )
+    _add_sim_tee_flag(server, "for this server's evidence")
     server.add_argument(
         "--no-client-attestation",
         action="store_true",
@@ -1220,7 +1249,14 @@ def build_parser() -> argparse.ArgumentParser:
         "uploading) while the job lives: under --spec the key proves it is the same party; "
         "in quick mode the --resume-file is used",
     )
-    client.add_argument("--attestation", choices=["sim", "gramine", "none"], default="gramine")
+    client.add_argument(
+        "--attestation",
+        choices=["sim", "gramine", "tdx", "none"],
+        default="gramine",
+        help="where this data provider's evidence comes from: gramine (SGX enclave), tdx "
+        "(TDX VM, configfs-tsm), sim (simulated; see --sim-tee) or none",
+    )
+    _add_sim_tee_flag(client, "for this data provider's evidence")
     client.add_argument(
         "--timeout", type=positive_seconds, help="seconds to wait in all (default 600)"
     )
@@ -1258,11 +1294,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     measure = sub.add_parser("measure", help="print a dynamic_config.json for this installation")
     measure.add_argument("--attestation", choices=["sim", "gramine"], default="sim")
+    _add_sim_tee_flag(measure, "whose identities the policy lists (tdx: in tdx_mrs)")
     measure.add_argument("--output", "-o", help="write to this file instead of stdout")
     measure.set_defaults(func=_cmd_measure)
 
     demo = sub.add_parser("demo", help="run the seed's toy PSI locally in sim mode")
     demo.add_argument("--parties", type=int, choices=[2, 3], default=3)
+    demo.add_argument(
+        "--tee",
+        choices=["sgx", "tdx"],
+        default="sgx",
+        help="the simulated TEE every role runs in (default sgx)",
+    )
     demo.add_argument(
         "--contract",
         action="store_true",

@@ -39,10 +39,10 @@ from teepsi.attestation.collateral import (
     pccs_settings,
     quote_platform,
 )
-from teepsi.attestation.evidence import AttributeFlag, Role
+from teepsi.attestation.evidence import AttributeFlag, Role, TdAttributeFlag
 from teepsi.attestation.peer import PeerRejected, PeerVerifier
-from teepsi.attestation.policy import PolicyViolation, TcbAllowances
-from teepsi.attestation.quote import REPORT_BODY_SIZE, ReportBody
+from teepsi.attestation.policy import Policy, PolicyError, PolicyViolation, TcbAllowances
+from teepsi.attestation.quote import REPORT_BODY_SIZE, TD_REPORT_FIELDS, ReportBody
 from teepsi.attestation.ratls import (
     LEGACY_QUOTE_OID,
     LEGACY_QUOTE_OID_GRAMINE,
@@ -181,14 +181,12 @@ def quote_fields(quote: bytes) -> dict[str, Any]:
             isv_prod_id=None,
             isv_svn=None,
             attributes=None,
-            mr_td=bytes(report.mr_td).hex(),
-            mr_seam=bytes(report.mr_seam).hex(),
-            td_attributes=bytes(report.td_attributes).hex(),
-            rt_mr0=bytes(report.rt_mr0).hex(),
-            rt_mr1=bytes(report.rt_mr1).hex(),
-            rt_mr2=bytes(report.rt_mr2).hex(),
-            rt_mr3=bytes(report.rt_mr3).hex(),
-            report_data=bytes(report.report_data).hex(),
+            **{name: bytes(getattr(report, name)).hex() for name, _ in TD_REPORT_FIELDS},
+        )
+        td_flags = int.from_bytes(bytes(report.td_attributes), "little")
+        fields.update(
+            td_attribute_flags=[flag.name for flag in TdAttributeFlag if td_flags & flag],
+            debug=bool(td_flags & TdAttributeFlag.DEBUG),
         )
     try:
         platform = quote_platform(quote)
@@ -231,6 +229,16 @@ def _cmd_verify_quote(args: argparse.Namespace) -> int:
         hw_config_needed=args.allow_hw_config,
         sw_hardening_needed=args.allow_sw_hardening,
     )
+    policy: Policy | None = None
+    if args.config:
+        try:
+            policy = Policy.load(args.config)
+        except PolicyError as exc:
+            _fail(command, exc)
+            return EXIT_USAGE
+        # The file's allow_* flags count, as on the PSI path; the command's flags widen.
+        allowances = allowances.union(policy.tcb)
+        policy = policy.with_tcb(allowances)
     out: dict[str, Any] = {"status": None, "advisory_ids": [], **fields}
     out.update(
         simulated=is_simulated_quote(quote),
@@ -242,15 +250,8 @@ def _cmd_verify_quote(args: argparse.Namespace) -> int:
     try:
         verified = verify_quote(quote, collateral, allow_simulated=args.allow_simulated, now=at)
     except QuoteVerificationError as exc:
-        reason = str(exc)
-        # dcap-qvl says "CrlExpired" or "TCBInfo expired"; name the document and its date.
-        try:
-            expired = describe_collateral(collateral).describe_expired(at)
-        except CollateralError:
-            expired = ""
-        if expired:
-            reason += f" (at {iso_utc(at)}: {expired})"
-        out["reason"] = reason
+        # The reason names expired collateral documents and their dates (verify_quote).
+        out["reason"] = str(exc)
         _emit(out)
         return EXIT_REJECTED
     out.update(
@@ -265,6 +266,19 @@ def _cmd_verify_quote(args: argparse.Namespace) -> int:
         out["reason"] = _not_allowed(verified.tcb_status, exc)
         _emit(out)
         return EXIT_REJECTED
+    if policy is not None:
+        # Measurements (sgx_mrs or tdx_mrs), attributes and collateral rules, through
+        # the one verification path; a bare quote binds no key or role.
+        out["policy"] = str(args.config)
+        try:
+            peer = PeerVerifier(policy, allow_simulated=args.allow_simulated).verify_unbound_quote(
+                quote, collateral, at=at
+            )
+        except PeerRejected as exc:
+            out["reason"] = str(exc)
+            _emit(out)
+            return EXIT_REJECTED
+        out["matched"] = peer.matched.name if peer.matched is not None else None
     out["accepted"] = True
     _emit(out)
     return EXIT_OK
@@ -551,16 +565,21 @@ def _verify_certificate_quote(
         result["verified_at"] = iso_utc(at)
         return result
     verified = peer.verified
-    assert verified.identity is not None
-    prod_id = verified.identity.isv_prod_id
-    roles = {int(role): role.name.lower() for role in Role}
+    if peer.role is not None:
+        role_name = peer.role.name.lower()
+    else:
+        assert verified.identity is not None
+        prod_id = verified.identity.isv_prod_id
+        roles = {int(role): role.name.lower() for role in Role}
+        role_name = roles.get(prod_id, f"none (ISV_PROD_ID {prod_id})")
     result.update(
+        tee=verified.tee_type,
         verified=True,
         root=verified.root,
         tcb_status=verified.tcb_status,
         advisory_ids=list(verified.advisory_ids),
         verified_at=iso_utc(at),
-        role=roles.get(prod_id, f"none (ISV_PROD_ID {prod_id})"),
+        role=role_name,
         note="no policy applied: measurements, attributes and TCB status are not judged",
     )
     return result
@@ -670,6 +689,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--allow-simulated",
         action="store_true",
         help="verify simulated quotes under teepsi's simulated root (proves nothing)",
+    )
+    verify.add_argument(
+        "--config",
+        metavar="POLICY",
+        help="also judge the quote by this policy (dynamic_config.json): sgx_mrs for an "
+        "SGX enclave, tdx_mrs for a TDX VM; a bare quote binds no key or role",
     )
     verify.set_defaults(func=_cmd_verify_quote)
 

@@ -180,18 +180,22 @@ def run_contract_demo(*, verbose: bool = False) -> int:
         return 1 if failed or chain.returncode != 0 else 0
 
 
-def run_demo(*, parties: int = 3, verbose: bool = False) -> int:
+def run_demo(*, parties: int = 3, verbose: bool = False, tee: str = "sgx") -> int:
+    """The toy PSI; ``tee`` "tdx" runs every role as a simulated TDX VM of one image."""
+    sim_tee = ("--sim-tee", tee)
     with tempfile.TemporaryDirectory(prefix="teepsi-demo-") as tmp:
         workdir = Path(tmp)
         policy = workdir / "dynamic_config.json"
-        subprocess.run(_teepsi("measure", "--attestation", "sim", "-o", str(policy)), check=True)
+        subprocess.run(
+            _teepsi("measure", "--attestation", "sim", *sim_tee, "-o", str(policy)), check=True
+        )
         for name, items in SEED_DATA.items():
             (workdir / name).write_text("\n".join(items) + "\n")
         print(
             f"teepsi demo: {parties} data providers and a server, each its own process, "
-            "SIMULATED attestation (no hardware guarantee)"
+            f"SIMULATED {tee.upper()} attestation (no hardware guarantee)"
         )
-        server, port = start_server_process(workdir, policy)
+        server, port = start_server_process(workdir, policy, *sim_tee)
         try:
             clients = [
                 _start_client(
@@ -203,6 +207,7 @@ def run_demo(*, parties: int = 3, verbose: bool = False) -> int:
                     str(parties),
                     "--output",
                     str(workdir / f"result{index}.txt"),
+                    *sim_tee,
                     verbose=verbose,
                 )
                 for index in range(1, parties + 1)

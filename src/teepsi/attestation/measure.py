@@ -13,7 +13,7 @@ from functools import cache
 from pathlib import Path
 
 import teepsi
-from teepsi.attestation.evidence import EnclaveIdentity, Role
+from teepsi.attestation.evidence import EnclaveIdentity, Role, TdIdentity
 
 #: Security version of this release; raise it when a fix must lock out older builds.
 ISV_SVN = 1
@@ -54,4 +54,29 @@ def sim_identity(role: Role) -> EnclaveIdentity:
         mr_signer=SIM_MR_SIGNER,
         isv_prod_id=int(role),
         isv_svn=ISV_SVN,
+    )
+
+
+def sim_td_identity() -> TdIdentity:
+    """The simulated TDX VM identity of the code installed here, for either role.
+
+    One VM image serves both roles, as on real TDX: MRTD stands for the image (firmware
+    and initial memory), RTMR0-2 for firmware configuration, kernel and this code, and
+    the role is bound into report_data instead. MRSEAM and TEE_TCB_SVN are the
+    simulated platform's (:data:`teepsi.attestation.sim.SIM_MR_SEAM`).
+    """
+    from teepsi.attestation.sim import SIM_MR_SEAM, SIM_TEE_TCB_SVN
+
+    def register(label: str, *parts: bytes) -> bytes:
+        return hashlib.sha384(
+            b"teepsi-sim-td-v1\0" + label.encode() + b"\0" + b"".join(parts)
+        ).digest()
+
+    return TdIdentity(
+        mr_td=register("mrtd", code_digest()),
+        rt_mr0=register("rtmr0 firmware configuration"),
+        rt_mr1=register("rtmr1 kernel"),
+        rt_mr2=register("rtmr2 application", code_digest()),
+        mr_seam=SIM_MR_SEAM,
+        tee_tcb_svn=SIM_TEE_TCB_SVN,
     )

@@ -12,9 +12,12 @@ order, cheapest first:
 2. quote: signature, QE report, attestation key and PCK chain to Intel's root (or,
    only when allowed, the simulated root), against collateral, at a given time
    (:func:`teepsi.attestation.verify.verify_quote`, dcap-qvl);
-3. role: the enclave's ISV_PROD_ID (server 1, data provider 2);
+3. role: an SGX enclave's ISV_PROD_ID (server 1, data provider 2); a TDX VM's role
+   binding in report_data (:func:`teepsi.attestation.evidence.tdx_report_data`), since
+   one VM image may serve both roles;
 4. policy: measurements, attributes, TCB status and the collateral rules (when a
-   policy is given; offline tools may verify without one and say so);
+   policy is given; offline tools may verify without one and say so): ``sgx_mrs`` for
+   enclaves, ``tdx_mrs`` for TDs;
 5. rollback: only now, with the peer fully accepted, its collateral is checked against
    and recorded in the per-platform rollback state (:class:`CollateralFreshness`).
 """
@@ -28,8 +31,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from teepsi.attestation.collateral import CollateralError, CollateralFreshness, describe_collateral
-from teepsi.attestation.evidence import Role
-from teepsi.attestation.policy import MeasurementEntry, Policy, PolicyViolation
+from teepsi.attestation.evidence import REPORT_DATA_SIZE, Role, tdx_report_data
+from teepsi.attestation.policy import MeasurementEntry, Policy, PolicyViolation, TdxEntry
+from teepsi.attestation.quote import TEE_TYPE_TDX
 from teepsi.attestation.ratls import (
     ExtractedEvidence,
     RaTlsError,
@@ -54,12 +58,22 @@ class PeerRejected(Exception):
 class TrustedPeer:
     verified: VerifiedQuote
     #: The policy entry the peer matched; None when no policy was applied.
-    matched: MeasurementEntry | None
+    matched: MeasurementEntry | TdxEntry | None
+    #: The role the evidence proves (ISV_PROD_ID or a TD's role binding); None when
+    #: an SGX enclave was checked without a role.
+    role: Role | None = None
 
     def describe(self) -> str:
+        sim = " (SIMULATED)" if self.verified.simulated else ""
+        td = self.verified.td
+        if td is not None:
+            role = f" role {_role_name(self.role)}" if self.role is not None else ""
+            return (
+                f"TDX MRTD {td.mr_td.hex()} MRSEAM {td.mr_seam.hex()}{role} "
+                f"TCB {self.verified.tcb_status}{sim}"
+            )
         ident = self.verified.identity
         assert ident is not None
-        sim = " (SIMULATED)" if self.verified.simulated else ""
         return (
             f"MRENCLAVE {ident.mr_enclave.hex()} ISV_PROD_ID {ident.isv_prod_id} "
             f"ISV_SVN {ident.isv_svn} TCB {self.verified.tcb_status}{sim}"
@@ -71,6 +85,19 @@ _NOT_BOUND = "quote report_data does not bind this join (nonce, server, job, par
 
 def _role_name(role: Role) -> str:
     return role.name.lower().replace("_", " ")
+
+
+def _is_tdx_quote(quote: bytes) -> bool:
+    return len(quote) >= 8 and int.from_bytes(quote[4:8], "little") == TEE_TYPE_TDX
+
+
+def _tdx_role(report_data: bytes, requested: bytes, role: Role | None) -> Role | None:
+    """The role (``role``, or any when None) whose TDX binding of ``requested`` is
+    ``report_data``; None when none is."""
+    for candidate in (role,) if role is not None else tuple(Role):
+        if hmac.compare_digest(report_data, tdx_report_data(candidate, requested)):
+            return candidate
+    return None
 
 
 class PeerVerifier:
@@ -101,6 +128,8 @@ class PeerVerifier:
         at: int | None,
         record: bool,
         expected_report_data: bytes | None = None,
+        *,
+        bound: bool = True,
     ) -> TrustedPeer:
         when = int(time.time()) if at is None else at
         try:
@@ -109,9 +138,14 @@ class PeerVerifier:
             )
         except QuoteVerificationError as exc:
             raise PeerRejected(f"{what}: {exc}") from None
+        if verified.td is not None:
+            return self._check_td(
+                verified, collateral_json, what, role, when, record, expected_report_data, bound
+            )
         if verified.identity is None:
             raise PeerRejected(
-                f"{what}: evidence is a {verified.tee_type} quote, not an SGX enclave"
+                f"{what}: evidence is a {verified.tee_type} quote of a kind teepsi does not "
+                "judge (TD 1.5 reports are not supported)"
             )
         if role is not None and verified.identity.isv_prod_id != role:
             # Roles are distinct enclave identities: a data provider must never pass
@@ -125,24 +159,89 @@ class PeerVerifier:
         ):
             # The signed value decides; the byte check before was an early exit.
             raise PeerRejected(f"{what}: {_NOT_BOUND}")
+        matched = self._apply_policy(verified, collateral_json, what, when, record)
+        return TrustedPeer(verified=verified, matched=matched, role=role)
+
+    def _check_td(
+        self,
+        verified: VerifiedQuote,
+        collateral_json: str | None,
+        what: str,
+        role: Role | None,
+        when: int,
+        record: bool,
+        expected_report_data: bytes | None,
+        bound: bool,
+    ) -> TrustedPeer:
+        """The role and policy stages for a TD (after its quote verified)."""
+        # A bare quote judged offline (``bound`` False) has no key or join: no role.
+        bound_role = (
+            self._td_role(verified.report_data, what, role, expected_report_data) if bound else None
+        )
+        matched = self._apply_policy(verified, collateral_json, what, when, record)
+        return TrustedPeer(verified=verified, matched=matched, role=bound_role)
+
+    @staticmethod
+    def _td_role(
+        report_data: bytes, what: str, role: Role | None, expected_report_data: bytes | None
+    ) -> Role:
+        """The role a TD's verified report_data binds, or PeerRejected saying why not."""
+        # RA-TLS binds the key in the first 32 bytes (checked on the certificate); the
+        # value the TD was asked for is that hash padded with zeros, as for SGX.
+        requested = (
+            expected_report_data
+            if expected_report_data is not None
+            else report_data[:32] + bytes(REPORT_DATA_SIZE - 32)
+        )
+        bound_role = _tdx_role(report_data, requested, role)
+        if bound_role is not None:
+            return bound_role
+        other = _tdx_role(report_data, requested, None)
+        if role is not None and other is not None:
+            # One VM image may serve both roles: the binding, not MRTD, decides.
+            raise PeerRejected(
+                f"{what}: TDX VM attests as the {_role_name(other)} role, not the "
+                f"{_role_name(role)} role"
+            )
+        if expected_report_data is not None:
+            raise PeerRejected(f"{what}: {_NOT_BOUND}")
+        raise PeerRejected(
+            f"{what}: TDX quote report_data binds no teepsi role to this key "
+            "(not made by a teepsi TDX evidence provider)"
+        )
+
+    def _apply_policy(
+        self,
+        verified: VerifiedQuote,
+        collateral_json: str | None,
+        what: str,
+        when: int,
+        record: bool,
+    ) -> MeasurementEntry | TdxEntry | None:
+        """Policy (measurements, TCB, collateral rules), then the rollback state."""
         assert collateral_json  # verify_quote refuses a quote without collateral
-        matched: MeasurementEntry | None = None
+        matched: MeasurementEntry | TdxEntry | None = None
+        ppid = verified.ppid
         try:
             info = describe_collateral(collateral_json)
             if self.policy is not None:
-                matched = self.policy.check(verified.identity, verified.tcb_status)
+                if verified.td is not None:
+                    matched = self.policy.check_td(verified.td, verified.tcb_status)
+                else:
+                    assert verified.identity is not None
+                    matched = self.policy.check(verified.identity, verified.tcb_status)
                 self.policy.check_collateral(info, when)
         except (PolicyViolation, CollateralError) as exc:
             raise PeerRejected(f"{what}: {exc}") from None
         if record:
-            if not verified.ppid:
+            if not ppid:
                 raise PeerRejected(f"{what}: the verified quote names no platform (PPID)")
             try:
                 # Last: only a fully accepted peer moves its platform's rollback state.
-                self.freshness.record(info, source=f"ppid:{verified.ppid}")
+                self.freshness.record(info, source=f"ppid:{ppid}")
             except CollateralError as exc:
                 raise PeerRejected(f"{what}: {exc}") from None
-        return TrustedPeer(verified=verified, matched=matched)
+        return matched
 
     def verify_certificate(
         self,
@@ -166,13 +265,26 @@ class PeerVerifier:
             raise PeerRejected(f"{what}: {exc}") from None
         try:
             # Binding first: it reads the quote's bytes only.
-            evidence = extract_evidence(
-                certificate_der, at=datetime.fromtimestamp(when, tz=UTC)
-            )
+            evidence = extract_evidence(certificate_der, at=datetime.fromtimestamp(when, tz=UTC))
         except RaTlsError as exc:
             raise PeerRejected(f"{what} certificate: {exc}") from None
         peer = self._check(evidence.quote, collateral_json, what, role, when, record)
         return peer, evidence
+
+    def verify_unbound_quote(
+        self, quote: bytes, collateral_json: str | None, *, what: str = "quote", at: int | None
+    ) -> TrustedPeer:
+        """Quote and policy stages for a bare quote (``teepsi verify-quote --config``).
+
+        No binding and no role: a bare quote carries neither a key nor a join to bind,
+        so this proves only who made it, never that it belongs to a session. The
+        rollback state is left alone.
+        """
+        try:
+            when = checked_verification_time(at)
+        except QuoteVerificationError as exc:
+            raise PeerRejected(f"{what}: {exc}") from None
+        return self._check(quote, collateral_json, what, None, when, False, bound=False)
 
     def verify_bound_quote(
         self,
@@ -191,7 +303,12 @@ class PeerVerifier:
         except RaTlsError as exc:
             raise PeerRejected(f"{what}: {exc}") from None
         # The cheap check before the expensive one: a replayed or foreign quote is
-        # refused without running dcap-qvl.
-        if not hmac.compare_digest(claimed, expected_report_data):
+        # refused without running dcap-qvl. (A TD's value also binds its role; which
+        # role is judged after the quote verified.)
+        if _is_tdx_quote(quote):
+            bound = _tdx_role(claimed, expected_report_data, None) is not None
+        else:
+            bound = hmac.compare_digest(claimed, expected_report_data)
+        if not bound:
             raise PeerRejected(f"{what}: {_NOT_BOUND}")
         return self._check(quote, collateral_json, what, role, at, record, expected_report_data)

@@ -33,6 +33,23 @@ allowed. Parsing fails closed:
   TCB recovery) and ``max_collateral_age_days`` (an integer 1..3650: no document of the
   collateral may be issued longer ago than this, as of the verification time);
 * :meth:`Policy.load` also refuses duplicate keys and NaN/Infinity.
+
+TDX virtual machines (teepsi extension) are listed in ``tdx_mrs`` beside ``sgx_mrs``;
+a TD is accepted when ANY entry matches on EVERY field the entry sets::
+
+    "tdx_mrs": [{"name": "teepsi VM image 2026-12",
+                 "mr_td": "<96 hex>",                      # required
+                 "rtmr0": "<96 hex>", ..., "rtmr3": "<96 hex>",   # each optional
+                 "mr_config_id": "<96 hex>", "mr_owner": "<96 hex>",
+                 "mr_owner_config": "<96 hex>",              # optional
+                 "mr_seam": ["<96 hex>", ...],               # allowed TDX modules
+                 "min_tee_tcb_svn": "<32 hex>",              # each byte a minimum
+                 "xfam": "<16 hex>"}]                        # exact, as the report shows
+
+A TD with the DEBUG attribute is always refused, and one without SEPT_VE_DISABLE too;
+the TCB status rules (``allow_*``) and collateral rules are the same as for SGX. With
+``tdx_mrs`` present, ``sgx_mrs`` may be absent or empty: then no SGX enclave is
+accepted. Without ``tdx_mrs`` no TD is accepted.
 """
 
 from __future__ import annotations
@@ -45,7 +62,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from teepsi.attestation.evidence import AttributeFlag, EnclaveIdentity
+from teepsi.attestation.evidence import (
+    AttributeFlag,
+    EnclaveIdentity,
+    TdAttributeFlag,
+    TdIdentity,
+)
 from teepsi.jsontext import read_user_text, show, strict_json_loads
 
 if TYPE_CHECKING:
@@ -57,12 +79,15 @@ __all__ = [
     "PolicyError",
     "PolicyViolation",
     "TcbAllowances",
+    "TdxEntry",
     "policy_for",
+    "tdx_entry_for",
 ]
 
 log = logging.getLogger(__name__)
 
 _HEX64 = re.compile(r"[0-9a-fA-F]{64}")
+_HEX_DIGITS = re.compile(r"[0-9a-fA-F]*")
 _DECIMAL = re.compile(r"[0-9]+")
 _MAX_U16 = 0xFFFF
 
@@ -73,7 +98,33 @@ _MAX_AGE_KEY = "max_collateral_age_days"
 _MAX_EVALUATION_NUMBER = 0xFFFFFFFF
 _MAX_AGE_DAYS = 3650
 _DAY_SECONDS = 24 * 3600
-_TOP_KEYS = (*_VERIFY_KEYS, *_ALLOW_KEYS, "sgx_mrs", _MIN_EVALUATION_KEY, _MAX_AGE_KEY)
+_TDX_KEY = "tdx_mrs"
+_TOP_KEYS = (
+    *_VERIFY_KEYS,
+    *_ALLOW_KEYS,
+    "sgx_mrs",
+    _TDX_KEY,
+    _MIN_EVALUATION_KEY,
+    _MAX_AGE_KEY,
+)
+# tdx_mrs entry: (JSON key, TdIdentity attribute, label) of the 48-byte registers
+_TDX_REGISTERS = (
+    ("mr_td", "mr_td", "MRTD"),
+    ("rtmr0", "rt_mr0", "RTMR0"),
+    ("rtmr1", "rt_mr1", "RTMR1"),
+    ("rtmr2", "rt_mr2", "RTMR2"),
+    ("rtmr3", "rt_mr3", "RTMR3"),
+    ("mr_config_id", "mr_config_id", "MRCONFIGID"),
+    ("mr_owner", "mr_owner", "MROWNER"),
+    ("mr_owner_config", "mr_owner_config", "MROWNERCONFIG"),
+)
+_TDX_ENTRY_KEYS = (
+    *(key for key, _, _ in _TDX_REGISTERS),
+    "mr_seam",
+    "min_tee_tcb_svn",
+    "xfam",
+    "name",
+)
 # (entry attribute / JSON key, label used in messages, flag that enables it)
 _FIELDS = (
     ("mr_enclave", "MRENCLAVE", "verify_mr_enclave"),
@@ -138,6 +189,14 @@ def _parse_mr(value: object, where: str) -> bytes:
         return bytes.fromhex(value)
     detail = f" ({len(value)} characters)" if isinstance(value, str) else ""
     raise PolicyError(f"{where}: expected 64 hex characters, got {show(value)}{detail}")
+
+
+def _parse_hex(value: object, where: str, size: int) -> bytes:
+    """Exactly ``2 * size`` hex digits (no spaces, no 0x) as ``size`` bytes."""
+    if isinstance(value, str) and len(value) == 2 * size and _HEX_DIGITS.fullmatch(value):
+        return bytes.fromhex(value)
+    detail = f" ({len(value)} characters)" if isinstance(value, str) else ""
+    raise PolicyError(f"{where}: expected {2 * size} hex characters, got {show(value)}{detail}")
 
 
 def _parse_int(value: object, where: str, low: int, high: int) -> int:
@@ -213,6 +272,86 @@ class MeasurementEntry:
 
 
 @dataclass(frozen=True)
+class TdxEntry:
+    """One ``tdx_mrs`` entry; None means the entry does not constrain that field."""
+
+    mr_td: bytes
+    rt_mr0: bytes | None = None
+    rt_mr1: bytes | None = None
+    rt_mr2: bytes | None = None
+    rt_mr3: bytes | None = None
+    mr_config_id: bytes | None = None
+    mr_owner: bytes | None = None
+    mr_owner_config: bytes | None = None
+    #: The TDX module measurements accepted (any of them).
+    mr_seam: tuple[bytes, ...] | None = None
+    #: TEE_TCB_SVN floor, compared byte by byte.
+    min_tee_tcb_svn: bytes | None = None
+    #: XFAM exactly, as the 8 bytes of the report.
+    xfam: bytes | None = None
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        # backstop for entries built in code; the parser reports errors with their path
+        for _, attr, _ in _TDX_REGISTERS:
+            mr = getattr(self, attr)
+            if (mr is not None or attr == "mr_td") and (not isinstance(mr, bytes) or len(mr) != 48):
+                raise PolicyError(f"TdxEntry: {attr}: must be 48 bytes")
+        if self.mr_seam is not None:
+            object.__setattr__(self, "mr_seam", tuple(self.mr_seam))
+            if not self.mr_seam or any(
+                not isinstance(m, bytes) or len(m) != 48 for m in self.mr_seam
+            ):
+                raise PolicyError("TdxEntry: mr_seam: must be a non-empty list of 48-byte values")
+        for attr, size in (("min_tee_tcb_svn", 16), ("xfam", 8)):
+            v = getattr(self, attr)
+            if v is not None and (not isinstance(v, bytes) or len(v) != size):
+                raise PolicyError(f"TdxEntry: {attr}: must be {size} bytes")
+
+    def label(self, index: int) -> str:
+        """``tdx_mrs[i]`` plus the entry's name when it has one."""
+        return f"{_TDX_KEY}[{index}]" + (f" ({show(self.name)})" if self.name else "")
+
+    def to_dict(self) -> dict[str, object]:
+        out: dict[str, object] = {}
+        if self.name is not None:
+            out["name"] = self.name
+        for key, attr, _ in _TDX_REGISTERS:
+            value = getattr(self, attr)
+            if value is not None:
+                out[key] = value.hex()
+        if self.mr_seam is not None:
+            out["mr_seam"] = [m.hex() for m in self.mr_seam]
+        if self.min_tee_tcb_svn is not None:
+            out["min_tee_tcb_svn"] = self.min_tee_tcb_svn.hex()
+        if self.xfam is not None:
+            out["xfam"] = self.xfam.hex()
+        return out
+
+    def mismatch(self, td: TdIdentity) -> list[str]:
+        """Why ``td`` does not match, one phrase per field (empty when it matches)."""
+        out: list[str] = []
+        for _, attr, label in _TDX_REGISTERS:
+            want = getattr(self, attr)
+            have: bytes = getattr(td, attr)
+            if want is not None and have != want:
+                out.append(f"{label} {have.hex()} (expected {want.hex()})")
+        if self.mr_seam is not None and td.mr_seam not in self.mr_seam:
+            out.append(f"MRSEAM {td.mr_seam.hex()} (not an allowed TDX module)")
+        if self.min_tee_tcb_svn is not None and any(
+            h < w for h, w in zip(td.tee_tcb_svn, self.min_tee_tcb_svn, strict=True)
+        ):
+            out.append(
+                f"TEE_TCB_SVN {td.tee_tcb_svn.hex()} (below the minimum "
+                f"{self.min_tee_tcb_svn.hex()})"
+            )
+        xfam = td.xfam.to_bytes(8, "little")
+        if self.xfam is not None and xfam != self.xfam:
+            out.append(f"XFAM {xfam.hex()} (expected {self.xfam.hex()})")
+        return out
+
+
+@dataclass(frozen=True)
 class TcbAllowances:
     """Which non-UpToDate TCB statuses are accepted; Revoked and unknown ones never are."""
 
@@ -270,10 +409,16 @@ class Policy:
     min_tcb_evaluation_data_number: int | None = None
     #: Oldest collateral accepted, in days before the verification time (None: any).
     max_collateral_age_days: int | None = None
+    #: The accepted TDX VMs (``tdx_mrs``); empty: no TD is accepted.
+    tdx_entries: tuple[TdxEntry, ...] = ()
 
     def __post_init__(self) -> None:
         # invariants hold however the policy was built, not only when parsed
         object.__setattr__(self, "entries", tuple(self.entries))
+        object.__setattr__(self, "tdx_entries", tuple(self.tdx_entries))
+        for tdx_entry in self.tdx_entries:
+            if not isinstance(tdx_entry, TdxEntry):
+                raise PolicyError("Policy: tdx_entries: must be TdxEntry objects")
         for attr, low, high in (
             (_MIN_EVALUATION_KEY, 0, _MAX_EVALUATION_NUMBER),
             (_MAX_AGE_KEY, 1, _MAX_AGE_DAYS),
@@ -290,7 +435,7 @@ class Policy:
         for entry in self.entries:
             if not isinstance(entry, MeasurementEntry):
                 raise PolicyError("Policy: entries: must be MeasurementEntry objects")
-        if enabled and not self.entries:
+        if enabled and not self.entries and not self.tdx_entries:
             raise PolicyError(
                 f"Policy: sgx_mrs: must list at least one entry when {enabled[0]} is on"
             )
@@ -298,7 +443,7 @@ class Policy:
             for attr, _, flag in _FIELDS:
                 if getattr(self, flag) and getattr(entry, attr) is None:
                     raise PolicyError(f"Policy: sgx_mrs[{i}].{attr}: required when {flag} is on")
-        if not enabled:
+        if not enabled and (self.entries or not self.tdx_entries):
             log.warning(
                 "POLICY VERIFIES NO MEASUREMENT: all verify_* flags are off, so ANY enclave "
                 "on a genuine SGX platform will be accepted as a peer"
@@ -322,13 +467,27 @@ class Policy:
             flags[key] = _parse_flag(data[key], f"{source}: {key}")
         allow = {key: _parse_flag(data.get(key, False), f"{source}: {key}") for key in _ALLOW_KEYS}
 
-        if "sgx_mrs" not in data:
-            raise PolicyError(f"{source}: sgx_mrs: missing (a list of measurement entries)")
-        raw_entries = data["sgx_mrs"]
+        tdx_entries: tuple[TdxEntry, ...] = ()
+        if _TDX_KEY in data:
+            raw_tdx = data[_TDX_KEY]
+            if not isinstance(raw_tdx, list) or not raw_tdx:
+                raise PolicyError(
+                    f"{source}: {_TDX_KEY}: expected a non-empty list of TDX entries, "
+                    f"got {show(raw_tdx)}"
+                )
+            tdx_entries = tuple(
+                _parse_tdx_entry(raw, f"{source}: {_TDX_KEY}[{i}]") for i, raw in enumerate(raw_tdx)
+            )
+        if "sgx_mrs" not in data and not tdx_entries:
+            raise PolicyError(
+                f"{source}: sgx_mrs: missing (a list of measurement entries); a policy "
+                f"for TDX VMs only lists them in {_TDX_KEY} instead"
+            )
+        raw_entries = data.get("sgx_mrs", [])
         if not isinstance(raw_entries, list):
             raise PolicyError(f"{source}: sgx_mrs: expected a list, got {show(raw_entries)}")
         enabled = [key for key in _VERIFY_KEYS if flags[key]]
-        if enabled and not raw_entries:
+        if enabled and not raw_entries and not tdx_entries:
             raise PolicyError(
                 f"{source}: sgx_mrs: is empty, but {enabled[0]} is on (list at least one entry)"
             )
@@ -364,6 +523,7 @@ class Policy:
             ),
             min_tcb_evaluation_data_number=min_evaluation,
             max_collateral_age_days=max_age,
+            tdx_entries=tdx_entries,
         )
 
     @classmethod
@@ -383,6 +543,8 @@ class Policy:
         out["allow_hw_config_needed"] = on_off[self.tcb.hw_config_needed]
         out["allow_sw_hardening_needed"] = on_off[self.tcb.sw_hardening_needed]
         out["sgx_mrs"] = [entry.to_dict() for entry in self.entries]
+        if self.tdx_entries:
+            out[_TDX_KEY] = [entry.to_dict() for entry in self.tdx_entries]
         if self.min_tcb_evaluation_data_number is not None:
             out[_MIN_EVALUATION_KEY] = self.min_tcb_evaluation_data_number
         if self.max_collateral_age_days is not None:
@@ -409,6 +571,12 @@ class Policy:
         _check_attributes(identity.attribute_flags)
         self.tcb.check(tcb_status)
         if not self.entries:
+            if self.tdx_entries:
+                # A TDX-only policy: an SGX enclave was never meant to be accepted.
+                raise PolicyViolation(
+                    f"peer is an SGX enclave, but the policy lists none (sgx_mrs is empty; "
+                    f"only {_TDX_KEY} VMs are accepted)"
+                )
             return MeasurementEntry(None, None, None, None)
         best: tuple[int, int, list[str]] | None = None
         for index, entry in enumerate(self.entries):
@@ -420,6 +588,40 @@ class Policy:
         assert best is not None
         index, _, mismatched = best
         raise PolicyViolation(_describe(self.entries[index], index, identity, mismatched))
+
+    def check_td(self, td: TdIdentity, tcb_status: str) -> TdxEntry:
+        """Return the ``tdx_mrs`` entry ``td`` matches, or raise PolicyViolation saying why.
+
+        Order: TD attributes, TCB status, then entries (the closest one is named).
+        """
+        if td.td_attributes & TdAttributeFlag.DEBUG:
+            raise PolicyViolation(
+                "peer is a DEBUG TD (its memory and state are readable by the host)"
+            )
+        if not td.td_attributes & TdAttributeFlag.SEPT_VE_DISABLE:
+            raise PolicyViolation(
+                "peer TD lacks the SEPT_VE_DISABLE attribute (refused: the host could "
+                "inject #VE exceptions)"
+            )
+        self.tcb.check(tcb_status)
+        if not self.tdx_entries:
+            raise PolicyViolation(
+                f"peer is a TDX VM, but the policy lists none (add it to {_TDX_KEY})"
+            )
+        best: tuple[int, list[str]] | None = None
+        for index, entry in enumerate(self.tdx_entries):
+            problems = entry.mismatch(td)
+            if not problems:
+                return entry
+            if best is None or len(problems) < len(best[1]):
+                best = (index, problems)
+        assert best is not None
+        index, problems = best
+        where = self.tdx_entries[index].label(index)
+        text = f"peer TD matches no {_TDX_KEY} entry (closest: {where}: {problems[0]})"
+        if problems[1:]:
+            text += f"; it also differs in {len(problems) - 1} more field(s)"
+        raise PolicyViolation(text)
 
     def check_collateral(self, info: CollateralInfo, at: int) -> None:
         """Raise PolicyViolation unless the (verified) collateral meets the policy's rules.
@@ -491,6 +693,41 @@ def _parse_entry(raw: object, flags: dict[str, bool], where: str) -> Measurement
     )
 
 
+def _parse_tdx_entry(raw: object, where: str) -> TdxEntry:
+    if not isinstance(raw, dict):
+        raise PolicyError(f"{where}: expected an object, got {show(raw)}")
+    _check_keys(raw, _TDX_ENTRY_KEYS, f"{where}.")
+    if "mr_td" not in raw:
+        # fail closed: an entry without MRTD would accept any VM image
+        raise PolicyError(f"{where}.mr_td: missing (every TDX entry pins the VM image's MRTD)")
+    registers = {
+        attr: _parse_hex(raw[key], f"{where}.{key}", 48)
+        for key, attr, _ in _TDX_REGISTERS
+        if key in raw
+    }
+    mr_seam: tuple[bytes, ...] | None = None
+    if "mr_seam" in raw:
+        raw_seam = raw["mr_seam"]
+        if not isinstance(raw_seam, list) or not raw_seam:
+            raise PolicyError(
+                f"{where}.mr_seam: expected a non-empty list of TDX module measurements "
+                f"(96 hex characters each), got {show(raw_seam)}"
+            )
+        mr_seam = tuple(_parse_hex(m, f"{where}.mr_seam[{i}]", 48) for i, m in enumerate(raw_seam))
+    return TdxEntry(
+        mr_td=registers.pop("mr_td"),
+        **registers,
+        mr_seam=mr_seam,
+        min_tee_tcb_svn=(
+            _parse_hex(raw["min_tee_tcb_svn"], f"{where}.min_tee_tcb_svn", 16)
+            if "min_tee_tcb_svn" in raw
+            else None
+        ),
+        xfam=_parse_hex(raw["xfam"], f"{where}.xfam", 8) if "xfam" in raw else None,
+        name=_parse_name(raw["name"], f"{where}.name") if "name" in raw else None,
+    )
+
+
 def _check_attributes(flags: int) -> None:
     """Gramine's fixed attribute rules; not configurable on purpose."""
     if flags & AttributeFlag.DEBUG:
@@ -529,12 +766,33 @@ def _describe(
     return text
 
 
-def policy_for(identities: Sequence[tuple[str, EnclaveIdentity]]) -> Policy:
-    """A policy accepting exactly these enclaves (all four fields verified).
+def tdx_entry_for(name: str, td: TdIdentity) -> TdxEntry:
+    """A ``tdx_mrs`` entry pinning every register, the TDX module and the TCB of ``td``."""
+    return TdxEntry(
+        mr_td=td.mr_td,
+        rt_mr0=td.rt_mr0,
+        rt_mr1=td.rt_mr1,
+        rt_mr2=td.rt_mr2,
+        rt_mr3=td.rt_mr3,
+        mr_config_id=td.mr_config_id,
+        mr_owner=td.mr_owner,
+        mr_owner_config=td.mr_owner_config,
+        mr_seam=(td.mr_seam,),
+        min_tee_tcb_svn=td.tee_tcb_svn,
+        xfam=td.xfam.to_bytes(8, "little"),
+        name=_parse_name(name, f"tdx_entry_for: {name!r}"),
+    )
+
+
+def policy_for(
+    identities: Sequence[tuple[str, EnclaveIdentity]],
+    tds: Sequence[tuple[str, TdIdentity]] = (),
+) -> Policy:
+    """A policy accepting exactly these enclaves (all four fields verified) and TDs.
 
     Used by ``teepsi measure`` to write the policy file for a deployment.
     """
-    if not identities:
+    if not identities and not tds:
         raise PolicyError("policy_for: at least one identity is required")
     entries = tuple(
         MeasurementEntry(
@@ -552,4 +810,5 @@ def policy_for(identities: Sequence[tuple[str, EnclaveIdentity]]) -> Policy:
         verify_isv_prod_id=True,
         verify_isv_svn=True,
         entries=entries,
+        tdx_entries=tuple(tdx_entry_for(name, td) for name, td in tds),
     )

@@ -1,10 +1,15 @@
-"""Byte layout of Intel SGX DCAP quotes, version 3 (ECDSA-P256 attestation key).
+"""Byte layout of Intel DCAP quotes: SGX version 3 and TDX version 4 (ECDSA-P256 key).
 
 A v3 quote is a 48-byte header, the 384-byte report body of the attested enclave, a
 little-endian u32 length and the signature data. The signature data holds the
 attestation key's signature over header + body, the attestation public key, the
 Quoting Enclave's own report signed by the PCK key, the QE authentication data and
 the certification data (type 5: the PEM chain PCK leaf, intermediate CA, root CA).
+
+A TDX v4 quote has the same 48-byte header (version 4, TEE type 0x81), the 584-byte TD
+report body (TD 1.0 ``TDREPORT`` fields), then the signature data: the attestation
+key's signature and public key, then certification data of type 6 wrapping the QE
+report, its PCK signature, the QE authentication data and the type-5 PEM chain.
 
 Only the layout lives here; no cryptography and no trust decisions. Verification of
 quotes is left to dcap-qvl.
@@ -16,14 +21,20 @@ import struct
 from dataclasses import dataclass
 
 QUOTE_VERSION_3 = 3
+QUOTE_VERSION_4 = 4
 ATT_KEY_TYPE_ECDSA_P256 = 2
 TEE_TYPE_SGX = 0
+TEE_TYPE_TDX = 0x81
 #: Intel's QE vendor id, which every Intel-provided Quoting Enclave writes in the header.
 INTEL_QE_VENDOR_ID = bytes.fromhex("939a7233f79c4ca9940a0db3957f0607")
 CERT_DATA_TYPE_PCK_CHAIN = 5
+#: TDX v4 certification data: QE report, its signature, auth data, then type-5 data.
+CERT_DATA_TYPE_QE_REPORT = 6
 
 HEADER_SIZE = 48
 REPORT_BODY_SIZE = 384
+TD_REPORT_BODY_SIZE = 584
+TD_MR_SIZE = 48
 ECDSA_SIG_SIZE = 64
 ECDSA_PUBKEY_SIZE = 64
 USER_DATA_SIZE = 20
@@ -44,7 +55,7 @@ _REPORT_DATA = slice(320, 384)
 
 
 class QuoteFormatError(ValueError):
-    """The bytes are not a well-formed DCAP v3 quote."""
+    """The bytes are not a well-formed SGX v3 or TDX v4 DCAP quote."""
 
 
 def _fixed(name: str, value: bytes, size: int) -> bytes:
@@ -86,6 +97,17 @@ class ReportBody:
         out[_REPORT_DATA] = _fixed("report_data", self.report_data, 64)
         return bytes(out)
 
+    @property
+    def tee(self) -> str:
+        return "SGX"
+
+    def describe(self) -> str:
+        """One line naming the enclave (for logs: measurements only, nothing withheld)."""
+        return (
+            f"MRENCLAVE {self.mr_enclave.hex()} MRSIGNER {self.mr_signer.hex()} "
+            f"ISV_PROD_ID {self.isv_prod_id} ISV_SVN {self.isv_svn}"
+        )
+
     @classmethod
     def from_bytes(cls, data: bytes) -> ReportBody:
         if len(data) != REPORT_BODY_SIZE:
@@ -106,19 +128,85 @@ class ReportBody:
         )
 
 
+#: The TD report body fields in wire order: (name, size). All byte strings.
+TD_REPORT_FIELDS: tuple[tuple[str, int], ...] = (
+    ("tee_tcb_svn", 16),
+    ("mr_seam", TD_MR_SIZE),
+    ("mr_signer_seam", TD_MR_SIZE),
+    ("seam_attributes", 8),
+    ("td_attributes", 8),
+    ("xfam", 8),
+    ("mr_td", TD_MR_SIZE),
+    ("mr_config_id", TD_MR_SIZE),
+    ("mr_owner", TD_MR_SIZE),
+    ("mr_owner_config", TD_MR_SIZE),
+    ("rt_mr0", TD_MR_SIZE),
+    ("rt_mr1", TD_MR_SIZE),
+    ("rt_mr2", TD_MR_SIZE),
+    ("rt_mr3", TD_MR_SIZE),
+    ("report_data", 64),
+)
+
+
+@dataclass(frozen=True)
+class TdReportBody:
+    """A TDX 1.0 TD report body, 584 bytes on the wire (field names as dcap-qvl's)."""
+
+    tee_tcb_svn: bytes
+    mr_seam: bytes
+    mr_signer_seam: bytes
+    seam_attributes: bytes
+    td_attributes: bytes
+    xfam: bytes
+    mr_td: bytes
+    mr_config_id: bytes
+    mr_owner: bytes
+    mr_owner_config: bytes
+    rt_mr0: bytes
+    rt_mr1: bytes
+    rt_mr2: bytes
+    rt_mr3: bytes
+    report_data: bytes
+
+    @property
+    def tee(self) -> str:
+        return "TDX"
+
+    def describe(self) -> str:
+        """One line naming the TD (for logs: measurements only, nothing withheld)."""
+        return (
+            f"TDX MRTD {self.mr_td.hex()} MRSEAM {self.mr_seam.hex()} "
+            f"TEE_TCB_SVN {self.tee_tcb_svn.hex()}"
+        )
+
+    def to_bytes(self) -> bytes:
+        return b"".join(_fixed(name, getattr(self, name), size) for name, size in TD_REPORT_FIELDS)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> TdReportBody:
+        if len(data) != TD_REPORT_BODY_SIZE:
+            raise QuoteFormatError(f"TD report body must be {TD_REPORT_BODY_SIZE} bytes")
+        values: dict[str, bytes] = {}
+        pos = 0
+        for name, size in TD_REPORT_FIELDS:
+            values[name] = data[pos : pos + size]
+            pos += size
+        return cls(**values)
+
+
 def attributes_bytes(flags: int, xfrm: int) -> bytes:
     """The 16-byte ATTRIBUTES field: flags then XFRM, each a little-endian u64."""
     return struct.pack("<QQ", flags, xfrm)
 
 
-def encode_header(qe_svn: int, pce_svn: int, user_data: bytes) -> bytes:
-    """The 48-byte v3 header of an SGX quote signed with an ECDSA-P256 attestation key."""
+def encode_header(qe_svn: int, pce_svn: int, user_data: bytes, *, tdx: bool = False) -> bytes:
+    """The 48-byte header of an SGX v3 (or, with ``tdx``, a TDX v4) ECDSA-P256 quote."""
     return (
         struct.pack(
             "<HHIHH",
-            QUOTE_VERSION_3,
+            QUOTE_VERSION_4 if tdx else QUOTE_VERSION_3,
             ATT_KEY_TYPE_ECDSA_P256,
-            TEE_TYPE_SGX,
+            TEE_TYPE_TDX if tdx else TEE_TYPE_SGX,
             qe_svn,
             pce_svn,
         )
@@ -134,12 +222,16 @@ def encode_signature_data(
     qe_report_signature: bytes,
     qe_auth_data: bytes,
     pck_chain_pem: bytes,
+    *,
+    tdx: bool = False,
 ) -> bytes:
-    """The signature data section, preceded by its u32 length."""
-    body = b"".join(
+    """The signature data section, preceded by its u32 length.
+
+    SGX v3 carries the QE report section directly; TDX v4 wraps it in certification
+    data of type 6 after the attestation key.
+    """
+    qe_section = b"".join(
         (
-            _fixed("isv_signature", isv_signature, ECDSA_SIG_SIZE),
-            _fixed("attestation_public_key", attestation_public_key, ECDSA_PUBKEY_SIZE),
             _fixed("qe_report", qe_report, REPORT_BODY_SIZE),
             _fixed("qe_report_signature", qe_report_signature, ECDSA_SIG_SIZE),
             struct.pack("<H", len(qe_auth_data)),
@@ -148,15 +240,22 @@ def encode_signature_data(
             pck_chain_pem,
         )
     )
+    if tdx:
+        qe_section = struct.pack("<HI", CERT_DATA_TYPE_QE_REPORT, len(qe_section)) + qe_section
+    body = (
+        _fixed("isv_signature", isv_signature, ECDSA_SIG_SIZE)
+        + _fixed("attestation_public_key", attestation_public_key, ECDSA_PUBKEY_SIZE)
+        + qe_section
+    )
     return struct.pack("<I", len(body)) + body
 
 
 @dataclass(frozen=True)
 class ParsedQuote:
-    """The parts of a v3 SGX quote, split but not verified."""
+    """The parts of an SGX v3 or TDX v4 quote, split but not verified."""
 
     header: bytes
-    report_body: ReportBody
+    report_body: ReportBody | TdReportBody
     isv_signature: bytes
     attestation_public_key: bytes
     qe_report: bytes
@@ -196,24 +295,30 @@ class _Reader:
 
 
 def parse_quote(quote: bytes) -> ParsedQuote:
-    """Split a v3 SGX quote into its parts; raises QuoteFormatError on anything else."""
+    """Split an SGX v3 or TDX v4 quote into its parts; QuoteFormatError on anything else."""
     reader = _Reader(quote)
     header = reader.take(HEADER_SIZE)
     version, key_type, tee_type = struct.unpack("<HHI", header[:8])
-    if (version, key_type, tee_type) != (
-        QUOTE_VERSION_3,
-        ATT_KEY_TYPE_ECDSA_P256,
-        TEE_TYPE_SGX,
-    ):
+    kind = (version, key_type, tee_type)
+    body: ReportBody | TdReportBody
+    if kind == (QUOTE_VERSION_3, ATT_KEY_TYPE_ECDSA_P256, TEE_TYPE_SGX):
+        body_bytes = reader.take(REPORT_BODY_SIZE)
+        body = ReportBody.from_bytes(body_bytes)
+    elif kind == (QUOTE_VERSION_4, ATT_KEY_TYPE_ECDSA_P256, TEE_TYPE_TDX):
+        body_bytes = reader.take(TD_REPORT_BODY_SIZE)
+        body = TdReportBody.from_bytes(body_bytes)
+    else:
         raise QuoteFormatError(
-            f"not an SGX v3 ECDSA-P256 quote (version {version}, key type {key_type}, "
-            f"tee type {tee_type})"
+            f"not an SGX v3 or TDX v4 ECDSA-P256 quote (version {version}, key type "
+            f"{key_type}, tee type {tee_type:#x})"
         )
-    body_bytes = reader.take(REPORT_BODY_SIZE)
-    body = ReportBody.from_bytes(body_bytes)
     sig_reader = _Reader(reader.take(reader.u32()))
     isv_signature = sig_reader.take(ECDSA_SIG_SIZE)
     attestation_public_key = sig_reader.take(ECDSA_PUBKEY_SIZE)
+    if isinstance(body, TdReportBody):
+        if sig_reader.u16() != CERT_DATA_TYPE_QE_REPORT:
+            raise QuoteFormatError("TDX quote certification data is not of type 6 (QE report)")
+        sig_reader = _Reader(sig_reader.take(sig_reader.u32()))
     qe_report = sig_reader.take(REPORT_BODY_SIZE)
     qe_report_signature = sig_reader.take(ECDSA_SIG_SIZE)
     qe_auth_data = sig_reader.take(sig_reader.u16())

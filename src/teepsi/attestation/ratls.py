@@ -52,7 +52,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.x509.oid import NameOID
 
-from teepsi.attestation.evidence import REPORT_DATA_SIZE, EvidenceProvider
+from teepsi.attestation.evidence import REPORT_DATA_SIZE, EvidenceError, EvidenceProvider
 
 LEGACY_QUOTE_OID_GRAMINE = x509.ObjectIdentifier("0.6.9.42.840.113741.1337.6")
 LEGACY_QUOTE_OID = x509.ObjectIdentifier("1.2.840.113741.1337.6")
@@ -82,11 +82,14 @@ CLOCK_SKEW = timedelta(hours=1)
 DEFAULT_LIFETIME = timedelta(days=30)
 MAX_LIFETIME = timedelta(days=90)
 
-# SGX quote layout (sgx_quote_t): 48-byte header, 384-byte report body whose last 64
-# bytes are report_data, then a u32 signature length. Gramine refuses anything shorter
-# than that structure.
-_QUOTE_VERSION_3 = 3
-_REPORT_DATA_OFFSET = 48 + 320
+# Quote layouts: a 48-byte header, then the report body whose last 64 bytes are
+# report_data (SGX v3: 384 bytes; TDX v4: the 584-byte TD report body), then a u32
+# signature length. Gramine refuses anything shorter than that structure.
+# (version, TEE type) -> (report_data offset, minimum size, name)
+_LAYOUTS = {
+    (3, 0): (48 + 320, 48 + 384 + 4, "SGX DCAP v3"),
+    (4, 0x81): (48 + 520, 48 + 584 + 4, "TDX DCAP v4"),
+}
 _MIN_QUOTE_SIZE = 48 + 384 + 4
 _HASH_SIZE = 32  # the binding covers report_data[0:32]; Gramine ignores the rest
 
@@ -207,15 +210,24 @@ def report_data_for_key(public_key: PublicKeyTypes) -> bytes:
 
 
 def quote_report_data(quote: bytes) -> bytes:
-    """The 64-byte report_data of an SGX DCAP v3 quote (layout checks only, no signature)."""
+    """The 64-byte report_data of an SGX v3 or TDX v4 quote (layout only, no signature)."""
     if len(quote) < _MIN_QUOTE_SIZE:
         raise RaTlsError(
             f"quote is {len(quote)} bytes, shorter than the {_MIN_QUOTE_SIZE}-byte SGX quote"
         )
-    (version,) = struct.unpack_from("<H", quote, 0)
-    if version != _QUOTE_VERSION_3:
-        raise RaTlsError(f"quote version is {version}, expected an SGX DCAP quote version 3")
-    return quote[_REPORT_DATA_OFFSET : _REPORT_DATA_OFFSET + REPORT_DATA_SIZE]
+    version, tee_type = struct.unpack_from("<H2xI", quote, 0)
+    layout = _LAYOUTS.get((version, tee_type))
+    if layout is None:
+        raise RaTlsError(
+            f"quote version is {version} with TEE type {tee_type:#x}: expected an SGX DCAP "
+            "quote version 3 or a TDX quote version 4"
+        )
+    offset, min_size, name = layout
+    if len(quote) < min_size:
+        raise RaTlsError(
+            f"quote is {len(quote)} bytes, shorter than the {min_size}-byte {name} quote"
+        )
+    return quote[offset : offset + REPORT_DATA_SIZE]
 
 
 def _binds(quote: bytes, digest: bytes) -> bool:
@@ -252,14 +264,22 @@ def create_certificate(
     public_key = key.public_key()
 
     legacy_report_data = report_data_for_key(public_key)
-    legacy_quote = provider.quote(legacy_report_data)
     claims = claims_for_key(public_key)
     tcg_report_data = _pad(hashlib.sha256(claims).digest())
-    tcg_quote = provider.quote(tcg_report_data)
+    try:
+        legacy_quote = provider.quote(legacy_report_data)
+        tcg_quote = provider.quote(tcg_report_data)
+    except EvidenceError as exc:
+        # No TEE, or not the one named: one line for the operator, not a traceback.
+        raise RaTlsError(
+            f"cannot produce evidence (--attestation {provider.name}): {exc}"
+        ) from None
     # A provider that ignores report_data would yield a certificate nobody accepts;
     # better to fail here, where the cause is obvious.
+    # Only the first 32 bytes are the key binding: a TDX provider puts its role binding
+    # in the rest (:func:`teepsi.attestation.evidence.tdx_report_data`).
     for quote, wanted in ((legacy_quote, legacy_report_data), (tcg_quote, tcg_report_data)):
-        if quote_report_data(quote) != wanted:
+        if quote_report_data(quote)[:_HASH_SIZE] != wanted[:_HASH_SIZE]:
             raise RaTlsError(
                 f"evidence provider {provider.name!r} returned a quote without the "
                 "requested report_data"

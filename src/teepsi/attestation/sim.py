@@ -1,7 +1,9 @@
-"""An honest *simulated* Intel SGX DCAP platform.
+"""An honest *simulated* Intel SGX DCAP platform, and a simulated TDX platform.
 
 INSECURE-SIMULATED: this module makes evidence that proves nothing. It mints real
-DCAP v3 quotes and the matching collateral (TCB info, QE identity, CRLs) under a
+DCAP v3 quotes (SGX) and v4 quotes (TDX, TD report body) and the matching collateral
+(TCB info, QE identity, CRLs; for TDX the TDX TCB info with the TDX module and its
+identities, and the TD quoting enclave's identity) under a
 local PKI shaped like Intel's, whose private keys ship with teepsi in
 ``data/sim_pki.json`` (generated once by ``scripts/generate_sim_pki.py``). Anyone can
 therefore forge simulated quotes for any enclave identity and any TCB status.
@@ -37,10 +39,14 @@ from teepsi.attestation.evidence import (
     EnclaveIdentity,
     EvidenceError,
     EvidenceProvider,
+    Role,
+    TdIdentity,
+    tdx_report_data,
 )
 from teepsi.attestation.quote import (
     CERT_DATA_TYPE_PCK_CHAIN,
     ReportBody,
+    TdReportBody,
     attributes_bytes,
     encode_header,
     encode_signature_data,
@@ -53,6 +59,8 @@ __all__ = [
     "SimEvidenceProvider",
     "SimPlatform",
     "SimPlatformConfig",
+    "SimTdxEvidenceProvider",
+    "SimTdxPlatform",
     "TcbStatus",
     "is_simulated_quote",
 ]
@@ -117,6 +125,8 @@ _CLOCK_SKEW_ALLOWANCE_SECONDS = 300
 # What Intel's Quoting Enclave puts in its authentication data; any 32 bytes would do.
 _QE_AUTH_DATA = bytes(range(32))
 _QE_MR_ENCLAVE = hashlib.sha256(b"teepsi INSECURE-SIMULATED Quoting Enclave").digest()
+_TD_QE_MR_ENCLAVE = hashlib.sha256(b"teepsi INSECURE-SIMULATED TD Quoting Enclave").digest()
+_TD_QE_ISV_PROD_ID = 2
 _QE_ATTRIBUTES_MASK = "FBFFFFFFFFFFFFFF0000000000000000"
 _PLATFORM_LEVEL_TCB_DATE = "2023-02-15T00:00:00Z"
 _LATEST_TCB_DATE = "2024-03-13T00:00:00Z"
@@ -256,13 +266,16 @@ def _crl(
 # --- The platform ---
 
 
-class SimPlatform:
-    """One simulated SGX machine: a Quoting Enclave with its own attestation key.
+class _SimQuotingPlatform:
+    """What simulated SGX and TDX platforms share: the committed PCK, one attestation
+    key certified by a QE report, and collateral signed by the simulated TCB signer.
 
-    The PCK certificate (hence FMSPC, CPUSVN, PCESVN) is the committed one; the TCB
-    status comes from the TCB info that :meth:`collateral_json` signs, which places
-    this platform on a level with the configured status.
+    Subclasses say which quote layout they make and which TCB info and QE identity
+    describe them.
     """
+
+    #: True for TDX v4 quotes (TD quoting enclave), False for SGX v3.
+    _tdx: ClassVar[bool] = False
 
     def __init__(self, config: SimPlatformConfig = SimPlatformConfig()) -> None:
         self.config = config
@@ -276,9 +289,9 @@ class SimPlatform:
             cpu_svn=pki.cpu_svn,
             misc_select=pki.qe_misc_select,
             attributes=attributes_bytes(pki.qe_attribute_flags, pki.qe_xfrm),
-            mr_enclave=_QE_MR_ENCLAVE,
+            mr_enclave=_TD_QE_MR_ENCLAVE if self._tdx else _QE_MR_ENCLAVE,
             mr_signer=pki.qe_mr_signer,
-            isv_prod_id=pki.qe_isv_prod_id,
+            isv_prod_id=self._qe_isv_prod_id,
             isv_svn=pki.qe_isv_svn,
             report_data=qe_report_data + bytes(32),
         ).to_bytes()
@@ -289,23 +302,16 @@ class SimPlatform:
             qe_svn=pki.qe_isv_svn,
             pce_svn=pki.pce_svn,
             user_data=secrets.token_bytes(16) + bytes(4),
+            tdx=self._tdx,
         )
 
-    def quote(self, identity: EnclaveIdentity, report_data: bytes) -> bytes:
-        """A DCAP v3 quote for an enclave with ``identity``, carrying ``report_data``."""
-        if len(report_data) != REPORT_DATA_SIZE:
-            raise EvidenceError(
-                f"report_data must be {REPORT_DATA_SIZE} bytes, got {len(report_data)}"
-            )
-        body = ReportBody(
-            cpu_svn=self._pki.cpu_svn,
-            attributes=attributes_bytes(identity.attribute_flags, identity.xfrm),
-            mr_enclave=identity.mr_enclave,
-            mr_signer=identity.mr_signer,
-            isv_prod_id=identity.isv_prod_id,
-            isv_svn=identity.isv_svn,
-            report_data=bytes(report_data),
-        ).to_bytes()
+    @property
+    def _qe_isv_prod_id(self) -> int:
+        # Intel's TD quoting enclave has ISV_PROD_ID 2; the SGX QE's comes from the PKI.
+        return _TD_QE_ISV_PROD_ID if self._tdx else self._pki.qe_isv_prod_id
+
+    def _signed_quote(self, body: bytes) -> bytes:
+        """Header + ``body`` + the signature data, as the quoting enclave makes them."""
         signed = self._header + body
         return signed + encode_signature_data(
             isv_signature=_raw_signature(self._attestation_key, signed),
@@ -314,6 +320,7 @@ class SimPlatform:
             qe_report_signature=self._qe_report_signature,
             qe_auth_data=_QE_AUTH_DATA,
             pck_chain_pem=self._pki.pck_chain_pem,
+            tdx=self._tdx,
         )
 
     def collateral_json(self) -> str:
@@ -360,11 +367,14 @@ class SimPlatform:
         def level(
             components: tuple[int, ...], tcb_date: str, tcb_status: TcbStatus, advisories: list[str]
         ) -> dict[str, object]:
+            tcb: dict[str, object] = {
+                "sgxtcbcomponents": [{"svn": svn} for svn in components],
+                "pcesvn": pki.pce_svn,
+            }
+            if self._tdx:
+                tcb["tdxtcbcomponents"] = [{"svn": svn} for svn in self._tee_tcb_svn]
             entry: dict[str, object] = {
-                "tcb": {
-                    "sgxtcbcomponents": [{"svn": svn} for svn in components],
-                    "pcesvn": pki.pce_svn,
-                },
+                "tcb": tcb,
                 "tcbDate": tcb_date,
                 "tcbStatus": str(tcb_status),
             }
@@ -388,8 +398,8 @@ class SimPlatform:
                     list(self.config.advisory_ids),
                 ),
             ]
-        return {
-            "id": "SGX",
+        info: dict[str, object] = {
+            "id": "TDX" if self._tdx else "SGX",
             "version": 3,
             "issueDate": _iso(issued),
             "nextUpdate": _iso(expires),
@@ -397,13 +407,23 @@ class SimPlatform:
             "pceId": pki.pce_id,
             "tcbType": 0,
             "tcbEvaluationDataNumber": self.config.tcb_evaluation_data_number,
-            "tcbLevels": levels,
         }
+        if self._tdx:
+            info.update(self._tdx_module_info())
+        info["tcbLevels"] = levels
+        return info
+
+    @property
+    def _tee_tcb_svn(self) -> bytes:
+        return bytes(16)
+
+    def _tdx_module_info(self) -> dict[str, object]:
+        return {}
 
     def _qe_identity(self, issued: int, expires: int) -> dict[str, object]:
         pki = self._pki
         return {
-            "id": "QE",
+            "id": "TD_QE" if self._tdx else "QE",
             "version": 2,
             "issueDate": _iso(issued),
             "nextUpdate": _iso(expires),
@@ -413,7 +433,7 @@ class SimPlatform:
             "attributes": attributes_bytes(pki.qe_attribute_flags, 0).hex().upper(),
             "attributesMask": _QE_ATTRIBUTES_MASK,
             "mrsigner": pki.qe_mr_signer.hex().upper(),
-            "isvprodid": pki.qe_isv_prod_id,
+            "isvprodid": self._qe_isv_prod_id,
             "tcbLevels": [
                 {
                     "tcb": {"isvsvn": pki.qe_isv_svn},
@@ -422,6 +442,125 @@ class SimPlatform:
                 }
             ],
         }
+
+
+class SimPlatform(_SimQuotingPlatform):
+    """One simulated SGX machine: a Quoting Enclave with its own attestation key.
+
+    The PCK certificate (hence FMSPC, CPUSVN, PCESVN) is the committed one; the TCB
+    status comes from the TCB info that :meth:`collateral_json` signs, which places
+    this platform on a level with the configured status.
+    """
+
+    def quote(self, identity: EnclaveIdentity, report_data: bytes) -> bytes:
+        """A DCAP v3 quote for an enclave with ``identity``, carrying ``report_data``."""
+        _check_report_data(report_data)
+        body = ReportBody(
+            cpu_svn=self._pki.cpu_svn,
+            attributes=attributes_bytes(identity.attribute_flags, identity.xfrm),
+            mr_enclave=identity.mr_enclave,
+            mr_signer=identity.mr_signer,
+            isv_prod_id=identity.isv_prod_id,
+            isv_svn=identity.isv_svn,
+            report_data=bytes(report_data),
+        )
+        return self._signed_quote(body.to_bytes())
+
+
+#: The simulated TDX module: its measurement (MRSEAM) and TEE_TCB_SVN (byte 0 the
+#: module's SVN, byte 1 its major version, as Intel's TDX module reports them).
+SIM_MR_SEAM = hashlib.sha384(b"teepsi INSECURE-SIMULATED TDX module").digest()
+SIM_TEE_TCB_SVN = bytes([3, 1, 2]) + bytes(13)
+# Intel signs the TDX module with an all-zero MRSIGNER_SEAM; dcap-qvl checks it.
+_TDX_MODULE_MR_SIGNER = bytes(48)
+_TDX_MODULE_ATTRIBUTES = bytes(8)
+
+
+class SimTdxPlatform(_SimQuotingPlatform):
+    """One simulated TDX machine: a TDX module and a TD quoting enclave.
+
+    Quotes are real v4 TDX quotes (TD report body); the collateral is TDX TCB info
+    (TDX module and its identities, TDX TCB components) and the TD_QE identity, signed
+    under the same simulated PKI as :class:`SimPlatform`'s.
+    """
+
+    _tdx: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        config: SimPlatformConfig = SimPlatformConfig(),
+        *,
+        mr_seam: bytes = SIM_MR_SEAM,
+        tee_tcb_svn: bytes = SIM_TEE_TCB_SVN,
+    ) -> None:
+        if len(mr_seam) != 48 or len(tee_tcb_svn) != 16:
+            raise ValueError("mr_seam must be 48 bytes and tee_tcb_svn 16")
+        if tee_tcb_svn[1] == 0:
+            raise ValueError("tee_tcb_svn[1] (the TDX module's major version) must be above 0")
+        super().__init__(config)
+        self.mr_seam = mr_seam
+        self._module_tcb_svn = tee_tcb_svn
+
+    @property
+    def _tee_tcb_svn(self) -> bytes:
+        return self._module_tcb_svn
+
+    def _tdx_module_info(self) -> dict[str, object]:
+        signer = _TDX_MODULE_MR_SIGNER.hex().upper()
+        attributes = _TDX_MODULE_ATTRIBUTES.hex().upper()
+        return {
+            "tdxModule": {
+                "mrsigner": signer,
+                "attributes": attributes,
+                "attributesMask": "FFFFFFFFFFFFFFFF",
+            },
+            "tdxModuleIdentities": [
+                {
+                    "id": f"TDX_{self._module_tcb_svn[1]:02X}",
+                    "mrsigner": signer,
+                    "attributes": attributes,
+                    "attributesMask": "FFFFFFFFFFFFFFFF",
+                    "tcbLevels": [
+                        {
+                            "tcb": {"isvsvn": self._module_tcb_svn[0]},
+                            "tcbDate": _LATEST_TCB_DATE,
+                            "tcbStatus": str(TcbStatus.UP_TO_DATE),
+                        }
+                    ],
+                }
+            ],
+        }
+
+    def quote(self, identity: TdIdentity, report_data: bytes) -> bytes:
+        """A TDX v4 quote for a TD with ``identity``, carrying ``report_data``.
+
+        MRSEAM and TEE_TCB_SVN are this platform's (the TDX module's), whatever
+        ``identity`` says.
+        """
+        _check_report_data(report_data)
+        body = TdReportBody(
+            tee_tcb_svn=self._module_tcb_svn,
+            mr_seam=self.mr_seam,
+            mr_signer_seam=_TDX_MODULE_MR_SIGNER,
+            seam_attributes=_TDX_MODULE_ATTRIBUTES,
+            td_attributes=identity.td_attributes.to_bytes(8, "little"),
+            xfam=identity.xfam.to_bytes(8, "little"),
+            mr_td=identity.mr_td,
+            mr_config_id=identity.mr_config_id,
+            mr_owner=identity.mr_owner,
+            mr_owner_config=identity.mr_owner_config,
+            rt_mr0=identity.rt_mr0,
+            rt_mr1=identity.rt_mr1,
+            rt_mr2=identity.rt_mr2,
+            rt_mr3=identity.rt_mr3,
+            report_data=bytes(report_data),
+        )
+        return self._signed_quote(body.to_bytes())
+
+
+def _check_report_data(report_data: bytes) -> None:
+    if len(report_data) != REPORT_DATA_SIZE:
+        raise EvidenceError(f"report_data must be {REPORT_DATA_SIZE} bytes, got {len(report_data)}")
 
 
 class SimEvidenceProvider(EvidenceProvider):
@@ -444,11 +583,38 @@ class SimEvidenceProvider(EvidenceProvider):
         return self.platform.collateral_json()
 
 
+class SimTdxEvidenceProvider(EvidenceProvider):
+    """Evidence from a :class:`SimTdxPlatform` for one TD acting as ``role``.
+
+    Like every TDX provider, it binds the role into report_data
+    (:func:`teepsi.attestation.evidence.tdx_report_data`): one VM image serves both
+    roles, so the measurements alone cannot tell them apart.
+    """
+
+    name: ClassVar[str] = "sim"
+    simulated: ClassVar[bool] = True
+
+    def __init__(
+        self, identity: TdIdentity, role: Role, platform: SimTdxPlatform | None = None
+    ) -> None:
+        self.identity = identity
+        self.role = role
+        self.platform = platform if platform is not None else SimTdxPlatform()
+
+    def quote(self, report_data: bytes) -> bytes:
+        return self.platform.quote(self.identity, tdx_report_data(self.role, report_data))
+
+    def collateral_json(self, quote: bytes) -> str | None:
+        if not is_simulated_quote(quote):
+            return None
+        return self.platform.collateral_json()
+
+
 def is_simulated_quote(quote: bytes) -> bool:
     """True when ``quote``'s embedded PCK chain ends in the simulated root CA.
 
-    Never raises: anything that is not a well-formed v3 quote with a PEM chain is
-    simply not a simulated quote.
+    Never raises: anything that is not a well-formed SGX v3 or TDX v4 quote with a PEM
+    chain is simply not a simulated quote.
     """
     try:
         parsed = parse_quote(quote)

@@ -19,7 +19,7 @@ from typing import Any
 
 import dcap_qvl
 
-from teepsi.attestation.evidence import EnclaveIdentity
+from teepsi.attestation.evidence import TD_MEASUREMENTS, EnclaveIdentity, TdIdentity
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class VerifiedQuote:
     """What a verified quote proves: who produced it, on what platform state."""
 
     tee_type: str
-    identity: EnclaveIdentity | None  # None for TDX quotes: teepsi peers are SGX enclaves
+    identity: EnclaveIdentity | None  # an SGX enclave's identity; None for a TD
     report_data: bytes
     tcb_status: str
     advisory_ids: tuple[str, ...]
@@ -62,6 +62,31 @@ class VerifiedQuote:
     #: The platform's PPID (hex) from its verified PCK certificate: the collateral
     #: rollback state is kept per platform (:class:`CollateralFreshness`).
     ppid: str = ""
+    #: A TDX TD's identity; None for an SGX enclave.
+    td: TdIdentity | None = None
+
+    def identity_fields(self) -> dict[str, object]:
+        """The verified identity as JSON fields: the enclave's, or the TD's registers."""
+        if self.td is not None:
+            td = self.td
+            fields: dict[str, object] = {"tee": "TDX"}
+            fields.update({name: getattr(td, name).hex() for name in TD_MEASUREMENTS})
+            fields.update(
+                td_attributes=td.td_attributes.to_bytes(8, "little").hex(),
+                xfam=td.xfam.to_bytes(8, "little").hex(),
+                tee_tcb_svn=td.tee_tcb_svn.hex(),
+            )
+            return fields
+        if self.identity is None:
+            return {"tee": self.tee_type}
+        ident = self.identity
+        return {
+            "tee": "SGX",
+            "mr_enclave": ident.mr_enclave.hex(),
+            "mr_signer": ident.mr_signer.hex(),
+            "isv_prod_id": ident.isv_prod_id,
+            "isv_svn": ident.isv_svn,
+        }
 
     @property
     def root(self) -> str:
@@ -81,11 +106,35 @@ def _identity_from_report(body: dict[str, Any]) -> EnclaveIdentity:
     )
 
 
+def _td_from_report(body: dict[str, Any]) -> TdIdentity:
+    return TdIdentity(
+        **{name: bytes.fromhex(body[name]) for name in TD_MEASUREMENTS},
+        td_attributes=int.from_bytes(bytes.fromhex(body["td_attributes"]), "little"),
+        xfam=int.from_bytes(bytes.fromhex(body["xfam"]), "little"),
+        tee_tcb_svn=bytes.fromhex(body["tee_tcb_svn"]),
+    )
+
+
 def _parse_collateral(collateral_json: str) -> Any:
     try:
         return dcap_qvl.QuoteCollateralV3.from_json(collateral_json)
     except (ValueError, TypeError) as exc:
         raise QuoteVerificationError(f"collateral is not valid dcap-qvl JSON: {exc}") from None
+
+
+def _expired_items(collateral_json: str, at: int) -> str:
+    """`` (at <time>: TCB info … expired <date>; …)`` when documents are out of date, else "".
+
+    dcap-qvl names only the first check that failed ("CrlExpired"); the operator needs
+    the document and its date to know what to fetch.
+    """
+    from teepsi.attestation.collateral import CollateralError, describe_collateral, iso_utc
+
+    try:
+        expired = describe_collateral(collateral_json).describe_expired(at)
+    except CollateralError:
+        return ""
+    return f" (at {iso_utc(at)}: {expired})" if expired else ""
 
 
 def checked_verification_time(now: int | None) -> int:
@@ -134,22 +183,30 @@ def verify_quote(
                 "peer evidence is SIMULATED (not hardware-backed) and does not verify under "
                 "Intel's root; pass --allow-simulated to accept simulated evidence"
             ) from None
-        raise QuoteVerificationError(f"quote verification failed: {reason}") from None
+        raise QuoteVerificationError(
+            f"quote verification failed: {reason}{_expired_items(collateral_json, at)}"
+        ) from None
     if use_sim_root:
         log.warning("%s (peer quote accepted under the simulated root)", SIMULATED_WARNING)
     report = json.loads(verified.to_json())
     body = report.get("report", {})
     identity: EnclaveIdentity | None = None
+    td: TdIdentity | None = None
     report_data = b""
     tee_type = "TDX"
     if "SgxEnclave" in body:
         tee_type = "SGX"
         identity = _identity_from_report(body["SgxEnclave"])
         report_data = bytes.fromhex(body["SgxEnclave"]["report_data"])
+    elif "TD10" in body:
+        td = _td_from_report(body["TD10"])
+        report_data = bytes.fromhex(body["TD10"]["report_data"])
     else:
+        # A TD 1.5 report (quote v5) or anything newer: teepsi judges no field of it.
         inner: dict[str, Any] = next(iter(body.values()), {}) if isinstance(body, dict) else {}
         report_data = bytes.fromhex(inner.get("report_data", ""))
     return VerifiedQuote(
+        td=td,
         tee_type=tee_type,
         identity=identity,
         report_data=report_data,

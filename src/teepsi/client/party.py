@@ -82,8 +82,10 @@ class PartyConfig:
     name: str
     party_count: int
     job_id: str = "default"
-    #: "sim", "gramine" or "none" (run outside an enclave; the server must allow it).
+    #: "sim", "gramine", "tdx" or "none" (run outside a TEE; the server must allow it).
     attestation: str = "sim"
+    #: The TEE ``attestation="sim"`` simulates: "sgx" or "tdx".
+    sim_tee: str = "sgx"
     allow_simulated: bool = False
     timeout: float = 600.0
     progress: bool = False
@@ -397,7 +399,7 @@ class PsiClient:
         )
         if cfg.attestation != "none":
             try:
-                provider = make_provider(cfg.attestation, Role.DATA_PROVIDER)
+                provider = make_provider(cfg.attestation, Role.DATA_PROVIDER, sim_tee=cfg.sim_tee)
                 quote = provider.quote(digest)
             except (EvidenceError, ValueError) as exc:
                 raise PsiClientError(

@@ -63,6 +63,8 @@ class ServerConfigError(ValueError):
 class ServerConfig:
     host: str = "0.0.0.0:50051"
     attestation: str = "sim"
+    #: The TEE ``attestation="sim"`` simulates: "sgx" or "tdx".
+    sim_tee: str = "sgx"
     #: Policy for data providers; required unless client attestation is off.
     client_policy: Policy | None = None
     require_client_attestation: bool = True
@@ -222,13 +224,9 @@ class RunningServer:
 
 def _describe_own_quote(quote: bytes) -> str:
     try:
-        body = parse_quote(quote).report_body
+        return parse_quote(quote).report_body.describe()
     except QuoteFormatError as exc:
         return f"(own quote unreadable: {exc})"
-    return (
-        f"MRENCLAVE {body.mr_enclave.hex()} MRSIGNER {body.mr_signer.hex()} "
-        f"ISV_PROD_ID {body.isv_prod_id} ISV_SVN {body.isv_svn}"
-    )
 
 
 def _remove_stale_spill(spill_dir: str | None) -> None:
@@ -266,7 +264,9 @@ def start_server(config: ServerConfig) -> RunningServer:
             f"--job-timeout {config.limits.job_timeout_seconds:g}s"
         )
     tune_allocator()
-    provider = config.provider or make_provider(config.attestation, Role.SERVER)
+    provider = config.provider or make_provider(
+        config.attestation, Role.SERVER, sim_tee=config.sim_tee
+    )
     if provider.simulated:
         log.warning("%s: this server's own evidence is simulated", SIMULATED_WARNING)
     if config.allow_simulated:
