@@ -166,9 +166,7 @@ class PeerVerifier:
             raise PeerRejected(f"{what}: {exc}") from None
         try:
             # Binding first: it reads the quote's bytes only.
-            evidence = extract_evidence(
-                certificate_der, at=datetime.fromtimestamp(when, tz=UTC)
-            )
+            evidence = extract_evidence(certificate_der, at=datetime.fromtimestamp(when, tz=UTC))
         except RaTlsError as exc:
             raise PeerRejected(f"{what} certificate: {exc}") from None
         peer = self._check(evidence.quote, collateral_json, what, role, when, record)

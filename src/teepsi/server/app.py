@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import enum
 import hashlib
 import logging
 import resource
 import signal
 import tempfile
 import threading
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from concurrent import futures
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -27,7 +28,7 @@ from teepsi.attestation.collateral import (
     CollateralFreshness,
     collateral_for_quote,
 )
-from teepsi.attestation.evidence import EvidenceProvider, Role
+from teepsi.attestation.evidence import EvidenceError, EvidenceProvider, Role
 from teepsi.attestation.peer import PeerVerifier
 from teepsi.attestation.policy import Policy
 from teepsi.attestation.providers import make_provider
@@ -267,6 +268,13 @@ def start_server(config: ServerConfig) -> RunningServer:
         ratls = create_certificate(provider, lifetime=config.certificate_lifetime)
     except RaTlsError as exc:
         raise ServerConfigError(str(exc)) from None
+    except EvidenceError as exc:
+        # Mostly: a server started outside an enclave, as a first try on a laptop is.
+        raise ServerConfigError(
+            f"--attestation {config.attestation}: cannot make this server's quote: {exc}; "
+            "for a test run outside SGX start the server with --attestation sim (and its "
+            "parties with --attestation sim --allow-simulated)"
+        ) from None
     collateral_cache = CollateralCache()
 
     def own_collateral() -> str:
@@ -387,23 +395,39 @@ def start_server(config: ServerConfig) -> RunningServer:
     )
 
 
-def run_server(config: ServerConfig, *, ready: threading.Event | None = None) -> bool:
+class ServerEnd(enum.Enum):
+    """Why a server run ended; each is its own exit status."""
+
+    STOPPED = "stopped"  # SIGTERM: a clean stop
+    INTERRUPTED = "interrupted"  # SIGINT (Ctrl-C)
+    CERTIFICATE_ENDED = "certificate ended"  # a supervisor should start it again
+
+
+def run_server(
+    config: ServerConfig, *, on_ready: Callable[[RunningServer], None] | None = None
+) -> ServerEnd:
     """Serve until SIGTERM or SIGINT, or the certificate's end, then shut down cleanly.
 
-    Returns True when the certificate ended (the process should exit non-zero, so that a
-    supervisor starts it again)."""
+    ``on_ready`` is called once the port is bound (the CLI announces the port with it)."""
     running = start_server(config)
     stop = threading.Event()
+    received: list[signal.Signals] = []
 
     def _on_signal(signum: int, _frame: FrameType | None) -> None:
-        log.info("received %s: shutting down", signal.Signals(signum).name)
+        received.append(signal.Signals(signum))
         stop.set()
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
-    if ready is not None:
-        ready.set()
+    if on_ready is not None:
+        on_ready(running)
     expired = running.serve_until(stop)
+    if received and received[0] is signal.SIGINT:
+        log.warning("interrupted (Ctrl-C): shutting down; the running jobs are dropped")
+    elif received:
+        log.info("received %s: shutting down", received[0].name)
     running.stop()
     log.info("server stopped")
-    return expired
+    if expired:
+        return ServerEnd.CERTIFICATE_ENDED
+    return ServerEnd.INTERRUPTED if received[0] is signal.SIGINT else ServerEnd.STOPPED
