@@ -267,18 +267,31 @@ def parse_duration(text: str) -> timedelta:
 
 def _table_spec(args: argparse.Namespace) -> object:
     from teepsi.engine.keys import Normalization, NormalizationError
-    from teepsi.engine.tables import TableError, TableFormat, TableSpec, detect_format
+    from teepsi.engine.tables import (
+        TableError,
+        TableFormat,
+        TableSpec,
+        detect_format,
+        directory_error,
+    )
 
     try:
         fmt = detect_format(args.data, args.format)
         normalization = Normalization.parse(args.normalize)
     except (TableError, NormalizationError) as exc:
         raise UsageError(str(exc)) from None
+    if fmt is not TableFormat.PARQUET and Path(args.data).is_dir():
+        raise UsageError(str(directory_error(Path(args.data))))
     if fmt is TableFormat.TEXT and args.key:
-        raise UsageError("--key applies to CSV and Parquet input; a text file's key is the line")
+        raise UsageError(
+            f"--key applies to CSV and Parquet input, and --data {args.data} is read as text "
+            "(one item per line, the line is the key)"
+            + ("" if args.format else "; if it is a table, pass --format csv or --format parquet")
+        )
     delimiter = args.delimiter
     if delimiter is None:
-        delimiter = "\t" if str(args.data).lower().endswith(".tsv") else ","
+        tsv = str(args.data).lower().removesuffix(".gz").endswith(".tsv")
+        delimiter = "\t" if tsv else ","
     if len(delimiter.encode()) != 1:
         raise UsageError(f"--delimiter {delimiter!r}: use a single one-byte character")
     quote = None if args.quote == "none" else args.quote
@@ -802,6 +815,13 @@ def _cmd_client(args: argparse.Namespace) -> int:
 
     try:
         result = run_party(config, table, save_resume=save_resume)
+    except KeyboardInterrupt:
+        if outputs.resume is not None and Path(outputs.resume).exists():
+            raise KeyboardInterrupt(
+                f"while the job lives, --resume with --resume-file {outputs.resume} fetches "
+                "the result"
+            ) from None
+        raise
     except PsiClientError as exc:
         hint = ""
         if outputs.resume is not None and Path(outputs.resume).exists():
@@ -931,6 +951,15 @@ def _cmd_spec_check(args: argparse.Namespace) -> int:
         spec = JobSpec.load(args.file)
     except SpecError as exc:
         raise UsageError(str(exc)) from None
+    import time
+
+    if spec.deadline is not None and spec.deadline <= time.time():
+        # Valid, but no server will run it: every party would be refused at join.
+        print(
+            f"teepsi spec: warning: {args.file}: deadline {spec.deadline_text()} has already "
+            "passed: a server refuses this job; agree on a new deadline with the other parties",
+            file=sys.stderr,
+        )
     print(
         json.dumps(
             {
@@ -1372,8 +1401,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         print(f"teepsi {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print(f"teepsi {args.command}: interrupted (Ctrl-C); nothing was saved", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        # The exception's text, if any, is what the interrupted step left to pick up.
+        detail = f"; {exc}" if str(exc) else ""
+        print(f"teepsi {args.command}: interrupted (Ctrl-C){detail}", file=sys.stderr)
         return EXIT_INTERRUPTED
     return code
 

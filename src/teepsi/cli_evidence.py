@@ -40,7 +40,7 @@ from teepsi.attestation.collateral import (
     quote_platform,
 )
 from teepsi.attestation.evidence import AttributeFlag, Role
-from teepsi.attestation.peer import PeerRejected, PeerVerifier
+from teepsi.attestation.peer import SIMULATED_REMEDY, PeerRejected, PeerVerifier
 from teepsi.attestation.policy import PolicyViolation, TcbAllowances
 from teepsi.attestation.quote import REPORT_BODY_SIZE, ReportBody
 from teepsi.attestation.ratls import (
@@ -52,7 +52,7 @@ from teepsi.attestation.ratls import (
     extract_evidence,
 )
 from teepsi.attestation.sim import is_simulated_quote
-from teepsi.attestation.verify import QuoteVerificationError, verify_quote
+from teepsi.attestation.verify import QuoteVerificationError, SimulatedEvidenceRefused, verify_quote
 from teepsi.privatefile import write_private
 
 __all__ = ["quote_fields", "register", "unix_seconds"]
@@ -243,6 +243,8 @@ def _cmd_verify_quote(args: argparse.Namespace) -> int:
         verified = verify_quote(quote, collateral, allow_simulated=args.allow_simulated, now=at)
     except QuoteVerificationError as exc:
         reason = str(exc)
+        if isinstance(exc, SimulatedEvidenceRefused):
+            reason += f"; {SIMULATED_REMEDY}"
         # dcap-qvl says "CrlExpired" or "TCBInfo expired"; name the document and its date.
         try:
             expired = describe_collateral(collateral).describe_expired(at)

@@ -214,14 +214,35 @@ def fetch_server_certificate(host: str, timeout: float) -> bytes:
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
     context.set_alpn_protocols(["h2"])
+    # Each step that fails says what the port is instead: nothing, not TLS, not gRPC.
+    check = "check --host, or that a teepsi server runs there"
     try:
-        with (
-            socket.create_connection(address, timeout=timeout) as raw,
-            context.wrap_socket(raw, server_hostname=RATLS_TARGET_NAME) as tls,
-        ):
+        raw = socket.create_connection(address, timeout=timeout)
+    except ConnectionRefusedError:
+        raise PsiClientError(
+            f"nothing listens at {host} (connection refused): start the teepsi server, or "
+            "check the port in --host"
+        ) from None
+    except OSError as exc:
+        raise PsiClientError(f"cannot reach {host}: {exc.strerror or exc}; {check}") from None
+    try:
+        with raw, context.wrap_socket(raw, server_hostname=RATLS_TARGET_NAME) as tls:
             der = tls.getpeercert(binary_form=True)
+            protocol = tls.selected_alpn_protocol()
+    except TimeoutError:
+        raise PsiClientError(
+            f"{host} accepted the connection but sent no TLS handshake within {timeout:g} s: "
+            f"not a teepsi server; {check}"
+        ) from None
     except (OSError, ssl.SSLError) as exc:
-        raise PsiClientError(f"cannot reach the server at {host}: {exc}; is it running?") from None
+        reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or exc
+        raise PsiClientError(
+            f"{host} does not speak TLS ({reason}): not a teepsi server; {check}"
+        ) from None
+    if protocol != "h2":
+        raise PsiClientError(
+            f"{host} is a TLS server without HTTP/2 (gRPC): not a teepsi server; {check}"
+        )
     if not der:
         raise PsiClientError(f"server at {host} presented no certificate")
     return der
@@ -297,6 +318,11 @@ class PsiClient:
                 pb.GetServerEvidenceRequest(), timeout=min(30.0, self._remaining())
             )
         except grpc.RpcError as exc:
+            if exc.code() is grpc.StatusCode.UNIMPLEMENTED:
+                raise PsiClientError(
+                    f"{self.config.host} is a gRPC server without the teepsi service "
+                    "(teepsi.v1.Psi): not a teepsi server; check --host"
+                ) from None
             raise _rpc_error("fetching the server's evidence", exc) from None
         if not hmac.compare_digest(evidence.certificate_der, der):
             raise PsiClientError("server's evidence names another certificate than its TLS one")

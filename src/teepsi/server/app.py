@@ -29,7 +29,7 @@ from teepsi.attestation.collateral import (
     collateral_for_quote,
 )
 from teepsi.attestation.evidence import EvidenceError, EvidenceProvider, Role
-from teepsi.attestation.peer import PeerVerifier
+from teepsi.attestation.peer import SERVER_SIMULATED_REMEDY, PeerVerifier
 from teepsi.attestation.policy import Policy
 from teepsi.attestation.providers import make_provider
 from teepsi.attestation.quote import QuoteFormatError, parse_quote
@@ -316,7 +316,10 @@ def start_server(config: ServerConfig) -> RunningServer:
         except CollateralError as exc:
             raise ServerConfigError(f"--collateral-state: {exc}") from None
         verifier = PeerVerifier(
-            config.client_policy, allow_simulated=config.allow_simulated, freshness=freshness
+            config.client_policy,
+            allow_simulated=config.allow_simulated,
+            freshness=freshness,
+            simulated_remedy=SERVER_SIMULATED_REMEDY,
         )
     if not config.require_client_attestation:
         log.warning(
