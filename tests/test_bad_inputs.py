@@ -1028,3 +1028,29 @@ def test_ctrl_c_exits_130_and_says_so(tmp_path, policy_file):
         "teepsi server: WARNING interrupted (Ctrl-C): shutting down; the running jobs are "
         "dropped" in log
     )
+
+
+def test_a_waiting_party_learns_why_it_waits_instead_of_a_bare_deadline(
+    limited, policy_file, tmp_path
+):
+    """A party gives up at its --timeout: its one line says where the job stood, including
+    that a partner was refused for another --normalize (told to the job's parties only)."""
+    data = tmp_path / "a.txt"
+    data.write_text("x\n")
+    waiting = start_client(
+        _args(limited, policy_file, data, "a", parties=3, job="why", extra=["--timeout", "8"])
+    )
+    _wait_for_log(limited, "job why: party a uploaded")
+    code, _, stderr = _run(
+        _args(limited, policy_file, data, "b", parties=3, job="why", extra=["--normalize", "nfc"])
+    )
+    assert code == 1 and "FAILED_PRECONDITION" in _only_error(stderr)
+    _, err = waiting.communicate(timeout=60)
+    assert waiting.returncode == 1
+    line = _only_error(err.decode())
+    assert line == (
+        "teepsi client: ERROR waiting for the result failed: DEADLINE_EXCEEDED: Deadline "
+        "Exceeded (the job when this party stopped waiting: 1 of 3 parties uploaded; 2 parties "
+        "have not joined; a party was refused: different key settings (--normalize or the "
+        "number of --key columns))"
+    ), line
