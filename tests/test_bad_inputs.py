@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -947,16 +948,29 @@ def test_a_server_without_allow_simulated_is_named_as_the_side_that_refuses(tmp_
     ), line
 
 
-@pytest.mark.parametrize("kind", ["closed", "http", "https"])
+@pytest.mark.parametrize("kind", ["closed", "http", "https", "grpc"])
 def test_a_port_that_is_not_a_teepsi_server_says_so(tmp_path, policy_file, kind):
     """A closed port, a plain HTTP server, an HTTPS (TLS, no HTTP/2) server: each named."""
     from fake_pccs import FakePccs
 
-    servers: list[FakePccs] = []
+    servers: list[Any] = []
     if kind == "closed":
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]  # closed once the block ends
+    elif kind == "grpc":
+        # Another gRPC service over TLS (HTTP/2), with a certificate for the RA-TLS name.
+        from concurrent import futures
+
+        from fake_pccs import self_signed_pem
+
+        cert_pem, key_pem = self_signed_pem("other", (RATLS_TARGET_NAME,))
+        other = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        port = other.add_secure_port(
+            "127.0.0.1:0", grpc.ssl_server_credentials([(key_pem, cert_pem)])
+        )
+        other.start()
+        servers.append(other)
     else:
         collateral = Path(__file__).parent / "vectors" / "sgx-dcap" / "sgx_quote_collateral.json"
         servers.append(FakePccs(collateral.read_text(), tls=kind == "https"))
@@ -970,7 +984,10 @@ def test_a_port_that_is_not_a_teepsi_server_says_so(tmp_path, policy_file, kind)
         run = subprocess.run(teepsi_cmd(*argv), capture_output=True, text=True, timeout=60)
     finally:
         for server in servers:
-            server.close()
+            if isinstance(server, FakePccs):
+                server.close()
+            else:
+                server.stop(grace=None)
     assert run.returncode == 1, run.stderr
     line = _only_error(run.stderr)
     host = f"127.0.0.1:{port}"
@@ -980,6 +997,8 @@ def test_a_port_that_is_not_a_teepsi_server_says_so(tmp_path, policy_file, kind)
         "http": f"teepsi client: ERROR {host} does not speak TLS (",
         "https": f"teepsi client: ERROR {host} is a TLS server without HTTP/2 (gRPC): not a "
         "teepsi server; check --host, or that a teepsi server runs there",
+        "grpc": f"teepsi client: ERROR {host} is a gRPC server without the teepsi service "
+        "(teepsi.v1.Psi): not a teepsi server; check --host",
     }[kind]
     assert line.startswith(expected), line
     if kind == "http":
