@@ -1358,7 +1358,7 @@ def build_parser() -> argparse.ArgumentParser:
     audit_verify.add_argument("--head", help="expected last hash (detects truncation)")
     audit_verify.set_defaults(func=_cmd_audit_verify)
 
-    register_evidence_tools(sub)  # type: ignore[arg-type]  # OneLineParser is an ArgumentParser
+    register_evidence_tools(sub)
     return parser
 
 

@@ -632,7 +632,7 @@ def _cmd_fetch_collateral(args: argparse.Namespace) -> int:
 # --- registration ---------------------------------------------------------------------
 
 
-def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     """Add ``verify-quote``, ``inspect-cert`` and ``fetch-collateral`` to a parser."""
     verify = subparsers.add_parser(
         "verify-quote",
