@@ -54,6 +54,33 @@ def _crl_ca(der: bytes) -> str:
     return "platform" if "platform" in issuer else "processor"
 
 
+def self_signed_pem(common_name: str, dns_names: tuple[str, ...] = ()) -> tuple[bytes, bytes]:
+    """(certificate PEM, PKCS#8 key PEM) of a fresh self-signed P-256 certificate."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    now = dt.datetime.now(dt.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(days=1))
+        .not_valid_after(now + dt.timedelta(days=1))
+    )
+    if dns_names:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.DNSName(n) for n in dns_names]), critical=False
+        )
+    cert = builder.sign(key, hashes.SHA256())
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return cert.public_bytes(serialization.Encoding.PEM), key_pem
+
+
 class FakePccs:
     """A threaded HTTP(S) server on 127.0.0.1 with a random port."""
 
@@ -133,25 +160,7 @@ class FakePccs:
 
     def _wrap_tls(self) -> None:
         # A self-signed certificate, as most on-premises PCCS installations use.
-        key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fake-pccs")])
-        now = dt.datetime.now(dt.UTC)
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(days=1))
-            .not_valid_after(now + dt.timedelta(days=1))
-            .sign(key, hashes.SHA256())
-        )
-        self.cert_pem = cert.public_bytes(serialization.Encoding.PEM)
-        key_pem = key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
+        self.cert_pem, key_pem = self_signed_pem("fake-pccs")
         with tempfile.TemporaryDirectory() as tmp:
             cert_file, key_file = Path(tmp) / "c.pem", Path(tmp) / "k.pem"
             cert_file.write_bytes(self.cert_pem)

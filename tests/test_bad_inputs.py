@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -298,8 +299,8 @@ def test_malformed_spec_is_exit_2_naming_file_and_field(
 RUN_CONFIG_CASES = {
     "unknown-key": (
         'hots = "x"\n',
-        "hots: not a per-run setting (allowed: host, name, parties, job, timeout, format, key, "
-        "delimiter, quote, normalize, spec, key_file)",
+        "hots: not a per-run setting of teepsi client (did you mean host? the keys are the "
+        "long flags of teepsi client --help with _ for -, e.g. resume_file for --resume-file)",
     ),
     "wrong-type": (
         'timeout = "soon"\n',
@@ -745,3 +746,331 @@ def test_20_mib_messages_are_resource_exhausted(limited):
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+# -- mistakes users make on the command line (issue 13): one line, the right exit code ------
+
+
+def _spec_past_deadline(tmp_path: Path, keys: list[str]) -> Path:
+    spec = tmp_path / "late.toml"
+    spec.write_text('job_id = "j"\ndeadline = "2020-01-01T00:00:00Z"\n' + _parties(keys))
+    return spec
+
+
+def _parquet_parts(directory: Path, frames: list[dict[str, list[str]]]) -> Path:
+    """A Spark-style table: part files, a _SUCCESS marker, hidden .crc files."""
+    import polars as pl
+
+    directory.mkdir()
+    for n, columns in enumerate(frames):
+        pl.DataFrame(columns).write_parquet(directory / f"part-{n:05d}.parquet")
+        (directory / f".part-{n:05d}.parquet.crc").write_bytes(b"crc")
+    (directory / "_SUCCESS").write_bytes(b"")
+    return directory
+
+
+MISTAKES = {
+    # name: (argv builder(tmp, policy, keys), exit code, the one line's start, a part of it)
+    "host-without-port": (
+        lambda t, p, k: ["server", "--host", "0.0.0.0", "--attestation", "sim"],
+        2,
+        "teepsi server: error: argument --host: '0.0.0.0' has no port: give HOST:PORT",
+    ),
+    "port-out-of-range": (
+        lambda t, p, k: ["server", "--host", "127.0.0.1:99999", "--attestation", "sim"],
+        2,
+        "teepsi server: error: argument --host: '127.0.0.1:99999': port '99999' is not a "
+        "number 0..65535",
+    ),
+    "client-host-without-port": (
+        lambda t, p, k: [
+            "127.0.0.1" if a == "127.0.0.1:1" else a for a in _client_argv(p, t / "a.txt")
+        ],
+        2,
+        "teepsi client: error: argument --host: '127.0.0.1' has no port",
+    ),
+    "zero-parties": (
+        lambda t, p, k: [*_client_argv(p, t / "a.txt"), "--parties", "0"],
+        2,
+        "teepsi client: error: argument --parties: '0': must be at least 1",
+    ),
+    "server-outside-sgx": (
+        lambda t, p, k: ["server", "--host", "127.0.0.1:0", "--config", str(p)],
+        2,
+        "teepsi server: ERROR --attestation gramine: cannot make this server's quote: ",
+    ),
+    "key-on-gzip-text": (
+        lambda t, p, k: [*_client_argv(p, t / "a.txt.gz"), "--key", "email"],
+        2,
+        "teepsi client: error: ",
+    ),
+    "key-on-xz-csv": (
+        lambda t, p, k: [*_client_argv(p, t / "a.csv.xz"), "--key", "email"],
+        2,
+        "teepsi client: error: ",
+    ),
+    "key-on-parquet-parts-without-format": (
+        lambda t, p, k: [*_client_argv(p, t / "parts"), "--key", "email", "--output", "o"],
+        2,
+        "teepsi client: error: ",
+    ),
+    "key-on-text": (
+        lambda t, p, k: [*_client_argv(p, t / "a.txt"), "--key", "email"],
+        2,
+        "teepsi client: error: --key applies to CSV and Parquet input, and --data ",
+    ),
+}
+MISTAKE_ENDINGS = {
+    "server-outside-sgx": "for a test run outside a TEE start the server with --attestation sim "
+    "(and its parties with --attestation sim --allow-simulated)",
+    "key-on-gzip-text": "a.txt.gz: a .gz-compressed file is read only as gzip CSV (.csv.gz, "
+    ".tsv.gz): decompress it first, or name it .csv.gz if it is gzip CSV",
+    "key-on-xz-csv": "a.csv.xz: a .xz-compressed file is read only as gzip CSV (.csv.gz, "
+    ".tsv.gz): decompress it first, or name it .csv.gz if it is gzip CSV",
+    "key-on-parquet-parts-without-format": "parts: a directory of Parquet files: pass --format "
+    "parquet to read them as one table",
+    "key-on-text": "is read as text (one item per line, the line is the key); if it is a table, "
+    "pass --format csv or --format parquet",
+}
+
+
+@pytest.mark.parametrize("case", sorted(MISTAKES))
+def test_each_listed_mistake_is_one_line_with_its_exit_code(
+    policy_file, tmp_path, party_keys, case
+):
+    """Real processes (argparse exits, logging, the server's start): exactly one line on
+    stderr besides warnings, no traceback, the exit code of the matrix."""
+    (tmp_path / "a.txt").write_text("x\n")
+    (tmp_path / "a.txt.gz").write_bytes(b"\x1f\x8b")
+    (tmp_path / "a.csv.xz").write_bytes(b"\xfd7zXZ")
+    _parquet_parts(tmp_path / "parts", [{"email": ["a"]}])
+    build, code, start = MISTAKES[case]
+    run = subprocess.run(
+        teepsi_cmd(*build(tmp_path, policy_file, party_keys)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        check=False,
+    )
+    assert run.returncode == code, run.stderr
+    assert "Traceback" not in run.stderr
+    line = _only_error(run.stderr)
+    assert line.startswith(start), line
+    assert line.endswith(MISTAKE_ENDINGS.get(case, "")), line
+
+
+def test_spec_check_warns_about_a_deadline_already_past(tmp_path, party_keys):
+    spec = _spec_past_deadline(tmp_path, party_keys)
+    run = subprocess.run(
+        teepsi_cmd("spec", "check", str(spec)), capture_output=True, text=True, timeout=60
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stderr.splitlines() == [
+        f"teepsi spec: warning: {spec}: deadline 2020-01-01T00:00:00Z has already passed: a "
+        "server refuses this job; agree on a new deadline with the other parties"
+    ]
+    assert json.loads(run.stdout)["deadline"] == "2020-01-01T00:00:00Z"
+    future = tmp_path / "future.toml"
+    future.write_text('job_id = "j"\ndeadline = "2999-01-01T00:00:00Z"\n' + _parties(party_keys))
+    run = subprocess.run(
+        teepsi_cmd("spec", "check", str(future)), capture_output=True, text=True, timeout=60
+    )
+    assert run.returncode == 0 and run.stderr == ""
+
+
+def test_gzip_csv_and_a_parquet_directory_are_read(limited, policy_file, tmp_path):
+    """A .csv.gz and a Spark-style x.parquet/ directory join one job, end to end."""
+    import gzip
+
+    import polars as pl
+
+    zipped = tmp_path / "a.csv.gz"
+    zipped.write_bytes(gzip.compress(b"email,n\nann@x,1\nbob@x,2\ncat@x,3\n"))
+    parts = _parquet_parts(
+        tmp_path / "b.parquet", [{"email": ["bob@x", "dan@x"]}, {"email": ["cat@x"]}]
+    )
+    runs = [
+        start_client(
+            _args(
+                limited,
+                policy_file,
+                data,
+                name,
+                parties=2,
+                job="zipped",
+                extra=["--key", "email", "--output", str(tmp_path / f"out-{name}{suffix}")],
+            )
+        )
+        for name, data, suffix in (("a", zipped, ".csv"), ("b", parts, ".parquet"))
+    ]
+    for proc in runs:
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err.decode()
+    assert sorted(pl.read_csv(tmp_path / "out-a.csv")["email"]) == ["bob@x", "cat@x"]
+    assert sorted(pl.read_parquet(tmp_path / "out-b.parquet")["email"]) == ["bob@x", "cat@x"]
+
+
+def test_a_server_without_allow_simulated_is_named_as_the_side_that_refuses(tmp_path, policy_file):
+    """The party passed --allow-simulated; the message must send it to the server's operator."""
+    workdir = tmp_path / "strict"
+    workdir.mkdir()
+    server = subprocess.Popen(
+        teepsi_cmd(
+            "server",
+            "--host",
+            "127.0.0.1:0",
+            "--attestation",
+            "sim",
+            "--announce",
+            "--config",
+            str(policy_file),
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        assert server.stdout is not None
+        port = int(json.loads(server.stdout.readline())["port"])
+        data = tmp_path / "a.txt"
+        data.write_text("x\n")
+        code, _, stderr = _run(
+            _args(_Server(server, port, workdir), policy_file, data, "a", parties=2)
+        )
+    finally:
+        _stop(server)
+    assert code == 1
+    line = _only_error(stderr)
+    assert line.startswith("teepsi client: ERROR joining the job failed: PERMISSION_DENIED: "), line
+    assert line.endswith(
+        "the SERVER refuses simulated evidence: its operator must start it with "
+        "--allow-simulated for a test run (this party's own --allow-simulated does not change "
+        "that), or run this party in an SGX enclave"
+    ), line
+
+
+@pytest.mark.parametrize("kind", ["closed", "http", "https", "grpc"])
+def test_a_port_that_is_not_a_teepsi_server_says_so(tmp_path, policy_file, kind):
+    """A closed port, a plain HTTP server, an HTTPS (TLS, no HTTP/2) server: each named."""
+    from fake_pccs import FakePccs
+
+    servers: list[Any] = []
+    if kind == "closed":
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]  # closed once the block ends
+    elif kind == "grpc":
+        # Another gRPC service over TLS (HTTP/2), with a certificate for the RA-TLS name.
+        from concurrent import futures
+
+        from fake_pccs import self_signed_pem
+
+        cert_pem, key_pem = self_signed_pem("other", (RATLS_TARGET_NAME,))
+        other = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        port = other.add_secure_port(
+            "127.0.0.1:0", grpc.ssl_server_credentials([(key_pem, cert_pem)])
+        )
+        other.start()
+        servers.append(other)
+    else:
+        collateral = Path(__file__).parent / "vectors" / "sgx-dcap" / "sgx_quote_collateral.json"
+        servers.append(FakePccs(collateral.read_text(), tls=kind == "https"))
+        port = servers[0].port
+    data = tmp_path / "a.txt"
+    data.write_text("x\n")
+    argv = [
+        a if a != "127.0.0.1:1" else f"127.0.0.1:{port}" for a in _client_argv(policy_file, data)
+    ]
+    try:
+        run = subprocess.run(teepsi_cmd(*argv), capture_output=True, text=True, timeout=60)
+    finally:
+        for server in servers:
+            if isinstance(server, FakePccs):
+                server.close()
+            else:
+                server.stop(grace=None)
+    assert run.returncode == 1, run.stderr
+    line = _only_error(run.stderr)
+    host = f"127.0.0.1:{port}"
+    expected = {
+        "closed": f"teepsi client: ERROR nothing listens at {host} (connection refused): start "
+        "the teepsi server, or check the port in --host",
+        "http": f"teepsi client: ERROR {host} does not speak TLS (",
+        "https": f"teepsi client: ERROR {host} is a TLS server without HTTP/2 (gRPC): not a "
+        "teepsi server; check --host, or that a teepsi server runs there",
+        "grpc": f"teepsi client: ERROR {host} is a gRPC server without the teepsi service "
+        "(teepsi.v1.Psi): not a teepsi server; check --host",
+    }[kind]
+    assert line.startswith(expected), line
+    if kind == "http":
+        assert line.endswith(
+            "not a teepsi server; check --host, or that a teepsi server runs there"
+        )
+
+
+def _interrupt(proc: subprocess.Popen[bytes]) -> tuple[int, str]:
+    import signal
+
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    return proc.returncode, (err or b"").decode()
+
+
+def test_ctrl_c_exits_130_and_says_so(tmp_path, policy_file):
+    """Ctrl-C on a server and on a party waiting for its partner: exit 130, one line each."""
+    workdir = tmp_path / "srv"
+    workdir.mkdir()
+    proc, port = start_server_process(workdir, policy_file)
+    server = _Server(proc, port, workdir)
+    data = tmp_path / "a.txt"
+    data.write_text("x\n")
+    out = tmp_path / "out.txt"
+    waiting = start_client(
+        _args(server, policy_file, data, "a", parties=2, job="ctrlc", extra=["--output", str(out)])
+    )
+    _wait_for_log(server, "party a uploaded")
+    code, stderr = _interrupt(waiting)
+    assert code == 130, stderr
+    assert "Traceback" not in stderr
+    # Its resume file is kept, and the line says how to pick the result up.
+    assert stderr.strip().splitlines()[-1] == (
+        f"teepsi client: interrupted (Ctrl-C); while the job lives, --resume with "
+        f"--resume-file {out}.resume fetches the result"
+    )
+    assert Path(f"{out}.resume").exists()
+    code, _ = _interrupt(proc)
+    assert proc.stdout is not None
+    proc.stdout.close()
+    assert code == 130
+    log = server.log()
+    assert "Traceback" not in log
+    assert (
+        "teepsi server: WARNING interrupted (Ctrl-C): shutting down; the running jobs are "
+        "dropped" in log
+    )
+
+
+def test_a_waiting_party_learns_why_it_waits_instead_of_a_bare_deadline(
+    limited, policy_file, tmp_path
+):
+    """A party gives up at its --timeout: its one line says where the job stood, including
+    that a partner was refused for another --normalize (told to the job's parties only)."""
+    data = tmp_path / "a.txt"
+    data.write_text("x\n")
+    waiting = start_client(
+        _args(limited, policy_file, data, "a", parties=3, job="why", extra=["--timeout", "8"])
+    )
+    _wait_for_log(limited, "job why: party a uploaded")
+    code, _, stderr = _run(
+        _args(limited, policy_file, data, "b", parties=3, job="why", extra=["--normalize", "nfc"])
+    )
+    assert code == 1 and "FAILED_PRECONDITION" in _only_error(stderr)
+    _, err = waiting.communicate(timeout=60)
+    assert waiting.returncode == 1
+    line = _only_error(err.decode())
+    assert line == (
+        "teepsi client: ERROR waiting for the result failed: DEADLINE_EXCEEDED: Deadline "
+        "Exceeded (the job when this party stopped waiting: 1 of 3 parties uploaded; 2 parties "
+        "have not joined; a party was refused: different key settings (--normalize or the "
+        "number of --key columns))"
+    ), line

@@ -345,8 +345,8 @@ def test_client_argv_is_accepted_by_teepsi_cli() -> None:
         ('host = "127.0.0.1:9"\nname = "a"\nparties = 2\nconfig = "/tmp/other.json"\n', []),
         ('host = "127.0.0.1:9"\nname = "a"\nparties = 2\nallow_simulated = true\n', []),
         ('host = "127.0.0.1:9"\nname = "a"\nparties = 2\nattestation = "none"\n', []),
-        ('host = "127.0.0.1:9"\nname = "a"\nparties = 2\ndata = "/etc/passwd"\n', []),
-        ('host = "127.0.0.1:9"\nname = "a"\nparties = 2\n', ["--name", "b"]),
+        ('host = "127.0.0.1:9"\nname = "a"\nparties = 2\ncollateral_state = "/tmp/x"\n', []),
+        ('host = "127.0.0.1:9"\nname = "a"\nparties = 2\npccs_url = "https://x"\n', []),
         ('host = "127.0.0.1:9"\nname = "a"\nparties = "two"\n', []),
         ("this is not toml", []),
     ],
@@ -638,7 +638,7 @@ def test_enclave_configuration_runs_a_contract_job_through_the_cli(
     [
         ("server", "max_jobs = 4\nallow_simulated = true\n", "allow_simulated: not a per-run"),
         ("server", "no_client_attestation = true\n", "no_client_attestation: not a per-run"),
-        ("server", 'audit_log = "/tmp/elsewhere"\n', "audit_log: not a per-run setting"),
+        ("server", 'collateral_state = "/tmp/x"\n', "collateral_state: not a per-run setting"),
         ("server", 'config = "/tmp/other.json"\n', "config: not a per-run setting"),
         ("server", 'max_jobs = "4"\n', "max_jobs: wrong type str (expected int"),
         ("server", "max_items = true\n", "max_items: wrong type bool (expected int"),
@@ -649,7 +649,8 @@ def test_enclave_configuration_runs_a_contract_job_through_the_cli(
         ("server", "max_workers = -3\n", "max_workers: '-3': must be at least 1"),
         ("client", "timeout = -1\n", "timeout: '-1': must be a finite number"),
         ("server", "[limits]\nmax_jobs = 4\n", "limits: not a per-run setting"),
-        ("client", 'receipt = "/data/elsewhere"\n', "receipt: not a per-run setting"),
+        ("client", 'collateral = "/data/elsewhere"\n', "collateral: not a per-run setting"),
+        ("client", "allow_outdated_tcb = true\n", "it decides whom this process trusts"),
         ("client", 'attestation = "none"\n', "attestation: not a per-run setting"),
         ("client", 'format = "exe"\n', "format: 'exe' is not one of text, csv, parquet"),
         ("client", 'key = "email"\n', "key: wrong type str (expected a list of str"),
@@ -693,16 +694,17 @@ def test_run_config_refuses_with_one_line_naming_file_and_field(
     assert problem in lines[0], lines
 
 
-def test_run_config_tables_name_real_flags_and_nothing_that_decides_trust() -> None:
-    """Every run.toml key stands for one existing flag; none of them widens trust or moves a
-    fixed file (policy, data, output, receipt, audit log)."""
-    from teepsi.cli import CLIENT_RUN_KEYS, SERVER_RUN_KEYS, build_parser
+def test_run_config_keys_are_every_flag_but_the_trust_flags() -> None:
+    """Every settings key stands for one existing flag of its command; no trust flag (policy,
+    attestation mode, allow flags, collateral sources, rollback state) is a key."""
+    from teepsi.cli import TRUST_FLAGS, build_parser, run_keys
 
     parser = build_parser()
     subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     never = {
         "--config",
         "--attestation",
+        "--sim-tee",
         "--allow-simulated",
         "--allow-outdated-tcb",
         "--allow-hw-config",
@@ -712,21 +714,62 @@ def test_run_config_tables_name_real_flags_and_nothing_that_decides_trust() -> N
         "--pccs-url",
         "--qcnl-config",
         "--collateral",
-        "--data",
-        "--output",
-        "--receipt",
-        "--audit-log",
-        "--spill-dir",
+        "--collateral-state",
         "--run-config",
         "--announce",
     }
-    for command, keys in (("server", SERVER_RUN_KEYS), ("client", CLIENT_RUN_KEYS)):
-        flags = {o for a in subparsers.choices[command]._actions for o in a.option_strings}
+    assert never - {"--run-config", "--announce"} <= TRUST_FLAGS
+    for command in ("server", "client"):
+        sub = subparsers.choices[command]
+        keys = run_keys(sub)
+        flags = {o for a in sub._actions for o in a.option_strings}
         assert set(keys.values()) <= flags, command
         assert not set(keys.values()) & never, command
         assert len(set(keys.values())) == len(keys), command
         for key, flag in keys.items():
             assert key == flag.removeprefix("--").replace("-", "_"), key
+        # Every other long option is a setting ("every flag").
+        settable = {f for f in flags if f.startswith("--")} - never - {"--help"}
+        assert settable == set(keys.values()), command
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_the_host_cannot_override_the_measured_argv(role: str, tmp_path: Path) -> None:
+    """The manifest's argv pins the trust flags and the fixed files; a host-written run.toml
+    naming every setting cannot change one of them (a flag beats the file), and no host
+    environment variable reaches the enclave (checked in test_environment_is_fixed_values_only;
+    here: the manifest's own fixed variables set no TEEPSI_* setting)."""
+    from teepsi.cli import build_parser, parse_settings, run_keys
+
+    data = manifest(role)
+    argv = cli_args(data["loader"]["argv"])
+    assert not [k for k in data["loader"].get("env", {}) if k.startswith("TEEPSI_")]
+    command = argv[0]
+    subparsers = next(
+        a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)
+    )
+    sub = subparsers.choices[command]
+    actions = {o: a for a in sub._actions for o in a.option_strings}
+    pinned = {f for f in argv if f.startswith("--")} - {"--run-config"}
+    hostile: dict[str, Any] = {}
+    for key, flag in run_keys(sub).items():
+        if flag not in pinned:
+            continue
+        action = actions[flag]
+        hostile[key] = (
+            True if action.nargs == 0 else ("127.0.0.1:1" if flag == "--host" else "/tmp/elsewhere")
+        )
+    assert hostile, "the manifest pins no settable flag: nothing to check"
+    run_toml = tmp_path / "run.toml"
+    run_toml.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in hostile.items()))
+    local = [a if a != "/data/run.toml" else str(run_toml) for a in argv]
+    env = {f"TEEPSI_{k.upper()}": str(v).lower() for k, v in hostile.items()}
+    env["TEEPSI_HOST"] = "127.0.0.2:2"
+    args = parse_settings(local, env)
+    fixed = build_parser().parse_args(local)
+    for key in hostile:
+        dest = actions[run_keys(sub)[key]].dest
+        assert getattr(args, dest) == getattr(fixed, dest), key
 
 
 @pytest.mark.parametrize("role", ROLES)

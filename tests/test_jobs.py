@@ -927,3 +927,37 @@ def test_partitions_do_not_follow_the_first_digest():
     assert np.array_equal(
         Partitioner(b"k" * 16).partitions(records), Partitioner(b"k" * 16).partitions(records)
     )
+
+
+def _progress(reg: JobRegistry, token: bytes, seen=None, *, timeout: float = 5.0):
+    return asyncio.run(reg.next_progress_async(token, seen, timeout=timeout))
+
+
+def test_a_waiting_party_learns_the_counts_and_why_a_partner_was_refused(registry):
+    """While it waits, a party of the job gets counts and the job's progress line: who has
+    not joined, and that a would-be partner was refused for other key settings; the counts
+    change with joins and uploads; the wait for a change is woken, not polled."""
+    a = registry.join("prog", "a", 3, TRIM)
+    _upload(registry, a.token, {"x"})
+    first = _progress(registry, a.token)
+    assert (first.party_count, first.joined, first.uploaded, first.waiting) == (3, 1, 1, True)
+    assert first.status == "1 of 3 parties uploaded; 2 parties have not joined"
+    other = TRIM.replace("normalize=trim", "normalize=trim,casefold")
+    _refusal(registry, "prog", "b", 3, other)
+    refused = _progress(registry, a.token, first)
+    assert refused.status == (
+        "1 of 3 parties uploaded; 2 parties have not joined; a party was refused: different "
+        "key settings (--normalize or the number of --key columns)"
+    )
+    # Nothing changes: the wait ends at its timeout with nothing new.
+    started = time.monotonic()
+    assert _progress(registry, a.token, refused, timeout=0.3) is None
+    assert 0.25 <= time.monotonic() - started < 2
+    # A join from another thread wakes a waiting watcher at once.
+    threading.Timer(0.2, lambda: registry.join("prog", "b", 3, TRIM)).start()
+    joined = _progress(registry, a.token, refused, timeout=10)
+    assert (joined.joined, joined.uploaded) == (2, 1)
+    # Only parties of the job: an unknown session is refused.
+    with pytest.raises(ServiceError) as err:
+        _progress(registry, b"\0" * 32)
+    assert err.value.kind is ErrorKind.UNAUTHENTICATED

@@ -53,7 +53,7 @@ from teepsi.attestation.sim import (
     is_simulated_quote,
 )
 from teepsi.attestation.transcript import join_transcript_digest
-from teepsi.attestation.verify import QuoteVerificationError, verify_quote
+from teepsi.attestation.verify import QuoteVerificationError, SimulatedEvidenceRefused, verify_quote
 
 VECTORS = Path(__file__).parent / "vectors" / "sgx-dcap"
 REAL_TDX_AT = 1750330631
@@ -133,7 +133,8 @@ def test_sim_tdx_verified_by_the_same_dcap_call_under_the_simulated_root() -> No
 def test_sim_tdx_refused_under_intels_root() -> None:
     platform = SimTdxPlatform()
     quote = platform.quote(sim_td_identity(), bytes(64))
-    with pytest.raises(QuoteVerificationError, match=r"SIMULATED .* --allow-simulated"):
+    # The library names no flag; the refusing side (PeerVerifier) adds its remedy.
+    with pytest.raises(SimulatedEvidenceRefused, match=r"SIMULATED .* under Intel's root"):
         verify_quote(quote, platform.collateral_json())
 
 

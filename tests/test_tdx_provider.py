@@ -198,5 +198,5 @@ def test_server_attestation_tdx_without_configfs_is_one_line() -> None:
     assert run.returncode == 2
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in run.stderr
-    assert "cannot produce evidence (--attestation tdx)" in lines[0]
+    assert "--attestation tdx: cannot make this server's quote" in lines[0]
     assert "configfs-tsm needs a TDX guest with Linux 6.7" in lines[0]

@@ -13,7 +13,11 @@ from teepsi.attestation.measure import sim_identity
 from teepsi.attestation.peer import PeerRejected, PeerVerifier
 from teepsi.attestation.policy import Policy, TcbAllowances, policy_for
 from teepsi.attestation.sim import SimPlatform, SimPlatformConfig, TcbStatus
-from teepsi.attestation.verify import QuoteVerificationError, verify_quote
+from teepsi.attestation.verify import (
+    QuoteVerificationError,
+    SimulatedEvidenceRefused,
+    verify_quote,
+)
 
 VECTORS = Path(__file__).resolve().parent / "vectors" / "sgx-dcap"
 
@@ -100,7 +104,8 @@ def test_tampered_real_quote_rejected():
 
 def test_simulated_quote_needs_explicit_permission():
     quote, collateral, _ = _sim_quote()
-    with pytest.raises(QuoteVerificationError, match=r"SIMULATED.*--allow-simulated"):
+    # The refusal names no flag: the remedy is the verifying side's, which its caller names.
+    with pytest.raises(SimulatedEvidenceRefused, match=r"SIMULATED"):
         verify_quote(quote, collateral)
     verified = verify_quote(quote, collateral, allow_simulated=True)
     assert verified.simulated and verified.tcb_status == "UpToDate"

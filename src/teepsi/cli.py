@@ -1,6 +1,7 @@
 """The ``teepsi`` command line: a thin layer over :mod:`teepsi.server` and :mod:`teepsi.client`.
 
-Exit codes: 0 success; 1 the run failed or a peer was refused; 2 bad usage or input.
+Exit codes: 0 success; 1 the run failed or a peer was refused; 2 bad usage or input;
+130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -9,12 +10,13 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from teepsi import __version__
 
@@ -26,6 +28,7 @@ log = logging.getLogger("teepsi")
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
 
 class UsageError(Exception):
@@ -85,11 +88,16 @@ def _add_trust_flags(parser: argparse.ArgumentParser) -> None:
 def _cmd_server(args: argparse.Namespace) -> int:
     from teepsi.attestation.policy import Policy
     from teepsi.attestation.ratls import DEFAULT_LIFETIME
-    from teepsi.server.app import ServerConfig, ServerConfigError, run_server, start_server
+    from teepsi.server.app import (
+        RunningServer,
+        ServerConfig,
+        ServerConfigError,
+        ServerEnd,
+        run_server,
+    )
     from teepsi.server.jobs import Limits
 
     _setup_logging("server", args.verbose)
-    _apply_run_config(args)
     if args.no_client_attestation and args.config is None:
         policy = None
     else:
@@ -131,36 +139,22 @@ def _cmd_server(args: argparse.Namespace) -> int:
         qcnl_path=args.qcnl_config,
         insecure_pccs_tls=args.insecure_pccs_tls,
     )
+
+    def announce(running: RunningServer) -> None:
+        # The demo and tests learn the bound port from one JSON line on stdout.
+        sys.stdout.write(json.dumps({"port": running.port, "pid": os.getpid()}) + "\n")
+        sys.stdout.flush()
+
     try:
-        if args.announce:
-            # The demo and tests learn the bound port from one JSON line on stdout.
-            running = start_server(config)
-            expired = _serve_announced(running)
-        else:
-            expired = run_server(config)
+        end = run_server(config, on_ready=announce if args.announce else None)
     except ServerConfigError as exc:
         log.error("%s", exc)
         return EXIT_USAGE
-    return EXIT_FAILED if expired else EXIT_OK
-
-
-def _serve_announced(running: object) -> bool:
-    import signal
-    import threading
-
-    from teepsi.server.app import RunningServer
-
-    assert isinstance(running, RunningServer)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    sys.stdout.write(json.dumps({"port": running.port, "pid": os.getpid()}) + "\n")
-    sys.stdout.flush()
-    expired = running.serve_until(stop)
-    log.info("shutting down")
-    running.stop()
-    log.info("server stopped")
-    return expired
+    return {
+        ServerEnd.STOPPED: EXIT_OK,
+        ServerEnd.INTERRUPTED: EXIT_INTERRUPTED,
+        ServerEnd.CERTIFICATE_ENDED: EXIT_FAILED,
+    }[end]
 
 
 def parse_size(text: str) -> int:
@@ -220,6 +214,45 @@ def positive_seconds(text: str) -> float:
     return value
 
 
+_HOSTNAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,252})")
+
+
+def _address(text: str, lowest_port: int) -> str:
+    """HOST:PORT or [IPv6]:PORT, the port in lowest_port..65535 (gRPC itself would pick
+    443 for a missing port and wrap an out-of-range one)."""
+    example = "HOST:PORT, e.g. 127.0.0.1:50051 or [::1]:50051"
+    host, sep, port = text.rpartition(":")
+    if not sep or not host:
+        raise argparse.ArgumentTypeError(f"{text!r} has no port: give {example}")
+    if host.startswith("[") and host.endswith("]"):
+        import ipaddress
+
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: {host} is not an IPv6 address") from None
+    elif not _HOSTNAME.fullmatch(host):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: {host!r} is not a host name or address (an IPv6 address goes in "
+            f"brackets): give {example}"
+        )
+    if not port.isdigit() or not lowest_port <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: port {port!r} is not a number {lowest_port}..65535"
+        )
+    return text
+
+
+def server_address(text: str) -> str:
+    """The address the server listens on; port 0 picks a free port."""
+    return _address(text, 0)
+
+
+def client_address(text: str) -> str:
+    """The server's address as a client dials it."""
+    return _address(text, 1)
+
+
 def parse_duration(text: str) -> timedelta:
     """A duration from "30d", "12h", "90m", "45s" or plain seconds."""
     units = {"d": 86400, "h": 3600, "m": 60, "s": 1}
@@ -238,18 +271,31 @@ def parse_duration(text: str) -> timedelta:
 
 def _table_spec(args: argparse.Namespace) -> object:
     from teepsi.engine.keys import Normalization, NormalizationError
-    from teepsi.engine.tables import TableError, TableFormat, TableSpec, detect_format
+    from teepsi.engine.tables import (
+        TableError,
+        TableFormat,
+        TableSpec,
+        detect_format,
+        directory_error,
+    )
 
     try:
         fmt = detect_format(args.data, args.format)
         normalization = Normalization.parse(args.normalize)
     except (TableError, NormalizationError) as exc:
         raise UsageError(str(exc)) from None
+    if fmt is not TableFormat.PARQUET and Path(args.data).is_dir():
+        raise UsageError(str(directory_error(Path(args.data))))
     if fmt is TableFormat.TEXT and args.key:
-        raise UsageError("--key applies to CSV and Parquet input; a text file's key is the line")
+        raise UsageError(
+            f"--key applies to CSV and Parquet input, and --data {args.data} is read as text "
+            "(one item per line, the line is the key)"
+            + ("" if args.format else "; if it is a table, pass --format csv or --format parquet")
+        )
     delimiter = args.delimiter
     if delimiter is None:
-        delimiter = "\t" if str(args.data).lower().endswith(".tsv") else ","
+        tsv = str(args.data).lower().removesuffix(".gz").endswith(".tsv")
+        delimiter = "\t" if tsv else ","
     if len(delimiter.encode()) != 1:
         raise UsageError(f"--delimiter {delimiter!r}: use a single one-byte character")
     quote = None if args.quote == "none" else args.quote
@@ -377,46 +423,67 @@ def _client_contract(args: argparse.Namespace) -> tuple[Any, Any]:
     return spec, key
 
 
-#: What a ``--run-config`` TOML file may set: its key -> the flag it stands for. Only
-#: per-run values that decide nothing about whom the process trusts; the policy, the
-#: attestation mode and the allow flags stay on the (under Gramine, measured) command line.
-#: The flag's own argparse type and choices check the value, so adding a key is one line.
-CLIENT_RUN_KEYS: dict[str, str] = {
-    "host": "--host",
-    "name": "--name",
-    "parties": "--parties",
-    "job": "--job",
-    "timeout": "--timeout",
-    "format": "--format",
-    "key": "--key",
-    "delimiter": "--delimiter",
-    "quote": "--quote",
-    "normalize": "--normalize",
-    # Paths: under Gramine only the manifest's allowed files can be opened at all.
-    "spec": "--spec",
-    "key_file": "--key-file",
-}
-SERVER_RUN_KEYS: dict[str, str] = {
-    "max_jobs": "--max-jobs",
-    "max_parties": "--max-parties",
-    "max_items": "--max-items",
-    "job_timeout": "--job-timeout",
-    "memory_budget": "--memory-budget",
-    "max_workers": "--max-workers",
-    "join_timeout": "--join-timeout",
-    "max_jobs_per_party": "--max-jobs-per-party",
-    "max_jobs_per_address": "--max-jobs-per-address",
-    "max_connections": "--max-connections",
-    "connection_idle_timeout": "--connection-idle-timeout",
-    "handshake_timeout": "--handshake-timeout",
-    "upload_idle_timeout": "--upload-idle-timeout",
-}
+#: Flags only the command line may set (under Gramine: the measured ``loader.argv``). They
+#: decide whom this process trusts (the policy, the attestation mode, the allow flags, where
+#: collateral comes from) or hold its rollback state, so neither a settings file (an allowed,
+#: host-written file in an enclave) nor an environment variable may set them.
+TRUST_FLAGS: frozenset[str] = frozenset(
+    {
+        "--config",
+        "--attestation",
+        "--sim-tee",
+        "--allow-simulated",
+        "--allow-outdated-tcb",
+        "--allow-hw-config",
+        "--allow-sw-hardening",
+        "--no-client-attestation",
+        "--insecure-pccs-tls",
+        "--pccs-url",
+        "--qcnl-config",
+        "--collateral",
+        "--collateral-state",
+    }
+)
+#: Options that are not settings: the settings file itself, help, internal switches.
+_NOT_SETTINGS = frozenset({"--run-config", "--announce", "--help", "--version"})
+#: Environment variables of the settings: TEEPSI_ and the key in capitals (TEEPSI_MAX_JOBS).
+ENV_PREFIX = "TEEPSI_"
+RUN_CONFIG_ENV = ENV_PREFIX + "RUN_CONFIG"
+_ENV_TRUE = frozenset({"1", "true", "yes", "on"})
+_ENV_FALSE = frozenset({"0", "false", "no", "off", ""})
 CLIENT_DEFAULTS: dict[str, object] = {
     "job": "default",
     "timeout": 600.0,
     "quote": '"',
     "normalize": "trim",
 }
+
+
+def _long_option(action: argparse.Action) -> str | None:
+    return next((o for o in action.option_strings if o.startswith("--")), None)
+
+
+def setting_key(flag: str) -> str:
+    """The settings-file key of a flag: ``--max-jobs`` -> ``max_jobs``."""
+    return flag.removeprefix("--").replace("-", "_")
+
+
+def run_keys(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """``key -> flag`` for every setting of a command a file or the environment may give:
+    each of its long options except the trust flags (so a new flag is a setting at once)."""
+    keys: dict[str, str] = {}
+    for action in parser._actions:
+        flag = _long_option(action)
+        if flag is None or flag in TRUST_FLAGS or flag in _NOT_SETTINGS:
+            continue
+        keys[setting_key(flag)] = flag
+    return keys
+
+
+def trust_keys(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """``key -> flag`` of the command's trust flags (named in refusals)."""
+    flags = (_long_option(a) for a in parser._actions)
+    return {setting_key(f): f for f in flags if f is not None and f in TRUST_FLAGS}
 
 
 def _toml_types(action: argparse.Action) -> tuple[type, ...]:
@@ -432,10 +499,42 @@ def _toml_types(action: argparse.Action) -> tuple[type, ...]:
     return (str,)
 
 
+def _convert(action: argparse.Action, item: object, where: str) -> object:
+    """One value as the flag's own type and choices check it (``where`` names its source)."""
+    converter = action.type if callable(action.type) else None
+    try:
+        result = item if converter is None else converter(str(item))
+    except (ValueError, TypeError, argparse.ArgumentTypeError) as exc:
+        raise UsageError(f"{where}: {exc}") from None
+    if action.choices is not None and result not in action.choices:
+        raise UsageError(f"{where}: {item!r} is not one of {', '.join(map(str, action.choices))}")
+    return result
+
+
+def _refuse_key(where: str, key: str, parser: argparse.ArgumentParser) -> UsageError:
+    trust = trust_keys(parser)
+    if key in trust:
+        return UsageError(
+            f"{where}: not a per-run setting: it decides whom this process trusts, so only "
+            f"the command line sets it ({trust[key]})"
+        )
+    import difflib
+
+    command = parser.prog.split()[-1]
+    close = difflib.get_close_matches(key, run_keys(parser), n=1)
+    hint = f"did you mean {close[0]}? " if close else ""
+    example = next((k for k, flag in run_keys(parser).items() if "_" in k), "host")
+    return UsageError(
+        f"{where}: not a per-run setting of teepsi {command} ({hint}the keys are the long "
+        f"flags of teepsi {command} --help with _ for -, e.g. {example} for "
+        f"{run_keys(parser)[example]})"
+    )
+
+
 def _run_config_values(
-    path: Path, keys: dict[str, str], parser: argparse.ArgumentParser
+    path: Path, parser: argparse.ArgumentParser
 ) -> dict[str, tuple[str, object]]:
-    """``key -> (dest, value)`` from a run file, each value checked as its flag checks it."""
+    """``key -> (dest, value)`` from a settings file, each value checked as its flag checks it."""
     import tomllib
 
     try:
@@ -444,14 +543,14 @@ def _run_config_values(
         raise UsageError(f"--run-config {path}: cannot read: {exc.strerror}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise UsageError(f"--run-config {path}: not valid TOML: {exc}") from None
+    keys = run_keys(parser)
     actions = {option: a for a in parser._actions for option in a.option_strings}
     merged: dict[str, tuple[str, object]] = {}
     for key, value in values.items():
+        where = f"--run-config {path}: {key}"
         flag = keys.get(key)
         if flag is None:
-            raise UsageError(
-                f"--run-config {path}: {key}: not a per-run setting (allowed: {', '.join(keys)})"
-            )
+            raise _refuse_key(where, key, parser)
         action = actions[flag]
         many = isinstance(action, argparse._AppendAction)  # a repeatable flag: a TOML list
         wanted = _toml_types(action)
@@ -465,50 +564,82 @@ def _run_config_values(
                 or (isinstance(item, bool) and bool not in wanted)
             ):
                 raise UsageError(
-                    f"--run-config {path}: {key}: wrong type {type(item).__name__} "
+                    f"{where}: wrong type {type(item).__name__} "
                     f"(expected {f'a list of {kinds}' if many else kinds}, as for {flag})"
                 )
-        converter = action.type if callable(action.type) else None
-        converted: list[object] = []
-        for item in items:
-            try:
-                result = item if converter is None else converter(str(item))
-            except (ValueError, TypeError, argparse.ArgumentTypeError) as exc:
-                raise UsageError(f"--run-config {path}: {key}: {exc}") from None
-            if action.choices is not None and result not in action.choices:
-                raise UsageError(
-                    f"--run-config {path}: {key}: {item!r} is not one of "
-                    f"{', '.join(map(str, action.choices))}"
-                )
-            converted.append(result)
+        converted = [_convert(action, item, where) for item in items]
         merged[key] = (action.dest, converted if many else converted[0])
     return merged
 
 
-def _apply_run_config(args: argparse.Namespace) -> None:
-    """Merge ``--run-config`` (TOML) into ``args``; refuse anything else it tries to set.
+def _environment_values(
+    environ: Mapping[str, str], parser: argparse.ArgumentParser
+) -> dict[str, tuple[str, object]]:
+    """``key -> (dest, value)`` from ``TEEPSI_<KEY>`` variables, checked as the flags check.
 
-    A value may come from the command line or the file, never both (``args.explicit`` holds
-    the dests given on the command line).
+    A flag that takes no value reads 1/true/yes/on or 0/false/no/off; a repeatable one
+    (``--key``) a comma-separated list. A variable naming a trust flag is refused; other
+    ``TEEPSI_*`` names (the deploy scripts' own, another command's keys) are not settings
+    of this command and are left alone.
     """
-    if not args.run_config:
-        return
-    path = Path(args.run_config)
-    for key, (dest, value) in _run_config_values(path, args.run_keys, args.subparser).items():
-        if dest in args.explicit:
-            raise UsageError(
-                f"--run-config {path}: {key}: also given on the command line; give it once"
-            )
-        setattr(args, dest, value)
+    actions = {option: a for a in parser._actions for option in a.option_strings}
+    trust = trust_keys(parser)
+    merged: dict[str, tuple[str, object]] = {}
+    for name in sorted(environ):
+        if not name.startswith(ENV_PREFIX) or name == RUN_CONFIG_ENV:
+            continue
+        key = name.removeprefix(ENV_PREFIX).lower()
+        text = environ[name]
+        where = f"environment {name}"
+        if key in trust:
+            raise _refuse_key(where, key, parser)
+        flag = run_keys(parser).get(key)
+        if flag is None:
+            continue
+        action = actions[flag]
+        value: object
+        if action.nargs == 0:
+            word = text.strip().lower()
+            if word not in _ENV_TRUE | _ENV_FALSE:
+                raise UsageError(
+                    f"{where}: {text!r}: expected 1, true, yes, on, 0, false, no or off"
+                )
+            value = word in _ENV_TRUE
+        elif isinstance(action, argparse._AppendAction):
+            value = [_convert(action, part.strip(), where) for part in text.split(",")]
+        else:
+            value = _convert(action, text, where)
+        merged[key] = (action.dest, value)
+    return merged
+
+
+def _apply_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> None:
+    """Merge the settings file (``--run-config`` or ``$TEEPSI_RUN_CONFIG``) and the
+    ``TEEPSI_*`` variables into ``args``: a flag beats a variable, which beats the file,
+    which beats the default. ``args.explicit`` holds the dests given on the command line.
+    """
+    parser = args.subparser
+    if not args.run_config and environ.get(RUN_CONFIG_ENV):
+        args.run_config = environ[RUN_CONFIG_ENV]
+    layers = [_environment_values(environ, parser)]
+    if args.run_config:
+        layers.append(_run_config_values(Path(args.run_config), parser))
+    for layer in reversed(layers):  # the file first, so the environment overrides it
+        for dest, value in layer.values():
+            if dest not in args.explicit:
+                setattr(args, dest, value)
 
 
 def _client_defaults(args: argparse.Namespace) -> None:
     for key, default in CLIENT_DEFAULTS.items():
         if getattr(args, key) is None:
             setattr(args, key, default)
-    for key in ("host", "name", "parties"):
+    for key in ("host", "name", "parties", "data"):
         if getattr(args, key) is None:
-            raise UsageError(f"--{key} is required (on the command line or in --run-config)")
+            raise UsageError(
+                f"--{key} is required (on the command line, as {ENV_PREFIX}{key.upper()} or "
+                "in --run-config)"
+            )
 
 
 @dataclass(frozen=True)
@@ -618,7 +749,6 @@ def _cmd_client(args: argparse.Namespace) -> int:
     from teepsi.privatefile import write_private
 
     _setup_logging("client", args.verbose, args.quiet)
-    _apply_run_config(args)
     job_spec, party_key = _client_contract(args)
     _client_defaults(args)
     from teepsi.contract.spec import IDENTIFIER_PATTERN
@@ -691,6 +821,13 @@ def _cmd_client(args: argparse.Namespace) -> int:
 
     try:
         result = run_party(config, table, save_resume=save_resume)
+    except KeyboardInterrupt:
+        if outputs.resume is not None and Path(outputs.resume).exists():
+            raise KeyboardInterrupt(
+                f"while the job lives, --resume with --resume-file {outputs.resume} fetches "
+                "the result"
+            ) from None
+        raise
     except PsiClientError as exc:
         hint = ""
         if outputs.resume is not None and Path(outputs.resume).exists():
@@ -847,6 +984,15 @@ def _cmd_spec_check(args: argparse.Namespace) -> int:
         spec = JobSpec.load(args.file)
     except SpecError as exc:
         raise UsageError(str(exc)) from None
+    import time
+
+    if spec.deadline is not None and spec.deadline <= time.time():
+        # Valid, but no server will run it: every party would be refused at join.
+        print(
+            f"teepsi spec: warning: {args.file}: deadline {spec.deadline_text()} has already "
+            "passed: a server refuses this job; agree on a new deadline with the other parties",
+            file=sys.stderr,
+        )
     print(
         json.dumps(
             {
@@ -1068,16 +1214,28 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(parties=args.parties, verbose=args.verbose, tee=args.tee)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (what, and where to look), exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="teepsi",
         description="Multi-party private set intersection inside attested enclaves.",
     )
     parser.add_argument("--version", action="version", version=f"teepsi {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
     server = sub.add_parser("server", help="run the PSI server")
-    server.add_argument("--host", default="0.0.0.0:50051", help="listen address HOST:PORT")
+    server.add_argument(
+        "--host",
+        type=server_address,
+        default="0.0.0.0:50051",
+        help="listen address HOST:PORT (port 0: any free port)",
+    )
     server.add_argument("--config", help="policy for data providers (dynamic_config.json)")
     server.add_argument(
         "--attestation",
@@ -1193,23 +1351,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     server.add_argument(
         "--run-config",
-        help=f"TOML file with this run's limits ({', '.join(SERVER_RUN_KEYS)}); "
-        "for enclaves whose command line is fixed",
+        help="TOML settings file: any flag but the trust flags, as key = value with _ for - "
+        "(max_jobs = 64); TEEPSI_<KEY> variables override it and flags override both "
+        "(docs/configuration.md). Default $TEEPSI_RUN_CONFIG",
     )
     server.add_argument("--announce", action="store_true", help=argparse.SUPPRESS)
     _add_collateral_state_flag(server, "server", "data provider's")
     server.add_argument("-v", "--verbose", action="store_true")
     _add_trust_flags(server)
-    server.set_defaults(func=_cmd_server, run_keys=SERVER_RUN_KEYS, subparser=server)
+    server.set_defaults(func=_cmd_server, subparser=server)
 
     client = sub.add_parser("client", help="run a data provider")
-    client.add_argument("--host", help="server address HOST:PORT")
+    client.add_argument("--host", type=client_address, help="server address HOST:PORT")
     client.add_argument(
         "--config", required=True, help="policy for the server (dynamic_config.json)"
     )
-    client.add_argument(
-        "--data", required=True, help="input: text (one item per line), CSV or Parquet"
-    )
+    client.add_argument("--data", help="input: text (one item per line), CSV or Parquet")
     client.add_argument(
         "--format",
         choices=["text", "csv", "parquet"],
@@ -1228,7 +1385,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="key normalisation: a subset of trim,casefold,nfc, or none "
         "(default trim); every party must use the same",
     )
-    client.add_argument("--parties", type=int, help="number of parties in the job")
+    client.add_argument("--parties", type=positive_int, help="number of parties in the job")
     client.add_argument("--name", help="this party's name, unique in the job")
     client.add_argument("--job", help="job id (default: default)")
     client.add_argument(
@@ -1284,13 +1441,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_collateral_state_flag(client, "client", "server")
     client.add_argument(
         "--run-config",
-        help=f"TOML file with per-run settings ({', '.join(CLIENT_RUN_KEYS)}); "
-        "for enclaves whose command line is fixed",
+        help="TOML settings file: any flag but the trust flags, as key = value with _ for - "
+        '(parties = 3, key = ["email"]); TEEPSI_<KEY> variables override it and flags '
+        "override both (docs/configuration.md). Default $TEEPSI_RUN_CONFIG",
     )
     client.add_argument("--quiet", action="store_true", help="no progress bars or info logs")
     client.add_argument("-v", "--verbose", action="store_true")
     _add_trust_flags(client)
-    client.set_defaults(func=_cmd_client, run_keys=CLIENT_RUN_KEYS, subparser=client)
+    client.set_defaults(func=_cmd_client, subparser=client)
 
     measure = sub.add_parser("measure", help="print a dynamic_config.json for this installation")
     measure.add_argument("--attestation", choices=["sim", "gramine"], default="sim")
@@ -1398,20 +1556,37 @@ def _explicit_dests(argv: Sequence[str] | None) -> set[str]:
     return set(vars(parser.parse_args(argv)))
 
 
+def parse_settings(
+    argv: Sequence[str] | None,
+    environ: Mapping[str, str],
+    *,
+    parsed: argparse.Namespace | None = None,
+) -> argparse.Namespace:
+    """The command line, with ``server`` and ``client`` settings from the environment and the
+    settings file merged in (flag > environment > file > default)."""
+    args = parsed if parsed is not None else build_parser().parse_args(argv)
+    args.explicit = _explicit_dests(argv)
+    if getattr(args, "subparser", None) is not None:
+        _apply_settings(args, environ)
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     # Before numpy loads: its BLAS is unused here, and would start a thread per core
     # (an enclave's sgx.max_threads is finite; the deploy manifests pin this too).
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    args.explicit = _explicit_dests(argv)
+    args = build_parser().parse_args(argv)
     try:
+        args = parse_settings(argv, os.environ, parsed=args)
         code: int = args.func(args)
     except UsageError as exc:
         print(f"teepsi {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt as exc:
+        # The exception's text, if any, is what the interrupted step left to pick up.
+        detail = f"; {exc}" if str(exc) else ""
+        print(f"teepsi {args.command}: interrupted (Ctrl-C){detail}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     return code
 
 

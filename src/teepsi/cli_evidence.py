@@ -40,7 +40,7 @@ from teepsi.attestation.collateral import (
     quote_platform,
 )
 from teepsi.attestation.evidence import AttributeFlag, Role, TdAttributeFlag
-from teepsi.attestation.peer import PeerRejected, PeerVerifier
+from teepsi.attestation.peer import SIMULATED_REMEDY, PeerRejected, PeerVerifier
 from teepsi.attestation.policy import Policy, PolicyError, PolicyViolation, TcbAllowances
 from teepsi.attestation.quote import REPORT_BODY_SIZE, TD_REPORT_FIELDS, ReportBody
 from teepsi.attestation.ratls import (
@@ -52,7 +52,7 @@ from teepsi.attestation.ratls import (
     extract_evidence,
 )
 from teepsi.attestation.sim import is_simulated_quote
-from teepsi.attestation.verify import QuoteVerificationError, verify_quote
+from teepsi.attestation.verify import QuoteVerificationError, SimulatedEvidenceRefused, verify_quote
 from teepsi.privatefile import write_private
 
 __all__ = ["quote_fields", "register", "unix_seconds"]
@@ -251,7 +251,10 @@ def _cmd_verify_quote(args: argparse.Namespace) -> int:
         verified = verify_quote(quote, collateral, allow_simulated=args.allow_simulated, now=at)
     except QuoteVerificationError as exc:
         # The reason names expired collateral documents and their dates (verify_quote).
-        out["reason"] = str(exc)
+        reason = str(exc)
+        if isinstance(exc, SimulatedEvidenceRefused):
+            reason += f"; {SIMULATED_REMEDY}"
+        out["reason"] = reason
         _emit(out)
         return EXIT_REJECTED
     out.update(
@@ -649,7 +652,7 @@ def _cmd_fetch_collateral(args: argparse.Namespace) -> int:
 # --- registration ---------------------------------------------------------------------
 
 
-def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     """Add ``verify-quote``, ``inspect-cert`` and ``fetch-collateral`` to a parser."""
     verify = subparsers.add_parser(
         "verify-quote",

@@ -42,12 +42,23 @@ from teepsi.attestation.ratls import (
 )
 from teepsi.attestation.verify import (
     QuoteVerificationError,
+    SimulatedEvidenceRefused,
     VerifiedQuote,
     checked_verification_time,
     verify_quote,
 )
 
 log = logging.getLogger(__name__)
+
+
+#: The remedy for a local verifier (a client, the offline tools): its own flag.
+SIMULATED_REMEDY = "pass --allow-simulated to accept simulated evidence (test runs only)"
+#: The remedy when a server refuses a data provider: read by the party, so it names the server.
+SERVER_SIMULATED_REMEDY = (
+    "the SERVER refuses simulated evidence: its operator must start it with "
+    "--allow-simulated for a test run (this party's own --allow-simulated does not change "
+    "that), or run this party in an SGX enclave"
+)
 
 
 class PeerRejected(Exception):
@@ -114,9 +125,13 @@ class PeerVerifier:
         *,
         allow_simulated: bool = False,
         freshness: CollateralFreshness | None = None,
+        simulated_remedy: str = SIMULATED_REMEDY,
     ) -> None:
         self.policy = policy
         self.allow_simulated = allow_simulated
+        #: What to do about refused simulated evidence, said from the refusing side: a
+        #: server's refusal is read by the party, whose own flags cannot change it.
+        self.simulated_remedy = simulated_remedy
         self.freshness = freshness if freshness is not None else CollateralFreshness()
 
     def _check(
@@ -136,6 +151,8 @@ class PeerVerifier:
             verified = verify_quote(
                 quote, collateral_json, allow_simulated=self.allow_simulated, now=when
             )
+        except SimulatedEvidenceRefused as exc:
+            raise PeerRejected(f"{what}: {exc}; {self.simulated_remedy}") from None
         except QuoteVerificationError as exc:
             raise PeerRejected(f"{what}: {exc}") from None
         if verified.td is not None:

@@ -52,7 +52,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.x509.oid import NameOID
 
-from teepsi.attestation.evidence import REPORT_DATA_SIZE, EvidenceError, EvidenceProvider
+from teepsi.attestation.evidence import REPORT_DATA_SIZE, EvidenceProvider
 
 LEGACY_QUOTE_OID_GRAMINE = x509.ObjectIdentifier("0.6.9.42.840.113741.1337.6")
 LEGACY_QUOTE_OID = x509.ObjectIdentifier("1.2.840.113741.1337.6")
@@ -266,14 +266,9 @@ def create_certificate(
     legacy_report_data = report_data_for_key(public_key)
     claims = claims_for_key(public_key)
     tcg_report_data = _pad(hashlib.sha256(claims).digest())
-    try:
-        legacy_quote = provider.quote(legacy_report_data)
-        tcg_quote = provider.quote(tcg_report_data)
-    except EvidenceError as exc:
-        # No TEE, or not the one named: one line for the operator, not a traceback.
-        raise RaTlsError(
-            f"cannot produce evidence (--attestation {provider.name}): {exc}"
-        ) from None
+    # No TEE, or not the one named: EvidenceError, which the caller turns into one line.
+    legacy_quote = provider.quote(legacy_report_data)
+    tcg_quote = provider.quote(tcg_report_data)
     # A provider that ignores report_data would yield a certificate nobody accepts;
     # better to fail here, where the cause is obvious.
     # Only the first 32 bytes are the key binding: a TDX provider puts its role binding

@@ -39,6 +39,11 @@ class QuoteVerificationError(Exception):
     """The quote or its collateral did not verify; the message is one line."""
 
 
+class SimulatedEvidenceRefused(QuoteVerificationError):
+    """Simulated evidence, and this verifier does not accept it: the remedy is the
+    verifier's (its operator's --allow-simulated), which the caller names."""
+
+
 @cache
 def intel_root_ca_der() -> bytes:
     """Intel's SGX Root CA certificate, checked against its well-known digest."""
@@ -179,9 +184,8 @@ def verify_quote(
         reason = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
         reason = reason.replace("Caused by:; ", "caused by: ") or type(exc).__name__
         if simulated and not allow_simulated:
-            raise QuoteVerificationError(
-                "peer evidence is SIMULATED (not hardware-backed) and does not verify under "
-                "Intel's root; pass --allow-simulated to accept simulated evidence"
+            raise SimulatedEvidenceRefused(
+                "evidence is SIMULATED (not hardware-backed) and does not verify under Intel's root"
             ) from None
         raise QuoteVerificationError(
             f"quote verification failed: {reason}{_expired_items(collateral_json, at)}"

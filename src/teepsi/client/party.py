@@ -6,12 +6,14 @@ gRPC channel pinned to exactly the certificate that carries that evidence.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
 import logging
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -216,14 +218,35 @@ def fetch_server_certificate(host: str, timeout: float) -> bytes:
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
     context.set_alpn_protocols(["h2"])
+    # Each step that fails says what the port is instead: nothing, not TLS, not gRPC.
+    check = "check --host, or that a teepsi server runs there"
     try:
-        with (
-            socket.create_connection(address, timeout=timeout) as raw,
-            context.wrap_socket(raw, server_hostname=RATLS_TARGET_NAME) as tls,
-        ):
+        raw = socket.create_connection(address, timeout=timeout)
+    except ConnectionRefusedError:
+        raise PsiClientError(
+            f"nothing listens at {host} (connection refused): start the teepsi server, or "
+            "check the port in --host"
+        ) from None
+    except OSError as exc:
+        raise PsiClientError(f"cannot reach {host}: {exc.strerror or exc}; {check}") from None
+    try:
+        with raw, context.wrap_socket(raw, server_hostname=RATLS_TARGET_NAME) as tls:
             der = tls.getpeercert(binary_form=True)
+            protocol = tls.selected_alpn_protocol()
+    except TimeoutError:
+        raise PsiClientError(
+            f"{host} accepted the connection but sent no TLS handshake within {timeout:g} s: "
+            f"not a teepsi server; {check}"
+        ) from None
     except (OSError, ssl.SSLError) as exc:
-        raise PsiClientError(f"cannot reach the server at {host}: {exc}; is it running?") from None
+        reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or exc
+        raise PsiClientError(
+            f"{host} does not speak TLS ({reason}): not a teepsi server; {check}"
+        ) from None
+    if protocol != "h2":
+        raise PsiClientError(
+            f"{host} is a TLS server without HTTP/2 (gRPC): not a teepsi server; {check}"
+        )
     if not der:
         raise PsiClientError(f"server at {host} presented no certificate")
     return der
@@ -260,6 +283,10 @@ class PsiClient:
         self.server_certificate_der = b""
         self.server_collateral_json = ""
         self.requires_client_attestation = True
+
+    def out_of_time(self) -> bool:
+        """Whether this client's own --timeout has (all but) run out."""
+        return self._deadline - time.monotonic() < 0.5
 
     def _remaining(self) -> float:
         remaining = self._deadline - time.monotonic()
@@ -299,6 +326,11 @@ class PsiClient:
                 pb.GetServerEvidenceRequest(), timeout=min(30.0, self._remaining())
             )
         except grpc.RpcError as exc:
+            if exc.code() is grpc.StatusCode.UNIMPLEMENTED:
+                raise PsiClientError(
+                    f"{self.config.host} is a gRPC server without the teepsi service "
+                    "(teepsi.v1.Psi): not a teepsi server; check --host"
+                ) from None
             raise _rpc_error("fetching the server's evidence", exc) from None
         if not hmac.compare_digest(evidence.certificate_der, der):
             raise PsiClientError("server's evidence names another certificate than its TLS one")
@@ -440,6 +472,33 @@ class PsiClient:
         except grpc.RpcError as exc:
             raise _rpc_error("uploading the set", exc) from None
         return int(summary.records_received)
+
+    def watch_progress(
+        self, token: bytes, on_progress: Callable[[Any], None]
+    ) -> Callable[[], None]:
+        """Follow the job's counts (``JobProgress`` messages) on a thread while this party
+        waits; returns the function that stops following. The server sends a message only
+        when something changes: the thread blocks on the stream, it does not poll."""
+        call = self.stub.WatchProgress(
+            pb.WatchProgressRequest(),
+            metadata=((SESSION_METADATA, token.hex()),),
+            timeout=self._remaining(),
+        )
+
+        def follow() -> None:
+            # Ends with the job's wait, a cancel, or an error: the result call reports those.
+            with contextlib.suppress(grpc.RpcError):
+                for message in call:
+                    on_progress(message)
+
+        thread = threading.Thread(target=follow, name="teepsi-progress", daemon=True)
+        thread.start()
+
+        def stop() -> None:
+            call.cancel()
+            thread.join(timeout=5)
+
+        return stop
 
     def result(self, token: bytes) -> ResultStream:
         """Read the whole result stream: records (if released), status, receipt.
@@ -591,6 +650,38 @@ def _resumed_session(config: PartyConfig, client: PsiClient) -> tuple[bytes, tup
     return saved.session_token, saved.key_seeds
 
 
+def _wait_for_result(
+    client: PsiClient, token: bytes, progress: Progress, party_count: int
+) -> ResultStream:
+    """The result, with a bar of the job's parties uploaded meanwhile; a wait that fails
+    says where the job stood (the counts this party was last sent)."""
+    last: list[Any] = []
+    with progress.phase("waiting for the other parties", total=party_count) as bar:
+
+        def seen(message: Any) -> None:
+            last[:] = [message]
+            bar.show(
+                message.uploaded,
+                message.party_count,
+                f"waiting: {message.joined} of {message.party_count} parties joined, "
+                f"{message.uploaded} uploaded",
+            )
+
+        stop = client.watch_progress(token, seen)
+        try:
+            return client.result(token)
+        except PsiClientError as exc:
+            status = last[0].status if last else ""
+            # The server explains a job's own end; this party's --timeout only it can.
+            if status and client.out_of_time():
+                raise PsiClientError(
+                    f"{exc} (the job when this party stopped waiting: {status})"
+                ) from None
+            raise
+        finally:
+            stop()
+
+
 def run_party(
     config: PartyConfig, table: Table, *, save_resume: ResumeSaver | None = None
 ) -> PartyResult:
@@ -632,8 +723,7 @@ def run_party(
                         server_certificate_sha256=client.server_certificate_sha256,
                     )
                 )
-        with progress.phase("waiting for the other parties", total=None):
-            got = client.result(token)
+        got = _wait_for_result(client, token, progress, config.party_count)
         with timed("receipt"):
             receipt = _check_receipt(config, client, got, hi, lo)
     finally:

@@ -39,6 +39,13 @@ class PhaseBar:
         if self._progress is not None and self._task is not None:
             self._progress.advance(self._task, amount)
 
+    def show(self, completed: int, total: int, description: str) -> None:
+        """Set the bar (e.g. parties uploaded of the job's parties) and its label."""
+        if self._progress is not None and self._task is not None:
+            self._progress.update(
+                self._task, completed=completed, total=total, description=description
+            )
+
 
 class Progress:
     """Phase-by-phase progress (reading, uploading, waiting, writing)."""

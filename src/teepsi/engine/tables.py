@@ -53,6 +53,8 @@ _EXTENSIONS = {
     ".parquet": TableFormat.PARQUET,
     ".pq": TableFormat.PARQUET,
 }
+#: Compression suffixes recognised, so a compressed file is never read as text.
+COMPRESSED_SUFFIXES = frozenset({".gz", ".bz2", ".xz", ".zst", ".zip", ".lz4"})
 
 
 def detect_format(path: str | Path, explicit: str | None = None) -> TableFormat:
@@ -62,7 +64,20 @@ def detect_format(path: str | Path, explicit: str | None = None) -> TableFormat:
             return TableFormat(explicit)
         except ValueError:
             raise TableError(f"--format {explicit!r}: use text, csv or parquet") from None
-    return _EXTENSIONS.get(Path(path).suffix.lower(), TableFormat.TEXT)
+    suffixes = [x.lower() for x in Path(path).suffixes]
+    if suffixes and suffixes[-1] in COMPRESSED_SUFFIXES:
+        inner = suffixes[-2] if len(suffixes) > 1 else ""
+        if suffixes[-1] == ".gz" and _EXTENSIONS.get(inner) is TableFormat.CSV:
+            return TableFormat.CSV  # polars reads gzip CSV itself
+        raise TableError(
+            f"{path}: a {suffixes[-1]}-compressed file is read only as gzip CSV (.csv.gz, "
+            ".tsv.gz): decompress it first, or name it .csv.gz if it is gzip CSV"
+        )
+    return _EXTENSIONS.get(suffixes[-1] if suffixes else "", TableFormat.TEXT)
+
+
+def is_compressed(path: Path) -> bool:
+    return path.suffix.lower() in COMPRESSED_SUFFIXES
 
 
 @dataclass(frozen=True)
@@ -110,25 +125,67 @@ class Table:
 
 def _read_bytes(path: Path) -> bytes:
     try:
-        return path.read_bytes()
+        data = path.read_bytes()
     except OSError as exc:
         raise _open_error(path, exc) from None
+    if is_compressed(path):  # only gzip CSV gets here (detect_format); for line numbers
+        import gzip
+
+        try:
+            return gzip.decompress(data)
+        except (OSError, EOFError) as exc:
+            raise TableError(f"{path}: not a valid gzip file: {exc}") from None
+    return data
 
 
-def _check_readable(path: Path) -> None:
-    """Fail with one line unless ``path`` is a file this process can open."""
+def _check_readable(path: Path, fmt: TableFormat) -> None:
+    """Fail with one line unless ``path`` is a file this process can open (for Parquet:
+    or a directory of Parquet parts, as Spark and others write a table)."""
+    if fmt is TableFormat.PARQUET and path.is_dir():
+        parquet_parts(path)
+        return
     try:
         with path.open("rb"):
             pass
+    except IsADirectoryError:
+        raise directory_error(path) from None
     except OSError as exc:
         raise _open_error(path, exc) from None
+
+
+def parquet_parts(path: Path) -> list[Path]:
+    """The part files of a Parquet directory, in name order: ``*.parquet`` files, without
+    the hidden ``.crc`` checksums and ``_SUCCESS`` markers Spark and Hadoop write beside."""
+    try:
+        parts = sorted(
+            p
+            for p in path.iterdir()
+            if p.suffix.lower() in (".parquet", ".pq") and not p.name.startswith((".", "_"))
+        )
+    except OSError as exc:
+        raise _open_error(path, exc) from None
+    if not parts:
+        raise TableError(f"{path}: a directory without .parquet files; expected a data file")
+    return parts
+
+
+def directory_error(path: Path) -> TableError:
+    try:
+        parquet = any(p.suffix.lower() in (".parquet", ".pq") for p in path.iterdir())
+    except OSError:
+        parquet = False
+    if parquet:
+        return TableError(
+            f"{path}: a directory of Parquet files: pass --format parquet to read them as one table"
+        )
+    return TableError(f"{path}: is a directory, expected a data file")
 
 
 def _open_error(path: Path, error: OSError) -> TableError:
     if isinstance(error, FileNotFoundError):
         return TableError(f"{path}: no such file; check the --data path")
     if isinstance(error, IsADirectoryError):
-        return TableError(f"{path}: is a directory, expected a data file")
+        return directory_error(path)
     return TableError(f"{path}: cannot read: {error.strerror}")
 
 
@@ -186,7 +243,7 @@ def table_from_frame(frame: pl.DataFrame, spec: TableSpec) -> Table:
 def _read_structured(spec: TableSpec) -> Table:
     if not spec.key_columns:
         raise TableError(f"{spec.path}: name the key column(s) with --key COLUMN")
-    _check_readable(spec.path)
+    _check_readable(spec.path, spec.format)
     if spec.format is TableFormat.CSV:
         try:
             # From the path, not from bytes read here: polars then parses with every core.
@@ -206,8 +263,9 @@ def _read_structured(spec: TableSpec) -> Table:
             raise TableError(f"{spec.path}: empty file; a CSV input needs a header row") from None
     else:
         try:
-            frame = pl.read_parquet(spec.path)
-        except (pl.exceptions.ComputeError, OSError) as exc:
+            source = parquet_parts(spec.path) if spec.path.is_dir() else spec.path
+            frame = pl.read_parquet(source)
+        except (pl.exceptions.PolarsError, OSError) as exc:
             raise TableError(f"{spec.path}: not a readable Parquet file: {exc}") from None
     missing = [c for c in spec.key_columns if c not in frame.columns]
     if missing:

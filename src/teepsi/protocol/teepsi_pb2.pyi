@@ -384,3 +384,53 @@ class ResultChunk(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ResultChunk: _TypeAlias = ResultChunk  # noqa: Y015
+
+@_typing.final
+class WatchProgressRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchProgressRequest: _TypeAlias = WatchProgressRequest  # noqa: Y015
+
+@_typing.final
+class JobProgress(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARTY_COUNT_FIELD_NUMBER: _builtins.int
+    JOINED_FIELD_NUMBER: _builtins.int
+    UPLOADED_FIELD_NUMBER: _builtins.int
+    WAITING_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    party_count: _builtins.int
+    joined: _builtins.int
+    uploaded: _builtins.int
+    waiting: _builtins.bool
+    """False once every party uploaded (the intersection is computing) or the job ended."""
+    status: _builtins.str
+    """The same line a party gets if the job expires: "2 of 3 parties uploaded; 1 party
+    has not joined".
+    """
+    def __init__(
+        self,
+        *,
+        party_count: _builtins.int = ...,
+        joined: _builtins.int = ...,
+        uploaded: _builtins.int = ...,
+        waiting: _builtins.bool = ...,
+        status: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["joined", b"joined", "party_count", b"party_count", "status", b"status", "uploaded", b"uploaded", "waiting", b"waiting"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JobProgress: _TypeAlias = JobProgress  # noqa: Y015

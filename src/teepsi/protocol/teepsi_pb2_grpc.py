@@ -65,6 +65,11 @@ class PsiStub:
                 request_serializer=teepsi_dot_protocol_dot_teepsi__pb2.GetResultRequest.SerializeToString,
                 response_deserializer=teepsi_dot_protocol_dot_teepsi__pb2.ResultChunk.FromString,
                 _registered_method=True)
+        self.WatchProgress = channel.unary_stream(
+                '/teepsi.v1.Psi/WatchProgress',
+                request_serializer=teepsi_dot_protocol_dot_teepsi__pb2.WatchProgressRequest.SerializeToString,
+                response_deserializer=teepsi_dot_protocol_dot_teepsi__pb2.JobProgress.FromString,
+                _registered_method=True)
 
 
 class PsiServicer:
@@ -111,6 +116,16 @@ class PsiServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchProgress(self, request, context):
+        """Where the caller's job stands while it waits: sent at once and on every change (a
+        party joins, finishes or breaks off its upload), until the job stops waiting. Counts
+        and the job's own progress line only, and only to a party of the job (session
+        metadata, as for GetResult).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PsiServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -138,6 +153,11 @@ def add_PsiServicer_to_server(servicer, server):
                     servicer.GetResult,
                     request_deserializer=teepsi_dot_protocol_dot_teepsi__pb2.GetResultRequest.FromString,
                     response_serializer=teepsi_dot_protocol_dot_teepsi__pb2.ResultChunk.SerializeToString,
+            ),
+            'WatchProgress': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchProgress,
+                    request_deserializer=teepsi_dot_protocol_dot_teepsi__pb2.WatchProgressRequest.FromString,
+                    response_serializer=teepsi_dot_protocol_dot_teepsi__pb2.JobProgress.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -281,6 +301,33 @@ class Psi:
             '/teepsi.v1.Psi/GetResult',
             teepsi_dot_protocol_dot_teepsi__pb2.GetResultRequest.SerializeToString,
             teepsi_dot_protocol_dot_teepsi__pb2.ResultChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchProgress(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/teepsi.v1.Psi/WatchProgress',
+            teepsi_dot_protocol_dot_teepsi__pb2.WatchProgressRequest.SerializeToString,
+            teepsi_dot_protocol_dot_teepsi__pb2.JobProgress.FromString,
             options,
             channel_credentials,
             insecure,

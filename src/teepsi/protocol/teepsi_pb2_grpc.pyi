@@ -53,6 +53,12 @@ class PsiStub:
     """Upload the party's set in chunks. Requires the session metadata."""
     GetResult: _grpc.UnaryStreamMultiCallable[_teepsi_pb2.GetResultRequest, _teepsi_pb2.ResultChunk]
     """Wait (server side, without polling) for the job's result and stream it back."""
+    WatchProgress: _grpc.UnaryStreamMultiCallable[_teepsi_pb2.WatchProgressRequest, _teepsi_pb2.JobProgress]
+    """Where the caller's job stands while it waits: sent at once and on every change (a
+    party joins, finishes or breaks off its upload), until the job stops waiting. Counts
+    and the job's own progress line only, and only to a party of the job (session
+    metadata, as for GetResult).
+    """
 
 @_typing.type_check_only
 class PsiAsyncStub(PsiStub):
@@ -75,6 +81,12 @@ class PsiAsyncStub(PsiStub):
     """Upload the party's set in chunks. Requires the session metadata."""
     GetResult: _aio.UnaryStreamMultiCallable[_teepsi_pb2.GetResultRequest, _teepsi_pb2.ResultChunk]  # type: ignore[assignment]
     """Wait (server side, without polling) for the job's result and stream it back."""
+    WatchProgress: _aio.UnaryStreamMultiCallable[_teepsi_pb2.WatchProgressRequest, _teepsi_pb2.JobProgress]  # type: ignore[assignment]
+    """Where the caller's job stands while it waits: sent at once and on every change (a
+    party joins, finishes or breaks off its upload), until the job stops waiting. Counts
+    and the job's own progress line only, and only to a party of the job (session
+    metadata, as for GetResult).
+    """
 
 class PsiServicer(metaclass=_abc_1.ABCMeta):
     """The PSI service. Errors are gRPC status codes with a one-line message:
@@ -124,5 +136,17 @@ class PsiServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_teepsi_pb2.ResultChunk], _abc.AsyncIterator[_teepsi_pb2.ResultChunk]]:
         """Wait (server side, without polling) for the job's result and stream it back."""
+
+    @_abc_1.abstractmethod
+    def WatchProgress(
+        self,
+        request: _teepsi_pb2.WatchProgressRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_teepsi_pb2.JobProgress], _abc.AsyncIterator[_teepsi_pb2.JobProgress]]:
+        """Where the caller's job stands while it waits: sent at once and on every change (a
+        party joins, finishes or breaks off its upload), until the job stops waiting. Counts
+        and the job's own progress line only, and only to a party of the job (session
+        metadata, as for GetResult).
+        """
 
 def add_PsiServicer_to_server(servicer: PsiServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import enum
 import hashlib
 import logging
 import resource
@@ -28,8 +29,8 @@ from teepsi.attestation.collateral import (
     CollateralFreshness,
     collateral_for_quote,
 )
-from teepsi.attestation.evidence import EvidenceProvider, Role
-from teepsi.attestation.peer import PeerVerifier
+from teepsi.attestation.evidence import EvidenceError, EvidenceProvider, Role
+from teepsi.attestation.peer import SERVER_SIMULATED_REMEDY, PeerVerifier
 from teepsi.attestation.policy import Policy
 from teepsi.attestation.providers import make_provider
 from teepsi.attestation.quote import QuoteFormatError, parse_quote
@@ -278,6 +279,13 @@ def start_server(config: ServerConfig) -> RunningServer:
         ratls = create_certificate(provider, lifetime=config.certificate_lifetime)
     except RaTlsError as exc:
         raise ServerConfigError(str(exc)) from None
+    except EvidenceError as exc:
+        # Mostly: a server started outside an enclave, as a first try on a laptop is.
+        raise ServerConfigError(
+            f"--attestation {config.attestation}: cannot make this server's quote: {exc}; "
+            "for a test run outside a TEE start the server with --attestation sim (and its "
+            "parties with --attestation sim --allow-simulated)"
+        ) from None
     collateral_cache = CollateralCache()
 
     def own_collateral() -> str:
@@ -319,7 +327,10 @@ def start_server(config: ServerConfig) -> RunningServer:
         except CollateralError as exc:
             raise ServerConfigError(f"--collateral-state: {exc}") from None
         verifier = PeerVerifier(
-            config.client_policy, allow_simulated=config.allow_simulated, freshness=freshness
+            config.client_policy,
+            allow_simulated=config.allow_simulated,
+            freshness=freshness,
+            simulated_remedy=SERVER_SIMULATED_REMEDY,
         )
     if not config.require_client_attestation:
         log.warning(
@@ -413,23 +424,39 @@ def start_server(config: ServerConfig) -> RunningServer:
     )
 
 
-def run_server(config: ServerConfig, *, ready: threading.Event | None = None) -> bool:
+class ServerEnd(enum.Enum):
+    """Why a server run ended; each is its own exit status."""
+
+    STOPPED = "stopped"  # SIGTERM: a clean stop
+    INTERRUPTED = "interrupted"  # SIGINT (Ctrl-C)
+    CERTIFICATE_ENDED = "certificate ended"  # a supervisor should start it again
+
+
+def run_server(
+    config: ServerConfig, *, on_ready: Callable[[RunningServer], None] | None = None
+) -> ServerEnd:
     """Serve until SIGTERM or SIGINT, or the certificate's end, then shut down cleanly.
 
-    Returns True when the certificate ended (the process should exit non-zero, so that a
-    supervisor starts it again)."""
+    ``on_ready`` is called once the port is bound (the CLI announces the port with it)."""
     running = start_server(config)
     stop = threading.Event()
+    received: list[signal.Signals] = []
 
     def _on_signal(signum: int, _frame: FrameType | None) -> None:
-        log.info("received %s: shutting down", signal.Signals(signum).name)
+        received.append(signal.Signals(signum))
         stop.set()
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
-    if ready is not None:
-        ready.set()
+    if on_ready is not None:
+        on_ready(running)
     expired = running.serve_until(stop)
+    if received and received[0] is signal.SIGINT:
+        log.warning("interrupted (Ctrl-C): shutting down; the running jobs are dropped")
+    elif received:
+        log.info("received %s: shutting down", received[0].name)
     running.stop()
     log.info("server stopped")
-    return expired
+    if expired:
+        return ServerEnd.CERTIFICATE_ENDED
+    return ServerEnd.INTERRUPTED if received[0] is signal.SIGINT else ServerEnd.STOPPED

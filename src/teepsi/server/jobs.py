@@ -19,6 +19,7 @@ import logging
 import secrets
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import Enum
@@ -166,6 +167,8 @@ class Job:
     calls: set[Callable[[ServiceError], None]] = field(default_factory=set)
     #: Splits the parties' records into partitions under a key drawn for this job.
     partitioner: Partitioner = field(default_factory=Partitioner)
+    #: Joins refused while waiting, by reason: the parties learn why a partner is missing.
+    refusals: Counter[str] = field(default_factory=Counter)
 
     def notify_locked(self) -> None:
         """The job's state changed: wake its waiters."""
@@ -185,6 +188,16 @@ class Job:
             return self.deadline
         return min(self.deadline, self.created + join_timeout)
 
+    def progress_view(self) -> JobProgress:
+        """Counts and the progress line, for the job's own parties while they wait."""
+        return JobProgress(
+            party_count=self.party_count,
+            joined=len(self.parties),
+            uploaded=self.uploaded(),
+            waiting=self.state is JobState.WAITING,
+            status=self.progress(),
+        )
+
     def progress(self, when: str = "") -> str:
         """Where the job stands, for its own parties: who uploaded, who is missing and why."""
         text = f"{self.uploaded()} of {self.party_count} parties uploaded{when}"
@@ -198,7 +211,40 @@ class Job:
         missing = self.party_count - len(self.parties) - len(left)
         if missing > 0:
             notes.append(f"{missing} {'party has' if missing == 1 else 'parties have'} not joined")
+        notes += [
+            f"{'a party was' if n == 1 else f'{n} parties were'} refused: {why}"
+            for why, n in sorted(self.refusals.items())
+        ]
         return "; ".join([text, *notes])
+
+
+REFUSED_KEY_SETTINGS = "different key settings (--normalize or the number of --key columns)"
+
+
+def _quick_refusal(job: Job, party_name: str, party_count: int, key_scheme: str) -> str | None:
+    """Why a quick-mode job refuses this join (told to the job's parties, not the caller)."""
+    if job.state is not JobState.WAITING:
+        return f"the job is {job.state.value}"
+    if job.party_count != party_count:
+        return "different --parties"
+    if job.key_scheme != key_scheme:
+        return REFUSED_KEY_SETTINGS
+    if party_name in job.parties:
+        return "its --name was taken"
+    if len(job.parties) >= job.party_count:
+        return "the job was full"
+    return None
+
+
+@dataclass(frozen=True)
+class JobProgress:
+    """What a waiting party may learn of its job: counts and the job's progress line."""
+
+    party_count: int
+    joined: int
+    uploaded: int
+    waiting: bool
+    status: str
 
 
 @dataclass(frozen=True)
@@ -516,13 +562,12 @@ class JobRegistry:
         the job's state, nor its party count, nor which setting differs.
         """
         if job.spec is None:
-            if (
-                job.state is not JobState.WAITING
-                or job.party_count != party_count
-                or job.key_scheme != key_scheme
-                or party_name in job.parties
-                or len(job.parties) >= job.party_count
-            ):
+            why = _quick_refusal(job, party_name, party_count, key_scheme)
+            if why is not None:
+                if job.state is JobState.WAITING:
+                    # The waiting parties learn why a partner did not join (its count only).
+                    job.refusals[why] += 1
+                    job.notify_locked()
                 raise ServiceError(
                     ErrorKind.FAILED_PRECONDITION,
                     f"cannot join job {job.job_id} as {party_name!r}: a job of that id "
@@ -545,6 +590,8 @@ class JobRegistry:
             )
         if job.key_scheme != key_scheme:
             # A listed party; still, say what differs without revealing the others' value.
+            job.refusals[REFUSED_KEY_SETTINGS] += 1
+            job.notify_locked()
             raise ServiceError(
                 ErrorKind.FAILED_PRECONDITION,
                 f"this party's key settings ({key_scheme or 'none'}) differ from job "
@@ -593,6 +640,7 @@ class JobRegistry:
             job.parties[party_name] = Party(name=party_name, token=token)
             self._sessions[token] = Session(job.key, party_name)
             self._record("joined", job_id=job_id, party=party_name, attested=attested)
+            job.notify_locked()  # progress watchers see the new party
             log.info(
                 "job %s: party %s joined (%d/%d)",
                 job_id,
@@ -718,6 +766,7 @@ class JobRegistry:
                 del job.parties[party.name]
                 job.departed[party.name] = "its upload broke off"
                 del self._sessions[token]
+                job.notify_locked()  # progress watchers see the slot free again
                 if not job.parties:
                     # Nobody left: free the job (and its --max-jobs slot) now.
                     log.info("job %s has no parties left; dropped", job.job_id)
@@ -749,6 +798,7 @@ class JobRegistry:
                 " (spilled to disk, encrypted)" if party.store.spilled else "",
             )
             if len(job.parties) < job.party_count or job.uploaded() < job.party_count:
+                job.notify_locked()  # progress watchers see the upload
                 return
             job.state = JobState.COMPUTING
             parties = list(job.parties.values())
@@ -847,6 +897,32 @@ class JobRegistry:
         Whatever changes the job's state (the last upload, expiry, shutdown) wakes the wait
         through the caller's event loop; a cancelled caller simply stops waiting.
         """
+        with self._lock:
+            job, party, give_up = self._begin_wait_locked(token, timeout)
+        await self._await_job(
+            job, lambda: job.state not in (JobState.WAITING, JobState.COMPUTING), give_up
+        )
+        with self._lock:
+            return self._end_wait_locked(job, party)
+
+    async def next_progress_async(
+        self, token: bytes, seen: JobProgress | None, *, timeout: float | None
+    ) -> JobProgress | None:
+        """The caller's job's progress once it differs from ``seen`` (at once for None);
+        None once the job no longer waits for parties, or at the deadline or ``timeout``.
+        Awaited like the result: woken by the job's changes, no polling."""
+        with self._lock:
+            job, _ = self._lookup_locked(token)
+            give_up = self._give_up_locked(job, timeout)
+        await self._await_job(
+            job, lambda: job.state is not JobState.WAITING or job.progress_view() != seen, give_up
+        )
+        with self._lock:
+            view = job.progress_view()
+            return view if view != seen else None
+
+    async def _await_job(self, job: Job, done: Callable[[], bool], give_up: float) -> None:
+        """Await ``done()`` (checked under the lock) or ``give_up`` on the registry's clock."""
         loop = asyncio.get_running_loop()
         woken = asyncio.Event()
 
@@ -855,21 +931,16 @@ class JobRegistry:
                 loop.call_soon_threadsafe(woken.set)
 
         with self._lock:
-            job, party, give_up = self._begin_wait_locked(token, timeout)
             job.waiters.add(wake)
         try:
             while True:
                 with self._lock:
-                    if job.state not in (JobState.WAITING, JobState.COMPUTING):
-                        break
                     remaining = give_up - self._clock()
-                    if remaining <= 0:
-                        break
+                    if done() or remaining <= 0:
+                        return
                     woken.clear()  # under the lock: no wake-up after this is lost
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(woken.wait(), remaining)
-            with self._lock:
-                return self._end_wait_locked(job, party)
         finally:
             with self._lock:
                 job.waiters.discard(wake)
@@ -882,8 +953,11 @@ class JobRegistry:
                 ErrorKind.FAILED_PRECONDITION,
                 f"party {party.name} has not uploaded its set for job {job.job_id}",
             )
-        give_up = job.deadline if timeout is None else min(job.deadline, self._clock() + timeout)
-        return job, party, give_up
+        return job, party, self._give_up_locked(job, timeout)
+
+    def _give_up_locked(self, job: Job, timeout: float | None) -> float:
+        """When a wait ends: the job's deadline, or the caller's own sooner timeout."""
+        return job.deadline if timeout is None else min(job.deadline, self._clock() + timeout)
 
     def _end_wait_locked(self, job: Job, party: Party) -> Delivery:
         """After a wait: the party's view of the result, or why there is none."""

@@ -503,6 +503,32 @@ class PsiService:
         # Reached only when the client took every chunk; a cut stream can fetch again.
         await self._blocking(self.registry.mark_delivered, token)
 
+    async def WatchProgress(
+        self, request: Any, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bytes]:
+        """The caller's job's counts, at once and on each change, while it waits."""
+        try:
+            token = _session_token(context)
+            seen = None
+            while True:
+                view = await self.registry.next_progress_async(
+                    token, seen, timeout=context.time_remaining()
+                )
+                if view is None:
+                    return
+                yield pb.JobProgress(
+                    party_count=view.party_count,
+                    joined=view.joined,
+                    uploaded=view.uploaded,
+                    waiting=view.waiting,
+                    status=view.status,
+                ).SerializeToString()
+                if not view.waiting:
+                    return
+                seen = view
+        except ServiceError as exc:
+            await _abort(context, exc)
+
 
 def _result_chunks(delivery: Delivery) -> Iterator[bytes]:
     """One party's result as serialized ResultChunks, built one at a time."""
@@ -637,6 +663,9 @@ def method_handlers(service: PsiService) -> dict[str, grpc.RpcMethodHandler]:
         ),
         "GetResult": grpc.unary_stream_rpc_method_handler(
             _server_stream(service.GetResult, pb.GetResultRequest)
+        ),
+        "WatchProgress": grpc.unary_stream_rpc_method_handler(
+            _server_stream(service.WatchProgress, pb.WatchProgressRequest)
         ),
     }
 
