@@ -12,8 +12,9 @@ each its own process) and openmined-psi (ECDH) on a 100k sample, scaled linearly
 Inputs are text (one key per line), 5-column CSV and Parquet (bench/datagen.py); 2 and 3
 parties. Results go to bench/out/results-<timestamp>.json and bench/out/chart-<timestamp>.png.
 
-The parts: teepsi_job.py (one teepsi job), references.py (polars, DuckDB, openmined-psi),
-report.py (tables, acceptance checks, chart, docs), procmon.py (measuring a process).
+The parts: teepsi_job.py (one teepsi job), bench_references.py (polars, DuckDB,
+openmined-psi), bench_report.py (tables, acceptance checks, chart, docs), procmon.py
+(measuring a process), bench_common.py (paths, units, digests).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from types import FrameType
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (
+from bench_common import (
     BENCH,
     DATA,
     FORMATS,
@@ -51,8 +52,8 @@ from common import (
     fmt_rows,
     log,
 )
-from references import available_engines, run_openmined, run_reference
-from report import acceptance, chart, report_text, write_docs, write_huge_docs
+from bench_references import available_engines, run_openmined, run_reference
+from bench_report import acceptance, chart, report_text, write_docs, write_huge_docs
 from teepsi_job import JobSpec, SpillScan, run_teepsi, sample_keys
 
 #: make bench-huge: rows per party, and the formats it runs (the issue's 100M x 100M).

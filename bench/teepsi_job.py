@@ -10,7 +10,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common import KEY, KIB, BenchError, Json, output_digests, teepsi
+from bench_common import KEY, KIB, BenchError, Json, output_digests, teepsi
 from procmon import Child, cpu_busy_seconds, loopback_bytes, process_cpu_seconds, wait_for_quiet
 
 

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import BENCH, DATA, KEY, KIB, OUT, BenchError, Json, log, output_digests
+from bench_common import BENCH, DATA, KEY, KIB, OUT, BenchError, Json, log, output_digests
 from procmon import Child, cpu_busy_seconds, process_cpu_seconds, wait_for_quiet
 
 OPENMINED_VERSION = "2.0.6"
