@@ -50,6 +50,21 @@ def teepsi(*args: str) -> list[str]:
     return [sys.executable, "-m", "teepsi", *args]
 
 
+def datagen_command(rows: int, seed: int, *options: str) -> list[str]:
+    """bench/datagen.py for ``rows`` per party into bench/out/data, in its own process."""
+    return [
+        sys.executable,
+        str(BENCH / "datagen.py"),
+        "--root",
+        str(DATA),
+        "--rows",
+        str(rows),
+        "--seed",
+        str(seed),
+        *options,
+    ]
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

@@ -10,7 +10,17 @@ import sys
 import time
 from pathlib import Path
 
-from bench_common import BENCH, DATA, KEY, KIB, OUT, BenchError, Json, log, output_digests
+from bench_common import (
+    BENCH,
+    KEY,
+    KIB,
+    OUT,
+    BenchError,
+    Json,
+    datagen_command,
+    log,
+    output_digests,
+)
 from procmon import Child, cpu_busy_seconds, process_cpu_seconds, wait_for_quiet
 
 OPENMINED_VERSION = "2.0.6"
@@ -106,20 +116,9 @@ def run_openmined(
 ) -> Json:
     python = openmined_python(timeout=900)
     sample_dir = OUT / "openmined-sample" / f"rows{source_rows}-seed{seed}-n{sample}"
-    cmd = [
-        sys.executable,
-        str(BENCH / "datagen.py"),
-        "--root",
-        str(DATA),
-        "--rows",
-        str(source_rows),
-        "--seed",
-        str(seed),
-        "--openmined-sample",
-        str(sample),
-        "--openmined-out",
-        str(sample_dir),
-    ]
+    cmd = datagen_command(
+        source_rows, seed, "--openmined-sample", str(sample), "--openmined-out", str(sample_dir)
+    )
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
     if done.returncode != 0:
         raise BenchError(f"openmined sample failed: {done.stderr.strip()[-500:]}")

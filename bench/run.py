@@ -38,7 +38,6 @@ from types import FrameType
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_common import (
-    BENCH,
     DATA,
     FORMATS,
     GIB,
@@ -48,6 +47,7 @@ from bench_common import (
     BenchError,
     Json,
     child_env,
+    datagen_command,
     fmt_bytes,
     fmt_rows,
     log,
@@ -138,20 +138,7 @@ def prewarm(paths: list[Path]) -> None:
 
 def generate(rows: int, seed: int, formats: list[str], timeout: float, parties: int = 3) -> Json:
     """Run datagen.py in its own process: this one stays small (see procmon.py)."""
-    cmd = [
-        sys.executable,
-        str(BENCH / "datagen.py"),
-        "--root",
-        str(DATA),
-        "--rows",
-        str(rows),
-        "--seed",
-        str(seed),
-        "--formats",
-        ",".join(formats),
-        "--parties",
-        str(parties),
-    ]
+    cmd = datagen_command(rows, seed, "--formats", ",".join(formats), "--parties", str(parties))
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
     if done.returncode != 0:
         raise BenchError(f"data generation failed: {done.stderr.strip()[-2000:]}")
