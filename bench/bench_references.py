@@ -72,6 +72,7 @@ def run_reference(
         "other_load_cores": others,
         "idle_before_cores": quiet,
         "peak_rss": child.peak_rss_kib * KIB,
+        "peak_threads": child.peak_threads,
         "intersection": report["intersection"],
         "outputs": [str(p) for p in outputs],
         "output_digests": output_digests(outputs, env),

@@ -42,13 +42,20 @@ def _reference_cells(config: Json, engines: list[str]) -> list[str]:
     return cells
 
 
+def _threads(t: Json) -> str:
+    """Most threads each process had at once (polled; older results have none)."""
+    if "server_peak_threads" not in t:
+        return "n/a"
+    return " / ".join(str(n) for n in [t["server_peak_threads"], *t["client_peak_threads"]])
+
+
 def build_table(results: Json) -> str:
     engines = sorted({e for c in results["configs"] for e in c["references"]})
     columns = [
         "configuration", "intersection", "teepsi wall s",
         *(f"{e} wall, peak RSS" for e in engines),
         "teepsi / fastest reference", "server peak RSS", "data provider peak RSS (each)",
-        "teepsi CPU s", "loopback", "other load (cores)",
+        "threads (server / each client)", "teepsi CPU s", "loopback", "other load (cores)",
     ]  # fmt: skip
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for config in results["configs"]:
@@ -67,6 +74,7 @@ def build_table(results: Json) -> str:
             ratio,
             fmt_bytes(t["server_peak_rss"]),
             " / ".join(fmt_bytes(b) for b in t["client_peak_rss"]),
+            _threads(t),
             f"{t['cpu_s']:.1f}",
             f"{t['loopback_bytes'] / MIB:,.0f} MiB",
             " / ".join(loads),
@@ -80,6 +88,7 @@ def build_table(results: Json) -> str:
         cells += [
             fmt_bytes(t["server_peak_rss"]),
             " / ".join(fmt_bytes(b) for b in t["client_peak_rss"]),
+            _threads(t),
             f"{t['cpu_s']:.1f}",
             f"{t['loopback_bytes'] / MIB:,.0f} MiB",
             f"{t['other_load_cores']:.2f}",

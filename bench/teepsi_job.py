@@ -317,6 +317,8 @@ def run_teepsi(spec: JobSpec, env: dict[str, str]) -> Json:
         "server_rss_timeline": rss_timeline(server, t0),
         "server_rss_peak_phase": peak_phase(server, t0, phases),
         "client_peak_rss": [c.peak_rss_kib * KIB for c in clients],
+        "server_peak_threads": server.peak_threads,
+        "client_peak_threads": [c.peak_threads for c in clients],
         "client_rss_sources_kib": [
             {
                 "vmhwm_polled": c.vmhwm_kib,

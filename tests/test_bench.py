@@ -127,6 +127,8 @@ def _teepsi(wall: float, clients: list[float], server: float = 300 * MIB) -> dic
     return {
         "wall_s": wall,
         "client_peak_rss": [int(c) for c in clients],
+        "server_peak_threads": 20,
+        "client_peak_threads": [12 for _ in clients],
         "server_peak_rss": int(server),
         "output_digests": ["d1", "d2"],
         "intersection": 5,
@@ -245,3 +247,25 @@ def test_disk_check_refuses_a_size_that_does_not_fit() -> None:
     with pytest.raises(BenchError, match="free space or use ROWS"):
         run.check_disk(10**15, ["txt", "csv"], 2)
     run.check_disk(1000, ["txt"], 2)  # fits: no error
+
+
+def test_procmon_records_peak_threads_and_rss(tmp_path: Path) -> None:
+    from procmon import Child
+
+    script = (
+        "import threading, time\n"
+        "stop = threading.Event()\n"
+        "threads = [threading.Thread(target=stop.wait) for _ in range(6)]\n"
+        "[t.start() for t in threads]\n"
+        "block = bytearray(64 * 1024 * 1024)\n"  # 64 MiB, touched
+        "time.sleep(0.5)\n"
+        "stop.set()\n"
+    )
+    child = Child(
+        "t", [sys.executable, "-c", script], env=dict(os.environ), log_path=tmp_path / "l"
+    )
+    assert child.wait(30)
+    child.finish()
+    assert child.returncode == 0
+    assert child.peak_threads >= 7  # the main thread and six more
+    assert child.peak_rss_kib * 1024 >= 64 * MIB
