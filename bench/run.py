@@ -303,6 +303,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--openmined-structure", choices=["raw", "gcs"], default="raw")
     parser.add_argument("--keep-outputs", action="store_true", help="keep result files")
     parser.add_argument(
+        "--report-from",
+        nargs="+",
+        metavar="RESULTS_JSON",
+        help="no runs: report (and with --write-docs write the docs) from saved results, "
+        "merged (bench/out/results-*.json)",
+    )
+    parser.add_argument(
         "--write-docs", action="store_true", help="write docs/benchmarks.md and docs/benchmarks.png"
     )
     args = parser.parse_args(argv)
@@ -447,6 +454,13 @@ def budget_run(
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.report_from:
+        try:
+            results = merge_results([Path(p) for p in args.report_from])
+        except (OSError, ValueError, KeyError) as exc:
+            print(f"--report-from: {exc}", file=sys.stderr)
+            return 2
+        return finish(args, results, dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
     if not sys.platform.startswith("linux"):
         print("bench/run.py measures through /proc: Linux only", file=sys.stderr)
         return 2
@@ -502,6 +516,28 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.rmtree(directory, ignore_errors=True)
                 log(f"deleted the input files in {directory}")
 
+    return finish(args, results, stamp)
+
+
+def merge_results(paths: list[Path]) -> Json:
+    """Several runs' results JSON as one report (e.g. a 1M and a 10M run of one session)."""
+    runs = [json.loads(p.read_text()) for p in paths]
+    merged: Json = dict(runs[0])
+    merged["configs"] = [c for r in runs for c in r["configs"]]
+    merged["command"] = " and ".join(f"`{r['command']}`" for r in runs).strip("`")
+    merged["date"] = runs[-1]["date"]
+    merged["sources"] = [str(p) for p in paths]
+    merged["huge"] = all(r.get("huge") for r in runs)
+    merged["sizes"] = sorted({n for r in runs for n in r["sizes"]})
+    merged["formats"] = sorted({f for r in runs for f in r["formats"]})
+    merged["parties"] = sorted({n for r in runs for n in r["parties"]})
+    for key in ("budget", "openmined"):
+        merged[key] = next((r[key] for r in runs if r.get(key)), None)
+    return merged
+
+
+def finish(args: argparse.Namespace, results: Json, stamp: str) -> int:
+    """Checks, results JSON, chart, printed report and (with --write-docs) the docs."""
     checks = acceptance(results)
     results["checks"] = [{"name": c.name, "passed": c.passed, "detail": c.detail} for c in checks]
     json_path = OUT / f"results-{stamp}.json"

@@ -269,3 +269,33 @@ def test_procmon_records_peak_threads_and_rss(tmp_path: Path) -> None:
     assert child.returncode == 0
     assert child.peak_threads >= 7  # the main thread and six more
     assert child.peak_rss_kib * 1024 >= 64 * MIB
+
+
+def test_a_partial_run_says_what_it_lacks_and_saved_runs_merge(tmp_path: Path) -> None:
+    import run
+
+    def config(rows: int, fmt: str, parties: int) -> dict[str, Any]:
+        c = _config(fmt, parties, _teepsi(1.0, [GIB / 4] * parties), {"polars": _ref("p", 1.0)})
+        c.update(rows=rows, label=f"{parties}x{rows} {fmt}", teepsi=[c["teepsi"][0]] * 3)
+        return c
+
+    full = [config(r, f, p) for r in (10**6, 10**7) for f in datagen.FORMATS for p in (2, 3)]
+    complete = {"configs": full, "openmined": {"scaled_seconds": 400.0}, "budget": {"x": 1}}
+    assert bench_report.coverage_note(complete) == ""
+    note = bench_report.coverage_note({"configs": full[:-1]})
+    assert "3x10M parquet" in note and "openmined-psi" in note and "spill run" in note
+    assert "2x10M parquet" not in note
+    saved = []
+    for index, configs in enumerate((full[:2], full[2:3])):
+        path = tmp_path / f"results-{index}.json"
+        path.write_text(
+            json.dumps(
+                {"command": f"run {index}", "date": "d", "huge": index == 0, "configs": configs,
+                 "sizes": [10**6], "formats": ["txt"], "parties": [2, 3]}
+            )
+        )  # fmt: skip
+        saved.append(path)
+    merged = run.merge_results(saved)
+    assert [c["label"] for c in merged["configs"]] == [c["label"] for c in full[:3]]
+    assert merged["huge"] is False  # one of them was a regular run
+    assert "run 0" in merged["command"] and "run 1" in merged["command"]
