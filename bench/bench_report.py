@@ -552,10 +552,10 @@ MEASURED = f"""## What is measured
   reading, attestation, hashing, upload, intersection, download, selecting rows and writing.
 * **References**, each its own process on the same files in the same run
   (`bench/reference.py`): what a data engineer would write with no privacy at all.
-  **polars**: read, `unique`, semi-joins, `sort`, write. **DuckDB**: `CREATE TABLE` from
-  `read_csv`/`read_parquet`, `SELECT DISTINCT ... SEMI JOIN ...`, and each party's output
-  `COPY (... SEMI JOIN ... ORDER BY key) TO ...`. The ratio that counts is against the
-  **fastest** of them (column *teepsi / fastest reference*).
+  **polars**: read, `unique`, semi-joins, `sort`, write. **DuckDB**: a view per party on
+  `read_csv`/`read_parquet`, the common keys by `SELECT DISTINCT ... SEMI JOIN ...`, and
+  each party's output by `COPY (... SEMI JOIN ... ORDER BY key) TO ...`. The ratio that
+  counts is against the **fastest** of them (column *teepsi / fastest reference*).
 * **Outputs** of every run are compared with every reference's: text and CSV byte for byte;
   Parquet by content (every row and column as text, in order), since two Parquet writers
   never produce the same bytes.

@@ -10,7 +10,8 @@ party's result, as teepsi does, so that the outputs compare byte for byte:
 Two engines, each in its own process (so each one's peak RSS is its own):
 
 * ``polars``: read, ``unique``, semi-joins, ``sort``, write;
-* ``duckdb``: ``SELECT DISTINCT ... SEMI JOIN ... ORDER BY`` written with ``COPY``.
+* ``duckdb``: views on ``read_csv``/``read_parquet``, ``SELECT DISTINCT ... SEMI JOIN`` for the
+  common keys, and ``COPY (... SEMI JOIN ... ORDER BY key) TO`` for each party's output.
 
 Usage: reference.py ENGINE KEY OUT_DIR FILE... (one file per party; the format by extension).
 Prints one JSON line with the intersection size and the output paths.
@@ -99,14 +100,17 @@ def run_duckdb(key: str, out_dir: Path, files: list[Path]) -> tuple[int, list[Pa
         return f"read_csv('{quoted}', header = true, all_varchar = true)"
 
     column = f'"{TEXT_COLUMN}"' if fmt == "text" else '"' + key.replace('"', '""') + '"'
+    # Views, not tables: each query reads only the columns it needs (the keys for the
+    # intersection, every column for a party's rows), and nothing is copied into DuckDB's
+    # storage first. Measured at 1M rows: faster and smaller than CREATE TABLE AS.
     for index, path in enumerate(files, start=1):
         if fmt == "text":
             select = f"SELECT trim({column}) AS {column} FROM {source(path)}"
-            con.execute(f"CREATE TABLE p{index} AS {select} WHERE trim({column}) <> ''")
+            con.execute(f"CREATE VIEW p{index} AS {select} WHERE trim({column}) <> ''")
         else:
-            con.execute(f"CREATE TABLE p{index} AS SELECT * FROM {source(path)}")
+            con.execute(f"CREATE VIEW p{index} AS SELECT * FROM {source(path)}")
     joins = " ".join(f"SEMI JOIN p{i} USING ({column})" for i in range(2, len(files) + 1))
-    con.execute(f"CREATE TABLE common AS SELECT DISTINCT {column} FROM p1 {joins}")
+    con.execute(f"CREATE TEMP TABLE common AS SELECT DISTINCT {column} FROM p1 {joins}")
     row = con.execute("SELECT count(*) FROM common").fetchone()
     assert row is not None
     outputs = []
