@@ -46,8 +46,8 @@ bench-quick: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) bench/run.py --quick
 
-# 100M x 100M, text and CSV, 2 parties (not in CI: ~14 GB of inputs, deleted afterwards;
-# check `df -h` first). Writes only the 100M section of docs/benchmarks.md.
+# 100M x 100M, text and CSV, 2 parties (not in CI: ~18 GB of inputs and up to 19 GB of
+# outputs, deleted afterwards; the run checks the free space first). Writes only the 100M section of docs/benchmarks.md.
 # A small trial: make bench-huge ROWS=1000000
 ROWS ?= 100000000
 QUIET_WAIT ?= 300

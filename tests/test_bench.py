@@ -188,6 +188,7 @@ def test_the_ratio_that_counts_is_against_the_fastest_reference() -> None:
     )
     assert checks["2x10M txt wall ≤ 1.5x the fastest reference"] is False
     assert checks["2x10M csv wall ≤ 1.5x the fastest reference"] is True
+    assert checks["3 parties ≤ 1.3x 2 parties at 10M txt"] is None  # not run: SKIP, said so
 
 
 def test_memory_three_party_and_output_checks_fail_when_they_should() -> None:
