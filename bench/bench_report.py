@@ -99,6 +99,8 @@ def build_table(results: Json) -> str:
 
 def phase_table(results: Json) -> str:
     """The critical path from the server's audit log, and the clients' own phase timings."""
+    if not results["configs"]:
+        return "(no configuration completed)"
     names: list[str] = []
     for config in results["configs"]:
         for timing in median_run(config["teepsi"])["client_timings_s"]:
@@ -330,8 +332,18 @@ def budget_checks(budget: Json) -> list[Check]:
     return checks
 
 
+def completion_check(results: Json) -> Check:
+    failed = results.get("failed") or []
+    return Check(
+        "every configuration completed",
+        not failed,
+        "; ".join(f"{f['label']}: {f['error'][:300]}" for f in failed)
+        or f"{len(results['configs'])} configurations",
+    )
+
+
 def acceptance(results: Json) -> list[Check]:
-    checks = output_checks(results)
+    checks = [completion_check(results), *output_checks(results)]
     if results.get("huge"):
         return checks + huge_checks(results)
     checks += speed_and_memory_checks(results)

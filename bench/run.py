@@ -334,10 +334,16 @@ def run_configs(
     env: dict[str, str],
     manifests: dict[int, Json],
     run_dir: Path,
-) -> list[Json]:
-    """Every (rows, format, parties) configuration: teepsi, then each reference, alternating."""
+    results: Json,
+    partial: Path,
+) -> None:
+    """Every (rows, format, parties) configuration: teepsi, then each reference, alternating.
+
+    Fills ``results["configs"]``, and ``results["failed"]`` with the configurations whose
+    runs failed (the others go on: a 100M run takes hours); ``partial`` is rewritten after
+    each configuration so that no finished measurement is lost.
+    """
     engines = available_engines()
-    configs: list[Json] = []
     for rows in args.size_list:
         timeout = 120 + 40 * rows * max(args.party_counts) / 1_000_000
         for fmt in args.formats:
@@ -354,50 +360,60 @@ def run_configs(
                     "teepsi": [],
                     "references": {engine: [] for engine in engines},
                 }
-                for rep in range(args.repeat):
-                    workdir = run_dir / f"{parties}p-{rows}-{fmt}-{rep}"
-                    spec = JobSpec(
-                        label,
-                        rows,
-                        parties,
-                        files[:parties],
-                        fmt,
-                        workdir,
-                        timeout,
-                        args.quiet_wait,
-                        server_env=args.server_env_map,
-                    )
-                    t = run_teepsi(spec, env)
-                    config["teepsi"].append(t)
-                    outputs = [Path(p) for p in t["outputs"]]
-                    line = f"{label}: teepsi {t['wall_s']:.2f} s"
-                    for engine in engines:
-                        ref = run_reference(
-                            engine,
-                            label,
-                            files[:parties],
-                            workdir / engine,
-                            env,
-                            timeout,
-                            args.quiet_wait,
-                        )
-                        config["references"][engine].append(ref)
-                        outputs += [Path(p) for p in ref["outputs"]]
-                        same = t["output_digests"] == ref["output_digests"]
-                        line += (
-                            f", {engine} {ref['wall_s']:.2f} s "
-                            f"({t['wall_s'] / ref['wall_s']:.2f}x, "
-                            f"outputs {'identical' if same else 'DIFFERENT'})"
-                        )
-                    # Compared by digest already; at 100M rows they are GBs each.
-                    drop_outputs(outputs, args.keep_outputs)
-                    peaks = ", ".join(fmt_bytes(b) for b in t["client_peak_rss"])
-                    log(
-                        f"{line}; server peak {fmt_bytes(t['server_peak_rss'])}, "
-                        f"clients {peaks}, intersection {t['intersection']}"
-                    )
-                configs.append(config)
-    return configs
+                try:
+                    for rep in range(args.repeat):
+                        workdir = run_dir / f"{parties}p-{rows}-{fmt}-{rep}"
+                        run_repetition(args, env, config, files[:parties], workdir, timeout)
+                    results["configs"].append(config)
+                except BenchError as exc:
+                    log(f"{label} FAILED: {exc}")
+                    results["failed"].append({"label": label, "error": str(exc)})
+                    for path in run_dir.glob(f"{parties}p-{rows}-{fmt}-*/**/*_[0-9]*.{fmt}"):
+                        path.unlink(missing_ok=True)  # outputs of the failed run
+                partial.write_text(json.dumps(results, indent=2, default=str))
+
+
+def run_repetition(
+    args: argparse.Namespace,
+    env: dict[str, str],
+    config: Json,
+    files: list[Path],
+    workdir: Path,
+    timeout: float,
+) -> None:
+    """One teepsi job and each reference on the same files; outputs compared, then deleted."""
+    label, fmt = config["label"], config["format"]
+    spec = JobSpec(
+        label,
+        config["rows"],
+        config["parties"],
+        files,
+        fmt,
+        workdir,
+        timeout,
+        args.quiet_wait,
+        server_env=args.server_env_map,
+    )
+    t = run_teepsi(spec, env)
+    config["teepsi"].append(t)
+    outputs = [Path(p) for p in t["outputs"]]
+    line = f"{label}: teepsi {t['wall_s']:.2f} s"
+    for engine, runs in config["references"].items():
+        ref = run_reference(engine, label, files, workdir / engine, env, timeout, args.quiet_wait)
+        runs.append(ref)
+        outputs += [Path(p) for p in ref["outputs"]]
+        same = t["output_digests"] == ref["output_digests"]
+        line += (
+            f", {engine} {ref['wall_s']:.2f} s ({t['wall_s'] / ref['wall_s']:.2f}x, "
+            f"outputs {'identical' if same else 'DIFFERENT'})"
+        )
+    # Compared by digest already; at 100M rows they are GBs each.
+    drop_outputs(outputs, args.keep_outputs)
+    peaks = ", ".join(fmt_bytes(b) for b in t["client_peak_rss"])
+    log(
+        f"{line}; server peak {fmt_bytes(t['server_peak_rss'])}, "
+        f"clients {peaks}, intersection {t['intersection']}"
+    )
 
 
 def budget_run(
@@ -431,9 +447,13 @@ def budget_run(
         SpillScan(spill_root, sample_keys(files, 1000)) if fmt != "parquet" else None,
         args.server_env_map,
     )
+    default = next(
+        (c for c in configs if (c["rows"], c["parties"], c["format"]) == (rows, 2, fmt)), None
+    )
+    if default is None:
+        raise BenchError(f"{label}: no default run of 2x{fmt_rows(rows)} {fmt} to compare with")
     t = run_teepsi(spec, env)
     drop_outputs([Path(p) for p in t["outputs"]], args.keep_outputs)
-    default = next(c for c in configs if (c["rows"], c["parties"], c["format"]) == (rows, 2, fmt))
     log(
         f"{label}: {t['wall_s']:.2f} s, server peak {fmt_bytes(t['server_peak_rss'])}, "
         f"spilled={t['spilled']}"
@@ -494,6 +514,7 @@ def main(argv: list[str] | None = None) -> int:
             "formats": args.formats,
             "server_env": args.server_env_map,
             "configs": [],
+            "failed": [],
         }
         log(f"machine: {results['machine']}")
         log(f"runs and logs in {run_dir}; teepsi code: {code or 'installed'} ({code_digest[:16]})")
@@ -501,9 +522,16 @@ def main(argv: list[str] | None = None) -> int:
             manifests[rows] = generate(
                 rows, args.seed, args.formats, 4 * 3600, max(args.party_counts)
             )
-        results["configs"] = run_configs(args, env, manifests, run_dir)
+        partial = OUT / f"results-{stamp}.partial.json"
+        run_configs(args, env, manifests, run_dir, results, partial)
         if not args.no_budget_run and 2 in args.party_counts:
-            results["budget"] = budget_run(args, env, manifests, run_dir, stamp, results["configs"])
+            try:
+                results["budget"] = budget_run(
+                    args, env, manifests, run_dir, stamp, results["configs"]
+                )
+            except BenchError as exc:
+                log(f"budget run FAILED: {exc}")
+                results["failed"].append({"label": "--memory-budget run", "error": str(exc)})
         if not args.no_openmined:
             results["openmined"] = openmined(args)
     except BenchError as exc:
@@ -543,9 +571,10 @@ def finish(args: argparse.Namespace, results: Json, stamp: str) -> int:
     json_path = OUT / f"results-{stamp}.json"
     results["json"] = str(json_path)
     json_path.write_text(json.dumps(results, indent=2, default=str))
+    (OUT / f"results-{stamp}.partial.json").unlink(missing_ok=True)  # superseded
     chart_path: Path | None = OUT / f"chart-{stamp}.png"
     assert chart_path is not None
-    if args.huge or not chart(results, chart_path):
+    if args.huge or not results["configs"] or not chart(results, chart_path):
         chart_path = None
     report = report_text(results, checks)
     print(report)

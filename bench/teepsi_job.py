@@ -239,9 +239,17 @@ def run_teepsi(spec: JobSpec, env: dict[str, str]) -> Json:
         ]
         children += clients
         deadline = t0 + spec.timeout + 30
-        for client in clients:
-            if not client.wait(deadline - time.monotonic()):
-                raise BenchError(f"{spec.label}: {client.name} still running after the timeout")
+        # Until every client has exited, or one has failed: the others would only wait for
+        # it until their timeout (they are killed below).
+        while not all(c.returncode is not None for c in clients):
+            if any(c.returncode for c in clients):
+                break
+            if time.monotonic() > deadline:
+                running = [c.name for c in clients if c.returncode is None]
+                raise BenchError(
+                    f"{spec.label}: {', '.join(running)} still running after the timeout"
+                )
+            time.sleep(0.05)
         t_end = max(c.ended or 0.0 for c in clients)
         net_after = loopback_bytes()
         ours = (
@@ -254,10 +262,9 @@ def run_teepsi(spec: JobSpec, env: dict[str, str]) -> Json:
         # CPU that other users of the machine burnt meanwhile, in cores.
         others = max(0.0, cpu_busy_seconds() - busy0 - ours) / (time.monotonic() - t0)
         teepsi_cpu = sum(c.cpu_now() for c in clients) + server.cpu_now() - server0
-        failed = [c for c in clients if c.returncode != 0]
+        failed = [c for c in clients if c.returncode]
         if failed:
-            for c in clients:
-                c.finish()
+            failed[0].finish()  # its output read to the end
             tail = failed[0].stderr_text().strip().splitlines()[-3:]
             raise BenchError(
                 f"{spec.label}: client {failed[0].name} exited {failed[0].returncode}: "

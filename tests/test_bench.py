@@ -300,3 +300,17 @@ def test_a_partial_run_says_what_it_lacks_and_saved_runs_merge(tmp_path: Path) -
     assert [c["label"] for c in merged["configs"]] == [c["label"] for c in full[:3]]
     assert merged["huge"] is False  # one of them was a regular run
     assert "run 0" in merged["command"] and "run 1" in merged["command"]
+
+
+def test_a_failed_configuration_fails_completion_and_the_rest_is_still_judged() -> None:
+    ok = _config("txt", 2, _teepsi(8.0, [0.5 * GIB] * 2), {"polars": _ref("polars", 8.0)})
+    results = {
+        "configs": [ok],
+        "failed": [{"label": "2x10M csv", "error": "2x10M csv: client p2 exited 1: out of memory"}],
+        "machine": {"nproc": 2},
+    }
+    checks = {c.name: c for c in bench_report.acceptance(results)}
+    assert checks["every configuration completed"].passed is False
+    assert "2x10M csv: client p2 exited 1" in checks["every configuration completed"].detail
+    assert checks["2x10M txt wall ≤ 1.5x the fastest reference"].passed is True
+    assert bench_report.acceptance({**results, "failed": []})[0].passed is True
