@@ -1,4 +1,7 @@
-"""Seeded benchmark data: e-mail-like keys with extra columns, one table per party.
+"""Seeded benchmark data: e-mail-like keys, one file per party and format.
+
+Formats (what users run): ``txt``, one key per line (the seed's format); ``csv`` and
+``parquet``, five columns (``email``, the key, then amount, name, date, country).
 
 Layout for ``rows`` per party (``q = rows // 4``), by id block:
 
@@ -26,9 +29,13 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import pyarrow.parquet as pq
 
 #: Bump when the layout or the columns change: cached files are keyed by it.
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
+FORMATS = ("txt", "csv", "parquet")
+#: Rows generated and written at once: keeps a 100M-row party within a few GiB.
+CHUNK_ROWS = 5_000_000
 KEY_COLUMN = "email"
 PARTIES = 3
 _FIRST_NAMES = [
@@ -53,6 +60,7 @@ _FIRST_NAMES = [
     "Victor",
     "Wendy",
 ]
+_COUNTRIES = ["CH", "DE", "FR", "IT", "NL", "SE", "UK", "US"]
 
 
 def party_ids(party: int, rows: int) -> np.ndarray:
@@ -83,7 +91,7 @@ def party_file(directory: Path, party: int, fmt: str) -> Path:
 
 
 def make_frame(ids: np.ndarray, rng: np.random.Generator) -> pl.DataFrame:
-    ids = rng.permutation(ids)
+    """The five columns for ``ids`` (already in file order)."""
     n = len(ids)
     frame = pl.DataFrame(
         {
@@ -91,6 +99,7 @@ def make_frame(ids: np.ndarray, rng: np.random.Generator) -> pl.DataFrame:
             "amount": np.round(rng.uniform(1.0, 5000.0, n), 2),
             "first": rng.integers(0, len(_FIRST_NAMES), n, dtype=np.int64),
             "days": rng.integers(0, 3650, n, dtype=np.int64),
+            "country": rng.integers(0, len(_COUNTRIES), n, dtype=np.int64),
         }
     )
     return frame.select(
@@ -108,14 +117,54 @@ def make_frame(ids: np.ndarray, rng: np.random.Generator) -> pl.DataFrame:
             + pl.lit("Tester")
         ).alias("name"),
         (pl.date(2015, 1, 1) + pl.duration(days=pl.col("days"))).cast(pl.String).alias("date"),
+        pl.col("country").replace_strict(list(range(len(_COUNTRIES))), _COUNTRIES),
     )
 
 
-def generate(root: Path, rows: int, seed: int, formats: list[str]) -> dict[str, object]:
-    """Write (or reuse) the three party files; returns a manifest."""
+class _PartyWriter:
+    """Appends chunks of one party's rows to its file in one format."""
+
+    def __init__(self, target: Path, fmt: str) -> None:
+        self.fmt = fmt
+        self.partial = target.with_suffix(target.suffix + ".partial")
+        self.target = target
+        self._handle = None if fmt == "parquet" else open(self.partial, "wb")  # noqa: SIM115 closed in close()
+        self._parquet: pq.ParquetWriter | None = None
+        self._first = True
+
+    def write(self, frame: pl.DataFrame) -> None:
+        if self.fmt == "txt":
+            assert self._handle is not None
+            # Keys hold no separator or quote: one key per line, as written.
+            frame.select(KEY_COLUMN).write_csv(self._handle, include_header=False)
+        elif self.fmt == "csv":
+            assert self._handle is not None
+            frame.write_csv(self._handle, include_header=self._first)
+        else:
+            table = frame.to_arrow()
+            if self._parquet is None:
+                self._parquet = pq.ParquetWriter(self.partial, table.schema)
+            self._parquet.write_table(table)
+        self._first = False
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+        if self._parquet is not None:
+            self._parquet.close()
+        self.partial.rename(self.target)  # a killed run never leaves a truncated cached file
+
+
+def generate(
+    root: Path, rows: int, seed: int, formats: list[str], parties: int = PARTIES
+) -> dict[str, object]:
+    """Write (or reuse) the first ``parties`` party files; returns a manifest."""
     directory = dataset_dir(root, rows, seed)
+    unknown = sorted(set(formats) - set(FORMATS))
+    if unknown:
+        raise SystemExit(f"--formats {','.join(unknown)}: use {', '.join(FORMATS)}")
     manifest_path = directory / "manifest.json"
-    wanted = {fmt: [str(party_file(directory, p, fmt)) for p in range(PARTIES)] for fmt in formats}
+    wanted = {fmt: [str(party_file(directory, p, fmt)) for p in range(parties)] for fmt in formats}
     if manifest_path.exists():
         manifest = json.loads(manifest_path.read_text())
         if all(Path(f).exists() for files in wanted.values() for f in files):
@@ -123,24 +172,37 @@ def generate(root: Path, rows: int, seed: int, formats: list[str]) -> dict[str, 
             return dict(manifest)
     directory.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    for party in range(PARTIES):
+    for party in range(parties):
         # One generator per party: the files do not depend on which formats were asked for.
         rng = np.random.default_rng([seed, party])
-        frame = make_frame(party_ids(party, rows), rng)
-        for fmt in formats:
-            target = party_file(directory, party, fmt)
-            partial = target.with_suffix(target.suffix + ".partial")
-            if fmt == "csv":
-                frame.write_csv(partial)
-            else:
-                frame.write_parquet(partial)
-            partial.rename(target)  # a killed run never leaves a truncated cached file
+        ids = rng.permutation(party_ids(party, rows))  # shuffled: nothing arrives sorted
+        writers = [
+            _PartyWriter(party_file(directory, party, fmt), fmt)
+            for fmt in formats
+            if not party_file(directory, party, fmt).exists()
+        ]
+        if not writers:
+            continue
+        for start in range(0, rows, CHUNK_ROWS):
+            frame = make_frame(ids[start : start + CHUNK_ROWS], rng)
+            for writer in writers:
+                writer.write(frame)
+        for writer in writers:
+            writer.close()
     manifest = {
         "layout_version": LAYOUT_VERSION,
         "rows": rows,
         "seed": seed,
         "key": KEY_COLUMN,
-        "files": wanted,
+        "files": {
+            fmt: [
+                str(party_file(directory, p, fmt))
+                for p in range(PARTIES)
+                if party_file(directory, p, fmt).exists()
+            ]
+            for fmt in FORMATS
+            if party_file(directory, 0, fmt).exists()
+        },
         "intersection": {str(n): expected_intersection(rows, n) for n in (2, 3)},
         "generated_seconds": round(time.monotonic() - started, 2),
     }
@@ -178,10 +240,15 @@ def main() -> int:
     parser.add_argument("--rows", type=int, required=True)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--formats", default="csv")
+    parser.add_argument(
+        "--parties", type=int, default=PARTIES, help="write only the first N parties' files"
+    )
     parser.add_argument("--openmined-sample", type=int, default=0)
     parser.add_argument("--openmined-out", type=Path)
     args = parser.parse_args()
-    manifest = generate(args.root, args.rows, args.seed, args.formats.split(","))
+    if not 2 <= args.parties <= PARTIES:
+        parser.error(f"--parties {args.parties}: between 2 and {PARTIES}")
+    manifest = generate(args.root, args.rows, args.seed, args.formats.split(","), args.parties)
     if args.openmined_sample:
         assert args.openmined_out is not None
         manifest["openmined_sample"] = openmined_sample(

@@ -28,16 +28,23 @@ POLL_SECONDS = 0.02
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def status_kib(pid: int | str, field: str) -> int | None:
-    """A ``kB`` field of /proc/PID/status, or None when absent (zombie, gone)."""
+def status_fields(pid: int | str, *fields: str) -> dict[str, int]:
+    """Numeric fields of /proc/PID/status (``kB`` ones in KiB); absent ones left out."""
+    found: dict[str, int] = {}
     try:
         with open(f"/proc/{pid}/status") as handle:
             for line in handle:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except (OSError, ValueError):
-        return None
-    return None
+                name, _, rest = line.partition(":")
+                if name in fields:
+                    found[name] = int(rest.split()[0])
+    except (OSError, ValueError, IndexError):
+        return {}
+    return found
+
+
+def status_kib(pid: int | str, field: str) -> int | None:
+    """A ``kB`` field of /proc/PID/status, or None when absent (zombie, gone)."""
+    return status_fields(pid, field).get(field)
 
 
 def loopback_bytes() -> int:
@@ -105,6 +112,8 @@ class Child:
         self.ru_maxrss_kib = 0
         self.cpu_seconds = 0.0  # user + system, from wait4
         self.vmhwm_kib = 0
+        #: Most threads seen at once (polled): what ``sgx.max_threads`` must allow.
+        self.peak_threads = 0
         #: (monotonic time, VmRSS KiB) samples: when the memory is used, not only how much.
         self.rss_samples: list[tuple[float, int]] = []
         self._lock = threading.Lock()
@@ -166,8 +175,9 @@ class Child:
             with self._lock:
                 if self._exited:
                     return
-                hwm = status_kib(self.pid, "VmHWM")
-                rss = status_kib(self.pid, "VmRSS")
+                status = status_fields(self.pid, "VmHWM", "VmRSS", "Threads")
+            hwm, rss = status.get("VmHWM"), status.get("VmRSS")
+            self.peak_threads = max(self.peak_threads, status.get("Threads", 0))
             if hwm is not None and hwm > self.vmhwm_kib:
                 self.vmhwm_kib = hwm
             if rss is not None:
