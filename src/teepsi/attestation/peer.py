@@ -26,10 +26,11 @@ import logging
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from enum import Enum
 
 from teepsi.attestation.collateral import CollateralError, CollateralFreshness, describe_collateral
 from teepsi.attestation.evidence import Role
-from teepsi.attestation.policy import MeasurementEntry, Policy, PolicyViolation
+from teepsi.attestation.policy import MeasurementEntry, Policy, PolicyViolation, TcbStatusRefused
 from teepsi.attestation.ratls import (
     ExtractedEvidence,
     RaTlsError,
@@ -46,8 +47,20 @@ from teepsi.attestation.verify import (
 log = logging.getLogger(__name__)
 
 
+class RejectedBy(Enum):
+    """Which check refused a peer: its evidence, the policy, or its platform's TCB."""
+
+    ATTESTATION = "attestation"
+    POLICY = "policy"
+    TCB_STATUS = "tcb_status"
+
+
 class PeerRejected(Exception):
     """The peer failed attestation or policy; the message is one line for users."""
+
+    def __init__(self, message: str, by: RejectedBy = RejectedBy.ATTESTATION) -> None:
+        super().__init__(message)
+        self.by = by
 
 
 @dataclass(frozen=True)
@@ -132,8 +145,10 @@ class PeerVerifier:
             if self.policy is not None:
                 matched = self.policy.check(verified.identity, verified.tcb_status)
                 self.policy.check_collateral(info, when)
+        except TcbStatusRefused as exc:
+            raise PeerRejected(f"{what}: {exc}", RejectedBy.TCB_STATUS) from None
         except (PolicyViolation, CollateralError) as exc:
-            raise PeerRejected(f"{what}: {exc}") from None
+            raise PeerRejected(f"{what}: {exc}", RejectedBy.POLICY) from None
         if record:
             if not verified.ppid:
                 raise PeerRejected(f"{what}: the verified quote names no platform (PPID)")
@@ -166,9 +181,7 @@ class PeerVerifier:
             raise PeerRejected(f"{what}: {exc}") from None
         try:
             # Binding first: it reads the quote's bytes only.
-            evidence = extract_evidence(
-                certificate_der, at=datetime.fromtimestamp(when, tz=UTC)
-            )
+            evidence = extract_evidence(certificate_der, at=datetime.fromtimestamp(when, tz=UTC))
         except RaTlsError as exc:
             raise PeerRejected(f"{what} certificate: {exc}") from None
         peer = self._check(evidence.quote, collateral_json, what, role, when, record)

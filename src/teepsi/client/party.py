@@ -227,6 +227,20 @@ def fetch_server_certificate(host: str, timeout: float) -> bytes:
     return der
 
 
+def pinned_channel(host: str, certificate_der: bytes) -> grpc.Channel:
+    """A channel to ``host`` that trusts only this certificate (the server's RA-TLS one)."""
+    pem = x509.load_der_x509_certificate(certificate_der).public_bytes(serialization.Encoding.PEM)
+    return grpc.secure_channel(
+        host,
+        grpc.ssl_channel_credentials(root_certificates=pem),
+        options=[
+            ("grpc.ssl_target_name_override", RATLS_TARGET_NAME),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ],
+    )
+
+
 def _rpc_error(what: str, exc: grpc.RpcError) -> PsiClientError:
     code = exc.code() if hasattr(exc, "code") else None
     details = exc.details() if hasattr(exc, "details") else str(exc)
@@ -279,17 +293,7 @@ class PsiClient:
     def connect(self) -> TrustedPeer:
         """Fetch, verify and pin the server's RA-TLS certificate."""
         der = fetch_server_certificate(self.config.host, min(30.0, self._remaining()))
-        pem = x509.load_der_x509_certificate(der).public_bytes(serialization.Encoding.PEM)
-        credentials = grpc.ssl_channel_credentials(root_certificates=pem)
-        self._channel = grpc.secure_channel(
-            self.config.host,
-            credentials,
-            options=[
-                ("grpc.ssl_target_name_override", RATLS_TARGET_NAME),
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ],
-        )
+        self._channel = pinned_channel(self.config.host, der)
         # The pinned channel only reaches the holder of that key; nothing secret is sent
         # until the evidence below is verified.
         try:

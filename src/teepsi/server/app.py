@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import grpc
 from cryptography.hazmat.primitives import serialization
 
+from teepsi import __version__
 from teepsi.attestation.collateral import (
     FRESHNESS_TOLERANCE_SECONDS,
     CollateralCache,
@@ -38,9 +39,17 @@ from teepsi.attestation.verify import SIMULATED_WARNING
 from teepsi.contract.audit import AuditError, AuditLog, HeadSigner
 from teepsi.contract.receipt import sign_receipt
 from teepsi.engine.spill import remove_stale_areas
+from teepsi.server.health import ServerHealth
 from teepsi.server.jobs import JobRegistry, Limits
 from teepsi.server.memory import tune_allocator
-from teepsi.server.service import PsiService, ServerEvidenceBundle, add_to_server
+from teepsi.server.metrics import (
+    MetricsAddressError,
+    MetricsEndpoint,
+    ServerMetrics,
+    parse_metrics_host,
+    serve_metrics,
+)
+from teepsi.server.service import SERVICE_NAME, PsiService, ServerEvidenceBundle, add_to_server
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +104,10 @@ class ServerConfig:
     connection_idle_seconds: float = 30.0
     #: A connection must finish its TLS and HTTP/2 handshake within this (slow loris).
     handshake_timeout_seconds: float = 10.0
+    #: Prometheus endpoint HOST:PORT (plain HTTP); None = no endpoint.
+    metrics_host: str | None = None
+    #: A non-loopback --metrics-host is refused unless this is set (--metrics-public).
+    metrics_public: bool = False
 
 
 def grpc_server_options(config: ServerConfig) -> list[tuple[str, int]]:
@@ -184,9 +197,18 @@ class RunningServer:
     _server: grpc.aio.Server
     _loop: _EventLoopThread
     _executor: futures.ThreadPoolExecutor
+    _health: ServerHealth
+    metrics: ServerMetrics
     _audit: AuditLog | None = None
+    #: The Prometheus endpoint, when --metrics-host was given.
+    metrics_endpoint: MetricsEndpoint | None = None
 
     def stop(self, grace: float | None = 2.0) -> None:
+        # NOT_SERVING first, before anything winds down: watchers stop routing here.
+        try:
+            self._loop.run(self._health.not_serving(), timeout=5)
+        except (TimeoutError, RuntimeError) as exc:
+            log.warning("could not mark the server NOT_SERVING: %s", exc)
         # Expiring every job first tells waiting parties why (UNAVAILABLE, shutting down).
         self.registry.close()
         try:
@@ -194,6 +216,8 @@ class RunningServer:
         finally:
             self._loop.close()
             self._executor.shutdown(wait=False, cancel_futures=True)
+            if self.metrics_endpoint is not None:
+                self.metrics_endpoint.stop()
             if self._audit is not None:
                 try:
                     self._audit.close()  # signs the final head
@@ -265,6 +289,14 @@ def start_server(config: ServerConfig) -> RunningServer:
             f"--certificate-lifetime {config.certificate_lifetime} must be longer than "
             f"--job-timeout {config.limits.job_timeout_seconds:g}s"
         )
+    metrics_address = None
+    if config.metrics_host is not None:
+        try:
+            metrics_address = parse_metrics_host(
+                config.metrics_host, allow_public=config.metrics_public
+            )
+        except MetricsAddressError as exc:
+            raise ServerConfigError(str(exc)) from None
     tune_allocator()
     provider = config.provider or make_provider(config.attestation, Role.SERVER)
     if provider.simulated:
@@ -301,6 +333,7 @@ def start_server(config: ServerConfig) -> RunningServer:
             exc,
         )
     log.info("server enclave: %s", _describe_own_quote(ratls.quote))
+    _log_start(config, provider.name)
     not_after = ratls.not_after
     log.info(
         "server certificate SHA-256 %s, valid until %s",
@@ -345,6 +378,7 @@ def start_server(config: ServerConfig) -> RunningServer:
         log.info("audit log %s (head %s)", config.audit_log, audit.head)
     limits = config.limits
     _remove_stale_spill(config.spill_dir)
+    metrics = ServerMetrics()
     registry = JobRegistry(
         limits,
         clock=config.clock,
@@ -353,7 +387,9 @@ def start_server(config: ServerConfig) -> RunningServer:
         certificate_sha256=hashlib.sha256(ratls.certificate_der).digest(),
         audit=audit,
         certificate_not_after=not_after.timestamp(),
+        metrics=metrics,
     )
+    metrics.watch_jobs(registry)
     executor = futures.ThreadPoolExecutor(
         max_workers=config.max_workers, thread_name_prefix="teepsi-work"
     )
@@ -369,7 +405,9 @@ def start_server(config: ServerConfig) -> RunningServer:
         client_verifier=verifier,
         require_client_attestation=config.require_client_attestation,
         executor=executor,
+        metrics=metrics,
     )
+    health = ServerHealth((SERVICE_NAME,))
     key_pem = ratls.private_key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
@@ -380,6 +418,7 @@ def start_server(config: ServerConfig) -> RunningServer:
     async def serve() -> tuple[grpc.aio.Server, int]:
         server = grpc.aio.server(options=grpc_server_options(config))
         add_to_server(service, server)
+        health.add_to(server)
         try:
             port = server.add_secure_port(config.host, credentials)
         except RuntimeError as exc:
@@ -387,11 +426,19 @@ def start_server(config: ServerConfig) -> RunningServer:
         if port == 0:
             raise ServerConfigError(f"cannot listen on {config.host}: address in use or invalid")
         await server.start()
+        await health.serving()
         return server, port
 
     loop = _EventLoopThread()
+    endpoint = None
     try:
         server, port = loop.run(serve(), timeout=60)
+        if metrics_address is not None:
+            try:
+                endpoint = serve_metrics(metrics, *metrics_address)
+            except MetricsAddressError as exc:
+                loop.run(server.stop(0), timeout=10)
+                raise ServerConfigError(str(exc)) from None
     except BaseException:
         loop.close()
         executor.shutdown(wait=False)
@@ -409,7 +456,35 @@ def start_server(config: ServerConfig) -> RunningServer:
         _server=server,
         _loop=loop,
         _executor=executor,
+        _health=health,
+        metrics=metrics,
         _audit=audit,
+        metrics_endpoint=endpoint,
+    )
+
+
+def _log_start(config: ServerConfig, attestation: str) -> None:
+    """Once at start, for whoever reads the log later: what runs, and with which limits."""
+    limits = config.limits
+    log.info(
+        "teepsi %s server: attestation %s, client attestation %s, simulated evidence %s",
+        __version__,
+        attestation,
+        "required" if config.require_client_attestation else "OFF",
+        "ACCEPTED" if config.allow_simulated else "refused",
+        extra={"version": __version__, "attestation": attestation},
+    )
+    log.info(
+        "limits: max_jobs %d, max_parties %d, max_items %d, memory_budget %d bytes, "
+        "job_timeout %g s, join_timeout %g s, max_connections %d, max_workers %d",
+        limits.max_jobs,
+        limits.max_parties_per_job,
+        limits.max_items_per_party,
+        limits.memory_budget_bytes,
+        limits.job_timeout_seconds,
+        limits.join_timeout_seconds,
+        config.max_connections,
+        config.max_workers,
     )
 
 
