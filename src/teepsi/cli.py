@@ -48,7 +48,8 @@ def _add_log_flags(parser: argparse.ArgumentParser) -> None:
         choices=LOG_FORMATS,
         default="text",
         help="text (default): a UTC timestamp, then the line; json: one object per line "
-        "(ts, level, logger, msg, role, and structured fields) for log shippers",
+        "(ts, level, logger, msg, role, and structured fields) for log shippers; "
+        "a client then draws no progress bars",
     )
 
 
@@ -661,7 +662,8 @@ def _cmd_client(args: argparse.Namespace) -> int:
             resume_token = ResumeToken.from_json(text, f"--resume-file {outputs.resume}")
         except ResumeTokenError as exc:
             raise UsageError(str(exc)) from None
-    progress = Progress(enabled=not args.quiet)
+    # A log shipper reads stderr line by line as JSON: no progress bars there.
+    progress = Progress(enabled=not args.quiet and args.log_format == "text")
     try:
         with progress.phase(f"reading {spec.path.name}", total=None):
             table = read_table(spec)
