@@ -25,6 +25,8 @@ import numpy as np
 import polars as pl
 import pytest
 from conftest import client_args, start_client
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from teepsi.attestation.policy import Policy
 from teepsi.client.party import PartyConfig, PsiClient, PsiClientError
@@ -630,8 +632,16 @@ def test_host_logs_and_audit_log_confirm_no_guess_of_the_intersection(
     )
     audit = tmp_path / "audit.jsonl"
     if server_kind == "process":
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            metrics_port = sock.getsockname()[1]
         process = request.getfixturevalue("start_server")(
-            "-v", "--audit-log", str(audit), policy=policy_file
+            "-v",
+            "--audit-log",
+            str(audit),
+            "--metrics-host",
+            f"127.0.0.1:{metrics_port}",
+            policy=policy_file,
         )
         port = process.port
     else:
@@ -657,6 +667,12 @@ def test_host_logs_and_audit_log_confirm_no_guess_of_the_intersection(
         for name, client in clients.items():
             client.upload(tokens[name], *hash_keys(pl.Series(sets[name]), seeds), _NoBar())
         chunks = {name: _raw_result(client, tokens[name]) for name, client in clients.items()}
+        # The host's metrics once the job is released (and while c's result is still held).
+        metrics = (
+            urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics").read().decode()
+            if server_kind == "process"
+            else generate_latest(running.metrics.registry).decode()
+        )
     finally:
         for client in clients.values():
             client.close()
@@ -670,7 +686,7 @@ def test_host_logs_and_audit_log_confirm_no_guess_of_the_intersection(
         assert " INFO " in server_log
     last = chunks["c"][-1]
     assert pb.ResultStatus.Name(last.status) == status
-    host_view = server_log + "\n" + caplog.text + "\n" + audit.read_text()
+    host_view = server_log + "\n" + caplog.text + "\n" + audit.read_text() + "\n" + metrics
     assert "job " + spec.job_id in server_log  # the log did record the job
     # c's guessing kit: its records, and every salt it was given.
     records = _canonical_records(*hash_keys(pl.Series(sets["c"]), seeds))
@@ -699,3 +715,11 @@ def test_host_logs_and_audit_log_confirm_no_guess_of_the_intersection(
     for text in (server_log, caplog.text):
         assert not re.search(rf"\b{_GUESS_SIZE}\b", text), text
     assert all(value != _GUESS_SIZE for _, _, value in _audit_numbers(audit))
+    # Nor in any value of the metrics (counts of jobs, parties, uploads; bytes; seconds).
+    assert "teepsi_intersections_total 1.0" in metrics
+    values = [
+        sample.value
+        for family in text_string_to_metric_families(metrics)
+        for sample in family.samples
+    ]
+    assert _GUESS_SIZE not in values and _GUESS_SIZE * 16 not in values
