@@ -390,3 +390,24 @@ def test_server_logs_json_with_its_start_facts_once(start_server, tmp_path):
     assert len(limits) == 1 and "max_jobs 7" in limits[0]["msg"]
     enclave = [e for e in entries if e["msg"].startswith("server enclave: MRENCLAVE")]
     assert len(enclave) == 1
+
+
+def test_a_usage_error_in_json_mode_is_one_json_line(tmp_path, policy_file):
+    """A log shipper parses every line of stderr: the error too."""
+    done = subprocess.run(
+        [
+            *TEEPSI,
+            *("client", "--host", "127.0.0.1:1", "--config", str(policy_file)),
+            *("--data", str(tmp_path / "missing.txt"), "--parties", "2", "--name", "a"),
+            *("--log-format", "json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1, done.stderr
+    entry = json.loads(lines[0])
+    assert entry["level"] == "ERROR" and entry["exit_code"] == 2
+    assert "missing.txt" in entry["msg"] and _ISO_UTC.match(entry["ts"])

@@ -1423,7 +1423,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code: int = args.func(args)
     except UsageError as exc:
-        print(f"teepsi {args.command}: error: {exc}", file=sys.stderr)
+        if getattr(args, "log_format", "text") == "json":
+            # The command set up JSON logging first: its error is one more JSON line.
+            log.error("error: %s", exc, extra={"exit_code": EXIT_USAGE})
+        else:
+            print(f"teepsi {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
