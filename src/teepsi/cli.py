@@ -1054,7 +1054,7 @@ def _certificate_key_sha256(certificate: bytes) -> bytes | None:
 
 def _cmd_health(args: argparse.Namespace) -> int:
     """One line on stdout (SERVING) or stderr (why not): a probe's exit code says it."""
-    from teepsi.client.party import PsiClientError, split_host
+    from teepsi.protocol.connect import PsiClientError, split_host
     from teepsi.server.health import HealthCheckError, check_health
 
     try:

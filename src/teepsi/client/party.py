@@ -10,8 +10,6 @@ import hashlib
 import hmac
 import json
 import logging
-import socket
-import ssl
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -21,8 +19,6 @@ from typing import Any
 
 import grpc
 import polars as pl
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from teepsi.attestation.collateral import (
@@ -48,19 +44,20 @@ from teepsi.engine.intersect import intersect_records, sorted_unique_records
 from teepsi.engine.keys import Normalization, U64Array, records_from_bytes, seeds_from_bytes
 from teepsi.engine.store import RECORDS_PER_CHUNK, iter_record_chunks, mark_last
 from teepsi.engine.tables import TEXT_COLUMN, Table, TableSpec, matching_rows, table_from_frame
-from teepsi.protocol import SESSION_METADATA
+from teepsi.protocol import SESSION_METADATA, connect
 from teepsi.protocol import teepsi_pb2 as pb
 from teepsi.protocol import teepsi_pb2_grpc as pb_grpc
 
+#: Re-exported: the client's API and tests name them here; they live in a light module so
+#: that `teepsi health` starts fast.
+PsiClientError = connect.PsiClientError
+split_host = connect.split_host
+fetch_server_certificate = connect.fetch_server_certificate
+pinned_channel = connect.pinned_channel
+RATLS_TARGET_NAME = connect.RATLS_TARGET_NAME
+MAX_MESSAGE_BYTES = connect.MAX_MESSAGE_BYTES
+
 log = logging.getLogger(__name__)
-
-#: The subject CN of RA-TLS certificates; gRPC checks the name against it.
-RATLS_TARGET_NAME = "RATLS"
-MAX_MESSAGE_BYTES = 16 * 1024 * 1024
-
-
-class PsiClientError(Exception):
-    """The run failed; the message is one line saying what happened and what to do."""
 
 
 class _StreamBroken(Exception):
@@ -197,48 +194,6 @@ class PartyResult:
     def text(self) -> list[str]:
         """Text input: the intersecting items."""
         return [str(v) for v in self.rows.to_series(0).to_list()]
-
-
-def split_host(host: str) -> tuple[str, int]:
-    name, sep, port = host.rpartition(":")
-    if not sep or not port.isdigit() or not name:
-        raise PsiClientError(f"--host {host!r}: expected HOST:PORT, for example localhost:50051")
-    return name.strip("[]"), int(port)
-
-
-def fetch_server_certificate(host: str, timeout: float) -> bytes:
-    """The DER certificate the server presents; unverified here, checked by the caller."""
-    address = split_host(host)
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    # Not a trust decision: the certificate is judged by its evidence, then pinned.
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    context.set_alpn_protocols(["h2"])
-    try:
-        with (
-            socket.create_connection(address, timeout=timeout) as raw,
-            context.wrap_socket(raw, server_hostname=RATLS_TARGET_NAME) as tls,
-        ):
-            der = tls.getpeercert(binary_form=True)
-    except (OSError, ssl.SSLError) as exc:
-        raise PsiClientError(f"cannot reach the server at {host}: {exc}; is it running?") from None
-    if not der:
-        raise PsiClientError(f"server at {host} presented no certificate")
-    return der
-
-
-def pinned_channel(host: str, certificate_der: bytes) -> grpc.Channel:
-    """A channel to ``host`` that trusts only this certificate (the server's RA-TLS one)."""
-    pem = x509.load_der_x509_certificate(certificate_der).public_bytes(serialization.Encoding.PEM)
-    return grpc.secure_channel(
-        host,
-        grpc.ssl_channel_credentials(root_certificates=pem),
-        options=[
-            ("grpc.ssl_target_name_override", RATLS_TARGET_NAME),
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-        ],
-    )
 
 
 def _rpc_error(what: str, exc: grpc.RpcError) -> PsiClientError:

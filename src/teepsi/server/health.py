@@ -13,7 +13,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from teepsi.client.party import PsiClientError, fetch_server_certificate, pinned_channel
+from teepsi.protocol.connect import PsiClientError, fetch_server_certificate, pinned_channel
 
 #: The service names health answers for ("" is the server as a whole).
 OVERALL = health.OVERALL_HEALTH
