@@ -312,6 +312,18 @@ def test_metrics_host_refuses_public_or_malformed_addresses(policy, address, pub
         _sim_server(policy, metrics_host=address, metrics_public=public)
 
 
+def test_metrics_public_allows_a_non_loopback_address(policy):
+    running = _sim_server(policy, metrics_host="0.0.0.0:0", metrics_public=True)
+    try:
+        assert running.metrics_endpoint is not None
+        samples = _scrape(running.metrics_endpoint.port)
+    finally:
+        running.stop(grace=0)
+    assert _value(samples, "teepsi_jobs", phase="waiting") == 0
+    with pytest.raises(OSError):  # the endpoint ends with the server
+        _scrape(running.metrics_endpoint.port)
+
+
 def test_metrics_are_off_by_default(policy):
     running = _sim_server(policy)
     running.stop(grace=0)
