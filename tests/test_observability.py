@@ -399,9 +399,13 @@ def test_server_logs_json_with_its_start_facts_once(start_server, tmp_path):
     started = [e for e in entries if e.get("version")]
     assert len(started) == 1 and started[0]["attestation"] == "sim"
     limits = [e for e in entries if e["msg"].startswith("limits:")]
-    assert len(limits) == 1 and "max_jobs 7" in limits[0]["msg"]
+    assert len(limits) == 1 and "max_jobs 7," in limits[0]["msg"]
+    assert limits[0]["limits"]["max_jobs"] == 7
+    assert limits[0]["limits"]["memory_budget"] == 1024**3
     enclave = [e for e in entries if e["msg"].startswith("server enclave: MRENCLAVE")]
     assert len(enclave) == 1
+    assert enclave[0]["mr_enclave"] == sim_identity(Role.SERVER).mr_enclave.hex()
+    assert enclave[0]["isv_prod_id"] == int(Role.SERVER)
 
 
 def test_a_usage_error_in_json_mode_is_one_json_line(tmp_path, policy_file):

@@ -244,14 +244,23 @@ class RunningServer:
         return True
 
 
-def _describe_own_quote(quote: bytes) -> str:
+def _log_own_quote(quote: bytes) -> None:
+    """The server's measurement, once at start (structured fields for JSON logs)."""
     try:
         body = parse_quote(quote).report_body
     except QuoteFormatError as exc:
-        return f"(own quote unreadable: {exc})"
-    return (
-        f"MRENCLAVE {body.mr_enclave.hex()} MRSIGNER {body.mr_signer.hex()} "
-        f"ISV_PROD_ID {body.isv_prod_id} ISV_SVN {body.isv_svn}"
+        log.info("server enclave: (own quote unreadable: %s)", exc)
+        return
+    fields = {
+        "mr_enclave": body.mr_enclave.hex(),
+        "mr_signer": body.mr_signer.hex(),
+        "isv_prod_id": body.isv_prod_id,
+        "isv_svn": body.isv_svn,
+    }
+    log.info(
+        "server enclave: MRENCLAVE %s MRSIGNER %s ISV_PROD_ID %d ISV_SVN %d",
+        *fields.values(),
+        extra=fields,
     )
 
 
@@ -332,7 +341,7 @@ def start_server(config: ServerConfig) -> RunningServer:
             "their own (--pccs-url) or load a file: %s",
             exc,
         )
-    log.info("server enclave: %s", _describe_own_quote(ratls.quote))
+    _log_own_quote(ratls.quote)
     _log_start(config, provider.name)
     not_after = ratls.not_after
     log.info(
@@ -474,17 +483,20 @@ def _log_start(config: ServerConfig, attestation: str) -> None:
         "ACCEPTED" if config.allow_simulated else "refused",
         extra={"version": __version__, "attestation": attestation},
     )
+    fields: dict[str, int | float] = {
+        "max_jobs": limits.max_jobs,
+        "max_parties": limits.max_parties_per_job,
+        "max_items": limits.max_items_per_party,
+        "memory_budget": limits.memory_budget_bytes,
+        "job_timeout": limits.job_timeout_seconds,
+        "join_timeout": limits.join_timeout_seconds,
+        "max_connections": config.max_connections,
+        "max_workers": config.max_workers,
+    }
     log.info(
-        "limits: max_jobs %d, max_parties %d, max_items %d, memory_budget %d bytes, "
-        "job_timeout %g s, join_timeout %g s, max_connections %d, max_workers %d",
-        limits.max_jobs,
-        limits.max_parties_per_job,
-        limits.max_items_per_party,
-        limits.memory_budget_bytes,
-        limits.job_timeout_seconds,
-        limits.join_timeout_seconds,
-        config.max_connections,
-        config.max_workers,
+        "limits: %s",
+        ", ".join(f"{name} {value:g}" for name, value in fields.items()),
+        extra={"limits": fields},
     )
 
 
