@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import socket
 import ssl
 import subprocess
@@ -42,15 +43,24 @@ from teepsi.server.challenges import NONCE_BYTES
 MiB = 1024 * 1024
 
 
+#: The UTC timestamp every log line starts with (usage errors from argparse have none).
+_TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?Z ")
+
+
+def _lines(stderr: str) -> list[str]:
+    """stderr's lines without their log timestamps."""
+    return [_TIMESTAMP.sub("", ln) for ln in stderr.splitlines()]
+
+
 def _error_lines(stderr: str) -> list[str]:
-    return [ln for ln in stderr.splitlines() if " ERROR " in ln or "error:" in ln]
+    return [ln for ln in _lines(stderr) if " ERROR " in ln or "error:" in ln]
 
 
 def _only_error(stderr: str) -> str:
     """The one error line; anything else on stderr may only be a warning."""
     errors = _error_lines(stderr)
     assert len(errors) == 1, stderr
-    others = [ln for ln in stderr.splitlines() if ln not in errors and ln.strip()]
+    others = [ln for ln in _lines(stderr) if ln not in errors and ln.strip()]
     assert all(" WARNING " in ln for ln in others), others
     return errors[0]
 
@@ -866,7 +876,7 @@ def test_spec_check_warns_about_a_deadline_already_past(tmp_path, party_keys):
         teepsi_cmd("spec", "check", str(spec)), capture_output=True, text=True, timeout=60
     )
     assert run.returncode == 0, run.stderr
-    assert run.stderr.splitlines() == [
+    assert _lines(run.stderr) == [
         f"teepsi spec: warning: {spec}: deadline 2020-01-01T00:00:00Z has already passed: a "
         "server refuses this job; agree on a new deadline with the other parties"
     ]
@@ -1033,7 +1043,7 @@ def test_ctrl_c_exits_130_and_says_so(tmp_path, policy_file):
     assert code == 130, stderr
     assert "Traceback" not in stderr
     # Its resume file is kept, and the line says how to pick the result up.
-    assert stderr.strip().splitlines()[-1] == (
+    assert _lines(stderr.strip())[-1] == (
         f"teepsi client: interrupted (Ctrl-C); while the job lives, --resume with "
         f"--resume-file {out}.resume fetches the result"
     )

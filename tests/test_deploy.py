@@ -1968,7 +1968,10 @@ def test_compose_three_party_run() -> None:
     assert (ROOT / server["build"]["context"].replace("../..", ".")).resolve() == ROOT
     dockerfile = server["build"]["dockerfile"].replace("${TEEPSI_DISTRO:-anolis8}", "anolis8")
     assert (ROOT / dockerfile).is_file()
-    assert "healthcheck" in server
+    # The gRPC health service (pinned RA-TLS), not a bare TCP connect.
+    probe = server["healthcheck"]["test"]
+    assert probe[:4] == ["CMD", "/opt/teepsi/venv/bin/teepsi", "health", "--host"]
+    assert probe[4] == "127.0.0.1:${TEEPSI_PORT:-50051}"
     assert "./out/server:/data" in server["volumes"]  # run.toml and the audit log persist
     assert "./out/server-state:/var/lib/teepsi/state/server" in server["volumes"]
     for n in (1, 2, 3):

@@ -15,7 +15,9 @@ import os
 import re
 import secrets
 import signal
+import socket
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -23,6 +25,8 @@ import numpy as np
 import polars as pl
 import pytest
 from conftest import client_args, start_client
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from teepsi.attestation.policy import Policy
 from teepsi.client.party import PartyConfig, PsiClient, PsiClientError
@@ -72,9 +76,27 @@ def _wait_for(predicate, what: str, timeout: float = 30.0) -> None:
 # -- logs ------------------------------------------------------------------------------
 
 
-def test_logs_at_every_level_never_contain_items_or_keys(start_server, policy_file, tmp_path):
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_logs_at_every_level_never_contain_items_or_keys(
+    start_server, policy_file, tmp_path, log_format
+):
+    """Server and clients at every level in either log format, and the server's metrics:
+    no item, no key, no job id or party name in the metrics."""
     audit = tmp_path / "audit.jsonl"
-    server = start_server("-v", "--audit-log", str(audit), policy=policy_file)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        metrics_port = sock.getsockname()[1]
+    server = start_server(
+        "-v",
+        "--audit-log",
+        str(audit),
+        "--log-format",
+        log_format,
+        "--metrics-host",
+        f"127.0.0.1:{metrics_port}",
+        policy=policy_file,
+    )
+    fmt = ["--log-format", log_format]
     common = _secret_items("Common", 20)
     texts = {f"p{n}": common + _secret_items(f"Own{n}", 30) for n in range(3)}
     levels = {"p0": ["-v"], "p1": [], "p2": ["--quiet"]}
@@ -85,7 +107,7 @@ def test_logs_at_every_level_never_contain_items_or_keys(start_server, policy_fi
         args = client_args(server, data, parties=3, name=name, policy=policy_file, job="logs")
         if "--quiet" not in levels[name]:
             args.remove("--quiet")
-        procs[name] = start_client([*args, *levels[name]])
+        procs[name] = start_client([*args, *levels[name], *fmt])
     # A CSV job under a spec: key columns, a secret non-key column, private key files.
     keys = {name: generate_private_key() for name in ("h", "i")}
     spec = tmp_path / "job.toml"
@@ -113,6 +135,7 @@ def test_logs_at_every_level_never_contain_items_or_keys(start_server, policy_fi
             [
                 *(*args, "-v", "--key", "email", "--spec", str(spec)),
                 *("--key-file", str(key_file), "--output", str(tmp_path / f"{name}-out.csv")),
+                *fmt,
             ]
         )
     stderr_of = {}
@@ -122,13 +145,24 @@ def test_logs_at_every_level_never_contain_items_or_keys(start_server, policy_fi
         stderr_of[name] = stderr
         if name.startswith("p"):
             assert stdout == "".join(f"{c}\n" for c in sorted(common)).encode()
+    info = b" INFO " if log_format == "text" else b'"level": "INFO"'
     # -v turns on DEBUG (teepsi itself logs nothing more there today), default is INFO.
-    assert b" INFO " in stderr_of["p0"] and b" INFO " in stderr_of["p1"]
-    assert b" INFO " not in stderr_of["p2"]
+    assert info in stderr_of["p0"] and info in stderr_of["p1"]
+    assert info not in stderr_of["p2"]
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics").read()
+    assert b"teepsi_uploads_completed_total 5.0" in metrics  # the scrape saw the jobs
     server.proc.send_signal(signal.SIGTERM)
     server.proc.wait(timeout=20)
     server_log = (server.workdir / "server.log").read_bytes()
-    assert b" INFO " in server_log
+    assert info in server_log
+    if log_format == "json":
+        for text in (server_log, *stderr_of.values()):
+            for line in text.decode().splitlines():
+                # Progress bars are off (not a terminal): every line is one JSON object.
+                assert {"ts", "level", "logger", "msg"} <= json.loads(line).keys(), line
+    # Metrics name no job and no party (a series per job would be a log by other means).
+    for name in (*texts, *keys, "logs", "csv-logs"):
+        assert f'"{name}"'.encode() not in metrics and f"{name}-".encode() not in metrics
     all_items = [it for items in texts.values() for it in items]
     all_items += [m for mails in rows.values() for m in mails] + ssns
     needles = _needles(all_items)
@@ -140,6 +174,7 @@ def test_logs_at_every_level_never_contain_items_or_keys(start_server, policy_fi
     for where, text in {
         "server.log": server_log,
         "audit log": audit.read_bytes(),
+        "metrics": metrics,
         **{f"client {n} stderr": e for n, e in stderr_of.items()},
     }.items():
         assert not _leaks(text, needles), (where, _leaks(text, needles)[:3])
@@ -599,8 +634,16 @@ def test_host_logs_and_audit_log_confirm_no_guess_of_the_intersection(
     )
     audit = tmp_path / "audit.jsonl"
     if server_kind == "process":
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            metrics_port = sock.getsockname()[1]
         process = request.getfixturevalue("start_server")(
-            "-v", "--audit-log", str(audit), policy=policy_file
+            "-v",
+            "--audit-log",
+            str(audit),
+            "--metrics-host",
+            f"127.0.0.1:{metrics_port}",
+            policy=policy_file,
         )
         port = process.port
     else:
@@ -626,6 +669,12 @@ def test_host_logs_and_audit_log_confirm_no_guess_of_the_intersection(
         for name, client in clients.items():
             client.upload(tokens[name], *hash_keys(pl.Series(sets[name]), seeds), _NoBar())
         chunks = {name: _raw_result(client, tokens[name]) for name, client in clients.items()}
+        # The host's metrics once the job is released (and while c's result is still held).
+        metrics = (
+            urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics").read().decode()
+            if server_kind == "process"
+            else generate_latest(running.metrics.registry).decode()
+        )
     finally:
         for client in clients.values():
             client.close()
@@ -639,7 +688,7 @@ def test_host_logs_and_audit_log_confirm_no_guess_of_the_intersection(
         assert " INFO " in server_log
     last = chunks["c"][-1]
     assert pb.ResultStatus.Name(last.status) == status
-    host_view = server_log + "\n" + caplog.text + "\n" + audit.read_text()
+    host_view = server_log + "\n" + caplog.text + "\n" + audit.read_text() + "\n" + metrics
     assert "job " + spec.job_id in server_log  # the log did record the job
     # c's guessing kit: its records, and every salt it was given.
     records = _canonical_records(*hash_keys(pl.Series(sets["c"]), seeds))
@@ -670,3 +719,11 @@ def test_host_logs_and_audit_log_confirm_no_guess_of_the_intersection(
         text = _CLOCK_READING.sub("<time>", text)
         assert not re.search(rf"\b{_GUESS_SIZE}\b", text), text
     assert all(value != _GUESS_SIZE for _, _, value in _audit_numbers(audit))
+    # Nor in any value of the metrics (counts of jobs, parties, uploads; bytes; seconds).
+    assert "teepsi_intersections_total 1.0" in metrics
+    values = [
+        sample.value
+        for family in text_string_to_metric_families(metrics)
+        for sample in family.samples
+    ]
+    assert _GUESS_SIZE not in values and _GUESS_SIZE * 16 not in values

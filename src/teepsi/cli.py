@@ -35,13 +35,24 @@ class UsageError(Exception):
     """Bad flags or input files; exit code 2."""
 
 
-def _setup_logging(role: str, verbose: bool, quiet: bool = False) -> None:
+def _setup_logging(role: str, verbose: bool, quiet: bool = False, log_format: str = "text") -> None:
+    from teepsi.logformat import setup_logging
+
     level = logging.DEBUG if verbose else (logging.WARNING if quiet else logging.INFO)
-    logging.basicConfig(
-        level=level,
-        format=f"teepsi {role}: %(levelname)s %(message)s",
-        stream=sys.stderr,
-        force=True,
+    setup_logging(role, level, log_format)
+
+
+def _add_log_flags(parser: argparse.ArgumentParser) -> None:
+    from teepsi.logformat import LOG_FORMATS
+
+    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default="text",
+        help="text (default): a UTC timestamp, then the line; json: one object per line "
+        "(ts, level, logger, msg, role, and structured fields) for log shippers; "
+        "a client then draws no progress bars",
     )
 
 
@@ -97,7 +108,7 @@ def _cmd_server(args: argparse.Namespace) -> int:
     )
     from teepsi.server.jobs import Limits
 
-    _setup_logging("server", args.verbose)
+    _setup_logging("server", args.verbose, log_format=args.log_format)
     if args.no_client_attestation and args.config is None:
         policy = None
     else:
@@ -138,6 +149,8 @@ def _cmd_server(args: argparse.Namespace) -> int:
         pccs_url=args.pccs_url,
         qcnl_path=args.qcnl_config,
         insecure_pccs_tls=args.insecure_pccs_tls,
+        metrics_host=args.metrics_host,
+        metrics_public=args.metrics_public,
     )
 
     def announce(running: RunningServer) -> None:
@@ -748,7 +761,7 @@ def _cmd_client(args: argparse.Namespace) -> int:
     )
     from teepsi.privatefile import write_private
 
-    _setup_logging("client", args.verbose, args.quiet)
+    _setup_logging("client", args.verbose, args.quiet, log_format=args.log_format)
     job_spec, party_key = _client_contract(args)
     _client_defaults(args)
     from teepsi.contract.spec import IDENTIFIER_PATTERN
@@ -779,7 +792,8 @@ def _cmd_client(args: argparse.Namespace) -> int:
             resume_token = ResumeToken.from_json(text, f"--resume-file {outputs.resume}")
         except ResumeTokenError as exc:
             raise UsageError(str(exc)) from None
-    progress = Progress(enabled=not args.quiet)
+    # A log shipper reads stderr line by line as JSON: no progress bars there.
+    progress = Progress(enabled=not args.quiet and args.log_format == "text")
     try:
         with progress.phase(f"reading {spec.path.name}", total=None):
             table = read_table(spec)
@@ -1205,10 +1219,28 @@ def _certificate_key_sha256(certificate: bytes) -> bytes | None:
         return None
 
 
+def _cmd_health(args: argparse.Namespace) -> int:
+    """One line on stdout (SERVING) or stderr (why not): a probe's exit code says it."""
+    from teepsi.protocol.connect import PsiClientError, split_host
+    from teepsi.server.health import HealthCheckError, check_health
+
+    try:
+        split_host(args.host)
+    except PsiClientError as exc:
+        raise UsageError(str(exc)) from None
+    try:
+        status = check_health(args.host, service=args.service, timeout=args.timeout)
+    except HealthCheckError as exc:
+        print(f"teepsi health: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(status)
+    return EXIT_OK
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from teepsi.demo import run_contract_demo, run_demo
 
-    _setup_logging("demo", args.verbose)
+    _setup_logging("demo", args.verbose, log_format=args.log_format)
     if args.contract:
         return run_contract_demo(verbose=args.verbose)
     return run_demo(parties=args.parties, verbose=args.verbose, tee=args.tee)
@@ -1355,9 +1387,21 @@ def build_parser() -> argparse.ArgumentParser:
         "(max_jobs = 64); TEEPSI_<KEY> variables override it and flags override both "
         "(docs/configuration.md). Default $TEEPSI_RUN_CONFIG",
     )
+    server.add_argument(
+        "--metrics-host",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics over plain HTTP at http://HOST:PORT/metrics "
+        "(off by default; loopback only unless --metrics-public)",
+    )
+    server.add_argument(
+        "--metrics-public",
+        action="store_true",
+        help="allow a non-loopback --metrics-host: the endpoint has no TLS and no "
+        "authentication, so firewall it to the scraper",
+    )
     server.add_argument("--announce", action="store_true", help=argparse.SUPPRESS)
     _add_collateral_state_flag(server, "server", "data provider's")
-    server.add_argument("-v", "--verbose", action="store_true")
+    _add_log_flags(server)
     _add_trust_flags(server)
     server.set_defaults(func=_cmd_server, subparser=server)
 
@@ -1446,9 +1490,22 @@ def build_parser() -> argparse.ArgumentParser:
         "override both (docs/configuration.md). Default $TEEPSI_RUN_CONFIG",
     )
     client.add_argument("--quiet", action="store_true", help="no progress bars or info logs")
-    client.add_argument("-v", "--verbose", action="store_true")
+    _add_log_flags(client)
     _add_trust_flags(client)
     client.set_defaults(func=_cmd_client, subparser=client)
+
+    health = sub.add_parser(
+        "health",
+        help="ask a server's gRPC health service (exit 0 when SERVING); for health checks",
+    )
+    health.add_argument("--host", required=True, help="server address HOST:PORT")
+    health.add_argument(
+        "--service",
+        default="",
+        help='the service to ask about: "" (default) the whole server, or teepsi.v1.Psi',
+    )
+    health.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
+    health.set_defaults(func=_cmd_health)
 
     measure = sub.add_parser("measure", help="print a dynamic_config.json for this installation")
     measure.add_argument("--attestation", choices=["sim", "gramine"], default="sim")
@@ -1469,7 +1526,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="the job-contract example: three parties under a spec, one not a recipient",
     )
-    demo.add_argument("-v", "--verbose", action="store_true")
+    _add_log_flags(demo)
     demo.set_defaults(func=_cmd_demo)
 
     keygen = sub.add_parser("keygen", help="make a party key pair for job specs")
@@ -1580,7 +1637,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parse_settings(argv, os.environ, parsed=args)
         code: int = args.func(args)
     except UsageError as exc:
-        print(f"teepsi {args.command}: error: {exc}", file=sys.stderr)
+        if getattr(args, "log_format", "text") == "json":
+            # The command set up JSON logging first: its error is one more JSON line.
+            log.error("error: %s", exc, extra={"exit_code": EXIT_USAGE})
+        else:
+            print(f"teepsi {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt as exc:
         # The exception's text, if any, is what the interrupted step left to pick up.

@@ -29,10 +29,17 @@ import logging
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from enum import Enum
 
 from teepsi.attestation.collateral import CollateralError, CollateralFreshness, describe_collateral
 from teepsi.attestation.evidence import REPORT_DATA_SIZE, Role, tdx_report_data
-from teepsi.attestation.policy import MeasurementEntry, Policy, PolicyViolation, TdxEntry
+from teepsi.attestation.policy import (
+    MeasurementEntry,
+    Policy,
+    PolicyViolation,
+    TcbStatusRefused,
+    TdxEntry,
+)
 from teepsi.attestation.quote import TEE_TYPE_TDX
 from teepsi.attestation.ratls import (
     ExtractedEvidence,
@@ -61,8 +68,20 @@ SERVER_SIMULATED_REMEDY = (
 )
 
 
+class RejectedBy(Enum):
+    """Which check refused a peer: its evidence, the policy, or its platform's TCB."""
+
+    ATTESTATION = "attestation"
+    POLICY = "policy"
+    TCB_STATUS = "tcb_status"
+
+
 class PeerRejected(Exception):
     """The peer failed attestation or policy; the message is one line for users."""
+
+    def __init__(self, message: str, by: RejectedBy = RejectedBy.ATTESTATION) -> None:
+        super().__init__(message)
+        self.by = by
 
 
 @dataclass(frozen=True)
@@ -248,8 +267,10 @@ class PeerVerifier:
                     assert verified.identity is not None
                     matched = self.policy.check(verified.identity, verified.tcb_status)
                 self.policy.check_collateral(info, when)
+        except TcbStatusRefused as exc:
+            raise PeerRejected(f"{what}: {exc}", RejectedBy.TCB_STATUS) from None
         except (PolicyViolation, CollateralError) as exc:
-            raise PeerRejected(f"{what}: {exc}") from None
+            raise PeerRejected(f"{what}: {exc}", RejectedBy.POLICY) from None
         if record:
             if not ppid:
                 raise PeerRejected(f"{what}: the verified quote names no platform (PPID)")

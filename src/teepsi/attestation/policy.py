@@ -154,6 +154,10 @@ class PolicyViolation(Exception):
     """A peer is refused by the policy; the message is one line saying why."""
 
 
+class TcbStatusRefused(PolicyViolation):
+    """The peer's platform TCB status is not accepted (the metrics count it apart)."""
+
+
 def _is_ignored_key(key: str) -> bool:
     return key.startswith(("_", "comment"))
 
@@ -380,16 +384,16 @@ class TcbAllowances:
         )
 
     def check(self, status: str) -> None:
-        """Raise PolicyViolation unless a platform with TCB ``status`` is accepted."""
+        """Raise TcbStatusRefused unless a platform with TCB ``status`` is accepted."""
         if status == "Revoked":
-            raise PolicyViolation("TCB status Revoked is always refused")
+            raise TcbStatusRefused("TCB status Revoked is always refused")
         needs = _TCB_NEEDS.get(status) if isinstance(status, str) else None
         if needs is None:
             # fail closed: a status we do not know may mean anything
-            raise PolicyViolation(f"TCB status {show(status)} is unknown and refused")
+            raise TcbStatusRefused(f"TCB status {show(status)} is unknown and refused")
         missing = [key for key in needs if not self._allowed(key)]
         if missing:
-            raise PolicyViolation(
+            raise TcbStatusRefused(
                 f"TCB status {status} is not allowed (set {' and '.join(missing)} "
                 f'to "on" to accept it)'
             )

@@ -11,8 +11,6 @@ import hashlib
 import hmac
 import json
 import logging
-import socket
-import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -23,8 +21,6 @@ from typing import Any
 
 import grpc
 import polars as pl
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from teepsi.attestation.collateral import (
@@ -50,19 +46,20 @@ from teepsi.engine.intersect import intersect_records, sorted_unique_records
 from teepsi.engine.keys import Normalization, U64Array, records_from_bytes, seeds_from_bytes
 from teepsi.engine.store import RECORDS_PER_CHUNK, iter_record_chunks, mark_last
 from teepsi.engine.tables import TEXT_COLUMN, Table, TableSpec, matching_rows, table_from_frame
-from teepsi.protocol import SESSION_METADATA
+from teepsi.protocol import SESSION_METADATA, connect
 from teepsi.protocol import teepsi_pb2 as pb
 from teepsi.protocol import teepsi_pb2_grpc as pb_grpc
 
+#: Re-exported: the client's API and tests name them here; they live in a light module so
+#: that `teepsi health` starts fast.
+PsiClientError = connect.PsiClientError
+split_host = connect.split_host
+fetch_server_certificate = connect.fetch_server_certificate
+pinned_channel = connect.pinned_channel
+RATLS_TARGET_NAME = connect.RATLS_TARGET_NAME
+MAX_MESSAGE_BYTES = connect.MAX_MESSAGE_BYTES
+
 log = logging.getLogger(__name__)
-
-#: The subject CN of RA-TLS certificates; gRPC checks the name against it.
-RATLS_TARGET_NAME = "RATLS"
-MAX_MESSAGE_BYTES = 16 * 1024 * 1024
-
-
-class PsiClientError(Exception):
-    """The run failed; the message is one line saying what happened and what to do."""
 
 
 class _StreamBroken(Exception):
@@ -203,55 +200,6 @@ class PartyResult:
         return [str(v) for v in self.rows.to_series(0).to_list()]
 
 
-def split_host(host: str) -> tuple[str, int]:
-    name, sep, port = host.rpartition(":")
-    if not sep or not port.isdigit() or not name:
-        raise PsiClientError(f"--host {host!r}: expected HOST:PORT, for example localhost:50051")
-    return name.strip("[]"), int(port)
-
-
-def fetch_server_certificate(host: str, timeout: float) -> bytes:
-    """The DER certificate the server presents; unverified here, checked by the caller."""
-    address = split_host(host)
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    # Not a trust decision: the certificate is judged by its evidence, then pinned.
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    context.set_alpn_protocols(["h2"])
-    # Each step that fails says what the port is instead: nothing, not TLS, not gRPC.
-    check = "check --host, or that a teepsi server runs there"
-    try:
-        raw = socket.create_connection(address, timeout=timeout)
-    except ConnectionRefusedError:
-        raise PsiClientError(
-            f"nothing listens at {host} (connection refused): start the teepsi server, or "
-            "check the port in --host"
-        ) from None
-    except OSError as exc:
-        raise PsiClientError(f"cannot reach {host}: {exc.strerror or exc}; {check}") from None
-    try:
-        with raw, context.wrap_socket(raw, server_hostname=RATLS_TARGET_NAME) as tls:
-            der = tls.getpeercert(binary_form=True)
-            protocol = tls.selected_alpn_protocol()
-    except TimeoutError:
-        raise PsiClientError(
-            f"{host} accepted the connection but sent no TLS handshake within {timeout:g} s: "
-            f"not a teepsi server; {check}"
-        ) from None
-    except (OSError, ssl.SSLError) as exc:
-        reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or exc
-        raise PsiClientError(
-            f"{host} does not speak TLS ({reason}): not a teepsi server; {check}"
-        ) from None
-    if protocol != "h2":
-        raise PsiClientError(
-            f"{host} is a TLS server without HTTP/2 (gRPC): not a teepsi server; {check}"
-        )
-    if not der:
-        raise PsiClientError(f"server at {host} presented no certificate")
-    return der
-
-
 def _rpc_error(what: str, exc: grpc.RpcError) -> PsiClientError:
     code = exc.code() if hasattr(exc, "code") else None
     details = exc.details() if hasattr(exc, "details") else str(exc)
@@ -308,17 +256,7 @@ class PsiClient:
     def connect(self) -> TrustedPeer:
         """Fetch, verify and pin the server's RA-TLS certificate."""
         der = fetch_server_certificate(self.config.host, min(30.0, self._remaining()))
-        pem = x509.load_der_x509_certificate(der).public_bytes(serialization.Encoding.PEM)
-        credentials = grpc.ssl_channel_credentials(root_certificates=pem)
-        self._channel = grpc.secure_channel(
-            self.config.host,
-            credentials,
-            options=[
-                ("grpc.ssl_target_name_override", RATLS_TARGET_NAME),
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ],
-        )
+        self._channel = pinned_channel(self.config.host, der)
         # The pinned channel only reaches the holder of that key; nothing secret is sent
         # until the evidence below is verified.
         try:

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import grpc
 from cryptography.hazmat.primitives import serialization
 
+from teepsi import __version__
 from teepsi.attestation.collateral import (
     FRESHNESS_TOLERANCE_SECONDS,
     CollateralCache,
@@ -33,15 +34,23 @@ from teepsi.attestation.evidence import EvidenceError, EvidenceProvider, Role
 from teepsi.attestation.peer import SERVER_SIMULATED_REMEDY, PeerVerifier
 from teepsi.attestation.policy import Policy
 from teepsi.attestation.providers import make_provider
-from teepsi.attestation.quote import QuoteFormatError, parse_quote
+from teepsi.attestation.quote import QuoteFormatError, ReportBody, parse_quote
 from teepsi.attestation.ratls import DEFAULT_LIFETIME, RaTlsError, create_certificate
 from teepsi.attestation.verify import SIMULATED_WARNING
 from teepsi.contract.audit import AuditError, AuditLog, HeadSigner
 from teepsi.contract.receipt import sign_receipt
 from teepsi.engine.spill import remove_stale_areas
+from teepsi.server.health import ServerHealth
 from teepsi.server.jobs import JobRegistry, Limits
 from teepsi.server.memory import tune_allocator
-from teepsi.server.service import PsiService, ServerEvidenceBundle, add_to_server
+from teepsi.server.metrics import (
+    MetricsAddressError,
+    MetricsEndpoint,
+    ServerMetrics,
+    parse_metrics_host,
+    serve_metrics,
+)
+from teepsi.server.service import SERVICE_NAME, PsiService, ServerEvidenceBundle, add_to_server
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +107,10 @@ class ServerConfig:
     connection_idle_seconds: float = 30.0
     #: A connection must finish its TLS and HTTP/2 handshake within this (slow loris).
     handshake_timeout_seconds: float = 10.0
+    #: Prometheus endpoint HOST:PORT (plain HTTP); None = no endpoint.
+    metrics_host: str | None = None
+    #: A non-loopback --metrics-host is refused unless this is set (--metrics-public).
+    metrics_public: bool = False
 
 
 def grpc_server_options(config: ServerConfig) -> list[tuple[str, int]]:
@@ -187,9 +200,18 @@ class RunningServer:
     _server: grpc.aio.Server
     _loop: _EventLoopThread
     _executor: futures.ThreadPoolExecutor
+    _health: ServerHealth
+    metrics: ServerMetrics
     _audit: AuditLog | None = None
+    #: The Prometheus endpoint, when --metrics-host was given.
+    metrics_endpoint: MetricsEndpoint | None = None
 
     def stop(self, grace: float | None = 2.0) -> None:
+        # NOT_SERVING first, before anything winds down: watchers stop routing here.
+        try:
+            self._loop.run(self._health.not_serving(), timeout=5)
+        except (TimeoutError, RuntimeError) as exc:
+            log.warning("could not mark the server NOT_SERVING: %s", exc)
         # Expiring every job first tells waiting parties why (UNAVAILABLE, shutting down).
         self.registry.close()
         try:
@@ -197,6 +219,8 @@ class RunningServer:
         finally:
             self._loop.close()
             self._executor.shutdown(wait=False, cancel_futures=True)
+            if self.metrics_endpoint is not None:
+                self.metrics_endpoint.stop()
             if self._audit is not None:
                 try:
                     self._audit.close()  # signs the final head
@@ -223,11 +247,28 @@ class RunningServer:
         return True
 
 
-def _describe_own_quote(quote: bytes) -> str:
+def _log_own_quote(quote: bytes) -> None:
+    """The server's measurement, once at start (structured fields for JSON logs)."""
     try:
-        return parse_quote(quote).report_body.describe()
+        body = parse_quote(quote).report_body
     except QuoteFormatError as exc:
-        return f"(own quote unreadable: {exc})"
+        log.info("server enclave: (own quote unreadable: %s)", exc)
+        return
+    fields: dict[str, object]
+    if isinstance(body, ReportBody):
+        fields = {
+            "mr_enclave": body.mr_enclave.hex(),
+            "mr_signer": body.mr_signer.hex(),
+            "isv_prod_id": body.isv_prod_id,
+            "isv_svn": body.isv_svn,
+        }
+    else:
+        fields = {
+            "mr_td": body.mr_td.hex(),
+            "mr_seam": body.mr_seam.hex(),
+            "tee_tcb_svn": body.tee_tcb_svn.hex(),
+        }
+    log.info("server enclave: %s", body.describe(), extra=fields)
 
 
 def _remove_stale_spill(spill_dir: str | None) -> None:
@@ -264,6 +305,14 @@ def start_server(config: ServerConfig) -> RunningServer:
             f"--certificate-lifetime {config.certificate_lifetime} must be longer than "
             f"--job-timeout {config.limits.job_timeout_seconds:g}s"
         )
+    metrics_address = None
+    if config.metrics_host is not None:
+        try:
+            metrics_address = parse_metrics_host(
+                config.metrics_host, allow_public=config.metrics_public
+            )
+        except MetricsAddressError as exc:
+            raise ServerConfigError(str(exc)) from None
     tune_allocator()
     provider = config.provider or make_provider(
         config.attestation, Role.SERVER, sim_tee=config.sim_tee
@@ -308,7 +357,8 @@ def start_server(config: ServerConfig) -> RunningServer:
             "their own (--pccs-url) or load a file: %s",
             exc,
         )
-    log.info("server enclave: %s", _describe_own_quote(ratls.quote))
+    _log_own_quote(ratls.quote)
+    _log_start(config, provider.name)
     not_after = ratls.not_after
     log.info(
         "server certificate SHA-256 %s, valid until %s",
@@ -356,6 +406,7 @@ def start_server(config: ServerConfig) -> RunningServer:
         log.info("audit log %s (head %s)", config.audit_log, audit.head)
     limits = config.limits
     _remove_stale_spill(config.spill_dir)
+    metrics = ServerMetrics()
     registry = JobRegistry(
         limits,
         clock=config.clock,
@@ -364,7 +415,9 @@ def start_server(config: ServerConfig) -> RunningServer:
         certificate_sha256=hashlib.sha256(ratls.certificate_der).digest(),
         audit=audit,
         certificate_not_after=not_after.timestamp(),
+        metrics=metrics,
     )
+    metrics.watch_jobs(registry)
     executor = futures.ThreadPoolExecutor(
         max_workers=config.max_workers, thread_name_prefix="teepsi-work"
     )
@@ -380,7 +433,9 @@ def start_server(config: ServerConfig) -> RunningServer:
         client_verifier=verifier,
         require_client_attestation=config.require_client_attestation,
         executor=executor,
+        metrics=metrics,
     )
+    health = ServerHealth((SERVICE_NAME,))
     key_pem = ratls.private_key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
@@ -391,6 +446,7 @@ def start_server(config: ServerConfig) -> RunningServer:
     async def serve() -> tuple[grpc.aio.Server, int]:
         server = grpc.aio.server(options=grpc_server_options(config))
         add_to_server(service, server)
+        health.add_to(server)
         try:
             port = server.add_secure_port(config.host, credentials)
         except RuntimeError as exc:
@@ -398,11 +454,19 @@ def start_server(config: ServerConfig) -> RunningServer:
         if port == 0:
             raise ServerConfigError(f"cannot listen on {config.host}: address in use or invalid")
         await server.start()
+        await health.serving()
         return server, port
 
     loop = _EventLoopThread()
+    endpoint = None
     try:
         server, port = loop.run(serve(), timeout=60)
+        if metrics_address is not None:
+            try:
+                endpoint = serve_metrics(metrics, *metrics_address)
+            except MetricsAddressError as exc:
+                loop.run(server.stop(0), timeout=10)
+                raise ServerConfigError(str(exc)) from None
     except BaseException:
         loop.close()
         executor.shutdown(wait=False)
@@ -420,7 +484,38 @@ def start_server(config: ServerConfig) -> RunningServer:
         _server=server,
         _loop=loop,
         _executor=executor,
+        _health=health,
+        metrics=metrics,
         _audit=audit,
+        metrics_endpoint=endpoint,
+    )
+
+
+def _log_start(config: ServerConfig, attestation: str) -> None:
+    """Once at start, for whoever reads the log later: what runs, and with which limits."""
+    limits = config.limits
+    log.info(
+        "teepsi %s server: attestation %s, client attestation %s, simulated evidence %s",
+        __version__,
+        attestation,
+        "required" if config.require_client_attestation else "OFF",
+        "ACCEPTED" if config.allow_simulated else "refused",
+        extra={"version": __version__, "attestation": attestation},
+    )
+    fields: dict[str, int | float] = {
+        "max_jobs": limits.max_jobs,
+        "max_parties": limits.max_parties_per_job,
+        "max_items": limits.max_items_per_party,
+        "memory_budget": limits.memory_budget_bytes,
+        "job_timeout": limits.job_timeout_seconds,
+        "join_timeout": limits.join_timeout_seconds,
+        "max_connections": config.max_connections,
+        "max_workers": config.max_workers,
+    }
+    log.info(
+        "limits: %s",
+        ", ".join(f"{name} {value:g}" for name, value in fields.items()),
+        extra={"limits": fields},
     )
 
 

@@ -18,10 +18,29 @@ class ErrorKind(Enum):
     CANCELLED = "CANCELLED"
 
 
-class ServiceError(Exception):
-    """A refusal with a gRPC-style status kind and a one-line message."""
+class Refusal(Enum):
+    """Why a call was refused, as the metrics count it: a fixed set, never free text."""
 
-    def __init__(self, kind: ErrorKind, message: str) -> None:
+    POLICY = "policy"
+    TCB_STATUS = "tcb_status"
+    ATTESTATION = "attestation"
+    SPEC_MISMATCH = "spec_mismatch"
+    LIMITS = "limits"
+    BAD_REQUEST = "bad_request"
+    AUTHENTICATION = "authentication"
+    JOB_STATE = "job_state"
+    TIMEOUT = "timeout"
+    UNAVAILABLE = "unavailable"
+
+
+class ServiceError(Exception):
+    """A refusal with a gRPC-style status kind and a one-line message.
+
+    ``reason`` names it for the metrics where the kind alone does not (a policy or TCB
+    refusal, a spec mismatch); None takes the kind's usual reason."""
+
+    def __init__(self, kind: ErrorKind, message: str, reason: Refusal | None = None) -> None:
         super().__init__(message)
         self.kind = kind
         self.message = message
+        self.reason = reason

@@ -38,8 +38,9 @@ from teepsi.engine.store import (
     StoreClosed,
     intersect_stores,
 )
-from teepsi.server.errors import ErrorKind, ServiceError
+from teepsi.server.errors import ErrorKind, Refusal, ServiceError
 from teepsi.server.memory import release_free_memory
+from teepsi.server.metrics import JobCounts, ServerMetrics
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,7 @@ class Limits:
         if self.max_jobs_per_address is not None:
             return self.max_jobs_per_address
         return max(1, self.max_jobs // 2)
+
     #: An upload stream that sends nothing for this long is ended by the server.
     upload_idle_timeout_seconds: float = 60.0
 
@@ -96,6 +98,15 @@ class JobState(Enum):
     COMPUTING = "computing"
     DONE = "done"
     EXPIRED = "expired"
+
+
+#: A live job's state as the metrics' ``phase`` label says it.
+_PHASE = {
+    JobState.WAITING: "waiting",
+    JobState.COMPUTING: "computing",
+    JobState.DONE: "done",
+    JobState.EXPIRED: "expired",
+}
 
 
 class UploadState(Enum):
@@ -324,8 +335,10 @@ class JobRegistry:
         certificate_sha256: bytes = b"",
         audit: AuditLog | None = None,
         certificate_not_after: float | None = None,
+        metrics: ServerMetrics | None = None,
     ) -> None:
         self.limits = limits or Limits()
+        self.metrics = metrics or ServerMetrics()
         #: When the server's certificate ends (UNIX seconds): no job may outlive it, since
         #: the server stops then and would take the job with it.
         self._certificate_not_after = certificate_not_after
@@ -368,6 +381,27 @@ class JobRegistry:
     def job_count(self) -> int:
         with self._lock:
             return len(self._jobs)
+
+    def counts(self) -> JobCounts:
+        """Counts over all jobs for the metrics: no id, name or per-job size."""
+        by_phase: dict[str, int] = {}
+        with self._lock:
+            for job in self._jobs.values():
+                phase = _PHASE[job.state]
+                by_phase[phase] = by_phase.get(phase, 0) + 1
+            waiting = sum(
+                1
+                for job in self._jobs.values()
+                if job.state is not JobState.DONE
+                for _ in job.parties
+            )
+        return JobCounts(
+            by_phase=by_phase,
+            parties_waiting=waiting,
+            memory_held_bytes=self.budget.held,
+            memory_budget_bytes=self.budget.limit_bytes,
+            spill_written_bytes=self.spill.bytes_written,
+        )
 
     def expire_due(self) -> None:
         """Expire every job whose deadline has passed by the registry's clock now (the
@@ -549,6 +583,7 @@ class JobRegistry:
                     f"job {job_id} runs under a different job spec (digest mismatch), "
                     "created by one of this spec's parties: every party must join with the "
                     "same --spec file (compare the sha256 of `teepsi spec check`)",
+                    Refusal.SPEC_MISMATCH,
                 )
 
     def _check_joinable_locked(
@@ -597,6 +632,7 @@ class JobRegistry:
                 f"this party's key settings ({key_scheme or 'none'}) differ from job "
                 f"{job.job_id}'s: every party must use the same --normalize, the same "
                 "number of --key columns and the same teepsi version",
+                Refusal.SPEC_MISMATCH,
             )
 
     def join(
@@ -804,6 +840,7 @@ class JobRegistry:
             parties = list(job.parties.values())
             stores = [p.store for p in parties if p.store is not None]
         # Compute without the lock: other jobs keep moving meanwhile.
+        started = time.monotonic()
         try:
             found = intersect_stores(stores)
         except StoreClosed:
@@ -847,6 +884,7 @@ class JobRegistry:
             self._sign_audit_head()
             job.result = JobResult(hi=found.hi, lo=found.lo, sha256=digest, receipt_json=receipt)
             job.state = JobState.DONE
+            self.metrics.intersection_done(time.monotonic() - started)
             # Host logs are public: never a result size, not even a released one.
             log.info("job %s: intersection computed for %d parties", job.job_id, job.party_count)
             job.notify_locked()

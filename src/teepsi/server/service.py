@@ -45,7 +45,7 @@ from teepsi.engine.store import (
 from teepsi.protocol import SESSION_METADATA
 from teepsi.protocol import teepsi_pb2 as pb
 from teepsi.server.challenges import ChallengeStore
-from teepsi.server.errors import ErrorKind, ServiceError
+from teepsi.server.errors import ErrorKind, Refusal, ServiceError
 from teepsi.server.jobs import (
     Delivery,
     JobCreator,
@@ -54,6 +54,7 @@ from teepsi.server.jobs import (
     ReleaseStatus,
     check_identifier,
 )
+from teepsi.server.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,11 @@ class ServerEvidenceBundle:
             return ""
 
 
-async def _abort(context: grpc.aio.ServicerContext, error: ServiceError) -> NoReturn:
+async def _abort(
+    context: grpc.aio.ServicerContext, error: ServiceError, metrics: ServerMetrics
+) -> NoReturn:
+    """End the call with the error's status; every refusal passes here and is counted."""
+    metrics.refused(error.kind, error.reason)
     await context.abort(_STATUS[error.kind], error.message)
     raise AssertionError("unreachable")  # context.abort raises
 
@@ -237,8 +242,10 @@ class PsiService:
         require_client_attestation: bool = True,
         challenges: ChallengeStore | None = None,
         executor: concurrent.futures.Executor | None = None,
+        metrics: ServerMetrics | None = None,
     ) -> None:
         self.registry = registry
+        self.metrics = metrics or registry.metrics
         self.evidence = evidence
         self.client_verifier = client_verifier
         self.require_client_attestation = require_client_attestation
@@ -275,7 +282,7 @@ class PsiService:
             check_identifier(request.job_id, "job id")
             check_identifier(request.party_name, "party name")
         except ServiceError as exc:
-            await _abort(context, exc)
+            await _abort(context, exc, self.metrics)
         nonce = self.challenges.issue(request.job_id, request.party_name)
         return pb.Challenge(nonce=nonce, ttl_seconds=self.challenges.ttl_seconds)
 
@@ -291,6 +298,7 @@ class PsiService:
             raise ServiceError(
                 ErrorKind.INVALID_ARGUMENT,
                 f"job id {request.job_id!r} is not the spec's job id {spec.job_id!r}",
+                Refusal.SPEC_MISMATCH,
             )
         listed = spec.party(request.party_name)
         if listed is None:
@@ -309,6 +317,7 @@ class PsiService:
                 ErrorKind.INVALID_ARGUMENT,
                 f"job {spec.job_id}'s spec lists {len(spec.parties)} parties, "
                 f"not {request.party_count}",
+                Refusal.SPEC_MISMATCH,
             )
         return spec
 
@@ -323,7 +332,7 @@ class PsiService:
                 request.party_name[:64],
                 exc.message,
             )
-            await _abort(context, exc)
+            await _abort(context, exc, self.metrics)
         return pb.JoinResponse(
             session_token=outcome.token,
             job_deadline=int(outcome.deadline),
@@ -368,16 +377,19 @@ class PsiService:
                     "policy for data providers (start it with --config)",
                 )
             try:
-                peer = self.client_verifier.verify_bound_quote(
-                    request.evidence.quote,
-                    request.evidence.collateral_json,
-                    digest,
-                    what=f"data provider {request.party_name}",
-                    role=Role.DATA_PROVIDER,
-                )
+                with self.metrics.timed_attestation():
+                    peer = self.client_verifier.verify_bound_quote(
+                        request.evidence.quote,
+                        request.evidence.collateral_json,
+                        digest,
+                        what=f"data provider {request.party_name}",
+                        role=Role.DATA_PROVIDER,
+                    )
             except PeerRejected as exc:
                 log.warning("refused data provider %s: %s", request.party_name, exc)
-                raise ServiceError(ErrorKind.PERMISSION_DENIED, str(exc)) from None
+                raise ServiceError(
+                    ErrorKind.PERMISSION_DENIED, str(exc), Refusal(exc.by.value)
+                ) from None
             attested = True
             log.info("data provider %s attested: %s", request.party_name, peer.describe())
         else:
@@ -424,7 +436,7 @@ class PsiService:
         except ServiceError as exc:
             if unwatch is not None:
                 unwatch()
-            await _abort(context, exc)
+            await _abort(context, exc, self.metrics)
         idle = self.registry.limits.upload_idle_timeout_seconds
         stalled = ServiceError(
             ErrorKind.DEADLINE_EXCEEDED,
@@ -441,6 +453,7 @@ class PsiService:
             while (
                 raw := await call.race(anext(chunks, None), timeout=idle, on_timeout=stalled)
             ) is not None:
+                self.metrics.upload_bytes.inc(len(raw))
                 step = self._submit(_take_chunk, raw, sequence, finished, store, limit)
                 finished = await call.race(asyncio.wrap_future(step))
                 sequence += 1
@@ -452,6 +465,7 @@ class PsiService:
             step = self._submit(self.registry.finish_upload, token)
             await call.race(asyncio.wrap_future(step))
             completed = True
+            self.metrics.uploads.inc()
             return pb.UploadSummary(records_received=received)
         except StoreClosed:
             # The job ended under a running step (and took the store with it).
@@ -472,7 +486,7 @@ class PsiService:
                     self.registry.abort_upload(token)
                 else:
                     step.add_done_callback(lambda _: self.registry.abort_upload(token))
-        await _abort(context, error)
+        await _abort(context, error, self.metrics)
 
     async def GetResult(
         self, request: Any, context: grpc.aio.ServicerContext
@@ -490,7 +504,7 @@ class PsiService:
         except ServiceError as exc:
             if unwatch is not None:
                 unwatch()
-            await _abort(context, exc)
+            await _abort(context, exc, self.metrics)
         # A job that ends while its result streams (expiry, shutdown) ends the stream at
         # once with the job's reason, and with it the handler and its hold on the result.
         call.abort_when_ended(context)
@@ -527,7 +541,7 @@ class PsiService:
                     return
                 seen = view
         except ServiceError as exc:
-            await _abort(context, exc)
+            await _abort(context, exc, self.metrics)
 
 
 def _result_chunks(delivery: Delivery) -> Iterator[bytes]:
@@ -602,22 +616,26 @@ def _parse(message_class: Any, raw: bytes) -> Any:
 
 
 def _unary(
-    method: Callable[[Any, grpc.aio.ServicerContext], Any], request_class: Any
+    method: Callable[[Any, grpc.aio.ServicerContext], Any],
+    request_class: Any,
+    metrics: ServerMetrics,
 ) -> Callable[[bytes, grpc.aio.ServicerContext], Any]:
     """A handler that takes the request's raw bytes and parses them itself."""
 
     async def handler(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
-        request = await _parsed(raw, request_class, method.__name__, context)
+        request = await _parsed(raw, request_class, method.__name__, context, metrics)
         return await method(request, context)
 
     return handler
 
 
 def _server_stream(
-    method: Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]], request_class: Any
+    method: Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]],
+    request_class: Any,
+    metrics: ServerMetrics,
 ) -> Callable[[bytes, grpc.aio.ServicerContext], AsyncIterator[Any]]:
     async def handler(raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        request = await _parsed(raw, request_class, method.__name__, context)
+        request = await _parsed(raw, request_class, method.__name__, context, metrics)
         async for response in method(request, context):
             yield response
 
@@ -625,14 +643,18 @@ def _server_stream(
 
 
 async def _parsed(
-    raw: bytes, request_class: Any, method: str, context: grpc.aio.ServicerContext
+    raw: bytes,
+    request_class: Any,
+    method: str,
+    context: grpc.aio.ServicerContext,
+    metrics: ServerMetrics,
 ) -> Any:
     try:
         return _parse(request_class, raw)
     except ServiceError as exc:
         # One line, no traceback, never the bytes.
         log.warning("refused a %s call: %s", method, exc.message)
-        await _abort(context, exc)
+        await _abort(context, exc, metrics)
 
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Psi"].full_name
@@ -646,15 +668,15 @@ def method_handlers(service: PsiService) -> dict[str, grpc.RpcMethodHandler]:
     the thread pool."""
     return {
         "GetServerEvidence": grpc.unary_unary_rpc_method_handler(
-            _unary(service.GetServerEvidence, pb.GetServerEvidenceRequest),
+            _unary(service.GetServerEvidence, pb.GetServerEvidenceRequest, service.metrics),
             response_serializer=pb.ServerEvidence.SerializeToString,
         ),
         "GetChallenge": grpc.unary_unary_rpc_method_handler(
-            _unary(service.GetChallenge, pb.GetChallengeRequest),
+            _unary(service.GetChallenge, pb.GetChallengeRequest, service.metrics),
             response_serializer=pb.Challenge.SerializeToString,
         ),
         "Join": grpc.unary_unary_rpc_method_handler(
-            _unary(service.Join, pb.JoinRequest),
+            _unary(service.Join, pb.JoinRequest, service.metrics),
             response_serializer=pb.JoinResponse.SerializeToString,
         ),
         "Upload": grpc.stream_unary_rpc_method_handler(
@@ -662,10 +684,10 @@ def method_handlers(service: PsiService) -> dict[str, grpc.RpcMethodHandler]:
             response_serializer=pb.UploadSummary.SerializeToString,
         ),
         "GetResult": grpc.unary_stream_rpc_method_handler(
-            _server_stream(service.GetResult, pb.GetResultRequest)
+            _server_stream(service.GetResult, pb.GetResultRequest, service.metrics)
         ),
         "WatchProgress": grpc.unary_stream_rpc_method_handler(
-            _server_stream(service.WatchProgress, pb.WatchProgressRequest)
+            _server_stream(service.WatchProgress, pb.WatchProgressRequest, service.metrics)
         ),
     }
 
