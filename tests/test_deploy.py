@@ -2111,7 +2111,9 @@ def test_compose_sim_services_images_volumes_and_commands() -> None:
     server_args = parsed["server"]
     assert server_args.command == "server"
     port = server_args.host.rsplit(":", 1)[1]
-    assert port in " ".join(server["healthcheck"]["test"])
+    probe = server["healthcheck"]["test"]  # the gRPC health service, not a TCP connect
+    assert probe[:4] == ["CMD", "/opt/teepsi/venv/bin/teepsi", "health", "--host"]
+    assert probe[4] == f"127.0.0.1:{port}"
     assert server_args.audit_log.parent.as_posix() in mounts["server"]  # the log persists
     clients = [n for n in services if n != "server"]
     jobs = {parsed[n].job for n in clients}
