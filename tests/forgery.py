@@ -73,7 +73,9 @@ def forged_certificate(entry: MeasurementEntry) -> RaTlsCertificate:
     return create_certificate(ForgingProvider(entry))
 
 
-def receipt_for(certificate: RaTlsCertificate, *, issued_at: int | None = None) -> SignedReceipt:
+def receipt_for(
+    certificate: RaTlsCertificate, *, issued_at: int | None = None, tee: str = "SGX"
+) -> SignedReceipt:
     """Any receipt the holder of ``certificate``'s key cares to make up, signed by it."""
     receipt = Receipt(
         spec_sha256=b"",
@@ -88,5 +90,6 @@ def receipt_for(certificate: RaTlsCertificate, *, issued_at: int | None = None) 
         result_sha256=hashlib.sha256(b"made up").digest(),
         issued_at=int(time.time()) if issued_at is None else issued_at,
         certificate_sha256=hashlib.sha256(certificate.certificate_der).digest(),
+        tee=tee,
     )
     return sign_receipt(receipt, certificate.private_key)

@@ -35,6 +35,7 @@ RECEIPT_FIELD_WORDS = {
     "issued_at": "time",
     "certificate_sha256": "certificate",
     "audit_head": "audit log",
+    "tee": "kind of TEE signed",
 }
 
 

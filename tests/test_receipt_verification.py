@@ -32,7 +32,7 @@ from teepsi.attestation.ratls import (
 )
 from teepsi.attestation.sim import SimEvidenceProvider, SimPlatform, SimPlatformConfig
 from teepsi.cli import main
-from teepsi.contract.receipt import SignedReceipt
+from teepsi.contract.receipt import ReceiptError, SignedReceipt
 
 VECTORS = Path(__file__).parent / "vectors"
 SGX_QUOTE = VECTORS / "sgx-dcap" / "sgx_quote"
@@ -177,6 +177,26 @@ def test_genuine_simulated_receipt_verifies_only_with_allow_simulated(
     code, out = _verify(capsys, str(receipt), "--allow-simulated")
     assert code == 0 and out["policy"] is None
     assert "no policy was applied" in str(out["note"])
+
+
+def test_receipt_names_the_tee_that_signed_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The receipt's signed "tee" must be its certificate's quote type: an SGX enclave's
+    key cannot vouch for a receipt that claims a TDX signer, nor the reverse."""
+    certificate, collateral = _sim_server()
+    genuine = _save(tmp_path, certificate, receipt_for(certificate), collateral)
+    code, out = _verify(capsys, str(genuine), "--allow-simulated")
+    assert code == 0 and out["receipt"]["tee"] == "SGX"  # type: ignore[index]
+    assert out["signer"]["tee"] == "SGX"  # type: ignore[index]
+    claimed = _save(tmp_path, certificate, receipt_for(certificate, tee="TDX"), collateral)
+    code, out = _verify(capsys, str(claimed), "--allow-simulated")
+    reason = str(out["reason"])
+    assert code == 1 and "says an TDX TEE signed it; its certificate holds SGX evidence" in reason
+    text = json.loads(receipt_for(certificate).to_json())
+    text["receipt"]["tee"] = "SEV"
+    with pytest.raises(ReceiptError, match="tee"):
+        SignedReceipt.from_json(json.dumps(text))
 
 
 def test_receipt_is_verified_as_of_its_issue_time(

@@ -1131,6 +1131,13 @@ def _cmd_verify_receipt(args: argparse.Namespace) -> int:
         verify_receipt(signed, cert)
         at = signed.receipt.issued_at if args.at is None else args.at
         judged = _judge_signing_enclave(cert, collateral, at, args)
+        signer = judged["signer"]
+        tee = signer.get("tee") if isinstance(signer, dict) else None
+        if tee != signed.receipt.tee:
+            raise _Refused(
+                f"the receipt says an {signed.receipt.tee} TEE signed it; its certificate "
+                f"holds {tee} evidence"
+            )
     except (ReceiptError, _Refused) as exc:
         return _refuse(str(exc))
     out: dict[str, object] = {"valid": True, **judged, "receipt": signed.receipt.to_dict()}

@@ -542,6 +542,11 @@ def _check_receipt(
         receipt = signed.receipt
         if receipt.job_id != config.job_id:
             raise ReceiptError(f"receipt is for job {receipt.job_id!r}")
+        server_tee = client.server.verified.tee_type if client.server is not None else None
+        if server_tee is not None and receipt.tee != server_tee:
+            raise ReceiptError(
+                f"receipt says an {receipt.tee} TEE signed it; the server is {server_tee}"
+            )
         expected_spec = config.spec.digest() if config.spec is not None else b""
         if receipt.spec_sha256 != expected_spec:
             raise ReceiptError("receipt names another job spec")

@@ -60,6 +60,8 @@ __all__ = [
 #: over anything else the server's key signs (TLS handshakes, future documents).
 RECEIPT_DOMAIN = b"teepsi-receipt-v1\n"
 OUTPUTS = ("intersection", "count")
+#: The TEE whose attested key signs a receipt (the quote type of its certificate).
+TEES = ("SGX", "TDX")
 MAX_RECEIPT_BYTES = 1024 * 1024
 _RECEIPT_KEYS = frozenset(
     {
@@ -73,6 +75,7 @@ _RECEIPT_KEYS = frozenset(
         "issued_at",
         "certificate_sha256",
         "audit_head",
+        "tee",
     }
 )
 _ENTRY_KEYS = frozenset({"name", "items", "set_sha256"})
@@ -128,6 +131,8 @@ class Receipt:
     #: The server's audit log at the release (its entries up to and including this job's
     #: release); None when the server keeps no audit log.
     audit_head: AuditHead | None = None
+    #: Which TEE signed: an SGX enclave or a TDX VM (its certificate's quote says the same).
+    tee: str = "SGX"
 
     def __post_init__(self) -> None:
         _check_digest(self.spec_sha256, "spec_sha256", optional=True)
@@ -163,6 +168,8 @@ class Receipt:
         _check_digest(self.certificate_sha256, "certificate_sha256")
         if self.audit_head is not None and not isinstance(self.audit_head, AuditHead):
             _fail("audit_head", "must be an AuditHead or None")
+        if self.tee not in TEES:
+            _fail("tee", f'must be "SGX" or "TDX", got {show(self.tee)}')
 
     def entry(self, name: str) -> PartyEntry | None:
         return next((p for p in self.parties if p.name == name), None)
@@ -179,6 +186,7 @@ class Receipt:
             "issued_at": self.issued_at,
             "certificate_sha256": self.certificate_sha256.hex(),
             "audit_head": None if self.audit_head is None else self.audit_head.to_dict(),
+            "tee": self.tee,
         }
 
     def signed_payload(self) -> bytes:
@@ -299,6 +307,9 @@ def _signed_from_dict(raw: object) -> SignedReceipt:
     spec_sha256 = _hex(body["spec_sha256"], at("spec_sha256"), optional_empty=True)
     certificate_sha256 = _hex(body["certificate_sha256"], at("certificate_sha256"))
     audit_head = _audit_head(body["audit_head"], at("audit_head"))
+    tee = body["tee"]
+    if not isinstance(tee, str):
+        _fail(at("tee"), f"expected text, got {show(tee)}")
     try:
         receipt = Receipt(
             spec_sha256=spec_sha256,
@@ -311,6 +322,7 @@ def _signed_from_dict(raw: object) -> SignedReceipt:
             issued_at=issued_at,
             certificate_sha256=certificate_sha256,
             audit_head=audit_head,
+            tee=tee,
         )
     except ReceiptError as exc:
         raise ReceiptError(f"receipt.{exc}") from None

@@ -247,6 +247,11 @@ class RunningServer:
         return True
 
 
+def _own_tee(quote: bytes) -> str:
+    """SGX or TDX: the kind of TEE the server's own quote comes from (named in receipts)."""
+    return "SGX" if isinstance(parse_quote(quote).report_body, ReportBody) else "TDX"
+
+
 def _log_own_quote(quote: bytes) -> None:
     """The server's measurement, once at start (structured fields for JSON logs)."""
     try:
@@ -413,6 +418,7 @@ def start_server(config: ServerConfig) -> RunningServer:
         spill_dir=config.spill_dir,
         signer=lambda receipt: sign_receipt(receipt, ratls.private_key),
         certificate_sha256=hashlib.sha256(ratls.certificate_der).digest(),
+        signer_tee=_own_tee(ratls.quote),
         audit=audit,
         certificate_not_after=not_after.timestamp(),
         metrics=metrics,

@@ -333,6 +333,7 @@ class JobRegistry:
         spill_dir: str | None = None,
         signer: ReceiptSigner | None = None,
         certificate_sha256: bytes = b"",
+        signer_tee: str = "SGX",
         audit: AuditLog | None = None,
         certificate_not_after: float | None = None,
         metrics: ServerMetrics | None = None,
@@ -345,6 +346,8 @@ class JobRegistry:
         self._clock = clock
         self._signer = signer
         self._certificate_sha256 = certificate_sha256
+        #: The TEE of the key that signs receipts (SGX or TDX), written into each receipt.
+        self._signer_tee = signer_tee
         self._audit = audit
         self.budget = MemoryBudget(self.limits.memory_budget_bytes)
         self.spill = SpillArea(spill_dir)
@@ -923,6 +926,7 @@ class JobRegistry:
             result_sha256=result_sha256,
             issued_at=int(self._clock()),
             certificate_sha256=self._certificate_sha256,
+            tee=self._signer_tee,
             audit_head=audit_head,
         )
         return self._signer(receipt).to_json()
