@@ -298,7 +298,7 @@ RUN_CONFIG_CASES = {
     "unknown-key": (
         'hots = "x"\n',
         "hots: not a per-run setting (allowed: host, name, parties, job, timeout, format, key, "
-        "delimiter, quote, normalize, spec, key_file)",
+        "delimiter, quote, normalize, memory_budget, spec, key_file)",
     ),
     "wrong-type": (
         'timeout = "soon"\n',

@@ -388,6 +388,7 @@ CLIENT_RUN_KEYS: dict[str, str] = {
     "delimiter": "--delimiter",
     "quote": "--quote",
     "normalize": "--normalize",
+    "memory_budget": "--memory-budget",
     # Paths: under Gramine only the manifest's allowed files can be opened at all.
     "spec": "--spec",
     "key_file": "--key-file",
@@ -411,6 +412,9 @@ CLIENT_DEFAULTS: dict[str, object] = {
     "timeout": 600.0,
     "quote": '"',
     "normalize": "trim",
+    # A data provider's default budget (teepsi.engine.tables.DEFAULT_MEMORY_BUDGET), kept
+    # here so that parsing arguments imports no polars.
+    "memory_budget": 1024**3,
 }
 
 
@@ -647,7 +651,7 @@ def _cmd_client(args: argparse.Namespace) -> int:
     progress = Progress(enabled=not args.quiet)
     try:
         with progress.phase(f"reading {spec.path.name}", total=None):
-            table = read_table(spec)
+            table = read_table(spec, memory_budget=args.memory_budget)
     except TableError as exc:
         raise UsageError(str(exc)) from None
     config = PartyConfig(
@@ -685,7 +689,7 @@ def _cmd_client(args: argparse.Namespace) -> int:
 
     try:
         result = run_party(config, table, save_resume=save_resume)
-    except PsiClientError as exc:
+    except (PsiClientError, TableError) as exc:
         hint = ""
         if outputs.resume is not None and Path(outputs.resume).exists():
             hint = (
@@ -693,6 +697,8 @@ def _cmd_client(args: argparse.Namespace) -> int:
             )
         log.error("%s%s", exc, hint)
         return EXIT_FAILED
+    finally:
+        table.close()  # its spill files, if any, go now
     failed = False
     # The rows first: they are what the run was for.
     if outputs.rows is not None and result.status == "RELEASED":
@@ -1081,6 +1087,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--normalize",
         help="key normalisation: a subset of trim,casefold,nfc, or none "
         "(default trim); every party must use the same",
+    )
+    client.add_argument(
+        "--memory-budget",
+        type=parse_size,
+        help="memory for this party's keys and records; beyond it they spill to disk, "
+        "encrypted (default 1GiB: fits a 2 GiB enclave)",
     )
     client.add_argument("--parties", type=int, help="number of parties in the job")
     client.add_argument("--name", help="this party's name, unique in the job")

@@ -9,8 +9,13 @@ matches once but returns all its rows).
 
 from __future__ import annotations
 
+import codecs
+import hashlib
 import io
+import secrets
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -21,8 +26,15 @@ import numpy.typing as npt
 import polars as pl
 import pyarrow as pa
 
-from teepsi.engine.intersect import as_u128, sorted_unique, split_u128
+from teepsi.engine.intersect import (
+    as_u128,
+    feed_records,
+    members_of_sorted,
+    sorted_unique_records,
+)
 from teepsi.engine.keys import (
+    RECORD_BYTES,
+    RECORD_DTYPE,
     TRIM_CHARS,
     Normalization,
     U64Array,
@@ -30,6 +42,8 @@ from teepsi.engine.keys import (
     key_scheme_id,
     normalized_keys,
 )
+from teepsi.engine.spill import SpillArea
+from teepsi.engine.store import PARTITIONS, MemoryBudget, RecordStore
 from teepsi.privatefile import private_writer
 
 #: Largest text item, in bytes, after stripping.
@@ -85,34 +99,236 @@ class TableSpec:
         return key_scheme_id(self.normalization, self.arity)
 
 
-@dataclass
-class Table:
-    """A loaded input: its rows and each row's normalised key (null when it has none)."""
+#: A data provider's default ``--memory-budget``: fits the 2 GiB enclave it runs in.
+DEFAULT_MEMORY_BUDGET = 1 << 30
+#: Rows per batch while reading, at most (a small budget makes batches smaller).
+BATCH_ROWS = 1 << 20
+#: Bytes of a text file parsed per batch, at most.
+TEXT_BLOCK_BYTES = 32 << 20
+_KEY, _ROW, _HI, _LO = "key", "row", "hi", "lo"
 
-    spec: TableSpec
-    frame: pl.DataFrame
-    keys: pl.Series
-    rows_read: int
+
+@dataclass
+class _Batch:
+    """One batch of keyed rows: normalised keys, row positions, records once hashed."""
+
+    #: Columns key, row (CSV and Parquet) and, once hashed, hi and lo; None while sealed.
+    frame: pl.DataFrame | None
+    index: int
+    #: Bytes this batch holds against the budget while in memory.
+    reserved: int = 0
+    segment: Path | None = None
+    generation: int = 0
+
+
+class Table:
+    """A read input: for each row with a key, its normalised key and its position.
+
+    Only the key columns are read, in batches, held within a memory budget; batches over
+    it are sealed to disk (:mod:`teepsi.engine.spill`: encrypted, deleted on close). Once
+    the job's seeds are known every key is hashed once, and those records serve both the
+    upload and the matching. The other columns are read again, only for matching rows,
+    when the result has arrived (:func:`matching_rows`).
+    """
+
+    def __init__(
+        self,
+        spec: TableSpec,
+        *,
+        memory_budget: int = DEFAULT_MEMORY_BUDGET,
+        spill_dir: Path | None = None,
+    ) -> None:
+        self.spec = spec
+        self.rows_read = 0
+        self.rows_with_key = 0
+        self.budget = MemoryBudget(memory_budget)
+        self._spill_dir = spill_dir
+        self._spill: SpillArea | None = None
+        self._label = secrets.token_bytes(16)
+        self._batches: list[_Batch] = []
+        self._seeds: tuple[int, int] | None = None
+        self._store: RecordStore | None = None
+        self._sorted: list[tuple[U64Array, U64Array]] | None = None
+        self._stamp: tuple[int, int] | None = None
 
     @property
-    def rows_with_key(self) -> int:
-        return len(self.keys) - self.keys.null_count()
+    def rows_per_batch(self) -> int:
+        return min(BATCH_ROWS, max(1024, self.budget.limit_bytes // 512))
 
-    def key_records(self, seeds: tuple[int, int]) -> tuple[U64Array, U64Array]:
-        """The distinct keys' records, sorted: what a party uploads.
+    @property
+    def spilled(self) -> bool:
+        """True once anything of this table went to disk."""
+        return self._spill is not None
+
+    def close(self) -> None:
+        """Drop everything held: memory released, sealed files deleted."""
+        self._batches = []
+        self._sorted = None
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+        if self._spill is not None:
+            self._spill.close()
+            self._spill = None
+
+    def __enter__(self) -> Table:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def _spill_area(self) -> SpillArea:
+        if self._spill is None:
+            try:
+                self._spill = SpillArea(self._spill_dir)
+            except OSError as exc:
+                raise TableError(
+                    f"over --memory-budget, and cannot create a spill area: {exc.strerror}"
+                ) from None
+        return self._spill
+
+    def _add(self, keys: pl.Series, rows: npt.NDArray[np.uint64] | None) -> None:
+        """Keep one batch's keys (no nulls) and, for CSV and Parquet, their positions."""
+        columns = {_KEY: keys} if rows is None else {_KEY: keys, _ROW: pl.Series(rows)}
+        frame = pl.DataFrame(columns)
+        self.rows_with_key += len(frame)
+        if not len(frame):
+            return
+        batch = _Batch(frame=frame, index=len(self._batches))
+        # Room for its records too: they join the batch once the seeds are known.
+        need = int(frame.estimated_size()) + len(frame) * RECORD_BYTES
+        if self.budget.try_reserve(need):
+            batch.reserved = need
+        else:
+            self._seal(batch, frame)
+        self._batches.append(batch)
+
+    def _batch_label(self, batch: _Batch) -> bytes:
+        return self._label + batch.index.to_bytes(4, "big") + batch.generation.to_bytes(4, "big")
+
+    def _seal(self, batch: _Batch, frame: pl.DataFrame) -> None:
+        buffer = io.BytesIO()
+        frame.write_ipc(buffer, compression="uncompressed")
+        old = batch.segment
+        batch.generation += 1
+        batch.segment = self._spill_area().write(buffer.getvalue(), self._batch_label(batch))
+        if old is not None:
+            old.unlink(missing_ok=True)
+        batch.frame = None
+        self.budget.release(batch.reserved)
+        batch.reserved = 0
+
+    def _frames(self) -> Iterator[tuple[_Batch, pl.DataFrame]]:
+        for batch in self._batches:
+            if batch.frame is not None:
+                yield batch, batch.frame
+                continue
+            assert batch.segment is not None and self._spill is not None
+            payload = self._spill.read(batch.segment, self._batch_label(batch))
+            yield batch, pl.read_ipc(io.BytesIO(payload))
+
+    def hash(self, seeds: tuple[int, int]) -> None:
+        """Hash every key once under the job's seeds (again only if the seeds change)."""
+        if self._seeds == seeds:
+            return
+        if self._store is not None:
+            self._store.close()
+        self._sorted = None
+        needed = self.rows_with_key * RECORD_BYTES
+        over = self.budget.held + needed > self.budget.limit_bytes
+        store = RecordStore(self.budget, self._spill_area() if over else None)
+        for batch, frame in self._frames():
+            hi, lo = hash_keys(frame[_KEY], seeds)
+            hashed = frame.with_columns(pl.Series(_HI, hi), pl.Series(_LO, lo))
+            store.add(hi, lo)
+            if batch.frame is not None:
+                batch.frame = hashed
+            else:
+                self._seal(batch, hashed)
+        store.finish()
+        self._store, self._seeds = store, seeds
+
+    def distinct_records(self) -> Iterator[tuple[U64Array, U64Array]]:
+        """The distinct records, sorted, a part at a time (parts in order): what a party
+        uploads, after :meth:`hash`.
 
         De-duplicating here keeps "duplicates count once" true for the server's item
         limits, and the server never learns how often a key repeats in a table.
         """
-        hi, lo = hash_keys(self.keys.drop_nulls(), seeds)
-        return split_u128(sorted_unique(hi, lo))
+        if self._sorted is not None:
+            yield from self._sorted
+            return
+        store = self._store
+        if store is None:
+            raise ValueError("hash the table with the job's seeds first")
+        keep = not store.spilled  # sorted parts fit where the unsorted ones did
+        parts: list[tuple[U64Array, U64Array]] = []
+        for p in range(PARTITIONS):
+            part = sorted_unique_records(*store.partition(p))
+            if keep:
+                parts.append(part)
+            yield part
+        if keep:
+            store.close()
+            self._store = None
+            self._sorted = parts
+            self.budget.try_reserve(sum(len(hi) for hi, _ in parts) * RECORD_BYTES)
 
+    def own_set(self, salt: bytes) -> tuple[int, bytes]:
+        """(distinct records, SHA-256 of salt and them): the receipt's entry for us."""
+        digest = hashlib.sha256(salt)
+        count = 0
+        for hi, lo in self.distinct_records():
+            feed_records([digest], hi, lo)
+            count += len(hi)
+        return count, digest.digest()
 
-def _read_bytes(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise _open_error(path, exc) from None
+    def key_records(self, seeds: tuple[int, int]) -> tuple[U64Array, U64Array]:
+        """All distinct records, sorted, in two arrays (for small tables and tests)."""
+        self.hash(seeds)
+        parts = list(self.distinct_records())
+        return (
+            np.concatenate([hi for hi, _ in parts]).astype(RECORD_DTYPE, copy=False),
+            np.concatenate([lo for _, lo in parts]).astype(RECORD_DTYPE, copy=False),
+        )
+
+    def keys(self) -> pl.Series:
+        """Every row's normalised key, rows without one left out (for small tables)."""
+        parts = [frame[_KEY] for _, frame in self._frames()]
+        return pl.concat(parts) if parts else pl.Series(_KEY, [], dtype=pl.String)
+
+    def _stamp_file(self) -> None:
+        info = self.spec.path.stat()
+        self._stamp = (info.st_size, info.st_mtime_ns)
+
+    def _rows_at(self, positions: npt.NDArray[np.uint64]) -> pl.DataFrame:
+        """The input's rows at these ascending positions, every column, read again."""
+        spec = self.spec
+        try:
+            info = spec.path.stat()
+        except OSError as exc:
+            raise _open_error(spec.path, exc) from None
+        if self._stamp != (info.st_size, info.st_mtime_ns):
+            raise TableError(f"{spec.path}: changed while this run read it; run again")
+        with _parse_errors(spec):
+            scan = _scan(spec)
+            if not len(positions):
+                return scan.head(0).collect()
+            index = "__teepsi_row"
+            while index in scan.collect_schema().names():
+                index += "_"
+            found = (
+                scan.with_row_index(index)
+                .filter(
+                    pl.col(index).is_in(pl.Series(positions).cast(pl.get_index_type()).implode())
+                )
+                .collect(engine="streaming")
+            )
+        if not np.array_equal(found[index].to_numpy(), positions):
+            raise TableError(f"{spec.path}: changed while this run read it; run again")
+        # One contiguous chunk per column: gathering in key order from the many chunks a
+        # streaming read leaves costs far more than this copy.
+        return found.drop(index).rechunk()
 
 
 def _check_readable(path: Path) -> None:
@@ -132,27 +348,77 @@ def _open_error(path: Path, error: OSError) -> TableError:
     return TableError(f"{path}: cannot read: {error.strerror}")
 
 
-def _utf8_error(path: Path, data: bytes) -> TableError:
+def _utf8_error(path: Path, data: bytes, first_line: int = 1) -> TableError | None:
     try:
         data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        line = data.count(b"\n", 0, exc.start) + 1
+        line = first_line + data.count(b"\n", 0, exc.start)
         return TableError(
             f"{path}: line {line}: not valid UTF-8 (byte offset {exc.start}); "
             "save the file as UTF-8"
         )
+    return None
+
+
+def _utf8_error_in_file(path: Path) -> TableError:
+    """The first invalid UTF-8 in a file, found a block at a time (never all of it)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    line, offset = 1, 0
+    try:
+        with path.open("rb") as handle:
+            while block := handle.read(TEXT_BLOCK_BYTES):
+                try:
+                    decoder.decode(block)
+                except UnicodeDecodeError as exc:
+                    # exc.start counts from the decoder's pending bytes, then this block.
+                    at = max(0, exc.start - (len(exc.object) - len(block)))
+                    line += block.count(b"\n", 0, at)
+                    return TableError(
+                        f"{path}: line {line}: not valid UTF-8 "
+                        f"(byte offset {offset + at}); save the file as UTF-8"
+                    )
+                line += block.count(b"\n")
+                offset += len(block)
+    except OSError as exc:
+        return _open_error(path, exc)
     return TableError(f"{path}: cannot be parsed")
 
 
-def _read_text(spec: TableSpec) -> Table:
-    data = _read_bytes(spec.path)
-    nul = data.find(b"\0")
-    if nul >= 0:
-        line = data.count(b"\n", 0, nul) + 1
-        raise TableError(f"{spec.path}: line {line}: contains a NUL byte; items must be text")
-    if not data.strip():
-        frame = pl.DataFrame({TEXT_COLUMN: []}, schema={TEXT_COLUMN: pl.String})
-    else:
+def _text_blocks(path: Path, block_bytes: int) -> Iterator[tuple[bytes, int]]:
+    """The file in blocks of whole lines, with each block's first line number."""
+    try:
+        handle = path.open("rb")
+    except OSError as exc:
+        raise _open_error(path, exc) from None
+    line, carry = 1, b""
+    with handle:
+        while True:
+            try:
+                chunk = handle.read(block_bytes)
+            except OSError as exc:
+                raise _open_error(path, exc) from None
+            data = carry + chunk
+            cut = len(data) if not chunk else data.rfind(b"\n") + 1
+            if cut:
+                block, carry = data[:cut], data[cut:]
+                yield block, line
+                line += block.count(b"\n")
+            else:
+                carry = data  # one line longer than a block: read on
+            if not chunk:
+                return
+
+
+def _read_text(table: Table) -> None:
+    spec = table.spec
+    block_bytes = min(TEXT_BLOCK_BYTES, max(64 * 1024, table.budget.limit_bytes // 32))
+    for data, first_line in _text_blocks(spec.path, block_bytes):
+        nul = data.find(b"\0")
+        if nul >= 0:
+            line = first_line + data.count(b"\n", 0, nul)
+            raise TableError(f"{spec.path}: line {line}: contains a NUL byte; items must be text")
+        if not data or data.isspace():
+            continue
         try:
             # One column per line: NUL is absent (checked above), so it can be the separator.
             frame = pl.read_csv(
@@ -164,69 +430,111 @@ def _read_text(spec: TableSpec) -> Table:
                 schema={TEXT_COLUMN: pl.String},
             )
         except pl.exceptions.ComputeError:
-            raise _utf8_error(spec.path, data) from None
-    return table_from_frame(frame, spec)
+            raise (
+                _utf8_error(spec.path, data, first_line)
+                or TableError(f"{spec.path}: cannot be parsed")
+            ) from None
+        _add_text_frame(table, frame)
 
 
-def table_from_frame(frame: pl.DataFrame, spec: TableSpec) -> Table:
-    """A text table from a frame with one string column "item" (lines, unstripped)."""
-    frame = frame.select(pl.col(TEXT_COLUMN).str.strip_chars(TRIM_CHARS)).filter(
+def _add_text_frame(table: Table, frame: pl.DataFrame) -> None:
+    """Text rows from a frame with one string column "item" (lines, unstripped)."""
+    items = frame.select(pl.col(TEXT_COLUMN).str.strip_chars(TRIM_CHARS)).filter(
         pl.col(TEXT_COLUMN).str.len_bytes() > 0
     )
-    longest = frame[TEXT_COLUMN].str.len_bytes().max()
+    longest = items[TEXT_COLUMN].str.len_bytes().max()
     if isinstance(longest, int) and longest > MAX_TEXT_ITEM_BYTES:
         raise TableError(
-            f"{spec.path}: an item of {longest} bytes exceeds the limit of "
+            f"{table.spec.path}: an item of {longest} bytes exceeds the limit of "
             f"{MAX_TEXT_ITEM_BYTES} bytes"
         )
-    keys = normalized_keys(frame, [TEXT_COLUMN], spec.normalization)
-    return Table(spec=spec, frame=frame, keys=keys, rows_read=len(frame))
+    table.rows_read += len(items)
+    keys = normalized_keys(items, [TEXT_COLUMN], table.spec.normalization)
+    table._add(keys.drop_nulls(), None)
 
 
-def _read_structured(spec: TableSpec) -> Table:
+def table_from_frame(
+    frame: pl.DataFrame, spec: TableSpec, *, memory_budget: int = DEFAULT_MEMORY_BUDGET
+) -> Table:
+    """A text table from a frame with one string column "item" (lines, unstripped)."""
+    table = Table(spec, memory_budget=memory_budget)
+    for start in range(0, len(frame), table.rows_per_batch):
+        _add_text_frame(table, frame.slice(start, table.rows_per_batch))
+    return table
+
+
+def _scan(spec: TableSpec) -> pl.LazyFrame:
+    if spec.format is TableFormat.CSV:
+        return pl.scan_csv(
+            spec.path,
+            separator=spec.delimiter,
+            quote_char=spec.quote_char,
+            infer_schema=False,  # every column as text: keys compare as written
+        )
+    return pl.scan_parquet(spec.path)
+
+
+@contextmanager
+def _parse_errors(spec: TableSpec) -> Iterator[None]:
+    """Polars' errors while reading CSV or Parquet, as one line naming the file."""
+    try:
+        yield
+    except pl.exceptions.NoDataError:
+        raise TableError(f"{spec.path}: empty file; a CSV input needs a header row") from None
+    except (pl.exceptions.ComputeError, pl.exceptions.SchemaError, OSError) as exc:
+        if spec.format is TableFormat.PARQUET:
+            raise TableError(f"{spec.path}: not a readable Parquet file: {exc}") from None
+        if "utf-8" in str(exc).lower():
+            raise _utf8_error_in_file(spec.path) from None
+        raise TableError(f"{spec.path}: not a valid CSV file: {str(exc).splitlines()[0]}") from None
+
+
+def _read_structured(table: Table) -> None:
+    spec = table.spec
     if not spec.key_columns:
         raise TableError(f"{spec.path}: name the key column(s) with --key COLUMN")
     _check_readable(spec.path)
-    if spec.format is TableFormat.CSV:
-        try:
-            # From the path, not from bytes read here: polars then parses with every core.
-            frame = pl.read_csv(
-                spec.path,
-                separator=spec.delimiter,
-                quote_char=spec.quote_char,
-                infer_schema=False,  # every column as text: keys compare as written
-            )
-        except pl.exceptions.ComputeError as exc:
-            if "utf-8" in str(exc).lower():
-                raise _utf8_error(spec.path, _read_bytes(spec.path)) from None
+    with _parse_errors(spec):
+        scan = _scan(spec)
+        columns = scan.collect_schema().names()
+        missing = [c for c in spec.key_columns if c not in columns]
+        if missing:
             raise TableError(
-                f"{spec.path}: not a valid CSV file: {str(exc).splitlines()[0]}"
-            ) from None
-        except pl.exceptions.NoDataError:
-            raise TableError(f"{spec.path}: empty file; a CSV input needs a header row") from None
-    else:
-        try:
-            frame = pl.read_parquet(spec.path)
-        except (pl.exceptions.ComputeError, OSError) as exc:
-            raise TableError(f"{spec.path}: not a readable Parquet file: {exc}") from None
-    missing = [c for c in spec.key_columns if c not in frame.columns]
-    if missing:
-        raise TableError(
-            f"{spec.path}: no column {missing[0]!r} (columns: {', '.join(frame.columns[:20])}); "
-            "pass --key with one of them"
+                f"{spec.path}: no column {missing[0]!r} (columns: {', '.join(columns[:20])}); "
+                "pass --key with one of them"
+            )
+        position = 0
+        # Only the key columns, a batch at a time: the other columns wait for the result.
+        batches = scan.select(list(spec.key_columns)).collect_batches(
+            chunk_size=table.rows_per_batch
         )
-    # One contiguous chunk per column: gathering the matching rows from the hundreds of
-    # chunks a parallel reader leaves costs ten times more than this copy.
-    frame = frame.rechunk()
-    keys = normalized_keys(frame, spec.key_columns, spec.normalization)
-    return Table(spec=spec, frame=frame, keys=keys, rows_read=len(frame))
+        for batch in batches:
+            keys = normalized_keys(batch, spec.key_columns, spec.normalization)
+            keyed = keys.is_not_null().to_numpy()
+            rows = np.flatnonzero(keyed).astype(np.uint64) + np.uint64(position)
+            table._add(keys.filter(pl.Series(keyed)), rows)
+            position += len(batch)
+    table.rows_read = position
 
 
-def read_table(spec: TableSpec) -> Table:
-    """Load the party's input as ``spec`` says."""
-    if spec.format is TableFormat.TEXT:
-        return _read_text(spec)
-    return _read_structured(spec)
+def read_table(
+    spec: TableSpec,
+    *,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    spill_dir: Path | None = None,
+) -> Table:
+    """Read the party's input as ``spec`` says, within ``memory_budget`` bytes."""
+    table = Table(spec, memory_budget=memory_budget, spill_dir=spill_dir)
+    try:
+        if spec.format is TableFormat.TEXT:
+            _read_text(table)
+        else:
+            _read_structured(table)
+            table._stamp_file()
+    except BaseException:
+        table.close()
+        raise
+    return table
 
 
 def matching_rows(
@@ -238,19 +546,31 @@ def matching_rows(
     """The table's rows whose key is in the result, ordered by key (stable within a key).
 
     For text input: the distinct matching items (their normalised form), sorted bytewise.
+    The records are the ones hashed for the upload; only the matching rows are read again.
     """
-    keyed = np.flatnonzero(table.keys.is_not_null().to_numpy())
-    hi, lo = hash_keys(table.keys.gather(keyed), seeds)
-    wanted = as_u128(result_hi, result_lo)
-    hit = as_u128(hi, lo).is_in(wanted.implode()).to_numpy()
-    rows = keyed[hit]
-    keys = table.keys.gather(rows)
+    result_hi, result_lo = sorted_unique_records(result_hi, result_lo)
+    keys: list[pl.Series] = []
+    rows: list[pl.Series] = []
+    if len(result_hi):
+        table.hash(seeds)
+        for _, frame in table._frames():
+            hit = members_of_sorted(
+                frame[_HI].to_numpy(), frame[_LO].to_numpy(), result_hi, result_lo
+            )
+            matched = frame.filter(pl.Series(hit))
+            keys.append(matched[_KEY])
+            if _ROW in matched.columns:
+                rows.append(matched[_ROW])
+    matched_keys = pl.concat(keys) if keys else pl.Series(_KEY, [], dtype=pl.String)
     if table.spec.format is TableFormat.TEXT:
-        items = keys.unique()
+        items = matched_keys.unique()
         return items.gather(key_order(items)).alias(TEXT_COLUMN).to_frame()
-    # One gather of every column, in key order: ties keep input order, so the output is
-    # deterministic (and the same with or without spilling).
-    ordered: pl.DataFrame = table.frame[rows[key_order(keys)]]
+    positions = (
+        pl.concat(rows).to_numpy().astype(np.uint64) if rows else np.empty(0, dtype=np.uint64)
+    )
+    # Ties keep input order, so the output is deterministic (and the same with or
+    # without spilling).
+    ordered: pl.DataFrame = table._rows_at(positions)[key_order(matched_keys)]
     return _compact_strings(ordered)
 
 
