@@ -110,9 +110,10 @@ _KEY, _ROW, _HI, _LO = "key", "row", "hi", "lo"
 
 @dataclass
 class _Batch:
-    """One batch of keyed rows: normalised keys, row positions, records once hashed."""
+    """One batch of keyed rows: row positions, normalised keys until hashed, then records."""
 
-    #: Columns key, row (CSV and Parquet) and, once hashed, hi and lo; None while sealed.
+    #: Columns row, key (dropped once hashed, but for in-memory tables), hi and lo once
+    #: hashed; None while sealed.
     frame: pl.DataFrame | None
     index: int
     #: Bytes this batch holds against the budget while in memory.
@@ -122,13 +123,13 @@ class _Batch:
 
 
 class Table:
-    """A read input: for each row with a key, its normalised key and its position.
+    """A read input: for each row with a key, its position and normalised key.
 
     Only the key columns are read, in batches, held within a memory budget; batches over
     it are sealed to disk (:mod:`teepsi.engine.spill`: encrypted, deleted on close). Once
-    the job's seeds are known every key is hashed once, and those records serve both the
-    upload and the matching. The other columns are read again, only for matching rows,
-    when the result has arrived (:func:`matching_rows`).
+    the job's seeds are known every key is hashed once and the keys are dropped: the
+    records serve the upload, the receipt check and the matching. The matching rows are
+    read again from the file when the result has arrived (:func:`matching_rows`).
     """
 
     def __init__(
@@ -137,8 +138,11 @@ class Table:
         *,
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
         spill_dir: Path | None = None,
+        in_memory: bool = False,
     ) -> None:
         self.spec = spec
+        #: No file to read again: the keys are kept (small tables, run_party_items).
+        self.in_memory = in_memory
         self.rows_read = 0
         self.rows_with_key = 0
         self.budget = MemoryBudget(memory_budget)
@@ -187,10 +191,9 @@ class Table:
                 ) from None
         return self._spill
 
-    def _add(self, keys: pl.Series, rows: npt.NDArray[np.uint64] | None) -> None:
-        """Keep one batch's keys (no nulls) and, for CSV and Parquet, their positions."""
-        columns = {_KEY: keys} if rows is None else {_KEY: keys, _ROW: pl.Series(rows)}
-        frame = pl.DataFrame(columns)
+    def _add(self, keys: pl.Series, rows: npt.NDArray[np.uint64]) -> None:
+        """Keep one batch's keys (no nulls) and their row positions."""
+        frame = pl.DataFrame({_ROW: pl.Series(rows, dtype=pl.UInt64), _KEY: keys})
         self.rows_with_key += len(frame)
         if not len(frame):
             return
@@ -231,6 +234,8 @@ class Table:
         """Hash every key once under the job's seeds (again only if the seeds change)."""
         if self._seeds == seeds:
             return
+        if self._seeds is not None and not self.in_memory:
+            raise ValueError("the keys were dropped once hashed: read the table again")
         if self._store is not None:
             self._store.close()
         self._sorted = None
@@ -240,6 +245,8 @@ class Table:
         for batch, frame in self._frames():
             hi, lo = hash_keys(frame[_KEY], seeds)
             hashed = frame.with_columns(pl.Series(_HI, hi), pl.Series(_LO, lo))
+            if not self.in_memory:
+                hashed = hashed.drop(_KEY)  # the file has them, for the matching rows
             store.add(hi, lo)
             if batch.frame is not None:
                 batch.frame = hashed
@@ -293,23 +300,72 @@ class Table:
         )
 
     def keys(self) -> pl.Series:
-        """Every row's normalised key, rows without one left out (for small tables)."""
+        """Every row's normalised key, rows without one left out (before hashing, or of an
+        in-memory table)."""
         parts = [frame[_KEY] for _, frame in self._frames()]
         return pl.concat(parts) if parts else pl.Series(_KEY, [], dtype=pl.String)
 
+    def _matching_positions(self, result_hi: U64Array, result_lo: U64Array) -> pl.DataFrame:
+        """Position (and, in memory, key) of each row whose record is in the result, in
+        row order. The table's last use: the records are released, each batch once looked
+        at (the upload and the receipt check are done by now)."""
+        self._sorted = None
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+        found: list[pl.DataFrame] = []
+        for batch, frame in self._frames():
+            hit = members_of_sorted(
+                frame[_HI].to_numpy(), frame[_LO].to_numpy(), result_hi, result_lo
+            )
+            found.append(frame.filter(pl.Series(hit)).drop(_HI, _LO))
+            self.budget.release(batch.reserved)
+            batch.frame, batch.reserved = None, 0
+            if batch.segment is not None:
+                batch.segment.unlink(missing_ok=True)
+                batch.segment = None
+        self._batches = []
+        if not found:
+            return pl.DataFrame(schema={_ROW: pl.UInt64, _KEY: pl.String})
+        return pl.concat(found)
+
+    def _check_unchanged(self) -> None:
+        try:
+            info = self.spec.path.stat()
+        except OSError as exc:
+            raise _open_error(self.spec.path, exc) from None
+        if self._stamp != (info.st_size, info.st_mtime_ns):
+            raise TableError(f"{self.spec.path}: changed while this run read it; run again")
+
+    def _items_at(self, positions: npt.NDArray[np.uint64]) -> pl.Series:
+        """Text input: the items at these ascending positions, read again."""
+        self._check_unchanged()
+        wanted = np.zeros(self.rows_read, dtype=np.bool_)
+        wanted[positions] = True
+        found: list[pl.Series] = []
+        position = 0
+        for items in _text_items(self):
+            if position + len(items) > self.rows_read:
+                raise TableError(f"{self.spec.path}: changed while this run read it; run again")
+            matched = items.filter(pl.Series(wanted[position : position + len(items)]))
+            # A copy of the matching items only: the filter's views keep the whole block.
+            found.append(_compact_strings(matched.to_frame()).to_series())
+            position += len(items)
+        if position != self.rows_read:
+            raise TableError(f"{self.spec.path}: changed while this run read it; run again")
+        return pl.concat(found) if found else pl.Series(TEXT_COLUMN, [], dtype=pl.String)
+
     def _stamp_file(self) -> None:
-        info = self.spec.path.stat()
+        try:
+            info = self.spec.path.stat()
+        except OSError as exc:
+            raise _open_error(self.spec.path, exc) from None
         self._stamp = (info.st_size, info.st_mtime_ns)
 
     def _rows_at(self, positions: npt.NDArray[np.uint64]) -> pl.DataFrame:
         """The input's rows at these ascending positions, every column, read again."""
         spec = self.spec
-        try:
-            info = spec.path.stat()
-        except OSError as exc:
-            raise _open_error(spec.path, exc) from None
-        if self._stamp != (info.st_size, info.st_mtime_ns):
-            raise TableError(f"{spec.path}: changed while this run read it; run again")
+        self._check_unchanged()
         with _parse_errors(spec):
             scan = _scan(spec)
             if not len(positions):
@@ -317,18 +373,28 @@ class Table:
             index = "__teepsi_row"
             while index in scan.collect_schema().names():
                 index += "_"
-            found = (
+            wanted = pl.Series(positions).cast(pl.get_index_type()).implode()
+            batches = (
                 scan.with_row_index(index)
-                .filter(
-                    pl.col(index).is_in(pl.Series(positions).cast(pl.get_index_type()).implode())
-                )
-                .collect(engine="streaming")
+                .filter(pl.col(index).is_in(wanted))
+                .collect_batches(chunk_size=self.rows_per_batch)
             )
+            # Each batch copied: a filter's views would keep every row's text alive.
+            parts = [_compact_strings(batch).get_columns() for batch in batches]
+        if not parts:
+            raise TableError(f"{spec.path}: changed while this run read it; run again")
+        # One contiguous chunk per column (gathering in key order from many chunks costs
+        # far more than this copy), a column at a time: the peak is the rows and a column.
+        columns: list[pl.Series] = []
+        for at in range(len(parts[0])):
+            columns.append(pl.concat([part[at] for part in parts], rechunk=True))
+            for part in parts:
+                part[at] = columns[-1].clear()
+        found = pl.DataFrame(columns)
+        del columns, parts
         if not np.array_equal(found[index].to_numpy(), positions):
             raise TableError(f"{spec.path}: changed while this run read it; run again")
-        # One contiguous chunk per column: gathering in key order from the many chunks a
-        # streaming read leaves costs far more than this copy.
-        return found.drop(index).rechunk()
+        return found.drop(index)
 
 
 def _check_readable(path: Path) -> None:
@@ -409,7 +475,8 @@ def _text_blocks(path: Path, block_bytes: int) -> Iterator[tuple[bytes, int]]:
                 return
 
 
-def _read_text(table: Table) -> None:
+def _text_items(table: Table) -> Iterator[pl.Series]:
+    """The text file's items (stripped, non-blank lines), a block at a time."""
     spec = table.spec
     block_bytes = min(TEXT_BLOCK_BYTES, max(64 * 1024, table.budget.limit_bytes // 32))
     for data, first_line in _text_blocks(spec.path, block_bytes):
@@ -434,32 +501,43 @@ def _read_text(table: Table) -> None:
                 _utf8_error(spec.path, data, first_line)
                 or TableError(f"{spec.path}: cannot be parsed")
             ) from None
-        _add_text_frame(table, frame)
+        yield _stripped_items(table.spec, frame)
 
 
-def _add_text_frame(table: Table, frame: pl.DataFrame) -> None:
-    """Text rows from a frame with one string column "item" (lines, unstripped)."""
+def _stripped_items(spec: TableSpec, frame: pl.DataFrame) -> pl.Series:
+    """Items from a frame with one string column "item" (lines, unstripped)."""
     items = frame.select(pl.col(TEXT_COLUMN).str.strip_chars(TRIM_CHARS)).filter(
         pl.col(TEXT_COLUMN).str.len_bytes() > 0
     )
     longest = items[TEXT_COLUMN].str.len_bytes().max()
     if isinstance(longest, int) and longest > MAX_TEXT_ITEM_BYTES:
         raise TableError(
-            f"{table.spec.path}: an item of {longest} bytes exceeds the limit of "
+            f"{spec.path}: an item of {longest} bytes exceeds the limit of "
             f"{MAX_TEXT_ITEM_BYTES} bytes"
         )
+    return items[TEXT_COLUMN]
+
+
+def _add_items(table: Table, items: pl.Series) -> None:
+    keys = normalized_keys(items.to_frame(), [TEXT_COLUMN], table.spec.normalization)
+    _add_keys(table, keys, table.rows_read)
     table.rows_read += len(items)
-    keys = normalized_keys(items, [TEXT_COLUMN], table.spec.normalization)
-    table._add(keys.drop_nulls(), None)
+
+
+def _add_keys(table: Table, keys: pl.Series, position: int) -> None:
+    """One batch's keys (null where a row has none), its first row at ``position``."""
+    keyed = keys.is_not_null().to_numpy()
+    rows = np.flatnonzero(keyed).astype(np.uint64) + np.uint64(position)
+    table._add(keys.filter(pl.Series(keyed)), rows)
 
 
 def table_from_frame(
     frame: pl.DataFrame, spec: TableSpec, *, memory_budget: int = DEFAULT_MEMORY_BUDGET
 ) -> Table:
     """A text table from a frame with one string column "item" (lines, unstripped)."""
-    table = Table(spec, memory_budget=memory_budget)
+    table = Table(spec, memory_budget=memory_budget, in_memory=True)
     for start in range(0, len(frame), table.rows_per_batch):
-        _add_text_frame(table, frame.slice(start, table.rows_per_batch))
+        _add_items(table, _stripped_items(spec, frame.slice(start, table.rows_per_batch)))
     return table
 
 
@@ -509,10 +587,7 @@ def _read_structured(table: Table) -> None:
             chunk_size=table.rows_per_batch
         )
         for batch in batches:
-            keys = normalized_keys(batch, spec.key_columns, spec.normalization)
-            keyed = keys.is_not_null().to_numpy()
-            rows = np.flatnonzero(keyed).astype(np.uint64) + np.uint64(position)
-            table._add(keys.filter(pl.Series(keyed)), rows)
+            _add_keys(table, normalized_keys(batch, spec.key_columns, spec.normalization), position)
             position += len(batch)
     table.rows_read = position
 
@@ -526,11 +601,12 @@ def read_table(
     """Read the party's input as ``spec`` says, within ``memory_budget`` bytes."""
     table = Table(spec, memory_budget=memory_budget, spill_dir=spill_dir)
     try:
+        table._stamp_file()  # before reading: a change while it reads is caught too
         if spec.format is TableFormat.TEXT:
-            _read_text(table)
+            for items in _text_items(table):
+                _add_items(table, items)
         else:
             _read_structured(table)
-            table._stamp_file()
     except BaseException:
         table.close()
         raise
@@ -549,33 +625,49 @@ def matching_rows(
     The records are the ones hashed for the upload; only the matching rows are read again.
     """
     result_hi, result_lo = sorted_unique_records(result_hi, result_lo)
-    keys: list[pl.Series] = []
-    rows: list[pl.Series] = []
+    spec = table.spec
     if len(result_hi):
         table.hash(seeds)
-        for _, frame in table._frames():
-            hit = members_of_sorted(
-                frame[_HI].to_numpy(), frame[_LO].to_numpy(), result_hi, result_lo
-            )
-            matched = frame.filter(pl.Series(hit))
-            keys.append(matched[_KEY])
-            if _ROW in matched.columns:
-                rows.append(matched[_ROW])
-    matched_keys = pl.concat(keys) if keys else pl.Series(_KEY, [], dtype=pl.String)
-    if table.spec.format is TableFormat.TEXT:
-        items = matched_keys.unique()
-        return items.gather(key_order(items)).alias(TEXT_COLUMN).to_frame()
-    positions = (
-        pl.concat(rows).to_numpy().astype(np.uint64) if rows else np.empty(0, dtype=np.uint64)
-    )
+        found = table._matching_positions(result_hi, result_lo)
+    else:
+        found = pl.DataFrame(schema={_ROW: pl.UInt64, _KEY: pl.String})
+    positions = found[_ROW].to_numpy()
+    if spec.format is TableFormat.TEXT:
+        if table.in_memory:
+            keys = found[_KEY]
+        else:
+            items = table._items_at(positions).to_frame()
+            keys = normalized_keys(items, [TEXT_COLUMN], spec.normalization)
+        del found
+        ordered = keys.gather(key_order(keys))
+        # Sorted, so repeats are neighbours: cheaper than hashing every string to drop them.
+        distinct = ordered.filter((ordered != ordered.shift(1)).fill_null(True))
+        return _compact_strings(distinct.alias(TEXT_COLUMN).to_frame())
+    del found
+    rows = table._rows_at(positions)
+    keys = normalized_keys(rows, spec.key_columns, spec.normalization)
     # Ties keep input order, so the output is deterministic (and the same with or
     # without spilling).
-    ordered: pl.DataFrame = table._rows_at(positions)[key_order(matched_keys)]
-    return _compact_strings(ordered)
+    order = key_order(keys)
+    del keys
+    columns = rows.get_columns()
+    del rows  # the columns list is now all that holds them
+    return _gather_compact(columns, order)
 
 
 #: Polars stores strings up to this many bytes inline; longer ones point into a buffer.
 _INLINE_STRING_BYTES = 12
+
+
+def _gather_compact(columns: list[pl.Series], order: npt.NDArray[np.int64]) -> pl.DataFrame:
+    """The columns gathered in ``order``, one at a time, each released from ``columns``
+    once gathered: the peak is the input and one column, not two whole tables."""
+    gathered: list[pl.Series] = []
+    while columns:
+        column = columns.pop(0)
+        gathered.append(_compact_strings(column.gather(order).to_frame()).to_series())
+        del column
+    return pl.DataFrame(gathered)
 
 
 def _compact_strings(frame: pl.DataFrame) -> pl.DataFrame:
@@ -595,10 +687,6 @@ def _compact_strings(frame: pl.DataFrame) -> pl.DataFrame:
     return frame.with_columns(columns) if columns else frame
 
 
-#: Keys longer than this are sorted by polars' string sort instead of as words.
-_MAX_WORD_SORT_BYTES = 128
-#: Word columns may take this many bytes beyond twice the keys' own before polars sorts.
-_WORD_SORT_ALLOWANCE = 64 << 20
 #: For k = 0..8: a big-endian 64-bit word's mask keeping its first k bytes.
 _KEEP_FIRST_BYTES = np.array(
     [0] + [((1 << (8 * k)) - 1) << (8 * (8 - k)) for k in range(1, 9)], dtype=np.uint64
@@ -608,11 +696,10 @@ _KEEP_FIRST_BYTES = np.array(
 def key_order(keys: pl.Series) -> npt.NDArray[np.int64]:
     """The permutation that sorts ``keys`` (no nulls) bytewise, stable.
 
-    Each key's UTF-8 bytes become big-endian 64-bit words, zero-padded, paired into 128-bit
-    columns; then its length (a key that is a zero-padded prefix of another sorts first,
-    as bytewise order wants) and its position (stability). Sorting those integer columns
-    costs about half the CPU of polars' string sort, which matters at millions of rows.
-    Keys over 128 bytes, or too many to lay out, go through polars' string sort.
+    Each key's first 16 UTF-8 bytes, zero-padded, become one 128-bit number, and those
+    are sorted: an integer sort, several times cheaper than polars' string sort. Only keys
+    whose number another key shares (a common 16-byte prefix, or a shorter key padded
+    with zeros) are then put in order by their whole bytes and position, with polars.
     """
     count = len(keys)
     if count < 2:
@@ -625,34 +712,36 @@ def key_order(keys: pl.Series) -> npt.NDArray[np.int64]:
     _, offsets_buffer, data_buffer = array.buffers()
     offsets = np.frombuffer(offsets_buffer, dtype=np.int64)[array.offset : array.offset + count + 1]
     lengths = np.diff(offsets)
-    words = -(-int(lengths.max()) // 8)
     start, end = int(offsets[0]), int(offsets[-1])
-    if (
-        array.null_count
-        or count >= 1 << 32  # the position shares a 64-bit column with the length
-        or words * 8 > _MAX_WORD_SORT_BYTES
-        or (count * words * 8 > 2 * (end - start) + _WORD_SORT_ALLOWANCE)
-    ):
-        frame = keys.to_frame("k").with_row_index("i").sort(["k", "i"])
-        return frame["i"].to_numpy().astype(np.int64, copy=False)
-    # The keys' bytes and 8 zero bytes, read as a big-endian word at every byte offset.
-    data = np.zeros(end - start + 8, dtype=np.uint8)
-    if data_buffer is not None:
-        data[: end - start] = np.frombuffer(data_buffer, dtype=np.uint8)[start:end]
+    # The keys' bytes and 8 more, read as a big-endian word at every byte offset (the
+    # bytes past a key are masked off); Arrow's padding usually spares the copy.
+    if data_buffer is not None and data_buffer.size >= end + 8:
+        data = np.frombuffer(data_buffer, dtype=np.uint8)[start : end + 8]
+    else:
+        data = np.zeros(end - start + 8, dtype=np.uint8)
+        if data_buffer is not None:
+            data[: end - start] = np.frombuffer(data_buffer, dtype=np.uint8)[start:end]
     word_at = np.ndarray(shape=(end - start + 1,), dtype=">u8", buffer=data, strides=(1,))
     starts = offsets[:-1] - start
-    columns: dict[str, pl.Series] = {}
-    for pair in range(0, words, 2):
-        halves = [
-            word_at[np.minimum(starts + 8 * w, end - start)].astype(np.uint64)
-            & _KEEP_FIRST_BYTES[np.clip(lengths - 8 * w, 0, 8)]
-            for w in (pair, pair + 1)
-        ]
-        columns[f"w{pair}"] = as_u128(halves[0], halves[1])
-    position = np.arange(count, dtype=np.uint64)
-    columns["tail"] = pl.Series((lengths.astype(np.uint64) << np.uint64(32)) | position)
-    order = pl.DataFrame(columns).select(pl.arg_sort_by(list(columns))).to_series()
-    return order.to_numpy().astype(np.int64, copy=False)
+    halves = [
+        word_at[np.minimum(starts + 8 * w, end - start)].astype(np.uint64)
+        & _KEEP_FIRST_BYTES[np.clip(lengths - 8 * w, 0, 8)]
+        for w in (0, 1)
+    ]
+    del data, word_at
+    prefix = as_u128(halves[0], halves[1])
+    order = prefix.arg_sort().to_numpy().astype(np.int64)
+    ranked = prefix.gather(order)
+    tied = ((ranked == ranked.shift(1)).fill_null(False)) | (
+        (ranked == ranked.shift(-1)).fill_null(False)
+    )
+    if tied.any():
+        at = np.flatnonzero(tied.to_numpy())
+        rows = order[at]
+        # Runs of one prefix are contiguous, and stay so sorted by (prefix, key, position).
+        ties = pl.DataFrame({"p": ranked.gather(at), "k": keys.gather(rows), "i": rows})
+        order[at] = ties.sort(["p", "k", "i"])["i"].to_numpy()
+    return order
 
 
 def text_lines(rows: pl.DataFrame) -> bytes:
