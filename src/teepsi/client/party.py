@@ -419,7 +419,11 @@ class PsiClient:
             raise PsiClientError("server sent malformed key seeds") from None
         return bytes(response.session_token), seeds
 
-    def upload(
+    def upload(self, token: bytes, hi: U64Array, lo: U64Array, progress: PhaseBar) -> int:
+        """Upload these records (sorted and distinct, as honest parties send them)."""
+        return self.upload_parts(token, [(hi, lo)], progress)
+
+    def upload_parts(
         self, token: bytes, parts: Iterable[tuple[U64Array, U64Array]], progress: PhaseBar
     ) -> int:
         """Upload sorted, distinct records, given a part at a time (parts in order)."""
@@ -614,7 +618,7 @@ def run_party(
             table.hash(seeds)
         if not config.resume:
             with progress.phase("uploading", total=None) as bar:
-                client.upload(token, table.distinct_records(), bar)
+                client.upload_parts(token, table.distinct_records(), bar)
             # Only now is there something to resume (a broken upload frees the slot).
             if save_resume is not None and config.spec is None:
                 save_resume(
