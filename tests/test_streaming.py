@@ -236,3 +236,48 @@ def test_peak_memory_follows_the_budget_not_the_row_count(tmp_path):
     assert small["rows"] == large["rows"] == 10
     assert small["spilled"] and not large["spilled"]
     assert small["rss_kib"] < large["rss_kib"] - 60_000, (small, large)
+
+
+def _client_job(server, policy, paths, job, extra):
+    from conftest import client_args
+
+    procs = []
+    for index, path in enumerate(paths):
+        out = path.with_name(f"{job}-out{index}{path.suffix}")
+        key = [] if path.suffix == ".txt" else ["--key", "email"]
+        args = client_args(
+            server,
+            path,
+            parties=len(paths),
+            name=f"p{index}",
+            policy=policy,
+            job=job,
+            extra=[*key, "--normalize", "trim,casefold", "--output", str(out), *extra],
+        )
+        env = {**os.environ, "TMPDIR": str(path.parent)}  # where a client's spill goes
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        procs.append((proc, out))
+    outs = []
+    for proc, out in procs:
+        _, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, stderr.decode()
+        outs.append((out.read_bytes(), stderr.decode()))
+    return outs
+
+
+@pytest.mark.parametrize("ext", ["txt", "csv"])
+def test_client_memory_budget_flag_streams_through_processes(
+    start_server, sim_policy_file, tmp_path, ext
+):
+    """`teepsi client --memory-budget 64KiB`: the same bytes as the default, nothing left
+    in the temporary directory the spill went to."""
+    ours, theirs = _frames()
+    paths = [_write(ours, tmp_path / f"a.{ext}"), _write(theirs, tmp_path / f"b.{ext}")]
+    server = start_server()
+    default = _client_job(server, sim_policy_file, paths, "default", ["-v"])
+    small = _client_job(server, sim_policy_file, paths, "small", ["--memory-budget", "64KiB", "-v"])
+    assert [out for out, _ in small] == [out for out, _ in default]
+    assert default[0][0] == _reference(tmp_path, ext)
+    spilled = "over --memory-budget: keys and records spilled to disk, encrypted"
+    assert spilled in small[0][1] and spilled not in default[0][1]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("teepsi-spill-")]

@@ -698,6 +698,8 @@ def _cmd_client(args: argparse.Namespace) -> int:
         log.error("%s%s", exc, hint)
         return EXIT_FAILED
     finally:
+        if table.spilled:
+            log.info("over --memory-budget: keys and records spilled to disk, encrypted")
         table.close()  # its spill files, if any, go now
     failed = False
     # The rows first: they are what the run was for.
