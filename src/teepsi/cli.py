@@ -469,6 +469,9 @@ CLIENT_DEFAULTS: dict[str, object] = {
     "timeout": 600.0,
     "quote": '"',
     "normalize": "trim",
+    # A data provider's default budget (teepsi.engine.tables.DEFAULT_MEMORY_BUDGET), kept
+    # here so that parsing arguments imports no polars.
+    "memory_budget": 1024**3,
 }
 
 
@@ -796,7 +799,7 @@ def _cmd_client(args: argparse.Namespace) -> int:
     progress = Progress(enabled=not args.quiet and args.log_format == "text")
     try:
         with progress.phase(f"reading {spec.path.name}", total=None):
-            table = read_table(spec)
+            table = read_table(spec, memory_budget=args.memory_budget)
     except TableError as exc:
         raise UsageError(str(exc)) from None
     config = PartyConfig(
@@ -842,7 +845,7 @@ def _cmd_client(args: argparse.Namespace) -> int:
                 "the result"
             ) from None
         raise
-    except PsiClientError as exc:
+    except (PsiClientError, TableError) as exc:
         hint = ""
         if outputs.resume is not None and Path(outputs.resume).exists():
             hint = (
@@ -850,6 +853,10 @@ def _cmd_client(args: argparse.Namespace) -> int:
             )
         log.error("%s%s", exc, hint)
         return EXIT_FAILED
+    finally:
+        if table.spilled:
+            log.info("over --memory-budget: keys and records spilled to disk, encrypted")
+        table.close()  # its spill files, if any, go now
     failed = False
     # The rows first: they are what the run was for.
     if outputs.rows is not None and result.status == "RELEASED":
@@ -1467,6 +1474,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sim_tee_flag(client, "for this data provider's evidence")
     client.add_argument(
         "--timeout", type=positive_seconds, help="seconds to wait in all (default 600)"
+    )
+    client.add_argument(
+        "--memory-budget",
+        type=parse_size,
+        help="memory for this party's keys and records; beyond it they spill to disk, "
+        "encrypted (default 1GiB: fits a 2 GiB enclave)",
     )
     client.add_argument(
         "--collateral",

@@ -42,7 +42,7 @@ from teepsi.client.progress import PhaseBar, Progress, timed
 from teepsi.contract.keys import PartyPrivateKey, public_key_der, sign
 from teepsi.contract.receipt import ReceiptError, SignedReceipt, check_own_entry, verify_receipt
 from teepsi.contract.spec import JobSpec
-from teepsi.engine.intersect import intersect_records, sorted_unique_records
+from teepsi.engine.intersect import sorted_unique_records
 from teepsi.engine.keys import Normalization, U64Array, records_from_bytes, seeds_from_bytes
 from teepsi.engine.store import RECORDS_PER_CHUNK, iter_record_chunks, mark_last
 from teepsi.engine.tables import TEXT_COLUMN, Table, TableSpec, matching_rows, table_from_frame
@@ -393,11 +393,22 @@ class PsiClient:
         return bytes(response.session_token), seeds
 
     def upload(self, token: bytes, hi: U64Array, lo: U64Array, progress: PhaseBar) -> int:
-        # The server takes records only ascending and distinct (a check when they are).
-        hi, lo = sorted_unique_records(hi, lo)
+        """Upload these records, in any order: they are sorted and de-duplicated first, as
+        the server takes records only ascending and distinct (a check when they are)."""
+        return self.upload_parts(token, [sorted_unique_records(hi, lo)], progress)
+
+    def upload_parts(
+        self, token: bytes, parts: Iterable[tuple[U64Array, U64Array]], progress: PhaseBar
+    ) -> int:
+        """Upload sorted, distinct records, given a part at a time (parts in order, so
+        that the whole upload is ascending)."""
 
         def chunks() -> Iterator[Any]:
-            batches = iter_record_chunks(hi, lo, records_per_chunk=RECORDS_PER_CHUNK)
+            batches = (
+                chunk
+                for hi, lo in parts
+                for chunk in iter_record_chunks(hi, lo, records_per_chunk=RECORDS_PER_CHUNK)
+            )
             for sequence, (payload, count, last) in enumerate(mark_last(batches)):
                 yield pb.UploadChunk(
                     sequence=sequence, records=payload, record_count=count, last=last
@@ -523,15 +534,8 @@ class ResultStream:
     result_salt: bytes
 
 
-def _own_set_sha256(salt: bytes, hi: U64Array, lo: U64Array) -> bytes:
-    """SHA-256 of salt and our de-duplicated sorted records: the receipt's entry for us."""
-    digest = hashlib.sha256(salt)
-    intersect_records([(hi, lo)], [digest])
-    return digest.digest()
-
-
 def _check_receipt(
-    config: PartyConfig, client: PsiClient, got: ResultStream, hi: U64Array, lo: U64Array
+    config: PartyConfig, client: PsiClient, got: ResultStream, table: Table
 ) -> SignedReceipt | None:
     """Verify the server's signature and, under a job spec, our own entry."""
     if not got.receipt_json:
@@ -559,8 +563,8 @@ def _check_receipt(
         if config.spec is not None or config.resume:
             # Under a spec always; on a resume also in quick mode: the result must be the
             # one of the set this run holds (a changed --data would map it to wrong rows).
-            own = _own_set_sha256(got.set_salt, hi, lo)
-            check_own_entry(signed, name=config.name, items=len(hi), set_sha256=own)
+            items, own = table.own_set(got.set_salt)
+            check_own_entry(signed, name=config.name, items=items, set_sha256=own)
     except ReceiptError as exc:
         withheld = (
             f"; the {got.total} result records are withheld (not written)" if len(got.hi) else ""
@@ -650,10 +654,10 @@ def run_party(
             token, seeds = client.join(table.spec.key_scheme)
         with timed("hashing"):
             # On resume too: the receipt's entry for us is checked against these.
-            hi, lo = table.key_records(seeds)
+            table.hash(seeds)
         if not config.resume:
-            with progress.phase("uploading", total=len(hi)) as bar:
-                client.upload(token, hi, lo, bar)
+            with progress.phase("uploading", total=None) as bar:
+                client.upload_parts(token, table.distinct_records(), bar)
             # Only now is there something to resume (a broken upload frees the slot).
             if save_resume is not None and config.spec is None:
                 save_resume(
@@ -668,7 +672,7 @@ def run_party(
                 )
         got = _wait_for_result(client, token, progress, config.party_count)
         with timed("receipt"):
-            receipt = _check_receipt(config, client, got, hi, lo)
+            receipt = _check_receipt(config, client, got, table)
     finally:
         client.close()
     if got.status == "RELEASED":
@@ -699,4 +703,5 @@ def run_party_items(
     """Run a party over in-memory text items (one key each)."""
     frame = pl.DataFrame({TEXT_COLUMN: list(items)}, schema={TEXT_COLUMN: pl.String})
     spec = TableSpec(path=Path("<memory>"), normalization=normalization or Normalization())
-    return run_party(config, table_from_frame(frame, spec))
+    with table_from_frame(frame, spec) as table:
+        return run_party(config, table)

@@ -12,8 +12,10 @@ end. When the server's budget is exhausted a store seals its buffered partitions
 
 A store takes records only in the canonical order (ascending as 128-bit numbers, no
 repeats: what the client sends), so its set digest is computed as the records arrive and
-each partition stays sorted without a sort. A store that is closed refuses data: an upload
-that outlives its job can neither reserve memory nor write spill files.
+each partition stays sorted without a sort. (A data provider's own hashing uses
+:class:`UnsortedRecordStore` instead: any order, range partitions; never on the server.)
+A store that is closed refuses data: an upload that outlives its job can neither reserve
+memory nor write spill files.
 """
 
 from __future__ import annotations
@@ -140,6 +142,23 @@ class Partitioner:
         return out >> np.uint8(8 - PARTITION_BITS)
 
 
+class RangePartitioner(Partitioner):
+    """Which partition a record goes to: the top bits of its first digest (a range split).
+
+    For a data provider's own records only (:class:`UnsortedRecordStore`): partitions are
+    ranges, so sorting each and concatenating them in order gives the whole set ascending,
+    which is what the server takes. Never for a server's store: records are chosen by the
+    parties, and a range split is one they can steer (see :class:`Partitioner`).
+    """
+
+    def __init__(self) -> None:  # no key: nothing here is secret or unpredictable
+        pass
+
+    def partitions(self, records: bytes) -> np.ndarray:
+        hi = np.frombuffer(records, dtype=RECORD_DTYPE).reshape(-1, 2)[:, 0]
+        return (hi >> np.uint64(64 - PARTITION_BITS)).astype(np.uint8)
+
+
 class RecordStore:
     """One party's records for one job. One uploader adds at a time; any thread may close."""
 
@@ -204,8 +223,7 @@ class RecordStore:
                 return
             pairs = np.frombuffer(records, dtype=RECORD_DTYPE).reshape(-1, 2)
             hi, lo = pairs[:, 0], pairs[:, 1]
-            self._check_order(hi, lo)
-            self._digest.update(records)
+            self._accept(hi, lo, records)
             part = self.partitioner.partitions(records)
             counts = np.bincount(part, minlength=PARTITIONS)
             self._partition_records += counts
@@ -232,6 +250,11 @@ class RecordStore:
                 return
             self._spilling = True
             self._flush()
+
+    def _accept(self, hi: U64Array, lo: U64Array, records: bytes) -> None:
+        """Refuse records out of the canonical order; digest the ones taken."""
+        self._check_order(hi, lo)
+        self._digest.update(records)
 
     def _check_order(self, hi: U64Array, lo: U64Array) -> None:
         first = (int(hi[0]), int(lo[0]))
@@ -310,6 +333,27 @@ class RecordStore:
                 path.unlink(missing_ok=True)
         self._segments = [[] for _ in range(PARTITIONS)]
         self._partition_records[:] = 0
+
+
+class UnsortedRecordStore(RecordStore):
+    """A data provider's own records, in any order, repeats allowed: its table's hashed
+    keys on their way to the upload (``teepsi.engine.tables``). The server never uses it.
+
+    Partitions are ranges (:class:`RangePartitioner`) and hold records in arrival order:
+    a partition is put in order (and de-duplicated) when it is read, and the partitions
+    then follow one another in ascending order. No set digest is kept (it is defined on
+    the sorted set, which exists only once the partitions are read).
+    """
+
+    def __init__(self, budget: MemoryBudget, spill: SpillArea | None) -> None:
+        super().__init__(budget, spill, RangePartitioner())
+
+    def _accept(self, hi: U64Array, lo: U64Array, records: bytes) -> None:
+        pass  # any order: the partitions are sorted when read
+
+    @property
+    def set_sha256(self) -> bytes:
+        raise TypeError("an unsorted store keeps no set digest")
 
 
 @dataclass(frozen=True)
