@@ -1267,6 +1267,16 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def _add_signer_flags(parser: argparse.ArgumentParser) -> None:
+    """How an offline check judges the server enclave that signed (see _judge_signing_enclave)."""
+    parser.add_argument(
+        "--config", help="policy the signing server enclave must satisfy (dynamic_config.json)"
+    )
+    parser.add_argument(
+        "--allow-simulated", action="store_true", help="accept a simulated server enclave"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="teepsi",
@@ -1580,12 +1590,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="verify the certificate as of this time instead of the receipt's issued_at "
         "(e.g. now, with current collateral, to refuse a platform revoked since)",
     )
-    verify_receipt.add_argument(
-        "--config", help="policy the signing server enclave must satisfy (dynamic_config.json)"
-    )
-    verify_receipt.add_argument(
-        "--allow-simulated", action="store_true", help="accept a simulated server enclave"
-    )
+    _add_signer_flags(verify_receipt)
     verify_receipt.set_defaults(func=_cmd_verify_receipt)
 
     audit = sub.add_parser("audit", help="the server's audit log")
@@ -1608,12 +1613,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="collateral for the receipt's server certificate (default: "
         "RECEIPT.collateral.json if present; the log records each server's own)",
     )
-    audit_verify.add_argument(
-        "--config", help="policy the signing server enclave must satisfy (dynamic_config.json)"
-    )
-    audit_verify.add_argument(
-        "--allow-simulated", action="store_true", help="accept a simulated server enclave"
-    )
+    _add_signer_flags(audit_verify)
     audit_verify.set_defaults(func=_cmd_audit_verify)
 
     register_evidence_tools(sub)

@@ -675,9 +675,8 @@ class JobRegistry:
                     job_id, party_count, key_scheme, spec, spec_sha256, creator
                 )
             self._check_joinable_locked(job, party_name, party_count, key_scheme)
-            token = secrets.token_bytes(32)
-            job.parties[party_name] = Party(name=party_name, token=token)
-            self._sessions[token] = Session(job.key, party_name)
+            job.parties[party_name] = Party(name=party_name, token=b"")
+            outcome = self._new_session_locked(job, job.parties[party_name])
             self._record("joined", job_id=job_id, party=party_name, attested=attested)
             job.notify_locked()  # progress watchers see the new party
             log.info(
@@ -687,12 +686,19 @@ class JobRegistry:
                 len(job.parties),
                 job.party_count,
             )
-            return JoinOutcome(
-                token=token,
-                deadline=job.deadline,
-                party_count=job.party_count,
-                key_seeds=job.key_seeds,
-            )
+            return outcome
+
+    def _new_session_locked(self, job: Job, party: Party) -> JoinOutcome:
+        """A fresh session credential for ``party`` (any earlier one of it ends)."""
+        self._sessions.pop(party.token, None)
+        party.token = secrets.token_bytes(32)
+        self._sessions[party.token] = Session(job.key, party.name)
+        return JoinOutcome(
+            token=party.token,
+            deadline=job.deadline,
+            party_count=job.party_count,
+            key_seeds=job.key_seeds,
+        )
 
     def resume(self, job_id: str, party_name: str, *, spec: JobSpec) -> JoinOutcome:
         """A new session for a party that joined and uploaded before (its client restarted).
@@ -718,18 +724,10 @@ class JobRegistry:
                     f"party {party_name} has not finished its upload for job {job_id}: "
                     "nothing to resume; run the party without --resume once it broke off",
                 )
-            token = secrets.token_bytes(32)
-            self._sessions.pop(party.token, None)
-            party.token = token
-            self._sessions[token] = Session(job.key, party_name)
+            outcome = self._new_session_locked(job, party)
             self._record("resumed", job_id=job_id, party=party_name)
             log.info("job %s: party %s resumed its session", job_id, party_name)
-            return JoinOutcome(
-                token=token,
-                deadline=job.deadline,
-                party_count=job.party_count,
-                key_seeds=job.key_seeds,
-            )
+            return outcome
 
     def _end_error_locked(self, job: Job) -> ServiceError:
         """What a call of an ended job is told: why it ended, and what to do."""
