@@ -153,6 +153,17 @@ def _client_timings(lines: list[tuple[float, str]]) -> dict[str, float]:
     return found
 
 
+def _client_intersection(lines: list[tuple[float, str]]) -> int | None:
+    """The intersection size from the client's summary line (``..., intersection N, ...``):
+    the server's audit log holds no result size (it is public)."""
+    for _, line in lines:
+        _, sep, rest = line.partition(", intersection ")
+        size = rest.split(",", 1)[0]
+        if sep and size.isdigit():
+            return int(size)
+    return None
+
+
 def run_teepsi(spec: JobSpec, env: dict[str, str]) -> Json:
     """One job: a fresh server, every client at once; wall = first start to last exit."""
     spec.workdir.mkdir(parents=True, exist_ok=True)
@@ -340,7 +351,7 @@ def run_teepsi(spec: JobSpec, env: dict[str, str]) -> Json:
             for c in clients
         ],
         "loopback_bytes": net_after - net_before,
-        "intersection": released[0].get("result_size") if released else None,
+        "intersection": _client_intersection(clients[0].stderr_lines) if clients else None,
         "spilled": any(SERVER_SPILLED in line for _, line in server.stderr_lines),
         "outputs": [str(p) for p in outputs],
         "output_digests": output_digests(outputs, env),
