@@ -40,7 +40,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import (
     DATA,
     FORMATS,
-    GIB,
     MIB,
     OUT,
     ROOT,
@@ -55,6 +54,8 @@ from bench_common import (
 from bench_references import available_engines, run_openmined, run_reference
 from bench_report import acceptance, chart, report_text, write_docs, write_huge_docs
 from teepsi_job import JobSpec, SpillScan, run_teepsi, sample_keys
+
+from teepsi.sizes import parse_size
 
 #: make bench-huge: rows per party, and the formats it runs (the issue's 100M x 100M).
 HUGE_ROWS = 100_000_000
@@ -156,15 +157,6 @@ def generate(rows: int, seed: int, formats: list[str], timeout: float, parties: 
 
 
 # -- main -----------------------------------------------------------------------------
-
-
-def parse_size(text: str) -> int:
-    units = {"kib": 1024, "mib": MIB, "gib": GIB}
-    lower = text.lower()
-    for unit, factor in units.items():
-        if lower.endswith(unit):
-            return int(float(lower[: -len(unit)]) * factor)
-    return int(text)
 
 
 def parse_formats(text: str) -> list[str]:

@@ -171,28 +171,13 @@ def _cmd_server(args: argparse.Namespace) -> int:
 
 
 def parse_size(text: str) -> int:
-    """Bytes from "256MiB", "1GiB", "512M", "1000000"."""
-    units = {
-        "": 1,
-        "k": 1000,
-        "kb": 1000,
-        "kib": 1024,
-        "m": 1000**2,
-        "mb": 1000**2,
-        "mib": 1024**2,
-        "g": 1000**3,
-        "gb": 1000**3,
-        "gib": 1024**3,
-    }
-    number = text.strip().rstrip("BbIiKkMmGg")
-    unit = text.strip()[len(number) :].lower()
+    """An argparse type over :func:`teepsi.sizes.parse_size`."""
+    from teepsi.sizes import parse_size as parse_byte_size
+
     try:
-        value = float(number)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 256MiB or 1GiB") from None
-    if unit not in units or value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 256MiB or 1GiB")
-    return int(value * units[unit])
+        return parse_byte_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _whole_number_from(minimum: int) -> Callable[[str], int]:

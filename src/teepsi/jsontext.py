@@ -6,8 +6,9 @@ file a user hands us is parsed, and quoted back in errors, the same way.
 
 from __future__ import annotations
 
+import difflib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 
@@ -78,3 +79,9 @@ def read_user_text(path: str | Path, fail: Callable[[str], Exception]) -> str:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise fail(f"not UTF-8 text (byte {exc.start})") from None
+
+
+def did_you_mean(key: str, allowed: Iterable[str]) -> str:
+    """`` (did you mean X?)`` for the closest allowed key, or ``""``: one wording everywhere."""
+    close = difflib.get_close_matches(key, list(allowed), n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
