@@ -44,7 +44,7 @@ from teepsi.attestation.ratls import (
 )
 from teepsi.attestation.sim import SimEvidenceProvider, SimPlatform, SimTdxPlatform
 from teepsi.contract.audit import AuditHead, AuditLog, HeadSigner
-from teepsi.contract.keys import public_key_der, public_key_text
+from teepsi.contract.party_keys import public_key_der, public_key_text
 from teepsi.contract.receipt import PartyEntry, Receipt, sign_receipt
 from teepsi.contract.spec import JobSpec
 from teepsi.engine.keys import records_to_bytes

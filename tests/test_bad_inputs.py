@@ -34,7 +34,7 @@ from teepsi.attestation.policy import Policy
 from teepsi.cli import main
 from teepsi.client import PartyConfig, PsiClientError, run_party_items
 from teepsi.client.party import RATLS_TARGET_NAME, fetch_server_certificate
-from teepsi.contract.keys import generate_private_key, public_key_der, public_key_text
+from teepsi.contract.party_keys import generate_private_key, public_key_der, public_key_text
 from teepsi.demo import start_server_process
 from teepsi.protocol import teepsi_pb2 as pb
 from teepsi.protocol import teepsi_pb2_grpc as pb_grpc

@@ -332,7 +332,7 @@ def _try_join(
     from teepsi.attestation.sim import SimEvidenceProvider
     from teepsi.attestation.transcript import join_transcript_digest
     from teepsi.client.party import PartyConfig, PsiClient
-    from teepsi.contract.keys import public_key_der, sign
+    from teepsi.contract.party_keys import public_key_der, sign
     from teepsi.protocol import teepsi_pb2 as pb
 
     config = PartyConfig(

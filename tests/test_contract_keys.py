@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes, PublicKeyTypes
 
-from teepsi.contract.keys import (
+from teepsi.contract.party_keys import (
     PartyKeyError,
     PartyPrivateKey,
     canonical_public_key_der,

@@ -24,7 +24,7 @@ from teepsi.attestation.ratls import RaTlsCertificate, create_certificate
 from teepsi.attestation.sim import SimEvidenceProvider
 from teepsi.contract._common import canonical_json
 from teepsi.contract.audit import AuditHead
-from teepsi.contract.keys import generate_private_key
+from teepsi.contract.party_keys import generate_private_key
 from teepsi.contract.receipt import (
     RECEIPT_DOMAIN,
     PartyEntry,

@@ -15,7 +15,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from teepsi.contract.keys import generate_private_key, public_key_der, public_key_text
+from teepsi.contract.party_keys import generate_private_key, public_key_der, public_key_text
 from teepsi.contract.spec import JobSpec, OutputKind, PartySpec, SpecError
 
 KEY_A = generate_private_key()

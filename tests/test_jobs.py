@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from teepsi.contract.keys import generate_private_key, public_key_der
+from teepsi.contract.party_keys import generate_private_key, public_key_der
 from teepsi.contract.spec import JobSpec, PartySpec
 from teepsi.engine.intersect import (
     as_u128,
@@ -563,7 +563,7 @@ def test_a_fake_spec_naming_a_party_does_not_block_it(registry):
 
 
 def _two_party_spec(job: str = "js"):
-    from teepsi.contract.keys import generate_private_key, public_key_der, public_key_text
+    from teepsi.contract.party_keys import generate_private_key, public_key_der, public_key_text
     from teepsi.contract.spec import JobSpec
 
     parties = [

@@ -30,7 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from teepsi.attestation.policy import Policy
 from teepsi.client.party import PartyConfig, PsiClient, PsiClientError
-from teepsi.contract.keys import (
+from teepsi.contract.party_keys import (
     generate_private_key,
     private_key_pem,
     public_key_der,

@@ -29,7 +29,7 @@ from tcp_proxy import TcpProxy
 from teepsi.attestation.policy import Policy
 from teepsi.client import PartyConfig, PartyResult, run_party_items
 from teepsi.client.party import PsiClient, PsiClientError
-from teepsi.contract.keys import generate_private_key, public_key_der
+from teepsi.contract.party_keys import generate_private_key, public_key_der
 from teepsi.contract.spec import JobSpec, PartySpec
 from teepsi.engine.tables import TableSpec
 from teepsi.protocol import teepsi_pb2 as pb

@@ -341,7 +341,7 @@ class _NoBar:
 
 
 def _spec_join(client: PsiClient, spec, name: str, signing_key, presented_key=None):
-    from teepsi.contract.keys import public_key_der, sign
+    from teepsi.contract.party_keys import public_key_der, sign
 
     stub = client.stub
     nonce = stub.GetChallenge(pb.GetChallengeRequest(job_id=spec.job_id, party_name=name)).nonce
@@ -374,7 +374,7 @@ def _spec_join(client: PsiClient, spec, name: str, signing_key, presented_key=No
 
 
 def test_server_authenticates_parties_against_the_spec(server):
-    from teepsi.contract.keys import generate_private_key, public_key_der
+    from teepsi.contract.party_keys import generate_private_key, public_key_der
     from teepsi.contract.spec import JobSpec, PartySpec
 
     alice, bob, mallory = (generate_private_key() for _ in range(3))
@@ -413,7 +413,7 @@ def test_server_authenticates_parties_against_the_spec(server):
 
 def _join_signed_with(client: PsiClient, key, *, name: str = "a", signature: bytes | None = None):
     """A quick-mode join whose transcript is signed by ``key`` (any type), with evidence."""
-    from teepsi.contract.keys import sign
+    from teepsi.contract.party_keys import sign
 
     nonce = client.stub.GetChallenge(pb.GetChallengeRequest(job_id="j", party_name=name)).nonce
     public = key.public_key().public_bytes(
@@ -482,7 +482,7 @@ def test_join_refuses_a_bad_signature_under_an_accepted_key(server, make_key):
     client.connect()
     other = make_key()
     # Signed by another key of the same type: a well-formed signature that does not verify.
-    from teepsi.contract.keys import sign
+    from teepsi.contract.party_keys import sign
 
     refused = _join_signed_with(client, make_key(), signature=sign(other, b"x" * 32))
     assert refused.code() is grpc.StatusCode.PERMISSION_DENIED

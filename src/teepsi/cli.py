@@ -387,7 +387,7 @@ def _client_contract(args: argparse.Namespace) -> tuple[Any, Any]:
         if args.key_file is not None:
             raise UsageError("--key-file goes with --spec (a job spec lists the party keys)")
         return None, None
-    from teepsi.contract.keys import load_private_key, public_key_der
+    from teepsi.contract.party_keys import load_private_key, public_key_der
     from teepsi.contract.spec import JobSpec, SpecError
 
     try:
@@ -956,7 +956,7 @@ def _cmd_measure(args: argparse.Namespace) -> int:
 
 
 def _cmd_keygen(args: argparse.Namespace) -> int:
-    from teepsi.contract.keys import (
+    from teepsi.contract.party_keys import (
         generate_private_key,
         private_key_pem,
         public_key_der,

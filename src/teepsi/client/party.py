@@ -39,7 +39,7 @@ from teepsi.attestation.ratls import RaTlsError, extract_evidence
 from teepsi.attestation.transcript import join_transcript_digest
 from teepsi.attestation.verify import SIMULATED_WARNING
 from teepsi.client.progress import PhaseBar, Progress, timed
-from teepsi.contract.keys import PartyPrivateKey, public_key_der, sign
+from teepsi.contract.party_keys import PartyPrivateKey, public_key_der, sign
 from teepsi.contract.receipt import ReceiptError, SignedReceipt, check_own_entry, verify_receipt
 from teepsi.contract.spec import JobSpec
 from teepsi.engine.intersect import sorted_unique_records

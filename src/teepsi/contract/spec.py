@@ -54,7 +54,7 @@ from teepsi.contract._common import (
     show,
     strict_json_loads,
 )
-from teepsi.contract.keys import PartyKeyError, canonical_public_key_der, parse_public_key
+from teepsi.contract.party_keys import PartyKeyError, canonical_public_key_der, parse_public_key
 from teepsi.engine.keys import Normalization, NormalizationError
 
 __all__ = [

@@ -29,8 +29,8 @@ from teepsi.attestation.collateral import CollateralError
 from teepsi.attestation.evidence import Role
 from teepsi.attestation.peer import PeerRejected, PeerVerifier
 from teepsi.attestation.transcript import join_transcript_digest
-from teepsi.contract.keys import PartyKeyError, canonical_public_key_der
-from teepsi.contract.keys import verify as verify_party_signature
+from teepsi.contract.party_keys import PartyKeyError, canonical_public_key_der
+from teepsi.contract.party_keys import verify as verify_party_signature
 from teepsi.contract.spec import JobSpec, SpecError
 from teepsi.engine.keys import RECORD_BYTES
 from teepsi.engine.spill import SpillError
