@@ -23,12 +23,15 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from teepsi.errors import TeepsiError
+
 __all__ = [
     "PRIVATE_MODE",
     "OutputPathError",
     "check_output_path",
     "open_private_append",
     "private_writer",
+    "sync_directory",
     "write_private",
 ]
 
@@ -37,7 +40,7 @@ PRIVATE_MODE = 0o600
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 
 
-class OutputPathError(ValueError):
+class OutputPathError(TeepsiError, ValueError):
     """A path a result cannot be written to; the message is one line naming it."""
 
 
@@ -76,7 +79,7 @@ def private_writer(path: str | Path, *, replace: bool = True) -> Iterator[Binary
             os.close(fd)
         temporary.unlink(missing_ok=True)
         raise
-    _sync_directory(directory)
+    sync_directory(directory)
 
 
 def write_private(path: str | Path, data: bytes, *, replace: bool = True) -> None:
@@ -98,8 +101,9 @@ def open_private_append(path: str | Path) -> BinaryIO:
         raise
 
 
-def _sync_directory(directory: Path) -> None:
-    # The rename must survive a crash as well as the file's bytes.
+def sync_directory(directory: str | Path) -> None:
+    """Make a rename or a new file in ``directory`` survive a crash (best effort: some
+    filesystems cannot sync a directory, and the file's own bytes are synced anyway)."""
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:

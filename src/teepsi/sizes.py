@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from teepsi.errors import TeepsiError
+
+__all__ = ["SizeError", "parse_size"]
+
 _UNITS = {
     "": 1,
     "k": 1000,
@@ -16,15 +20,19 @@ _UNITS = {
 }
 
 
+class SizeError(TeepsiError, ValueError):
+    """Text that is not a byte size; the message is one line quoting it."""
+
+
 def parse_size(text: str) -> int:
-    """Bytes from a size with an optional unit; ``ValueError`` (one line) if it is not one."""
+    """Bytes from a size with an optional unit; ``SizeError`` (one line) if it is not one."""
     stripped = text.strip()
     number = stripped.rstrip("BbIiKkMmGg")
     unit = stripped[len(number) :].lower()
     try:
         value = float(number)
     except ValueError:
-        raise ValueError(f"{text!r} is not a size like 256MiB or 1GiB") from None
+        raise SizeError(f"{text!r} is not a size like 256MiB or 1GiB") from None
     if unit not in _UNITS or not value > 0 or value == float("inf"):
-        raise ValueError(f"{text!r} is not a size like 256MiB or 1GiB")
+        raise SizeError(f"{text!r} is not a size like 256MiB or 1GiB")
     return int(value * _UNITS[unit])

@@ -39,6 +39,7 @@ from teepsi.attestation.ratls import RaTlsError, extract_evidence
 from teepsi.attestation.transcript import join_transcript_digest
 from teepsi.attestation.verify import SIMULATED_WARNING
 from teepsi.client.progress import PhaseBar, Progress, timed
+from teepsi.contract.outputs import OutputKind
 from teepsi.contract.party_keys import PartyPrivateKey, public_key_der, sign
 from teepsi.contract.receipt import ReceiptError, SignedReceipt, check_own_entry, verify_receipt
 from teepsi.contract.spec import JobSpec
@@ -554,7 +555,7 @@ def _check_receipt(
         expected_spec = config.spec.digest() if config.spec is not None else b""
         if receipt.spec_sha256 != expected_spec:
             raise ReceiptError("receipt names another job spec")
-        if got.status == "RELEASED" and receipt.output == "intersection":
+        if got.status == "RELEASED" and receipt.output is OutputKind.INTERSECTION:
             salted = hashlib.sha256(got.result_salt)
             salted.update(got.canonical)
             mine = salted.digest()

@@ -24,6 +24,8 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
+from teepsi.errors import TeepsiError
+
 __all__ = [
     "ED25519_PREFIX",
     "PartyKeyError",
@@ -55,7 +57,7 @@ _MAX_KEY_FILE_BYTES = 64 * 1024
 _EC_SIGNATURE = ec.ECDSA(hashes.SHA256())
 
 
-class PartyKeyError(ValueError):
+class PartyKeyError(TeepsiError, ValueError):
     """A key is unreadable, malformed or of a refused type; the message is one line."""
 
 

@@ -28,15 +28,10 @@ from typing import NoReturn
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from teepsi.contract._common import (
-    MAX_COUNT,
-    canonical_json,
-    is_identifier,
-    is_int,
-    show,
-    strict_json_loads,
-)
-from teepsi.contract.audit import AuditHead
+from teepsi.contract._common import MAX_COUNT, canonical_json, is_int, show, strict_json_loads
+from teepsi.contract.audit_chain import AuditHead
+from teepsi.contract.identifiers import is_identifier
+from teepsi.contract.outputs import OutputKind
 from teepsi.contract.signing import (
     MAX_SIGNATURE_BYTES,
     SignatureError,
@@ -44,6 +39,7 @@ from teepsi.contract.signing import (
     sign_document,
     verify_document,
 )
+from teepsi.errors import TeepsiError
 
 __all__ = [
     "RECEIPT_DOMAIN",
@@ -59,7 +55,6 @@ __all__ = [
 #: Prefix of the signed bytes, so a receipt signature can never pass for a signature
 #: over anything else the server's key signs (TLS handshakes, future documents).
 RECEIPT_DOMAIN = b"teepsi-receipt-v1\n"
-OUTPUTS = ("intersection", "count")
 #: The TEE whose attested key signs a receipt (the quote type of its certificate).
 TEES = ("SGX", "TDX")
 MAX_RECEIPT_BYTES = 1024 * 1024
@@ -81,7 +76,7 @@ _RECEIPT_KEYS = frozenset(
 _ENTRY_KEYS = frozenset({"name", "items", "set_sha256"})
 
 
-class ReceiptError(ValueError):
+class ReceiptError(TeepsiError, ValueError):
     """A receipt is malformed, does not verify, or does not match; one line."""
 
 
@@ -94,6 +89,13 @@ def _check_digest(value: object, where: str, *, optional: bool = False) -> None:
         _fail(where, "must be bytes")
     if len(value) != 32 and not (optional and not value):
         _fail(where, "must be a SHA-256 digest (32 bytes)" + (" or empty" if optional else ""))
+
+
+def _output_kind(value: object, where: str) -> OutputKind:
+    if isinstance(value, str) and value in set(OutputKind):
+        return OutputKind(value)
+    kinds = " or ".join(f'"{kind.value}"' for kind in OutputKind)
+    _fail(where, f"must be {kinds}, got {show(value)}")
 
 
 def _check_count(value: object, where: str) -> None:
@@ -122,7 +124,7 @@ class Receipt:
     spec_sha256: bytes  # empty for a quick job without spec
     job_id: str
     parties: tuple[PartyEntry, ...]
-    output: str  # "intersection" | "count"
+    output: OutputKind
     released: bool  # False when min_intersection was not met
     result_size: int | None
     result_sha256: bytes | None
@@ -145,16 +147,14 @@ class Receipt:
             _fail("parties", "must be PartyEntry values")
         if len({p.name for p in self.parties}) != len(self.parties):
             _fail("parties", "names a party twice")
-        if self.output not in OUTPUTS:
-            _fail("output", f'must be "intersection" or "count", got {show(self.output)}')
-        object.__setattr__(self, "output", str(self.output))  # a StrEnum becomes plain text
+        object.__setattr__(self, "output", _output_kind(self.output, "output"))
         if not isinstance(self.released, bool):
             _fail("released", "must be a bool")
         if self.released:
             if self.result_size is None:
                 _fail("result_size", "a released result has a size")
             _check_count(self.result_size, "result_size")
-            if self.output == "intersection":
+            if self.output is OutputKind.INTERSECTION:
                 if self.result_sha256 is None:
                     _fail("result_sha256", "a released intersection has a digest")
                 _check_digest(self.result_sha256, "result_sha256")
@@ -179,7 +179,7 @@ class Receipt:
             "spec_sha256": self.spec_sha256.hex(),
             "job_id": self.job_id,
             "parties": [p.to_dict() for p in self.parties],
-            "output": self.output,
+            "output": self.output.value,
             "released": self.released,
             "result_size": self.result_size,
             "result_sha256": None if self.result_sha256 is None else self.result_sha256.hex(),
@@ -315,7 +315,7 @@ def _signed_from_dict(raw: object) -> SignedReceipt:
             spec_sha256=spec_sha256,
             job_id=job_id,
             parties=tuple(entries),
-            output=output,
+            output=_output_kind(output, "output"),
             released=released,
             result_size=result_size,
             result_sha256=result_sha256,

@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 # Gramine-made ones); reuse it so "the certificate's SHA-256" means the same thing
 # in receipts and audit logs as in attestation.
 from teepsi.attestation.ratls import RaTlsError, _certificate_der, _parse_certificate
+from teepsi.errors import TeepsiError
 
 __all__ = [
     "MAX_SIGNATURE_BYTES",
@@ -46,7 +47,7 @@ _CURVE_ORDERS = {
 }
 
 
-class SignatureError(ValueError):
+class SignatureError(TeepsiError, ValueError):
     """A key, certificate or signature is unusable or does not verify; one line."""
 
 

@@ -918,7 +918,7 @@ class JobRegistry:
                 PartyEntry(name=p.name, items=p.records_received, set_sha256=d)
                 for p, d in sorted(zip(parties, set_digests, strict=True), key=lambda x: x[0].name)
             ),
-            output=job.spec.output.value if job.spec is not None else "intersection",
+            output=job.spec.output if job.spec is not None else OutputKind.INTERSECTION,
             released=not withheld,
             result_size=None if withheld else size,
             result_sha256=result_sha256,
