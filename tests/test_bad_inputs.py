@@ -309,8 +309,8 @@ def test_malformed_spec_is_exit_2_naming_file_and_field(
 RUN_CONFIG_CASES = {
     "unknown-key": (
         'hots = "x"\n',
-        "hots: not a per-run setting of teepsi client (did you mean host? the keys are the "
-        "long flags of teepsi client --help with _ for -, e.g. resume_file for --resume-file)",
+        "hots: not a per-run setting of teepsi client (did you mean host?); the keys are the "
+        "long flags of teepsi client --help with _ for -, e.g. resume_file for --resume-file",
     ),
     "wrong-type": (
         'timeout = "soon"\n',

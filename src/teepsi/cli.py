@@ -519,16 +519,15 @@ def _refuse_key(where: str, key: str, parser: argparse.ArgumentParser) -> UsageE
             f"{where}: not a per-run setting: it decides whom this process trusts, so only "
             f"the command line sets it ({trust[key]})"
         )
-    import difflib
+    from teepsi.jsontext import did_you_mean
 
     command = parser.prog.split()[-1]
-    close = difflib.get_close_matches(key, run_keys(parser), n=1)
-    hint = f"did you mean {close[0]}? " if close else ""
+    hint = did_you_mean(key, run_keys(parser))
     example = next((k for k, flag in run_keys(parser).items() if "_" in k), "host")
     return UsageError(
-        f"{where}: not a per-run setting of teepsi {command} ({hint}the keys are the long "
+        f"{where}: not a per-run setting of teepsi {command}{hint}; the keys are the long "
         f"flags of teepsi {command} --help with _ for -, e.g. {example} for "
-        f"{run_keys(parser)[example]})"
+        f"{run_keys(parser)[example]}"
     )
 
 
@@ -662,7 +661,7 @@ class _ClientOutputs:
 
 def _client_outputs(args: argparse.Namespace, fmt: object, job_spec: Any) -> _ClientOutputs:
     """Decide and check the run's output paths (a usage error, exit 2, before joining)."""
-    from teepsi.contract.spec import OutputKind
+    from teepsi.contract.outputs import OutputKind
     from teepsi.engine.tables import STDOUT_PATH, TableFormat
     from teepsi.privatefile import OutputPathError, check_output_path
 
@@ -752,14 +751,11 @@ def _cmd_client(args: argparse.Namespace) -> int:
     _setup_logging("client", args.verbose, args.quiet, log_format=args.log_format)
     job_spec, party_key = _client_contract(args)
     _client_defaults(args)
-    from teepsi.contract.spec import IDENTIFIER_PATTERN
+    from teepsi.contract.identifiers import IDENTIFIER_RULE, is_identifier
 
     for flag, value in (("--name", args.name), ("--job", args.job)):
-        if not IDENTIFIER_PATTERN.fullmatch(value):
-            raise UsageError(
-                f"{flag} {value[:40]!r} is invalid: use 1-128 letters, digits, '.', '_', '@' "
-                "or '-', starting with a letter or digit"
-            )
+        if not is_identifier(value):
+            raise UsageError(f"{flag} {value[:40]!r} is invalid: {IDENTIFIER_RULE}")
     loaded = _load_policy(args.config, args)
     assert isinstance(loaded, Policy)
     collateral_state = _collateral_state(args, "client")
