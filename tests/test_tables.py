@@ -84,9 +84,9 @@ def test_formats_by_extension():
 
 
 def test_normalisation_options():
-    assert Normalization.parse("trim").describe() == "trim"
-    assert Normalization.parse("nfc, casefold,trim").describe() == "trim,casefold,nfc"
-    assert Normalization.parse("none").describe() == "none"
+    assert Normalization.parse("trim").canonical_text() == "trim"
+    assert Normalization.parse("nfc, casefold,trim").canonical_text() == "trim,casefold,nfc"
+    assert Normalization.parse("none").canonical_text() == "none"
     with pytest.raises(NormalizationError, match="lowercase"):
         Normalization.parse("trim,lowercase")
     frame = pl.DataFrame({"k": ["  Café ", "cafe\u0301", "CAFÉ"]})

@@ -640,10 +640,10 @@ def run_party(
     """
     if config.party_count < 1:
         raise PsiClientError("--parties must be at least 1")
-    if config.spec is not None and table.spec.normalization.describe() != config.spec.normalize:
+    normalize = table.spec.normalization.canonical_text()
+    if config.spec is not None and normalize != config.spec.normalize:
         raise PsiClientError(
-            f"key normalisation {table.spec.normalization.describe()!r} differs from the job "
-            f"spec's {config.spec.normalize!r}"
+            f"key normalisation {normalize!r} differs from the job spec's {config.spec.normalize!r}"
         )
     client = PsiClient(config)
     progress = Progress(enabled=config.progress)

@@ -122,7 +122,7 @@ class JobSpec:
     output: OutputKind = OutputKind.INTERSECTION
     min_intersection: int = 0
     max_items_per_party: int | None = None
-    normalize: str = "trim"  # canonical Normalization.describe() form
+    normalize: str = "trim"  # Normalization.canonical_text() form
     deadline: int | None = None  # UNIX seconds
     _by_name: dict[str, PartySpec] = field(
         init=False, repr=False, compare=False, hash=False, default_factory=dict
@@ -246,7 +246,7 @@ def _normalize(value: object, where: str) -> str:
     if not value.strip():
         fail(where, 'is empty: use e.g. "trim", "trim,casefold,nfc" or "none"')
     try:
-        return Normalization.parse(value).describe()
+        return Normalization.parse(value).canonical_text()
     except NormalizationError as exc:
         fail(where, str(exc))
 

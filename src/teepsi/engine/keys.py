@@ -64,7 +64,7 @@ class Normalization:
             )
         return cls(trim="trim" in words, casefold="casefold" in words, nfc="nfc" in words)
 
-    def describe(self) -> str:
+    def canonical_text(self) -> str:
         """Canonical text form, also what the job compares."""
         on = [name for name in _OPTIONS if getattr(self, name)]
         return ",".join(on) if on else "none"
@@ -81,7 +81,7 @@ class Normalization:
 
 def key_scheme_id(normalization: Normalization, arity: int) -> str:
     """What parties of one job must share: record scheme, normalisation, key arity."""
-    return f"{KEY_SCHEME};normalize={normalization.describe()};columns={arity}"
+    return f"{KEY_SCHEME};normalize={normalization.canonical_text()};columns={arity}"
 
 
 def normalized_keys(
