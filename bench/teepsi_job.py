@@ -108,7 +108,12 @@ def looks_structured(data: bytes) -> bool:
 
 
 @dataclass
-class JobSpec:
+class BenchJobSetup:
+    """What one measured teepsi job runs on: its inputs, its place, its server's options.
+
+    (Not a teepsi job spec, the contract parties agree to: this one is the bench's own.)
+    """
+
     label: str
     rows: int
     parties: int
@@ -139,32 +144,42 @@ def _event_times(events: list[Json], job: str, event: str) -> list[float]:
     return [float(e["time"]) for e in events if e.get("job_id") == job and e["event"] == event]
 
 
-def _client_timings(lines: list[tuple[float, str]]) -> dict[str, float]:
-    """``timing: NAME SECONDS s`` lines, if the client logs them (see docs/benchmarks.md)."""
-    found: dict[str, float] = {}
+def log_records(lines: list[tuple[float, str]]) -> list[Json]:
+    """The JSON log records among a process's stderr lines (``--log-format json``).
+
+    Anything else on stderr (a library's warning, a traceback) is not a record: skipped.
+    """
+    records: list[Json] = []
     for _, line in lines:
-        _, sep, rest = line.partition("timing: ")
-        parts = rest.split()
-        if sep and len(parts) >= 2:
-            try:
-                found[parts[0]] = float(parts[1])
-            except ValueError:
-                continue
-    return found
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
 
 
-def _client_intersection(lines: list[tuple[float, str]]) -> int | None:
-    """The intersection size from the client's summary line (``..., intersection N, ...``):
+def client_timings(records: list[Json]) -> dict[str, float]:
+    """Wall seconds per phase, from the client's structured ``timing`` records."""
+    return {
+        str(r["phase"]): float(r["wall_s"])
+        for r in records
+        if "phase" in r and isinstance(r.get("wall_s"), int | float)
+    }
+
+
+def client_intersection(records: list[Json]) -> int | None:
+    """The intersection size from the client's summary record (``intersection_size``):
     the server's audit log holds no result size (it is public)."""
-    for _, line in lines:
-        _, sep, rest = line.partition(", intersection ")
-        size = rest.split(",", 1)[0]
-        if sep and size.isdigit():
-            return int(size)
+    for record in records:
+        size = record.get("intersection_size")
+        if isinstance(size, int) and not isinstance(size, bool):
+            return size
     return None
 
 
-def run_teepsi(spec: JobSpec, env: dict[str, str]) -> Json:
+def run_teepsi(spec: BenchJobSetup, env: dict[str, str]) -> Json:
     """One job: a fresh server, every client at once; wall = first start to last exit."""
     spec.workdir.mkdir(parents=True, exist_ok=True)
     policy = spec.workdir / "policy.json"
@@ -233,6 +248,9 @@ def run_teepsi(spec: JobSpec, env: dict[str, str]) -> Json:
                 "sim",
                 "--allow-simulated",
                 "--quiet",
+                # One JSON object per line: timings and the summary are read as fields.
+                "--log-format",
+                "json",
                 "--timeout",
                 str(int(spec.timeout)),
                 "--output",
@@ -318,7 +336,8 @@ def run_teepsi(spec: JobSpec, env: dict[str, str]) -> Json:
             "result+rows+write": t_end - t0 - computed,
         }
     wall = t_end - t0
-    timings = [_client_timings(c.stderr_lines) for c in clients]
+    records = [log_records(c.stderr_lines) for c in clients]
+    timings = [client_timings(r) for r in records]
     result: Json = {
         "label": spec.label,
         "rows": spec.rows,
@@ -351,7 +370,7 @@ def run_teepsi(spec: JobSpec, env: dict[str, str]) -> Json:
             for c in clients
         ],
         "loopback_bytes": net_after - net_before,
-        "intersection": _client_intersection(clients[0].stderr_lines) if clients else None,
+        "intersection": client_intersection(records[0]) if records else None,
         "spilled": any(SERVER_SPILLED in line for _, line in server.stderr_lines),
         "outputs": [str(p) for p in outputs],
         "output_digests": output_digests(outputs, env),

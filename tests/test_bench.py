@@ -21,6 +21,7 @@ import pytest
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 sys.path.insert(0, str(BENCH))
 
+import bench_checks  # noqa: E402
 import bench_report  # noqa: E402
 import datagen  # noqa: E402
 from bench_common import GIB, MIB, BenchError, output_digests  # noqa: E402
@@ -165,7 +166,7 @@ def _config(fmt: str, parties: int, t: dict[str, Any], refs: dict[str, Any]) -> 
 
 def _checks(configs: list[dict[str, Any]], huge: bool = False) -> dict[str, bool | None]:
     results = {"configs": configs, "huge": huge, "machine": {"nproc": 2}}
-    return {c.name: c.passed for c in bench_report.acceptance(results)}
+    return {c.name: c.passed for c in bench_checks.acceptance(results)}
 
 
 def test_the_ratio_that_counts_is_against_the_fastest_reference() -> None:
@@ -243,11 +244,11 @@ def test_the_100m_section_survives_a_regular_docs_run(tmp_path: Path) -> None:
 
 
 def test_disk_check_refuses_a_size_that_does_not_fit() -> None:
-    import run
+    import bench_runs
 
     with pytest.raises(BenchError, match="free space or use ROWS"):
-        run.check_disk(10**15, ["txt", "csv"], 2)
-    run.check_disk(1000, ["txt"], 2)  # fits: no error
+        bench_runs.check_disk(10**15, ["txt", "csv"], 2)
+    bench_runs.check_disk(1000, ["txt"], 2)  # fits: no error
 
 
 def test_procmon_records_peak_threads_and_rss(tmp_path: Path) -> None:
@@ -309,8 +310,48 @@ def test_a_failed_configuration_fails_completion_and_the_rest_is_still_judged() 
         "failed": [{"label": "2x10M csv", "error": "2x10M csv: client p2 exited 1: out of memory"}],
         "machine": {"nproc": 2},
     }
-    checks = {c.name: c for c in bench_report.acceptance(results)}
+    checks = {c.name: c for c in bench_checks.acceptance(results)}
     assert checks["every configuration completed"].passed is False
     assert "2x10M csv: client p2 exited 1" in checks["every configuration completed"].detail
     assert checks["2x10M txt wall ≤ 1.5x the fastest reference"].passed is True
-    assert bench_report.acceptance({**results, "failed": []})[0].passed is True
+    assert bench_checks.acceptance({**results, "failed": []})[0].passed is True
+
+
+def test_client_timings_and_intersection_come_from_json_log_records() -> None:
+    """The figures are the client's structured fields; its message text is not parsed."""
+    import logging
+
+    from teepsi_job import client_intersection, client_timings, log_records
+
+    from teepsi.client.progress import timed
+    from teepsi.logformat import JsonFormatter
+
+    captured: list[str] = []
+
+    class Lines(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            captured.append(self.format(record))
+
+    handler = Lines()
+    handler.setFormatter(JsonFormatter("client"))
+    client_log = logging.getLogger("teepsi.client")
+    client_log.addHandler(handler)
+    old_level = client_log.level
+    client_log.setLevel(logging.DEBUG)
+    try:
+        with timed("reading"):
+            pass
+        client_log.info("summary", extra={"intersection_size": 42})
+    finally:
+        client_log.removeHandler(handler)
+        client_log.setLevel(old_level)
+    lines = [(0.0, "a warning that is not JSON"), (0.1, "[1, 2]")]
+    lines += [(0.2 + i, line) for i, line in enumerate(captured)]
+    records = log_records(lines)
+    assert len(records) == 2  # only the JSON objects
+    timings = client_timings(records)
+    assert list(timings) == ["reading"] and 0 <= timings["reading"] < 5
+    assert client_intersection(records) == 42
+    # A withheld result (null) is no size; the phase's text in "msg" is never read.
+    assert client_intersection([{"msg": "intersection 7", "intersection_size": None}]) is None
+    assert client_timings([{"msg": "timing: reading 1.0 s"}]) == {}

@@ -896,6 +896,7 @@ def _cmd_client(args: argparse.Namespace) -> int:
         "withheld" if result.intersection_size is None else result.intersection_size,
         len(result.rows),
         result.result_sha256.hex() or "withheld",
+        extra={"intersection_size": result.intersection_size, "matching_rows": len(result.rows)},
     )
     return EXIT_FAILED if failed else EXIT_OK
 
