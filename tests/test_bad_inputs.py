@@ -1128,9 +1128,7 @@ def test_argparse_usage_errors_are_one_json_line_in_json_mode(
 
 
 @pytest.mark.parametrize("case", sorted(ARGPARSE_MISTAKES))
-def test_argparse_usage_errors_stay_one_text_line_in_text_mode(
-    capsys, policy_file, tmp_path, case
-):
+def test_argparse_usage_errors_stay_one_text_line_in_text_mode(capsys, policy_file, tmp_path, case):
     extra, message = ARGPARSE_MISTAKES[case]
     for log_format in ([], ["--log-format", "text"]):
         argv = [*_client_argv(policy_file, tmp_path / "a.txt"), *log_format, *extra]
@@ -1189,7 +1187,9 @@ def test_argparse_usage_error_in_json_mode_from_a_real_process(policy_file, tmp_
 def test_csv_without_a_key_column_names_the_flag(capsys, policy_file, tmp_path):
     path = tmp_path / "rows.csv"
     path.write_text("email\na@x\n")
-    code, stderr = _run_main(capsys, _client_argv(policy_file, path, "--output", str(tmp_path / "o.csv")))
+    code, stderr = _run_main(
+        capsys, _client_argv(policy_file, path, "--output", str(tmp_path / "o.csv"))
+    )
     assert code == 2
     assert _only_error(stderr) == (
         f"teepsi client: error: {path}: name the key column(s) with --key-column COLUMN"

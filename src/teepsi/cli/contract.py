@@ -8,7 +8,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from teepsi.cli.common import add_signer_flags
 from teepsi.cli.errors import EXIT_FAILED, EXIT_OK, UsageError
@@ -206,7 +206,7 @@ def _audit_verify(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def register(subparsers: argparse._SubParsersAction[Any]) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from teepsi.cli_evidence import unix_seconds
 
     keygen = subparsers.add_parser("keygen", help="make a party key pair for job specs")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
 
 from teepsi.cli.common import add_log_flags, setup_logging
 
@@ -17,7 +16,7 @@ def run(args: argparse.Namespace) -> int:
     return run_demo(parties=args.parties, verbose=args.verbose, tee=args.tee)
 
 
-def register(subparsers: argparse._SubParsersAction[Any]) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     demo = subparsers.add_parser("demo", help="run the seed's toy PSI locally in sim mode")
     demo.add_argument("--parties", type=int, choices=[2, 3], default=3)
     demo.add_argument(

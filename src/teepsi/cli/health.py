@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
 
 from teepsi.cli.errors import EXIT_FAILED, EXIT_OK, UsageError
 
@@ -27,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def register(subparsers: argparse._SubParsersAction[Any]) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     health = subparsers.add_parser(
         "health",
         help="ask a server's gRPC health service (exit 0 when SERVING); for health checks",

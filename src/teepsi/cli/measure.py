@@ -6,7 +6,6 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
 from teepsi.cli.common import add_sim_tee_flag, sim_tee
 from teepsi.cli.errors import EXIT_OK, UsageError
@@ -43,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def register(subparsers: argparse._SubParsersAction[Any]) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     measure = subparsers.add_parser(
         "measure", help="print a dynamic_config.json for this installation"
     )

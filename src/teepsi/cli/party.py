@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from teepsi.cli.common import (
     add_collateral_state_flag,
@@ -221,7 +221,7 @@ def _print_outcome(
     )
 
 
-def register(subparsers: argparse._SubParsersAction[Any]) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     client = subparsers.add_parser("client", help="run a data provider")
     client.add_argument("--host", type=client_address, help="server address HOST:PORT")
     client.add_argument(

@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from teepsi.cli.common import (
     add_collateral_state_flag,
@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     }[end]
 
 
-def register(subparsers: argparse._SubParsersAction[Any]) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     server = subparsers.add_parser("server", help="run the PSI server")
     server.add_argument(
         "--host",
