@@ -34,7 +34,7 @@ __all__ = ["TRUST_FLAGS", "UsageError", "build_parser", "main", "parse_settings"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from teepsi.cli_evidence import register as register_evidence_tools
+    from teepsi.cli.evidence import register as register_evidence_tools
 
     parser = OneLineParser(
         prog="teepsi",

@@ -207,7 +207,7 @@ def _audit_verify(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from teepsi.cli_evidence import unix_seconds
+    from teepsi.cli.evidence import unix_seconds
 
     keygen = subparsers.add_parser("keygen", help="make a party key pair for job specs")
     keygen.add_argument("--out", required=True, help="where to write the private key (PEM)")
