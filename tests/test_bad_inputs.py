@@ -310,7 +310,7 @@ RUN_CONFIG_CASES = {
     "unknown-key": (
         'hots = "x"\n',
         "hots: not a per-run setting of teepsi client (did you mean host?); the keys are the "
-        "long flags of teepsi client --help with _ for -, e.g. resume_file for --resume-file",
+        "long flags of teepsi client --help with _ for -, e.g. key_column for --key-column",
     ),
     "wrong-type": (
         'timeout = "soon"\n',
@@ -825,9 +825,9 @@ MISTAKES = {
         "teepsi client: error: ",
     ),
     "key-on-text": (
-        lambda t, p, k: [*_client_argv(p, t / "a.txt"), "--key", "email"],
+        lambda t, p, k: [*_client_argv(p, t / "a.txt"), "--key-column", "email"],
         2,
-        "teepsi client: error: --key applies to CSV and Parquet input, and --data ",
+        "teepsi client: error: --key-column applies to CSV and Parquet input, and --data ",
     ),
 }
 MISTAKE_ENDINGS = {
@@ -1084,3 +1084,113 @@ def test_a_waiting_party_learns_why_it_waits_instead_of_a_bare_deadline(
         "have not joined; a party was refused: different key settings (--normalize or the "
         "number of --key columns))"
     ), line
+
+
+# -- argparse's own usage errors (issue #13) ------------------------------------------------
+
+ARGPARSE_MISTAKES = {
+    "unknown-flag": (["--bogus"], "unrecognized arguments: --bogus (see teepsi --help)"),
+    "missing-value": (["--parties"], "argument --parties: expected one argument"),
+    "bad-value": (["--parties", "0"], "argument --parties: '0': must be at least 1"),
+    "bad-choice": (
+        ["--format", "xls"],
+        "argument --format: invalid choice: 'xls' (choose from 'text', 'csv', 'parquet')",
+    ),
+}
+
+
+def _argparse_exit(capsys: pytest.CaptureFixture[str], argv: list[str]) -> tuple[object, str]:
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    return exited.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("spelling", [["--log-format", "json"], ["--log-format=json"]])
+@pytest.mark.parametrize("case", sorted(ARGPARSE_MISTAKES))
+def test_argparse_usage_errors_are_one_json_line_in_json_mode(
+    capsys, policy_file, tmp_path, case, spelling
+):
+    """With --log-format json a log shipper parses every stderr line: argparse's own
+    errors (before any parse result exists) come out as the same JSON object, exit 2."""
+    extra, message = ARGPARSE_MISTAKES[case]
+    # The flag in error last: "--parties" then has no value.
+    argv = [*_client_argv(policy_file, tmp_path / "a.txt"), *spelling, *extra]
+    code, stderr = _argparse_exit(capsys, argv)
+    assert code == 2
+    lines = stderr.splitlines()
+    assert len(lines) == 1, stderr
+    entry = json.loads(lines[0])
+    assert entry["level"] == "ERROR" and entry["exit_code"] == 2
+    assert entry["role"] == "client" and entry["logger"] == "teepsi"
+    assert entry["msg"].startswith(f"error: {message}"), entry["msg"]
+    assert entry["msg"].endswith("--help)"), entry["msg"]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", entry["ts"])
+
+
+@pytest.mark.parametrize("case", sorted(ARGPARSE_MISTAKES))
+def test_argparse_usage_errors_stay_one_text_line_in_text_mode(capsys, policy_file, tmp_path, case):
+    extra, message = ARGPARSE_MISTAKES[case]
+    for log_format in ([], ["--log-format", "text"]):
+        argv = [*_client_argv(policy_file, tmp_path / "a.txt"), *log_format, *extra]
+        code, stderr = _argparse_exit(capsys, argv)
+        assert code == 2
+        prog = "teepsi" if case == "unknown-flag" else "teepsi client"
+        assert stderr.splitlines() == [
+            f"{prog}: error: {message}"
+            + ("" if case == "unknown-flag" else f" (see {prog} --help)")
+        ]
+
+
+def test_teepsi_log_format_json_in_the_environment_makes_usage_errors_json(
+    capsys, monkeypatch, policy_file, tmp_path
+):
+    """TEEPSI_LOG_FORMAT is a setting of server and client; a command line that asks for
+    text beats it, as a flag beats a variable."""
+    monkeypatch.setenv("TEEPSI_LOG_FORMAT", "json")
+    argv = [*_client_argv(policy_file, tmp_path / "a.txt"), "--parties", "0"]
+    code, stderr = _argparse_exit(capsys, argv)
+    assert code == 2 and json.loads(stderr)["exit_code"] == 2
+    code, stderr = _argparse_exit(capsys, [*argv, "--log-format", "text"])
+    assert code == 2
+    assert stderr.startswith("teepsi client: error: argument --parties: '0'"), stderr
+    # A command without --log-format keeps its text errors whatever the environment says.
+    code, stderr = _argparse_exit(capsys, ["keygen"])
+    assert code == 2
+    assert stderr.startswith("teepsi keygen: error: the following arguments are required: --out")
+
+
+def test_a_bad_log_format_is_a_text_usage_error(capsys, policy_file, tmp_path):
+    argv = [*_client_argv(policy_file, tmp_path / "a.txt"), "--log-format", "yaml"]
+    code, stderr = _argparse_exit(capsys, argv)
+    assert code == 2
+    assert stderr.startswith("teepsi client: error: argument --log-format: invalid choice: 'yaml'")
+
+
+def test_argparse_usage_error_in_json_mode_from_a_real_process(policy_file, tmp_path):
+    run = subprocess.run(
+        teepsi_cmd("server", "--log-format", "json", "--max-jobs", "many"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert run.returncode == 2
+    lines = run.stderr.splitlines()
+    assert len(lines) == 1, run.stderr
+    entry = json.loads(lines[0])
+    assert entry["role"] == "server" and entry["exit_code"] == 2
+    assert entry["msg"] == (
+        "error: argument --max-jobs: 'many' is not a whole number (see teepsi server --help)"
+    )
+
+
+def test_csv_without_a_key_column_names_the_flag(capsys, policy_file, tmp_path):
+    path = tmp_path / "rows.csv"
+    path.write_text("email\na@x\n")
+    code, stderr = _run_main(
+        capsys, _client_argv(policy_file, path, "--output", str(tmp_path / "o.csv"))
+    )
+    assert code == 2
+    assert _only_error(stderr) == (
+        f"teepsi client: error: {path}: name the key column(s) with --key-column COLUMN"
+    )

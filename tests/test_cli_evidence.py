@@ -22,7 +22,7 @@ from teepsi.attestation.evidence import Role
 from teepsi.attestation.measure import sim_identity
 from teepsi.attestation.ratls import SUBJECT, create_certificate
 from teepsi.attestation.sim import SimEvidenceProvider, SimPlatform, SimPlatformConfig
-from teepsi.cli_evidence import register
+from teepsi.cli.evidence import register
 
 VECTORS = Path(__file__).resolve().parent / "vectors"
 DCAP = VECTORS / "sgx-dcap"

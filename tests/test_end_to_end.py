@@ -315,7 +315,7 @@ def _csv_job(server, policy, tmp_path, tables, *, extra=(), job="csv"):
         data = tmp_path / f"{job}-in{index}.csv"
         data.write_text(text)
         out = tmp_path / f"{job}-out{index}.csv"
-        key_args = [a for k in keys for a in ("--key", k)]
+        key_args = [a for k in keys for a in ("--key-column", k)]
         args = client_args(
             server,
             data,

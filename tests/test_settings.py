@@ -42,7 +42,7 @@ def test_every_kind_of_flag_comes_from_the_environment(tmp_path: Path) -> None:
         "TEEPSI_HOST": "127.0.0.1:7000",
         "TEEPSI_NAME": "alice",
         "TEEPSI_PARTIES": "3",
-        "TEEPSI_KEY": "email, country",  # a repeatable flag: comma-separated
+        "TEEPSI_KEY_COLUMN": "email, country",  # a repeatable flag: comma-separated
         "TEEPSI_QUIET": "yes",
         "TEEPSI_TIMEOUT": "12.5",
         "TEEPSI_DATA": str(tmp_path / "in.csv"),
@@ -52,7 +52,8 @@ def test_every_kind_of_flag_comes_from_the_environment(tmp_path: Path) -> None:
     }
     args = parse_settings(["client", "--config", "p.json"], environ)
     assert (args.host, args.name, args.parties) == ("127.0.0.1:7000", "alice", 3)
-    assert args.key == ["email", "country"] and args.quiet is True and args.timeout == 12.5
+    assert args.key_column == ["email", "country"] and args.quiet is True
+    assert args.timeout == 12.5
     assert args.data == str(tmp_path / "in.csv")
 
 
@@ -100,3 +101,71 @@ def test_bad_or_trust_deciding_variables_are_one_line_exit_2(
     assert result.stderr.strip().splitlines() == [
         f"teepsi server: error: environment {name}: {str(refused.value).split(': ', 1)[1]}"
     ]
+
+
+def _client(*extra: str) -> list[str]:
+    return ["client", "--config", "p.json", *extra]
+
+
+@pytest.mark.parametrize(
+    ("argv", "environ", "toml"),
+    [
+        (_client("--key-column", "email", "--key-column", "country"), {}, None),
+        (_client("--key", "email", "--key", "country"), {}, None),  # the old name
+        (_client("--key-column", "email", "--key", "country"), {}, None),  # mixed: one flag
+        (_client(), {"TEEPSI_KEY_COLUMN": "email,country"}, None),
+        (_client(), {"TEEPSI_KEY": "email,country"}, None),
+        (_client(), {}, 'key_column = ["email", "country"]\n'),
+        (_client(), {}, 'key = ["email", "country"]\n'),
+    ],
+)
+def test_key_column_has_key_as_its_old_name_everywhere(
+    argv: list[str], environ: dict[str, str], toml: str | None, tmp_path: Path
+) -> None:
+    if toml is not None:
+        run = tmp_path / "run.toml"
+        run.write_text(toml)
+        argv = [*argv, "--run-config", str(run)]
+    args = parse_settings(argv, environ)
+    assert args.key_column == ["email", "country"]
+    assert not hasattr(args, "key")
+
+
+def test_the_key_column_flag_beats_the_old_names_in_the_environment_and_file(
+    tmp_path: Path,
+) -> None:
+    run = tmp_path / "run.toml"
+    run.write_text('key = ["from_file"]\n')
+    argv = _client("--run-config", str(run))
+    assert parse_settings(argv, {"TEEPSI_KEY": "from_env"}).key_column == ["from_env"]
+    assert parse_settings([*argv, "--key-column", "flag"], {"TEEPSI_KEY": "e"}).key_column == [
+        "flag"
+    ]
+
+
+def test_a_setting_and_its_old_name_together_are_refused(tmp_path: Path) -> None:
+    run = tmp_path / "run.toml"
+    run.write_text('key = ["a"]\nkey_column = ["b"]\n')
+    with pytest.raises(UsageError) as refused:
+        parse_settings(_client("--run-config", str(run)), {})
+    assert str(refused.value) == (
+        f"--run-config {run}: key and key_column are the same setting: give only one"
+    )
+    with pytest.raises(UsageError) as refused:
+        parse_settings(_client(), {"TEEPSI_KEY": "a", "TEEPSI_KEY_COLUMN": "b"})
+    assert str(refused.value) == (
+        "environment: TEEPSI_KEY and TEEPSI_KEY_COLUMN are the same setting: give only one"
+    )
+
+
+def test_client_help_names_key_column_and_its_old_name() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "teepsi", "client", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "[--key-column COLUMN]" in result.stdout
+    assert "--key-column COLUMN, --key COLUMN" in result.stdout

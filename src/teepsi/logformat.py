@@ -63,6 +63,16 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str, ensure_ascii=False)
 
 
+def json_log_line(
+    role: str, message: str, level: int = logging.ERROR, logger: str = "teepsi", **fields: Any
+) -> str:
+    """One JSON log line (no newline) for a message written before or without logging set
+    up, exactly as :class:`JsonFormatter` writes a logged one."""
+    record = logging.LogRecord(logger, level, "", 0, message, None, None)
+    record.__dict__.update(fields)
+    return JsonFormatter(role).format(record)
+
+
 def setup_logging(
     role: str, level: int, log_format: str = "text", stream: TextIO | None = None
 ) -> None:
