@@ -12,6 +12,7 @@ import polars as pl
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from registry_helpers import expire_due, live_jobs
 
 from teepsi.contract.keys import generate_private_key, public_key_der
 from teepsi.contract.spec import JobSpec, PartySpec
@@ -25,7 +26,8 @@ from teepsi.engine.intersect import (
 )
 from teepsi.engine.keys import hash_keys, records_to_bytes
 from teepsi.server.errors import ErrorKind, ServiceError
-from teepsi.server.jobs import JobCreator, JobRegistry, Limits
+from teepsi.server.jobs import JobRegistry
+from teepsi.server.limits import JobCreator, Limits
 
 SEEDS = (11, 22)
 
@@ -91,7 +93,7 @@ def test_all_state_is_wiped_after_every_party_has_its_result(registry):
     assert decode(wait(registry, a.token, timeout=5).result, {"x"}) == ["x"]
     wait(registry, b.token, timeout=5)
     registry.mark_delivered(b.token)
-    assert registry.job_count() == 0
+    assert live_jobs(registry) == 0
     with pytest.raises(ServiceError) as err:
         wait(registry, a.token, timeout=1)
     assert err.value.kind is ErrorKind.UNAUTHENTICATED
@@ -277,7 +279,7 @@ def test_one_party_key_holds_at_most_its_share_of_the_jobs():
         reg.join("m1", "b", 2, creator=mallory)
         # Others still get slots.
         assert reg.join("h1", "a", 2, creator=_creator("honest")).token
-        assert reg.job_count() == 3
+        assert live_jobs(reg) == 3
     finally:
         reg.close()
 
@@ -304,10 +306,12 @@ def test_job_without_upload_is_dropped_after_the_join_timeout():
         reg.begin_upload(busy.token)  # an upload has begun: the job keeps its deadline
         assert _refusal(reg, "third", "a", 1).kind is ErrorKind.RESOURCE_EXHAUSTED
         give_up = time.monotonic() + 10
-        while reg.job_count() > 1:
+        while live_jobs(reg) > 1:
             assert time.monotonic() < give_up
             time.sleep(0.05)
-        assert [j for j, *_ in reg.snapshot()] == ["busy"]
+        # The one job left is busy: its session still holds (watch_call refuses an ended one).
+        assert live_jobs(reg) == 1
+        reg.watch_call(busy.token, lambda _error: None)()
         with pytest.raises(ServiceError) as err:
             reg.begin_upload(idle.token)
         assert err.value.kind is ErrorKind.UNAUTHENTICATED
@@ -501,7 +505,7 @@ def test_missing_party_gives_deadline_error_without_spinning():
         )
         assert 0.5 < waited < 5
         assert time.process_time() - cpu_before < 0.2 * waited
-        assert reg.job_count() == 0
+        assert live_jobs(reg) == 0
     finally:
         reg.close()
 
@@ -720,7 +724,7 @@ def test_expiry_ends_watched_calls_and_gives_back_budget_and_spill_at_once(tmp_p
         store_b.add(hi[500:600], lo[500:600])  # over it: b spills
         assert reg.budget.held == 6_400 and any(reg.spill.path.iterdir())
         now[0] += 11
-        reg.expire_due()
+        expire_due(reg)
         assert [(e.kind, e.message) for e in told] == [
             (
                 ErrorKind.DEADLINE_EXCEEDED,
@@ -782,7 +786,7 @@ def test_expiry_during_the_intersection_stops_it_with_the_job_s_reason(tmp_path)
         computing.start()
         assert reading.wait(10)
         now[0] += 11
-        reg.expire_due()
+        expire_due(reg)
         disk_free.set()
         computing.join(10)
         assert [(e.kind, e.message) for e in failed] == [
@@ -792,7 +796,7 @@ def test_expiry_during_the_intersection_stops_it_with_the_job_s_reason(tmp_path)
             )
         ]
         assert reg.budget.held == 0 and not any(reg.spill.path.iterdir())
-        assert reg.job_count() == 0
+        assert live_jobs(reg) == 0
     finally:
         disk_free.set()
         reg.close()

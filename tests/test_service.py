@@ -11,6 +11,7 @@ import polars as pl
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa
+from registry_helpers import expire_due, live_jobs
 
 from teepsi.attestation.evidence import Role
 from teepsi.attestation.measure import sim_identity
@@ -23,8 +24,9 @@ from teepsi.engine.keys import hash_keys, records_to_bytes
 from teepsi.engine.tables import TableSpec
 from teepsi.protocol import SESSION_METADATA
 from teepsi.protocol import teepsi_pb2 as pb
-from teepsi.server.app import ServerConfig, start_server
-from teepsi.server.jobs import Limits
+from teepsi.server.app import start_server
+from teepsi.server.config import ServerConfig
+from teepsi.server.limits import Limits
 
 POLICY = policy_for(
     [("server", sim_identity(Role.SERVER)), ("provider", sim_identity(Role.DATA_PROVIDER))]
@@ -296,7 +298,7 @@ def test_cut_result_stream_can_be_fetched_again(server):
     got_b = b.result(token_b)
     assert got_b.sha256 == got.sha256 and np.array_equal(got_b.hi, got.hi)
     # Both have it: the job is gone, and so is every session of it.
-    assert server.registry.job_count() == 0
+    assert live_jobs(server.registry) == 0
     with pytest.raises(PsiClientError, match="UNAUTHENTICATED"):
         a.result(token_a)
     a.close()
@@ -580,7 +582,7 @@ def test_expiry_ends_in_flight_uploads_and_gives_back_memory_and_spill(tmp_path)
             "b's records spilled (its reservation given back)",
         )
         clock.offset += 601
-        running.registry.expire_due()
+        expire_due(running.registry)
         for call in calls:
             with pytest.raises(grpc.RpcError) as err:
                 call.result(timeout=10)  # before the clients send their last chunks
@@ -592,7 +594,7 @@ def test_expiry_ends_in_flight_uploads_and_gives_back_memory_and_spill(tmp_path)
         assert not gate.is_set()
         assert running.registry.budget.held == 0
         assert _spill_files(running) == []
-        assert running.registry.job_count() == 0
+        assert live_jobs(running.registry) == 0
         gate.set()  # the clients' held-back chunks go nowhere
         import time
 
@@ -706,7 +708,7 @@ def test_expiry_ends_a_result_stream_in_flight(tmp_path):
         first = next(stream)
         assert not first.last and first.total_records == 1_500_000
         clock.offset += 601
-        running.registry.expire_due()
+        expire_due(running.registry)
         received = 1
         with pytest.raises(grpc.RpcError) as err:
             for _chunk_message in stream:
@@ -738,7 +740,7 @@ def test_expiry_ends_a_stalled_result_stream_and_frees_the_result(tmp_path):
         with running.registry._lock:
             result = weakref.ref(running.registry._jobs[("stalled", b"")].result)
         clock.offset += 601
-        running.registry.expire_due()
+        expire_due(running.registry)
 
         def freed() -> bool:
             gc.collect()

@@ -99,14 +99,10 @@ def _add_trust_flags(parser: argparse.ArgumentParser) -> None:
 def _cmd_server(args: argparse.Namespace) -> int:
     from teepsi.attestation.policy import Policy
     from teepsi.attestation.ratls import DEFAULT_LIFETIME
-    from teepsi.server.app import (
-        RunningServer,
-        ServerConfig,
-        ServerConfigError,
-        ServerEnd,
-        run_server,
-    )
-    from teepsi.server.jobs import Limits
+    from teepsi.server.app import ServerEnd, run_server
+    from teepsi.server.config import ServerConfig, ServerConfigError
+    from teepsi.server.limits import Limits
+    from teepsi.server.running import RunningServer
 
     _setup_logging("server", args.verbose, log_format=args.log_format)
     if args.no_client_attestation and args.config is None:
@@ -151,6 +147,7 @@ def _cmd_server(args: argparse.Namespace) -> int:
         insecure_pccs_tls=args.insecure_pccs_tls,
         metrics_host=args.metrics_host,
         metrics_public=args.metrics_public,
+        drain_seconds=args.drain_seconds,
     )
 
     def announce(running: RunningServer) -> None:
@@ -1358,6 +1355,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=60.0,
         metavar="S",
         help="end an upload stream that sends nothing for S seconds (default 60)",
+    )
+    server.add_argument(
+        "--drain-seconds",
+        type=float,
+        default=5.0,
+        metavar="S",
+        help="on shutdown, report NOT_SERVING to health checks for S seconds before "
+        "refusing new joins, so load balancers move traffic away first (default 5; 0 = none)",
     )
     server.add_argument(
         "--pccs-url",
