@@ -131,6 +131,7 @@ def test_seeds_reach_the_accepting_paths() -> None:
     from teepsi.contract.receipt import SignedReceipt
     from teepsi.contract.spec import JobSpec
     from teepsi.protocol import teepsi_pb2 as pb
+    from teepsi.server.streams import decode_upload
 
     certificates = [p for p in (CORPUS / "ratls").iterdir() if p.suffix != ".cbor"]
     judged_at = datetime(2024, 1, 2, tzinfo=UTC)  # fuzz/fuzz_ratls.py's JUDGED_AT

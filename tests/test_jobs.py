@@ -945,12 +945,12 @@ def test_a_waiting_party_learns_the_counts_and_why_a_partner_was_refused(registr
     _upload(registry, a.token, {"x"})
     first = _progress(registry, a.token)
     assert (first.party_count, first.joined, first.uploaded, first.waiting) == (3, 1, 1, True)
-    assert first.status == "1 of 3 parties uploaded; 2 parties have not joined"
+    assert first.status == "1 of 3 parties joined, 1 uploaded"
     other = TRIM.replace("normalize=trim", "normalize=trim,casefold")
     _refusal(registry, "prog", "b", 3, other)
     refused = _progress(registry, a.token, first)
     assert refused.status == (
-        "1 of 3 parties uploaded; 2 parties have not joined; a party was refused: different "
+        "1 of 3 parties joined, 1 uploaded; a party was refused: different "
         "key settings (--normalize or the number of --key columns)"
     )
     # Nothing changes: the wait ends at its timeout with nothing new.
@@ -964,4 +964,38 @@ def test_a_waiting_party_learns_the_counts_and_why_a_partner_was_refused(registr
     # Only parties of the job: an unknown session is refused.
     with pytest.raises(ServiceError) as err:
         _progress(registry, b"\0" * 32)
+    assert err.value.kind is ErrorKind.UNAUTHENTICATED
+
+
+def test_the_progress_line_carries_counts_never_party_names(registry):
+    """A watcher learns how many joined, uploaded and left, not who: it may be the first
+    to join, and learns no more of its partners than the receipt would tell it."""
+    a = registry.join("names", "alice", 3, TRIM)
+    _upload(registry, a.token, {"x"})
+    registry.join("names", "bob", 3, TRIM)
+    carol = registry.join("names", "carol", 3, TRIM)
+    registry.begin_upload(carol.token)
+    registry.abort_upload(carol.token)  # carol's upload broke off: her slot is free again
+    view = _progress(registry, a.token)
+    assert (view.joined, view.uploaded) == (2, 1)
+    assert view.status == "2 of 3 parties joined, 1 uploaded; a party left: its upload broke off"
+    for name in ("alice", "bob", "carol"):
+        assert name not in view.status
+
+
+def test_a_party_watches_only_its_own_job(registry):
+    """The session picks the job: a party of one job sees that job's counts, never
+    another's, and an ended session sees nothing."""
+    mine = registry.join("mine", "a", 2, TRIM)
+    theirs = registry.join("theirs", "a", 4, TRIM)
+    registry.join("theirs", "b", 4, TRIM)
+    registry.join("theirs", "c", 4, TRIM)
+    view = _progress(registry, mine.token)
+    assert (view.party_count, view.joined) == (2, 1)
+    assert view.status == "1 of 2 parties joined, 0 uploaded"
+    assert _progress(registry, theirs.token).status == "3 of 4 parties joined, 0 uploaded"
+    registry.begin_upload(mine.token)
+    registry.abort_upload(mine.token)  # its last party left: the job and session are gone
+    with pytest.raises(ServiceError) as err:
+        _progress(registry, mine.token)
     assert err.value.kind is ErrorKind.UNAUTHENTICATED
