@@ -157,7 +157,7 @@ def test_malformed_uploads_refused_and_slot_freed(server, chunks, needle):
 
 
 def test_garbage_messages_are_invalid_argument(server, caplog):
-    """Well-formed calls whose protobuf is garbage: INVALID_ARGUMENT, one line (F4)."""
+    """Well-formed calls whose protobuf is garbage: INVALID_ARGUMENT, one line."""
     client, token = _joined(server)
     channel = client._channel
     junk = b"\x0a\x80\x80\x80\x80\x10"
