@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -26,6 +28,7 @@ from teepsi.protocol import SESSION_METADATA
 from teepsi.protocol import teepsi_pb2 as pb
 from teepsi.server.app import start_server
 from teepsi.server.config import ServerConfig
+from teepsi.server.health import HealthCheckError, check_health
 from teepsi.server.limits import Limits
 
 POLICY = policy_for(
@@ -772,3 +775,51 @@ def test_upload_idle_timeout_flag_takes_positive_seconds(bad, capsys):
     args = parser.parse_args(["server", "--upload-idle-timeout", "2.5"])
     assert args.upload_idle_timeout == 2.5
     assert parser.parse_args(["server"]).upload_idle_timeout == 60.0
+
+
+def _until(condition, what: str, timeout: float = 30.0) -> None:
+    give_up = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < give_up, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def _not_serving(host: str) -> bool:
+    try:
+        check_health(host, timeout=5)
+    except HealthCheckError as exc:
+        return "is NOT_SERVING" in str(exc)
+    return False
+
+
+def test_a_drain_says_not_serving_while_the_work_in_flight_completes():
+    """Shutdown turns health NOT_SERVING at once, then keeps working for --drain-seconds
+    (load balancers move new parties away meanwhile): a job half-way through finishes,
+    its last party still joins, and only then does the server close."""
+    running = _start(Limits(job_timeout_seconds=60), drain_seconds=60)
+    host = f"127.0.0.1:{running.port}"
+    results = {}
+
+    def party(name: str, items: list[str]) -> None:
+        results[name] = run_party_items(_config(running, name, job="drain"), items)
+
+    first = threading.Thread(target=party, args=("a", ["car", "cat", "dog"]))
+    first.start()
+    stopper = threading.Thread(target=running.stop, kwargs={"grace": 0})
+    try:
+        _until(lambda: live_jobs(running.registry) == 1, "party a's join")
+        assert not _not_serving(host)
+        stopper.start()
+        _until(lambda: _not_serving(host), "health to say NOT_SERVING")
+        party("b", ["cat", "emu", "car"])  # joins, uploads and gets its result meanwhile
+        first.join(60)
+        assert results["a"].text() == results["b"].text() == ["car", "cat"]
+        assert stopper.is_alive()  # still draining: the server has not closed
+    finally:
+        running.cut_drain()  # what a second SIGTERM does
+        if stopper.is_alive() or stopper.ident is not None:
+            stopper.join(20)
+        else:
+            running.stop(grace=0)
+        first.join(60)
+    assert not stopper.is_alive()
