@@ -6,9 +6,9 @@ Every input goes through four decoders:
 1. :func:`teepsi.engine.keys.records_from_bytes` on the raw bytes: ``ValueError`` (its
    documented refusal of a partial record) only, and accepted payloads round-trip;
 2. ``UploadChunk.FromString`` (``DecodeError`` allowed) followed by
-   :func:`teepsi.server.service._decode_upload` with the chunk's own fields: only
+   :func:`teepsi.server.streams.decode_upload` with the chunk's own fields: only
    ``ServiceError`` may escape;
-3. :func:`_decode_upload` on ``data[1:]`` with ``record_count`` = the payload's record
+3. :func:`decode_upload` on ``data[1:]`` with ``record_count`` = the payload's record
    count shifted by ``data[0] - 0x40`` (so counts near the truth, and wrong ones, are
    both common), sequence = the input length;
 4. the whole server ``Upload`` handler (a real :class:`JobRegistry`, no network), on an
@@ -44,8 +44,11 @@ with atheris.instrument_imports(include=["teepsi"]):
     from teepsi.protocol import SESSION_METADATA
     from teepsi.protocol import teepsi_pb2 as pb
     from teepsi.server.errors import ServiceError
-    from teepsi.server.jobs import JobRegistry, Limits
-    from teepsi.server.service import PsiService, ServerEvidenceBundle, _decode_upload
+    from teepsi.server.evidence import ServerEvidenceBundle
+    from teepsi.server.jobs import JobRegistry
+    from teepsi.server.limits import Limits
+    from teepsi.server.service import PsiService
+    from teepsi.server.streams import decode_upload
 
 # Refused uploads are logged as warnings; keep the fuzzer's output readable.
 logging.disable(logging.CRITICAL)
@@ -75,7 +78,7 @@ def _one_chunk(data: bytes) -> None:
     except DecodeError:
         return
     try:
-        records = _decode_upload(chunk.records, chunk.record_count, chunk.sequence)
+        records = decode_upload(chunk.records, chunk.record_count, chunk.sequence)
     except ServiceError as exc:
         assert "\n" not in exc.message
         return
@@ -88,7 +91,7 @@ def _counted_payload(data: bytes) -> None:
     payload = data[1:]
     count = (len(payload) // RECORD_BYTES + data[0] - 0x40) % _U32  # uint32 on the wire
     try:
-        records = _decode_upload(payload, count, len(data))
+        records = decode_upload(payload, count, len(data))
     except ServiceError as exc:
         assert "\n" not in exc.message
         return

@@ -1080,9 +1080,9 @@ def test_a_waiting_party_learns_why_it_waits_instead_of_a_bare_deadline(
     line = _only_error(err.decode())
     assert line == (
         "teepsi client: ERROR waiting for the result failed: DEADLINE_EXCEEDED: Deadline "
-        "Exceeded (the job when this party stopped waiting: 1 of 3 parties uploaded; 2 parties "
-        "have not joined; a party was refused: different key settings (--normalize or the "
-        "number of --key columns))"
+        "Exceeded (the job when this party stopped waiting: 1 of 3 parties joined, 1 uploaded; "
+        "a party was refused: different key settings (--normalize or the number of --key "
+        "columns))"
     ), line
 
 

@@ -103,7 +103,7 @@ def test_an_honest_join_survives_a_12k_challenge_flood_over_grpc():
 
     from teepsi.client.party import PsiClient
     from teepsi.protocol import teepsi_pb2 as pb
-    from teepsi.server.app import ServerConfig, start_server
+    from teepsi.server import ServerConfig, start_server
 
     server = start_server(
         ServerConfig(

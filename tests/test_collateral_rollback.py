@@ -308,8 +308,8 @@ def test_bad_collateral_state_file_is_a_usage_error(sim_policy_file, tmp_path, c
 
 
 def _start(state: Path | None) -> Any:
-    from teepsi.server.app import ServerConfig, start_server
-    from teepsi.server.jobs import Limits
+    from teepsi.server import ServerConfig, start_server
+    from teepsi.server.limits import Limits
 
     return start_server(
         ServerConfig(

@@ -18,7 +18,9 @@ from teepsi.attestation.evidence import Role
 from teepsi.attestation.measure import sim_identity
 from teepsi.attestation.policy import policy_for
 from teepsi.client.party import PartyConfig, PsiClient
-from teepsi.server.app import RunningServer, ServerConfig, grpc_server_options, start_server
+from teepsi.server.app import start_server
+from teepsi.server.config import ServerConfig, grpc_server_options
+from teepsi.server.running import RunningServer
 
 POLICY = policy_for(
     [("server", sim_identity(Role.SERVER)), ("provider", sim_identity(Role.DATA_PROVIDER))]
@@ -212,7 +214,7 @@ def test_a_party_idle_between_its_calls_reconnects_and_completes(server):
     ],
 )
 def test_quota_address_of_a_peer(peer, charged):
-    from teepsi.server.service import peer_address
+    from teepsi.server.limits import peer_address
 
     assert peer_address(peer) == charged
 

@@ -38,7 +38,7 @@ from teepsi.contract.receipt import SignedReceipt
 from teepsi.contract.signing import sign_document
 from teepsi.engine.keys import hash_keys
 from teepsi.engine.tables import TableSpec
-from teepsi.server.app import ServerConfig, start_server
+from teepsi.server import ServerConfig, start_server
 
 KEY_SCHEME = TableSpec(path=Path("x")).key_scheme
 

@@ -131,7 +131,7 @@ def test_seeds_reach_the_accepting_paths() -> None:
     from teepsi.contract.receipt import SignedReceipt
     from teepsi.contract.spec import JobSpec
     from teepsi.protocol import teepsi_pb2 as pb
-    from teepsi.server.service import _decode_upload
+    from teepsi.server.streams import decode_upload
 
     certificates = [p for p in (CORPUS / "ratls").iterdir() if p.suffix != ".cbor"]
     judged_at = datetime(2024, 1, 2, tzinfo=UTC)  # fuzz/fuzz_ratls.py's JUDGED_AT
@@ -158,7 +158,7 @@ def test_seeds_reach_the_accepting_paths() -> None:
     assert signed["signed.jsonl"] > 0 and signed["unsigned.jsonl"] == 0
     for path in (CORPUS / "upload").glob("chunk_*"):
         chunk = pb.UploadChunk.FromString(path.read_bytes())
-        _decode_upload(chunk.records, chunk.record_count, chunk.sequence)
+        decode_upload(chunk.records, chunk.record_count, chunk.sequence)
 
 
 def test_every_finding_has_a_regression_test_and_a_doc_entry() -> None:

@@ -12,6 +12,7 @@ import polars as pl
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from registry_helpers import expire_due, live_jobs
 
 from teepsi.contract.party_keys import generate_private_key, public_key_der
 from teepsi.contract.spec import JobSpec, PartySpec
@@ -25,7 +26,8 @@ from teepsi.engine.intersect import (
 )
 from teepsi.engine.keys import hash_keys, records_to_bytes
 from teepsi.server.errors import ErrorKind, ServiceError
-from teepsi.server.jobs import JobCreator, JobRegistry, Limits
+from teepsi.server.jobs import JobRegistry
+from teepsi.server.limits import JobCreator, Limits
 
 SEEDS = (11, 22)
 
@@ -91,7 +93,7 @@ def test_all_state_is_wiped_after_every_party_has_its_result(registry):
     assert decode(wait(registry, a.token, timeout=5).result, {"x"}) == ["x"]
     wait(registry, b.token, timeout=5)
     registry.mark_delivered(b.token)
-    assert registry.job_count() == 0
+    assert live_jobs(registry) == 0
     with pytest.raises(ServiceError) as err:
         wait(registry, a.token, timeout=1)
     assert err.value.kind is ErrorKind.UNAUTHENTICATED
@@ -277,7 +279,7 @@ def test_one_party_key_holds_at_most_its_share_of_the_jobs():
         reg.join("m1", "b", 2, creator=mallory)
         # Others still get slots.
         assert reg.join("h1", "a", 2, creator=_creator("honest")).token
-        assert reg.job_count() == 3
+        assert live_jobs(reg) == 3
     finally:
         reg.close()
 
@@ -304,10 +306,12 @@ def test_job_without_upload_is_dropped_after_the_join_timeout():
         reg.begin_upload(busy.token)  # an upload has begun: the job keeps its deadline
         assert _refusal(reg, "third", "a", 1).kind is ErrorKind.RESOURCE_EXHAUSTED
         give_up = time.monotonic() + 10
-        while reg.job_count() > 1:
+        while live_jobs(reg) > 1:
             assert time.monotonic() < give_up
             time.sleep(0.05)
-        assert [j for j, *_ in reg.snapshot()] == ["busy"]
+        # The one job left is busy: its session still holds (watch_call refuses an ended one).
+        assert live_jobs(reg) == 1
+        reg.watch_call(busy.token, lambda _error: None)()
         with pytest.raises(ServiceError) as err:
             reg.begin_upload(idle.token)
         assert err.value.kind is ErrorKind.UNAUTHENTICATED
@@ -501,7 +505,7 @@ def test_missing_party_gives_deadline_error_without_spinning():
         )
         assert 0.5 < waited < 5
         assert time.process_time() - cpu_before < 0.2 * waited
-        assert reg.job_count() == 0
+        assert live_jobs(reg) == 0
     finally:
         reg.close()
 
@@ -720,7 +724,7 @@ def test_expiry_ends_watched_calls_and_gives_back_budget_and_spill_at_once(tmp_p
         store_b.add(hi[500:600], lo[500:600])  # over it: b spills
         assert reg.budget.held == 6_400 and any(reg.spill.path.iterdir())
         now[0] += 11
-        reg.expire_due()
+        expire_due(reg)
         assert [(e.kind, e.message) for e in told] == [
             (
                 ErrorKind.DEADLINE_EXCEEDED,
@@ -782,7 +786,7 @@ def test_expiry_during_the_intersection_stops_it_with_the_job_s_reason(tmp_path)
         computing.start()
         assert reading.wait(10)
         now[0] += 11
-        reg.expire_due()
+        expire_due(reg)
         disk_free.set()
         computing.join(10)
         assert [(e.kind, e.message) for e in failed] == [
@@ -792,7 +796,7 @@ def test_expiry_during_the_intersection_stops_it_with_the_job_s_reason(tmp_path)
             )
         ]
         assert reg.budget.held == 0 and not any(reg.spill.path.iterdir())
-        assert reg.job_count() == 0
+        assert live_jobs(reg) == 0
     finally:
         disk_free.set()
         reg.close()
@@ -941,12 +945,12 @@ def test_a_waiting_party_learns_the_counts_and_why_a_partner_was_refused(registr
     _upload(registry, a.token, {"x"})
     first = _progress(registry, a.token)
     assert (first.party_count, first.joined, first.uploaded, first.waiting) == (3, 1, 1, True)
-    assert first.status == "1 of 3 parties uploaded; 2 parties have not joined"
+    assert first.status == "1 of 3 parties joined, 1 uploaded"
     other = TRIM.replace("normalize=trim", "normalize=trim,casefold")
     _refusal(registry, "prog", "b", 3, other)
     refused = _progress(registry, a.token, first)
     assert refused.status == (
-        "1 of 3 parties uploaded; 2 parties have not joined; a party was refused: different "
+        "1 of 3 parties joined, 1 uploaded; a party was refused: different "
         "key settings (--normalize or the number of --key columns)"
     )
     # Nothing changes: the wait ends at its timeout with nothing new.
@@ -960,4 +964,38 @@ def test_a_waiting_party_learns_the_counts_and_why_a_partner_was_refused(registr
     # Only parties of the job: an unknown session is refused.
     with pytest.raises(ServiceError) as err:
         _progress(registry, b"\0" * 32)
+    assert err.value.kind is ErrorKind.UNAUTHENTICATED
+
+
+def test_the_progress_line_carries_counts_never_party_names(registry):
+    """A watcher learns how many joined, uploaded and left, not who: it may be the first
+    to join, and learns no more of its partners than the receipt would tell it."""
+    a = registry.join("names", "alice", 3, TRIM)
+    _upload(registry, a.token, {"x"})
+    registry.join("names", "bob", 3, TRIM)
+    carol = registry.join("names", "carol", 3, TRIM)
+    registry.begin_upload(carol.token)
+    registry.abort_upload(carol.token)  # carol's upload broke off: her slot is free again
+    view = _progress(registry, a.token)
+    assert (view.joined, view.uploaded) == (2, 1)
+    assert view.status == "2 of 3 parties joined, 1 uploaded; a party left: its upload broke off"
+    for name in ("alice", "bob", "carol"):
+        assert name not in view.status
+
+
+def test_a_party_watches_only_its_own_job(registry):
+    """The session picks the job: a party of one job sees that job's counts, never
+    another's, and an ended session sees nothing."""
+    mine = registry.join("mine", "a", 2, TRIM)
+    theirs = registry.join("theirs", "a", 4, TRIM)
+    registry.join("theirs", "b", 4, TRIM)
+    registry.join("theirs", "c", 4, TRIM)
+    view = _progress(registry, mine.token)
+    assert (view.party_count, view.joined) == (2, 1)
+    assert view.status == "1 of 2 parties joined, 0 uploaded"
+    assert _progress(registry, theirs.token).status == "3 of 4 parties joined, 0 uploaded"
+    registry.begin_upload(mine.token)
+    registry.abort_upload(mine.token)  # its last party left: the job and session are gone
+    with pytest.raises(ServiceError) as err:
+        _progress(registry, mine.token)
     assert err.value.kind is ErrorKind.UNAUTHENTICATED

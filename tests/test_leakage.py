@@ -27,6 +27,7 @@ import pytest
 from conftest import client_args, start_client
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+from registry_helpers import live_jobs
 
 from teepsi.attestation.policy import Policy
 from teepsi.client.party import PartyConfig, PsiClient, PsiClientError
@@ -43,8 +44,8 @@ from teepsi.engine.keys import hash_keys, records_to_bytes
 from teepsi.engine.tables import TableSpec
 from teepsi.protocol import SESSION_METADATA
 from teepsi.protocol import teepsi_pb2 as pb
-from teepsi.server.app import ServerConfig, start_server
-from teepsi.server.jobs import Limits
+from teepsi.server import ServerConfig, start_server
+from teepsi.server.limits import Limits
 
 KEY_SCHEME = TableSpec(path=Path("x")).key_scheme
 
@@ -489,7 +490,7 @@ def _upload(client: PsiClient, items: list[str]) -> bytes:
 
 
 def _assert_wiped(running, spill: Path) -> None:
-    assert running.registry.job_count() == 0
+    assert live_jobs(running.registry) == 0
     assert running.registry.budget.held == 0  # every record's memory given back
     assert _files_under(spill) == []  # every spilled segment deleted
 
@@ -504,9 +505,9 @@ def test_job_state_wiped_after_release(small_server, policy, caplog):
         assert _files_under(spill)  # a's records, sealed on disk
         token_b = _upload(b, items[::2])
         # Computed: the uploads' stores are closed, only the (in-memory) result remains.
-        assert running.registry.job_count() == 1 and _files_under(spill) == []
+        assert live_jobs(running.registry) == 1 and _files_under(spill) == []
         assert a.result(token_a).total == 50_000
-        assert running.registry.job_count() == 1  # b has not fetched yet
+        assert live_jobs(running.registry) == 1  # b has not fetched yet
         assert b.result(token_b).total == 50_000
         _assert_wiped(running, spill)
         assert "job released: every party has its result; job state wiped" in caplog.text
@@ -545,8 +546,8 @@ def test_job_state_wiped_after_expiry_with_an_undelivered_result(small_server, p
     try:
         token_a, token_b = _upload(a, items), _upload(b, items)
         assert a.result(token_a).total == 1000
-        assert running.registry.job_count() == 1
-        _wait_for(lambda: running.registry.job_count() == 0, "the deadline", timeout=15)
+        assert live_jobs(running.registry) == 1
+        _wait_for(lambda: live_jobs(running.registry) == 0, "the deadline", timeout=15)
         _assert_wiped(running, spill)
         with pytest.raises(grpc.RpcError) as err:
             _raw_result(b, token_b)

@@ -221,7 +221,7 @@ def test_soak_server_memory_returns_to_baseline(server, policy):
 
 def test_waiting_parties_hold_no_worker_threads(server, policy):
     """3 jobs x 3 parties with --max-workers 2: 6 parties wait for their results at once,
-    then the last party of each job arrives and all 9 complete (finding F1).
+    then the last party of each job arrives and all 9 complete.
 
     Before grpc.aio each waiting party held a worker thread: --max-workers 2 lowered
     --max-parties to 1 (every join refused) and a third concurrent RPC got

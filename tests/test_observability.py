@@ -37,10 +37,11 @@ from teepsi.client.party import (
 )
 from teepsi.engine.tables import TableSpec
 from teepsi.logformat import setup_logging
-from teepsi.server.app import ServerConfig, ServerConfigError, start_server
+from teepsi.server.app import start_server
+from teepsi.server.config import ServerConfig, ServerConfigError
 from teepsi.server.errors import Refusal
+from teepsi.server.handlers import SERVICE_NAME
 from teepsi.server.metrics import JOB_PHASES
-from teepsi.server.service import SERVICE_NAME
 
 KEY_SCHEME = TableSpec(path=Path("x")).key_scheme
 TEEPSI = teepsi_cmd()

@@ -846,8 +846,11 @@ def test_mutated_certificates_fail_cleanly() -> None:
 
 def test_no_job_outlives_the_server_certificate() -> None:
     """The server stops when its certificate ends, so it admits no job that would end later."""
+    from registry_helpers import live_jobs
+
     from teepsi.server.errors import ErrorKind, ServiceError
-    from teepsi.server.jobs import JobRegistry, Limits
+    from teepsi.server.jobs import JobRegistry
+    from teepsi.server.limits import Limits
 
     now = 1_800_000_000.0
     registry = JobRegistry(
@@ -860,7 +863,7 @@ def test_no_job_outlives_the_server_certificate() -> None:
         assert "certificate ends 2027-01-15T08:05:00Z, before this job could finish" in str(
             refused.value
         )
-        assert registry.job_count() == 0
+        assert live_jobs(registry) == 0
     finally:
         registry.close()
     roomy = JobRegistry(

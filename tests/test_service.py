@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -11,6 +13,7 @@ import polars as pl
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa
+from registry_helpers import expire_due, live_jobs
 
 from teepsi.attestation.evidence import Role
 from teepsi.attestation.measure import sim_identity
@@ -23,8 +26,10 @@ from teepsi.engine.keys import hash_keys, records_to_bytes
 from teepsi.engine.tables import TableSpec
 from teepsi.protocol import SESSION_METADATA
 from teepsi.protocol import teepsi_pb2 as pb
-from teepsi.server.app import ServerConfig, start_server
-from teepsi.server.jobs import Limits
+from teepsi.server.app import start_server
+from teepsi.server.config import ServerConfig
+from teepsi.server.health import HealthCheckError, check_health
+from teepsi.server.limits import Limits
 
 POLICY = policy_for(
     [("server", sim_identity(Role.SERVER)), ("provider", sim_identity(Role.DATA_PROVIDER))]
@@ -155,7 +160,7 @@ def test_malformed_uploads_refused_and_slot_freed(server, chunks, needle):
 
 
 def test_garbage_messages_are_invalid_argument(server, caplog):
-    """Well-formed calls whose protobuf is garbage: INVALID_ARGUMENT, one line (F4)."""
+    """Well-formed calls whose protobuf is garbage: INVALID_ARGUMENT, one line."""
     client, token = _joined(server)
     channel = client._channel
     junk = b"\x0a\x80\x80\x80\x80\x10"
@@ -296,7 +301,7 @@ def test_cut_result_stream_can_be_fetched_again(server):
     got_b = b.result(token_b)
     assert got_b.sha256 == got.sha256 and np.array_equal(got_b.hi, got.hi)
     # Both have it: the job is gone, and so is every session of it.
-    assert server.registry.job_count() == 0
+    assert live_jobs(server.registry) == 0
     with pytest.raises(PsiClientError, match="UNAUTHENTICATED"):
         a.result(token_a)
     a.close()
@@ -580,7 +585,7 @@ def test_expiry_ends_in_flight_uploads_and_gives_back_memory_and_spill(tmp_path)
             "b's records spilled (its reservation given back)",
         )
         clock.offset += 601
-        running.registry.expire_due()
+        expire_due(running.registry)
         for call in calls:
             with pytest.raises(grpc.RpcError) as err:
                 call.result(timeout=10)  # before the clients send their last chunks
@@ -592,7 +597,7 @@ def test_expiry_ends_in_flight_uploads_and_gives_back_memory_and_spill(tmp_path)
         assert not gate.is_set()
         assert running.registry.budget.held == 0
         assert _spill_files(running) == []
-        assert running.registry.job_count() == 0
+        assert live_jobs(running.registry) == 0
         gate.set()  # the clients' held-back chunks go nowhere
         import time
 
@@ -706,7 +711,7 @@ def test_expiry_ends_a_result_stream_in_flight(tmp_path):
         first = next(stream)
         assert not first.last and first.total_records == 1_500_000
         clock.offset += 601
-        running.registry.expire_due()
+        expire_due(running.registry)
         received = 1
         with pytest.raises(grpc.RpcError) as err:
             for _chunk_message in stream:
@@ -738,7 +743,7 @@ def test_expiry_ends_a_stalled_result_stream_and_frees_the_result(tmp_path):
         with running.registry._lock:
             result = weakref.ref(running.registry._jobs[("stalled", b"")].result)
         clock.offset += 601
-        running.registry.expire_due()
+        expire_due(running.registry)
 
         def freed() -> bool:
             gc.collect()
@@ -770,3 +775,51 @@ def test_upload_idle_timeout_flag_takes_positive_seconds(bad, capsys):
     args = parser.parse_args(["server", "--upload-idle-timeout", "2.5"])
     assert args.upload_idle_timeout == 2.5
     assert parser.parse_args(["server"]).upload_idle_timeout == 60.0
+
+
+def _until(condition, what: str, timeout: float = 30.0) -> None:
+    give_up = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < give_up, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def _not_serving(host: str) -> bool:
+    try:
+        check_health(host, timeout=5)
+    except HealthCheckError as exc:
+        return "is NOT_SERVING" in str(exc)
+    return False
+
+
+def test_a_drain_says_not_serving_while_the_work_in_flight_completes():
+    """Shutdown turns health NOT_SERVING at once, then keeps working for --drain-seconds
+    (load balancers move new parties away meanwhile): a job half-way through finishes,
+    its last party still joins, and only then does the server close."""
+    running = _start(Limits(job_timeout_seconds=60), drain_seconds=60)
+    host = f"127.0.0.1:{running.port}"
+    results = {}
+
+    def party(name: str, items: list[str]) -> None:
+        results[name] = run_party_items(_config(running, name, job="drain"), items)
+
+    first = threading.Thread(target=party, args=("a", ["car", "cat", "dog"]))
+    first.start()
+    stopper = threading.Thread(target=running.stop, kwargs={"grace": 0})
+    try:
+        _until(lambda: live_jobs(running.registry) == 1, "party a's join")
+        assert not _not_serving(host)
+        stopper.start()
+        _until(lambda: _not_serving(host), "health to say NOT_SERVING")
+        party("b", ["cat", "emu", "car"])  # joins, uploads and gets its result meanwhile
+        first.join(60)
+        assert results["a"].text() == results["b"].text() == ["car", "cat"]
+        assert stopper.is_alive()  # still draining: the server has not closed
+    finally:
+        running.cut_drain()  # what a second SIGTERM does
+        if stopper.is_alive() or stopper.ident is not None:
+            stopper.join(20)
+        else:
+            running.stop(grace=0)
+        first.join(60)
+    assert not stopper.is_alive()

@@ -29,7 +29,9 @@ def start_server_process(
     The server announces its port as one JSON line on stdout; we block on that pipe
     (with a timeout), so nothing polls.
     """
+    # No drain: nothing balances load over a loopback server, and it stops at once.
     args = ["server", "--host", "127.0.0.1:0", "--attestation", "sim", "--announce"]
+    args += ["--drain-seconds", "0"]
     if policy is not None:
         args += ["--config", str(policy), "--allow-simulated"]
     log = (workdir / "server.log").open("ab")

@@ -32,15 +32,16 @@ from teepsi.cli.values import (
 )
 
 if TYPE_CHECKING:
-    from teepsi.server.app import RunningServer
+    from teepsi.server.running import RunningServer
 
 log = logging.getLogger("teepsi")
 
 
 def run(args: argparse.Namespace) -> int:
     from teepsi.attestation.ratls import DEFAULT_LIFETIME
-    from teepsi.server.app import ServerConfig, ServerConfigError, ServerEnd, run_server
-    from teepsi.server.jobs import Limits
+    from teepsi.server.app import ServerEnd, run_server
+    from teepsi.server.config import ServerConfig, ServerConfigError
+    from teepsi.server.limits import Limits
 
     setup_logging("server", args.verbose, log_format=args.log_format)
     if args.no_client_attestation and args.config is None:
@@ -83,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
         insecure_pccs_tls=args.insecure_pccs_tls,
         metrics_host=args.metrics_host,
         metrics_public=args.metrics_public,
+        drain_seconds=args.drain_seconds,
     )
 
     def announce(running: RunningServer) -> None:
@@ -191,6 +193,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default=60.0,
         metavar="S",
         help="end an upload stream that sends nothing for S seconds (default 60)",
+    )
+    server.add_argument(
+        "--drain-seconds",
+        type=float,
+        default=5.0,
+        metavar="S",
+        help="on shutdown, report NOT_SERVING to health checks for S seconds before "
+        "refusing new joins, so load balancers move traffic away first (default 5; 0 = none)",
     )
     server.add_argument(
         "--pccs-url",

@@ -58,7 +58,6 @@ split_host = connect.split_host
 fetch_server_certificate = connect.fetch_server_certificate
 pinned_channel = connect.pinned_channel
 RATLS_TARGET_NAME = connect.RATLS_TARGET_NAME
-MAX_MESSAGE_BYTES = connect.MAX_MESSAGE_BYTES
 
 log = logging.getLogger(__name__)
 

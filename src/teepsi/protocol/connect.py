@@ -14,12 +14,14 @@ import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from teepsi.errors import TeepsiError
+from teepsi.protocol import MAX_MESSAGE_BYTES
+
 #: The subject CN of RA-TLS certificates; gRPC checks the name against it.
 RATLS_TARGET_NAME = "RATLS"
-MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 
-class PsiClientError(Exception):
+class PsiClientError(TeepsiError):
     """The run failed; the message is one line saying what happened and what to do."""
 
 

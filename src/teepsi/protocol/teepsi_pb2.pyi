@@ -186,7 +186,9 @@ class JoinRequest(_message.Message):
     """Number of parties the caller expects in the job; must match the job."""
     nonce: _builtins.bytes
     party_public_key: _builtins.bytes
-    """SubjectPublicKeyInfo DER of the party's ephemeral key."""
+    """SubjectPublicKeyInfo DER of the party's key: under a job spec its long-term key,
+    the one the spec lists; in quick mode a fresh key made for this join.
+    """
     transcript_signature: _builtins.bytes
     """Signature by that key over the join transcript digest."""
     key_scheme: _builtins.str
@@ -415,8 +417,8 @@ class JobProgress(_message.Message):
     waiting: _builtins.bool
     """False once every party uploaded (the intersection is computing) or the job ended."""
     status: _builtins.str
-    """The same line a party gets if the job expires: "2 of 3 parties uploaded; 1 party
-    has not joined".
+    """Counts only, never party names: "2 of 3 parties joined, 1 uploaded", then how
+    many left and why joins were refused.
     """
     def __init__(
         self,

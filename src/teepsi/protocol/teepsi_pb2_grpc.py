@@ -26,12 +26,15 @@ if _version_not_supported:
 
 
 class PsiStub:
-    """The PSI service. Errors are gRPC status codes with a one-line message:
-    INVALID_ARGUMENT (malformed request), UNAUTHENTICATED (missing or unknown
-    session), PERMISSION_DENIED (attestation or policy refused, caller not a party),
-    FAILED_PRECONDITION (wrong job phase, mismatched job parameters),
-    ALREADY_EXISTS (party name taken, second upload), DEADLINE_EXCEEDED (job expired
-    before every party arrived), RESOURCE_EXHAUSTED (limits), NOT_FOUND (no such job).
+    """The PSI service. Errors are gRPC status codes with a one-line message (the full
+    table is in docs/protocol.md): INVALID_ARGUMENT (malformed request),
+    UNAUTHENTICATED (missing or unknown session), PERMISSION_DENIED (attestation or
+    policy refused, caller not a party), FAILED_PRECONDITION (wrong job phase,
+    mismatched job parameters), ALREADY_EXISTS (party name taken, second upload),
+    NOT_FOUND (a resume for a job that holds no upload of that party),
+    DEADLINE_EXCEEDED (job expired before every party uploaded, idle upload),
+    RESOURCE_EXHAUSTED (limits), UNAVAILABLE (server shutting down, or its certificate
+    ends before a new job could finish), CANCELLED (the job ended otherwise meanwhile).
     """
 
     def __init__(self, channel):
@@ -73,12 +76,15 @@ class PsiStub:
 
 
 class PsiServicer:
-    """The PSI service. Errors are gRPC status codes with a one-line message:
-    INVALID_ARGUMENT (malformed request), UNAUTHENTICATED (missing or unknown
-    session), PERMISSION_DENIED (attestation or policy refused, caller not a party),
-    FAILED_PRECONDITION (wrong job phase, mismatched job parameters),
-    ALREADY_EXISTS (party name taken, second upload), DEADLINE_EXCEEDED (job expired
-    before every party arrived), RESOURCE_EXHAUSTED (limits), NOT_FOUND (no such job).
+    """The PSI service. Errors are gRPC status codes with a one-line message (the full
+    table is in docs/protocol.md): INVALID_ARGUMENT (malformed request),
+    UNAUTHENTICATED (missing or unknown session), PERMISSION_DENIED (attestation or
+    policy refused, caller not a party), FAILED_PRECONDITION (wrong job phase,
+    mismatched job parameters), ALREADY_EXISTS (party name taken, second upload),
+    NOT_FOUND (a resume for a job that holds no upload of that party),
+    DEADLINE_EXCEEDED (job expired before every party uploaded, idle upload),
+    RESOURCE_EXHAUSTED (limits), UNAVAILABLE (server shutting down, or its certificate
+    ends before a new job could finish), CANCELLED (the job ended otherwise meanwhile).
     """
 
     def GetServerEvidence(self, request, context):
@@ -168,12 +174,15 @@ def add_PsiServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Psi:
-    """The PSI service. Errors are gRPC status codes with a one-line message:
-    INVALID_ARGUMENT (malformed request), UNAUTHENTICATED (missing or unknown
-    session), PERMISSION_DENIED (attestation or policy refused, caller not a party),
-    FAILED_PRECONDITION (wrong job phase, mismatched job parameters),
-    ALREADY_EXISTS (party name taken, second upload), DEADLINE_EXCEEDED (job expired
-    before every party arrived), RESOURCE_EXHAUSTED (limits), NOT_FOUND (no such job).
+    """The PSI service. Errors are gRPC status codes with a one-line message (the full
+    table is in docs/protocol.md): INVALID_ARGUMENT (malformed request),
+    UNAUTHENTICATED (missing or unknown session), PERMISSION_DENIED (attestation or
+    policy refused, caller not a party), FAILED_PRECONDITION (wrong job phase,
+    mismatched job parameters), ALREADY_EXISTS (party name taken, second upload),
+    NOT_FOUND (a resume for a job that holds no upload of that party),
+    DEADLINE_EXCEEDED (job expired before every party uploaded, idle upload),
+    RESOURCE_EXHAUSTED (limits), UNAVAILABLE (server shutting down, or its certificate
+    ends before a new job could finish), CANCELLED (the job ended otherwise meanwhile).
     """
 
     @staticmethod

@@ -31,12 +31,15 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class PsiStub:
-    """The PSI service. Errors are gRPC status codes with a one-line message:
-    INVALID_ARGUMENT (malformed request), UNAUTHENTICATED (missing or unknown
-    session), PERMISSION_DENIED (attestation or policy refused, caller not a party),
-    FAILED_PRECONDITION (wrong job phase, mismatched job parameters),
-    ALREADY_EXISTS (party name taken, second upload), DEADLINE_EXCEEDED (job expired
-    before every party arrived), RESOURCE_EXHAUSTED (limits), NOT_FOUND (no such job).
+    """The PSI service. Errors are gRPC status codes with a one-line message (the full
+    table is in docs/protocol.md): INVALID_ARGUMENT (malformed request),
+    UNAUTHENTICATED (missing or unknown session), PERMISSION_DENIED (attestation or
+    policy refused, caller not a party), FAILED_PRECONDITION (wrong job phase,
+    mismatched job parameters), ALREADY_EXISTS (party name taken, second upload),
+    NOT_FOUND (a resume for a job that holds no upload of that party),
+    DEADLINE_EXCEEDED (job expired before every party uploaded, idle upload),
+    RESOURCE_EXHAUSTED (limits), UNAVAILABLE (server shutting down, or its certificate
+    ends before a new job could finish), CANCELLED (the job ended otherwise meanwhile).
     """
 
     @_typing.overload
@@ -62,12 +65,15 @@ class PsiStub:
 
 @_typing.type_check_only
 class PsiAsyncStub(PsiStub):
-    """The PSI service. Errors are gRPC status codes with a one-line message:
-    INVALID_ARGUMENT (malformed request), UNAUTHENTICATED (missing or unknown
-    session), PERMISSION_DENIED (attestation or policy refused, caller not a party),
-    FAILED_PRECONDITION (wrong job phase, mismatched job parameters),
-    ALREADY_EXISTS (party name taken, second upload), DEADLINE_EXCEEDED (job expired
-    before every party arrived), RESOURCE_EXHAUSTED (limits), NOT_FOUND (no such job).
+    """The PSI service. Errors are gRPC status codes with a one-line message (the full
+    table is in docs/protocol.md): INVALID_ARGUMENT (malformed request),
+    UNAUTHENTICATED (missing or unknown session), PERMISSION_DENIED (attestation or
+    policy refused, caller not a party), FAILED_PRECONDITION (wrong job phase,
+    mismatched job parameters), ALREADY_EXISTS (party name taken, second upload),
+    NOT_FOUND (a resume for a job that holds no upload of that party),
+    DEADLINE_EXCEEDED (job expired before every party uploaded, idle upload),
+    RESOURCE_EXHAUSTED (limits), UNAVAILABLE (server shutting down, or its certificate
+    ends before a new job could finish), CANCELLED (the job ended otherwise meanwhile).
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -89,12 +95,15 @@ class PsiAsyncStub(PsiStub):
     """
 
 class PsiServicer(metaclass=_abc_1.ABCMeta):
-    """The PSI service. Errors are gRPC status codes with a one-line message:
-    INVALID_ARGUMENT (malformed request), UNAUTHENTICATED (missing or unknown
-    session), PERMISSION_DENIED (attestation or policy refused, caller not a party),
-    FAILED_PRECONDITION (wrong job phase, mismatched job parameters),
-    ALREADY_EXISTS (party name taken, second upload), DEADLINE_EXCEEDED (job expired
-    before every party arrived), RESOURCE_EXHAUSTED (limits), NOT_FOUND (no such job).
+    """The PSI service. Errors are gRPC status codes with a one-line message (the full
+    table is in docs/protocol.md): INVALID_ARGUMENT (malformed request),
+    UNAUTHENTICATED (missing or unknown session), PERMISSION_DENIED (attestation or
+    policy refused, caller not a party), FAILED_PRECONDITION (wrong job phase,
+    mismatched job parameters), ALREADY_EXISTS (party name taken, second upload),
+    NOT_FOUND (a resume for a job that holds no upload of that party),
+    DEADLINE_EXCEEDED (job expired before every party uploaded, idle upload),
+    RESOURCE_EXHAUSTED (limits), UNAVAILABLE (server shutting down, or its certificate
+    ends before a new job could finish), CANCELLED (the job ended otherwise meanwhile).
     """
 
     @_abc_1.abstractmethod

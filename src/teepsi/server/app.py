@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
 import enum
 import hashlib
 import logging
-import resource
 import signal
 import tempfile
 import threading
-import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from concurrent import futures
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from types import FrameType
-from typing import Any, TypeVar
 
 import grpc
 from cryptography.hazmat.primitives import serialization
@@ -30,221 +23,38 @@ from teepsi.attestation.collateral import (
     CollateralFreshness,
     collateral_for_quote,
 )
-from teepsi.attestation.evidence import EvidenceError, EvidenceProvider, Role
+from teepsi.attestation.evidence import EvidenceError, Role
 from teepsi.attestation.peer import SERVER_SIMULATED_REMEDY, PeerVerifier
-from teepsi.attestation.policy import Policy
 from teepsi.attestation.providers import make_provider
 from teepsi.attestation.quote import QuoteFormatError, ReportBody, parse_quote
-from teepsi.attestation.ratls import DEFAULT_LIFETIME, RaTlsError, create_certificate
+from teepsi.attestation.ratls import RaTlsError, create_certificate
 from teepsi.attestation.verify import SIMULATED_WARNING
 from teepsi.contract.audit import AuditError, AuditLog, HeadSigner
 from teepsi.contract.receipt import sign_receipt
 from teepsi.engine.spill import remove_stale_areas
+from teepsi.server.config import (
+    ServerConfig,
+    ServerConfigError,
+    ensure_fd_limit,
+    grpc_server_options,
+)
+from teepsi.server.evidence import ServerEvidenceBundle
+from teepsi.server.handlers import SERVICE_NAME, add_to_server
 from teepsi.server.health import ServerHealth
-from teepsi.server.jobs import JobRegistry, Limits
+from teepsi.server.jobs import JobRegistry
 from teepsi.server.memory import tune_allocator
 from teepsi.server.metrics import (
     MetricsAddressError,
-    MetricsEndpoint,
     ServerMetrics,
     parse_metrics_host,
     serve_metrics,
 )
-from teepsi.server.service import SERVICE_NAME, PsiService, ServerEvidenceBundle, add_to_server
+from teepsi.server.release import ReceiptIssuer
+from teepsi.server.running import EventLoopThread, RunningServer
+from teepsi.server.service import PsiService
+from teepsi.timefmt import iso_utc
 
 log = logging.getLogger(__name__)
-
-_T = TypeVar("_T")
-
-#: Largest gRPC message the server accepts; upload chunks are ~1 MiB.
-MAX_MESSAGE_BYTES = 16 * 1024 * 1024
-#: File descriptors kept free beyond --max-connections (listener, spill files, audit log,
-#: collateral fetches, Python's own).
-RESERVED_FDS = 128
-#: Concurrent streams on one connection: an honest party runs one call at a time.
-MAX_STREAMS_PER_CONNECTION = 8
-
-
-class ServerConfigError(ValueError):
-    """The server cannot start with this configuration; one line for the operator."""
-
-
-@dataclass(frozen=True)
-class ServerConfig:
-    host: str = "0.0.0.0:50051"
-    attestation: str = "sim"
-    #: The TEE ``attestation="sim"`` simulates: "sgx" or "tdx".
-    sim_tee: str = "sgx"
-    #: Policy for data providers; required unless client attestation is off.
-    client_policy: Policy | None = None
-    require_client_attestation: bool = True
-    allow_simulated: bool = False
-    limits: Limits = field(default_factory=Limits)
-    #: Threads for blocking work (attestation checks, uploads, intersections, receipts).
-    #: Waiting parties hold none: they are bounded by the job limits only.
-    max_workers: int = 16
-    spill_dir: str | None = None
-    #: Where the server fetches collateral for its own quote (default: the QCNL config).
-    pccs_url: str | None = None
-    qcnl_path: Path | None = None
-    insecure_pccs_tls: bool = False
-    #: Data providers' collateral rollback state (per platform), kept across restarts;
-    #: None keeps it in memory only. Under Gramine a file on an encrypted mount.
-    collateral_state: Path | None = None
-    #: Append-only, hash-chained log of job events (never items); None = no log.
-    audit_log: Path | None = None
-    #: How long the server's RA-TLS certificate is valid; the server stops when it ends.
-    certificate_lifetime: timedelta = DEFAULT_LIFETIME
-    #: Longest time an audit entry stays without a signed head after it.
-    audit_sign_interval_seconds: float = 60.0
-    #: Evidence provider override (tests inject fakes); default from ``attestation``.
-    provider: EvidenceProvider | None = None
-    #: The jobs' clock (deadlines, receipts' issue time); tests inject one that jumps.
-    clock: Callable[[], float] = time.time
-    #: Connections open at once; more are refused by gRPC (each holds a file descriptor).
-    max_connections: int = 512
-    #: A connection with no call in flight for this long is closed (GOAWAY).
-    connection_idle_seconds: float = 30.0
-    #: A connection must finish its TLS and HTTP/2 handshake within this (slow loris).
-    handshake_timeout_seconds: float = 10.0
-    #: Prometheus endpoint HOST:PORT (plain HTTP); None = no endpoint.
-    metrics_host: str | None = None
-    #: A non-loopback --metrics-host is refused unless this is set (--metrics-public).
-    metrics_public: bool = False
-
-
-def grpc_server_options(config: ServerConfig) -> list[tuple[str, int]]:
-    """gRPC core channel arguments: message sizes, connection limits and timeouts.
-
-    Every long-lived call (an upload, a wait for a result) needs a session, so an outsider
-    can hold the server only through connections: they are capped, and an idle one, or
-    one still in its handshake, is closed after a short time. Keepalive pings find dead
-    peers. A client's own pings are policed by gRPC's defaults (no more than one per
-    5 minutes without data; the third early one gets GOAWAY), which we keep.
-    """
-    return [
-        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.so_reuseport", 0),
-        ("grpc.max_allowed_incoming_connections", config.max_connections),
-        ("grpc.max_connection_idle_ms", int(config.connection_idle_seconds * 1000)),
-        ("grpc.server_handshake_timeout_ms", int(config.handshake_timeout_seconds * 1000)),
-        ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
-        # The server pings a connection with a call in flight (a party waiting for its
-        # result) every minute: a vanished peer's connection is closed 20 s later.
-        ("grpc.keepalive_time_ms", 60_000),
-        ("grpc.keepalive_timeout_ms", 20_000),
-    ]
-
-
-def _ensure_fd_limit(max_connections: int) -> None:
-    """Raise the soft file-descriptor limit to fit --max-connections, or refuse to start:
-    running out of descriptors would refuse honest parties and break spill files."""
-    needed = max_connections + RESERVED_FDS
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and soft < needed:
-        if hard != resource.RLIM_INFINITY and hard < needed:
-            raise ServerConfigError(
-                f"--max-connections {max_connections} needs {needed} file descriptors but "
-                f"the process may open only {hard} (ulimit -Hn): lower --max-connections"
-            )
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
-        except (ValueError, OSError) as exc:
-            raise ServerConfigError(
-                f"--max-connections {max_connections}: cannot raise the file descriptor "
-                f"limit from {soft} to {needed} ({exc}): lower --max-connections"
-            ) from None
-
-
-class _EventLoopThread:
-    """An asyncio event loop running in a thread of its own (the gRPC server's)."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._run, name="teepsi-rpc", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        try:
-            self.loop.run_forever()
-        finally:
-            pending = asyncio.all_tasks(self.loop)
-            for task in pending:
-                task.cancel()
-            self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-            self.loop.run_until_complete(self.loop.shutdown_asyncgens())
-            self.loop.close()
-
-    def run(self, coroutine: Coroutine[Any, Any, _T], timeout: float | None = None) -> _T:
-        """Run ``coroutine`` on the loop and wait for its result (from another thread)."""
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
-
-    def close(self) -> None:
-        if self._thread.is_alive():
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join(timeout=10)
-
-
-@dataclass
-class RunningServer:
-    """A started server; ``stop()`` shuts it down and wipes every job."""
-
-    port: int
-    certificate_pem: bytes
-    certificate_der: bytes
-    #: When the certificate ends; verifiers refuse it after, so the server stops then.
-    certificate_not_after: datetime
-    registry: JobRegistry
-    _server: grpc.aio.Server
-    _loop: _EventLoopThread
-    _executor: futures.ThreadPoolExecutor
-    _health: ServerHealth
-    metrics: ServerMetrics
-    _audit: AuditLog | None = None
-    #: The Prometheus endpoint, when --metrics-host was given.
-    metrics_endpoint: MetricsEndpoint | None = None
-
-    def stop(self, grace: float | None = 2.0) -> None:
-        # NOT_SERVING first, before anything winds down: watchers stop routing here.
-        try:
-            self._loop.run(self._health.not_serving(), timeout=5)
-        except (TimeoutError, RuntimeError) as exc:
-            log.warning("could not mark the server NOT_SERVING: %s", exc)
-        # Expiring every job first tells waiting parties why (UNAVAILABLE, shutting down).
-        self.registry.close()
-        try:
-            self._loop.run(self._server.stop(grace), timeout=(grace or 0) + 10)
-        finally:
-            self._loop.close()
-            self._executor.shutdown(wait=False, cancel_futures=True)
-            if self.metrics_endpoint is not None:
-                self.metrics_endpoint.stop()
-            if self._audit is not None:
-                try:
-                    self._audit.close()  # signs the final head
-                except AuditError as exc:
-                    log.error("audit log: %s", exc)
-
-    def wait(self) -> None:
-        self._loop.run(self._server.wait_for_termination())
-
-    def serve_until(self, stop: threading.Event) -> bool:
-        """Block until ``stop`` is set or the certificate ends; True when it ended.
-
-        Either way the caller stops the server: past its certificate's end no verifier
-        accepts it, and a new start makes a new key and certificate.
-        """
-        left = (self.certificate_not_after - datetime.now(UTC)).total_seconds()
-        if stop.wait(timeout=max(0.0, left)):
-            return False
-        log.error(
-            "the server certificate expired at %s: stopping; start the server again for a "
-            "new certificate",
-            self.certificate_not_after.strftime("%Y-%m-%dT%H:%M:%SZ"),
-        )
-        return True
 
 
 def _own_tee(quote: bytes) -> str:
@@ -303,7 +113,12 @@ def start_server(config: ServerConfig) -> RunningServer:
         )
     if config.max_connections < 1:
         raise ServerConfigError("--max-connections must be at least 1")
-    _ensure_fd_limit(config.max_connections)
+    if not 0 <= config.drain_seconds < float("inf"):
+        raise ServerConfigError(
+            f"--drain-seconds {config.drain_seconds:g}: must be a finite number of seconds, "
+            "0 or more"
+        )
+    ensure_fd_limit(config.max_connections)
     if config.limits.job_timeout_seconds >= config.certificate_lifetime.total_seconds():
         # No job may outlive the certificate (the server stops when it ends).
         raise ServerConfigError(
@@ -368,7 +183,7 @@ def start_server(config: ServerConfig) -> RunningServer:
     log.info(
         "server certificate SHA-256 %s, valid until %s",
         hashlib.sha256(ratls.certificate_der).hexdigest(),
-        not_after.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        iso_utc(not_after),
     )
 
     verifier = None
@@ -416,9 +231,11 @@ def start_server(config: ServerConfig) -> RunningServer:
         limits,
         clock=config.clock,
         spill_dir=config.spill_dir,
-        signer=lambda receipt: sign_receipt(receipt, ratls.private_key),
-        certificate_sha256=hashlib.sha256(ratls.certificate_der).digest(),
-        signer_tee=_own_tee(ratls.quote),
+        receipts=ReceiptIssuer(
+            sign=lambda receipt: sign_receipt(receipt, ratls.private_key),
+            certificate_sha256=hashlib.sha256(ratls.certificate_der).digest(),
+            tee=_own_tee(ratls.quote),
+        ),
         audit=audit,
         certificate_not_after=not_after.timestamp(),
         metrics=metrics,
@@ -463,7 +280,7 @@ def start_server(config: ServerConfig) -> RunningServer:
         await health.serving()
         return server, port
 
-    loop = _EventLoopThread()
+    loop = EventLoopThread()
     endpoint = None
     try:
         server, port = loop.run(serve(), timeout=60)
@@ -494,6 +311,7 @@ def start_server(config: ServerConfig) -> RunningServer:
         metrics=metrics,
         _audit=audit,
         metrics_endpoint=endpoint,
+        drain_seconds=config.drain_seconds,
     )
 
 
@@ -544,6 +362,8 @@ def run_server(
     received: list[signal.Signals] = []
 
     def _on_signal(signum: int, _frame: FrameType | None) -> None:
+        if stop.is_set():
+            running.cut_drain()  # a second signal during the drain: stop now
         received.append(signal.Signals(signum))
         stop.set()
 

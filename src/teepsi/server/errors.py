@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from enum import Enum
 
+from teepsi.errors import TeepsiError
+
 
 class ErrorKind(Enum):
     INVALID_ARGUMENT = "INVALID_ARGUMENT"
@@ -33,7 +35,7 @@ class Refusal(Enum):
     UNAVAILABLE = "unavailable"
 
 
-class ServiceError(Exception):
+class ServiceError(TeepsiError):
     """A refusal with a gRPC-style status kind and a one-line message.
 
     ``reason`` names it for the metrics where the kind alone does not (a policy or TCB

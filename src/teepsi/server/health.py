@@ -13,10 +13,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
+from teepsi.errors import TeepsiError
 from teepsi.protocol.connect import PsiClientError, fetch_server_certificate, pinned_channel
 
 #: The service names health answers for ("" is the server as a whole).
 OVERALL = health.OVERALL_HEALTH
+_CHECK_METHOD = f"/{health.SERVICE_NAME}/Check"
 
 
 class ServerHealth:
@@ -40,7 +42,7 @@ class ServerHealth:
         await self._servicer.enter_graceful_shutdown()
 
 
-class HealthCheckError(Exception):
+class HealthCheckError(TeepsiError):
     """The server could not be asked, or does not answer SERVING; one line."""
 
 
@@ -56,8 +58,13 @@ def check_health(host: str, *, service: str = OVERALL, timeout: float = 10.0) ->
         raise HealthCheckError(str(exc)) from None
     channel = pinned_channel(host, der)
     try:
-        stub = health_pb2_grpc.HealthStub(channel)
-        reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+        # The method itself, not HealthStub: its type stubs declare no methods.
+        check = channel.unary_unary(
+            _CHECK_METHOD,
+            request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+            response_deserializer=health_pb2.HealthCheckResponse.FromString,
+        )
+        reply = check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
     except grpc.RpcError as exc:
         what = f"service {service!r}" if service else "the server"
         raise HealthCheckError(

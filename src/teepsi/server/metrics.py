@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from teepsi.errors import TeepsiError
 from teepsi.server.errors import ErrorKind, Refusal
 
 if TYPE_CHECKING:
@@ -150,7 +151,7 @@ class _JobGauges(Collector):
         )
 
 
-class MetricsAddressError(ValueError):
+class MetricsAddressError(TeepsiError, ValueError):
     """--metrics-host is malformed or not loopback without --metrics-public."""
 
 
