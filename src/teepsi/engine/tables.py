@@ -25,10 +25,8 @@ from typing import Any, BinaryIO
 import numpy as np
 import numpy.typing as npt
 import polars as pl
-import pyarrow as pa
 
 from teepsi.engine.intersect import (
-    as_u128,
     feed_records,
     members_of_sorted,
     sorted_unique_records,
@@ -736,22 +734,21 @@ def _compact_strings(frame: pl.DataFrame) -> pl.DataFrame:
 
     After a gather in key order, long strings still point into the whole input's buffers
     in scattered order: writing them costs a cache miss each (writing 5M rows took twice
-    as long), and they keep every input row's text alive. One copy through Arrow fixes
-    both.
+    as long), and they keep every input row's text alive. Concatenating each with "" is a
+    copy in row order (a cast or a slice would keep the old buffers).
     """
-    columns: list[pl.Series] = []
+    columns: list[pl.Expr] = []
     for name, dtype in frame.schema.items():
         longest = frame[name].str.len_bytes().max() if dtype == pl.String else None
         if isinstance(longest, int) and longest > _INLINE_STRING_BYTES:
-            copied = pl.Series(name, frame[name].to_arrow().cast(pa.large_string()))
-            columns.append(copied)
+            columns.append(pl.concat_str([pl.col(name), pl.lit("")]).alias(name))
     return frame.with_columns(columns) if columns else frame
 
 
-#: For k = 0..8: a big-endian 64-bit word's mask keeping its first k bytes.
-_KEEP_FIRST_BYTES = np.array(
-    [0] + [((1 << (8 * k)) - 1) << (8 * (8 - k)) for k in range(1, 9)], dtype=np.uint64
-)
+def _prefix_word(at: int) -> pl.Expr:
+    """Bytes ``at`` .. ``at`` + 8 of the 16-byte column "b", as a big-endian number."""
+    word = pl.col("b").bin.slice(at, 8).bin.reinterpret(dtype=pl.UInt64, endianness="big")
+    return word.cast(pl.UInt128)
 
 
 def key_order(keys: pl.Series) -> npt.NDArray[np.int64]:
@@ -765,32 +762,12 @@ def key_order(keys: pl.Series) -> npt.NDArray[np.int64]:
     count = len(keys)
     if count < 2:
         return np.arange(count, dtype=np.int64)
-    array = keys.to_arrow()
-    if isinstance(array, pa.ChunkedArray):
-        array = array.combine_chunks()
-    if not pa.types.is_large_string(array.type):
-        array = array.cast(pa.large_string())
-    _, offsets_buffer, data_buffer = array.buffers()
-    offsets = np.frombuffer(offsets_buffer, dtype=np.int64)[array.offset : array.offset + count + 1]
-    lengths = np.diff(offsets)
-    start, end = int(offsets[0]), int(offsets[-1])
-    # The keys' bytes and 8 more, read as a big-endian word at every byte offset (the
-    # bytes past a key are masked off); Arrow's padding usually spares the copy.
-    if data_buffer is not None and data_buffer.size >= end + 8:
-        data = np.frombuffer(data_buffer, dtype=np.uint8)[start : end + 8]
-    else:
-        data = np.zeros(end - start + 8, dtype=np.uint8)
-        if data_buffer is not None:
-            data[: end - start] = np.frombuffer(data_buffer, dtype=np.uint8)[start:end]
-    word_at = np.ndarray(shape=(end - start + 1,), dtype=">u8", buffer=data, strides=(1,))
-    starts = offsets[:-1] - start
-    halves = [
-        word_at[np.minimum(starts + 8 * w, end - start)].astype(np.uint64)
-        & _KEEP_FIRST_BYTES[np.clip(lengths - 8 * w, 0, 8)]
-        for w in (0, 1)
-    ]
-    del data, word_at
-    prefix = as_u128(halves[0], halves[1])
+    # Padding to 16 characters gives at least 16 bytes (a character is one byte or more).
+    prefix = (
+        keys.to_frame("k")
+        .select(b=pl.col("k").str.pad_end(16, "\x00").cast(pl.Binary).bin.head(16))
+        .select(p=_prefix_word(0) * (1 << 64) + _prefix_word(8))["p"]
+    )
     order = prefix.arg_sort().to_numpy().astype(np.int64)
     ranked = prefix.gather(order)
     tied = ((ranked == ranked.shift(1)).fill_null(False)) | (
