@@ -18,12 +18,13 @@ import polars as pl
 import pytest
 
 import teepsi.engine.tables as tables
+from teepsi.contract.normalization import TRIM_CHARS, Normalization
 from teepsi.engine.intersect import (
     intersect_records,
     is_strictly_increasing,
     sorted_unique_records,
 )
-from teepsi.engine.keys import Normalization, hash_keys, normalized_keys
+from teepsi.engine.records import hash_keys, normalized_keys
 from teepsi.engine.spill import SpillArea
 from teepsi.engine.store import (
     PARTITIONS,
@@ -109,7 +110,7 @@ def _reference(tmp_path: Path, ext: str) -> bytes:
     ours, theirs = _frames()
 
     def norm(column: pl.Expr) -> pl.Expr:
-        return column.str.to_lowercase().str.strip_chars(tables.TRIM_CHARS)
+        return column.str.to_lowercase().str.strip_chars(TRIM_CHARS)
 
     wanted = theirs.select(norm(pl.col("email")).alias("k")).filter(pl.col("k") != "")
     out = tmp_path / f"reference.{ext}"

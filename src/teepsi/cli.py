@@ -268,7 +268,7 @@ def parse_duration(text: str) -> timedelta:
 
 
 def _table_spec(args: argparse.Namespace) -> object:
-    from teepsi.engine.keys import Normalization, NormalizationError
+    from teepsi.contract.normalization import Normalization, NormalizationError
     from teepsi.engine.tables import (
         TableError,
         TableFormat,

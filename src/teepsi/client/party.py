@@ -40,15 +40,16 @@ from teepsi.attestation.transcript import join_transcript_digest
 from teepsi.attestation.verify import SIMULATED_WARNING
 from teepsi.client.progress import PhaseBar, Progress, timed
 from teepsi.contract.keys import PartyPrivateKey, public_key_der, sign
+from teepsi.contract.normalization import Normalization
 from teepsi.contract.receipt import ReceiptError, SignedReceipt, check_own_entry, verify_receipt
 from teepsi.contract.spec import JobSpec
 from teepsi.engine.intersect import sorted_unique_records
-from teepsi.engine.keys import Normalization, U64Array, records_from_bytes, seeds_from_bytes
-from teepsi.engine.store import RECORDS_PER_CHUNK, iter_record_chunks, mark_last
+from teepsi.engine.records import U64Array, records_from_bytes, seeds_from_bytes
 from teepsi.engine.tables import TEXT_COLUMN, Table, TableSpec, matching_rows, table_from_frame
 from teepsi.protocol import SESSION_METADATA, connect
 from teepsi.protocol import teepsi_pb2 as pb
 from teepsi.protocol import teepsi_pb2_grpc as pb_grpc
+from teepsi.protocol.chunks import RECORDS_PER_CHUNK, iter_record_chunks, mark_last
 
 #: Re-exported: the client's API and tests name them here; they live in a light module so
 #: that `teepsi health` starts fast.
@@ -195,8 +196,8 @@ class PartyResult:
     #: with the receipt so it can be verified again offline.
     server_collateral_json: str = ""
 
-    def text(self) -> list[str]:
-        """Text input: the intersecting items."""
+    def matching_items(self) -> list[str]:
+        """Text input: the intersecting items, as a list."""
         return [str(v) for v in self.rows.to_series(0).to_list()]
 
 
@@ -449,7 +450,7 @@ class PsiClient:
 
         return stop
 
-    def result(self, token: bytes) -> ResultStream:
+    def result(self, token: bytes) -> ReceivedResult:
         """Read the whole result stream: records (if released), status, receipt.
 
         A stream cut by the network is fetched again (the server keeps the result until
@@ -495,7 +496,7 @@ class PsiClient:
             raise _StreamBroken("the stream ended before its last chunk")
         return payloads, last
 
-    def _finish_result(self, payloads: list[bytes], last: Any) -> ResultStream:
+    def _finish_result(self, payloads: list[bytes], last: Any) -> ReceivedResult:
         canonical = b"".join(payloads)  # the records' canonical bytes, as digests hash them
         payloads.clear()
         hi, lo = records_from_bytes(canonical)
@@ -505,7 +506,7 @@ class PsiClient:
             or not hmac.compare_digest(hashlib.sha256(canonical).digest(), last.result_sha256)
         ):
             raise PsiClientError("result stream is incomplete or corrupted (digest mismatch)")
-        return ResultStream(
+        return ReceivedResult(
             hi=hi,
             lo=lo,
             canonical=canonical,
@@ -520,7 +521,10 @@ class PsiClient:
 
 
 @dataclass(frozen=True)
-class ResultStream:
+class ReceivedResult:
+    """The result as the server sent it, checked whole: its records (if released), status,
+    counts, receipt and digest salts."""
+
     hi: U64Array
     lo: U64Array
     #: The records as received: 16-byte little-endian records, in order.
@@ -535,7 +539,7 @@ class ResultStream:
 
 
 def _check_receipt(
-    config: PartyConfig, client: PsiClient, got: ResultStream, table: Table
+    config: PartyConfig, client: PsiClient, got: ReceivedResult, table: Table
 ) -> SignedReceipt | None:
     """Verify the server's signature and, under a job spec, our own entry."""
     if not got.receipt_json:
@@ -599,7 +603,7 @@ def _resumed_session(config: PartyConfig, client: PsiClient) -> tuple[bytes, tup
 
 def _wait_for_result(
     client: PsiClient, token: bytes, progress: Progress, party_count: int
-) -> ResultStream:
+) -> ReceivedResult:
     """The result, with a bar of the job's parties uploaded meanwhile; a wait that fails
     says where the job stood (the counts this party was last sent)."""
     last: list[Any] = []
@@ -639,9 +643,9 @@ def run_party(
     """
     if config.party_count < 1:
         raise PsiClientError("--parties must be at least 1")
-    if config.spec is not None and table.spec.normalization.describe() != config.spec.normalize:
+    if config.spec is not None and table.spec.normalization.canonical() != config.spec.normalize:
         raise PsiClientError(
-            f"key normalisation {table.spec.normalization.describe()!r} differs from the job "
+            f"key normalisation {table.spec.normalization.canonical()!r} differs from the job "
             f"spec's {config.spec.normalize!r}"
         )
     client = PsiClient(config)

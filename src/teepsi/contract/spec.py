@@ -55,7 +55,7 @@ from teepsi.contract._common import (
     strict_json_loads,
 )
 from teepsi.contract.keys import PartyKeyError, canonical_public_key_der, parse_public_key
-from teepsi.engine.keys import Normalization, NormalizationError
+from teepsi.contract.normalization import Normalization, NormalizationError
 
 __all__ = [
     "IDENTIFIER_PATTERN",
@@ -142,7 +142,7 @@ class JobSpec:
     output: OutputKind = OutputKind.INTERSECTION
     min_intersection: int = 0
     max_items_per_party: int | None = None
-    normalize: str = "trim"  # canonical Normalization.describe() form
+    normalize: str = "trim"  # canonical Normalization.canonical() form
     deadline: int | None = None  # UNIX seconds
     _by_name: dict[str, PartySpec] = field(
         init=False, repr=False, compare=False, hash=False, default_factory=dict
@@ -400,7 +400,7 @@ def _normalize(value: object, where: str) -> str:
     if not value.strip():
         _fail(where, 'is empty: use e.g. "trim", "trim,casefold,nfc" or "none"')
     try:
-        return Normalization.parse(value).describe()
+        return Normalization.parse(value).canonical()
     except NormalizationError as exc:
         _fail(where, str(exc))
 

@@ -26,16 +26,15 @@ import numpy as np
 import numpy.typing as npt
 import polars as pl
 
+from teepsi.contract.normalization import TRIM_CHARS, Normalization
 from teepsi.engine.intersect import (
     feed_records,
     members_of_sorted,
     sorted_unique_records,
 )
-from teepsi.engine.keys import (
+from teepsi.engine.records import (
     RECORD_BYTES,
     RECORD_DTYPE,
-    TRIM_CHARS,
-    Normalization,
     U64Array,
     hash_keys,
     key_scheme_id,

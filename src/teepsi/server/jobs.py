@@ -28,8 +28,8 @@ from teepsi.contract.audit import AuditError, AuditHead, AuditLog
 from teepsi.contract.receipt import PartyEntry, Receipt, SignedReceipt
 from teepsi.contract.signing import SignatureError
 from teepsi.contract.spec import IDENTIFIER_PATTERN, JobSpec, OutputKind
-from teepsi.engine.intersect import records_digests
-from teepsi.engine.keys import U64Array
+from teepsi.engine.intersect import records_sha256_per_salt
+from teepsi.engine.records import U64Array
 from teepsi.engine.spill import SpillArea
 from teepsi.engine.store import (
     MemoryBudget,
@@ -847,7 +847,7 @@ class JobRegistry:
         except StoreClosed:
             with self._lock:  # the job ended meanwhile, and took its stores with it
                 raise self._end_error_locked(job) from None
-        digest, salted_digest = records_digests(found.hi, found.lo, [b"", job.result_salt])
+        digest, salted_digest = records_sha256_per_salt(found.hi, found.lo, [b"", job.result_salt])
         size = len(found.hi)
         withheld = release_status(job.spec, "", size) is ReleaseStatus.BELOW_THRESHOLD
         count_only = job.spec is not None and job.spec.output is OutputKind.COUNT

@@ -32,18 +32,12 @@ from teepsi.attestation.transcript import join_transcript_digest
 from teepsi.contract.keys import PartyKeyError, canonical_public_key_der
 from teepsi.contract.keys import verify as verify_party_signature
 from teepsi.contract.spec import JobSpec, SpecError
-from teepsi.engine.keys import RECORD_BYTES
+from teepsi.engine.records import RECORD_BYTES
 from teepsi.engine.spill import SpillError
-from teepsi.engine.store import (
-    RECORDS_PER_CHUNK,
-    RecordOrderError,
-    RecordStore,
-    StoreClosed,
-    iter_record_chunks,
-    mark_last,
-)
+from teepsi.engine.store import RecordOrderError, RecordStore, StoreClosed
 from teepsi.protocol import SESSION_METADATA
 from teepsi.protocol import teepsi_pb2 as pb
+from teepsi.protocol.chunks import RECORDS_PER_CHUNK, iter_record_chunks, mark_last
 from teepsi.server.challenges import ChallengeStore
 from teepsi.server.errors import ErrorKind, Refusal, ServiceError
 from teepsi.server.jobs import (
