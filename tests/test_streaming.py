@@ -17,6 +17,7 @@ import numpy as np
 import polars as pl
 import pytest
 
+import teepsi.engine.reading as reading
 import teepsi.engine.tables as tables
 from teepsi.contract.normalization import TRIM_CHARS, Normalization
 from teepsi.engine.intersect import (
@@ -24,6 +25,7 @@ from teepsi.engine.intersect import (
     is_strictly_increasing,
     sorted_unique_records,
 )
+from teepsi.engine.matching import matching_rows
 from teepsi.engine.records import hash_keys, normalized_keys
 from teepsi.engine.spill import SpillArea
 from teepsi.engine.store import (
@@ -38,7 +40,6 @@ from teepsi.engine.tables import (
     TableError,
     TableFormat,
     TableSpec,
-    matching_rows,
     read_table,
     write_rows,
 )
@@ -232,7 +233,7 @@ def test_input_changed_before_matching_is_refused(tmp_path):
 
 
 def test_text_errors_name_the_line_across_blocks(tmp_path, monkeypatch):
-    monkeypatch.setattr(tables, "TEXT_BLOCK_BYTES", 64 * 1024)
+    monkeypatch.setattr(reading, "TEXT_BLOCK_BYTES", 64 * 1024)
     lines = [f"item{i}" for i in range(40_000)]
     path = tmp_path / "a.txt"
     data = "\n".join(lines).encode()
@@ -258,7 +259,8 @@ _PEAK_SCRIPT = """
 import json, sys
 from pathlib import Path
 import numpy as np
-from teepsi.engine.tables import TableSpec, matching_rows, read_table
+from teepsi.engine.matching import matching_rows
+from teepsi.engine.tables import TableSpec, read_table
 table = read_table(TableSpec(path=Path(sys.argv[1])), memory_budget=int(sys.argv[2]))
 table.hash((1, 2))
 parts = list(table.distinct_records())

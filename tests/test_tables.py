@@ -12,14 +12,14 @@ from hypothesis import strategies as st
 
 from teepsi.contract.normalization import Normalization, NormalizationError
 from teepsi.engine.intersect import intersect_records
+from teepsi.engine.key_order import key_order
+from teepsi.engine.matching import matching_rows
 from teepsi.engine.records import hash_keys, key_scheme_id, normalized_expr
 from teepsi.engine.tables import (
     TableError,
     TableFormat,
     TableSpec,
     detect_format,
-    key_order,
-    matching_rows,
     read_table,
     text_lines,
     write_rows,

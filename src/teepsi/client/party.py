@@ -44,8 +44,9 @@ from teepsi.contract.normalization import Normalization
 from teepsi.contract.receipt import ReceiptError, SignedReceipt, check_own_entry, verify_receipt
 from teepsi.contract.spec import JobSpec
 from teepsi.engine.intersect import sorted_unique_records
+from teepsi.engine.matching import matching_rows
 from teepsi.engine.records import U64Array, records_from_bytes, seeds_from_bytes
-from teepsi.engine.tables import TEXT_COLUMN, Table, TableSpec, matching_rows, table_from_frame
+from teepsi.engine.tables import TEXT_COLUMN, Table, TableSpec, table_from_frame
 from teepsi.protocol import SESSION_METADATA, connect
 from teepsi.protocol import teepsi_pb2 as pb
 from teepsi.protocol import teepsi_pb2_grpc as pb_grpc
