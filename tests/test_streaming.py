@@ -17,6 +17,7 @@ import numpy as np
 import polars as pl
 import pytest
 
+import teepsi.engine.output as output
 import teepsi.engine.reading as reading
 import teepsi.engine.tables as tables
 from teepsi.contract.normalization import TRIM_CHARS, Normalization
@@ -140,6 +141,13 @@ def test_over_budget_output_is_identical_to_unbounded_and_to_polars(tmp_path, ex
     assert spilled and not spilled_large
     assert small == large == _reference(tmp_path, ext)
     assert small.count(b"\n") > 100 or ext == "parquet"
+
+
+def test_text_output_written_in_pieces_is_identical_to_polars(tmp_path, monkeypatch):
+    monkeypatch.setattr(output, "TEXT_WRITE_ROWS", 7)  # many pieces, the last one partial
+    written, _ = _job(tmp_path, "txt", SMALL_BUDGET)
+    assert written.count(b"\n") > 10 * output.TEXT_WRITE_ROWS
+    assert written == _reference(tmp_path, "txt")
 
 
 @pytest.mark.parametrize("budget", [SMALL_BUDGET, 1 << 30])

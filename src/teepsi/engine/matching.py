@@ -42,10 +42,8 @@ def matching_rows(
         if not table.in_memory:
             items = items_at(table, positions).to_frame()
             keys = normalized_keys(items, [TEXT_COLUMN], spec.normalization)
-        ordered = keys.gather(key_order(keys))
-        # Sorted, so repeats are neighbours: cheaper than hashing every string to drop them.
-        distinct = ordered.filter((ordered != ordered.shift(1)).fill_null(True))
-        return compact_strings(distinct.alias(TEXT_COLUMN).to_frame())
+            del items
+        return _distinct_in_key_order(keys)
     rows = rows_at(table, positions)
     keys = normalized_keys(rows, spec.key_columns, spec.normalization)
     # Ties keep input order, so the output is deterministic (and the same with or
@@ -55,6 +53,20 @@ def matching_rows(
     columns = rows.get_columns()
     del rows  # the columns list is now all that holds them
     return _gather_compact(columns, order)
+
+
+def _distinct_in_key_order(keys: pl.Series) -> pl.DataFrame:
+    """Text output: the distinct keys, sorted bytewise, as column "item". Each step's input
+    is dropped once the next holds a compact copy: one copy of the items at a time, not
+    one per step (5M matching e-mails are about 200 MB each)."""
+    order = key_order(keys)
+    ordered = compact_strings(keys.gather(order).alias(TEXT_COLUMN).to_frame())
+    del keys, order
+    # Sorted, so repeats are neighbours: cheaper than hashing every string to drop them.
+    first = (ordered[TEXT_COLUMN] != ordered[TEXT_COLUMN].shift(1)).fill_null(True)
+    if bool(first.all()):
+        return ordered
+    return compact_strings(ordered.filter(first))
 
 
 def items_at(table: Table, positions: npt.NDArray[np.uint64]) -> pl.Series:

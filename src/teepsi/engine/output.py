@@ -24,9 +24,15 @@ def text_lines(rows: pl.DataFrame) -> bytes:
 STDOUT_PATH = "-"
 
 
+#: Text output is joined into lines this many rows at a time: the whole output joined at
+#: once would take about three more copies of it (a string, its bytes, the lines).
+TEXT_WRITE_ROWS = 1 << 18
+
+
 def _write_rows_to(rows: pl.DataFrame, spec: TableSpec, handle: BinaryIO) -> None:
     if spec.format is TableFormat.TEXT:
-        handle.write(text_lines(rows))
+        for start in range(0, len(rows), TEXT_WRITE_ROWS):
+            handle.write(text_lines(rows.slice(start, TEXT_WRITE_ROWS)))
     elif spec.format is TableFormat.CSV:
         rows.write_csv(handle, separator=spec.delimiter, quote_char=spec.quote_char or '"')
     else:
