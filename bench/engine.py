@@ -21,7 +21,8 @@ import numpy as np
 
 from teepsi.engine import store as st
 from teepsi.engine.intersect import as_u128, split_u128
-from teepsi.engine.keys import records_from_bytes, records_to_bytes
+from teepsi.engine.records import records_from_bytes, records_to_bytes
+from teepsi.protocol.chunks import RECORDS_PER_CHUNK
 
 N = 5_000_000
 REPEAT = 5
@@ -35,7 +36,7 @@ def main() -> None:
         split_u128(as_u128(hi[:N], lo[:N]).sort()),
         split_u128(as_u128(hi[N // 2 : N // 2 + N], lo[N // 2 : N // 2 + N]).sort()),
     ]
-    step = st.RECORDS_PER_CHUNK
+    step = RECORDS_PER_CHUNK
     payloads = [
         [records_to_bytes(h[i : i + step], lo_[i : i + step]) for i in range(0, N, step)]
         for h, lo_ in sets

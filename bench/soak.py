@@ -123,7 +123,7 @@ def _soak(args: argparse.Namespace, pid: int, host: str, policy: Policy, workdir
                 timeout=300,
             )
             items = common + [f"soak{j}-p{n}-{i}" for i in range(args.items - half)]
-            results[n] = run_party_items(config, items).text()
+            results[n] = run_party_items(config, items).matching_items()
 
         threads = [threading.Thread(target=party, args=(n,)) for n in range(args.parties)]
         try:

@@ -3,7 +3,7 @@
 
 Every input goes through four decoders:
 
-1. :func:`teepsi.engine.keys.records_from_bytes` on the raw bytes: ``ValueError`` (its
+1. :func:`teepsi.engine.records.records_from_bytes` on the raw bytes: ``ValueError`` (its
    documented refusal of a partial record) only, and accepted payloads round-trip;
 2. ``UploadChunk.FromString`` (``DecodeError`` allowed) followed by
    :func:`teepsi.server.streams.decode_upload` with the chunk's own fields: only
@@ -40,7 +40,7 @@ from _support import amplifying_mutator, guard, with_defaults
 from google.protobuf.message import DecodeError
 
 with atheris.instrument_imports(include=["teepsi"]):
-    from teepsi.engine.keys import RECORD_BYTES, records_from_bytes, records_to_bytes
+    from teepsi.engine.records import RECORD_BYTES, records_from_bytes, records_to_bytes
     from teepsi.protocol import SESSION_METADATA
     from teepsi.protocol import teepsi_pb2 as pb
     from teepsi.server.errors import ServiceError

@@ -47,7 +47,7 @@ from teepsi.contract.audit import AuditHead, AuditLog, HeadSigner
 from teepsi.contract.party_keys import public_key_der, public_key_text
 from teepsi.contract.receipt import PartyEntry, Receipt, sign_receipt
 from teepsi.contract.spec import JobSpec
-from teepsi.engine.keys import records_to_bytes
+from teepsi.engine.records import records_to_bytes
 from teepsi.protocol import teepsi_pb2 as pb
 
 #: Validity of the small certificates (Gramine's own fixed one) and the time the simulated

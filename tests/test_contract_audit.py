@@ -36,7 +36,7 @@ from teepsi.contract.audit import (
 )
 from teepsi.contract.receipt import SignedReceipt
 from teepsi.contract.signing import sign_document
-from teepsi.engine.keys import hash_keys
+from teepsi.engine.records import hash_keys
 from teepsi.engine.tables import TableSpec
 from teepsi.server import ServerConfig, start_server
 

@@ -13,8 +13,9 @@ import pytest
 
 from teepsi.attestation.evidence import EnclaveIdentity
 from teepsi.attestation.policy import Policy, PolicyViolation, policy_for
+from teepsi.contract.normalization import Normalization
 from teepsi.contract.receipt import PartyEntry, Receipt
-from teepsi.engine.keys import Normalization
+from teepsi.engine.records import normalized_expr
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -42,7 +43,7 @@ RECEIPT_FIELD_WORDS = {
 def lowered(*keys: str) -> list[str]:
     spec = Normalization.parse("casefold")
     frame = pl.DataFrame({"k": list(keys)})
-    return frame.select(spec.apply(pl.col("k")))["k"].to_list()
+    return frame.select(normalized_expr(spec, pl.col("k")))["k"].to_list()
 
 
 def test_casefold_is_lower_casing_as_the_docs_say() -> None:

@@ -25,7 +25,7 @@ from tcp_proxy import TcpProxy
 from teepsi.attestation.policy import Policy
 from teepsi.client.party import PartyConfig, PsiClient, PsiClientError
 from teepsi.engine.intersect import intersect_records
-from teepsi.engine.keys import hash_keys
+from teepsi.engine.records import hash_keys
 from teepsi.engine.tables import TableSpec
 
 KEY_SCHEME = TableSpec(path=Path("x")).key_scheme

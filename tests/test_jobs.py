@@ -20,11 +20,11 @@ from teepsi.engine.intersect import (
     as_u128,
     intersect_records,
     is_strictly_increasing,
-    records_digest,
     sorted_unique_records,
     split_u128,
+    unsalted_records_sha256,
 )
-from teepsi.engine.keys import hash_keys, records_to_bytes
+from teepsi.engine.records import hash_keys, records_to_bytes
 from teepsi.server.errors import ErrorKind, ServiceError
 from teepsi.server.jobs import JobRegistry
 from teepsi.server.limits import JobCreator, Limits
@@ -79,7 +79,7 @@ def test_intersection_is_sorted_and_shared(registry):
     assert result_a is result_b
     assert decode(result_a, set_a) == ["car", "cat", "train"]
     assert (distinct_a, distinct_b) == (4, 4)
-    assert result_a.sha256 == records_digest(result_a.hi, result_a.lo)
+    assert result_a.sha256 == unsalted_records_sha256(result_a.hi, result_a.lo)
 
 
 def test_all_state_is_wiped_after_every_party_has_its_result(registry):
@@ -916,7 +916,7 @@ def test_spilling_uploads_hold_their_buffers_within_the_budget(tmp_path):
 def test_partitions_do_not_follow_the_first_digest():
     """Records with one first digest, or ones differing in only one bit, land in all
     partitions; two partitioners (two jobs) split the same records differently."""
-    from teepsi.engine.keys import records_to_bytes
+    from teepsi.engine.records import records_to_bytes
     from teepsi.engine.store import PARTITIONS, Partitioner
 
     n = 64_000

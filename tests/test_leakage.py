@@ -40,7 +40,7 @@ from teepsi.contract.party_keys import (
 from teepsi.contract.receipt import SignedReceipt
 from teepsi.contract.spec import JobSpec, OutputKind, PartySpec
 from teepsi.engine.intersect import intersect_records
-from teepsi.engine.keys import hash_keys, records_to_bytes
+from teepsi.engine.records import hash_keys, records_to_bytes
 from teepsi.engine.tables import TableSpec
 from teepsi.protocol import SESSION_METADATA
 from teepsi.protocol import teepsi_pb2 as pb

@@ -120,7 +120,7 @@ def test_one_job_with_64_parties(server, policy, tmp_path):
     results = run_parties(srv.host, policy, parties)
     elapsed = time.monotonic() - started
     assert len(results) == 64
-    assert all(r.text() == sorted(common) for r in results.values())
+    assert all(r.matching_items() == sorted(common) for r in results.values())
     assert len({r.result_sha256 for r in results.values()}) == 1
     assert "job big: intersection computed for 64 parties" in srv.log()
     report(
@@ -149,7 +149,7 @@ def test_50_concurrent_3_party_jobs(server, policy):
     assert len(results) == 3 * jobs
     for (job, _), result in results.items():
         # Each party gets its own job's intersection and nothing of any other job.
-        assert result.text() == sorted(f"{job}-common-{i}" for i in range(100)), job
+        assert result.matching_items() == sorted(f"{job}-common-{i}" for i in range(100)), job
     assert srv.log().count("job state wiped") == jobs
     after = proc_status(srv.proc.pid)
     report(
@@ -190,7 +190,7 @@ def test_soak_server_memory_returns_to_baseline(server, policy):
             for n in range(3)
         ]
         results = run_parties(srv.host, policy, parties)
-        assert all(len(r.text()) == items // 2 for r in results.values())
+        assert all(len(r.matching_items()) == items // 2 for r in results.values())
         status = proc_status(srv.proc.pid)
         samples.append(status["VmRSS"])
         if j + 1 == warmup:
@@ -263,7 +263,7 @@ def test_waiting_parties_hold_no_worker_threads(server, policy):
     results = {**waiting, **finished}
     assert len(results) == 9
     for (job, _), result in results.items():
-        assert result.text() == sorted(f"{job}-common-{i}" for i in range(50)), job
+        assert result.matching_items() == sorted(f"{job}-common-{i}" for i in range(50)), job
     assert srv.log().count("job state wiped") == 3
     report("3 jobs x 3 parties, --max-workers 2", server_threads_while_6_wait=threads_waiting)
 
@@ -481,7 +481,7 @@ def test_honest_jobs_complete_with_a_hostile_client_in_the_loop(server, policy):
     elapsed = time.monotonic() - started
     assert len(results) == 30
     for (job, _), result in results.items():
-        assert result.text() == sorted(f"{job}-common-{i}" for i in range(100)), job
+        assert result.matching_items() == sorted(f"{job}-common-{i}" for i in range(100)), job
     assert srv.log().count("job state wiped") == 10
     assert grabs[:2] == ["joined"] * 2
     assert all("--max-jobs-per-party" in g for g in grabs[2:]), grabs

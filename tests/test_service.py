@@ -22,7 +22,7 @@ from teepsi.attestation.sim import SimEvidenceProvider
 from teepsi.attestation.transcript import join_transcript_digest
 from teepsi.client.party import PartyConfig, PsiClient, PsiClientError, run_party_items
 from teepsi.engine.intersect import intersect_records, sorted_unique_records
-from teepsi.engine.keys import hash_keys, records_to_bytes
+from teepsi.engine.records import hash_keys, records_to_bytes
 from teepsi.engine.tables import TableSpec
 from teepsi.protocol import SESSION_METADATA
 from teepsi.protocol import teepsi_pb2 as pb
@@ -335,7 +335,7 @@ def test_python_api_runs_a_party(server):
         t.start()
     for t in threads:
         t.join(60)
-    assert results["a"].text() == results["b"].text() == ["car", "cat"]
+    assert results["a"].matching_items() == results["b"].matching_items() == ["car", "cat"]
     assert results["a"].result_sha256 == results["b"].result_sha256
     assert results["a"].server.verified.simulated
 
@@ -813,7 +813,7 @@ def test_a_drain_says_not_serving_while_the_work_in_flight_completes():
         _until(lambda: _not_serving(host), "health to say NOT_SERVING")
         party("b", ["cat", "emu", "car"])  # joins, uploads and gets its result meanwhile
         first.join(60)
-        assert results["a"].text() == results["b"].text() == ["car", "cat"]
+        assert results["a"].matching_items() == results["b"].matching_items() == ["car", "cat"]
         assert stopper.is_alive()  # still draining: the server has not closed
     finally:
         running.cut_drain()  # what a second SIGTERM does

@@ -17,13 +17,17 @@ import numpy as np
 import polars as pl
 import pytest
 
+import teepsi.engine.output as output
+import teepsi.engine.reading as reading
 import teepsi.engine.tables as tables
+from teepsi.contract.normalization import TRIM_CHARS, Normalization
 from teepsi.engine.intersect import (
     intersect_records,
     is_strictly_increasing,
     sorted_unique_records,
 )
-from teepsi.engine.keys import Normalization, hash_keys, normalized_keys
+from teepsi.engine.matching import matching_rows
+from teepsi.engine.records import hash_keys, normalized_keys
 from teepsi.engine.spill import SpillArea
 from teepsi.engine.store import (
     PARTITIONS,
@@ -37,7 +41,6 @@ from teepsi.engine.tables import (
     TableError,
     TableFormat,
     TableSpec,
-    matching_rows,
     read_table,
     write_rows,
 )
@@ -109,7 +112,7 @@ def _reference(tmp_path: Path, ext: str) -> bytes:
     ours, theirs = _frames()
 
     def norm(column: pl.Expr) -> pl.Expr:
-        return column.str.to_lowercase().str.strip_chars(tables.TRIM_CHARS)
+        return column.str.to_lowercase().str.strip_chars(TRIM_CHARS)
 
     wanted = theirs.select(norm(pl.col("email")).alias("k")).filter(pl.col("k") != "")
     out = tmp_path / f"reference.{ext}"
@@ -138,6 +141,13 @@ def test_over_budget_output_is_identical_to_unbounded_and_to_polars(tmp_path, ex
     assert spilled and not spilled_large
     assert small == large == _reference(tmp_path, ext)
     assert small.count(b"\n") > 100 or ext == "parquet"
+
+
+def test_text_output_written_in_pieces_is_identical_to_polars(tmp_path, monkeypatch):
+    monkeypatch.setattr(output, "TEXT_WRITE_ROWS", 7)  # many pieces, the last one partial
+    written, _ = _job(tmp_path, "txt", SMALL_BUDGET)
+    assert written.count(b"\n") > 10 * output.TEXT_WRITE_ROWS
+    assert written == _reference(tmp_path, "txt")
 
 
 @pytest.mark.parametrize("budget", [SMALL_BUDGET, 1 << 30])
@@ -231,7 +241,7 @@ def test_input_changed_before_matching_is_refused(tmp_path):
 
 
 def test_text_errors_name_the_line_across_blocks(tmp_path, monkeypatch):
-    monkeypatch.setattr(tables, "TEXT_BLOCK_BYTES", 64 * 1024)
+    monkeypatch.setattr(reading, "TEXT_BLOCK_BYTES", 64 * 1024)
     lines = [f"item{i}" for i in range(40_000)]
     path = tmp_path / "a.txt"
     data = "\n".join(lines).encode()
@@ -257,7 +267,8 @@ _PEAK_SCRIPT = """
 import json, sys
 from pathlib import Path
 import numpy as np
-from teepsi.engine.tables import TableSpec, matching_rows, read_table
+from teepsi.engine.matching import matching_rows
+from teepsi.engine.tables import TableSpec, read_table
 table = read_table(TableSpec(path=Path(sys.argv[1])), memory_budget=int(sys.argv[2]))
 table.hash((1, 2))
 parts = list(table.distinct_records())

@@ -46,7 +46,7 @@ def client_defaults(args: argparse.Namespace) -> None:
 
 def table_spec(args: argparse.Namespace) -> TableSpec:
     """--data and how to read it: --format, --key-column, --delimiter, --quote, --normalize."""
-    from teepsi.engine.keys import Normalization, NormalizationError
+    from teepsi.contract.normalization import Normalization, NormalizationError
     from teepsi.engine.tables import (
         TableError,
         TableFormat,

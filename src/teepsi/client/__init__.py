@@ -10,7 +10,7 @@ Example::
         policy=Policy.load("dynamic_config.json"),
         name="bank-a", party_count=2, attestation="gramine",
     ), ["alice@example.org", "bob@example.org"])
-    print(result.text())
+    print(result.matching_items())
 """
 
 from teepsi.client.party import PartyConfig, PartyResult, PsiClientError, run_party, run_party_items

@@ -43,6 +43,7 @@ from pathlib import Path
 
 from teepsi.contract._common import canonical_json, is_int, show
 from teepsi.contract.identifiers import IDENTIFIER_PATTERN, is_identifier
+from teepsi.contract.normalization import Normalization, NormalizationError
 from teepsi.contract.outputs import OutputKind
 from teepsi.contract.party_keys import PartyKeyError, parse_public_key
 from teepsi.contract.spec_fields import (
@@ -63,7 +64,6 @@ from teepsi.contract.spec_text import (
     parse_document,
     read_spec_file,
 )
-from teepsi.engine.keys import Normalization, NormalizationError
 from teepsi.timefmt import iso_utc
 
 __all__ = [
@@ -122,7 +122,7 @@ class JobSpec:
     output: OutputKind = OutputKind.INTERSECTION
     min_intersection: int = 0
     max_items_per_party: int | None = None
-    normalize: str = "trim"  # Normalization.canonical_text() form
+    normalize: str = "trim"  # Normalization.canonical() form
     deadline: int | None = None  # UNIX seconds
     _by_name: dict[str, PartySpec] = field(
         init=False, repr=False, compare=False, hash=False, default_factory=dict
@@ -246,7 +246,7 @@ def _normalize(value: object, where: str) -> str:
     if not value.strip():
         fail(where, 'is empty: use e.g. "trim", "trim,casefold,nfc" or "none"')
     try:
-        return Normalization.parse(value).canonical_text()
+        return Normalization.parse(value).canonical()
     except NormalizationError as exc:
         fail(where, str(exc))
 

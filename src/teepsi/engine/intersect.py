@@ -9,7 +9,7 @@ import numpy as np
 import numpy.typing as npt
 import polars as pl
 
-from teepsi.engine.keys import RECORD_DTYPE, U64Array, records_to_bytes
+from teepsi.engine.records import RECORD_DTYPE, U64Array, records_to_bytes
 
 _TWO_64 = 2**64
 
@@ -143,14 +143,15 @@ def feed_records(digests: Sequence[hashlib._Hash], hi: U64Array, lo: U64Array) -
             digest.update(step)
 
 
-def records_digest(hi: U64Array, lo: U64Array) -> bytes:
+def unsalted_records_sha256(hi: U64Array, lo: U64Array) -> bytes:
     """SHA-256 over the records' canonical bytes (sorted, 16-byte little-endian)."""
-    return records_digests(hi, lo, [b""])[0]
+    return records_sha256_per_salt(hi, lo, [b""])[0]
 
 
-def records_digests(hi: U64Array, lo: U64Array, salts: Sequence[bytes]) -> list[bytes]:
-    """SHA-256 over each salt then the records (b"" gives ``records_digest``): a salted
-    digest only holders of the salt can check. One pass over the records."""
+def records_sha256_per_salt(hi: U64Array, lo: U64Array, salts: Sequence[bytes]) -> list[bytes]:
+    """One SHA-256 per salt, over the salt then the records (b"" gives
+    ``unsalted_records_sha256``): a salted digest only holders of the salt can check. One
+    pass over the records, whatever the number of salts."""
     digests = [hashlib.sha256(salt) for salt in salts]
     feed_records(digests, hi, lo)
     return [digest.digest() for digest in digests]

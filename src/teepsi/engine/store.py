@@ -24,7 +24,7 @@ import contextlib
 import hashlib
 import secrets
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,13 +37,11 @@ from teepsi.engine.intersect import (
     is_strictly_increasing,
     split_u128,
 )
-from teepsi.engine.keys import RECORD_BYTES, RECORD_DTYPE, U64Array, records_to_bytes
+from teepsi.engine.records import RECORD_BYTES, RECORD_DTYPE, U64Array, records_to_bytes
 from teepsi.engine.spill import SpillArea
 
 PARTITION_BITS = 6
 PARTITIONS = 1 << PARTITION_BITS
-#: Records per upload or result chunk: 4 MiB messages, well under gRPC's limit we set.
-RECORDS_PER_CHUNK = 256 * 1024
 #: While spilling, a store writes its buffers out once they hold this much, or sooner when
 #: the budget has no room for them.
 SPILL_FLUSH_BYTES = 8 * 1024 * 1024
@@ -402,21 +400,3 @@ def _ascending(hi: U64Array, lo: U64Array) -> tuple[U64Array, U64Array]:
     if len(hi) > 1 and bool(np.any(hi[1:] == hi[:-1])):
         hi, lo = split_u128(as_u128(hi, lo).sort())
     return hi, lo
-
-
-def iter_record_chunks(
-    hi: U64Array, lo: U64Array, *, records_per_chunk: int
-) -> Iterator[tuple[bytes, int]]:
-    for start in range(0, len(hi), records_per_chunk):
-        end = min(start + records_per_chunk, len(hi))
-        yield np.stack([hi[start:end], lo[start:end]], axis=1).tobytes(), end - start
-
-
-def mark_last(chunks: Iterable[tuple[bytes, int]]) -> Iterator[tuple[bytes, int, bool]]:
-    """Flag the final chunk; nothing at all becomes one empty, final chunk."""
-    iterator = iter(chunks)
-    pending = next(iterator, (b"", 0))
-    for following in iterator:
-        yield (*pending, False)
-        pending = following
-    yield (*pending, True)

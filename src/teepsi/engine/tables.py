@@ -1,127 +1,76 @@
-"""A data provider's table: reading text, CSV or Parquet, and writing its matching rows.
+"""A data provider's table: its input read for its keys, within a memory budget.
 
-Text files hold one item per line: surrounding whitespace (including CR) is stripped and
-blank lines are skipped. CSV and Parquet files are tables with one or more key columns;
-the output is the party's own rows whose key is in the intersection, every column kept,
-in the input's format, ordered by key (semi-join semantics: a key repeated in the table
-matches once but returns all its rows).
+This module is the table API: :func:`read_table`, :class:`Table`, and (from the modules
+it is made of) :class:`TableSpec`, :class:`TableFormat`, :class:`TableError`,
+:func:`detect_format` and the writers. Reading files is :mod:`teepsi.engine.reading`,
+key order :mod:`teepsi.engine.key_order`, the matching rows :mod:`teepsi.engine.matching`,
+writing them :mod:`teepsi.engine.output`.
 """
 
 from __future__ import annotations
 
-import codecs
-import gzip
 import hashlib
 import io
 import secrets
-import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from enum import StrEnum
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
 
 import numpy as np
 import numpy.typing as npt
 import polars as pl
-import pyarrow as pa
 
-from teepsi.engine.intersect import (
-    as_u128,
-    feed_records,
-    members_of_sorted,
-    sorted_unique_records,
+from teepsi.engine.intersect import feed_records, members_of_sorted, sorted_unique_records
+from teepsi.engine.output import STDOUT_PATH, text_lines, write_rows
+from teepsi.engine.reading import (
+    check_readable,
+    directory_error,
+    open_error,
+    parse_errors,
+    scan_table,
+    stripped_items,
+    text_items,
 )
-from teepsi.engine.keys import (
+from teepsi.engine.records import (
     RECORD_BYTES,
     RECORD_DTYPE,
-    TRIM_CHARS,
-    Normalization,
     U64Array,
     hash_keys,
-    key_scheme_id,
     normalized_keys,
 )
 from teepsi.engine.spill import SpillArea
 from teepsi.engine.store import PARTITIONS, MemoryBudget, UnsortedRecordStore
-from teepsi.privatefile import private_writer
+from teepsi.engine.table_spec import (
+    TEXT_COLUMN,
+    TableError,
+    TableFormat,
+    TableSpec,
+    detect_format,
+)
 
-#: Largest text item, in bytes, after stripping.
-MAX_TEXT_ITEM_BYTES = 64 * 1024
-TEXT_COLUMN = "item"
-
-
-class TableError(ValueError):
-    """Input that cannot be read as asked; one line naming the file and the problem."""
-
-
-class TableFormat(StrEnum):
-    TEXT = "text"
-    CSV = "csv"
-    PARQUET = "parquet"
-
-
-_EXTENSIONS = {
-    ".csv": TableFormat.CSV,
-    ".tsv": TableFormat.CSV,
-    ".parquet": TableFormat.PARQUET,
-    ".pq": TableFormat.PARQUET,
-}
-#: Compression suffixes recognised, so a compressed file is never read as text.
-COMPRESSED_SUFFIXES = frozenset({".gz", ".bz2", ".xz", ".zst", ".zip", ".lz4"})
-
-
-def detect_format(path: str | Path, explicit: str | None = None) -> TableFormat:
-    """The format named by ``explicit``, else by the file extension (text by default)."""
-    if explicit:
-        try:
-            return TableFormat(explicit)
-        except ValueError:
-            raise TableError(f"--format {explicit!r}: use text, csv or parquet") from None
-    suffixes = [x.lower() for x in Path(path).suffixes]
-    if suffixes and suffixes[-1] in COMPRESSED_SUFFIXES:
-        inner = suffixes[-2] if len(suffixes) > 1 else ""
-        if suffixes[-1] == ".gz" and _EXTENSIONS.get(inner) is TableFormat.CSV:
-            return TableFormat.CSV  # polars reads gzip CSV itself
-        raise TableError(
-            f"{path}: a {suffixes[-1]}-compressed file is read only as gzip CSV (.csv.gz, "
-            ".tsv.gz): decompress it first, or name it .csv.gz if it is gzip CSV"
-        )
-    return _EXTENSIONS.get(suffixes[-1] if suffixes else "", TableFormat.TEXT)
-
-
-def is_compressed(path: Path) -> bool:
-    return path.suffix.lower() in COMPRESSED_SUFFIXES
-
-
-@dataclass(frozen=True)
-class TableSpec:
-    """How to read one party's input, and so how to write its output."""
-
-    path: Path
-    format: TableFormat = TableFormat.TEXT
-    key_columns: tuple[str, ...] = ()
-    delimiter: str = ","
-    quote_char: str | None = '"'
-    normalization: Normalization = field(default_factory=Normalization)
-
-    @property
-    def arity(self) -> int:
-        return 1 if self.format is TableFormat.TEXT else len(self.key_columns)
-
-    @property
-    def key_scheme(self) -> str:
-        return key_scheme_id(self.normalization, self.arity)
-
+__all__ = [
+    "BATCH_ROWS",
+    "DEFAULT_MEMORY_BUDGET",
+    "STDOUT_PATH",
+    "TEXT_COLUMN",
+    "Table",
+    "TableError",
+    "TableFormat",
+    "TableSpec",
+    "detect_format",
+    "directory_error",
+    "read_table",
+    "table_from_frame",
+    "text_lines",
+    "write_rows",
+]
 
 #: A data provider's default ``--memory-budget``: fits the 2 GiB enclave it runs in.
 DEFAULT_MEMORY_BUDGET = 1 << 30
 #: Rows per batch while reading, at most (a small budget makes batches smaller).
 BATCH_ROWS = 1 << 20
-#: Bytes of a text file parsed per batch, at most.
-TEXT_BLOCK_BYTES = 32 << 20
 _KEY, _ROW, _HI, _LO = "key", "row", "hi", "lo"
+
 
 
 @dataclass
@@ -321,10 +270,13 @@ class Table:
         parts = [frame[_KEY] for _, frame in self._frames()]
         return pl.concat(parts) if parts else pl.Series(_KEY, [], dtype=pl.String)
 
-    def _matching_positions(self, result_hi: U64Array, result_lo: U64Array) -> pl.DataFrame:
-        """Position (and, in memory, key) of each row whose record is in the result, in
-        row order. The table's last use: the records are released, each batch once looked
-        at (the upload and the receipt check are done by now)."""
+    def matching_positions(
+        self, result_hi: U64Array, result_lo: U64Array
+    ) -> tuple[npt.NDArray[np.uint64], pl.Series]:
+        """Position of each row whose record is in the result, in row order, and (for an
+        in-memory table, else empty) its normalised key. The table's last use: the
+        records are released, each batch once looked at (the upload and the receipt
+        check are done by now)."""
         self._sorted = None
         if self._store is not None:
             self._store.close()
@@ -342,233 +294,27 @@ class Table:
                 batch.segment = None
         self._batches = []
         if not found:
-            return pl.DataFrame(schema={_ROW: pl.UInt64, _KEY: pl.String})
-        return pl.concat(found)
+            found.append(pl.DataFrame(schema={_ROW: pl.UInt64, _KEY: pl.String}))
+        rows = pl.concat(found, how="diagonal")
+        keys = rows[_KEY] if _KEY in rows.columns else pl.Series(_KEY, [], dtype=pl.String)
+        return rows[_ROW].to_numpy(), keys
 
-    def _check_unchanged(self) -> None:
+    def check_unchanged(self) -> None:
         try:
             info = self.spec.path.stat()
         except OSError as exc:
-            raise _open_error(self.spec.path, exc) from None
+            raise open_error(self.spec.path, exc) from None
         if self._stamp != (info.st_size, info.st_mtime_ns):
             raise TableError(f"{self.spec.path}: changed while this run read it; run again")
-
-    def _items_at(self, positions: npt.NDArray[np.uint64]) -> pl.Series:
-        """Text input: the items at these ascending positions, read again."""
-        self._check_unchanged()
-        wanted = np.zeros(self.rows_read, dtype=np.bool_)
-        wanted[positions] = True
-        found: list[pl.Series] = []
-        position = 0
-        for items in _text_items(self):
-            if position + len(items) > self.rows_read:
-                raise TableError(f"{self.spec.path}: changed while this run read it; run again")
-            matched = items.filter(pl.Series(wanted[position : position + len(items)]))
-            # A copy of the matching items only: the filter's views keep the whole block.
-            found.append(_compact_strings(matched.to_frame()).to_series())
-            position += len(items)
-        if position != self.rows_read:
-            raise TableError(f"{self.spec.path}: changed while this run read it; run again")
-        return pl.concat(found) if found else pl.Series(TEXT_COLUMN, [], dtype=pl.String)
 
     def _stamp_file(self) -> None:
         try:
             info = self.spec.path.stat()
         except OSError as exc:
-            raise _open_error(self.spec.path, exc) from None
+            raise open_error(self.spec.path, exc) from None
         self._stamp = (info.st_size, info.st_mtime_ns)
 
-    def _rows_at(self, positions: npt.NDArray[np.uint64]) -> pl.DataFrame:
-        """The input's rows at these ascending positions, every column, read again."""
-        spec = self.spec
-        self._check_unchanged()
-        with _parse_errors(spec):
-            scan = _scan(spec)
-            if not len(positions):
-                return scan.head(0).collect()
-            index = "__teepsi_row"
-            while index in scan.collect_schema().names():
-                index += "_"
-            wanted = pl.Series(positions).cast(pl.get_index_type()).implode()
-            batches = (
-                scan.with_row_index(index)
-                .filter(pl.col(index).is_in(wanted))
-                .collect_batches(chunk_size=self.rows_per_batch)
-            )
-            # Each batch copied: a filter's views would keep every row's text alive.
-            parts = [_compact_strings(batch).get_columns() for batch in batches]
-        if not parts:
-            raise TableError(f"{spec.path}: changed while this run read it; run again")
-        # One contiguous chunk per column (gathering in key order from many chunks costs
-        # far more than this copy), a column at a time: the peak is the rows and a column.
-        columns: list[pl.Series] = []
-        for at in range(len(parts[0])):
-            columns.append(pl.concat([part[at] for part in parts], rechunk=True))
-            for part in parts:
-                part[at] = columns[-1].clear()
-        found = pl.DataFrame(columns)
-        del columns, parts
-        if not np.array_equal(found[index].to_numpy(), positions):
-            raise TableError(f"{spec.path}: changed while this run read it; run again")
-        return found.drop(index)
 
-
-def _check_readable(path: Path, fmt: TableFormat) -> None:
-    """Fail with one line unless ``path`` is a file this process can open (for Parquet:
-    or a directory of Parquet parts, as Spark and others write a table)."""
-    if fmt is TableFormat.PARQUET and path.is_dir():
-        parquet_parts(path)
-        return
-    try:
-        with path.open("rb"):
-            pass
-    except IsADirectoryError:
-        raise directory_error(path) from None
-    except OSError as exc:
-        raise _open_error(path, exc) from None
-
-
-def parquet_parts(path: Path) -> list[Path]:
-    """The part files of a Parquet directory, in name order: ``*.parquet`` files, without
-    the hidden ``.crc`` checksums and ``_SUCCESS`` markers Spark and Hadoop write beside."""
-    try:
-        parts = sorted(
-            p
-            for p in path.iterdir()
-            if p.suffix.lower() in (".parquet", ".pq") and not p.name.startswith((".", "_"))
-        )
-    except OSError as exc:
-        raise _open_error(path, exc) from None
-    if not parts:
-        raise TableError(f"{path}: a directory without .parquet files; expected a data file")
-    return parts
-
-
-def directory_error(path: Path) -> TableError:
-    try:
-        parquet = any(p.suffix.lower() in (".parquet", ".pq") for p in path.iterdir())
-    except OSError:
-        parquet = False
-    if parquet:
-        return TableError(
-            f"{path}: a directory of Parquet files: pass --format parquet to read them as one table"
-        )
-    return TableError(f"{path}: is a directory, expected a data file")
-
-
-def _open_error(path: Path, error: OSError) -> TableError:
-    if isinstance(error, FileNotFoundError):
-        return TableError(f"{path}: no such file; check the --data path")
-    if isinstance(error, IsADirectoryError):
-        return directory_error(path)
-    return TableError(f"{path}: cannot read: {error.strerror}")
-
-
-def _utf8_error(path: Path, data: bytes, first_line: int = 1) -> TableError | None:
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = first_line + data.count(b"\n", 0, exc.start)
-        return TableError(
-            f"{path}: line {line}: not valid UTF-8 (byte offset {exc.start}); "
-            "save the file as UTF-8"
-        )
-    return None
-
-
-def _utf8_error_in_file(path: Path) -> TableError:
-    """The first invalid UTF-8 in a file, found a block at a time (never all of it)."""
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    line, offset = 1, 0
-    try:
-        # Only gzip CSV is read compressed (detect_format); offsets count its decompressed bytes.
-        with gzip.open(path, "rb") if is_compressed(path) else path.open("rb") as handle:
-            while block := handle.read(TEXT_BLOCK_BYTES):
-                try:
-                    decoder.decode(block)
-                except UnicodeDecodeError as exc:
-                    # exc.start counts from the decoder's pending bytes, then this block.
-                    at = max(0, exc.start - (len(exc.object) - len(block)))
-                    line += block.count(b"\n", 0, at)
-                    return TableError(
-                        f"{path}: line {line}: not valid UTF-8 "
-                        f"(byte offset {offset + at}); save the file as UTF-8"
-                    )
-                line += block.count(b"\n")
-                offset += len(block)
-    except (gzip.BadGzipFile, EOFError) as exc:
-        return TableError(f"{path}: not a valid gzip file: {exc}")
-    except OSError as exc:
-        return _open_error(path, exc)
-    return TableError(f"{path}: cannot be parsed")
-
-
-def _text_blocks(path: Path, block_bytes: int) -> Iterator[tuple[bytes, int]]:
-    """The file in blocks of whole lines, with each block's first line number."""
-    try:
-        handle = path.open("rb")
-    except OSError as exc:
-        raise _open_error(path, exc) from None
-    line, carry = 1, b""
-    with handle:
-        while True:
-            try:
-                chunk = handle.read(block_bytes)
-            except OSError as exc:
-                raise _open_error(path, exc) from None
-            data = carry + chunk
-            cut = len(data) if not chunk else data.rfind(b"\n") + 1
-            if cut:
-                block, carry = data[:cut], data[cut:]
-                yield block, line
-                line += block.count(b"\n")
-            else:
-                carry = data  # one line longer than a block: read on
-            if not chunk:
-                return
-
-
-def _text_items(table: Table) -> Iterator[pl.Series]:
-    """The text file's items (stripped, non-blank lines), a block at a time."""
-    spec = table.spec
-    block_bytes = min(TEXT_BLOCK_BYTES, max(64 * 1024, table.budget.limit_bytes // 32))
-    for data, first_line in _text_blocks(spec.path, block_bytes):
-        nul = data.find(b"\0")
-        if nul >= 0:
-            line = first_line + data.count(b"\n", 0, nul)
-            raise TableError(f"{spec.path}: line {line}: contains a NUL byte; items must be text")
-        if not data or data.isspace():
-            continue
-        try:
-            # One column per line: NUL is absent (checked above), so it can be the separator.
-            frame = pl.read_csv(
-                io.BytesIO(data),
-                has_header=False,
-                separator="\x00",
-                quote_char=None,
-                new_columns=[TEXT_COLUMN],
-                schema={TEXT_COLUMN: pl.String},
-            )
-        except pl.exceptions.ComputeError:
-            raise (
-                _utf8_error(spec.path, data, first_line)
-                or TableError(f"{spec.path}: cannot be parsed")
-            ) from None
-        yield _stripped_items(table.spec, frame)
-
-
-def _stripped_items(spec: TableSpec, frame: pl.DataFrame) -> pl.Series:
-    """Items from a frame with one string column "item" (lines, unstripped)."""
-    items = frame.select(pl.col(TEXT_COLUMN).str.strip_chars(TRIM_CHARS)).filter(
-        pl.col(TEXT_COLUMN).str.len_bytes() > 0
-    )
-    longest = items[TEXT_COLUMN].str.len_bytes().max()
-    if isinstance(longest, int) and longest > MAX_TEXT_ITEM_BYTES:
-        raise TableError(
-            f"{spec.path}: an item of {longest} bytes exceeds the limit of "
-            f"{MAX_TEXT_ITEM_BYTES} bytes"
-        )
-    return items[TEXT_COLUMN]
 
 
 def _add_items(table: Table, items: pl.Series) -> None:
@@ -590,51 +336,17 @@ def table_from_frame(
     """A text table from a frame with one string column "item" (lines, unstripped)."""
     table = Table(spec, memory_budget=memory_budget, in_memory=True)
     for start in range(0, len(frame), table.rows_per_batch):
-        _add_items(table, _stripped_items(spec, frame.slice(start, table.rows_per_batch)))
+        _add_items(table, stripped_items(spec, frame.slice(start, table.rows_per_batch)))
     return table
-
-
-def _scan(spec: TableSpec) -> pl.LazyFrame:
-    if spec.format is TableFormat.CSV:
-        options: dict[str, Any] = {
-            "separator": spec.delimiter,
-            "quote_char": spec.quote_char,
-            "infer_schema": False,  # every column as text: keys compare as written
-        }
-        if is_compressed(spec.path):
-            # Polars cannot scan compressed CSV: gzip CSV is read whole, decompressed, so
-            # --memory-budget does not bound this read (only what is kept of it after).
-            return pl.read_csv(spec.path, **options).lazy()
-        return pl.scan_csv(spec.path, **options)
-    if spec.path.is_dir():  # a Parquet directory (Spark and others): its parts, as one
-        return pl.scan_parquet(parquet_parts(spec.path))
-    return pl.scan_parquet(spec.path)
-
-
-@contextmanager
-def _parse_errors(spec: TableSpec) -> Iterator[None]:
-    """Polars' errors while reading CSV or Parquet, as one line naming the file."""
-    try:
-        yield
-    except pl.exceptions.NoDataError:
-        raise TableError(f"{spec.path}: empty file; a CSV input needs a header row") from None
-    except (pl.exceptions.PolarsError, OSError) as exc:
-        if spec.format is TableFormat.PARQUET:
-            raise TableError(f"{spec.path}: not a readable Parquet file: {exc}") from None
-        if not isinstance(exc, (pl.exceptions.ComputeError, pl.exceptions.SchemaError, OSError)):
-            raise
-        if "utf-8" in str(exc).lower():
-            raise _utf8_error_in_file(spec.path) from None
-        raise TableError(f"{spec.path}: not a valid CSV file: {str(exc).splitlines()[0]}") from None
 
 
 def _read_structured(table: Table) -> None:
     spec = table.spec
     if not spec.key_columns:
         raise TableError(f"{spec.path}: name the key column(s) with --key COLUMN")
-    _check_readable(spec.path, spec.format)
-    with _parse_errors(spec):
-        scan = _scan(spec)
+    check_readable(spec.path, spec.format)
+    with parse_errors(spec):
+        scan = scan_table(spec)
         columns = scan.collect_schema().names()
         missing = [c for c in spec.key_columns if c not in columns]
         if missing:
@@ -664,7 +376,7 @@ def read_table(
     try:
         table._stamp_file()  # before reading: a change while it reads is caught too
         if spec.format is TableFormat.TEXT:
-            for items in _text_items(table):
+            for items in text_items(spec, table.budget.limit_bytes):
                 _add_items(table, items)
         else:
             _read_structured(table)
@@ -672,172 +384,3 @@ def read_table(
         table.close()
         raise
     return table
-
-
-def matching_rows(
-    table: Table,
-    seeds: tuple[int, int],
-    result_hi: U64Array,
-    result_lo: U64Array,
-) -> pl.DataFrame:
-    """The table's rows whose key is in the result, ordered by key (stable within a key).
-
-    For text input: the distinct matching items (their normalised form), sorted bytewise.
-    The records are the ones hashed for the upload; only the matching rows are read again.
-    """
-    result_hi, result_lo = sorted_unique_records(result_hi, result_lo)
-    spec = table.spec
-    if len(result_hi):
-        table.hash(seeds)
-        found = table._matching_positions(result_hi, result_lo)
-    else:
-        found = pl.DataFrame(schema={_ROW: pl.UInt64, _KEY: pl.String})
-    positions = found[_ROW].to_numpy()
-    if spec.format is TableFormat.TEXT:
-        if table.in_memory:
-            keys = found[_KEY]
-        else:
-            items = table._items_at(positions).to_frame()
-            keys = normalized_keys(items, [TEXT_COLUMN], spec.normalization)
-        del found
-        ordered = keys.gather(key_order(keys))
-        # Sorted, so repeats are neighbours: cheaper than hashing every string to drop them.
-        distinct = ordered.filter((ordered != ordered.shift(1)).fill_null(True))
-        return _compact_strings(distinct.alias(TEXT_COLUMN).to_frame())
-    del found
-    rows = table._rows_at(positions)
-    keys = normalized_keys(rows, spec.key_columns, spec.normalization)
-    # Ties keep input order, so the output is deterministic (and the same with or
-    # without spilling).
-    order = key_order(keys)
-    del keys
-    columns = rows.get_columns()
-    del rows  # the columns list is now all that holds them
-    return _gather_compact(columns, order)
-
-
-#: Polars stores strings up to this many bytes inline; longer ones point into a buffer.
-_INLINE_STRING_BYTES = 12
-
-
-def _gather_compact(columns: list[pl.Series], order: npt.NDArray[np.int64]) -> pl.DataFrame:
-    """The columns gathered in ``order``, one at a time, each released from ``columns``
-    once gathered: the peak is the input and one column, not two whole tables."""
-    gathered: list[pl.Series] = []
-    while columns:
-        column = columns.pop(0)
-        gathered.append(_compact_strings(column.gather(order).to_frame()).to_series())
-        del column
-    return pl.DataFrame(gathered)
-
-
-def _compact_strings(frame: pl.DataFrame) -> pl.DataFrame:
-    """Copy long string columns into fresh, contiguous buffers.
-
-    After a gather in key order, long strings still point into the whole input's buffers
-    in scattered order: writing them costs a cache miss each (writing 5M rows took twice
-    as long), and they keep every input row's text alive. One copy through Arrow fixes
-    both.
-    """
-    columns: list[pl.Series] = []
-    for name, dtype in frame.schema.items():
-        longest = frame[name].str.len_bytes().max() if dtype == pl.String else None
-        if isinstance(longest, int) and longest > _INLINE_STRING_BYTES:
-            copied = pl.Series(name, frame[name].to_arrow().cast(pa.large_string()))
-            columns.append(copied)
-    return frame.with_columns(columns) if columns else frame
-
-
-#: For k = 0..8: a big-endian 64-bit word's mask keeping its first k bytes.
-_KEEP_FIRST_BYTES = np.array(
-    [0] + [((1 << (8 * k)) - 1) << (8 * (8 - k)) for k in range(1, 9)], dtype=np.uint64
-)
-
-
-def key_order(keys: pl.Series) -> npt.NDArray[np.int64]:
-    """The permutation that sorts ``keys`` (no nulls) bytewise, stable.
-
-    Each key's first 16 UTF-8 bytes, zero-padded, become one 128-bit number, and those
-    are sorted: an integer sort, several times cheaper than polars' string sort. Only keys
-    whose number another key shares (a common 16-byte prefix, or a shorter key padded
-    with zeros) are then put in order by their whole bytes and position, with polars.
-    """
-    count = len(keys)
-    if count < 2:
-        return np.arange(count, dtype=np.int64)
-    array = keys.to_arrow()
-    if isinstance(array, pa.ChunkedArray):
-        array = array.combine_chunks()
-    if not pa.types.is_large_string(array.type):
-        array = array.cast(pa.large_string())
-    _, offsets_buffer, data_buffer = array.buffers()
-    offsets = np.frombuffer(offsets_buffer, dtype=np.int64)[array.offset : array.offset + count + 1]
-    lengths = np.diff(offsets)
-    start, end = int(offsets[0]), int(offsets[-1])
-    # The keys' bytes and 8 more, read as a big-endian word at every byte offset (the
-    # bytes past a key are masked off); Arrow's padding usually spares the copy.
-    if data_buffer is not None and data_buffer.size >= end + 8:
-        data = np.frombuffer(data_buffer, dtype=np.uint8)[start : end + 8]
-    else:
-        data = np.zeros(end - start + 8, dtype=np.uint8)
-        if data_buffer is not None:
-            data[: end - start] = np.frombuffer(data_buffer, dtype=np.uint8)[start:end]
-    word_at = np.ndarray(shape=(end - start + 1,), dtype=">u8", buffer=data, strides=(1,))
-    starts = offsets[:-1] - start
-    halves = [
-        word_at[np.minimum(starts + 8 * w, end - start)].astype(np.uint64)
-        & _KEEP_FIRST_BYTES[np.clip(lengths - 8 * w, 0, 8)]
-        for w in (0, 1)
-    ]
-    del data, word_at
-    prefix = as_u128(halves[0], halves[1])
-    order = prefix.arg_sort().to_numpy().astype(np.int64)
-    ranked = prefix.gather(order)
-    tied = ((ranked == ranked.shift(1)).fill_null(False)) | (
-        (ranked == ranked.shift(-1)).fill_null(False)
-    )
-    if tied.any():
-        at = np.flatnonzero(tied.to_numpy())
-        rows = order[at]
-        # Runs of one prefix are contiguous, and stay so sorted by (prefix, key, position).
-        ties = pl.DataFrame({"p": ranked.gather(at), "k": keys.gather(rows), "i": rows})
-        order[at] = ties.sort(["p", "k", "i"])["i"].to_numpy()
-    return order
-
-
-def text_lines(rows: pl.DataFrame) -> bytes:
-    """Text output as bytes: each item followed by a newline."""
-    if not len(rows):
-        return b""
-    return str((rows[TEXT_COLUMN] + "\n").str.join("")[0]).encode()
-
-
-#: ``--output -``: the rows go to standard output.
-STDOUT_PATH = "-"
-
-
-def _write_rows_to(rows: pl.DataFrame, spec: TableSpec, handle: BinaryIO) -> None:
-    if spec.format is TableFormat.TEXT:
-        handle.write(text_lines(rows))
-    elif spec.format is TableFormat.CSV:
-        rows.write_csv(handle, separator=spec.delimiter, quote_char=spec.quote_char or '"')
-    else:
-        rows.write_parquet(handle)
-
-
-def write_rows(
-    rows: pl.DataFrame, spec: TableSpec, path: str | Path, *, stdout: BinaryIO | None = None
-) -> None:
-    """Write rows in the input's format: to ``path`` atomically with mode 0600 (the old
-    file, if any, stays whole until the new one is complete), or to ``stdout`` for "-"."""
-    try:
-        if str(path) == STDOUT_PATH:
-            out = stdout if stdout is not None else sys.stdout.buffer
-            _write_rows_to(rows, spec, out)
-            out.flush()
-            return
-        with private_writer(path) as handle:
-            _write_rows_to(rows, spec, handle)
-    except (OSError, pl.exceptions.PolarsError) as exc:
-        reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
-        raise TableError(f"cannot write --output {path}: {reason}") from None

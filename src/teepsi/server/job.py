@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from teepsi.contract.spec import IDENTIFIER_PATTERN, JobSpec
-from teepsi.engine.keys import U64Array
+from teepsi.engine.records import U64Array
 from teepsi.engine.store import Partitioner, RecordStore
 from teepsi.server.errors import ErrorKind, ServiceError
 from teepsi.server.limits import NO_CREATOR, JobCreator

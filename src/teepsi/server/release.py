@@ -10,8 +10,8 @@ from enum import Enum
 from teepsi.contract.audit import AuditHead
 from teepsi.contract.receipt import PartyEntry, Receipt, SignedReceipt
 from teepsi.contract.spec import JobSpec, OutputKind
-from teepsi.engine.intersect import records_digests
-from teepsi.engine.keys import U64Array
+from teepsi.engine.intersect import records_sha256_per_salt
+from teepsi.engine.records import U64Array
 from teepsi.server.job import Job, JobResult, Party
 
 #: Signs a receipt with the server's attested key.
@@ -54,7 +54,7 @@ def result_digests(job: Job, hi: U64Array, lo: U64Array) -> tuple[bytes, bytes |
     """The result's SHA-256 (for the parties' check) and the receipt's result digest:
     salted, since only recipients of the records get the salt; None when no party gets
     the records (below the threshold, or a count job)."""
-    digest, salted = records_digests(hi, lo, [b"", job.result_salt])
+    digest, salted = records_sha256_per_salt(hi, lo, [b"", job.result_salt])
     if is_withheld(job.spec, len(hi)) or output_kind(job.spec) is OutputKind.COUNT:
         return digest, None
     return digest, salted

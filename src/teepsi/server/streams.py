@@ -9,15 +9,10 @@ from typing import TypeVar
 import numpy as np
 from google.protobuf.message import DecodeError, Message
 
-from teepsi.engine.keys import RECORD_BYTES
-from teepsi.engine.store import (
-    RECORDS_PER_CHUNK,
-    RecordOrderError,
-    RecordStore,
-    iter_record_chunks,
-    mark_last,
-)
+from teepsi.engine.records import RECORD_BYTES
+from teepsi.engine.store import RecordOrderError, RecordStore
 from teepsi.protocol import teepsi_pb2 as pb
+from teepsi.protocol.chunks import RECORDS_PER_CHUNK, iter_record_chunks, mark_last
 from teepsi.server.errors import ErrorKind, ServiceError
 from teepsi.server.release import Delivery, ReleaseStatus
 

@@ -1,4 +1,5 @@
-"""Keys: normalisation, and the keyed digests that travel instead of the keys.
+"""Key records: the keyed digests that travel instead of the keys, and the normalised keys
+they are digests of.
 
 Every party turns each row's key into a 128-bit record: two XXH3-64 digests of the
 normalised key under two per-job seeds chosen by the server. The server intersects
@@ -12,12 +13,13 @@ tests), so parties on different builds agree.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 import polars as pl
 import polars_hash as plh
+
+from teepsi.contract.normalization import TRIM_CHARS, Normalization
 
 #: Names the record scheme; parties of one job must agree on it.
 KEY_SCHEME = "xxh3-64x2-v1"
@@ -26,62 +28,21 @@ RECORD_DTYPE = np.dtype("<u8")
 
 U64Array = npt.NDArray[np.uint64]
 
-#: Characters the ``trim`` option strips from both ends (ASCII whitespace).
-TRIM_CHARS = " \t\r\n\x0b\x0c"
-
-_OPTIONS = ("trim", "casefold", "nfc")
-
-
-class NormalizationError(ValueError):
-    """An unknown normalisation option."""
-
-
-@dataclass(frozen=True)
-class Normalization:
-    """How a key is canonicalised before hashing; every party of a job must agree.
-
-    * ``trim``: strip ASCII whitespace at both ends;
-    * ``casefold``: Unicode lower-casing (polars' ``to_lowercase``, the mapping of Python's
-      ``str.lower()``), not ``str.casefold()``: "ß" stays "ß", so "Straße" != "STRASSE";
-    * ``nfc``: Unicode normalisation form C, so composed and decomposed accents match.
-    """
-
-    trim: bool = True
-    casefold: bool = False
-    nfc: bool = False
-
-    @classmethod
-    def parse(cls, spec: str) -> Normalization:
-        """From "trim,casefold,nfc" (any subset, or "none")."""
-        words = {w.strip() for w in spec.split(",") if w.strip()}
-        if words == {"none"}:
-            return cls(trim=False)
-        unknown = words - set(_OPTIONS)
-        if unknown:
-            raise NormalizationError(
-                f"unknown normalisation {', '.join(sorted(unknown))!s}: "
-                f"use a comma-separated subset of {', '.join(_OPTIONS)}, or none"
-            )
-        return cls(trim="trim" in words, casefold="casefold" in words, nfc="nfc" in words)
-
-    def canonical_text(self) -> str:
-        """Canonical text form, also what the job compares."""
-        on = [name for name in _OPTIONS if getattr(self, name)]
-        return ",".join(on) if on else "none"
-
-    def apply(self, expr: pl.Expr) -> pl.Expr:
-        if self.nfc:
-            expr = expr.str.normalize("NFC")
-        if self.casefold:
-            expr = expr.str.to_lowercase()
-        if self.trim:
-            expr = expr.str.strip_chars(TRIM_CHARS)
-        return expr
-
 
 def key_scheme_id(normalization: Normalization, arity: int) -> str:
     """What parties of one job must share: record scheme, normalisation, key arity."""
-    return f"{KEY_SCHEME};normalize={normalization.canonical_text()};columns={arity}"
+    return f"{KEY_SCHEME};normalize={normalization.canonical()};columns={arity}"
+
+
+def normalized_expr(normalization: Normalization, expr: pl.Expr) -> pl.Expr:
+    """``expr`` (a string column) canonicalised as ``normalization`` says."""
+    if normalization.nfc:
+        expr = expr.str.normalize("NFC")
+    if normalization.casefold:
+        expr = expr.str.to_lowercase()
+    if normalization.trim:
+        expr = expr.str.strip_chars(TRIM_CHARS)
+    return expr
 
 
 def normalized_keys(
@@ -93,7 +54,7 @@ def normalized_keys(
     Composite keys are length-prefixed ("3:abc5:hello") so that ("ab", "c") and
     ("a", "bc") stay distinct.
     """
-    parts = [normalization.apply(pl.col(c).cast(pl.String)) for c in columns]
+    parts = [normalized_expr(normalization, pl.col(c).cast(pl.String)) for c in columns]
     if len(parts) == 1:
         key = parts[0]
     else:

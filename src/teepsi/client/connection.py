@@ -1,0 +1,399 @@
+"""One attested connection to a PSI server: verify the server, attest, join, upload, follow
+the job, fetch the result.
+
+Nothing leaves this process before the server's evidence has been verified and the
+gRPC channel pinned to exactly the certificate that carries that evidence.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import grpc
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from teepsi.attestation.collateral import (
+    FRESHNESS_TOLERANCE_SECONDS,
+    CollateralCache,
+    CollateralError,
+    CollateralFreshness,
+    collateral_for_quote,
+    fetch_collateral,
+)
+from teepsi.attestation.evidence import EvidenceError, EvidenceProvider, Role
+from teepsi.attestation.peer import PeerRejected, PeerVerifier, TrustedPeer
+from teepsi.attestation.policy import Policy
+from teepsi.attestation.providers import make_provider
+from teepsi.attestation.ratls import RaTlsError, extract_evidence
+from teepsi.attestation.transcript import join_transcript_digest
+from teepsi.attestation.verify import SIMULATED_WARNING
+from teepsi.client.config import PartyConfig
+from teepsi.client.progress import PhaseBar
+from teepsi.contract.party_keys import PartyPrivateKey, public_key_der, sign
+from teepsi.engine.intersect import sorted_unique_records
+from teepsi.engine.records import U64Array, records_from_bytes, seeds_from_bytes
+from teepsi.protocol import SESSION_METADATA
+from teepsi.protocol import teepsi_pb2 as pb
+from teepsi.protocol import teepsi_pb2_grpc as pb_grpc
+from teepsi.protocol.chunks import RECORDS_PER_CHUNK, iter_record_chunks, mark_last
+from teepsi.protocol.connect import PsiClientError, fetch_server_certificate, pinned_channel
+
+log = logging.getLogger(__name__)
+
+
+class _StreamBroken(Exception):
+    """The result stream was cut; fetching it again may work."""
+
+    def __init__(self, kind: str, detail: str = "") -> None:
+        super().__init__(f"{kind}: {detail}" if detail else kind)
+        self.kind = kind
+
+
+#: Pauses before fetching a broken result stream again (three tries in all).
+RESULT_RETRY_PAUSES = (0.5, 1.0, 2.0)
+
+
+def _rpc_error(what: str, exc: grpc.RpcError) -> PsiClientError:
+    code = exc.code() if hasattr(exc, "code") else None
+    details = exc.details() if hasattr(exc, "details") else str(exc)
+    name = code.name if code is not None else "UNKNOWN"
+    return PsiClientError(f"{what} failed: {name}: {details}")
+
+
+class PsiClient:
+    """One attested connection to a PSI server."""
+
+    def __init__(self, config: PartyConfig) -> None:
+        if not isinstance(config.policy, Policy):
+            # Fail closed: the verifier would read None as "judge no measurement".
+            raise PsiClientError("a policy for the server is required (PartyConfig.policy)")
+        self.config = config
+        self._deadline = time.monotonic() + config.timeout
+        try:
+            freshness = CollateralFreshness(
+                config.collateral_state, tolerance_seconds=FRESHNESS_TOLERANCE_SECONDS
+            )
+        except CollateralError as exc:
+            raise PsiClientError(f"--collateral-state: {exc}") from None
+        self._verifier = PeerVerifier(
+            config.policy, allow_simulated=config.allow_simulated, freshness=freshness
+        )
+        self._channel: grpc.Channel | None = None
+        self.server: TrustedPeer | None = None
+        self.server_certificate_sha256 = b""
+        self.server_certificate_der = b""
+        self.server_collateral_json = ""
+        self.requires_client_attestation = True
+
+    def out_of_time(self) -> bool:
+        """Whether this client's own --timeout has (all but) run out."""
+        return self._deadline - time.monotonic() < 0.5
+
+    def _remaining(self) -> float:
+        remaining = self._deadline - time.monotonic()
+        if remaining <= 0:
+            raise PsiClientError(f"gave up after --timeout {self.config.timeout:g} s")
+        return remaining
+
+    @property
+    def stub(self) -> Any:
+        if self._channel is None:
+            raise PsiClientError("not connected")
+        return pb_grpc.PsiStub(self._channel)
+
+    def close(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
+
+    def connect(self) -> TrustedPeer:
+        """Fetch, verify and pin the server's RA-TLS certificate."""
+        der = fetch_server_certificate(self.config.host, min(30.0, self._remaining()))
+        self._channel = pinned_channel(self.config.host, der)
+        # The pinned channel only reaches the holder of that key; nothing secret is sent
+        # until the evidence below is verified.
+        try:
+            evidence = self.stub.GetServerEvidence(
+                pb.GetServerEvidenceRequest(), timeout=min(30.0, self._remaining())
+            )
+        except grpc.RpcError as exc:
+            if exc.code() is grpc.StatusCode.UNIMPLEMENTED:
+                raise PsiClientError(
+                    f"{self.config.host} is a gRPC server without the teepsi service "
+                    "(teepsi.v1.Psi): not a teepsi server; check --host"
+                ) from None
+            raise _rpc_error("fetching the server's evidence", exc) from None
+        if not hmac.compare_digest(evidence.certificate_der, der):
+            raise PsiClientError("server's evidence names another certificate than its TLS one")
+        collateral = self._server_collateral(der, evidence.collateral_json or None)
+        try:
+            peer, extracted = self._verifier.verify_certificate(
+                der, collateral, what="server", role=Role.SERVER
+            )
+        except PeerRejected as exc:
+            raise PsiClientError(f"refusing the server: {exc}") from None
+        if peer.verified.simulated:
+            log.warning(
+                "%s: the server is trusted only because --allow-simulated was given",
+                SIMULATED_WARNING,
+            )
+        log.info("server attested: %s", peer.describe())
+        self.server = peer
+        self.server_certificate_sha256 = extracted.certificate_sha256
+        self.server_certificate_der = der
+        self.server_collateral_json = collateral or ""
+        self.requires_client_attestation = evidence.requires_client_attestation
+        return peer
+
+    def _server_collateral(self, certificate_der: bytes, stapled: str | None) -> str | None:
+        cfg = self.config
+        if cfg.server_collateral_json is not None:
+            return cfg.server_collateral_json
+        if cfg.pccs_url is None:
+            return stapled
+        try:
+            quote = extract_evidence(certificate_der, at=datetime.now(UTC)).quote
+            return fetch_collateral(quote, cfg.pccs_url, verify_tls=not cfg.insecure_pccs_tls)
+        except (RaTlsError, CollateralError) as exc:
+            raise PsiClientError(f"cannot fetch collateral for the server's quote: {exc}") from None
+
+    def _own_collateral(self, provider: EvidenceProvider, quote: bytes) -> str:
+        """Collateral for our own quote: the simulator's, or a PCCS's for real hardware."""
+        provided = provider.collateral_json(quote)
+        if provided:
+            return provided
+        try:
+            return collateral_for_quote(
+                quote,
+                pccs_url=self.config.pccs_url,
+                qcnl_path=None,
+                cache=CollateralCache(),
+                verify_tls=False if self.config.insecure_pccs_tls else None,
+            )
+        except CollateralError as exc:
+            raise PsiClientError(
+                f"cannot fetch collateral for this data provider's quote: {exc} "
+                "(set --pccs-url or PCCS_URL in /etc/sgx_default_qcnl.conf)"
+            ) from None
+
+    def join(self, key_scheme: str, *, resume: bool = False) -> tuple[bytes, tuple[int, int]]:
+        """Answer the server's challenge with our evidence; returns (session token, seeds).
+
+        With ``resume`` (under a job spec) the same proof asks for a new session for this
+        party's earlier upload instead of a new slot.
+        """
+        cfg = self.config
+        try:
+            challenge = self.stub.GetChallenge(
+                pb.GetChallengeRequest(job_id=cfg.job_id, party_name=cfg.name),
+                timeout=min(30.0, self._remaining()),
+            )
+        except grpc.RpcError as exc:
+            raise _rpc_error("requesting a challenge", exc) from None
+        # Under a job spec the party signs with the key the spec lists for it; in quick
+        # mode a fresh key only proves the quote and the join come from one holder.
+        key: PartyPrivateKey
+        if cfg.spec is not None:
+            if cfg.party_key is None:
+                raise PsiClientError("a job spec needs this party's private key (--key-file)")
+            key = cfg.party_key
+        else:
+            key = ed25519.Ed25519PrivateKey.generate()
+        public_der = public_key_der(key)
+        spec_sha256 = cfg.spec.digest() if cfg.spec is not None else b""
+        digest = join_transcript_digest(
+            nonce=challenge.nonce,
+            server_certificate_sha256=self.server_certificate_sha256,
+            job_id=cfg.job_id,
+            party_name=cfg.name,
+            party_public_key_sha256=hashlib.sha256(public_der).digest(),
+            spec_sha256=spec_sha256,
+        )
+        request = pb.JoinRequest(
+            job_id=cfg.job_id,
+            party_name=cfg.name,
+            party_count=cfg.party_count,
+            nonce=challenge.nonce,
+            party_public_key=public_der,
+            transcript_signature=sign(key, digest),
+            key_scheme=key_scheme,
+            job_spec=cfg.spec.canonical_bytes() if cfg.spec is not None else b"",
+            resume=resume,
+        )
+        if cfg.attestation != "none":
+            try:
+                provider = make_provider(cfg.attestation, Role.DATA_PROVIDER, sim_tee=cfg.sim_tee)
+                quote = provider.quote(digest)
+            except (EvidenceError, ValueError) as exc:
+                raise PsiClientError(
+                    f"cannot produce this data provider's evidence: {exc}"
+                ) from None
+            request.evidence.quote = quote
+            request.evidence.collateral_json = self._own_collateral(provider, quote)
+        elif self.requires_client_attestation:
+            raise PsiClientError(
+                "the server requires data providers to attest; run with --attestation gramine "
+                "(or sim in a simulated deployment)"
+            )
+        try:
+            response = self.stub.Join(request, timeout=min(60.0, self._remaining()))
+        except grpc.RpcError as exc:
+            raise _rpc_error("resuming" if resume else "joining the job", exc) from None
+        try:
+            seeds = seeds_from_bytes(bytes(response.key_seeds))
+        except ValueError:
+            raise PsiClientError("server sent malformed key seeds") from None
+        return bytes(response.session_token), seeds
+
+    def upload(self, token: bytes, hi: U64Array, lo: U64Array, progress: PhaseBar) -> int:
+        """Upload these records, in any order: they are sorted and de-duplicated first, as
+        the server takes records only ascending and distinct (a check when they are)."""
+        return self.upload_parts(token, [sorted_unique_records(hi, lo)], progress)
+
+    def upload_parts(
+        self, token: bytes, parts: Iterable[tuple[U64Array, U64Array]], progress: PhaseBar
+    ) -> int:
+        """Upload sorted, distinct records, given a part at a time (parts in order, so
+        that the whole upload is ascending)."""
+
+        def chunks() -> Iterator[Any]:
+            batches = (
+                chunk
+                for hi, lo in parts
+                for chunk in iter_record_chunks(hi, lo, records_per_chunk=RECORDS_PER_CHUNK)
+            )
+            for sequence, (payload, count, last) in enumerate(mark_last(batches)):
+                yield pb.UploadChunk(
+                    sequence=sequence, records=payload, record_count=count, last=last
+                )
+                progress.advance(count)
+
+        metadata = ((SESSION_METADATA, token.hex()),)
+        try:
+            summary = self.stub.Upload(chunks(), metadata=metadata, timeout=self._remaining())
+        except grpc.RpcError as exc:
+            raise _rpc_error("uploading the set", exc) from None
+        return int(summary.records_received)
+
+    def watch_progress(
+        self, token: bytes, on_progress: Callable[[Any], None]
+    ) -> Callable[[], None]:
+        """Follow the job's counts (``JobProgress`` messages) on a thread while this party
+        waits; returns the function that stops following. The server sends a message only
+        when something changes: the thread blocks on the stream, it does not poll."""
+        call = self.stub.WatchProgress(
+            pb.WatchProgressRequest(),
+            metadata=((SESSION_METADATA, token.hex()),),
+            timeout=self._remaining(),
+        )
+
+        def follow() -> None:
+            # Ends with the job's wait, a cancel, or an error: the result call reports those.
+            with contextlib.suppress(grpc.RpcError):
+                for message in call:
+                    on_progress(message)
+
+        thread = threading.Thread(target=follow, name="teepsi-progress", daemon=True)
+        thread.start()
+
+        def stop() -> None:
+            call.cancel()
+            thread.join(timeout=5)
+
+        return stop
+
+    def result(self, token: bytes) -> ReceivedResult:
+        """Read the whole result stream: records (if released), status, receipt.
+
+        A stream cut by the network is fetched again (the server keeps the result until
+        every party has read it to the end), a few times, within the overall timeout.
+        """
+        for attempt, pause in enumerate(RESULT_RETRY_PAUSES):
+            try:
+                payloads, last = self._read_result(token)
+                break
+            except _StreamBroken as broken:
+                if attempt == len(RESULT_RETRY_PAUSES) - 1 or self._remaining() <= pause:
+                    raise PsiClientError(f"waiting for the result failed: {broken}") from None
+                log.warning("result stream broke off (%s); fetching it again", broken.kind)
+                # A bounded, one-off back-off before retrying, not a polling loop.
+                time.sleep(pause)
+        else:  # pragma: no cover - the loop always breaks or raises
+            raise PsiClientError("waiting for the result failed")
+        return self._finish_result(payloads, last)
+
+    def _read_result(self, token: bytes) -> tuple[list[bytes], Any]:
+        metadata = ((SESSION_METADATA, token.hex()),)
+        payloads: list[bytes] = []
+        last: Any = None
+        try:
+            stream = self.stub.GetResult(
+                pb.GetResultRequest(), metadata=metadata, timeout=self._remaining()
+            )
+            for expected, chunk in enumerate(stream):
+                if chunk.sequence != expected or last is not None:
+                    raise PsiClientError("result stream arrived out of order")
+                payloads.append(bytes(chunk.records))
+                if chunk.last:
+                    # Keep reading to the end of the stream: the server records the
+                    # delivery (and may free the job) only once the stream completes.
+                    last = chunk
+        except grpc.RpcError as exc:
+            if exc.code() is grpc.StatusCode.UNAVAILABLE and "shutting down" not in str(
+                exc.details()
+            ):
+                raise _StreamBroken("UNAVAILABLE", str(exc.details())) from None
+            raise _rpc_error("waiting for the result", exc) from None
+        if last is None:
+            raise _StreamBroken("the stream ended before its last chunk")
+        return payloads, last
+
+    def _finish_result(self, payloads: list[bytes], last: Any) -> ReceivedResult:
+        canonical = b"".join(payloads)  # the records' canonical bytes, as digests hash them
+        payloads.clear()
+        hi, lo = records_from_bytes(canonical)
+        status = pb.ResultStatus.Name(last.status)
+        if status == "RELEASED" and (
+            last.total_records != len(hi)
+            or not hmac.compare_digest(hashlib.sha256(canonical).digest(), last.result_sha256)
+        ):
+            raise PsiClientError("result stream is incomplete or corrupted (digest mismatch)")
+        return ReceivedResult(
+            hi=hi,
+            lo=lo,
+            canonical=canonical,
+            status=status,
+            total=int(last.total_records),
+            sha256=bytes(last.result_sha256),
+            distinct=int(last.party_distinct_records),
+            receipt_json=str(last.receipt_json),
+            set_salt=bytes(last.set_digest_salt),
+            result_salt=bytes(last.result_digest_salt),
+        )
+
+
+@dataclass(frozen=True)
+class ReceivedResult:
+    """The result as the server sent it, checked whole: its records (if released), status,
+    counts, receipt and digest salts."""
+
+    hi: U64Array
+    lo: U64Array
+    #: The records as received: 16-byte little-endian records, in order.
+    canonical: bytes
+    status: str
+    total: int
+    sha256: bytes
+    distinct: int
+    receipt_json: str
+    set_salt: bytes
+    result_salt: bytes

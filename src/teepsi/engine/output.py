@@ -1,0 +1,57 @@
+"""Writing a data provider's matching rows: in its input's format, to a private file
+(atomically, mode 0600) or to standard output."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import BinaryIO
+
+import polars as pl
+
+from teepsi.engine.table_spec import TEXT_COLUMN, TableError, TableFormat, TableSpec
+from teepsi.privatefile import private_writer
+
+
+def text_lines(rows: pl.DataFrame) -> bytes:
+    """Text output as bytes: each item followed by a newline."""
+    if not len(rows):
+        return b""
+    return str((rows[TEXT_COLUMN] + "\n").str.join("")[0]).encode()
+
+
+#: ``--output -``: the rows go to standard output.
+STDOUT_PATH = "-"
+
+
+#: Text output is joined into lines this many rows at a time: the whole output joined at
+#: once would take about three more copies of it (a string, its bytes, the lines).
+TEXT_WRITE_ROWS = 1 << 18
+
+
+def _write_rows_to(rows: pl.DataFrame, spec: TableSpec, handle: BinaryIO) -> None:
+    if spec.format is TableFormat.TEXT:
+        for start in range(0, len(rows), TEXT_WRITE_ROWS):
+            handle.write(text_lines(rows.slice(start, TEXT_WRITE_ROWS)))
+    elif spec.format is TableFormat.CSV:
+        rows.write_csv(handle, separator=spec.delimiter, quote_char=spec.quote_char or '"')
+    else:
+        rows.write_parquet(handle)
+
+
+def write_rows(
+    rows: pl.DataFrame, spec: TableSpec, path: str | Path, *, stdout: BinaryIO | None = None
+) -> None:
+    """Write rows in the input's format: to ``path`` atomically with mode 0600 (the old
+    file, if any, stays whole until the new one is complete), or to ``stdout`` for "-"."""
+    try:
+        if str(path) == STDOUT_PATH:
+            out = stdout if stdout is not None else sys.stdout.buffer
+            _write_rows_to(rows, spec, out)
+            out.flush()
+            return
+        with private_writer(path) as handle:
+            _write_rows_to(rows, spec, handle)
+    except (OSError, pl.exceptions.PolarsError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
+        raise TableError(f"cannot write --output {path}: {reason}") from None
