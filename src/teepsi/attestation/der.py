@@ -9,6 +9,9 @@ loader refuses certificates still in circulation (Gramine built against mbedTLS 
 
 from __future__ import annotations
 
+import base64
+import binascii
+import re
 from datetime import UTC, datetime
 
 from teepsi.errors import TeepsiError
@@ -101,3 +104,21 @@ def encode(tag: int, content: bytes) -> bytes:
         return bytes([tag, n]) + content
     size = n.to_bytes((n.bit_length() + 7) // 8, "big")
     return bytes([tag, 0x80 | len(size)]) + size + content
+
+
+def certificate_der(certificate: bytes) -> bytes:
+    """A certificate as DER, given DER or PEM (the first CERTIFICATE block)."""
+    data = bytes(certificate)
+    # DER starts with a SEQUENCE tag. Looking for the PEM marker instead would misfire:
+    # DCAP quotes embed the PCK chain as PEM text, so DER RA-TLS certificates contain it.
+    if not data.startswith(b"\x30"):
+        match = re.search(
+            rb"-----BEGIN CERTIFICATE-----(.*?)-----END CERTIFICATE-----", data, re.DOTALL
+        )
+        if match is None:
+            raise DerError("PEM input has no CERTIFICATE block")
+        try:
+            return base64.b64decode(b"".join(match.group(1).split()), validate=True)
+        except binascii.Error:
+            raise DerError("PEM certificate block is not valid base64") from None
+    return data

@@ -29,17 +29,14 @@ is the verifier's.
 The certificate itself is parsed with the strict DER reader (:mod:`teepsi.attestation.der`)
 instead of ``cryptography``'s X.509 loader: Gramine builds linked against mbedTLS before
 3.5 wrote an explicit NULL into the ECDSA signature AlgorithmIdentifier, which
-``cryptography`` rejects, and such certificates are still in circulation. Quote signatures are not checked here; that is
-:mod:`teepsi.attestation.verify`'s job.
+``cryptography`` rejects, and such certificates are still in circulation. Quote
+signatures are not checked here; that is :mod:`teepsi.attestation.verify`'s job.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import hmac
-import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -55,6 +52,8 @@ from teepsi.attestation import der as der_reader
 from teepsi.attestation.evidence import REPORT_DATA_SIZE, EvidenceProvider
 from teepsi.attestation.quote import QuoteFormatError
 from teepsi.attestation.quote import quote_report_data as layout_report_data
+from teepsi.errors import TeepsiError
+from teepsi.timefmt import iso_utc
 
 LEGACY_QUOTE_OID_GRAMINE = x509.ObjectIdentifier("0.6.9.42.840.113741.1337.6")
 LEGACY_QUOTE_OID = x509.ObjectIdentifier("1.2.840.113741.1337.6")
@@ -92,7 +91,7 @@ SOURCE_TCG_DICE = "tcg-dice"
 SOURCE_LEGACY = "legacy"
 
 
-class RaTlsError(Exception):
+class RaTlsError(TeepsiError):
     """The certificate is not a usable RA-TLS certificate; the message is one line."""
 
 
@@ -333,20 +332,11 @@ def _read_certificate(der: bytes) -> _ParsedCertificate:
 
 
 def _certificate_der(certificate: bytes) -> bytes:
-    data = bytes(certificate)
-    # DER starts with a SEQUENCE tag. Looking for the PEM marker instead would misfire:
-    # DCAP quotes embed the PCK chain as PEM text, so DER RA-TLS certificates contain it.
-    if not data.startswith(b"\x30"):
-        match = re.search(
-            rb"-----BEGIN CERTIFICATE-----(.*?)-----END CERTIFICATE-----", data, re.DOTALL
-        )
-        if match is None:
-            raise RaTlsError("PEM input has no CERTIFICATE block")
-        try:
-            return base64.b64decode(b"".join(match.group(1).split()), validate=True)
-        except binascii.Error:
-            raise RaTlsError("PEM certificate block is not valid base64") from None
-    return data
+    """:func:`teepsi.attestation.der.certificate_der`, failing as RaTlsError."""
+    try:
+        return der_reader.certificate_der(certificate)
+    except der_reader.DerError as exc:
+        raise RaTlsError(str(exc)) from None
 
 
 # --- extracting ------------------------------------------------------------------------
@@ -441,17 +431,14 @@ def _read_tcg_evidence(value: bytes, spki_der: bytes) -> bytes:
 def _check_validity(parsed: _ParsedCertificate, at: datetime) -> None:
     if at.tzinfo is None:
         raise ValueError("extract_evidence: at must be timezone-aware")
-    stamp = "%Y-%m-%dT%H:%M:%SZ"
-    when = at.astimezone(UTC).strftime(stamp)
+    when = iso_utc(at)
     if at < parsed.not_before:
         raise RaTlsError(
-            f"certificate is not valid before {parsed.not_before.strftime(stamp)} "
+            f"certificate is not valid before {iso_utc(parsed.not_before)} "
             f"(judged at {when}): check the clocks"
         )
     if at > parsed.not_after:
-        raise RaTlsError(
-            f"certificate expired at {parsed.not_after.strftime(stamp)} (judged at {when})"
-        )
+        raise RaTlsError(f"certificate expired at {iso_utc(parsed.not_after)} (judged at {when})")
 
 
 def extract_evidence(certificate: bytes, *, at: datetime) -> ExtractedEvidence:
