@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from teepsi import __version__
+from teepsi.attestation.providers import PROVIDER_NAMES, SIM_TEES
 
 if TYPE_CHECKING:
     from teepsi.contract.receipt import SignedReceipt
@@ -918,7 +919,7 @@ def _sim_tee(args: argparse.Namespace) -> str:
 def _add_sim_tee_flag(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument(
         "--sim-tee",
-        choices=["sgx", "tdx"],
+        choices=list(SIM_TEES),
         help=f"with --attestation sim: the TEE to simulate, {what} (default sgx)",
     )
 
@@ -1031,11 +1032,12 @@ def _judge_signing_enclave(
     --allow-simulated; key binding; server role; with --config the policy) as of ``at``.
     Every offline check of a server certificate (verify-receipt, audit verify) comes here;
     raises _Refused with one line."""
-    from teepsi.attestation.collateral import iso_utc
     from teepsi.attestation.evidence import Role
     from teepsi.attestation.peer import PeerRejected, PeerVerifier
     from teepsi.attestation.policy import Policy, PolicyError
     from teepsi.attestation.verify import SIMULATED_WARNING
+    from teepsi.cli_evidence import SIMULATED_REMEDY
+    from teepsi.timefmt import iso_utc
 
     policy: Policy | None = None
     if args.config:
@@ -1043,7 +1045,9 @@ def _judge_signing_enclave(
             policy = Policy.load(args.config)
         except PolicyError as exc:
             raise UsageError(str(exc)) from None
-    verifier = PeerVerifier(policy, allow_simulated=args.allow_simulated)
+    verifier = PeerVerifier(
+        policy, allow_simulated=args.allow_simulated, simulated_remedy=SIMULATED_REMEDY
+    )
     try:
         peer, _ = verifier.verify_certificate(
             certificate, collateral, what="signing server", role=Role.SERVER, at=at, record=False
@@ -1280,7 +1284,7 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--config", help="policy for data providers (dynamic_config.json)")
     server.add_argument(
         "--attestation",
-        choices=["sim", "gramine", "tdx"],
+        choices=list(PROVIDER_NAMES),
         default="gramine",
         help="where this server's evidence comes from: gramine (SGX enclave), tdx (TDX "
         "VM, configfs-tsm) or sim (simulated; see --sim-tee)",
@@ -1461,7 +1465,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     client.add_argument(
         "--attestation",
-        choices=["sim", "gramine", "tdx", "none"],
+        choices=[*PROVIDER_NAMES, "none"],
         default="gramine",
         help="where this data provider's evidence comes from: gramine (SGX enclave), tdx "
         "(TDX VM, configfs-tsm), sim (simulated; see --sim-tee) or none",
