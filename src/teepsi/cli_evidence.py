@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import hashlib
 import json
 import re
 import sys
@@ -22,14 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from teepsi.attestation.certinspect import (
-    EXTENSION_NAMES,
-    SIGNATURE_NAMES,
     CertificateInspectionError,
     certificate_bytes,
-    key_type,
+    describe_certificate,
     load_certificate,
     quote_from_extensions,
-    self_signature,
 )
 from teepsi.attestation.collateral import (
     DEFAULT_QCNL_PATH,
@@ -42,11 +38,10 @@ from teepsi.attestation.collateral import (
     pccs_settings,
     quote_platform,
 )
-from teepsi.attestation.evidence import Role
 from teepsi.attestation.peer import PeerRejected, PeerVerifier
 from teepsi.attestation.policy import Policy, PolicyError, PolicyViolation, TcbAllowances
 from teepsi.attestation.quote import QuoteFormatError
-from teepsi.attestation.quoteinfo import QUOTE_VERSION_PREFIXES, quote_fields
+from teepsi.attestation.quoteinfo import QUOTE_VERSION_PREFIXES, embedded_quote_fields, quote_fields
 from teepsi.attestation.ratls import RaTlsError, extract_evidence
 from teepsi.attestation.sim import is_simulated_quote
 from teepsi.attestation.tcb import (
@@ -223,7 +218,8 @@ def _cmd_inspect_cert(args: argparse.Namespace) -> int:
         data = _read(args.cert, "certificate")
         der = certificate_bytes(data)
         cert, reencoded = load_certificate(der)
-        extensions = list(cert.extensions)
+        # Extensions that do not parse are unreadable input, as the certificate is.
+        out = describe_certificate(cert, der, reencoded=reencoded)
     except (_InputError, CertificateInspectionError, ValueError) as exc:
         _fail(command, f"{args.cert}: {exc}")
         return EXIT_USAGE
@@ -233,32 +229,6 @@ def _cmd_inspect_cert(args: argparse.Namespace) -> int:
         _fail(command, exc)
         return EXIT_USAGE
 
-    out: dict[str, Any] = {
-        "subject": cert.subject.rfc4514_string(),
-        "issuer": cert.issuer.rfc4514_string(),
-        "serial_number": format(cert.serial_number, "x"),
-        "not_before": iso_utc(cert.not_valid_before_utc),
-        "not_after": iso_utc(cert.not_valid_after_utc),
-        "key_type": key_type(cert),
-        "signature_algorithm": SIGNATURE_NAMES.get(
-            cert.signature_algorithm_oid.dotted_string, cert.signature_algorithm_oid.dotted_string
-        ),
-        "self_signature": self_signature(cert, der),
-        "certificate_sha256": hashlib.sha256(der).hexdigest(),
-        "extensions": [
-            {
-                "oid": ext.oid.dotted_string,
-                "name": EXTENSION_NAMES.get(ext.oid.dotted_string, "unknown"),
-                "critical": ext.critical,
-            }
-            for ext in extensions
-        ],
-    }
-    if reencoded:
-        out["note"] = (
-            "signature AlgorithmIdentifier carries explicit NULL parameters (Gramine built "
-            "with mbedTLS < 3.5); accepted, as Gramine's verifier accepts it"
-        )
     binding: dict[str, Any]
     quote: bytes | None
     try:
@@ -275,18 +245,7 @@ def _cmd_inspect_cert(args: argparse.Namespace) -> int:
             "public_key_sha256": evidence.public_key_sha256.hex(),
         }
     out["key_binding"] = binding
-    if quote is not None:
-        try:
-            quote_info: dict[str, Any] = quote_fields(quote)
-        except QuoteFormatError as exc:
-            quote_info = {"error": str(exc)}
-        # What the embedded chain claims; quote_verification below says what holds.
-        quote_info["simulated"] = is_simulated_quote(quote)
-        quote_info["quote_size"] = len(quote)
-        quote_info["quote_sha256"] = hashlib.sha256(quote).hexdigest()
-        out["quote"] = quote_info
-    else:
-        out["quote"] = None
+    out["quote"] = embedded_quote_fields(quote) if quote is not None else None
     verification = _verify_certificate_quote(der, binding, collateral, args)
     out["quote_verification"] = verification
     _emit(out)
@@ -322,13 +281,6 @@ def _verify_certificate_quote(
         result["verified_at"] = iso_utc(at)
         return result
     verified = peer.verified
-    if peer.role is not None:
-        role_name = peer.role.name.lower()
-    else:
-        assert verified.identity is not None
-        prod_id = verified.identity.isv_prod_id
-        roles = {int(role): role.name.lower() for role in Role}
-        role_name = roles.get(prod_id, f"none (ISV_PROD_ID {prod_id})")
     result.update(
         tee=verified.tee_type,
         verified=True,
@@ -336,7 +288,7 @@ def _verify_certificate_quote(
         tcb_status=verified.tcb_status,
         advisory_ids=list(verified.advisory_ids),
         verified_at=iso_utc(at),
-        role=role_name,
+        role=peer.role_name(),
         note="no policy applied: measurements, attributes and TCB status are not judged",
     )
     return result

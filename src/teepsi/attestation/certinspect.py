@@ -10,6 +10,9 @@ checked over the original TBS bytes. Nothing here decides trust: that is
 
 from __future__ import annotations
 
+import hashlib
+from typing import Any
+
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
@@ -23,6 +26,7 @@ from teepsi.attestation.ratls import (
     TEE_QUOTE_CBOR_TAG,
 )
 from teepsi.errors import TeepsiError
+from teepsi.timefmt import iso_utc
 
 
 class CertificateInspectionError(TeepsiError, ValueError):
@@ -188,3 +192,38 @@ def quote_from_extensions(cert: x509.Certificate) -> tuple[bytes | None, str | N
         if quote is not None:
             return quote, "legacy"
     return None, None
+
+
+def describe_certificate(cert: x509.Certificate, der: bytes, *, reencoded: bool) -> dict[str, Any]:
+    """Subject, issuer, validity, key, self-signature and extensions, as JSON fields.
+
+    Raises ValueError when the extensions cannot be parsed.
+    """
+    extensions = list(cert.extensions)
+    out: dict[str, Any] = {
+        "subject": cert.subject.rfc4514_string(),
+        "issuer": cert.issuer.rfc4514_string(),
+        "serial_number": format(cert.serial_number, "x"),
+        "not_before": iso_utc(cert.not_valid_before_utc),
+        "not_after": iso_utc(cert.not_valid_after_utc),
+        "key_type": key_type(cert),
+        "signature_algorithm": SIGNATURE_NAMES.get(
+            cert.signature_algorithm_oid.dotted_string, cert.signature_algorithm_oid.dotted_string
+        ),
+        "self_signature": self_signature(cert, der),
+        "certificate_sha256": hashlib.sha256(der).hexdigest(),
+        "extensions": [
+            {
+                "oid": ext.oid.dotted_string,
+                "name": EXTENSION_NAMES.get(ext.oid.dotted_string, "unknown"),
+                "critical": ext.critical,
+            }
+            for ext in extensions
+        ],
+    }
+    if reencoded:
+        out["note"] = (
+            "signature AlgorithmIdentifier carries explicit NULL parameters (Gramine built "
+            "with mbedTLS < 3.5); accepted, as Gramine's verifier accepts it"
+        )
+    return out

@@ -89,6 +89,16 @@ class TrustedPeer:
     #: an SGX enclave was checked without a role.
     role: Role | None = None
 
+    def role_name(self) -> str:
+        """The proven role in lower case; for an SGX enclave checked without a role, the
+        role its ISV_PROD_ID names, or ``none (ISV_PROD_ID n)``."""
+        if self.role is not None:
+            return self.role.name.lower()
+        assert self.verified.identity is not None
+        prod_id = self.verified.identity.isv_prod_id
+        roles = {int(role): role.name.lower() for role in Role}
+        return roles.get(prod_id, f"none (ISV_PROD_ID {prod_id})")
+
     def canonical_line(self) -> str:
         """The peer in one canonical line (measurements, role, TCB): for logs."""
         sim = " (SIMULATED)" if self.verified.simulated else ""

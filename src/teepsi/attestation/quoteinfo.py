@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import dcap_qvl
@@ -16,8 +17,9 @@ from teepsi.attestation.quote import (
     ReportBody,
     sgx_report_body_offset,
 )
+from teepsi.attestation.sim import is_simulated_quote
 
-__all__ = ["QUOTE_VERSION_PREFIXES", "quote_fields"]
+__all__ = ["QUOTE_VERSION_PREFIXES", "embedded_quote_fields", "quote_fields"]
 
 
 def _flag_names(flags: int) -> list[str]:
@@ -72,4 +74,20 @@ def quote_fields(quote: bytes) -> dict[str, Any]:
         fields.update(fmspc=platform.fmspc, pck_ca=platform.ca)
     except CollateralError:
         fields.update(fmspc=None, pck_ca=None)
+    return fields
+
+
+def embedded_quote_fields(quote: bytes) -> dict[str, Any]:
+    """:func:`quote_fields` of a certificate's quote, with what its chain claims and its size.
+
+    Unparsable fields become ``{"error": …}``; ``simulated`` is what the embedded chain
+    claims, not what verification found.
+    """
+    try:
+        fields = quote_fields(quote)
+    except QuoteFormatError as exc:
+        fields = {"error": str(exc)}
+    fields["simulated"] = is_simulated_quote(quote)
+    fields["quote_size"] = len(quote)
+    fields["quote_sha256"] = hashlib.sha256(quote).hexdigest()
     return fields
