@@ -28,7 +28,6 @@ from teepsi.attestation.collateral.errors import CollateralError
 from teepsi.attestation.collateral.pccs import DEFAULT_TIMEOUT_SECONDS, fetch_collateral
 from teepsi.attestation.collateral.qcnl import pccs_settings
 from teepsi.attestation.evidence import EvidenceProvider
-from teepsi.attestation.trust import verify_trusted_quote
 from teepsi.attestation.verify import QuoteVerificationError
 
 log = logging.getLogger(__name__)
@@ -119,6 +118,10 @@ def _check_own_quote(quote: bytes, collateral_json: str, now: int) -> None:
     Simulation is allowed here only to pick the simulated root for simulated quotes; a
     real quote is checked against Intel's root either way.
     """
+    # Imported here: trust reads collateral dates (this package), so a module-level
+    # import would be circular whichever of the two is imported first.
+    from teepsi.attestation.trust import verify_trusted_quote
+
     try:
         verified = verify_trusted_quote(quote, collateral_json, allow_simulated=True, now=now)
     except QuoteVerificationError as exc:
