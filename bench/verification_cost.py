@@ -24,7 +24,7 @@ from teepsi.attestation.measure import sim_identity
 from teepsi.attestation.peer import PeerRejected, PeerVerifier
 from teepsi.attestation.policy import policy_for
 from teepsi.attestation.sim import SimPlatform
-from teepsi.attestation.verify import verify_quote
+from teepsi.attestation.trust import verify_trusted_quote
 
 
 def _ms(call: Callable[[], object], rounds: int) -> float:
@@ -59,7 +59,7 @@ def main() -> None:
         with_file = PeerVerifier(policy, allow_simulated=True, freshness=state)
         rows = {
             "refuse a join its quote does not bind": refused,
-            "dcap-qvl verification alone": lambda: verify_quote(
+            "dcap-qvl verification alone": lambda: verify_trusted_quote(
                 quote, collateral, allow_simulated=True
             ),
             "accept, rollback state in memory": lambda: in_memory.verify_bound_quote(

@@ -42,7 +42,8 @@ with atheris.instrument_imports(include=["teepsi"]):
         SimTdxPlatform,
         is_simulated_quote,
     )
-    from teepsi.attestation.verify import QuoteVerificationError, verify_quote
+    from teepsi.attestation.trust import verify_trusted_quote
+    from teepsi.attestation.verify import QuoteVerificationError
 
 VECTORS = Path(__file__).resolve().parent.parent / "tests" / "vectors" / "sgx-dcap"
 INTEL_COLLATERAL = (VECTORS / "sgx_quote_collateral.json").read_text()
@@ -83,7 +84,7 @@ def TestOneInput(data: bytes) -> None:  # noqa: N802 (the name atheris expects)
     else:
         collateral, now = (INTEL_TDX_COLLATERAL if tdx else INTEL_COLLATERAL), INTEL_NOW
     try:
-        verified = verify_quote(data, collateral, allow_simulated=True, now=now)
+        verified = verify_trusted_quote(data, collateral, allow_simulated=True, now=now)
     except QuoteVerificationError as exc:
         assert "\n" not in str(exc), f"QuoteVerificationError is not one line: {exc!r}"
         return

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 from fake_pccs import FakePccs
 
-from teepsi.attestation import collateral as collateral_mod
 from teepsi.attestation.collateral import (
     CollateralCache,
     CollateralError,
@@ -26,10 +25,14 @@ from teepsi.attestation.collateral import (
     load_collateral_file,
     pccs_settings,
 )
+from teepsi.attestation.collateral import pccs as pccs_mod
+from teepsi.attestation.collateral import qcnl as qcnl_mod
+from teepsi.attestation.collateral import sources as sources_mod
 from teepsi.attestation.evidence import Role
 from teepsi.attestation.measure import sim_identity
 from teepsi.attestation.sim import SimPlatform, SimPlatformConfig
-from teepsi.attestation.verify import verify_quote
+from teepsi.attestation.trust import verify_trusted_quote
+from teepsi.timefmt import iso_utc
 
 VECTORS = Path(__file__).resolve().parent / "vectors" / "sgx-dcap"
 PINNED = 1750330631
@@ -77,7 +80,7 @@ def test_fetch_real_sgx_vector_verifies(api_version: str, crl_encoding: str) -> 
         ]
     # Same documents, byte for byte where Intel's signatures cover them.
     assert json.loads(fetched) == json.loads(expected)
-    verified = verify_quote(quote, fetched, now=PINNED)
+    verified = verify_trusted_quote(quote, fetched, now=PINNED)
     assert verified.tcb_status == "ConfigurationAndSWHardeningNeeded"
     assert verified.advisory_ids == ("INTEL-SA-00289", "INTEL-SA-00615")
 
@@ -89,14 +92,14 @@ def test_fetch_tdx_vector_uses_tdx_endpoints() -> None:
         assert "/tdx/certification/v4/tcb" in pccs.paths
         assert "/tdx/certification/v4/qe/identity" in pccs.paths
         assert "/sgx/certification/v4/pckcrl" in pccs.paths
-    assert verify_quote(quote, fetched, now=PINNED).tcb_status == "UpToDate"
+    assert verify_trusted_quote(quote, fetched, now=PINNED).tcb_status == "UpToDate"
 
 
 def test_fetch_for_sim_quote_verifies_now() -> None:
     platform, quote = _sim()
     with FakePccs(platform.collateral_json()) as pccs:
         fetched = fetch_collateral(quote, pccs.url)
-    verified = verify_quote(quote, fetched, allow_simulated=True)
+    verified = verify_trusted_quote(quote, fetched, allow_simulated=True)
     assert verified.simulated and verified.tcb_status == "UpToDate"
     assert verified.identity == sim_identity(Role.SERVER)
 
@@ -116,7 +119,7 @@ def test_self_signed_pccs_needs_insecure_tls() -> None:
             fetch_collateral(quote, pccs.url)
         assert "USE_SECURE_CERT=FALSE" in _one_line(exc)
         fetched = fetch_collateral(quote, pccs.url, verify_tls=False)
-    assert verify_quote(quote, fetched, allow_simulated=True).simulated
+    assert verify_trusted_quote(quote, fetched, allow_simulated=True).simulated
 
 
 @pytest.mark.parametrize("url", ["ftp://pccs:8081/", "pccs:8081", "", "https:///sgx/"])
@@ -178,7 +181,7 @@ def test_root_ca_crl_from_distribution_point(monkeypatch: pytest.MonkeyPatch) ->
     def fake_get(self: PccsClient, url: str, what: str) -> object:
         if url.startswith("https://certificates.trustedservices.intel.com/"):
             asked.append(url)
-            return collateral_mod._Response(headers=Message(), body=root_crl)
+            return pccs_mod._Response(headers=Message(), body=root_crl)
         return original(self, url, what)
 
     monkeypatch.setattr(PccsClient, "_get", fake_get)
@@ -186,7 +189,7 @@ def test_root_ca_crl_from_distribution_point(monkeypatch: pytest.MonkeyPatch) ->
         pccs.missing.add("rootcacrl")
         fetched = fetch_collateral(quote, pccs.url)
     assert asked == ["https://certificates.trustedservices.intel.com/IntelSGXRootCA.der"]
-    assert verify_quote(quote, fetched, now=PINNED).tcb_status.startswith("Configuration")
+    assert verify_trusted_quote(quote, fetched, now=PINNED).tcb_status.startswith("Configuration")
 
 
 def test_redirects_to_http_only() -> None:
@@ -201,7 +204,7 @@ def test_redirects_to_http_only() -> None:
         front.redirect = "ftp://127.0.0.1:21"
         with pytest.raises(CollateralError) as exc:
             fetch_collateral(quote, front.url)
-    assert verify_quote(quote, fetched, allow_simulated=True).simulated
+    assert verify_trusted_quote(quote, fetched, allow_simulated=True).simulated
     assert "HTTP 302" in _one_line(exc)
 
 
@@ -247,7 +250,7 @@ def test_cache_hit_and_refetch_after_next_update() -> None:
         clock.now = t0 + 2 * DAY + 1
         second = collateral_for_quote(quote, pccs_url=pccs.url, qcnl_path=None, cache=cache)
         assert second == newer and pccs.count("tcb") == 2
-    assert verify_quote(quote, second, allow_simulated=True, now=int(clock.now)).simulated
+    assert verify_trusted_quote(quote, second, allow_simulated=True, now=int(clock.now)).simulated
 
 
 def test_cache_refreshes_daily_and_before_expiry() -> None:
@@ -297,7 +300,7 @@ def test_cache_refuses_collateral_that_does_not_verify_the_quote() -> None:
     _, intel = _vector("sgx_quote")
     cache = CollateralCache(clock=Clock(PINNED))
     with pytest.raises(CollateralError) as exc:
-        cache.get(quote, lambda q: intel, validate=collateral_mod._validate_own_quote)
+        cache.get(quote, lambda q: intel, validate=sources_mod._check_own_quote)
     assert "does not verify our own quote" in _one_line(exc)
 
 
@@ -334,7 +337,7 @@ def test_collateral_for_quote_reads_qcnl(tmp_path: Path) -> None:
             '{\n  // our PCCS\n  "pccs_url": "' + pccs.url + '"\n  ,"use_secure_cert": false\n}\n'
         )
         got = collateral_for_quote(quote, pccs_url=None, qcnl_path=conf, cache=CollateralCache())
-        assert verify_quote(quote, got, allow_simulated=True).simulated
+        assert verify_trusted_quote(quote, got, allow_simulated=True).simulated
         conf.write_text(f"PCCS_URL={pccs.url}\nUSE_SECURE_CERT=TRUE\n")
         with pytest.raises(CollateralError) as exc:
             collateral_for_quote(quote, pccs_url=None, qcnl_path=conf, cache=CollateralCache())
@@ -351,14 +354,14 @@ def test_rollback_refused() -> None:
     t0 = int(time.time()) - 10 * DAY
     old, new = _sim_collateral(t0), _sim_collateral(t0 + 5 * DAY)
     freshness = CollateralFreshness()
-    freshness.observe(old, source=SOURCE)
-    freshness.observe(new, source=SOURCE)
-    freshness.observe(new, source=SOURCE)  # the same collateral again is fine
+    freshness.check_and_record(old, source=SOURCE)
+    freshness.check_and_record(new, source=SOURCE)
+    freshness.check_and_record(new, source=SOURCE)  # the same collateral again is fine
     with pytest.raises(CollateralRollbackError) as exc:
-        freshness.observe(old, source=SOURCE)
+        freshness.check_and_record(old, source=SOURCE)
     text = _one_line(exc)
-    assert text.startswith(f"collateral issued {collateral_mod.iso_utc(t0)} is older than ")
-    assert f"this platform showed before ({collateral_mod.iso_utc(t0 + 5 * DAY)})" in text
+    assert text.startswith(f"collateral issued {iso_utc(t0)} is older than ")
+    assert f"this platform showed before ({iso_utc(t0 + 5 * DAY)})" in text
     assert text.endswith("refusing a possible rollback")
 
 
@@ -374,32 +377,40 @@ def _with_evaluation_number(collateral_json: str, number: int) -> str:
 def test_tolerance_for_several_sources_but_never_a_lower_evaluation_number() -> None:
     t0 = int(time.time()) - 10 * DAY
     freshness = CollateralFreshness(tolerance_seconds=DAY)
-    freshness.observe(_sim_collateral(t0 + DAY), source=SOURCE)
-    freshness.observe(_sim_collateral(t0 + 1), source=SOURCE)  # a day older than seen: tolerated
+    freshness.check_and_record(_sim_collateral(t0 + DAY), source=SOURCE)
+    freshness.check_and_record(
+        _sim_collateral(t0 + 1), source=SOURCE
+    )  # a day older than seen: tolerated
     with pytest.raises(CollateralRollbackError):
-        freshness.observe(_sim_collateral(t0 - 1), source=SOURCE)
+        freshness.check_and_record(_sim_collateral(t0 - 1), source=SOURCE)
     with pytest.raises(CollateralRollbackError) as exc:
-        freshness.observe(_with_evaluation_number(_sim_collateral(t0 + DAY), 16), source=SOURCE)
+        freshness.check_and_record(
+            _with_evaluation_number(_sim_collateral(t0 + DAY), 16), source=SOURCE
+        )
     assert "TCB evaluation data number 16, lower than 17" in _one_line(exc)
-    freshness.observe(_with_evaluation_number(_sim_collateral(t0 + DAY), 18), source=SOURCE)
+    freshness.check_and_record(
+        _with_evaluation_number(_sim_collateral(t0 + DAY), 18), source=SOURCE
+    )
     with pytest.raises(CollateralRollbackError):
-        freshness.observe(_sim_collateral(t0 + DAY), source=SOURCE)  # back to 17
+        freshness.check_and_record(_sim_collateral(t0 + DAY), source=SOURCE)  # back to 17
 
 
 def test_check_does_not_record() -> None:
     t0 = int(time.time()) - 10 * DAY
     freshness = CollateralFreshness()
     freshness.check(_sim_collateral(t0 + DAY), source=SOURCE)
-    freshness.observe(_sim_collateral(t0), source=SOURCE)  # nothing was recorded by check()
+    freshness.check_and_record(
+        _sim_collateral(t0), source=SOURCE
+    )  # nothing was recorded by check()
 
 
 def test_rollback_state_persists(tmp_path: Path) -> None:
     t0 = int(time.time()) - 10 * DAY
     state = tmp_path / "collateral-state.json"
-    CollateralFreshness(state).observe(_sim_collateral(t0 + DAY), source=SOURCE)
+    CollateralFreshness(state).check_and_record(_sim_collateral(t0 + DAY), source=SOURCE)
     assert json.loads(state.read_text())["version"] == 2
     with pytest.raises(CollateralRollbackError):
-        CollateralFreshness(state).observe(_sim_collateral(t0), source=SOURCE)
+        CollateralFreshness(state).check_and_record(_sim_collateral(t0), source=SOURCE)
     state.write_text("{not json")
     with pytest.raises(CollateralError) as exc:
         CollateralFreshness(state)
@@ -409,9 +420,9 @@ def test_rollback_state_persists(tmp_path: Path) -> None:
 def test_rollback_state_is_per_trust_root() -> None:
     """Simulated collateral dated now must not make Intel's real collateral look old."""
     freshness = CollateralFreshness()
-    freshness.observe(_sim_collateral(int(time.time()) - 600), source=SOURCE)
+    freshness.check_and_record(_sim_collateral(int(time.time()) - 600), source=SOURCE)
     _, intel = _vector("sgx_quote")
-    freshness.observe(intel, source=SOURCE)
+    freshness.check_and_record(intel, source=SOURCE)
 
 
 def test_rollback_refusal_in_the_verification_path() -> None:
@@ -424,7 +435,9 @@ def test_rollback_refusal_in_the_verification_path() -> None:
     new = platform_new.collateral_json()
     verifier.verify_bound_quote(quote, new, quote[368:432], what="peer", role=None)
     old = _sim_collateral(t0)
-    verify_quote(quote, old, allow_simulated=True, now=t0 + 60)  # a host with its clock rolled back
+    verify_trusted_quote(
+        quote, old, allow_simulated=True, now=t0 + 60
+    )  # a host with its clock rolled back
     with pytest.raises(PeerRejected, match="refusing a possible rollback"):
         verifier.verify_bound_quote(quote, old, quote[368:432], what="peer", role=None, at=t0 + 60)
 
@@ -435,7 +448,7 @@ def test_describe_collateral_on_vector() -> None:
     assert info.fmspc == "00A067110000" and info.tee_type == "SGX"
     kinds = [item.kind for item in info.items]
     assert kinds == ["TCB info", "QE identity", "PCK CRL", "root CA CRL"]
-    assert collateral_mod.iso_utc(info.items[0].issued) == "2025-06-19T10:56:11Z"
+    assert iso_utc(info.items[0].issued) == "2025-06-19T10:56:11Z"
     assert info.expired(PINNED) == []
     assert "root CA CRL (Intel SGX Root CA) expired 2026-04-03" in info.describe_expired(1800000000)
 
@@ -552,7 +565,7 @@ def test_pccs_settings(tmp_path: Path) -> None:
     assert pccs_settings(None, conf).verify_tls is False
     assert pccs_settings(None, conf, verify_tls=True).verify_tls is True
     # An explicit URL keeps TLS verification on unless told otherwise.
-    assert pccs_settings("https://cli:8081/", None) == collateral_mod.PccsSettings(
+    assert pccs_settings("https://cli:8081/", None) == qcnl_mod.PccsSettings(
         "https://cli:8081/", True
     )
     assert pccs_settings("https://cli:8081/", conf).verify_tls is False
@@ -562,10 +575,11 @@ def test_pccs_settings(tmp_path: Path) -> None:
 def test_pccs_settings_without_default_file(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    monkeypatch.setattr(collateral_mod, "DEFAULT_QCNL_PATH", tmp_path / "absent.conf")
+    monkeypatch.setattr(qcnl_mod, "DEFAULT_QCNL_PATH", tmp_path / "absent.conf")
     with pytest.raises(CollateralError) as exc:
         pccs_settings(None, None)
-    assert "pass --pccs-url or set PCCS_URL" in _one_line(exc)
+    assert "no PCCS URL: set PCCS_URL in" in _one_line(exc)
+    assert isinstance(exc.value, qcnl_mod.PccsUrlMissing)  # the CLI adds "pass --pccs-url"
 
 
 # --- collateral files ------------------------------------------------------------------

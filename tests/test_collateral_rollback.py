@@ -118,10 +118,10 @@ def test_accepted_peer_raises_the_floor_of_its_own_platform_only() -> None:
     _, newer = _evidence(tcb_evaluation_data_number=18)
     _, older = _evidence()
     freshness = CollateralFreshness(tolerance_seconds=FRESHNESS_TOLERANCE_SECONDS)
-    freshness.observe(newer, source=a)
-    freshness.observe(older, source=b)  # another platform whose PCCS lags: accepted
+    freshness.check_and_record(newer, source=a)
+    freshness.check_and_record(older, source=b)  # another platform whose PCCS lags: accepted
     with pytest.raises(CollateralRollbackError, match="lower than 18"):
-        freshness.observe(older, source=a)  # platform A going back: a rollback
+        freshness.check_and_record(older, source=a)  # platform A going back: a rollback
 
 
 def test_accepted_peer_is_recorded_and_its_platform_cannot_go_back() -> None:
@@ -147,10 +147,10 @@ def test_processes_sharing_a_state_file_never_forget_each_other(tmp_path: Path) 
     second = CollateralFreshness(state)  # loaded before `first` records anything
     _, newer = _evidence(tcb_evaluation_data_number=18)
     _, older = _evidence()
-    first.observe(newer, source="ppid:01")
-    second.observe(older, source="ppid:02")  # must merge, not overwrite ppid:01's record
+    first.check_and_record(newer, source="ppid:01")
+    second.check_and_record(older, source="ppid:02")  # must merge, not overwrite ppid:01's record
     with pytest.raises(CollateralRollbackError):
-        CollateralFreshness(state).observe(older, source="ppid:01")
+        CollateralFreshness(state).check_and_record(older, source="ppid:01")
     with pytest.raises(CollateralRollbackError):
         second.check(older, source="ppid:01")  # re-reads the file too
 

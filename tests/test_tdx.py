@@ -53,7 +53,8 @@ from teepsi.attestation.sim import (
     is_simulated_quote,
 )
 from teepsi.attestation.transcript import join_transcript_digest
-from teepsi.attestation.verify import QuoteVerificationError, SimulatedEvidenceRefused, verify_quote
+from teepsi.attestation.trust import verify_trusted_quote
+from teepsi.attestation.verify import QuoteVerificationError, SimulatedEvidenceRefused
 
 VECTORS = Path(__file__).parent / "vectors" / "sgx-dcap"
 REAL_TDX_AT = 1750330631
@@ -123,7 +124,7 @@ def test_sim_tdx_verified_by_the_same_dcap_call_under_the_simulated_root() -> No
     platform = SimTdxPlatform()
     identity = sim_td_identity()
     quote = platform.quote(identity, bytes(64))
-    verified = verify_quote(quote, platform.collateral_json(), allow_simulated=True)
+    verified = verify_trusted_quote(quote, platform.collateral_json(), allow_simulated=True)
     assert (verified.tee_type, verified.tcb_status, verified.simulated) == ("TDX", "UpToDate", True)
     assert verified.identity is None
     assert verified.td == identity
@@ -135,7 +136,7 @@ def test_sim_tdx_refused_under_intels_root() -> None:
     quote = platform.quote(sim_td_identity(), bytes(64))
     # The library names no flag; the refusing side (PeerVerifier) adds its remedy.
     with pytest.raises(SimulatedEvidenceRefused, match=r"SIMULATED .* under Intel's root"):
-        verify_quote(quote, platform.collateral_json())
+        verify_trusted_quote(quote, platform.collateral_json())
 
 
 def test_sim_tdx_tcb_status_comes_from_its_signed_tdx_tcb_info() -> None:
@@ -146,7 +147,7 @@ def test_sim_tdx_tcb_status_comes_from_its_signed_tdx_tcb_info() -> None:
     assert len(info["tcbLevels"][0]["tcb"]["tdxtcbcomponents"]) == 16
     qe = json.loads(json.loads(platform.collateral_json())["qe_identity"])
     assert (qe["id"], qe["isvprodid"]) == ("TD_QE", 2)
-    verified = verify_quote(
+    verified = verify_trusted_quote(
         platform.quote(sim_td_identity(), bytes(64)),
         platform.collateral_json(),
         allow_simulated=True,
@@ -157,7 +158,7 @@ def test_sim_tdx_tcb_status_comes_from_its_signed_tdx_tcb_info() -> None:
 def test_real_tdx_vectors_through_the_same_quote_stage() -> None:
     quote = (VECTORS / "tdx_quote").read_bytes()
     collateral = (VECTORS / "tdx_quote_collateral.json").read_text()
-    verified = verify_quote(quote, collateral, now=REAL_TDX_AT)
+    verified = verify_trusted_quote(quote, collateral, now=REAL_TDX_AT)
     assert (verified.tee_type, verified.tcb_status, verified.simulated) == (
         "TDX",
         "UpToDate",
@@ -165,7 +166,7 @@ def test_real_tdx_vectors_through_the_same_quote_stage() -> None:
     )
     assert verified.td is not None and verified.td.mr_td.hex() == REAL_MR_TD
     with pytest.raises(QuoteVerificationError):
-        verify_quote(quote, collateral)  # today: its collateral has expired
+        verify_trusted_quote(quote, collateral)  # today: its collateral has expired
 
 
 # --- policy: tdx_mrs -------------------------------------------------------------------
@@ -280,7 +281,7 @@ def test_tdx_server_certificate_verifies_with_its_role() -> None:
     assert peer.role is Role.SERVER and peer.verified.tee_type == "TDX"
     assert peer.matched is not None and peer.matched.name == "teepsi VM"
     assert evidence.source == "tcg-dice"
-    assert peer.describe().startswith(f"TDX MRTD {sim_td_identity().mr_td.hex()}")
+    assert peer.canonical_line().startswith(f"TDX MRTD {sim_td_identity().mr_td.hex()}")
 
 
 def test_refused_another_mrtd() -> None:
@@ -315,7 +316,8 @@ def test_refused_a_tcb_status_without_its_flag() -> None:
 
 def test_refused_simulated_tdx_under_intels_root() -> None:
     message = _refused(_policy(), _certificate(), allow_simulated=False)
-    assert "SIMULATED" in message and "--allow-simulated" in message
+    # The library names no flag; the CLI and client add theirs (test_end_to_end checks it).
+    assert "SIMULATED" in message and "allow simulated evidence" in message
 
 
 def test_refused_a_data_provider_vm_posing_as_the_server() -> None:

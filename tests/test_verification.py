@@ -13,10 +13,10 @@ from teepsi.attestation.measure import sim_identity
 from teepsi.attestation.peer import PeerRejected, PeerVerifier
 from teepsi.attestation.policy import Policy, TcbAllowances, policy_for
 from teepsi.attestation.sim import SimPlatform, SimPlatformConfig, TcbStatus
+from teepsi.attestation.trust import verify_trusted_quote
 from teepsi.attestation.verify import (
     QuoteVerificationError,
     SimulatedEvidenceRefused,
-    verify_quote,
 )
 
 VECTORS = Path(__file__).resolve().parent / "vectors" / "sgx-dcap"
@@ -48,7 +48,7 @@ def _verifier(*identities: EnclaveIdentity, tcb: TcbAllowances | None = None) ->
 
 def test_real_sgx_vector_at_pinned_time():
     quote, collateral = _vector("sgx_quote")
-    verified = verify_quote(quote, collateral, now=1750330631)
+    verified = verify_trusted_quote(quote, collateral, now=1750330631)
     assert verified.tcb_status == "ConfigurationAndSWHardeningNeeded"
     assert verified.advisory_ids == ("INTEL-SA-00289", "INTEL-SA-00615")
     assert not verified.simulated
@@ -62,7 +62,7 @@ def test_real_sgx_vector_at_pinned_time():
 
 def test_real_sgx_vector_policy_needs_both_flags():
     quote, collateral = _vector("sgx_quote")
-    verified = verify_quote(quote, collateral, now=1750330631)
+    verified = verify_trusted_quote(quote, collateral, now=1750330631)
     assert verified.identity is not None
     policy = policy_for([("vector", verified.identity)])
     with pytest.raises(Exception, match="ConfigurationAndSWHardeningNeeded"):
@@ -78,17 +78,17 @@ def test_real_sgx_vector_policy_needs_both_flags():
 def test_real_sgx_vector_now_fails_on_expired_collateral():
     quote, collateral = _vector("sgx_quote")
     with pytest.raises(QuoteVerificationError, match=r"(?i)expired"):
-        verify_quote(quote, collateral)
+        verify_trusted_quote(quote, collateral)
 
 
 def test_real_tdx_vectors():
     quote, collateral = _vector("tdx_quote")
-    verified = verify_quote(quote, collateral, now=1750330631)
+    verified = verify_trusted_quote(quote, collateral, now=1750330631)
     assert verified.tcb_status == "UpToDate"
     assert verified.tee_type == "TDX" and verified.identity is None
     quote, collateral = _vector("tdx_quote_outdated")
     with pytest.raises(QuoteVerificationError, match="No matching TCB level"):
-        verify_quote(quote, collateral, now=1771500000)
+        verify_trusted_quote(quote, collateral, now=1771500000)
 
 
 def test_tampered_real_quote_rejected():
@@ -96,7 +96,7 @@ def test_tampered_real_quote_rejected():
     tampered = bytearray(quote)
     tampered[112] ^= 1  # first byte of MRENCLAVE
     with pytest.raises(QuoteVerificationError):
-        verify_quote(bytes(tampered), collateral, now=1750330631)
+        verify_trusted_quote(bytes(tampered), collateral, now=1750330631)
 
 
 # -- simulated evidence -------------------------------------------------------------
@@ -106,8 +106,8 @@ def test_simulated_quote_needs_explicit_permission():
     quote, collateral, _ = _sim_quote()
     # The refusal names no flag: the remedy is the verifying side's, which its caller names.
     with pytest.raises(SimulatedEvidenceRefused, match=r"SIMULATED"):
-        verify_quote(quote, collateral)
-    verified = verify_quote(quote, collateral, allow_simulated=True)
+        verify_trusted_quote(quote, collateral)
+    verified = verify_trusted_quote(quote, collateral, allow_simulated=True)
     assert verified.simulated and verified.tcb_status == "UpToDate"
     assert verified.report_data == REPORT_DATA
 
@@ -116,12 +116,12 @@ def test_simulated_quote_rejected_under_intel_root_even_with_real_collateral():
     quote, _, _ = _sim_quote()
     _, real_collateral = _vector("sgx_quote")
     with pytest.raises(QuoteVerificationError):
-        verify_quote(quote, real_collateral, now=1750330631)
+        verify_trusted_quote(quote, real_collateral, now=1750330631)
 
 
 def test_real_quote_is_not_verified_against_the_sim_root():
     quote, collateral = _vector("sgx_quote")
-    verified = verify_quote(quote, collateral, allow_simulated=True, now=1750330631)
+    verified = verify_trusted_quote(quote, collateral, allow_simulated=True, now=1750330631)
     assert not verified.simulated
 
 
@@ -131,7 +131,7 @@ def test_tampered_sim_quote_rejected(offset):
     tampered = bytearray(quote)
     tampered[offset] ^= 0x80
     with pytest.raises(QuoteVerificationError):
-        verify_quote(bytes(tampered), collateral, allow_simulated=True)
+        verify_trusted_quote(bytes(tampered), collateral, allow_simulated=True)
 
 
 def test_flipped_report_data_rejected_by_binding():
@@ -149,15 +149,15 @@ def test_expired_collateral_rejected():
         collateral_validity_seconds=24 * 3600,
     )
     with pytest.raises(QuoteVerificationError, match=r"(?i)expired"):
-        verify_quote(quote, collateral, allow_simulated=True)
+        verify_trusted_quote(quote, collateral, allow_simulated=True)
 
 
 def test_missing_or_garbage_collateral_rejected():
     quote, _, _ = _sim_quote()
     with pytest.raises(QuoteVerificationError, match="no collateral"):
-        verify_quote(quote, None, allow_simulated=True)
+        verify_trusted_quote(quote, None, allow_simulated=True)
     with pytest.raises(QuoteVerificationError, match="collateral"):
-        verify_quote(quote, "{not json", allow_simulated=True)
+        verify_trusted_quote(quote, "{not json", allow_simulated=True)
 
 
 def test_debug_enclave_refused():

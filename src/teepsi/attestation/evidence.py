@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import ClassVar
 
+from teepsi.errors import TeepsiError
+
 REPORT_DATA_SIZE = 64
 
 
@@ -134,7 +136,7 @@ def tdx_report_data(role: Role, requested: bytes) -> bytes:
     return requested[:_KEY_BINDING_SIZE] + role_binding
 
 
-class EvidenceError(Exception):
+class EvidenceError(TeepsiError):
     """Evidence could not be produced (no enclave, device missing, bad input)."""
 
 

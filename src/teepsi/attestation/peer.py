@@ -11,7 +11,7 @@ order, cheapest first:
    expensive, so a mismatch costs nothing;
 2. quote: signature, QE report, attestation key and PCK chain to Intel's root (or,
    only when allowed, the simulated root), against collateral, at a given time
-   (:func:`teepsi.attestation.verify.verify_quote`, dcap-qvl);
+   (:func:`teepsi.attestation.trust.verify_trusted_quote`, dcap-qvl);
 3. role: an SGX enclave's ISV_PROD_ID (server 1, data provider 2); a TDX VM's role
    binding in report_data (:func:`teepsi.attestation.evidence.tdx_report_data`), since
    one VM image may serve both roles;
@@ -40,32 +40,28 @@ from teepsi.attestation.policy import (
     TcbStatusRefused,
     TdxEntry,
 )
-from teepsi.attestation.quote import TEE_TYPE_TDX
+from teepsi.attestation.quote import is_tdx_quote
 from teepsi.attestation.ratls import (
     ExtractedEvidence,
     RaTlsError,
     extract_evidence,
     quote_report_data,
 )
+from teepsi.attestation.trust import verify_trusted_quote
 from teepsi.attestation.verify import (
     QuoteVerificationError,
     SimulatedEvidenceRefused,
     VerifiedQuote,
     checked_verification_time,
-    verify_quote,
 )
+from teepsi.errors import TeepsiError
 
 log = logging.getLogger(__name__)
 
 
-#: The remedy for a local verifier (a client, the offline tools): its own flag.
-SIMULATED_REMEDY = "pass --allow-simulated to accept simulated evidence (test runs only)"
-#: The remedy when a server refuses a data provider: read by the party, so it names the server.
-SERVER_SIMULATED_REMEDY = (
-    "the SERVER refuses simulated evidence: its operator must start it with "
-    "--allow-simulated for a test run (this party's own --allow-simulated does not change "
-    "that), or run this party in an SGX enclave"
-)
+#: What a verifier says about refused simulated evidence unless its caller, who knows
+#: the switch that allows it (a command-line flag, a config key), says better.
+SIMULATED_REMEDY = "allow simulated evidence to accept it (test runs only)"
 
 
 class RejectedBy(Enum):
@@ -76,7 +72,7 @@ class RejectedBy(Enum):
     TCB_STATUS = "tcb_status"
 
 
-class PeerRejected(Exception):
+class PeerRejected(TeepsiError):
     """The peer failed attestation or policy; the message is one line for users."""
 
     def __init__(self, message: str, by: RejectedBy = RejectedBy.ATTESTATION) -> None:
@@ -93,7 +89,18 @@ class TrustedPeer:
     #: an SGX enclave was checked without a role.
     role: Role | None = None
 
-    def describe(self) -> str:
+    def role_name(self) -> str:
+        """The proven role in lower case; for an SGX enclave checked without a role, the
+        role its ISV_PROD_ID names, or ``none (ISV_PROD_ID n)``."""
+        if self.role is not None:
+            return self.role.name.lower()
+        assert self.verified.identity is not None
+        prod_id = self.verified.identity.isv_prod_id
+        roles = {int(role): role.name.lower() for role in Role}
+        return roles.get(prod_id, f"none (ISV_PROD_ID {prod_id})")
+
+    def canonical_line(self) -> str:
+        """The peer in one canonical line (measurements, role, TCB): for logs."""
         sim = " (SIMULATED)" if self.verified.simulated else ""
         td = self.verified.td
         if td is not None:
@@ -115,10 +122,6 @@ _NOT_BOUND = "quote report_data does not bind this join (nonce, server, job, par
 
 def _role_name(role: Role) -> str:
     return role.name.lower().replace("_", " ")
-
-
-def _is_tdx_quote(quote: bytes) -> bool:
-    return len(quote) >= 8 and int.from_bytes(quote[4:8], "little") == TEE_TYPE_TDX
 
 
 def _tdx_role(report_data: bytes, requested: bytes, role: Role | None) -> Role | None:
@@ -167,7 +170,7 @@ class PeerVerifier:
     ) -> TrustedPeer:
         when = int(time.time()) if at is None else at
         try:
-            verified = verify_quote(
+            verified = verify_trusted_quote(
                 quote, collateral_json, allow_simulated=self.allow_simulated, now=when
             )
         except SimulatedEvidenceRefused as exc:
@@ -276,7 +279,7 @@ class PeerVerifier:
                 raise PeerRejected(f"{what}: the verified quote names no platform (PPID)")
             try:
                 # Last: only a fully accepted peer moves its platform's rollback state.
-                self.freshness.record(info, source=f"ppid:{ppid}")
+                self.freshness.check_and_record_info(info, source=f"ppid:{ppid}")
             except CollateralError as exc:
                 raise PeerRejected(f"{what}: {exc}") from None
         return matched
@@ -343,7 +346,7 @@ class PeerVerifier:
         # The cheap check before the expensive one: a replayed or foreign quote is
         # refused without running dcap-qvl. (A TD's value also binds its role; which
         # role is judged after the quote verified.)
-        if _is_tdx_quote(quote):
+        if is_tdx_quote(quote):
             bound = _tdx_role(claimed, expected_report_data, None) is not None
         else:
             bound = hmac.compare_digest(claimed, expected_report_data)

@@ -1,14 +1,63 @@
-"""Choosing an evidence provider by name, as the command line does."""
+"""The registry of evidence providers: one table the CLI's choices and the library share."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from teepsi.attestation.evidence import EvidenceProvider, Role
+from teepsi.errors import TeepsiError
 
-PROVIDER_NAMES = ("sim", "gramine", "tdx")
-#: The TEEs ``--attestation sim`` can simulate (``--sim-tee``).
+#: The TEEs the ``sim`` provider can simulate.
 SIM_TEES = ("sgx", "tdx")
+
+
+class UnknownProvider(TeepsiError, ValueError):
+    """No provider (or simulated TEE) of that name; the message lists the known ones."""
+
+
+@dataclass(frozen=True)
+class ProviderOptions:
+    """What a provider may need besides the role; each provider reads its own."""
+
+    gramine_root: Path | None = None
+    sim_tee: str = "sgx"
+    tsm_root: Path | None = None
+
+
+def _sim(role: Role, options: ProviderOptions) -> EvidenceProvider:
+    from teepsi.attestation.measure import sim_identity, sim_td_identity
+    from teepsi.attestation.sim import SimEvidenceProvider, SimTdxEvidenceProvider
+
+    if options.sim_tee == "tdx":
+        return SimTdxEvidenceProvider(sim_td_identity(), role)
+    return SimEvidenceProvider(sim_identity(role))
+
+
+def _gramine(role: Role, options: ProviderOptions) -> EvidenceProvider:
+    from teepsi.attestation.gramine import GramineEvidenceProvider
+
+    if options.gramine_root is None:
+        return GramineEvidenceProvider()
+    return GramineEvidenceProvider(options.gramine_root)
+
+
+def _tdx(role: Role, options: ProviderOptions) -> EvidenceProvider:
+    from teepsi.attestation.tdx import TdxEvidenceProvider
+
+    if options.tsm_root is None:
+        return TdxEvidenceProvider(role)
+    return TdxEvidenceProvider(role, options.tsm_root)
+
+
+#: Provider name -> factory; imports are lazy so that naming a provider costs nothing.
+PROVIDERS: dict[str, Callable[[Role, ProviderOptions], EvidenceProvider]] = {
+    "sim": _sim,
+    "gramine": _gramine,
+    "tdx": _tdx,
+}
+PROVIDER_NAMES = tuple(PROVIDERS)
 
 
 def make_provider(
@@ -25,29 +74,13 @@ def make_provider(
     configfs-tsm directory for ``tdx`` (tests).
     """
     if sim_tee not in SIM_TEES:
-        raise ValueError(
+        raise UnknownProvider(
             f"unknown simulated TEE {sim_tee!r}: expected one of {', '.join(SIM_TEES)}"
         )
-    if name == "sim":
-        if sim_tee == "tdx":
-            from teepsi.attestation.measure import sim_td_identity
-            from teepsi.attestation.sim import SimTdxEvidenceProvider
-
-            return SimTdxEvidenceProvider(sim_td_identity(), role)
-        from teepsi.attestation.measure import sim_identity
-        from teepsi.attestation.sim import SimEvidenceProvider
-
-        return SimEvidenceProvider(sim_identity(role))
-    if name == "gramine":
-        from teepsi.attestation.gramine import GramineEvidenceProvider
-
-        if gramine_root is None:
-            return GramineEvidenceProvider()
-        return GramineEvidenceProvider(gramine_root)
-    if name == "tdx":
-        from teepsi.attestation.tdx import TdxEvidenceProvider
-
-        if tsm_root is None:
-            return TdxEvidenceProvider(role)
-        return TdxEvidenceProvider(role, tsm_root)
-    raise ValueError(f"unknown attestation {name!r}: expected one of {', '.join(PROVIDER_NAMES)}")
+    factory = PROVIDERS.get(name)
+    if factory is None:
+        raise UnknownProvider(
+            f"unknown attestation {name!r}: expected one of {', '.join(PROVIDER_NAMES)}"
+        )
+    options = ProviderOptions(gramine_root=gramine_root, sim_tee=sim_tee, tsm_root=tsm_root)
+    return factory(role, options)

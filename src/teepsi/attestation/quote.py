@@ -20,6 +20,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+from teepsi.errors import TeepsiError
+
 QUOTE_VERSION_3 = 3
 QUOTE_VERSION_4 = 4
 ATT_KEY_TYPE_ECDSA_P256 = 2
@@ -39,6 +41,28 @@ ECDSA_SIG_SIZE = 64
 ECDSA_PUBKEY_SIZE = 64
 USER_DATA_SIZE = 20
 
+#: The first two bytes (u16 version, little-endian) of DCAP quotes v3, v4 and v5.
+QUOTE_VERSION_PREFIXES = (b"\x03\x00", b"\x04\x00", b"\x05\x00")
+#: Quote v5 puts a body descriptor (u16 type, u32 size) between header and body.
+V5_BODY_DESCRIPTOR_SIZE = 6
+_SIGNATURE_LENGTH_SIZE = 4
+#: (version, TEE type) -> (report_data offset, smallest well-formed size, name): a header,
+#: the report body whose last 64 bytes are report_data, a u32 signature length.
+_REPORT_DATA_LAYOUTS = {
+    (QUOTE_VERSION_3, TEE_TYPE_SGX): (
+        HEADER_SIZE + 320,
+        HEADER_SIZE + REPORT_BODY_SIZE + _SIGNATURE_LENGTH_SIZE,
+        "SGX DCAP v3",
+    ),
+    (QUOTE_VERSION_4, TEE_TYPE_TDX): (
+        HEADER_SIZE + 520,
+        HEADER_SIZE + TD_REPORT_BODY_SIZE + _SIGNATURE_LENGTH_SIZE,
+        "TDX DCAP v4",
+    ),
+}
+_MIN_QUOTE_SIZE = HEADER_SIZE + REPORT_BODY_SIZE + _SIGNATURE_LENGTH_SIZE
+_REPORT_DATA_SIZE = 64
+
 # Offsets inside the 384-byte report body.
 _CPU_SVN = slice(0, 16)
 _MISC_SELECT = slice(16, 20)
@@ -54,7 +78,7 @@ _ISV_FAMILY_ID = slice(304, 320)
 _REPORT_DATA = slice(320, 384)
 
 
-class QuoteFormatError(ValueError):
+class QuoteFormatError(TeepsiError, ValueError):
     """The bytes are not a well-formed SGX v3 or TDX v4 DCAP quote."""
 
 
@@ -101,8 +125,8 @@ class ReportBody:
     def tee(self) -> str:
         return "SGX"
 
-    def describe(self) -> str:
-        """One line naming the enclave (for logs: measurements only, nothing withheld)."""
+    def canonical_line(self) -> str:
+        """The enclave in one canonical line (for logs: measurements only, nothing withheld)."""
         return (
             f"MRENCLAVE {self.mr_enclave.hex()} MRSIGNER {self.mr_signer.hex()} "
             f"ISV_PROD_ID {self.isv_prod_id} ISV_SVN {self.isv_svn}"
@@ -172,8 +196,8 @@ class TdReportBody:
     def tee(self) -> str:
         return "TDX"
 
-    def describe(self) -> str:
-        """One line naming the TD (for logs: measurements only, nothing withheld)."""
+    def canonical_line(self) -> str:
+        """The TD in one canonical line (for logs: measurements only, nothing withheld)."""
         return (
             f"TDX MRTD {self.mr_td.hex()} MRSEAM {self.mr_seam.hex()} "
             f"TEE_TCB_SVN {self.tee_tcb_svn.hex()}"
@@ -336,3 +360,34 @@ def parse_quote(quote: bytes) -> ParsedQuote:
         cert_data=cert_data,
         report_body_bytes=body_bytes,
     )
+
+
+def is_tdx_quote(quote: bytes) -> bool:
+    """Whether the header names the TDX TEE type (layout only, nothing verified)."""
+    return len(quote) >= 8 and int.from_bytes(quote[4:8], "little") == TEE_TYPE_TDX
+
+
+def sgx_report_body_offset(version: int) -> int:
+    """Where an SGX quote's report body starts: after the header (and v5's descriptor)."""
+    return HEADER_SIZE + (V5_BODY_DESCRIPTOR_SIZE if version >= 5 else 0)
+
+
+def quote_report_data(quote: bytes) -> bytes:
+    """The 64-byte report_data of an SGX v3 or TDX v4 quote (layout only, no signature)."""
+    if len(quote) < _MIN_QUOTE_SIZE:
+        raise QuoteFormatError(
+            f"quote is {len(quote)} bytes, shorter than the {_MIN_QUOTE_SIZE}-byte SGX quote"
+        )
+    version, tee_type = struct.unpack_from("<H2xI", quote, 0)
+    layout = _REPORT_DATA_LAYOUTS.get((version, tee_type))
+    if layout is None:
+        raise QuoteFormatError(
+            f"quote version is {version} with TEE type {tee_type:#x}: expected an SGX DCAP "
+            "quote version 3 or a TDX quote version 4"
+        )
+    offset, min_size, name = layout
+    if len(quote) < min_size:
+        raise QuoteFormatError(
+            f"quote is {len(quote)} bytes, shorter than the {min_size}-byte {name} quote"
+        )
+    return quote[offset : offset + _REPORT_DATA_SIZE]

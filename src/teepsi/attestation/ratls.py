@@ -26,25 +26,20 @@ start makes a new key and certificate. Verifiers pass the time to judge the cert
 enclave has no trusted clock, so the server's own time is the host's; the check that counts
 is the verifier's.
 
-The certificate itself is parsed with a small DER walker instead of ``cryptography``'s
-X.509 loader: Gramine builds linked against mbedTLS before 3.5 wrote an explicit NULL
-into the ECDSA signature AlgorithmIdentifier, which ``cryptography`` rejects, and such
-certificates are still in circulation. Quote signatures are not checked here; that is
-:mod:`teepsi.attestation.verify`'s job.
+The certificate itself is parsed with the strict DER reader (:mod:`teepsi.attestation.der`)
+instead of ``cryptography``'s X.509 loader: Gramine builds linked against mbedTLS before
+3.5 wrote an explicit NULL into the ECDSA signature AlgorithmIdentifier, which
+``cryptography`` rejects, and such certificates are still in circulation. Quote
+signatures are not checked here; that is :mod:`teepsi.attestation.verify`'s job.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import hmac
-import re
-import struct
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-import cbor2
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
@@ -52,7 +47,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.x509.oid import NameOID
 
+from teepsi.attestation import cbor
+from teepsi.attestation import der as der_reader
 from teepsi.attestation.evidence import REPORT_DATA_SIZE, EvidenceProvider
+from teepsi.attestation.quote import QuoteFormatError
+from teepsi.attestation.quote import quote_report_data as layout_report_data
+from teepsi.errors import TeepsiError
+from teepsi.timefmt import iso_utc
 
 LEGACY_QUOTE_OID_GRAMINE = x509.ObjectIdentifier("0.6.9.42.840.113741.1337.6")
 LEGACY_QUOTE_OID = x509.ObjectIdentifier("1.2.840.113741.1337.6")
@@ -82,15 +83,6 @@ CLOCK_SKEW = timedelta(hours=1)
 DEFAULT_LIFETIME = timedelta(days=30)
 MAX_LIFETIME = timedelta(days=90)
 
-# Quote layouts: a 48-byte header, then the report body whose last 64 bytes are
-# report_data (SGX v3: 384 bytes; TDX v4: the 584-byte TD report body), then a u32
-# signature length. Gramine refuses anything shorter than that structure.
-# (version, TEE type) -> (report_data offset, minimum size, name)
-_LAYOUTS = {
-    (3, 0): (48 + 320, 48 + 384 + 4, "SGX DCAP v3"),
-    (4, 0x81): (48 + 520, 48 + 584 + 4, "TDX DCAP v4"),
-}
-_MIN_QUOTE_SIZE = 48 + 384 + 4
 _HASH_SIZE = 32  # the binding covers report_data[0:32]; Gramine ignores the rest
 
 _ACCEPTED_CURVES = (ec.SECP256R1, ec.SECP384R1)
@@ -99,7 +91,7 @@ SOURCE_TCG_DICE = "tcg-dice"
 SOURCE_LEGACY = "legacy"
 
 
-class RaTlsError(Exception):
+class RaTlsError(TeepsiError):
     """The certificate is not a usable RA-TLS certificate; the message is one line."""
 
 
@@ -130,61 +122,15 @@ class ExtractedEvidence:
     not_after: datetime
 
 
-# --- CBOR: cbor2 may come without type information, so its results pass through -------
-# --- these two typed wrappers (annotated assignments accept Any either way) ------------
-
-
-def _cbor_dumps(value: object) -> bytes:
-    encoded: bytes = cbor2.dumps(value)
-    return encoded
-
-
-def _cbor_loads(data: bytes, what: str) -> object:
-    try:
-        decoded: object = cbor2.loads(data)
-        return decoded
-    except (cbor2.CBORError, ValueError, TypeError, OverflowError, RecursionError) as exc:
-        raise RaTlsError(f"{what} is not valid CBOR ({exc})") from None
-
-
-def _cbor_head(data: bytes, pos: int, what: str) -> tuple[int, int, int]:
-    """Read one CBOR item head: (major type, argument, position after the head).
-
-    Indefinite lengths are refused, as Gramine's verifier refuses them.
-    """
-    if pos >= len(data):
-        raise RaTlsError(f"{what} is truncated")
-    initial = data[pos]
-    major, info = initial >> 5, initial & 0x1F
-    pos += 1
-    if info < 24:
-        return major, info, pos
-    if info > 27:
-        raise RaTlsError(f"{what} uses an indefinite-length or reserved CBOR encoding")
-    size = 1 << (info - 24)
-    if pos + size > len(data):
-        raise RaTlsError(f"{what} is truncated")
-    return major, int.from_bytes(data[pos : pos + size], "big"), pos + size
-
-
-def _cbor_bstr(data: bytes, pos: int, what: str) -> tuple[bytes, int]:
-    major, length, pos = _cbor_head(data, pos, what)
-    if major != 2:
-        raise RaTlsError(f"{what} is not a CBOR byte string")
-    if pos + length > len(data):
-        raise RaTlsError(f"{what} is truncated")
-    return data[pos : pos + length], pos + length
-
-
 def claims_for_key(public_key: PublicKeyTypes) -> bytes:
     """The serialized claims map Gramine puts in the TCG DICE evidence for ``public_key``."""
-    hash_entry = _cbor_dumps([_HASH_ENTRY_SHA256, _spki_sha256(public_key)])
-    return _cbor_dumps({PUBKEY_HASH_CLAIM: hash_entry})
+    hash_entry = cbor.dumps([_HASH_ENTRY_SHA256, _spki_sha256(public_key)])
+    return cbor.dumps({PUBKEY_HASH_CLAIM: hash_entry})
 
 
 def tagged_evidence(quote: bytes, claims: bytes) -> bytes:
     """The value of the TCG DICE tagged-evidence extension."""
-    return _cbor_dumps(cbor2.CBORTag(TEE_QUOTE_CBOR_TAG, [quote, claims]))
+    return cbor.dumps(cbor.CBORTag(TEE_QUOTE_CBOR_TAG, [quote, claims]))
 
 
 # --- keys and quotes -------------------------------------------------------------------
@@ -210,24 +156,11 @@ def report_data_for_key(public_key: PublicKeyTypes) -> bytes:
 
 
 def quote_report_data(quote: bytes) -> bytes:
-    """The 64-byte report_data of an SGX v3 or TDX v4 quote (layout only, no signature)."""
-    if len(quote) < _MIN_QUOTE_SIZE:
-        raise RaTlsError(
-            f"quote is {len(quote)} bytes, shorter than the {_MIN_QUOTE_SIZE}-byte SGX quote"
-        )
-    version, tee_type = struct.unpack_from("<H2xI", quote, 0)
-    layout = _LAYOUTS.get((version, tee_type))
-    if layout is None:
-        raise RaTlsError(
-            f"quote version is {version} with TEE type {tee_type:#x}: expected an SGX DCAP "
-            "quote version 3 or a TDX quote version 4"
-        )
-    offset, min_size, name = layout
-    if len(quote) < min_size:
-        raise RaTlsError(
-            f"quote is {len(quote)} bytes, shorter than the {min_size}-byte {name} quote"
-        )
-    return quote[offset : offset + REPORT_DATA_SIZE]
+    """:func:`teepsi.attestation.quote.quote_report_data`, failing as RaTlsError."""
+    try:
+        return layout_report_data(quote)
+    except QuoteFormatError as exc:
+        raise RaTlsError(str(exc)) from None
 
 
 def _binds(quote: bytes, digest: bytes) -> bool:
@@ -315,59 +248,7 @@ def create_certificate(
     )
 
 
-# --- minimal DER walking ---------------------------------------------------------------
-
-
-def _der_tlv(data: bytes, pos: int, end: int) -> tuple[int, int, int]:
-    """Read one DER TLV at ``pos``: (tag, content start, content end)."""
-    if pos + 2 > end:
-        raise RaTlsError("malformed certificate: truncated DER")
-    tag, first = data[pos], data[pos + 1]
-    if tag & 0x1F == 0x1F:
-        raise RaTlsError("malformed certificate: unsupported DER tag")
-    pos += 2
-    if first < 0x80:
-        length = first
-    else:
-        count = first & 0x7F
-        if count == 0 or count > 4 or pos + count > end:
-            raise RaTlsError("malformed certificate: bad DER length")
-        length = int.from_bytes(data[pos : pos + count], "big")
-        if length < 0x80 or data[pos] == 0:
-            raise RaTlsError("malformed certificate: non-minimal DER length")
-        pos += count
-    if pos + length > end:
-        raise RaTlsError("malformed certificate: truncated DER")
-    return tag, pos, pos + length
-
-
-def _der_children(data: bytes, start: int, end: int) -> list[tuple[int, int, int, int]]:
-    """The TLVs inside [start, end): (tag, TLV start, content start, content end)."""
-    children = []
-    pos = start
-    while pos < end:
-        tag, content_start, content_end = _der_tlv(data, pos, end)
-        children.append((tag, pos, content_start, content_end))
-        pos = content_end
-    return children
-
-
-def _oid_from_der(content: bytes) -> str:
-    if not content or content[-1] & 0x80:
-        raise RaTlsError("malformed certificate: bad extension OID")
-    arcs: list[int] = []
-    value = 0
-    arc_start = True
-    for byte in content:
-        if arc_start and byte == 0x80:
-            raise RaTlsError("malformed certificate: non-minimal extension OID")
-        value = (value << 7) | (byte & 0x7F)
-        arc_start = not byte & 0x80
-        if arc_start:
-            arcs.append(value)
-            value = 0
-    first = min(arcs[0] // 40, 2)
-    return ".".join(str(arc) for arc in [first, arcs[0] - 40 * first, *arcs[1:]])
+# --- the certificate --------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -378,45 +259,33 @@ class _ParsedCertificate:
     not_after: datetime
 
 
-_UTC_TIME = 0x17
-_GENERALIZED_TIME = 0x18
-
-
-def _der_time(tag: int, content: bytes) -> datetime:
-    """RFC 5280 4.1.2.5: UTCTime YYMMDDHHMMSSZ (YY < 50 is 20YY), GeneralizedTime
-    YYYYMMDDHHMMSSZ; no fractions, no offsets."""
-    text = content.decode("ascii", errors="replace")
-    digits = {_UTC_TIME: 12, _GENERALIZED_TIME: 14}.get(tag)
-    if digits is None or len(text) != digits + 1 or not text[:-1].isdigit() or text[-1] != "Z":
-        raise RaTlsError("malformed certificate: bad validity time")
-    if tag == _UTC_TIME:
-        year = int(text[:2])
-        text = f"{1900 + year if year >= 50 else 2000 + year}{text[2:]}"
-    try:
-        return datetime.strptime(text, "%Y%m%d%H%M%SZ").replace(tzinfo=UTC)
-    except ValueError:
-        raise RaTlsError("malformed certificate: bad validity time") from None
-
-
 def _validity(der: bytes, start: int, end: int) -> tuple[datetime, datetime]:
-    times = _der_children(der, start, end)
+    times = der_reader.children(der, start, end)
     if len(times) != 2:
         raise RaTlsError("malformed certificate: bad validity")
-    not_before, not_after = (_der_time(tag, der[cs:ce]) for tag, _, cs, ce in times)
+    not_before, not_after = (der_reader.read_time(tag, der[cs:ce]) for tag, _, cs, ce in times)
     if not_after < not_before:
         raise RaTlsError("malformed certificate: validity ends before it starts")
     return not_before, not_after
 
 
 def _parse_certificate(der: bytes) -> _ParsedCertificate:
-    tag, start, end = _der_tlv(der, 0, len(der))
+    """The fields of a DER certificate an RA-TLS verifier needs; RaTlsError if malformed."""
+    try:
+        return _read_certificate(der)
+    except der_reader.DerError as exc:
+        raise RaTlsError(f"malformed certificate: {exc}") from None
+
+
+def _read_certificate(der: bytes) -> _ParsedCertificate:
+    tag, start, end = der_reader.read_tlv(der, 0, len(der))
     if tag != 0x30 or end != len(der):
         raise RaTlsError("not a DER X.509 certificate")
-    outer = _der_children(der, start, end)
+    outer = der_reader.children(der, start, end)
     if [child[0] for child in outer] != [0x30, 0x30, 0x03]:
         raise RaTlsError("not a DER X.509 certificate")
     _, _, tbs_start, tbs_end = outer[0]
-    fields = _der_children(der, tbs_start, tbs_end)
+    fields = der_reader.children(der, tbs_start, tbs_end)
     tags = [field[0] for field in fields]
     index = 1 if tags[:1] == [0xA0] else 0  # explicit version is optional
     # serial, signature, issuer, validity, subject, subjectPublicKeyInfo
@@ -432,17 +301,19 @@ def _parse_certificate(der: bytes) -> _ParsedCertificate:
     for field_tag, _, content_start, content_end in fields[index + 6 :]:
         if field_tag != 0xA3:
             continue
-        wrapper = _der_children(der, content_start, content_end)
+        wrapper = der_reader.children(der, content_start, content_end)
         if len(wrapper) != 1 or wrapper[0][0] != 0x30:
             raise RaTlsError("malformed certificate: bad extensions list")
-        for ext_tag, _, ext_start, ext_end in _der_children(der, wrapper[0][2], wrapper[0][3]):
+        for ext_tag, _, ext_start, ext_end in der_reader.children(
+            der, wrapper[0][2], wrapper[0][3]
+        ):
             if ext_tag != 0x30:
                 raise RaTlsError("malformed certificate: bad extension")
-            parts = _der_children(der, ext_start, ext_end)
+            parts = der_reader.children(der, ext_start, ext_end)
             part_tags = [part[0] for part in parts]
             if part_tags not in ([0x06, 0x04], [0x06, 0x01, 0x04]):
                 raise RaTlsError("malformed certificate: bad extension")
-            oid = _oid_from_der(der[parts[0][2] : parts[0][3]])
+            oid = der_reader.oid_text(der[parts[0][2] : parts[0][3]])
             critical = False
             if len(parts) == 3:
                 flag = der[parts[1][2] : parts[1][3]]
@@ -461,20 +332,11 @@ def _parse_certificate(der: bytes) -> _ParsedCertificate:
 
 
 def _certificate_der(certificate: bytes) -> bytes:
-    data = bytes(certificate)
-    # DER starts with a SEQUENCE tag. Looking for the PEM marker instead would misfire:
-    # DCAP quotes embed the PCK chain as PEM text, so DER RA-TLS certificates contain it.
-    if not data.startswith(b"\x30"):
-        match = re.search(
-            rb"-----BEGIN CERTIFICATE-----(.*?)-----END CERTIFICATE-----", data, re.DOTALL
-        )
-        if match is None:
-            raise RaTlsError("PEM input has no CERTIFICATE block")
-        try:
-            return base64.b64decode(b"".join(match.group(1).split()), validate=True)
-        except binascii.Error:
-            raise RaTlsError("PEM certificate block is not valid base64") from None
-    return data
+    """:func:`teepsi.attestation.der.certificate_der`, failing as RaTlsError."""
+    try:
+        return der_reader.certificate_der(certificate)
+    except der_reader.DerError as exc:
+        raise RaTlsError(str(exc)) from None
 
 
 # --- extracting ------------------------------------------------------------------------
@@ -502,8 +364,16 @@ def _checked_public_key_sha256(spki_der: bytes) -> bytes:
 
 
 def _check_claims(claims: bytes, spki_der: bytes) -> None:
-    major, declared, _ = _cbor_head(claims, 0, "TCG DICE claims")
-    decoded = _cbor_loads(claims, "TCG DICE claims")
+    """Refuse claims that do not carry the hash of ``spki_der`` (RaTlsError, one line)."""
+    try:
+        _check_claims_cbor(claims, spki_der)
+    except cbor.CborError as exc:
+        raise RaTlsError(str(exc)) from None
+
+
+def _check_claims_cbor(claims: bytes, spki_der: bytes) -> None:
+    major, declared, _ = cbor.read_head(claims, 0, "TCG DICE claims")
+    decoded = cbor.loads(claims, "TCG DICE claims")
     if major != 5 or not isinstance(decoded, dict) or not decoded:
         raise RaTlsError("TCG DICE claims are not a non-empty CBOR map")
     if declared != len(decoded):
@@ -517,7 +387,7 @@ def _check_claims(claims: bytes, spki_der: bytes) -> None:
     entry_bytes = decoded[PUBKEY_HASH_CLAIM]
     if not isinstance(entry_bytes, bytes) or not entry_bytes:
         raise RaTlsError('"pubkey-hash" claim is not a non-empty byte string')
-    entry = _cbor_loads(entry_bytes, '"pubkey-hash" claim')
+    entry = cbor.loads(entry_bytes, '"pubkey-hash" claim')
     if not isinstance(entry, list | tuple) or len(entry) != 2:
         raise RaTlsError('"pubkey-hash" claim is not a [hash-alg-id, hash] array')
     algorithm, digest = entry
@@ -532,14 +402,22 @@ def _check_claims(claims: bytes, spki_der: bytes) -> None:
 
 
 def _quote_from_tcg_evidence(value: bytes, spki_der: bytes) -> bytes:
-    major, tag, pos = _cbor_head(value, 0, "TCG DICE evidence")
+    """The quote of TCG DICE tagged evidence, checked to bind the key; RaTlsError if not."""
+    try:
+        return _read_tcg_evidence(value, spki_der)
+    except cbor.CborError as exc:
+        raise RaTlsError(str(exc)) from None
+
+
+def _read_tcg_evidence(value: bytes, spki_der: bytes) -> bytes:
+    major, tag, pos = cbor.read_head(value, 0, "TCG DICE evidence")
     if major != 6 or tag != TEE_QUOTE_CBOR_TAG:
         raise RaTlsError(f"TCG DICE evidence is not CBOR tag {TEE_QUOTE_CBOR_TAG} (TEE quote)")
-    major, count, pos = _cbor_head(value, pos, "TCG DICE evidence")
+    major, count, pos = cbor.read_head(value, pos, "TCG DICE evidence")
     if major != 4 or count != 2:
         raise RaTlsError("TCG DICE evidence is not a CBOR array [quote, claims]")
-    quote, pos = _cbor_bstr(value, pos, "TCG DICE evidence quote")
-    claims, pos = _cbor_bstr(value, pos, "TCG DICE evidence claims")
+    quote, pos = cbor.read_bstr(value, pos, "TCG DICE evidence quote")
+    claims, pos = cbor.read_bstr(value, pos, "TCG DICE evidence claims")
     if pos != len(value):
         raise RaTlsError("TCG DICE evidence has trailing bytes")
     if not claims:
@@ -553,17 +431,14 @@ def _quote_from_tcg_evidence(value: bytes, spki_der: bytes) -> bytes:
 def _check_validity(parsed: _ParsedCertificate, at: datetime) -> None:
     if at.tzinfo is None:
         raise ValueError("extract_evidence: at must be timezone-aware")
-    stamp = "%Y-%m-%dT%H:%M:%SZ"
-    when = at.astimezone(UTC).strftime(stamp)
+    when = iso_utc(at)
     if at < parsed.not_before:
         raise RaTlsError(
-            f"certificate is not valid before {parsed.not_before.strftime(stamp)} "
+            f"certificate is not valid before {iso_utc(parsed.not_before)} "
             f"(judged at {when}): check the clocks"
         )
     if at > parsed.not_after:
-        raise RaTlsError(
-            f"certificate expired at {parsed.not_after.strftime(stamp)} (judged at {when})"
-        )
+        raise RaTlsError(f"certificate expired at {iso_utc(parsed.not_after)} (judged at {when})")
 
 
 def extract_evidence(certificate: bytes, *, at: datetime) -> ExtractedEvidence:

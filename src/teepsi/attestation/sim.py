@@ -24,15 +24,11 @@ import json
 import secrets
 import time
 from dataclasses import dataclass
-from enum import StrEnum
-from functools import cache
-from importlib import resources
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 from teepsi.attestation.evidence import (
     REPORT_DATA_SIZE,
@@ -52,6 +48,17 @@ from teepsi.attestation.quote import (
     encode_signature_data,
     parse_quote,
 )
+from teepsi.attestation.sim_pki import (
+    SIM_ROOT_CA_DER,
+    SIM_ROOT_CA_SHA256,
+    load_pki,
+    make_crl,
+    pem,
+    raw_public_key,
+    raw_signature,
+)
+from teepsi.attestation.tcb import TcbStatus
+from teepsi.timefmt import iso_utc
 
 __all__ = [
     "SIM_ROOT_CA_DER",
@@ -64,28 +71,6 @@ __all__ = [
     "TcbStatus",
     "is_simulated_quote",
 ]
-
-
-def _data_file(name: str) -> bytes:
-    return resources.files("teepsi.attestation").joinpath("data").joinpath(name).read_bytes()
-
-
-#: The simulated root CA certificate (DER). Trusting it means trusting forgeries.
-SIM_ROOT_CA_DER: bytes = _data_file("sim_root_ca.der")
-#: SHA-256 of :data:`SIM_ROOT_CA_DER`, lowercase hex.
-SIM_ROOT_CA_SHA256: str = hashlib.sha256(SIM_ROOT_CA_DER).hexdigest()
-
-
-class TcbStatus(StrEnum):
-    """The ``tcbStatus`` values of Intel's TCB info (what dcap-qvl reports as status)."""
-
-    UP_TO_DATE = "UpToDate"
-    SW_HARDENING_NEEDED = "SWHardeningNeeded"
-    CONFIGURATION_NEEDED = "ConfigurationNeeded"
-    CONFIGURATION_AND_SW_HARDENING_NEEDED = "ConfigurationAndSWHardeningNeeded"
-    OUT_OF_DATE = "OutOfDate"
-    OUT_OF_DATE_CONFIGURATION_NEEDED = "OutOfDateConfigurationNeeded"
-    REVOKED = "Revoked"
 
 
 @dataclass(frozen=True)
@@ -117,7 +102,7 @@ class SimPlatformConfig:
             raise ValueError("tcb_evaluation_data_number must fit in 32 bits")
 
 
-# --- The committed PKI ---
+# --- The simulated platform ---
 
 # Collateral made "now" is dated a little in the past: dcap-qvl refuses documents
 # issued in the future, and the verifier's clock may lag the prover's.
@@ -132,138 +117,9 @@ _PLATFORM_LEVEL_TCB_DATE = "2023-02-15T00:00:00Z"
 _LATEST_TCB_DATE = "2024-03-13T00:00:00Z"
 
 
-@dataclass(frozen=True)
-class _Pki:
-    root: x509.Certificate
-    root_key: ec.EllipticCurvePrivateKey
-    pck_ca: x509.Certificate
-    pck_ca_key: ec.EllipticCurvePrivateKey
-    tcb_signing: x509.Certificate
-    tcb_signing_key: ec.EllipticCurvePrivateKey
-    pck: x509.Certificate
-    pck_key: ec.EllipticCurvePrivateKey
-    fmspc: str
-    pce_id: str
-    tcb_components: tuple[int, ...]
-    pce_svn: int
-    qe_mr_signer: bytes
-    qe_isv_prod_id: int
-    qe_isv_svn: int
-    qe_attribute_flags: int
-    qe_xfrm: int
-    qe_misc_select: int
-
-    @property
-    def cpu_svn(self) -> bytes:
-        return bytes(self.tcb_components)
-
-    @property
-    def pck_chain_pem(self) -> bytes:
-        # Intel's QE NUL-terminates the chain; dcap-qvl copes with either.
-        return b"".join(_pem(c).encode() for c in (self.pck, self.pck_ca, self.root)) + b"\0"
-
-
-def _pem(cert: x509.Certificate) -> str:
-    return cert.public_bytes(serialization.Encoding.PEM).decode()
-
-
-def _load_key(pem: str) -> ec.EllipticCurvePrivateKey:
-    key = serialization.load_pem_private_key(pem.encode(), password=None)
-    if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise TypeError("simulated PKI keys must be EC keys")
-    return key
-
-
-@cache
-def _pki() -> _Pki:
-    doc: dict[str, Any] = json.loads(_data_file("sim_pki.json"))
-    certs = doc["certificates"]
-
-    def cert(name: str) -> x509.Certificate:
-        return x509.load_pem_x509_certificate(certs[name]["cert_pem"].encode())
-
-    def key(name: str) -> ec.EllipticCurvePrivateKey:
-        return _load_key(certs[name]["key_pem"])
-
-    root = cert("root")
-    if root.public_bytes(serialization.Encoding.DER) != SIM_ROOT_CA_DER:
-        raise RuntimeError("sim_pki.json and sim_root_ca.der come from different runs")
-    platform = doc["platform"]
-    qe = doc["quoting_enclave"]
-    return _Pki(
-        root=root,
-        root_key=key("root"),
-        pck_ca=cert("pck_ca"),
-        pck_ca_key=key("pck_ca"),
-        tcb_signing=cert("tcb_signing"),
-        tcb_signing_key=key("tcb_signing"),
-        pck=cert("pck"),
-        pck_key=key("pck"),
-        fmspc=str(platform["fmspc"]).upper(),
-        pce_id=str(platform["pce_id"]).upper(),
-        tcb_components=tuple(int(v) for v in platform["sgx_tcb_components"]),
-        pce_svn=int(platform["pce_svn"]),
-        qe_mr_signer=bytes.fromhex(qe["mr_signer"]),
-        qe_isv_prod_id=int(qe["isv_prod_id"]),
-        qe_isv_svn=int(qe["isv_svn"]),
-        qe_attribute_flags=int(qe["attribute_flags"]),
-        qe_xfrm=int(qe["xfrm"]),
-        qe_misc_select=int(qe["misc_select"]),
-    )
-
-
-def _raw_signature(key: ec.EllipticCurvePrivateKey, data: bytes) -> bytes:
-    """ECDSA-P256/SHA-256 signature as DCAP stores it: r || s, 32 bytes each."""
-    r, s = decode_dss_signature(key.sign(data, ec.ECDSA(hashes.SHA256())))
-    return r.to_bytes(32, "big") + s.to_bytes(32, "big")
-
-
-def _raw_public_key(key: ec.EllipticCurvePrivateKey) -> bytes:
-    """x || y of the public key (the uncompressed SEC1 point without its 0x04 prefix)."""
-    point = key.public_key().public_bytes(
-        serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
-    )
-    return point[1:]
-
-
-def _iso(ts: int) -> str:
-    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def _compact_json(value: object) -> str:
     # The signature covers these exact bytes, so the text is produced exactly once.
     return json.dumps(value, separators=(",", ":"))
-
-
-def _crl(
-    issuer: x509.Certificate,
-    issuer_key: ec.EllipticCurvePrivateKey,
-    this_update: dt.datetime,
-    next_update: dt.datetime,
-    revoked_serials: tuple[int, ...] = (),
-) -> bytes:
-    builder = (
-        x509.CertificateRevocationListBuilder()
-        .issuer_name(issuer.subject)
-        .last_update(this_update)
-        .next_update(next_update)
-        .add_extension(x509.CRLNumber(1), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()),
-            critical=False,
-        )
-    )
-    for serial in revoked_serials:
-        builder = builder.add_revoked_certificate(
-            x509.RevokedCertificateBuilder()
-            .serial_number(serial)
-            .revocation_date(this_update)
-            .build()
-        )
-    return builder.sign(issuer_key, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
-
-
-# --- The platform ---
 
 
 class _SimQuotingPlatform:
@@ -279,10 +135,10 @@ class _SimQuotingPlatform:
 
     def __init__(self, config: SimPlatformConfig = SimPlatformConfig()) -> None:
         self.config = config
-        self._pki = _pki()
+        self._pki = load_pki()
         # Like a real QE, the attestation key lives as long as the platform object.
         self._attestation_key = ec.generate_private_key(ec.SECP256R1())
-        self._attestation_public_key = _raw_public_key(self._attestation_key)
+        self._attestation_public_key = raw_public_key(self._attestation_key)
         qe_report_data = hashlib.sha256(self._attestation_public_key + _QE_AUTH_DATA).digest()
         pki = self._pki
         self._qe_report = ReportBody(
@@ -296,7 +152,7 @@ class _SimQuotingPlatform:
             report_data=qe_report_data + bytes(32),
         ).to_bytes()
         # The PCK key certifies the attestation key once, as the QE does at key generation.
-        self._qe_report_signature = _raw_signature(pki.pck_key, self._qe_report)
+        self._qe_report_signature = raw_signature(pki.pck_key, self._qe_report)
         # Header user data: a per-platform QE id (16 bytes) then four zero bytes.
         self._header = encode_header(
             qe_svn=pki.qe_isv_svn,
@@ -314,7 +170,7 @@ class _SimQuotingPlatform:
         """Header + ``body`` + the signature data, as the quoting enclave makes them."""
         signed = self._header + body
         return signed + encode_signature_data(
-            isv_signature=_raw_signature(self._attestation_key, signed),
+            isv_signature=raw_signature(self._attestation_key, signed),
             attestation_public_key=self._attestation_public_key,
             qe_report=self._qe_report,
             qe_report_signature=self._qe_report_signature,
@@ -341,20 +197,20 @@ class _SimQuotingPlatform:
         this_update = dt.datetime.fromtimestamp(issued, dt.UTC)
         next_update = dt.datetime.fromtimestamp(expires, dt.UTC)
         revoked = (pki.pck.serial_number,) if cfg.revoke_pck else ()
-        signing_chain = _pem(pki.tcb_signing) + _pem(pki.root)
+        signing_chain = pem(pki.tcb_signing) + pem(pki.root)
         return json.dumps(
             {
-                "pck_crl_issuer_chain": _pem(pki.pck_ca) + _pem(pki.root),
-                "root_ca_crl": _crl(pki.root, pki.root_key, this_update, next_update).hex(),
-                "pck_crl": _crl(
+                "pck_crl_issuer_chain": pem(pki.pck_ca) + pem(pki.root),
+                "root_ca_crl": make_crl(pki.root, pki.root_key, this_update, next_update).hex(),
+                "pck_crl": make_crl(
                     pki.pck_ca, pki.pck_ca_key, this_update, next_update, revoked
                 ).hex(),
                 "tcb_info_issuer_chain": signing_chain,
                 "tcb_info": tcb_info,
-                "tcb_info_signature": _raw_signature(pki.tcb_signing_key, tcb_info.encode()).hex(),
+                "tcb_info_signature": raw_signature(pki.tcb_signing_key, tcb_info.encode()).hex(),
                 "qe_identity_issuer_chain": signing_chain,
                 "qe_identity": qe_identity,
-                "qe_identity_signature": _raw_signature(
+                "qe_identity_signature": raw_signature(
                     pki.tcb_signing_key, qe_identity.encode()
                 ).hex(),
             }
@@ -401,8 +257,8 @@ class _SimQuotingPlatform:
         info: dict[str, object] = {
             "id": "TDX" if self._tdx else "SGX",
             "version": 3,
-            "issueDate": _iso(issued),
-            "nextUpdate": _iso(expires),
+            "issueDate": iso_utc(issued),
+            "nextUpdate": iso_utc(expires),
             "fmspc": pki.fmspc,
             "pceId": pki.pce_id,
             "tcbType": 0,
@@ -425,8 +281,8 @@ class _SimQuotingPlatform:
         return {
             "id": "TD_QE" if self._tdx else "QE",
             "version": 2,
-            "issueDate": _iso(issued),
-            "nextUpdate": _iso(expires),
+            "issueDate": iso_utc(issued),
+            "nextUpdate": iso_utc(expires),
             "tcbEvaluationDataNumber": self.config.tcb_evaluation_data_number,
             "miscselect": pki.qe_misc_select.to_bytes(4, "little").hex().upper(),
             "miscselectMask": "FFFFFFFF",

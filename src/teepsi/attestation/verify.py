@@ -1,16 +1,16 @@
-"""Quote verification: one dcap-qvl call for real and simulated evidence alike.
+"""Quote verification: one dcap-qvl call against the trust root the caller passes.
 
-Real quotes are checked against Intel's SGX Root CA. Simulated quotes go through the
-very same ``dcap_qvl.verify_with_root_ca`` call, against the simulated root, and only
-when the caller explicitly allows simulated evidence. Verification never touches the
-network: collateral is passed in (see :mod:`teepsi.attestation.collateral`).
+Real quotes are checked against Intel's SGX Root CA (:func:`intel_root`). Simulated
+quotes go through the very same ``dcap_qvl.verify_with_root_ca`` call, against the
+simulated root, which only a caller that allows simulated evidence passes in
+(:mod:`teepsi.attestation.trust`). Verification never touches the network and fetches
+nothing: collateral and the root are arguments.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import time
 from dataclasses import dataclass
 from functools import cache
@@ -20,8 +20,7 @@ from typing import Any
 import dcap_qvl
 
 from teepsi.attestation.evidence import TD_MEASUREMENTS, EnclaveIdentity, TdIdentity
-
-log = logging.getLogger(__name__)
+from teepsi.errors import TeepsiError
 
 INTEL_ROOT_CA_SHA256 = "44a0196b2b99f889b8e149e95b807a350e7424964399e885a7cbb8ccfab674d3"
 
@@ -35,13 +34,32 @@ SIMULATED_WARNING = (
 )
 
 
-class QuoteVerificationError(Exception):
+class QuoteVerificationError(TeepsiError):
     """The quote or its collateral did not verify; the message is one line."""
+
+
+class MissingCollateral(QuoteVerificationError):
+    """No collateral came with the quote; the caller says where to get some."""
+
+
+class QuoteRejected(QuoteVerificationError):
+    """dcap-qvl refused the quote against its collateral and root."""
 
 
 class SimulatedEvidenceRefused(QuoteVerificationError):
     """Simulated evidence, and this verifier does not accept it: the remedy is the
-    verifier's (its operator's --allow-simulated), which the caller names."""
+    verifier's (its operator's switch to allow simulation), which the caller names."""
+
+
+@dataclass(frozen=True)
+class TrustRoot:
+    """A root CA certificate (DER) quotes' PCK chains are verified against."""
+
+    #: How outputs name it (:data:`INTEL_ROOT_NAME`, :data:`SIMULATED_ROOT_NAME`).
+    name: str
+    der: bytes
+    #: True for the simulated root: what verifies under it proves nothing.
+    simulated: bool = False
 
 
 @cache
@@ -51,6 +69,11 @@ def intel_root_ca_der() -> bytes:
     if hashlib.sha256(der).hexdigest() != INTEL_ROOT_CA_SHA256:
         raise QuoteVerificationError("packaged Intel SGX Root CA does not match its digest")
     return der
+
+
+def intel_root() -> TrustRoot:
+    """Intel's SGX Root CA as a :class:`TrustRoot`."""
+    return TrustRoot(INTEL_ROOT_NAME, intel_root_ca_der())
 
 
 @dataclass(frozen=True)
@@ -69,6 +92,8 @@ class VerifiedQuote:
     ppid: str = ""
     #: A TDX TD's identity; None for an SGX enclave.
     td: TdIdentity | None = None
+    #: The name of the trust root the PCK chain was verified against.
+    root_name: str = INTEL_ROOT_NAME
 
     def identity_fields(self) -> dict[str, object]:
         """The verified identity as JSON fields: the enclave's, or the TD's registers."""
@@ -96,7 +121,7 @@ class VerifiedQuote:
     @property
     def root(self) -> str:
         """The trust root the PCK chain was verified against."""
-        return SIMULATED_ROOT_NAME if self.simulated else INTEL_ROOT_NAME
+        return self.root_name
 
 
 def _identity_from_report(body: dict[str, Any]) -> EnclaveIdentity:
@@ -127,21 +152,6 @@ def _parse_collateral(collateral_json: str) -> Any:
         raise QuoteVerificationError(f"collateral is not valid dcap-qvl JSON: {exc}") from None
 
 
-def _expired_items(collateral_json: str, at: int) -> str:
-    """`` (at <time>: TCB info … expired <date>; …)`` when documents are out of date, else "".
-
-    dcap-qvl names only the first check that failed ("CrlExpired"); the operator needs
-    the document and its date to know what to fetch.
-    """
-    from teepsi.attestation.collateral import CollateralError, describe_collateral, iso_utc
-
-    try:
-        expired = describe_collateral(collateral_json).describe_expired(at)
-    except CollateralError:
-        return ""
-    return f" (at {iso_utc(at)}: {expired})" if expired else ""
-
-
 def checked_verification_time(now: int | None) -> int:
     """The time evidence is judged at (default now), refused unless dcap-qvl can take it."""
     at = int(time.time()) if now is None else now
@@ -155,43 +165,27 @@ def verify_quote(
     quote: bytes,
     collateral_json: str | None,
     *,
-    allow_simulated: bool = False,
+    root: TrustRoot,
     now: int | None = None,
 ) -> VerifiedQuote:
-    """Verify ``quote`` with its collateral; raise QuoteVerificationError if it fails.
+    """Verify ``quote`` with its collateral under ``root``; QuoteVerificationError if not.
 
     The quote stage of the one verification path (:class:`teepsi.attestation.peer.
     PeerVerifier`); it records nothing. The TCB status is returned, not judged:
     accepting a status other than UpToDate is the policy's decision
     (:mod:`teepsi.attestation.policy`).
     """
-    from teepsi.attestation.sim import SIM_ROOT_CA_DER, is_simulated_quote
-
     if not collateral_json:
-        raise QuoteVerificationError(
-            "no collateral for the quote: the peer sent none; fetch it from a PCCS "
-            "(--pccs-url) or pass a collateral file"
-        )
-    simulated = is_simulated_quote(quote)
-    use_sim_root = simulated and allow_simulated
-    root = SIM_ROOT_CA_DER if use_sim_root else intel_root_ca_der()
+        raise MissingCollateral("no collateral for the quote: the peer sent none")
     at = checked_verification_time(now)
     collateral = _parse_collateral(collateral_json)
     try:
-        verified = dcap_qvl.verify_with_root_ca(quote, collateral, root, at)
+        verified = dcap_qvl.verify_with_root_ca(quote, collateral, root.der, at)
     except (ValueError, TypeError) as exc:
         # dcap-qvl nests causes over several lines; keep them, on one line.
         reason = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
         reason = reason.replace("Caused by:; ", "caused by: ") or type(exc).__name__
-        if simulated and not allow_simulated:
-            raise SimulatedEvidenceRefused(
-                "evidence is SIMULATED (not hardware-backed) and does not verify under Intel's root"
-            ) from None
-        raise QuoteVerificationError(
-            f"quote verification failed: {reason}{_expired_items(collateral_json, at)}"
-        ) from None
-    if use_sim_root:
-        log.warning("%s (peer quote accepted under the simulated root)", SIMULATED_WARNING)
+        raise QuoteRejected(f"quote verification failed: {reason}") from None
     report = json.loads(verified.to_json())
     body = report.get("report", {})
     identity: EnclaveIdentity | None = None
@@ -216,7 +210,8 @@ def verify_quote(
         report_data=report_data,
         tcb_status=str(verified.status),
         advisory_ids=tuple(verified.advisory_ids),
-        simulated=use_sim_root,
+        simulated=root.simulated,
         report=report,
         ppid=str(report.get("ppid") or ""),
+        root_name=root.name,
     )

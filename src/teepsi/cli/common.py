@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from teepsi.attestation.providers import SIM_TEES
 from teepsi.cli.errors import UsageError
 
 if TYPE_CHECKING:
@@ -99,7 +100,7 @@ def sim_tee(args: argparse.Namespace) -> str:
 def add_sim_tee_flag(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument(
         "--sim-tee",
-        choices=["sgx", "tdx"],
+        choices=list(SIM_TEES),
         help=f"with --attestation sim: the TEE to simulate, {what} (default sgx)",
     )
 

@@ -86,6 +86,7 @@ def _signer_judge(args: argparse.Namespace) -> Judge:
     loud warning for simulated evidence and a note when no policy was applied."""
     from teepsi.attestation.policy import Policy, PolicyError
     from teepsi.attestation.verify import SIMULATED_WARNING
+    from teepsi.cli.evidence import SIMULATED_REMEDY
     from teepsi.contract.offline import judge_signing_server
 
     def judge(certificate: bytes, collateral: str | None, at: int) -> dict[str, object]:
@@ -98,7 +99,12 @@ def _signer_judge(args: argparse.Namespace) -> Judge:
             except PolicyError as exc:
                 raise UsageError(str(exc)) from None
         judged = judge_signing_server(
-            certificate, collateral, at, policy=policy, allow_simulated=args.allow_simulated
+            certificate,
+            collateral,
+            at,
+            policy=policy,
+            allow_simulated=args.allow_simulated,
+            simulated_remedy=SIMULATED_REMEDY,
         )
         signer = judged["signer"]
         if isinstance(signer, dict) and signer["simulated"]:

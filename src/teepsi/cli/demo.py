@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from teepsi.attestation.providers import SIM_TEES
 from teepsi.cli.common import add_log_flags, setup_logging
 
 
@@ -21,7 +22,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     demo.add_argument("--parties", type=int, choices=[2, 3], default=3)
     demo.add_argument(
         "--tee",
-        choices=["sgx", "tdx"],
+        choices=list(SIM_TEES),
         default="sgx",
         help="the simulated TEE every role runs in (default sgx)",
     )

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from teepsi.attestation.providers import PROVIDER_NAMES
 from teepsi.cli.common import (
     add_collateral_state_flag,
     add_log_flags,
@@ -269,7 +270,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     client.add_argument(
         "--attestation",
-        choices=["sim", "gramine", "tdx", "none"],
+        choices=[*PROVIDER_NAMES, "none"],
         default="gramine",
         help="where this data provider's evidence comes from: gramine (SGX enclave), tdx "
         "(TDX VM, configfs-tsm), sim (simulated; see --sim-tee) or none",

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from teepsi.attestation.providers import PROVIDER_NAMES
 from teepsi.cli.common import (
     add_collateral_state_flag,
     add_log_flags,
@@ -115,7 +116,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     server.add_argument("--config", help="policy for data providers (dynamic_config.json)")
     server.add_argument(
         "--attestation",
-        choices=["sim", "gramine", "tdx"],
+        choices=list(PROVIDER_NAMES),
         default="gramine",
         help="where this server's evidence comes from: gramine (SGX enclave), tdx (TDX "
         "VM, configfs-tsm) or sim (simulated; see --sim-tee)",

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from teepsi.attestation.evidence import EvidenceProvider
 from teepsi.attestation.policy import Policy
 from teepsi.contract.party_keys import PartyPrivateKey
 from teepsi.contract.spec import JobSpec
@@ -45,6 +46,8 @@ class PartyConfig:
     #: The server platforms' collateral rollback state, kept across runs; None keeps it
     #: in memory for this run only (the CLI passes a file).
     collateral_state: Path | None = None
+    #: Evidence provider override (as the server's); default from ``attestation``.
+    provider: EvidenceProvider | None = None
 
 
 class ResumeTokenError(TeepsiError, ValueError):

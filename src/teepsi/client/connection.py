@@ -23,11 +23,13 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from teepsi.attestation.collateral import (
     FRESHNESS_TOLERANCE_SECONDS,
-    CollateralCache,
+    CachedSource,
     CollateralError,
     CollateralFreshness,
-    collateral_for_quote,
-    fetch_collateral,
+    CollateralSource,
+    PccsCertificateError,
+    PccsSource,
+    StapledSource,
 )
 from teepsi.attestation.evidence import EvidenceError, EvidenceProvider, Role
 from teepsi.attestation.peer import PeerRejected, PeerVerifier, TrustedPeer
@@ -49,6 +51,9 @@ from teepsi.protocol.connect import PsiClientError, fetch_server_certificate, pi
 
 log = logging.getLogger(__name__)
 
+#: What this party does about a server whose evidence is simulated: its own flag.
+SIMULATED_REMEDY = "pass --allow-simulated to accept simulated evidence (test runs only)"
+
 
 class _StreamBroken(Exception):
     """The result stream was cut; fetching it again may work."""
@@ -69,6 +74,11 @@ def _rpc_error(what: str, exc: grpc.RpcError) -> PsiClientError:
     return PsiClientError(f"{what} failed: {name}: {details}")
 
 
+def _pccs_hint(exc: Exception) -> str:
+    """The command-line switch for a PCCS whose TLS certificate did not verify."""
+    return " (or pass --insecure-pccs-tls)" if isinstance(exc, PccsCertificateError) else ""
+
+
 class PsiClient:
     """One attested connection to a PSI server."""
 
@@ -85,7 +95,10 @@ class PsiClient:
         except CollateralError as exc:
             raise PsiClientError(f"--collateral-state: {exc}") from None
         self._verifier = PeerVerifier(
-            config.policy, allow_simulated=config.allow_simulated, freshness=freshness
+            config.policy,
+            allow_simulated=config.allow_simulated,
+            freshness=freshness,
+            simulated_remedy=SIMULATED_REMEDY,
         )
         self._channel: grpc.Channel | None = None
         self.server: TrustedPeer | None = None
@@ -140,13 +153,18 @@ class PsiClient:
                 der, collateral, what="server", role=Role.SERVER
             )
         except PeerRejected as exc:
-            raise PsiClientError(f"refusing the server: {exc}") from None
+            hint = (
+                ""
+                if collateral
+                else "; fetch it from a PCCS (--pccs-url) or pass a collateral file"
+            )
+            raise PsiClientError(f"refusing the server: {exc}{hint}") from None
         if peer.verified.simulated:
             log.warning(
                 "%s: the server is trusted only because --allow-simulated was given",
                 SIMULATED_WARNING,
             )
-        log.info("server attested: %s", peer.describe())
+        log.info("server attested: %s", peer.canonical_line())
         self.server = peer
         self.server_certificate_sha256 = extracted.certificate_sha256
         self.server_certificate_der = der
@@ -155,34 +173,43 @@ class PsiClient:
         return peer
 
     def _server_collateral(self, certificate_der: bytes, stapled: str | None) -> str | None:
+        """A collateral file's, a PCCS's, or else what the server stapled (maybe none)."""
         cfg = self.config
         if cfg.server_collateral_json is not None:
             return cfg.server_collateral_json
         if cfg.pccs_url is None:
+            # Missing collateral is the verifier's to refuse, with its reason.
             return stapled
         try:
             quote = extract_evidence(certificate_der, at=datetime.now(UTC)).quote
-            return fetch_collateral(quote, cfg.pccs_url, verify_tls=not cfg.insecure_pccs_tls)
+            return PccsSource(cfg.pccs_url, verify_tls=not cfg.insecure_pccs_tls).collateral_for(
+                quote
+            )
         except (RaTlsError, CollateralError) as exc:
-            raise PsiClientError(f"cannot fetch collateral for the server's quote: {exc}") from None
+            raise PsiClientError(
+                f"cannot fetch collateral for the server's quote: {exc}{_pccs_hint(exc)}"
+            ) from None
 
     def _own_collateral(self, provider: EvidenceProvider, quote: bytes) -> str:
         """Collateral for our own quote: the simulator's, or a PCCS's for real hardware."""
         provided = provider.collateral_json(quote)
+        source: CollateralSource
         if provided:
-            return provided
-        try:
-            return collateral_for_quote(
-                quote,
-                pccs_url=self.config.pccs_url,
-                qcnl_path=None,
-                cache=CollateralCache(),
-                verify_tls=False if self.config.insecure_pccs_tls else None,
+            source = StapledSource(provided)
+        else:
+            source = CachedSource(
+                PccsSource(
+                    self.config.pccs_url,
+                    verify_tls=False if self.config.insecure_pccs_tls else None,
+                )
             )
+        try:
+            return source.collateral_for(quote)
         except CollateralError as exc:
             raise PsiClientError(
                 f"cannot fetch collateral for this data provider's quote: {exc} "
                 "(set --pccs-url or PCCS_URL in /etc/sgx_default_qcnl.conf)"
+                f"{_pccs_hint(exc)}"
             ) from None
 
     def join(self, key_scheme: str, *, resume: bool = False) -> tuple[bytes, tuple[int, int]]:
@@ -231,7 +258,9 @@ class PsiClient:
         )
         if cfg.attestation != "none":
             try:
-                provider = make_provider(cfg.attestation, Role.DATA_PROVIDER, sim_tee=cfg.sim_tee)
+                provider = cfg.provider or make_provider(
+                    cfg.attestation, Role.DATA_PROVIDER, sim_tee=cfg.sim_tee
+                )
                 quote = provider.quote(digest)
             except (EvidenceError, ValueError) as exc:
                 raise PsiClientError(

@@ -36,16 +36,24 @@ def judge_signing_server(
     *,
     policy: Policy | None,
     allow_simulated: bool,
+    simulated_remedy: str | None = None,
 ) -> dict[str, object]:
     """The server enclave whose certificate signed a receipt or audit heads, judged through
     :class:`teepsi.attestation.peer.PeerVerifier` (quote signatures and PCK chain to
     Intel's root, or the simulated root only with ``allow_simulated``; key binding; server
-    role; the policy if given) as of ``at``, its rollback state left alone."""
+    role; the policy if given) as of ``at``, its rollback state left alone.
+    ``simulated_remedy`` is how the caller's user allows simulated evidence (its flag)."""
     from teepsi.attestation.evidence import Role
     from teepsi.attestation.peer import PeerRejected, PeerVerifier
     from teepsi.timefmt import iso_utc
 
-    verifier = PeerVerifier(policy, allow_simulated=allow_simulated)
+    verifier = (
+        PeerVerifier(policy, allow_simulated=allow_simulated)
+        if simulated_remedy is None
+        else PeerVerifier(
+            policy, allow_simulated=allow_simulated, simulated_remedy=simulated_remedy
+        )
+    )
     try:
         peer, _ = verifier.verify_certificate(
             certificate, collateral, what="signing server", role=Role.SERVER, at=at, record=False

@@ -18,13 +18,15 @@ from cryptography.hazmat.primitives import serialization
 from teepsi import __version__
 from teepsi.attestation.collateral import (
     FRESHNESS_TOLERANCE_SECONDS,
-    CollateralCache,
+    CachedSource,
     CollateralError,
     CollateralFreshness,
-    collateral_for_quote,
+    CollateralSource,
+    PccsSource,
+    SimulatedSource,
 )
 from teepsi.attestation.evidence import EvidenceError, Role
-from teepsi.attestation.peer import SERVER_SIMULATED_REMEDY, PeerVerifier
+from teepsi.attestation.peer import PeerVerifier
 from teepsi.attestation.providers import make_provider
 from teepsi.attestation.quote import QuoteFormatError, ReportBody, parse_quote
 from teepsi.attestation.ratls import RaTlsError, create_certificate
@@ -56,6 +58,14 @@ from teepsi.timefmt import iso_utc
 
 log = logging.getLogger(__name__)
 
+#: The remedy when this server refuses a data provider's simulated evidence: read by the
+#: party, so it names the server's operator and flag.
+SERVER_SIMULATED_REMEDY = (
+    "the SERVER refuses simulated evidence: its operator must start it with "
+    "--allow-simulated for a test run (this party's own --allow-simulated does not change "
+    "that), or run this party in an SGX enclave"
+)
+
 
 def _own_tee(quote: bytes) -> str:
     """SGX or TDX: the kind of TEE the server's own quote comes from (named in receipts)."""
@@ -83,7 +93,7 @@ def _log_own_quote(quote: bytes) -> None:
             "mr_seam": body.mr_seam.hex(),
             "tee_tcb_svn": body.tee_tcb_svn.hex(),
         }
-    log.info("server enclave: %s", body.describe(), extra=fields)
+    log.info("server enclave: %s", body.canonical_line(), extra=fields)
 
 
 def _remove_stale_spill(spill_dir: str | None) -> None:
@@ -155,18 +165,19 @@ def start_server(config: ServerConfig) -> RunningServer:
             "for a test run outside a TEE start the server with --attestation sim (and its "
             "parties with --attestation sim --allow-simulated)"
         ) from None
-    collateral_cache = CollateralCache()
-
-    def own_collateral() -> str:
-        if provider.simulated:
-            return collateral_cache.get(ratls.quote, lambda q: provider.collateral_json(q) or "")
-        return collateral_for_quote(
-            ratls.quote,
-            pccs_url=config.pccs_url,
-            qcnl_path=config.qcnl_path,
-            cache=collateral_cache,
+    own_source: CollateralSource
+    if provider.simulated:
+        own_source = CachedSource(SimulatedSource(provider), check=False)
+    else:
+        pccs = PccsSource(
+            config.pccs_url,
+            config.qcnl_path,
             verify_tls=False if config.insecure_pccs_tls else None,
         )
+        own_source = CachedSource(pccs)
+
+    def own_collateral() -> str:
+        return own_source.collateral_for(ratls.quote)
 
     try:
         collateral = own_collateral()

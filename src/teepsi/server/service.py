@@ -175,7 +175,7 @@ class PsiService:
                     ErrorKind.PERMISSION_DENIED, str(exc), Refusal(exc.by.value)
                 ) from None
             attested = True
-            log.info("data provider %s attested: %s", request.party_name, peer.describe())
+            log.info("data provider %s attested: %s", request.party_name, peer.canonical_line())
         else:
             log.warning(
                 "data provider %s joined WITHOUT attestation (the server runs with "
