@@ -52,6 +52,7 @@ from teepsi.attestation.tcb import (
 )
 from teepsi.attestation.trust import verify_trusted_quote
 from teepsi.attestation.verify import QuoteVerificationError, SimulatedEvidenceRefused
+from teepsi.errors import TeepsiError
 from teepsi.privatefile import write_private
 from teepsi.timefmt import iso_utc
 
@@ -71,7 +72,7 @@ _FLAG_FOR_ALLOWANCE = {
 SIMULATED_REMEDY = "pass --allow-simulated to accept simulated evidence (test runs only)"
 
 
-class _InputError(Exception):
+class _InputError(TeepsiError):
     """Unreadable or malformed input: exit 2."""
 
 

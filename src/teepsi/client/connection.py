@@ -43,6 +43,7 @@ from teepsi.client.progress import PhaseBar
 from teepsi.contract.party_keys import PartyPrivateKey, public_key_der, sign
 from teepsi.engine.intersect import sorted_unique_records
 from teepsi.engine.records import U64Array, records_from_bytes, seeds_from_bytes
+from teepsi.errors import TeepsiError
 from teepsi.protocol import SESSION_METADATA
 from teepsi.protocol import teepsi_pb2 as pb
 from teepsi.protocol import teepsi_pb2_grpc as pb_grpc
@@ -55,7 +56,7 @@ log = logging.getLogger(__name__)
 SIMULATED_REMEDY = "pass --allow-simulated to accept simulated evidence (test runs only)"
 
 
-class _StreamBroken(Exception):
+class _StreamBroken(TeepsiError):
     """The result stream was cut; fetching it again may work."""
 
     def __init__(self, kind: str, detail: str = "") -> None:

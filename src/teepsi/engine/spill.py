@@ -27,6 +27,8 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from teepsi.errors import TeepsiError
+
 NONCE_BYTES = 12
 #: Spill areas are directories named ``teepsi-spill-<16 hex>``; nothing else is ours.
 AREA_PREFIX = "teepsi-spill-"
@@ -36,7 +38,7 @@ _NEW_PREFIX = ".teepsi-spill-new-"
 _OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-class SpillError(Exception):
+class SpillError(TeepsiError):
     """A spilled segment could not be written or read back intact."""
 
 

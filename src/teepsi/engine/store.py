@@ -39,6 +39,7 @@ from teepsi.engine.intersect import (
 )
 from teepsi.engine.records import RECORD_BYTES, RECORD_DTYPE, U64Array, records_to_bytes
 from teepsi.engine.spill import SpillArea
+from teepsi.errors import TeepsiError
 
 PARTITION_BITS = 6
 PARTITIONS = 1 << PARTITION_BITS
@@ -50,11 +51,11 @@ SPILL_FLUSH_BYTES = 8 * 1024 * 1024
 _MIX_BLOCK_BYTES = 4096 * RECORD_BYTES
 
 
-class StoreClosed(Exception):
+class StoreClosed(TeepsiError):
     """The store was closed (its job ended): it holds nothing and takes nothing."""
 
 
-class RecordOrderError(ValueError):
+class RecordOrderError(TeepsiError, ValueError):
     """An upload's records are not ascending and distinct (the one accepted order)."""
 
 
