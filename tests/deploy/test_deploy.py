@@ -40,13 +40,12 @@ import pytest
 
 jinja2 = pytest.importorskip("jinja2", reason="Jinja2 renders the manifests (dev dependency)")
 
-from conftest import free_loopback_port, wait_until_listening  # noqa: E402
-
 from teepsi.attestation.evidence import EnclaveIdentity, Role  # noqa: E402
 from teepsi.attestation.measure import ISV_SVN  # noqa: E402
 from teepsi.attestation.policy import Policy, PolicyViolation  # noqa: E402
+from tests.support.processes import free_loopback_port, wait_until_listening  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 GRAMINE_DIR = DEPLOY / "gramine"
 DOCKER_DIR = DEPLOY / "docker"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 GENERATED = ["teepsi_pb2.py", "teepsi_pb2.pyi", "teepsi_pb2_grpc.py", "teepsi_pb2_grpc.pyi"]
 
 

@@ -26,11 +26,9 @@ from typing import Any
 
 import grpc
 import pytest
-from conftest import client_args, stable_policy_dict, start_client, teepsi_cmd
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from teepsi.attestation.policy import Policy
 from teepsi.cli import main
 from teepsi.client import PartyConfig, PsiClientError, run_party_items
 from teepsi.client.party import RATLS_TARGET_NAME, fetch_server_certificate
@@ -39,6 +37,8 @@ from teepsi.demo import start_server_process
 from teepsi.protocol import teepsi_pb2 as pb
 from teepsi.protocol import teepsi_pb2_grpc as pb_grpc
 from teepsi.server.challenges import NONCE_BYTES
+from tests.support.policy import stable_policy_dict
+from tests.support.processes import client_args, start_client, teepsi_cmd
 
 MiB = 1024 * 1024
 
@@ -589,7 +589,7 @@ def test_job_emptied_by_a_refused_upload_frees_its_slot(server_with, policy_file
     assert stdout == b"x\n"
 
 
-def test_concurrent_rpc_limit(server_with, policy_file):
+def test_concurrent_rpc_limit(server_with, policy_file, policy):
     """A waiting party holds no worker thread (finding F1): --max-workers sizes the pool for
     blocking work only, so it bounds neither a job's parties nor the RPCs at once.
 
@@ -598,7 +598,6 @@ def test_concurrent_rpc_limit(server_with, policy_file):
     """
     server = server_with("--max-workers", "2", "--job-timeout", "60")
     assert "lowered" not in server.log()
-    policy = Policy.from_dict(stable_policy_dict())
     configs = [
         PartyConfig(
             host=server.host,
@@ -962,7 +961,7 @@ def test_a_server_without_allow_simulated_is_named_as_the_side_that_refuses(tmp_
 @pytest.mark.parametrize("kind", ["closed", "http", "https", "grpc"])
 def test_a_port_that_is_not_a_teepsi_server_says_so(tmp_path, policy_file, kind):
     """A closed port, a plain HTTP server, an HTTPS (TLS, no HTTP/2) server: each named."""
-    from fake_pccs import FakePccs
+    from tests.support.fake_pccs import FakePccs
 
     servers: list[Any] = []
     if kind == "closed":
@@ -973,7 +972,7 @@ def test_a_port_that_is_not_a_teepsi_server_says_so(tmp_path, policy_file, kind)
         # Another gRPC service over TLS (HTTP/2), with a certificate for the RA-TLS name.
         from concurrent import futures
 
-        from fake_pccs import self_signed_pem
+        from tests.support.fake_pccs import self_signed_pem
 
         cert_pem, key_pem = self_signed_pem("other", (RATLS_TARGET_NAME,))
         other = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
@@ -983,7 +982,8 @@ def test_a_port_that_is_not_a_teepsi_server_says_so(tmp_path, policy_file, kind)
         other.start()
         servers.append(other)
     else:
-        collateral = Path(__file__).parent / "vectors" / "sgx-dcap" / "sgx_quote_collateral.json"
+        vectors = Path(__file__).parents[1] / "vectors"
+        collateral = vectors / "sgx-dcap" / "sgx_quote_collateral.json"
         servers.append(FakePccs(collateral.read_text(), tls=kind == "https"))
         port = servers[0].port
     data = tmp_path / "a.txt"

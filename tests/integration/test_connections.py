@@ -170,7 +170,7 @@ def test_a_party_idle_between_its_calls_reconnects_and_completes(server):
     """An honest party that hashes a large set between Join and Upload may stay idle
     longer than --connection-idle-timeout: the server closes the connection, the
     client's channel opens a new one for the next call, and the session still holds."""
-    from test_service import KEY_SCHEME, _NoBar, _records
+    from tests.integration.test_service import KEY_SCHEME, _NoBar, _records
 
     clients = []
     for name in ("a", "b"):

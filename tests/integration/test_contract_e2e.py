@@ -8,7 +8,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import start_client, teepsi_cmd
+
+from tests.support.processes import start_client, teepsi_cmd
 
 NAMES = ("alpha", "beta", "gamma")
 DATA = {

@@ -10,7 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import client_args, start_client, teepsi_cmd
+
+from tests.support.processes import client_args, start_client, teepsi_cmd
 
 
 def _errors(stderr: bytes) -> list[str]:
@@ -429,9 +430,8 @@ def test_progress_bars_follow_quiet(start_server, sim_policy_file, tmp_path):
 
 def test_data_provider_brings_its_own_collateral(start_server, sim_policy_file, tmp_path):
     """Instead of the stapled copy: a collateral file, or a PCCS of the provider's choice."""
-    from fake_pccs import fake_pccs
-
     from teepsi.attestation.sim import SimPlatform
+    from tests.support.fake_pccs import fake_pccs
 
     server = start_server()
     data = _write(tmp_path / "a.txt", ["x", "y"])

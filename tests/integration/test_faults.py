@@ -1,10 +1,10 @@
 """Faults through separate processes on loopback: killed parties and servers, slow and
 missing parties, cut connections. Every wait is bounded; waiting costs no CPU.
 
-A small proxy of our own (tests/tcp_proxy.py) sits between a client and the server where
+A small proxy of our own (tests/support/tcp_proxy.py) sits between a client and the server where
 a test needs latency, a throttled link or a cut. The policy pins MRSIGNER, ISV_PROD_ID and
 ISV_SVN but not MRENCLAVE (a digest of the installed files in sim mode), so these tests
-keep passing while src/ is edited under them; tests/test_end_to_end.py pins MRENCLAVE.
+keep passing while src/ is edited under them; tests/integration/test_end_to_end.py pins MRENCLAVE.
 """
 
 from __future__ import annotations
@@ -19,14 +19,14 @@ from types import SimpleNamespace
 import numpy as np
 import polars as pl
 import pytest
-from conftest import client_args, start_client
-from tcp_proxy import TcpProxy
 
 from teepsi.attestation.policy import Policy
 from teepsi.client.party import PartyConfig, PsiClient, PsiClientError
 from teepsi.engine.intersect import intersect_records
 from teepsi.engine.keys import hash_keys
 from teepsi.engine.tables import TableSpec
+from tests.support.processes import client_args, start_client
+from tests.support.tcp_proxy import TcpProxy
 
 KEY_SCHEME = TableSpec(path=Path("x")).key_scheme
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 FUZZ = ROOT / "fuzz"
 CORPUS = FUZZ / "corpus"
 HARNESSES = ("ratls", "quote", "policy", "spec", "upload", "receipt", "audit")

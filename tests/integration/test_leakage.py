@@ -24,7 +24,6 @@ import grpc
 import numpy as np
 import polars as pl
 import pytest
-from conftest import client_args, start_client
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -45,6 +44,7 @@ from teepsi.protocol import SESSION_METADATA
 from teepsi.protocol import teepsi_pb2 as pb
 from teepsi.server.app import ServerConfig, start_server
 from teepsi.server.jobs import Limits
+from tests.support.processes import client_args, start_client
 
 KEY_SCHEME = TableSpec(path=Path("x")).key_scheme
 

@@ -24,7 +24,6 @@ from typing import Any
 
 import grpc
 import pytest
-from tcp_proxy import TcpProxy
 
 from teepsi.attestation.policy import Policy
 from teepsi.client import PartyConfig, PartyResult, run_party_items
@@ -33,6 +32,7 @@ from teepsi.contract.keys import generate_private_key, public_key_der
 from teepsi.contract.spec import JobSpec, PartySpec
 from teepsi.engine.tables import TableSpec
 from teepsi.protocol import teepsi_pb2 as pb
+from tests.support.tcp_proxy import TcpProxy
 
 
 def proc_status(pid: int) -> dict[str, int]:

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import client_args, stable_policy_dict, start_client, teepsi_cmd
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
@@ -41,6 +40,7 @@ from teepsi.server.app import ServerConfig, ServerConfigError, start_server
 from teepsi.server.errors import Refusal
 from teepsi.server.metrics import JOB_PHASES
 from teepsi.server.service import SERVICE_NAME
+from tests.support.processes import client_args, start_client, teepsi_cmd
 
 KEY_SCHEME = TableSpec(path=Path("x")).key_scheme
 TEEPSI = teepsi_cmd()
@@ -239,9 +239,9 @@ def test_metrics_move_during_a_three_party_job(start_server, policy_file, tmp_pa
         assert needle not in text
 
 
-def test_a_policy_refusal_is_counted_by_its_reason(policy):
+def test_a_policy_refusal_is_counted_by_its_reason(policy, policy_dict):
     """A data provider whose MRENCLAVE the server's policy does not list: reason policy."""
-    data = stable_policy_dict()
+    data = policy_dict
     data["verify_mr_enclave"] = "on"
     data["sgx_mrs"][1]["mr_enclave"] = "00" * 32
     running = _sim_server(Policy.from_dict(data), metrics_host="127.0.0.1:0")

@@ -21,9 +21,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import free_loopback_port, wait_until_listening
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.support.processes import free_loopback_port, wait_until_listening
+
+ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 BLOCK = re.compile(r"<!-- quickstart:(\w[\w-]*) -->\n```(\w+)\n(.*?)\n```", re.DOTALL)
 README_PORT = "127.0.0.1:50051"

@@ -15,9 +15,9 @@ import subprocess
 import time
 from pathlib import Path
 
-import test_faults
-from conftest import client_args, start_client, teepsi_cmd
-from test_faults import _errors, _wait_for_log
+from tests.integration import test_faults
+from tests.integration.test_faults import _errors, _wait_for_log
+from tests.support.processes import client_args, start_client, teepsi_cmd
 
 # The fault tests' fixtures: server processes on the stable policy, and client processes
 # killed at teardown.
@@ -334,7 +334,7 @@ def test_resume_with_other_data_withholds_the_rows_and_says_why(
 def test_partner_of_a_party_whose_upload_broke_off_learns_why_the_job_fails(
     serve, policy_file, tmp_path, procs
 ):
-    from tcp_proxy import TcpProxy
+    from tests.support.tcp_proxy import TcpProxy
 
     server = serve("--job-timeout", "15")
     common = [f"common-{i}" for i in range(50)]

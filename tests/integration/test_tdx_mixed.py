@@ -9,11 +9,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import start_client, teepsi_cmd
 
 from teepsi.attestation.evidence import Role
 from teepsi.attestation.measure import sim_identity, sim_td_identity
 from teepsi.attestation.policy import policy_for
+from tests.support.processes import start_client, teepsi_cmd
 
 NAMES = ("alpha", "beta", "gamma")
 DATA = {

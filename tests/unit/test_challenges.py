@@ -99,11 +99,10 @@ def test_check_does_not_consume():
 def test_an_honest_join_survives_a_12k_challenge_flood_over_grpc():
     """The attack of the review, end to end: challenge, 12k challenges by someone else,
     then the join with the first nonce. Before: PERMISSION_DENIED (nonce evicted)."""
-    from test_service import POLICY, _config, _signed_join
-
     from teepsi.client.party import PsiClient
     from teepsi.protocol import teepsi_pb2 as pb
     from teepsi.server.app import ServerConfig, start_server
+    from tests.integration.test_service import POLICY, _config, _signed_join
 
     server = start_server(
         ServerConfig(

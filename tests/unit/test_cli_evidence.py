@@ -16,15 +16,15 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from fake_pccs import FakePccs
 
 from teepsi.attestation.evidence import Role
 from teepsi.attestation.measure import sim_identity
 from teepsi.attestation.ratls import SUBJECT, create_certificate
 from teepsi.attestation.sim import SimEvidenceProvider, SimPlatform, SimPlatformConfig
 from teepsi.cli_evidence import register
+from tests.support.fake_pccs import FakePccs
 
-VECTORS = Path(__file__).resolve().parent / "vectors"
+VECTORS = Path(__file__).resolve().parents[1] / "vectors"
 DCAP = VECTORS / "sgx-dcap"
 GRAMINE_CERT = VECTORS / "gramine_ratls_interop_2023.pem"
 PINNED = "1750330631"

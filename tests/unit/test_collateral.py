@@ -10,7 +10,6 @@ from email.message import Message
 from pathlib import Path
 
 import pytest
-from fake_pccs import FakePccs
 
 from teepsi.attestation import collateral as collateral_mod
 from teepsi.attestation.collateral import (
@@ -30,8 +29,9 @@ from teepsi.attestation.evidence import Role
 from teepsi.attestation.measure import sim_identity
 from teepsi.attestation.sim import SimPlatform, SimPlatformConfig
 from teepsi.attestation.verify import verify_quote
+from tests.support.fake_pccs import FakePccs
 
-VECTORS = Path(__file__).resolve().parent / "vectors" / "sgx-dcap"
+VECTORS = Path(__file__).resolve().parents[1] / "vectors" / "sgx-dcap"
 PINNED = 1750330631
 DAY = 24 * 3600
 

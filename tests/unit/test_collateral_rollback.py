@@ -18,7 +18,6 @@ from typing import Any
 
 import grpc
 import pytest
-from conftest import client_args, teepsi_cmd
 
 from teepsi.attestation.collateral import (
     FRESHNESS_TOLERANCE_SECONDS,
@@ -32,6 +31,7 @@ from teepsi.attestation.peer import PeerRejected, PeerVerifier
 from teepsi.attestation.policy import Policy, PolicyError, policy_for
 from teepsi.attestation.sim import SimPlatform, SimPlatformConfig, TcbStatus
 from teepsi.engine.tables import TableSpec
+from tests.support.processes import client_args, teepsi_cmd
 
 DAY = 24 * 3600
 REPORT_DATA = bytes(range(64))

@@ -16,7 +16,7 @@ from teepsi.attestation.policy import Policy, PolicyViolation, policy_for
 from teepsi.contract.receipt import PartyEntry, Receipt
 from teepsi.engine.keys import Normalization
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
 CONTRACTS = (ROOT / "docs" / "contracts.md").read_text()
 

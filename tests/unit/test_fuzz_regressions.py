@@ -24,7 +24,7 @@ from teepsi.contract.audit import AuditError, AuditLog, verify_audit_log
 from teepsi.contract.receipt import ReceiptError, SignedReceipt
 from teepsi.contract.spec import JobSpec, SpecError
 
-CRASHES = Path(__file__).resolve().parent.parent / "fuzz" / "crashes"
+CRASHES = Path(__file__).resolve().parents[2] / "fuzz" / "crashes"
 
 #: More digits than Python converts by default (sys.get_int_max_str_digits() is 4300).
 HUGE_INT = b"1" * 5000

@@ -41,7 +41,7 @@ from teepsi.attestation.ratls import (
     report_data_for_key,
 )
 
-VECTOR = Path(__file__).parent / "vectors" / "gramine_ratls_interop_2023.pem"
+VECTOR = Path(__file__).parent.parent / "vectors" / "gramine_ratls_interop_2023.pem"
 #: The time certificates are judged at, unless a test is about validity: inside the
 #: validity of the Gramine vector (2001 to 2030) and of certificates made during the test.
 NOW = datetime.now(UTC)

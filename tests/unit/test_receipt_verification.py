@@ -16,7 +16,6 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from forgery import forged_certificate, forged_quote, receipt_for
 
 from teepsi.attestation.evidence import Role
 from teepsi.attestation.measure import sim_identity
@@ -33,8 +32,9 @@ from teepsi.attestation.ratls import (
 from teepsi.attestation.sim import SimEvidenceProvider, SimPlatform, SimPlatformConfig
 from teepsi.cli import main
 from teepsi.contract.receipt import ReceiptError, SignedReceipt
+from tests.support.forgery import forged_certificate, forged_quote, receipt_for
 
-VECTORS = Path(__file__).parent / "vectors"
+VECTORS = Path(__file__).parent.parent / "vectors"
 SGX_QUOTE = VECTORS / "sgx-dcap" / "sgx_quote"
 SGX_COLLATERAL = VECTORS / "sgx-dcap" / "sgx_quote_collateral.json"
 SGX_PINNED = 1750330631  # ORIGIN.md: ConfigurationAndSWHardeningNeeded at this time
@@ -401,7 +401,7 @@ def test_contract_demo_verifies_every_receipt_through_the_path() -> None:
     """The demo's receipts carry their collateral; verified under the simulated root."""
     import subprocess
 
-    from conftest import teepsi_cmd
+    from tests.support.processes import teepsi_cmd
 
     run = subprocess.run(teepsi_cmd("demo", "--contract"), capture_output=True, timeout=300)
     out = run.stdout.decode()

@@ -41,11 +41,11 @@ from teepsi.attestation.sim import (
     is_simulated_quote,
 )
 
-VECTORS = Path(__file__).resolve().parent / "vectors" / "sgx-dcap"
+VECTORS = Path(__file__).resolve().parents[1] / "vectors" / "sgx-dcap"
 REAL_QUOTE = VECTORS / "sgx_quote"
 REAL_COLLATERAL = VECTORS / "sgx_quote_collateral.json"
 REAL_VERIFY_AT = 1750330631
-SRC_DIR = Path(__file__).resolve().parent.parent / "src"
+SRC_DIR = Path(__file__).resolve().parents[2] / "src"
 
 IDENTITY = EnclaveIdentity(
     mr_enclave=bytes(range(32)),

@@ -297,7 +297,7 @@ def test_peak_memory_follows_the_budget_not_the_row_count(tmp_path):
 
 
 def _client_job(server, policy, paths, job, extra):
-    from conftest import client_args
+    from tests.support.processes import client_args
 
     procs = []
     for index, path in enumerate(paths):

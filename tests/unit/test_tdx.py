@@ -12,7 +12,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from conftest import teepsi_cmd
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -54,8 +53,9 @@ from teepsi.attestation.sim import (
 )
 from teepsi.attestation.transcript import join_transcript_digest
 from teepsi.attestation.verify import QuoteVerificationError, SimulatedEvidenceRefused, verify_quote
+from tests.support.processes import teepsi_cmd
 
-VECTORS = Path(__file__).parent / "vectors" / "sgx-dcap"
+VECTORS = Path(__file__).parent.parent / "vectors" / "sgx-dcap"
 REAL_TDX_AT = 1750330631
 REAL_MR_TD = (
     "91eb2b44d141d4ece09f0c75c2c53d247a3c68edd7fafe8a3520c942a604a407"

@@ -12,7 +12,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import teepsi_cmd
 
 from teepsi.attestation.evidence import EvidenceError, Role, tdx_report_data
 from teepsi.attestation.measure import sim_td_identity
@@ -22,6 +21,7 @@ from teepsi.attestation.providers import make_provider
 from teepsi.attestation.ratls import create_certificate
 from teepsi.attestation.sim import SimTdxPlatform
 from teepsi.attestation.tdx import MAX_QUOTE_SIZE, TdxEvidenceProvider
+from tests.support.processes import teepsi_cmd
 
 REPORT_DATA = bytes(range(64))
 

@@ -19,7 +19,7 @@ from teepsi.attestation.verify import (
     verify_quote,
 )
 
-VECTORS = Path(__file__).resolve().parent / "vectors" / "sgx-dcap"
+VECTORS = Path(__file__).resolve().parents[1] / "vectors" / "sgx-dcap"
 
 REPORT_DATA = bytes(range(64))
 
