@@ -83,9 +83,7 @@ def policy_dict() -> dict[str, object]:
 
 
 @pytest.fixture
-def start_server(
-    tmp_path: Path, sim_policy_file: Path
-) -> Iterator[Callable[..., ServerProcess]]:
+def start_server(tmp_path: Path, sim_policy_file: Path) -> Iterator[Callable[..., ServerProcess]]:
     """Starts ``teepsi server`` processes on loopback; each is stopped after the test."""
     started: list[ServerProcess] = []
 

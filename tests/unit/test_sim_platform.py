@@ -11,8 +11,6 @@ import hashlib
 import json
 import os
 import struct
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -45,7 +43,6 @@ VECTORS = Path(__file__).resolve().parents[1] / "vectors" / "sgx-dcap"
 REAL_QUOTE = VECTORS / "sgx_quote"
 REAL_COLLATERAL = VECTORS / "sgx_quote_collateral.json"
 REAL_VERIFY_AT = 1750330631
-SRC_DIR = Path(__file__).resolve().parents[2] / "src"
 
 IDENTITY = EnclaveIdentity(
     mr_enclave=bytes(range(32)),
@@ -331,25 +328,6 @@ def test_evidence_provider(sim_quote: bytes) -> None:
 def test_collateral_of_another_platform_instance_verifies(sim_quote: bytes) -> None:
     # Collateral depends on the configuration only, never on the attestation key.
     assert _verify(sim_quote, SimPlatform()).status == "UpToDate"
-
-
-def test_quote_made_in_another_process_verifies() -> None:
-    script = (
-        "import sys\n"
-        "from teepsi.attestation.evidence import EnclaveIdentity\n"
-        "from teepsi.attestation.sim import SimEvidenceProvider\n"
-        "p = SimEvidenceProvider(EnclaveIdentity(bytes(32), bytes(range(32)), 1, 1))\n"
-        "q = p.quote(bytes(range(64)))\n"
-        "sys.stdout.buffer.write(q)\n"
-    )
-    env = dict(os.environ, PYTHONPATH=str(SRC_DIR))
-    quote = subprocess.run(
-        [sys.executable, "-c", script], check=True, capture_output=True, env=env, timeout=60
-    ).stdout
-    assert is_simulated_quote(quote)
-    report = _verify(quote, SimPlatform())
-    assert report.status == "UpToDate"
-    assert dcap_qvl.parse_quote(quote).report.report_data == bytes(range(64))
 
 
 def test_quotes_are_fast(platform: SimPlatform) -> None:

@@ -8,7 +8,6 @@ kernel would show after one write to ``inblob`` (``provider``, ``generation``,
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,6 @@ from teepsi.attestation.providers import make_provider
 from teepsi.attestation.ratls import create_certificate
 from teepsi.attestation.sim import SimTdxPlatform
 from teepsi.attestation.tdx import MAX_QUOTE_SIZE, TdxEvidenceProvider
-from tests.support.processes import teepsi_cmd
 
 REPORT_DATA = bytes(range(64))
 
@@ -177,26 +175,3 @@ def test_make_provider_tdx(tsm_root: Path) -> None:
         tsm_root,
         False,
     )
-
-
-def test_server_attestation_tdx_without_configfs_is_one_line() -> None:
-    run = subprocess.run(
-        teepsi_cmd(
-            "server",
-            "--attestation",
-            "tdx",
-            "--no-client-attestation",
-            "--host",
-            "127.0.0.1:0",
-        ),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    if Path("/sys/kernel/config/tsm/report").is_dir():
-        pytest.skip("this machine has configfs-tsm")
-    assert run.returncode == 2
-    lines = run.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in run.stderr
-    assert "--attestation tdx: cannot make this server's quote" in lines[0]
-    assert "configfs-tsm needs a TDX guest with Linux 6.7" in lines[0]
