@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.test_faults import _wait_for_log
 from tests.support.processes import start_client, teepsi_cmd
 
 NAMES = ("alpha", "beta", "gamma")
@@ -201,7 +202,7 @@ def test_spec_mismatch_unlisted_and_impersonation_refused(
     spec = _spec(tmp_path, keys[1], job="strict")
     other = _spec(tmp_path, keys[1], job="strict", min_intersection=1)
     first = start_client(_client(server, sim_policy_file, tmp_path, keys, "alpha", spec))
-    time.sleep(1.5)
+    _wait_for_log(server, "party alpha joined")  # the job exists under alpha's spec
     runs = {
         "mismatch": _client(server, sim_policy_file, tmp_path, keys, "beta", other),
         "impersonation": _client(

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.test_faults import _wait_for_log
 from tests.support.processes import client_args, start_client, teepsi_cmd
 
 
@@ -361,7 +362,7 @@ def test_normalisation_mismatch_refused(start_server, sim_policy_file, tmp_path)
             timeout=30,
         )
     )
-    time.sleep(1.0)
+    _wait_for_log(server, "party a joined")  # a's settings are the job's
     run = subprocess.run(
         client_args(server, b, parties=2, name="b", policy=sim_policy_file, timeout=30),
         capture_output=True,

@@ -164,8 +164,14 @@ def test_tolerance_for_several_sources_but_never_a_lower_evaluation_number() -> 
 def test_check_does_not_record() -> None:
     t0 = int(time.time()) - 10 * DAY
     freshness = CollateralFreshness()
-    freshness.check(_sim_collateral(t0 + DAY), source=SOURCE)
+    info = freshness.check(_sim_collateral(t0 + DAY), source=SOURCE)
+    assert info.items and all(freshness.newest(i.key, source=SOURCE) is None for i in info.items)
     freshness.observe(_sim_collateral(t0), source=SOURCE)  # nothing was recorded by check()
+    assert all(freshness.newest(i.key, source=SOURCE) == t0 for i in info.items)
+    # what observe() recorded, check() enforces: it is a check, just not a recording one
+    with pytest.raises(CollateralRollbackError):
+        freshness.check(_sim_collateral(t0 - DAY), source=SOURCE)
+    assert all(freshness.newest(i.key, source=SOURCE) == t0 for i in info.items)
 
 
 def test_rollback_state_persists(tmp_path: Path) -> None:
@@ -184,9 +190,16 @@ def test_rollback_state_persists(tmp_path: Path) -> None:
 def test_rollback_state_is_per_trust_root() -> None:
     """Simulated collateral dated now must not make Intel's real collateral look old."""
     freshness = CollateralFreshness()
-    freshness.observe(_sim_collateral(int(time.time()) - 600), source=SOURCE)
-    _, intel = _vector("sgx_quote")
-    freshness.observe(intel, source=SOURCE)
+    simulated = freshness.observe(_sim_collateral(int(time.time()) - 600), source=SOURCE)
+    _, intel_json = _vector("sgx_quote")
+    intel = freshness.observe(intel_json, source=SOURCE)
+    # the same documents (TCB info, QE identity, CRLs) under two roots: tracked apart
+    assert {i.kind for i in intel.items} == {i.kind for i in simulated.items}
+    assert not {i.key for i in intel.items} & {i.key for i in simulated.items}
+    # Intel's is older, so under one shared key observing it would have been a rollback
+    assert intel.oldest_issued < simulated.oldest_issued
+    for item in (*simulated.items, *intel.items):
+        assert freshness.newest(item.key, source=SOURCE) == item.issued
 
 
 def test_rollback_refusal_in_the_verification_path() -> None:

@@ -156,7 +156,11 @@ def test_waiter_is_woken_by_last_upload(registry):
         target=lambda: got.append(decode(wait(registry, a.token, timeout=10).result, {"x", "y"}))
     )
     waiter.start()
-    time.sleep(0.1)
+    job = registry._jobs[("j1", b"")]
+    give_up = time.monotonic() + 5
+    while not job.waiters:  # the waiter is waiting before the last upload
+        assert time.monotonic() < give_up and waiter.is_alive()
+        time.sleep(0.01)
     _upload(registry, b.token, {"y"})
     waiter.join(5)
     assert got == [["y"]]
@@ -166,8 +170,22 @@ def test_aborted_upload_frees_the_slot(registry):
     a = registry.join("j1", "a", 2)
     registry.begin_upload(a.token)
     registry.abort_upload(a.token)
+    assert registry.job_count() == 0  # its only party left: the job (and its slot) went too
+    with pytest.raises(ServiceError) as err:
+        registry.begin_upload(a.token)
+    assert err.value.kind is ErrorKind.UNAUTHENTICATED  # the broken session ended
     again = registry.join("j1", "a", 2)
     _upload(registry, again.token, {"z"})
+    # With a partner still in the job, a broken upload frees the name's slot in it: the
+    # same name joins again (a duplicate name is refused otherwise) and the job completes.
+    b = registry.join("j1", "b", 2)
+    registry.begin_upload(b.token)
+    registry.abort_upload(b.token)
+    assert registry.job_count() == 1
+    b_again = registry.join("j1", "b", 2)
+    _upload(registry, b_again.token, {"z", "w"})
+    assert decode(wait(registry, again.token, timeout=5).result, {"z", "w"}) == ["z"]
+    assert decode(wait(registry, b_again.token, timeout=5).result, {"z", "w"}) == ["z"]
 
 
 def test_max_jobs_enforced():
@@ -297,16 +315,21 @@ def test_one_address_holds_at_most_its_share_of_the_jobs():
 
 def test_job_without_upload_is_dropped_after_the_join_timeout():
     """A join alone holds a --max-jobs slot only for --join-timeout."""
-    reg = JobRegistry(Limits(max_jobs=2, job_timeout_seconds=30, join_timeout_seconds=0.5))
+    now = [1_000.0]
+    reg = JobRegistry(
+        Limits(max_jobs=2, job_timeout_seconds=30, join_timeout_seconds=0.5),
+        clock=lambda: now[0],
+    )
     try:
         idle = reg.join("idle", "a", 2)
         busy = reg.join("busy", "a", 2)
         reg.begin_upload(busy.token)  # an upload has begun: the job keeps its deadline
         assert _refusal(reg, "third", "a", 1).kind is ErrorKind.RESOURCE_EXHAUSTED
-        give_up = time.monotonic() + 10
-        while reg.job_count() > 1:
-            assert time.monotonic() < give_up
-            time.sleep(0.05)
+        now[0] += 0.4
+        reg.expire_due()
+        assert reg.job_count() == 2  # not yet: the join timeout has not passed
+        now[0] += 0.2
+        reg.expire_due()
         assert [j for j, *_ in reg.snapshot()] == ["busy"]
         with pytest.raises(ServiceError) as err:
             reg.begin_upload(idle.token)
