@@ -163,7 +163,7 @@ def test_seeds_reach_the_accepting_paths() -> None:
 
 def test_every_finding_has_a_regression_test_and_a_doc_entry() -> None:
     support = (FUZZ / "_support.py").read_text()
-    regressions = (ROOT / "tests" / "test_fuzz_regressions.py").read_text()
+    regressions = (ROOT / "tests" / "unit" / "test_fuzz_regressions.py").read_text()
     docs = (ROOT / "docs" / "fuzzing.md").read_text()
     found = {k.upper() for k in re.findall(r"def test_(f\d+)_", regressions)}
     assert found, "no regression tests of fuzzing findings"
