@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: fuzz bench bench-quick bench-huge demo demo-2 demo-3 demo-contract test lint typecheck unit proto install clean
+.PHONY: fuzz bench bench-quick bench-huge demo demo-2 demo-3 demo-contract test test-fast test-integration test-deploy lint format typecheck suite proto install clean
 
 install: $(STAMP)
 
@@ -25,16 +25,35 @@ demo-2: $(STAMP)
 demo-contract: $(STAMP)
 	$(VENV)/bin/teepsi demo --contract
 
-test: lint typecheck unit
+# Tests (docs/testing.md): tests/unit in-process, tests/integration with processes and
+# servers on loopback, tests/deploy for manifests, images and packaging.
+test: lint typecheck suite
 
+# Every test, with the coverage of src/teepsi (the floor is in pyproject.toml).
+suite: $(STAMP)
+	$(VENV)/bin/pytest -q --cov --cov-report=term
+
+# The unit tests only: about a minute on 2 busy cores.
+test-fast: $(STAMP)
+	$(VENV)/bin/pytest -q tests/unit
+
+test-integration: $(STAMP)
+	$(VENV)/bin/pytest -q tests/integration
+
+test-deploy: $(STAMP)
+	$(VENV)/bin/pytest -q tests/deploy
+
+# ruff, then the layering contracts of docs/architecture.md (import-linter, .importlinter)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests scripts bench deploy fuzz
+	$(VENV)/bin/lint-imports --no-cache
+
+# Rewrites files: ruff's formatting (pre-commit checks it)
+format: $(STAMP)
+	$(VENV)/bin/ruff format src tests scripts bench deploy fuzz
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
-
-unit: $(STAMP)
-	$(VENV)/bin/pytest -q
 
 # Benchmarks (issues 4 and 11): separate processes vs polars, DuckDB and openmined-psi on
 # text, CSV and Parquet; docs/benchmarks.md says what is measured.
@@ -65,4 +84,4 @@ proto: $(STAMP)
 	PATH=$(VENV)/bin:$$PATH bash scripts/gen_proto.sh
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache .coverage .coverage.*

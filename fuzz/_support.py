@@ -9,7 +9,7 @@
   1,000-deep nesting that break parsers built on ``json``, ``tomllib`` or ``int()``.
 * :func:`guard`: with ``TEEPSI_FUZZ_TOLERATE_KNOWN=1`` in the environment, crashes that
   match a known, reported and not yet fixed issue (:data:`KNOWN_ISSUES`, each with a
-  strict-xfail regression test in tests/test_fuzz_regressions.py) are counted and
+  strict-xfail regression test in tests/unit/test_fuzz_regressions.py) are counted and
   skipped instead of stopping the run, so that the fuzzer can look for *other* bugs; the
   first input hitting each is saved next to libFuzzer's own crash files
   (``-artifact_prefix``) as ``known-<key>-<sha1>``.

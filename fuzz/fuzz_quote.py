@@ -72,7 +72,7 @@ def TestOneInput(data: bytes) -> None:  # noqa: N802 (the name atheris expects)
         assert type(body).from_bytes(body.to_bytes()) == body, "report body does not round-trip"
         # Not checked: parsed.signed_bytes == data[:HEADER_SIZE + REPORT_BODY_SIZE]. It is
         # false when reserved report-body bytes are non-zero (ReportBody drops them); see
-        # tests/test_fuzz_regressions.py and docs/fuzzing.md.
+        # tests/unit/test_fuzz_regressions.py and docs/fuzzing.md.
 
     simulated = is_simulated_quote(data)  # any exception here is a finding
     assert simulated is True or simulated is False

@@ -1,4 +1,8 @@
-"""Shared fixtures: a teepsi server and data providers as separate processes on loopback."""
+"""Shared fixtures and the per-folder timeouts (docs/testing.md).
+
+Plain helpers (commands, policies, fake servers) are in ``tests.support``; this file holds
+only fixtures and hooks, and nothing imports it.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +11,8 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -19,15 +21,31 @@ from teepsi.attestation.evidence import Role
 from teepsi.attestation.measure import sim_identity
 from teepsi.attestation.policy import Policy, policy_for
 from teepsi.demo import start_server_process
+from tests.support.policy import stable_policy_dict
+from tests.support.processes import ServerProcess, teepsi_cmd
 
 # CLI servers and clients keep collateral rollback state under $XDG_STATE_HOME by
 # default: this session's processes keep theirs in a directory of their own.
 os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="teepsi-test-state-")
 atexit.register(shutil.rmtree, os.environ["XDG_STATE_HOME"], True)
 
+#: Seconds a test may take before pytest-timeout fails it, by folder. The slowest unit test
+#: takes about 15 s on 2 busy cores and twice that under coverage: a hanging one reports
+#: in 90 s. Integration tests start processes (the slowest about a minute under load);
+#: a deploy test pip-installs teepsi (about two minutes under load).
+TIMEOUT_SECONDS = {"unit": 90, "integration": 300, "deploy": 600}
+TESTS_DIR = Path(__file__).resolve().parent
 
-def teepsi_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "teepsi", *args]
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Give each test its folder's timeout unless it sets one itself."""
+    for item in items:
+        if item.get_closest_marker("timeout") is not None:
+            continue
+        folder = item.path.resolve().relative_to(TESTS_DIR).parts[0]
+        seconds = TIMEOUT_SECONDS.get(folder)
+        if seconds is not None:
+            item.add_marker(pytest.mark.timeout(seconds))
 
 
 @pytest.fixture(scope="session")
@@ -45,23 +63,6 @@ def sim_policy_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def stable_policy_dict() -> dict[str, object]:
-    """This installation's simulated identities with MRENCLAVE not pinned.
-
-    For the fault, bad-input, leakage and load tests: they start many processes, and a
-    pinned MRENCLAVE (a digest of the installed files) would turn an edit made while they
-    run into a policy mismatch instead of the failure under test.
-    """
-    data = policy_for(
-        [
-            ("teepsi server (simulated)", sim_identity(Role.SERVER)),
-            ("teepsi data provider (simulated)", sim_identity(Role.DATA_PROVIDER)),
-        ]
-    ).to_dict()
-    data["verify_mr_enclave"] = "off"
-    return data
-
-
 @pytest.fixture(scope="session")
 def policy_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``stable_policy_dict`` as a dynamic_config.json file."""
@@ -76,22 +77,15 @@ def policy() -> Policy:
     return Policy.from_dict(stable_policy_dict())
 
 
-@dataclass
-class ServerProcess:
-    proc: subprocess.Popen[bytes]
-    port: int
-    workdir: Path
-
-    @property
-    def host(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def log(self) -> str:
-        return (self.workdir / "server.log").read_text(errors="replace")
+@pytest.fixture
+def policy_dict() -> dict[str, object]:
+    """A fresh ``stable_policy_dict`` for a test to change."""
+    return stable_policy_dict()
 
 
 @pytest.fixture
-def start_server(tmp_path: Path, sim_policy_file: Path) -> Iterator[object]:
+def start_server(tmp_path: Path, sim_policy_file: Path) -> Iterator[Callable[..., ServerProcess]]:
+    """Starts ``teepsi server`` processes on loopback; each is stopped after the test."""
     started: list[ServerProcess] = []
 
     def start(*extra: str, policy: Path | None = sim_policy_file) -> ServerProcess:
@@ -112,79 +106,3 @@ def start_server(tmp_path: Path, sim_policy_file: Path) -> Iterator[object]:
                 server.proc.kill()
         if server.proc.stdout is not None:
             server.proc.stdout.close()
-
-
-def client_args(
-    server: ServerProcess,
-    data: Path,
-    *,
-    parties: int,
-    name: str,
-    policy: Path,
-    job: str = "default",
-    extra: Sequence[str] = (),
-    timeout: float = 120,
-) -> list[str]:
-    return teepsi_cmd(
-        "client",
-        "--host",
-        server.host,
-        "--config",
-        str(policy),
-        "--data",
-        str(data),
-        "--parties",
-        str(parties),
-        "--name",
-        name,
-        "--job",
-        job,
-        "--attestation",
-        "sim",
-        "--allow-simulated",
-        "--timeout",
-        str(timeout),
-        "--quiet",
-        *extra,
-    )
-
-
-def start_client(args: list[str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-
-
-def free_loopback_port() -> int:
-    """A port nothing listens on now, for commands whose address is written out in full."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_until_listening(proc: subprocess.Popen[bytes], timeout: float = 120.0) -> list[str]:
-    """Read a starting ``teepsi server``'s stderr (a pipe) up to its "listening on" line.
-
-    Returns its log lines so far; a thread keeps appending the rest, so a chatty server
-    never blocks on a full pipe.
-    """
-    import select
-    import threading
-    import time
-
-    stream = proc.stderr
-    assert stream is not None
-    log: list[str] = []
-    deadline = time.monotonic() + timeout
-    while not any("listening on" in line for line in log):
-        ready, _, _ = select.select([stream], [], [], max(0.0, deadline - time.monotonic()))
-        line = stream.readline().decode(errors="replace") if ready else ""
-        assert line, f"the server did not start within {timeout:.0f} s: {''.join(log)}"
-        log.append(line)
-
-    def drain() -> None:
-        for rest in stream:
-            log.append(rest.decode(errors="replace"))
-
-    threading.Thread(target=drain, daemon=True).start()
-    return log

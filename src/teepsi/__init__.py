@@ -21,9 +21,8 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from teepsi._version import __version__
 from teepsi.errors import TeepsiError
-
-__version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from teepsi.attestation.policy import Policy, PolicyError

@@ -12,7 +12,6 @@ import hashlib
 from functools import cache
 from pathlib import Path
 
-import teepsi
 from teepsi.attestation.evidence import EnclaveIdentity, Role, TdIdentity
 
 #: Security version of this release; raise it when a fix must lock out older builds.
@@ -34,7 +33,7 @@ def _package_files(root: Path) -> list[Path]:
 @cache
 def code_digest() -> bytes:
     """SHA-256 over the relative path, size and content of every installed package file."""
-    root = Path(teepsi.__file__).resolve().parent
+    root = Path(__file__).resolve().parent.parent  # the teepsi package directory
     digest = hashlib.sha256(b"teepsi-code-v1\0")
     for path in _package_files(root):
         data = path.read_bytes()

@@ -12,7 +12,7 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 
-from teepsi import __version__
+from teepsi._version import __version__
 from teepsi.cli import contract, demo, health, measure, party, server
 from teepsi.cli.errors import (
     EXIT_INTERRUPTED,

@@ -15,7 +15,7 @@ from types import FrameType
 import grpc
 from cryptography.hazmat.primitives import serialization
 
-from teepsi import __version__
+from teepsi._version import __version__
 from teepsi.attestation.collateral import (
     FRESHNESS_TOLERANCE_SECONDS,
     CachedSource,

@@ -43,7 +43,7 @@ from typing import IO
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from teepsi import __version__
+from teepsi._version import __version__
 from teepsi.attestation.collateral.documents import validate_collateral
 from teepsi.attestation.collateral.endpoints import PccsEndpoints
 from teepsi.attestation.collateral.errors import CollateralError, one_line

@@ -1,0 +1,1 @@
+"""The test suite: unit/, integration/ and deploy/ (docs/testing.md)."""

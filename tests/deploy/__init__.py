@@ -1,0 +1,1 @@
+"""Tests of manifests, Dockerfiles, compose files, packaging and generated code."""

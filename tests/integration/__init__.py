@@ -1,0 +1,1 @@
+"""Tests with teepsi processes or servers on loopback."""

@@ -1,0 +1,1 @@
+"""Helpers the tests import: plain modules (fixtures live in tests/conftest.py)."""

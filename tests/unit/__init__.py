@@ -1,0 +1,1 @@
+"""In-process tests: no subprocesses, no servers on sockets."""
