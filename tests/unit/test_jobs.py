@@ -172,7 +172,7 @@ def test_aborted_upload_frees_the_slot(registry):
     a = registry.join("j1", "a", 2)
     registry.begin_upload(a.token)
     registry.abort_upload(a.token)
-    assert registry.job_count() == 0  # its only party left: the job (and its slot) went too
+    assert live_jobs(registry) == 0  # its only party left: the job (and its slot) went too
     with pytest.raises(ServiceError) as err:
         registry.begin_upload(a.token)
     assert err.value.kind is ErrorKind.UNAUTHENTICATED  # the broken session ended
@@ -183,7 +183,7 @@ def test_aborted_upload_frees_the_slot(registry):
     b = registry.join("j1", "b", 2)
     registry.begin_upload(b.token)
     registry.abort_upload(b.token)
-    assert registry.job_count() == 1
+    assert live_jobs(registry) == 1
     b_again = registry.join("j1", "b", 2)
     _upload(registry, b_again.token, {"z", "w"})
     assert decode(wait(registry, again.token, timeout=5).result, {"z", "w"}) == ["z"]
