@@ -1022,3 +1022,21 @@ def test_a_party_watches_only_its_own_job(registry):
     with pytest.raises(ServiceError) as err:
         _progress(registry, mine.token)
     assert err.value.kind is ErrorKind.UNAUTHENTICATED
+
+
+def test_a_call_after_shutdown_is_told_the_server_is_shutting_down(registry):
+    """A party whose next call comes after the jobs were dropped at shutdown learns that,
+    not that its session is unknown (it did join: only the server went away)."""
+    a = registry.join("j1", "a", 2)
+    registry.close()
+    for call in (
+        lambda: registry.begin_upload(a.token),
+        lambda: wait(registry, a.token, timeout=1),
+    ):
+        with pytest.raises(ServiceError) as err:
+            call()
+        assert err.value.kind is ErrorKind.UNAVAILABLE
+        assert "shutting down" in str(err.value)
+    with pytest.raises(ServiceError) as err:
+        registry.begin_upload(b"\0" * 32)  # a token it never issued: the same answer now
+    assert err.value.kind is ErrorKind.UNAVAILABLE

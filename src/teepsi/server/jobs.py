@@ -97,7 +97,7 @@ class JobRegistry:
     def close(self) -> None:
         """Expire every job (waiters get an error) and stop the reaper."""
         with self._lock:
-            self._closed = True
+            self._closed = self._sessions.closed = True
             for job in list(self._jobs.values()):
                 self._expire_locked(job, reason=SHUTTING_DOWN)
             self._reaper_wakeup.notify_all()

@@ -35,6 +35,9 @@ class Sessions:
 
     def __init__(self) -> None:
         self._by_token: dict[bytes, Session] = {}
+        #: Set when the server shuts down: its jobs and their sessions are gone, and a
+        #: party calling then must learn that, not that it never joined.
+        self.closed = False
 
     def issue(self, job: Job, party: Party) -> JoinOutcome:
         """A fresh session credential for ``party`` (any earlier one of it ends)."""
@@ -62,6 +65,11 @@ class Sessions:
     def lookup(self, token: bytes, jobs: Mapping[JobKey, Job]) -> tuple[Job, Party]:
         """As :meth:`find`, but an unknown session is refused."""
         found = self.find(token, jobs)
+        if found is None and self.closed:
+            raise ServiceError(
+                ErrorKind.UNAVAILABLE,
+                "server shutting down: its jobs were dropped; run every party again",
+            )
         if found is None:
             raise ServiceError(
                 ErrorKind.UNAUTHENTICATED,
