@@ -134,6 +134,7 @@ def _try_join(
         policy=_policy(),
         name="p",
         party_count=2,
+        attestation="sim",
         job_id=job,
         allow_simulated=True,
         timeout=30,

@@ -92,3 +92,13 @@ def test_every_library_error_is_a_teepsi_error() -> None:
             ):
                 offenders.append(f"{name}.{attr}")
     assert offenders == []
+
+
+def test_library_configs_default_to_real_hardware() -> None:
+    """As on the command line: simulated attestation only when asked for (fail closed)."""
+    import dataclasses
+
+    for config in (teepsi.PartyConfig, teepsi.ServerConfig):
+        fields = {f.name: f for f in dataclasses.fields(config)}
+        assert fields["attestation"].default == "gramine", config
+        assert fields["allow_simulated"].default is False, config

@@ -383,7 +383,13 @@ def test_client_without_a_policy_is_refused_before_connecting() -> None:
     """None must never reach the verifier as "no policy" on the live path."""
     from teepsi.client.party import PartyConfig, PsiClient, PsiClientError
 
-    config = PartyConfig(host="127.0.0.1:1", policy=None, name="a", party_count=1)  # type: ignore[arg-type]
+    config = PartyConfig(
+        host="127.0.0.1:1",
+        policy=None,  # type: ignore[arg-type]
+        name="a",
+        party_count=1,
+        attestation="sim",
+    )
     with pytest.raises(PsiClientError, match="a policy for the server is required"):
         PsiClient(config)
 

@@ -22,8 +22,9 @@ class PartyConfig:
     name: str
     party_count: int
     job_id: str = "default"
-    #: "sim", "gramine", "tdx" or "none" (run outside a TEE; the server must allow it).
-    attestation: str = "sim"
+    #: "gramine", "tdx", "sim" or "none" (run outside a TEE; the server must allow it).
+    #: The default is real hardware, as on the command line: simulation is always asked for.
+    attestation: str = "gramine"
     #: The TEE ``attestation="sim"`` simulates: "sgx" or "tdx".
     sim_tee: str = "sgx"
     allow_simulated: bool = False

@@ -30,7 +30,9 @@ class ServerConfigError(TeepsiError, ValueError):
 @dataclass(frozen=True)
 class ServerConfig:
     host: str = "0.0.0.0:50051"
-    attestation: str = "sim"
+    #: "gramine", "tdx" or "sim"; real hardware unless simulation is asked for, as on the
+    #: command line.
+    attestation: str = "gramine"
     #: The TEE ``attestation="sim"`` simulates: "sgx" or "tdx".
     sim_tee: str = "sgx"
     #: Policy for data providers; required unless client attestation is off.
