@@ -11,7 +11,7 @@ the tests name them.
 from __future__ import annotations
 
 import hmac
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,13 @@ from teepsi.client.progress import Progress, timed
 from teepsi.client.results import PartyResult, check_receipt
 from teepsi.contract.normalization import Normalization
 from teepsi.engine.matching import matching_rows
-from teepsi.engine.tables import TEXT_COLUMN, Table, TableSpec, table_from_frame
+from teepsi.engine.tables import (
+    TEXT_COLUMN,
+    Table,
+    TableSpec,
+    table_from_dataframe,
+    table_from_frame,
+)
 from teepsi.protocol.connect import (
     RATLS_TARGET_NAME,
     PsiClientError,
@@ -102,8 +108,34 @@ def _wait_for_result(
 
 
 def run_party(
-    config: PartyConfig, table: Table, *, save_resume: ResumeSaver | None = None
+    config: PartyConfig,
+    table: Table | object,
+    *,
+    key_columns: Sequence[str] | None = None,
+    normalization: Normalization | None = None,
+    save_resume: ResumeSaver | None = None,
 ) -> PartyResult:
+    """Run one data provider end to end, on a table read with
+    :func:`teepsi.engine.tables.read_table` or on an in-memory polars, pandas or Arrow
+    table, whose ``key_columns`` are then named here (with its ``normalization``).
+
+    ``save_resume`` (quick mode) gets the session once the upload is complete, so a
+    restarted client can fetch the result with ``PartyConfig.resume_token``.
+    """
+    if isinstance(table, Table):
+        if key_columns is not None or normalization is not None:
+            raise PsiClientError(
+                "run_party: a read table has its key columns and normalisation already "
+                "(they are named with in-memory tables only)"
+            )
+        return _run_party(config, table, save_resume)
+    if not key_columns:
+        raise PsiClientError("run_party: name the key_columns of an in-memory table")
+    with table_from_dataframe(table, key_columns, normalization=normalization) as loaded:
+        return _run_party(config, loaded, save_resume)
+
+
+def _run_party(config: PartyConfig, table: Table, save_resume: ResumeSaver | None) -> PartyResult:
     """Run one data provider end to end with an already loaded table.
 
     ``save_resume`` (quick mode) gets the session once the upload is complete, so a

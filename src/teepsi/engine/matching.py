@@ -14,7 +14,7 @@ import polars as pl
 
 from teepsi.engine.intersect import sorted_unique_records
 from teepsi.engine.key_order import compact_strings, key_order
-from teepsi.engine.reading import parse_errors, scan_table, text_items
+from teepsi.engine.reading import parse_errors, text_items
 from teepsi.engine.records import U64Array, normalized_keys
 from teepsi.engine.table_spec import TEXT_COLUMN, TableError, TableFormat
 from teepsi.engine.tables import Table
@@ -93,7 +93,7 @@ def rows_at(table: Table, positions: npt.NDArray[np.uint64]) -> pl.DataFrame:
     spec = table.spec
     table.check_unchanged()
     with parse_errors(spec):
-        scan = scan_table(spec)
+        scan = table.scan()
         if not len(positions):
             return scan.head(0).collect()
         index = "__teepsi_row"

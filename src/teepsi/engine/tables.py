@@ -12,14 +12,16 @@ from __future__ import annotations
 import hashlib
 import io
 import secrets
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import numpy.typing as npt
 import polars as pl
 
+from teepsi.contract.normalization import Normalization
 from teepsi.engine.intersect import feed_records, members_of_sorted, sorted_unique_records
 from teepsi.engine.output import STDOUT_PATH, text_lines, write_rows
 from teepsi.engine.reading import (
@@ -60,6 +62,7 @@ __all__ = [
     "detect_format",
     "directory_error",
     "read_table",
+    "table_from_dataframe",
     "table_from_frame",
     "text_lines",
     "write_rows",
@@ -119,6 +122,8 @@ class Table:
         self._store: UnsortedRecordStore | None = None
         self._sorted: list[tuple[U64Array, U64Array]] | None = None
         self._stamp: tuple[int, int] | None = None
+        #: The in-memory frame a structured table was made from (no file to read again).
+        self.source: pl.DataFrame | None = None
 
     @property
     def rows_per_batch(self) -> int:
@@ -299,7 +304,13 @@ class Table:
         keys = rows[_KEY] if _KEY in rows.columns else pl.Series(_KEY, [], dtype=pl.String)
         return rows[_ROW].to_numpy(), keys
 
+    def scan(self) -> pl.LazyFrame:
+        """The input as a lazy frame: its file, or the in-memory frame it was made from."""
+        return self.source.lazy() if self.source is not None else scan_table(self.spec)
+
     def check_unchanged(self) -> None:
+        if self.source is not None:
+            return  # polars frames are immutable: nothing can change under this run
         try:
             info = self.spec.path.stat()
         except OSError as exc:
@@ -343,16 +354,17 @@ def table_from_frame(
 def _read_structured(table: Table) -> None:
     spec = table.spec
     if not spec.key_columns:
-        raise TableError(f"{spec.path}: name the key column(s) with --key COLUMN")
-    check_readable(spec.path, spec.format)
+        raise TableError(f"{spec.path}: name the key column(s)")
+    if table.source is None:
+        check_readable(spec.path, spec.format)
     with parse_errors(spec):
-        scan = scan_table(spec)
+        scan = table.scan()
         columns = scan.collect_schema().names()
         missing = [c for c in spec.key_columns if c not in columns]
         if missing:
             raise TableError(
                 f"{spec.path}: no column {missing[0]!r} (columns: {', '.join(columns[:20])}); "
-                "pass --key with one of them"
+                "name one of them as the key column"
             )
         position = 0
         # Only the key columns, a batch at a time: the other columns wait for the result.
@@ -363,6 +375,48 @@ def _read_structured(table: Table) -> None:
             _add_keys(table, normalized_keys(batch, spec.key_columns, spec.normalization), position)
             position += len(batch)
     table.rows_read = position
+
+
+def table_from_dataframe(
+    data: object,
+    key_columns: Sequence[str],
+    *,
+    normalization: Normalization | None = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+) -> Table:
+    """A table over an in-memory frame: a polars DataFrame or LazyFrame, a pandas
+    DataFrame or an Arrow table (whatever polars takes). Its columns keep their types, as
+    Parquet's do; the matching rows come back as a polars DataFrame."""
+    frame = _as_polars_frame(data)
+    spec = TableSpec(
+        path=Path("<memory>"),
+        format=TableFormat.PARQUET,
+        key_columns=tuple(key_columns),
+        normalization=normalization or Normalization(),
+    )
+    table = Table(spec, memory_budget=memory_budget)
+    table.source = frame
+    try:
+        _read_structured(table)
+    except BaseException:
+        table.close()
+        raise
+    return table
+
+
+def _as_polars_frame(data: object) -> pl.DataFrame:
+    if isinstance(data, pl.LazyFrame):
+        return data.collect()
+    if isinstance(data, pl.DataFrame):
+        return data
+    try:
+        # pandas, Arrow and the Arrow C stream interface: polars checks what it is given
+        return pl.DataFrame(cast(Any, data))
+    except (TypeError, ValueError, ImportError, pl.exceptions.PolarsError) as exc:
+        raise TableError(
+            f"in-memory table: a {type(data).__name__} is not a table polars can read "
+            f"({' '.join(str(exc).split())[:120]}); pass a polars, pandas or Arrow table"
+        ) from None
 
 
 def read_table(
