@@ -48,7 +48,9 @@ def _config(server, name: str, job: str) -> teepsi.PartyConfig:
     )
 
 
-def _both(server, job: str, mine: object, theirs: object, key: str) -> dict[str, teepsi.PartyResult]:
+def _both(
+    server, job: str, mine: object, theirs: object, key: str
+) -> dict[str, teepsi.PartyResult]:
     results: dict[str, teepsi.PartyResult] = {}
     errors: list[BaseException] = []
 
