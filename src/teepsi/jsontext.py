@@ -85,3 +85,12 @@ def did_you_mean(key: str, allowed: Iterable[str]) -> str:
     """`` (did you mean X?)`` for the closest allowed key, or ``""``: one wording everywhere."""
     close = difflib.get_close_matches(key, list(allowed), n=1)
     return f" (did you mean {close[0]}?)" if close else ""
+
+
+#: Keys a user may add to any document as notes: ignored by every reader, one rule for all.
+IGNORED_KEY_PREFIXES = ("_", "comment")
+
+
+def is_ignored_key(key: str) -> bool:
+    """A note key (``_...`` or ``comment...``) that readers of user documents skip."""
+    return key.startswith(IGNORED_KEY_PREFIXES)

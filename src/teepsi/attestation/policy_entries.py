@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from teepsi.attestation.evidence import TdIdentity
 from teepsi.errors import TeepsiError
-from teepsi.jsontext import did_you_mean, show
+from teepsi.jsontext import did_you_mean, is_ignored_key, show
 
 TDX_KEY = "tdx_mrs"
 _HEX64 = re.compile(r"[0-9a-fA-F]{64}")
@@ -61,16 +61,12 @@ class TcbStatusRefused(PolicyViolation):
     """The peer's platform TCB status is not accepted (the metrics count it apart)."""
 
 
-def _is_ignored_key(key: str) -> bool:
-    return key.startswith(("_", "comment"))
-
-
 def check_keys(obj: dict[object, object], allowed: Sequence[str], prefix: str) -> None:
     """Refuse unknown keys; ``prefix`` is ``"<source>: "`` or ``"<source>: sgx_mrs[i]."``."""
     for key in obj:
         if not isinstance(key, str):
             raise PolicyError(f"{prefix}{show(key)}: keys must be strings")
-        if key in allowed or _is_ignored_key(key):
+        if key in allowed or is_ignored_key(key):
             continue
         suggestion = did_you_mean(key, allowed)
         shown = key if key.isprintable() and len(key) <= 60 else show(key)  # stay one line

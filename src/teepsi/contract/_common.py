@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import TypeGuard
 
 from teepsi.jsontext import MAX_INT_DIGITS, one_line, show, strict_json_loads
 
@@ -21,7 +22,7 @@ __all__ = [
 MAX_COUNT = 2**63 - 1
 
 
-def is_int(value: object) -> bool:
+def is_int(value: object) -> TypeGuard[int]:
     """A JSON/TOML integer; ``bool`` is an ``int`` subclass in Python and must not pass."""
     return isinstance(value, int) and not isinstance(value, bool)
 

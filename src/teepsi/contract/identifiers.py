@@ -8,6 +8,7 @@ log, the server and the CLI all check (and explain) a job id the same way. Use
 from __future__ import annotations
 
 import re
+from typing import TypeGuard
 
 __all__ = [
     "AUDIT_EVENT_PATTERN",
@@ -34,6 +35,6 @@ AUDIT_EVENT_PATTERN = re.compile(r"[a-z][a-z0-9_.-]{0,63}")
 AUDIT_FIELD_PATTERN = re.compile(r"[a-z][a-z0-9_]{0,63}")
 
 
-def is_identifier(value: object) -> bool:
+def is_identifier(value: object) -> TypeGuard[str]:
     """Whether ``value`` is a valid job id or party name (text matching the rule)."""
     return isinstance(value, str) and IDENTIFIER_PATTERN.fullmatch(value) is not None

@@ -18,7 +18,7 @@ from teepsi.contract.identifiers import IDENTIFIER_RULE, is_identifier
 from teepsi.contract.outputs import OutputKind
 from teepsi.contract.party_keys import PartyKeyError, canonical_public_key_der
 from teepsi.errors import TeepsiError
-from teepsi.jsontext import did_you_mean
+from teepsi.jsontext import did_you_mean, is_ignored_key
 
 __all__ = [
     "SpecError",
@@ -54,10 +54,6 @@ def check_canonical_party_key(der: bytes, where: str) -> None:
         fail(where, "public key is not in canonical SubjectPublicKeyInfo DER form")
 
 
-def _is_ignored_key(key: str) -> bool:
-    return key.startswith(("_", "comment"))
-
-
 def check_keys(
     obj: dict[object, object],
     allowed: Sequence[str],
@@ -71,7 +67,7 @@ def check_keys(
     for key in obj:
         if not isinstance(key, str):
             fail(f"{prefix}{show(key)}", "keys must be strings")
-        if key in allowed or (_is_ignored_key(key) and not canonical):
+        if key in allowed or (is_ignored_key(key) and not canonical):
             continue
         if key in misplaced:
             # TOML puts every key after [[parties]] into that party's table.
