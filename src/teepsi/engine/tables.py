@@ -68,7 +68,7 @@ __all__ = [
     "write_rows",
 ]
 
-#: A data provider's default memory budget (``--memory-budget``): fits the 2 GiB enclave it runs in.
+#: A data provider's default memory budget: fits the 2 GiB enclave it runs in.
 DEFAULT_MEMORY_BUDGET = 1 << 30
 #: Rows per batch while reading, at most (a small budget makes batches smaller).
 BATCH_ROWS = 1 << 20
