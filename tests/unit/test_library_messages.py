@@ -169,6 +169,10 @@ def test_every_flag_hint_is_a_term_the_library_uses():
             "accept simulated evidence (test runs only)",
         ),
         ("PCCS TLS (or set insecure_pccs_tls)", "PCCS TLS (or pass --insecure-pccs-tls)"),
+        (
+            "parts: a directory of Parquet files: set the table format to parquet to read them",
+            "parts: a directory of Parquet files: pass --format parquet to read them",
+        ),
         ("d.txt: no such file; check the data path", "d.txt: no such file; check the --data path"),
         ("over the memory budget, and cannot", "over --memory-budget, and cannot"),
         ("gave up after this party's timeout of 5 s", "gave up after --timeout 5 s"),

@@ -18,6 +18,7 @@ FLAG_HINTS: dict[str, str] = {
     "the server address": "--host",
     # teepsi.engine (TableSpec and the tables' writers and readers)
     "the output path": "--output",
+    "set the table format to": "pass --format",
     "the table format": "--format",
     "the data path": "the --data path",
     "the memory budget": "--memory-budget",

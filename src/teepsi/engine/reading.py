@@ -64,8 +64,8 @@ def directory_error(path: Path) -> TableError:
         parquet = False
     if parquet:
         return TableError(
-            f"{path}: a directory of Parquet files: use the table format parquet to read them "
-            "as one table"
+            f"{path}: a directory of Parquet files: set the table format to parquet to "
+            "read them as one table"
         )
     return TableError(f"{path}: is a directory, expected a data file")
 
