@@ -169,6 +169,11 @@ def test_every_flag_hint_is_a_term_the_library_uses():
             "accept simulated evidence (test runs only)",
         ),
         ("PCCS TLS (or set insecure_pccs_tls)", "PCCS TLS (or pass --insecure-pccs-tls)"),
+        # The QCNL file's own key keeps its name; the party's setting is the flag.
+        (
+            "qcnl.conf: no PCCS_URL (pccs_url) set (set pccs_url or PCCS_URL in qcnl.conf)",
+            "qcnl.conf: no PCCS_URL (pccs_url) set (set --pccs-url or PCCS_URL in qcnl.conf)",
+        ),
         (
             "parts: a directory of Parquet files: set the table format to parquet to read them",
             "parts: a directory of Parquet files: pass --format parquet to read them",

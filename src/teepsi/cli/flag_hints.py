@@ -28,7 +28,9 @@ FLAG_HINTS: dict[str, str] = {
     "set allow_simulated": "pass --allow-simulated",
     "allow_simulated": "--allow-simulated",
     "set insecure_pccs_tls": "pass --insecure-pccs-tls",
-    "pccs_url": "--pccs-url",
+    # Not "pccs_url" alone: the QCNL file has a key of that name, which its errors name.
+    "set pccs_url": "set --pccs-url",
+    "a PCCS (pccs_url)": "a PCCS (--pccs-url)",
     "collateral_state": "--collateral-state",
     "party_count": "--parties",
     "party_key": "--key-file",

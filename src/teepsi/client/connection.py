@@ -51,7 +51,8 @@ from teepsi.protocol.connect import PsiClientError, fetch_server_certificate, pi
 
 log = logging.getLogger(__name__)
 
-#: What this party does about a server whose evidence is simulated: its own flag.
+#: What this party does about a server whose evidence is simulated: its own setting
+#: (the CLI names the flag, teepsi.cli.flag_hints).
 SIMULATED_REMEDY = "set allow_simulated to accept simulated evidence (test runs only)"
 
 
