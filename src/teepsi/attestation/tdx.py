@@ -131,7 +131,7 @@ class TdxEvidenceProvider(EvidenceProvider):
         if provider != TDX_PROVIDER:
             raise EvidenceError(
                 f"configfs-tsm provider is {provider!r}, not {TDX_PROVIDER!r}: this machine "
-                "is not a TDX guest (use --attestation gramine on SGX)"
+                "is not a TDX guest (use attestation 'gramine' on SGX)"
             )
         inblob = entry / "inblob"
         try:

@@ -21,6 +21,7 @@ from teepsi.cli.errors import (
     UsageError,
     usage_json_line,
 )
+from teepsi.cli.flag_hints import with_flag_hints
 from teepsi.cli.settings import (
     ENV_PREFIX,
     TRUST_FLAGS,
@@ -99,11 +100,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parse_settings(argv, os.environ, parsed=args)
         code: int = args.func(args)
     except UsageError as exc:
+        # Often a library error's text: named in the command line's words (flags).
+        message = with_flag_hints(str(exc))
         if getattr(args, "log_format", "text") == "json":
             # As the command's other errors: one JSON line, as its log handler writes them.
-            print(usage_json_line(args.command, str(exc)), file=sys.stderr)
+            print(usage_json_line(args.command, message), file=sys.stderr)
         else:
-            print(f"teepsi {args.command}: error: {exc}", file=sys.stderr)
+            print(f"teepsi {args.command}: error: {message}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt as exc:
         # The exception's text, if any, is what the interrupted step left to pick up.

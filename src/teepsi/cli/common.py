@@ -16,10 +16,14 @@ if TYPE_CHECKING:
 
 
 def setup_logging(role: str, verbose: bool, quiet: bool = False, log_format: str = "text") -> None:
+    from teepsi.cli.flag_hints import FlagHintFilter
     from teepsi.logformat import setup_logging as setup_log_handler
 
     level = logging.DEBUG if verbose else (logging.WARNING if quiet else logging.INFO)
     setup_log_handler(role, level, log_format)
+    # Library errors and warnings name settings as the API does; the user needs the flags.
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(FlagHintFilter())
 
 
 def add_log_flags(parser: argparse.ArgumentParser) -> None:

@@ -16,7 +16,6 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
 
 import grpc
 from cryptography.hazmat.primitives.asymmetric import ed25519
@@ -52,8 +51,9 @@ from teepsi.protocol.connect import PsiClientError, fetch_server_certificate, pi
 
 log = logging.getLogger(__name__)
 
-#: What this party does about a server whose evidence is simulated: its own flag.
-SIMULATED_REMEDY = "pass --allow-simulated to accept simulated evidence (test runs only)"
+#: What this party does about a server whose evidence is simulated: its own setting
+#: (the CLI names the flag, teepsi.cli.flag_hints).
+SIMULATED_REMEDY = "set allow_simulated to accept simulated evidence (test runs only)"
 
 
 class _StreamBroken(TeepsiError):
@@ -77,7 +77,7 @@ def _rpc_error(what: str, exc: grpc.RpcError) -> PsiClientError:
 
 def _pccs_hint(exc: Exception) -> str:
     """The command-line switch for a PCCS whose TLS certificate did not verify."""
-    return " (or pass --insecure-pccs-tls)" if isinstance(exc, PccsCertificateError) else ""
+    return " (or set insecure_pccs_tls)" if isinstance(exc, PccsCertificateError) else ""
 
 
 class PsiClient:
@@ -94,7 +94,7 @@ class PsiClient:
                 config.collateral_state, tolerance_seconds=FRESHNESS_TOLERANCE_SECONDS
             )
         except CollateralError as exc:
-            raise PsiClientError(f"--collateral-state: {exc}") from None
+            raise PsiClientError(f"collateral_state: {exc}") from None
         self._verifier = PeerVerifier(
             config.policy,
             allow_simulated=config.allow_simulated,
@@ -109,17 +109,17 @@ class PsiClient:
         self.requires_client_attestation = True
 
     def out_of_time(self) -> bool:
-        """Whether this client's own --timeout has (all but) run out."""
+        """Whether this client's own timeout has (all but) run out."""
         return self._deadline - time.monotonic() < 0.5
 
     def _remaining(self) -> float:
         remaining = self._deadline - time.monotonic()
         if remaining <= 0:
-            raise PsiClientError(f"gave up after --timeout {self.config.timeout:g} s")
+            raise PsiClientError(f"gave up after this party's timeout of {self.config.timeout:g} s")
         return remaining
 
     @property
-    def stub(self) -> Any:
+    def stub(self) -> pb_grpc.PsiStub:
         if self._channel is None:
             raise PsiClientError("not connected")
         return pb_grpc.PsiStub(self._channel)
@@ -143,7 +143,7 @@ class PsiClient:
             if exc.code() is grpc.StatusCode.UNIMPLEMENTED:
                 raise PsiClientError(
                     f"{self.config.host} is a gRPC server without the teepsi service "
-                    "(teepsi.v1.Psi): not a teepsi server; check --host"
+                    "(teepsi.v1.Psi): not a teepsi server; check the server address"
                 ) from None
             raise _rpc_error("fetching the server's evidence", exc) from None
         if not hmac.compare_digest(evidence.certificate_der, der):
@@ -155,14 +155,12 @@ class PsiClient:
             )
         except PeerRejected as exc:
             hint = (
-                ""
-                if collateral
-                else "; fetch it from a PCCS (--pccs-url) or pass a collateral file"
+                "" if collateral else "; fetch it from a PCCS (pccs_url) or pass a collateral file"
             )
             raise PsiClientError(f"refusing the server: {exc}{hint}") from None
         if peer.verified.simulated:
             log.warning(
-                "%s: the server is trusted only because --allow-simulated was given",
+                "%s: the server is trusted only because allow_simulated was given",
                 SIMULATED_WARNING,
             )
         log.info("server attested: %s", peer.canonical_line())
@@ -209,7 +207,7 @@ class PsiClient:
         except CollateralError as exc:
             raise PsiClientError(
                 f"cannot fetch collateral for this data provider's quote: {exc} "
-                "(set --pccs-url or PCCS_URL in /etc/sgx_default_qcnl.conf)"
+                "(set pccs_url or PCCS_URL in /etc/sgx_default_qcnl.conf)"
                 f"{_pccs_hint(exc)}"
             ) from None
 
@@ -232,7 +230,7 @@ class PsiClient:
         key: PartyPrivateKey
         if cfg.spec is not None:
             if cfg.party_key is None:
-                raise PsiClientError("a job spec needs this party's private key (--key-file)")
+                raise PsiClientError("a job spec needs this party's private key (party_key)")
             key = cfg.party_key
         else:
             key = ed25519.Ed25519PrivateKey.generate()
@@ -271,7 +269,7 @@ class PsiClient:
             request.evidence.collateral_json = self._own_collateral(provider, quote)
         elif self.requires_client_attestation:
             raise PsiClientError(
-                "the server requires data providers to attest; run with --attestation gramine "
+                "the server requires data providers to attest; run with attestation 'gramine' "
                 "(or sim in a simulated deployment)"
             )
         try:
@@ -295,7 +293,7 @@ class PsiClient:
         """Upload sorted, distinct records, given a part at a time (parts in order, so
         that the whole upload is ascending)."""
 
-        def chunks() -> Iterator[Any]:
+        def chunks() -> Iterator[pb.UploadChunk]:
             batches = (
                 chunk
                 for hi, lo in parts
@@ -315,7 +313,7 @@ class PsiClient:
         return int(summary.records_received)
 
     def watch_progress(
-        self, token: bytes, on_progress: Callable[[Any], None]
+        self, token: bytes, on_progress: Callable[[pb.JobProgress], None]
     ) -> Callable[[], None]:
         """Follow the job's counts (``JobProgress`` messages) on a thread while this party
         waits; returns the function that stops following. The server sends a message only
@@ -361,10 +359,10 @@ class PsiClient:
             raise PsiClientError("waiting for the result failed")
         return self._finish_result(payloads, last)
 
-    def _read_result(self, token: bytes) -> tuple[list[bytes], Any]:
+    def _read_result(self, token: bytes) -> tuple[list[bytes], pb.ResultChunk]:
         metadata = ((SESSION_METADATA, token.hex()),)
         payloads: list[bytes] = []
-        last: Any = None
+        last: pb.ResultChunk | None = None
         try:
             stream = self.stub.GetResult(
                 pb.GetResultRequest(), metadata=metadata, timeout=self._remaining()
@@ -387,7 +385,7 @@ class PsiClient:
             raise _StreamBroken("the stream ended before its last chunk")
         return payloads, last
 
-    def _finish_result(self, payloads: list[bytes], last: Any) -> ReceivedResult:
+    def _finish_result(self, payloads: list[bytes], last: pb.ResultChunk) -> ReceivedResult:
         canonical = b"".join(payloads)  # the records' canonical bytes, as digests hash them
         payloads.clear()
         hi, lo = records_from_bytes(canonical)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hmac
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
 
 import polars as pl
 
@@ -30,6 +29,7 @@ from teepsi.engine.tables import (
     table_from_dataframe,
     table_from_frame,
 )
+from teepsi.protocol import teepsi_pb2 as pb
 from teepsi.protocol.connect import (
     RATLS_TARGET_NAME,
     PsiClientError,
@@ -60,7 +60,7 @@ def _resumed_session(config: PartyConfig, client: PsiClient) -> tuple[bytes, tup
     saved = config.resume_token
     if saved is None:
         if config.spec is None:
-            raise PsiClientError("--resume in quick mode needs the run's --resume-file")
+            raise PsiClientError("resuming in quick mode needs the run's resume_token")
         return client.join("", resume=True)
     if (saved.job_id, saved.party_name) != (config.job_id, config.name):
         raise PsiClientError(
@@ -70,7 +70,7 @@ def _resumed_session(config: PartyConfig, client: PsiClient) -> tuple[bytes, tup
     if not hmac.compare_digest(saved.server_certificate_sha256, client.server_certificate_sha256):
         raise PsiClientError(
             f"the server at {config.host} restarted since (new certificate): job "
-            f"{config.job_id} and its result are gone; run the job again without --resume"
+            f"{config.job_id} and its result are gone; run the job again without resuming"
         )
     return saved.session_token, saved.key_seeds
 
@@ -80,10 +80,10 @@ def _wait_for_result(
 ) -> ReceivedResult:
     """The result, with a bar of the job's parties uploaded meanwhile; a wait that fails
     says where the job stood (the counts this party was last sent)."""
-    last: list[Any] = []
+    last: list[pb.JobProgress] = []
     with progress.phase("waiting for the other parties", total=party_count) as bar:
 
-        def seen(message: Any) -> None:
+        def seen(message: pb.JobProgress) -> None:
             last[:] = [message]
             bar.show(
                 message.uploaded,
@@ -97,7 +97,7 @@ def _wait_for_result(
             return client.result(token)
         except PsiClientError as exc:
             status = last[0].status if last else ""
-            # The server explains a job's own end; this party's --timeout only it can.
+            # The server explains a job's own end; this party's own timeout only it can.
             if status and client.out_of_time():
                 raise PsiClientError(
                     f"{exc} (the job when this party stopped waiting: {status})"
@@ -142,7 +142,7 @@ def _run_party(config: PartyConfig, table: Table, save_resume: ResumeSaver | Non
     restarted client can fetch the result with ``PartyConfig.resume_token``.
     """
     if config.party_count < 1:
-        raise PsiClientError("--parties must be at least 1")
+        raise PsiClientError("party_count must be at least 1")
     if config.spec is not None and table.spec.normalization.canonical() != config.spec.normalize:
         raise PsiClientError(
             f"key normalisation {table.spec.normalization.canonical()!r} differs from the job "

@@ -54,4 +54,4 @@ def write_rows(
             _write_rows_to(rows, spec, handle)
     except (OSError, pl.exceptions.PolarsError) as exc:
         reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
-        raise TableError(f"cannot write --output {path}: {reason}") from None
+        raise TableError(f"cannot write the output path {path}: {reason}") from None

@@ -64,14 +64,15 @@ def directory_error(path: Path) -> TableError:
         parquet = False
     if parquet:
         return TableError(
-            f"{path}: a directory of Parquet files: pass --format parquet to read them as one table"
+            f"{path}: a directory of Parquet files: set the table format to parquet to "
+            "read them as one table"
         )
     return TableError(f"{path}: is a directory, expected a data file")
 
 
 def open_error(path: Path, error: OSError) -> TableError:
     if isinstance(error, FileNotFoundError):
-        return TableError(f"{path}: no such file; check the --data path")
+        return TableError(f"{path}: no such file; check the data path")
     if isinstance(error, IsADirectoryError):
         return directory_error(path)
     return TableError(f"{path}: cannot read: {error.strerror}")

@@ -41,7 +41,7 @@ def detect_format(path: str | Path, explicit: str | None = None) -> TableFormat:
         try:
             return TableFormat(explicit)
         except ValueError:
-            raise TableError(f"--format {explicit!r}: use text, csv or parquet") from None
+            raise TableError(f"the table format {explicit!r}: use text, csv or parquet") from None
     suffixes = [x.lower() for x in Path(path).suffixes]
     if suffixes and suffixes[-1] in COMPRESSED_SUFFIXES:
         inner = suffixes[-2] if len(suffixes) > 1 else ""

@@ -68,7 +68,7 @@ __all__ = [
     "write_rows",
 ]
 
-#: A data provider's default ``--memory-budget``: fits the 2 GiB enclave it runs in.
+#: A data provider's default memory budget: fits the 2 GiB enclave it runs in.
 DEFAULT_MEMORY_BUDGET = 1 << 30
 #: Rows per batch while reading, at most (a small budget makes batches smaller).
 BATCH_ROWS = 1 << 20
@@ -157,7 +157,7 @@ class Table:
                 self._spill = SpillArea(self._spill_dir)
             except OSError as exc:
                 raise TableError(
-                    f"over --memory-budget, and cannot create a spill area: {exc.strerror}"
+                    f"over the memory budget, and cannot create a spill area: {exc.strerror}"
                 ) from None
         return self._spill
 

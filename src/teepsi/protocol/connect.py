@@ -28,7 +28,9 @@ class PsiClientError(TeepsiError):
 def split_host(host: str) -> tuple[str, int]:
     name, sep, port = host.rpartition(":")
     if not sep or not port.isdigit() or not name:
-        raise PsiClientError(f"--host {host!r}: expected HOST:PORT, for example localhost:50051")
+        raise PsiClientError(
+            f"the server address {host!r}: expected HOST:PORT, for example localhost:50051"
+        )
     return name.strip("[]"), int(port)
 
 
@@ -41,13 +43,13 @@ def fetch_server_certificate(host: str, timeout: float) -> bytes:
     context.verify_mode = ssl.CERT_NONE
     context.set_alpn_protocols(["h2"])
     # Each step that fails says what the port is instead: nothing, not TLS, not gRPC.
-    check = "check --host, or that a teepsi server runs there"
+    check = "check the server address, or that a teepsi server runs there"
     try:
         raw = socket.create_connection(address, timeout=timeout)
     except ConnectionRefusedError:
         raise PsiClientError(
             f"nothing listens at {host} (connection refused): start the teepsi server, or "
-            "check the port in --host"
+            "check the port in the server address"
         ) from None
     except OSError as exc:
         raise PsiClientError(f"cannot reach {host}: {exc.strerror or exc}; {check}") from None
