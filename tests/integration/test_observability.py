@@ -301,8 +301,8 @@ def test_a_tcb_status_refusal_is_told_apart_from_other_policy_refusals():
 @pytest.mark.parametrize(
     ("address", "public", "problem"),
     [
-        ("0.0.0.0:9100", False, "needs --metrics-public"),
-        ("10.1.2.3:9100", False, "needs --metrics-public"),
+        ("0.0.0.0:9100", False, "needs metrics_public"),
+        ("10.1.2.3:9100", False, "needs metrics_public"),
         ("9100", False, "expected HOST:PORT"),
         ("127.0.0.1:99999", False, "expected HOST:PORT"),
         ("metrics.example:9100", True, "not an IP address"),

@@ -22,10 +22,10 @@ FLAG_HINTS: dict[str, str] = {
     "the table format": "--format",
     "the data path": "the --data path",
     "the memory budget": "--memory-budget",
-    # teepsi.attestation.tdx, teepsi.client.connection (PartyConfig.attestation)
-    "attestation 'gramine'": "--attestation gramine",
     # teepsi.client (PartyConfig's fields); a switch is "set" in the library, "passed" here
     "set allow_simulated": "pass --allow-simulated",
+    # teepsi.server: "start its parties with attestation 'sim' and allow_simulated"
+    "and allow_simulated": "--allow-simulated",
     "allow_simulated": "--allow-simulated",
     "set insecure_pccs_tls": "pass --insecure-pccs-tls",
     # Not "pccs_url" alone: the QCNL file has a key of that name, which its errors name.
@@ -38,6 +38,17 @@ FLAG_HINTS: dict[str, str] = {
     "resuming in quick mode": "--resume in quick mode",
     "without resuming": "without --resume",
     "this party's timeout of": "--timeout",
+    # teepsi.server (ServerConfig's fields and its Limits)
+    "client_policy, a dynamic_config.json": "--config dynamic_config.json",
+    "require_client_attestation off": "--no-client-attestation",
+    "max_connections": "--max-connections",
+    "drain_seconds": "--drain-seconds",
+    "certificate_lifetime": "--certificate-lifetime",
+    "job_timeout_seconds": "--job-timeout",
+    "their own (pccs_url)": "their own (--pccs-url)",
+    "audit_log": "--audit-log",
+    "metrics_host": "--metrics-host",
+    "metrics_public": "--metrics-public",
 }
 
 # Longest term first, so that "set allow_simulated" wins over "allow_simulated"; a term
@@ -47,8 +58,14 @@ _TERMS = re.compile(
 )
 
 
+#: A setting named with its value, "attestation 'sim'" (PartyConfig/ServerConfig.attestation,
+#: in teepsi.attestation.tdx, teepsi.client and teepsi.server): the flag and the value.
+_VALUED = re.compile(r"(?<![\w-])attestation '(gramine|tdx|sim|none)'")
+
+
 def with_flag_hints(message: str) -> str:
     """``message`` with each library term for a setting replaced by its flag."""
+    message = _VALUED.sub(r"--attestation \1", message)
     return _TERMS.sub(lambda match: FLAG_HINTS[match.group(0)], message)
 
 

@@ -118,22 +118,22 @@ def start_server(config: ServerConfig) -> RunningServer:
     """Create the RA-TLS identity and start serving; returns once the port is bound."""
     if config.require_client_attestation and config.client_policy is None:
         raise ServerConfigError(
-            "a policy for data providers is required (--config dynamic_config.json), "
-            "or turn client attestation off with --no-client-attestation"
+            "a policy for data providers is required (client_policy, a dynamic_config.json), "
+            "or turn client attestation off (require_client_attestation off)"
         )
     if config.max_connections < 1:
-        raise ServerConfigError("--max-connections must be at least 1")
+        raise ServerConfigError("max_connections must be at least 1")
     if not 0 <= config.drain_seconds < float("inf"):
         raise ServerConfigError(
-            f"--drain-seconds {config.drain_seconds:g}: must be a finite number of seconds, "
+            f"drain_seconds {config.drain_seconds:g}: must be a finite number of seconds, "
             "0 or more"
         )
     ensure_fd_limit(config.max_connections)
     if config.limits.job_timeout_seconds >= config.certificate_lifetime.total_seconds():
         # No job may outlive the certificate (the server stops when it ends).
         raise ServerConfigError(
-            f"--certificate-lifetime {config.certificate_lifetime} must be longer than "
-            f"--job-timeout {config.limits.job_timeout_seconds:g}s"
+            f"certificate_lifetime {config.certificate_lifetime} must be longer than "
+            f"job_timeout_seconds {config.limits.job_timeout_seconds:g}s"
         )
     metrics_address = None
     if config.metrics_host is not None:
@@ -151,7 +151,7 @@ def start_server(config: ServerConfig) -> RunningServer:
         log.warning("%s: this server's own evidence is simulated", SIMULATED_WARNING)
     if config.allow_simulated:
         log.warning(
-            "%s: this server ACCEPTS simulated evidence from data providers (--allow-simulated)",
+            "%s: this server ACCEPTS simulated evidence from data providers (allow_simulated)",
             SIMULATED_WARNING,
         )
     try:
@@ -161,9 +161,9 @@ def start_server(config: ServerConfig) -> RunningServer:
     except EvidenceError as exc:
         # Mostly: a server started outside an enclave, as a first try on a laptop is.
         raise ServerConfigError(
-            f"--attestation {config.attestation}: cannot make this server's quote: {exc}; "
-            "for a test run outside a TEE start the server with --attestation sim (and its "
-            "parties with --attestation sim --allow-simulated)"
+            f"attestation {config.attestation!r}: cannot make this server's quote: {exc}; "
+            "for a test run outside a TEE start the server with attestation 'sim' (and its "
+            "parties with attestation 'sim' and allow_simulated)"
         ) from None
     own_source: CollateralSource
     if provider.simulated:
@@ -185,7 +185,7 @@ def start_server(config: ServerConfig) -> RunningServer:
         collateral = ""
         log.warning(
             "no collateral to staple to the server certificate; data providers must fetch "
-            "their own (--pccs-url) or load a file: %s",
+            "their own (pccs_url) or load a file: %s",
             exc,
         )
     _log_own_quote(ratls.quote)
@@ -206,7 +206,7 @@ def start_server(config: ServerConfig) -> RunningServer:
                 config.collateral_state, tolerance_seconds=FRESHNESS_TOLERANCE_SECONDS
             )
         except CollateralError as exc:
-            raise ServerConfigError(f"--collateral-state: {exc}") from None
+            raise ServerConfigError(f"collateral_state: {exc}") from None
         verifier = PeerVerifier(
             config.client_policy,
             allow_simulated=config.allow_simulated,
@@ -216,7 +216,7 @@ def start_server(config: ServerConfig) -> RunningServer:
     if not config.require_client_attestation:
         log.warning(
             "client attestation is OFF: data providers need not attest unless their job "
-            "spec says so (--no-client-attestation)"
+            "spec says so (require_client_attestation off)"
         )
     try:
         # The enclave's attested key signs the chain head, as it signs receipts.
@@ -232,7 +232,7 @@ def start_server(config: ServerConfig) -> RunningServer:
             else None
         )
     except (AuditError, OSError) as exc:
-        raise ServerConfigError(f"--audit-log {config.audit_log}: {exc}") from None
+        raise ServerConfigError(f"audit_log {config.audit_log}: {exc}") from None
     if audit is not None:
         log.info("audit log %s (head %s)", config.audit_log, audit.head)
     limits = config.limits

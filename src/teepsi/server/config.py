@@ -111,13 +111,13 @@ def ensure_fd_limit(max_connections: int) -> None:
     if soft != resource.RLIM_INFINITY and soft < needed:
         if hard != resource.RLIM_INFINITY and hard < needed:
             raise ServerConfigError(
-                f"--max-connections {max_connections} needs {needed} file descriptors but "
-                f"the process may open only {hard} (ulimit -Hn): lower --max-connections"
+                f"max_connections {max_connections} needs {needed} file descriptors but "
+                f"the process may open only {hard} (ulimit -Hn): lower max_connections"
             )
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
         except (ValueError, OSError) as exc:
             raise ServerConfigError(
-                f"--max-connections {max_connections}: cannot raise the file descriptor "
-                f"limit from {soft} to {needed} ({exc}): lower --max-connections"
+                f"max_connections {max_connections}: cannot raise the file descriptor "
+                f"limit from {soft} to {needed} ({exc}): lower max_connections"
             ) from None

@@ -141,7 +141,7 @@ class _JobGauges(Collector):
         )
         yield GaugeMetricFamily(
             "teepsi_memory_budget_bytes",
-            "The memory budget (--memory-budget).",
+            "The server's memory budget for uploaded records.",
             value=counts.memory_budget_bytes,
         )
         yield CounterMetricFamily(
@@ -162,7 +162,7 @@ def parse_metrics_host(text: str, *, allow_public: bool) -> tuple[str, int]:
     host = host.strip("[]")
     if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) < 65536:
         raise MetricsAddressError(
-            f"--metrics-host {text!r}: expected HOST:PORT with a port 0..65535 (0: any free port), "
+            f"metrics_host {text!r}: expected HOST:PORT with a port 0..65535 (0: any free port), "
             "e.g. 127.0.0.1:9100"
         )
     if host == "localhost":
@@ -171,12 +171,12 @@ def parse_metrics_host(text: str, *, allow_public: bool) -> tuple[str, int]:
         loopback = ipaddress.ip_address(host).is_loopback
     except ValueError:
         raise MetricsAddressError(
-            f"--metrics-host {text!r}: {host!r} is not an IP address or localhost"
+            f"metrics_host {text!r}: {host!r} is not an IP address or localhost"
         ) from None
     if not loopback and not allow_public:
         raise MetricsAddressError(
-            f"--metrics-host {text}: metrics are plain HTTP without authentication, so a "
-            "non-loopback address needs --metrics-public (or use 127.0.0.1)"
+            f"metrics_host {text}: metrics are plain HTTP without authentication, so a "
+            "non-loopback address needs metrics_public (or use 127.0.0.1)"
         )
     return host, int(port_text)
 
@@ -193,7 +193,7 @@ def serve_metrics(metrics: ServerMetrics, host: str, port: int) -> MetricsEndpoi
         server, thread = start_http_server(port, addr=host, registry=metrics.registry)
     except OSError as exc:
         raise MetricsAddressError(
-            f"--metrics-host {host}:{port}: cannot listen ({exc.strerror}): pick a free port"
+            f"metrics_host {host}:{port}: cannot listen ({exc.strerror}): pick a free port"
         ) from None
 
     def stop() -> None:
