@@ -101,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = args.func(args)
     except UsageError as exc:
         # Often a library error's text: named in the command line's words (flags).
-        message = with_flag_hints(str(exc))
+        message = str(exc) if exc.in_cli_terms else with_flag_hints(str(exc))
         if getattr(args, "log_format", "text") == "json":
             # As the command's other errors: one JSON line, as its log handler writes them.
             print(usage_json_line(args.command, message), file=sys.stderr)

@@ -18,7 +18,17 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
 
 class UsageError(TeepsiError):
-    """Bad flags or input files; exit code 2."""
+    """Bad flags or input files; exit code 2.
+
+    Its text often carries a library error's, which names settings in the library's terms;
+    the CLI rewrites those into flags (:mod:`teepsi.cli.flag_hints`). ``in_cli_terms``
+    marks a message already in the command line's words that must stay as written (the
+    settings errors name run-config keys such as ``allow_simulated`` on purpose).
+    """
+
+    def __init__(self, message: str, *, in_cli_terms: bool = False) -> None:
+        super().__init__(message)
+        self.in_cli_terms = in_cli_terms
 
 
 def usage_json_line(role: str, message: str) -> str:

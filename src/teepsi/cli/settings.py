@@ -94,9 +94,12 @@ def _convert(action: argparse.Action, item: object, where: str) -> object:
     try:
         result = item if converter is None else converter(str(item))
     except (ValueError, TypeError, argparse.ArgumentTypeError) as exc:
-        raise UsageError(f"{where}: {exc}") from None
+        raise UsageError(f"{where}: {exc}", in_cli_terms=True) from None
     if action.choices is not None and result not in action.choices:
-        raise UsageError(f"{where}: {item!r} is not one of {', '.join(map(str, action.choices))}")
+        raise UsageError(
+            f"{where}: {item!r} is not one of {', '.join(map(str, action.choices))}",
+            in_cli_terms=True,
+        )
     return result
 
 
@@ -105,7 +108,8 @@ def _refuse_key(where: str, key: str, parser: argparse.ArgumentParser) -> UsageE
     if key in trust:
         return UsageError(
             f"{where}: not a per-run setting: it decides whom this process trusts, so only "
-            f"the command line sets it ({trust[key]})"
+            f"the command line sets it ({trust[key]})",
+            in_cli_terms=True,
         )
     from teepsi.jsontext import did_you_mean
 
@@ -115,7 +119,8 @@ def _refuse_key(where: str, key: str, parser: argparse.ArgumentParser) -> UsageE
     example = next((k for k in keys if "_" in k), "host")
     return UsageError(
         f"{where}: not a per-run setting of teepsi {command}{hint}; the keys are the long "
-        f"flags of teepsi {command} --help with _ for -, e.g. {example} for {keys[example]}"
+        f"flags of teepsi {command} --help with _ for -, e.g. {example} for {keys[example]}",
+        in_cli_terms=True,
     )
 
 
@@ -125,7 +130,8 @@ def _one_per_setting(layer: dict[str, tuple[str, object]], source: str) -> None:
     for key, (dest, _) in layer.items():
         if dest in seen:
             raise UsageError(
-                f"{source}: {seen[dest]} and {key} are the same setting: give only one"
+                f"{source}: {seen[dest]} and {key} are the same setting: give only one",
+                in_cli_terms=True,
             )
         seen[dest] = key
 
@@ -139,9 +145,11 @@ def _run_config_values(
     try:
         values: dict[str, Any] = tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
-        raise UsageError(f"--run-config {path}: cannot read: {exc.strerror}") from None
+        raise UsageError(
+            f"--run-config {path}: cannot read: {exc.strerror}", in_cli_terms=True
+        ) from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise UsageError(f"--run-config {path}: not valid TOML: {exc}") from None
+        raise UsageError(f"--run-config {path}: not valid TOML: {exc}", in_cli_terms=True) from None
     keys = run_keys(parser)
     actions = _actions_by_option(parser)
     merged: dict[str, tuple[str, object]] = {}
@@ -164,7 +172,8 @@ def _run_config_values(
             ):
                 raise UsageError(
                     f"{where}: wrong type {type(item).__name__} "
-                    f"(expected {f'a list of {kinds}' if many else kinds}, as for {flag})"
+                    f"(expected {f'a list of {kinds}' if many else kinds}, as for {flag})",
+                    in_cli_terms=True,
                 )
         converted = [_convert(action, item, where) for item in items]
         merged[key] = (action.dest, converted if many else converted[0])
@@ -203,7 +212,8 @@ def _environment_values(
             word = text.strip().lower()
             if word not in _ENV_TRUE | _ENV_FALSE:
                 raise UsageError(
-                    f"{where}: {text!r}: expected 1, true, yes, on, 0, false, no or off"
+                    f"{where}: {text!r}: expected 1, true, yes, on, 0, false, no or off",
+                    in_cli_terms=True,
                 )
             value = word in _ENV_TRUE
         elif isinstance(action, argparse._AppendAction):
