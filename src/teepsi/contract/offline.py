@@ -44,15 +44,13 @@ def judge_signing_server(
     role; the policy if given) as of ``at``, its rollback state left alone.
     ``simulated_remedy`` is how the caller's user allows simulated evidence (its flag)."""
     from teepsi.attestation.evidence import Role
-    from teepsi.attestation.peer import PeerRejected, PeerVerifier
+    from teepsi.attestation.peer import SIMULATED_REMEDY, PeerRejected, PeerVerifier
     from teepsi.timefmt import iso_utc
 
-    verifier = (
-        PeerVerifier(policy, allow_simulated=allow_simulated)
-        if simulated_remedy is None
-        else PeerVerifier(
-            policy, allow_simulated=allow_simulated, simulated_remedy=simulated_remedy
-        )
+    verifier = PeerVerifier(
+        policy,
+        allow_simulated=allow_simulated,
+        simulated_remedy=simulated_remedy or SIMULATED_REMEDY,
     )
     try:
         peer, _ = verifier.verify_certificate(
