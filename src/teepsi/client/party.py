@@ -22,7 +22,7 @@ from teepsi.client.connection import PsiClient, ReceivedResult
 from teepsi.client.progress import Progress, timed
 from teepsi.client.results import PartyResult, check_receipt
 from teepsi.contract.normalization import Normalization
-from teepsi.engine.matching import matching_rows
+from teepsi.engine.matching import find_matching_rows
 from teepsi.engine.tables import (
     TEXT_COLUMN,
     Table,
@@ -181,11 +181,11 @@ def _run_party(config: PartyConfig, table: Table, save_resume: ResumeSaver | Non
         client.close()
     if got.status == "RELEASED":
         with progress.phase("matching rows", total=None):
-            rows = matching_rows(table, seeds, got.hi, got.lo)
+            matching = find_matching_rows(table, seeds, got.hi, got.lo)
     else:
-        rows = matching_rows(table, seeds, got.hi[:0], got.lo[:0])
+        matching = find_matching_rows(table, seeds, got.hi[:0], got.lo[:0])
     return PartyResult(
-        rows=rows,
+        matching=matching,
         status=got.status,
         intersection_size=None if got.status == "BELOW_THRESHOLD" else got.total,
         result_sha256=got.sha256,
