@@ -13,7 +13,6 @@ from teepsi.cli.errors import UsageError
 from teepsi.cli.settings import ENV_PREFIX
 
 if TYPE_CHECKING:
-
     from teepsi.contract.party_keys import PartyPrivateKey
     from teepsi.contract.spec import JobSpec
     from teepsi.engine.output import RowPieces
