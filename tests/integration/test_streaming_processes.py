@@ -87,12 +87,13 @@ def _client_job(server, policy, paths, job, extra):
     return outs
 
 
-@pytest.mark.parametrize("ext", ["txt", "csv"])
+@pytest.mark.parametrize("ext", ["txt", "csv", "parquet"])
 def test_client_memory_budget_flag_streams_through_processes(
     start_server, sim_policy_file, tmp_path, ext
 ):
-    """`teepsi client --memory-budget 64KiB`: the same bytes as the default, nothing left
-    in the temporary directory the spill went to."""
+    """`teepsi client --memory-budget 64KiB`: the same bytes as the default (CSV written
+    in pieces of a few rows each), nothing left in the temporary directory the spill
+    went to."""
     ours, theirs = _frames()
     paths = [_write(ours, tmp_path / f"a.{ext}"), _write(theirs, tmp_path / f"b.{ext}")]
     server = start_server()

@@ -13,6 +13,7 @@ import numpy as np
 import polars as pl
 import pytest
 
+import teepsi.engine.matching as matching
 import teepsi.engine.output as output
 import teepsi.engine.reading as reading
 import teepsi.engine.tables as tables
@@ -22,7 +23,7 @@ from teepsi.engine.intersect import (
     is_strictly_increasing,
     sorted_unique_records,
 )
-from teepsi.engine.matching import matching_rows
+from teepsi.engine.matching import find_matching_rows, matching_rows
 from teepsi.engine.records import hash_keys, normalized_keys
 from teepsi.engine.spill import SpillArea
 from teepsi.engine.store import (
@@ -96,10 +97,14 @@ def _job(tmp_path: Path, ext: str, budget: int) -> tuple[bytes, bool]:
     b = _spec(_write(theirs, tmp_path / f"b.{ext}"))
     with read_table(a, memory_budget=budget) as mine, read_table(b) as other:
         hi, lo, _ = intersect_records([mine.key_records(SEEDS), other.key_records(SEEDS)])
-        rows = matching_rows(mine, SEEDS, hi, lo)
+        rows = find_matching_rows(mine, SEEDS, hi, lo)
         spilled = mine.spilled
+    # As the client writes them: a piece at a time, read again after the table is closed.
     out = tmp_path / f"out-{budget}.{ext}"
     write_rows(rows, a, out)
+    at_once = tmp_path / f"at-once-{budget}.{ext}"
+    write_rows(rows.frame(), a, at_once)
+    assert out.read_bytes() == at_once.read_bytes()
     return out.read_bytes(), spilled
 
 
@@ -144,6 +149,70 @@ def test_text_output_written_in_pieces_is_identical_to_polars(tmp_path, monkeypa
     written, _ = _job(tmp_path, "txt", SMALL_BUDGET)
     assert written.count(b"\n") > 10 * output.TEXT_WRITE_ROWS
     assert written == _reference(tmp_path, "txt")
+
+
+def _matching(tmp_path: Path, ext: str) -> tuple[matching.MatchingRows, TableSpec]:
+    ours, theirs = _frames()
+    a = _spec(_write(ours, tmp_path / f"a.{ext}"))
+    b = _spec(_write(theirs, tmp_path / f"b.{ext}"))
+    with read_table(a) as mine, read_table(b) as other:
+        hi, lo, _ = intersect_records([mine.key_records(SEEDS), other.key_records(SEEDS)])
+        return find_matching_rows(mine, SEEDS, hi, lo), a
+
+
+@pytest.mark.parametrize("ext", ["csv", "parquet"])
+@pytest.mark.parametrize("size", [997, 4096, ROWS])
+def test_pieces_of_any_size_are_the_rows_in_key_order(tmp_path, ext, size):
+    rows, _ = _matching(tmp_path, ext)
+    pieces = list(rows.pieces(size))
+    assert len(pieces) == -(-len(rows) // size) and all(len(p) <= size for p in pieces)
+    assert pl.concat(pieces).equals(rows.frame()) and len(rows) > 1000
+
+
+@pytest.mark.parametrize("ext", ["txt", "csv", "parquet"])
+def test_output_written_in_small_pieces_is_identical_to_polars(tmp_path, monkeypatch, ext):
+    """A budget's share of a few rows: many pieces, each read with one scan."""
+    rows, spec = _matching(tmp_path, ext)
+    scans: list[int] = []
+    real = matching.rows_at
+
+    def counting(*args, **kwargs):
+        scans.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(matching, "rows_at", counting)
+    monkeypatch.setattr(rows, "piece_rows", lambda: 97)
+    out = tmp_path / f"out.{ext}"
+    write_rows(rows, spec, out)
+    assert out.read_bytes() == _reference(tmp_path, ext)
+    assert len(scans) == {"txt": 0, "csv": -(-len(rows) // 97), "parquet": 1}[ext]
+
+
+def test_piece_rows_are_a_share_of_the_budget(tmp_path):
+    rows, _ = _matching(tmp_path, "csv")
+    sample = pl.read_csv(tmp_path / "a.csv", infer_schema=False, n_rows=1024)
+    row_bytes = sample.estimated_size() // len(sample)
+    share = tables.DEFAULT_MEMORY_BUDGET // matching.PIECE_BUDGET_SHARE
+    assert rows.piece_rows() == share // row_bytes
+
+
+def test_no_matching_rows_is_one_empty_piece_with_the_header(tmp_path):
+    ours, _ = _frames()
+    spec = _spec(_write(ours, tmp_path / "a.csv"))
+    with read_table(spec) as table:
+        hi, lo = table.key_records(SEEDS)
+        rows = find_matching_rows(table, SEEDS, hi[:0], lo[:0])
+    assert len(rows) == 0 and [len(p) for p in rows.pieces()] == [0]
+    write_rows(rows, spec, tmp_path / "out.csv")
+    assert (tmp_path / "out.csv").read_text() == "email,n,note\n"
+
+
+def test_input_changed_before_a_piece_is_read_is_refused(tmp_path):
+    rows, spec = _matching(tmp_path, "csv")
+    spec.path.write_text("email,n,note\nx,1,y\n" + spec.path.read_text())
+    with pytest.raises(TableError, match="changed while this run read it"):
+        write_rows(rows, spec, tmp_path / "out.csv")
+    assert not (tmp_path / "out.csv").exists()
 
 
 @pytest.mark.parametrize("budget", [SMALL_BUDGET, 1 << 30])

@@ -155,10 +155,10 @@ def _save_results(
     if outputs.rows is not None and result.status == "RELEASED":
         where = "standard output" if outputs.rows == STDOUT_PATH else outputs.rows
         try:
-            with progress.phase(f"writing {where}", total=len(result.rows)):
-                write_rows(result.rows, spec, outputs.rows)
+            with progress.phase(f"writing {where}", total=len(result.matching)):
+                write_rows(result.matching, spec, outputs.rows)
         except TableError as exc:
-            rescued = rescue_rows(result.rows, spec, result.job_id, result.party_name)
+            rescued = rescue_rows(result.matching, spec, result.job_id, result.party_name)
             kept = f"the rows were saved to {rescued} instead" if rescued else "rows LOST"
             log.error("%s; %s", exc, kept)
             saved = False
@@ -182,7 +182,8 @@ def _print_outcome(
 ) -> None:
     """What the run came to, on stdout (stderr when the rows are on stdout), and the
     counts in the log."""
-    from teepsi.engine.tables import STDOUT_PATH, TableFormat, text_lines
+    from teepsi.engine.output import text_pieces
+    from teepsi.engine.tables import STDOUT_PATH, TableFormat
 
     outcome = {
         "COUNT_ONLY": f"count-only job: the intersection has {result.intersection_size} keys",
@@ -197,7 +198,8 @@ def _print_outcome(
         if outputs.rows != STDOUT_PATH:
             # Text results are printed as well as written (as they always were).
             try:
-                sys.stdout.buffer.write(text_lines(result.rows))
+                for lines in text_pieces(result.matching):
+                    sys.stdout.buffer.write(lines)
                 sys.stdout.flush()
             except OSError as exc:  # a closed pipe: the --output file has them
                 log.warning("cannot print the result: %s", exc.strerror or exc)
@@ -205,7 +207,7 @@ def _print_outcome(
         # With --output - the rows are on stdout: the summary goes to stderr.
         summary = sys.stderr if outputs.rows == STDOUT_PATH else sys.stdout
         written = "" if outputs.rows == STDOUT_PATH else f" written to {outputs.rows}"
-        print(f"{len(result.rows)} matching rows{written}", file=summary)
+        print(f"{len(result.matching)} matching rows{written}", file=summary)
     log.info(
         "job %s: rows read %d, with a key %d, distinct keys %d, intersection %s, "
         "matching rows %d (result sha256 %s)",
@@ -214,9 +216,12 @@ def _print_outcome(
         result.rows_with_key,
         result.distinct_keys,
         "withheld" if result.intersection_size is None else result.intersection_size,
-        len(result.rows),
+        len(result.matching),
         result.result_sha256.hex() or "withheld",
-        extra={"intersection_size": result.intersection_size, "matching_rows": len(result.rows)},
+        extra={
+            "intersection_size": result.intersection_size,
+            "matching_rows": len(result.matching),
+        },
     )
 
 

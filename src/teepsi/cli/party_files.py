@@ -13,10 +13,9 @@ from teepsi.cli.errors import UsageError
 from teepsi.cli.settings import ENV_PREFIX
 
 if TYPE_CHECKING:
-    import polars as pl
-
     from teepsi.contract.party_keys import PartyPrivateKey
     from teepsi.contract.spec import JobSpec
+    from teepsi.engine.output import RowPieces
     from teepsi.engine.tables import TableFormat, TableSpec
 
 #: A data provider's defaults where a flag has none (so the settings layers can tell a
@@ -198,7 +197,7 @@ def client_outputs(
     return ClientOutputs(rows=rows if rows_may_come else None, receipt=args.receipt, resume=resume)
 
 
-def rescue_rows(rows: pl.DataFrame, spec: TableSpec, job: str, name: str) -> str | None:
+def rescue_rows(rows: RowPieces, spec: TableSpec, job: str, name: str) -> str | None:
     """Rows that could not go to --output: a private file in the temp directory."""
     import tempfile
 

@@ -10,6 +10,7 @@ the tests name them.
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -21,7 +22,7 @@ from teepsi.client.connection import PsiClient, ReceivedResult
 from teepsi.client.progress import Progress, timed
 from teepsi.client.results import PartyResult, check_receipt
 from teepsi.contract.normalization import Normalization
-from teepsi.engine.matching import matching_rows
+from teepsi.engine.matching import find_matching_rows
 from teepsi.engine.tables import (
     TEXT_COLUMN,
     Table,
@@ -177,15 +178,17 @@ def _run_party(config: PartyConfig, table: Table, save_resume: ResumeSaver | Non
         got = _wait_for_result(client, token, progress, config.party_count)
         with timed("receipt"):
             receipt = check_receipt(config, client, got, table)
+        # The records' received bytes served the digest checks: not kept while matching.
+        got = dataclasses.replace(got, canonical=b"")
     finally:
         client.close()
     if got.status == "RELEASED":
         with progress.phase("matching rows", total=None):
-            rows = matching_rows(table, seeds, got.hi, got.lo)
+            matching = find_matching_rows(table, seeds, got.hi, got.lo)
     else:
-        rows = matching_rows(table, seeds, got.hi[:0], got.lo[:0])
+        matching = find_matching_rows(table, seeds, got.hi[:0], got.lo[:0])
     return PartyResult(
-        rows=rows,
+        matching=matching,
         status=got.status,
         intersection_size=None if got.status == "BELOW_THRESHOLD" else got.total,
         result_sha256=got.sha256,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from functools import cached_property
 
 import polars as pl
 
@@ -12,6 +13,7 @@ from teepsi.client.config import PartyConfig
 from teepsi.client.connection import PsiClient, ReceivedResult
 from teepsi.contract.outputs import OutputKind
 from teepsi.contract.receipt import ReceiptError, SignedReceipt, check_own_entry, verify_receipt
+from teepsi.engine.matching import MatchingRows
 from teepsi.engine.tables import Table
 from teepsi.protocol.connect import PsiClientError
 
@@ -20,9 +22,10 @@ from teepsi.protocol.connect import PsiClientError
 class PartyResult:
     """What a data provider gets back, with the counts it reports."""
 
-    #: The party's own rows whose key is in the intersection, ordered by key. For text
-    #: input a single column "item" of the distinct matching items, sorted bytewise.
-    rows: pl.DataFrame
+    #: The party's own rows whose key is in the intersection, ordered by key, read a
+    #: piece at a time as they are written (``write_rows(result.matching, ...)``). For
+    #: text input a single column "item" of the distinct matching items, sorted bytewise.
+    matching: MatchingRows
     #: RELEASED, COUNT_ONLY, NOT_RECIPIENT or BELOW_THRESHOLD (the job spec's rules).
     status: str
     #: Size of the intersection (distinct keys); None when below the spec's threshold.
@@ -39,6 +42,11 @@ class PartyResult:
     #: The collateral the server's certificate was verified with (dcap-qvl JSON): saved
     #: with the receipt so it can be verified again offline.
     server_collateral_json: str = ""
+
+    @cached_property
+    def rows(self) -> pl.DataFrame:
+        """Every matching row at once (see ``matching``), read on first use."""
+        return self.matching.frame()
 
     def matching_items(self) -> list[str]:
         """Text input: the intersecting items, as a list."""

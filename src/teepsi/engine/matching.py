@@ -8,6 +8,8 @@ returns all its rows). Text: the distinct matching items, normalised, sorted byt
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+
 import numpy as np
 import numpy.typing as npt
 import polars as pl
@@ -19,17 +21,85 @@ from teepsi.engine.records import U64Array, normalized_keys
 from teepsi.engine.table_spec import TEXT_COLUMN, TableError, TableFormat
 from teepsi.engine.tables import Table
 
+#: A piece written at a time holds at most this share of the table's memory budget
+#: (polars' estimate; the process holds about 2.5 times that while reading a piece).
+PIECE_BUDGET_SHARE = 16
+#: Rows sampled from the input's head to estimate its bytes per row.
+_SAMPLE_ROWS = 1024
 
-def matching_rows(
+
+class MatchingRows:
+    """A data provider's matching rows, ordered by key (stable within a key).
+
+    Text: the distinct matching items, held (they are the keys). CSV and Parquet: the
+    matching rows' positions in key order, the rows themselves read again from the input
+    when asked for, a piece of at most a budget's share at a time (:meth:`pieces`), so
+    writing them never holds every column of every row.
+    """
+
+    def __init__(
+        self,
+        table: Table,
+        *,
+        items: pl.DataFrame | None = None,
+        positions: npt.NDArray[np.uint64] | None = None,
+        order: npt.NDArray[np.int64] | None = None,
+    ) -> None:
+        self._table = table
+        self._items = items
+        #: Ascending row positions, and the permutation of them that is key order.
+        self._positions = positions if positions is not None else np.empty(0, np.uint64)
+        self._order = order if order is not None else np.empty(0, np.int64)
+
+    def __len__(self) -> int:
+        return len(self._items) if self._items is not None else len(self._positions)
+
+    def frame(self) -> pl.DataFrame:
+        """Every matching row at once (the Python API; small results)."""
+        if self._items is not None:
+            return self._items
+        rows = rows_at(self._table, self._positions)
+        columns = rows.get_columns()
+        del rows  # the columns list is now all that holds them
+        return _gather_compact(columns, self._order)
+
+    def piece_rows(self) -> int:
+        """Rows per piece: a budget's share, at the bytes per row of the input's head."""
+        head = np.arange(min(_SAMPLE_ROWS, len(self._positions)), dtype=np.uint64)
+        sample = rows_at(self._table, head)
+        row_bytes = max(1, int(sample.estimated_size()) // max(1, len(sample)))
+        return max(1, self._table.budget.limit_bytes // PIECE_BUDGET_SHARE // row_bytes)
+
+    def pieces(self, piece_rows: int | None = None) -> Iterator[pl.DataFrame]:
+        """The rows in key order, in consecutive pieces of at most ``piece_rows`` rows
+        (default :meth:`piece_rows`); at least one piece, empty for no rows."""
+        if self._items is not None:
+            yield self._items
+            return
+        if not len(self._positions):
+            yield rows_at(self._table, self._positions)
+            return
+        size = piece_rows if piece_rows is not None else self.piece_rows()
+        for start in range(0, len(self._order), size):
+            # The piece's rows come back in position order; ``rank`` puts them in key order.
+            wanted = self._order[start : start + size]
+            ascending = np.sort(wanted)
+            rows = rows_at(self._table, self._positions[ascending])
+            rank = np.searchsorted(ascending, wanted)
+            yield compact_strings(rows.select(pl.all().gather(rank)))
+            del rows
+
+
+def find_matching_rows(
     table: Table,
     seeds: tuple[int, int],
     result_hi: U64Array,
     result_lo: U64Array,
-) -> pl.DataFrame:
-    """The table's rows whose key is in the result, ordered by key (stable within a key).
+) -> MatchingRows:
+    """The table's rows whose key is in the result (:class:`MatchingRows`).
 
-    For text input: the distinct matching items (their normalised form), sorted bytewise.
-    The records are the ones hashed for the upload; only the matching rows are read again.
+    The records are the ones hashed for the upload; only the matching rows' keys are read
+    again here, their other columns when the rows are written.
     """
     result_hi, result_lo = sorted_unique_records(result_hi, result_lo)
     spec = table.spec
@@ -43,16 +113,25 @@ def matching_rows(
             items = items_at(table, positions).to_frame()
             keys = normalized_keys(items, [TEXT_COLUMN], spec.normalization)
             del items
-        return _distinct_in_key_order(keys)
-    rows = rows_at(table, positions)
-    keys = normalized_keys(rows, spec.key_columns, spec.normalization)
-    # Ties keep input order, so the output is deterministic (and the same with or
-    # without spilling).
-    order = key_order(keys)
-    del keys
-    columns = rows.get_columns()
-    del rows  # the columns list is now all that holds them
-    return _gather_compact(columns, order)
+        return MatchingRows(table, items=_distinct_in_key_order(keys))
+    # The order comes from the key columns alone. Ties keep input order, so the output
+    # is deterministic (and the same with or without spilling).
+    key_rows = rows_at(table, positions, only=spec.key_columns)
+    keys = normalized_keys(key_rows, spec.key_columns, spec.normalization)
+    del key_rows  # the normalised keys are a copy: the peak is one copy, not two
+    return MatchingRows(table, positions=positions, order=key_order(keys))
+
+
+def matching_rows(
+    table: Table,
+    seeds: tuple[int, int],
+    result_hi: U64Array,
+    result_lo: U64Array,
+) -> pl.DataFrame:
+    """The table's rows whose key is in the result, ordered by key (stable within a key),
+    all at once. For text input: the distinct matching items (their normalised form),
+    sorted bytewise."""
+    return find_matching_rows(table, seeds, result_hi, result_lo).frame()
 
 
 def _distinct_in_key_order(keys: pl.Series) -> pl.DataFrame:
@@ -88,12 +167,17 @@ def items_at(table: Table, positions: npt.NDArray[np.uint64]) -> pl.Series:
     return pl.concat(found) if found else pl.Series(TEXT_COLUMN, [], dtype=pl.String)
 
 
-def rows_at(table: Table, positions: npt.NDArray[np.uint64]) -> pl.DataFrame:
-    """The input's rows at these ascending positions, every column, read again."""
+def rows_at(
+    table: Table, positions: npt.NDArray[np.uint64], *, only: Sequence[str] | None = None
+) -> pl.DataFrame:
+    """The input's rows at these ascending positions, read again with one scan: every
+    column, or ``only`` these."""
     spec = table.spec
     table.check_unchanged()
     with parse_errors(spec):
         scan = table.scan()
+        if only is not None:
+            scan = scan.select(only)
         if not len(positions):
             return scan.head(0).collect()
         index = "__teepsi_row"
@@ -103,7 +187,9 @@ def rows_at(table: Table, positions: npt.NDArray[np.uint64]) -> pl.DataFrame:
         batches = (
             scan.with_row_index(index)
             .filter(pl.col(index).is_in(wanted))
-            .collect_batches(chunk_size=table.rows_per_batch)
+            # A quarter of a read batch: the scan parses every row, and the batches it
+            # holds in flight, not the rows kept, set the peak (about 0.5 GB at 1M rows).
+            .collect_batches(chunk_size=table.rows_per_batch // 4)
         )
         # Each batch copied: a filter's views would keep every row's text alive.
         parts = [compact_strings(batch).get_columns() for batch in batches]

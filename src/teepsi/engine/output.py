@@ -4,8 +4,9 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 import polars as pl
 
@@ -29,18 +30,49 @@ STDOUT_PATH = "-"
 TEXT_WRITE_ROWS = 1 << 18
 
 
-def _write_rows_to(rows: pl.DataFrame, spec: TableSpec, handle: BinaryIO) -> None:
-    if spec.format is TableFormat.TEXT:
-        for start in range(0, len(rows), TEXT_WRITE_ROWS):
-            handle.write(text_lines(rows.slice(start, TEXT_WRITE_ROWS)))
-    elif spec.format is TableFormat.CSV:
-        rows.write_csv(handle, separator=spec.delimiter, quote_char=spec.quote_char or '"')
+class RowPieces(Protocol):
+    """Rows in output order that come a piece at a time (engine.matching.MatchingRows)."""
+
+    def pieces(self) -> Iterator[pl.DataFrame]: ...
+
+    def frame(self) -> pl.DataFrame: ...
+
+
+def text_pieces(rows: pl.DataFrame | RowPieces) -> Iterator[bytes]:
+    """Text output as bytes, a bounded number of lines at a time."""
+    for piece in _pieces(rows):
+        for start in range(0, len(piece), TEXT_WRITE_ROWS):
+            yield text_lines(piece.slice(start, TEXT_WRITE_ROWS))
+
+
+def _pieces(rows: pl.DataFrame | RowPieces) -> Iterator[pl.DataFrame]:
+    if isinstance(rows, pl.DataFrame):
+        yield rows
     else:
-        rows.write_parquet(handle)
+        yield from rows.pieces()
+
+
+def _write_rows_to(rows: pl.DataFrame | RowPieces, spec: TableSpec, handle: BinaryIO) -> None:
+    if spec.format is TableFormat.TEXT:
+        for lines in text_pieces(rows):
+            handle.write(lines)
+    elif spec.format is TableFormat.CSV:
+        quote = spec.quote_char or '"'
+        for at, piece in enumerate(_pieces(rows)):
+            piece.write_csv(
+                handle, include_header=at == 0, separator=spec.delimiter, quote_char=quote
+            )
+    else:
+        # Parquet at once: row groups written piece by piece would not be byte-identical.
+        (rows if isinstance(rows, pl.DataFrame) else rows.frame()).write_parquet(handle)
 
 
 def write_rows(
-    rows: pl.DataFrame, spec: TableSpec, path: str | Path, *, stdout: BinaryIO | None = None
+    rows: pl.DataFrame | RowPieces,
+    spec: TableSpec,
+    path: str | Path,
+    *,
+    stdout: BinaryIO | None = None,
 ) -> None:
     """Write rows in the input's format: to ``path`` atomically with mode 0600 (the old
     file, if any, stays whole until the new one is complete), or to ``stdout`` for "-"."""
