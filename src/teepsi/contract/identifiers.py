@@ -23,10 +23,7 @@ __all__ = [
 IDENTIFIER_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,127}")
 
 #: :data:`IDENTIFIER_PATTERN` in words, for the message that refuses a name.
-IDENTIFIER_RULE = (
-    "use 1-128 letters, digits, '.', '_', '@' or '-', "
-    "starting with a letter or digit"
-)
+IDENTIFIER_RULE = "use 1-128 letters, digits, '.', '_', '@' or '-', starting with a letter or digit"
 
 #: Audit log event names (``joined``, ``released``, ``signed_head``...).
 AUDIT_EVENT_PATTERN = re.compile(r"[a-z][a-z0-9_.-]{0,63}")

@@ -14,16 +14,18 @@ import numpy as np
 import numpy.typing as npt
 import polars as pl
 
+from teepsi.engine.input_file import changed_error
 from teepsi.engine.intersect import sorted_unique_records
 from teepsi.engine.key_order import compact_strings, key_order
 from teepsi.engine.reading import parse_errors, text_items
 from teepsi.engine.records import U64Array, normalized_keys
-from teepsi.engine.table_spec import TEXT_COLUMN, TableError, TableFormat
+from teepsi.engine.row_pieces import pieces_in_key_order
+from teepsi.engine.table_spec import TEXT_COLUMN, TableFormat
 from teepsi.engine.tables import Table
 
 #: A piece written at a time holds at most this share of the table's memory budget
-#: (polars' estimate; the process holds about 2.5 times that while reading a piece).
-PIECE_BUDGET_SHARE = 16
+#: (polars' estimate; putting a piece in key order takes a few times that).
+PIECE_BUDGET_SHARE = 32
 #: Rows sampled from the input's head to estimate its bytes per row.
 _SAMPLE_ROWS = 1024
 
@@ -32,9 +34,9 @@ class MatchingRows:
     """A data provider's matching rows, ordered by key (stable within a key).
 
     Text: the distinct matching items, held (they are the keys). CSV and Parquet: the
-    matching rows' positions in key order, the rows themselves read again from the input
-    when asked for, a piece of at most a budget's share at a time (:meth:`pieces`), so
-    writing them never holds every column of every row.
+    matching rows' positions and key order; the rows themselves are read again from the
+    input when asked for, with one scan, and handed out a piece of at most a budget's
+    share at a time (:meth:`pieces`), so writing them never holds every row at once.
     """
 
     def __init__(
@@ -56,17 +58,12 @@ class MatchingRows:
 
     def frame(self) -> pl.DataFrame:
         """Every matching row at once (the Python API; small results)."""
-        if self._items is not None:
-            return self._items
-        rows = rows_at(self._table, self._positions)
-        columns = rows.get_columns()
-        del rows  # the columns list is now all that holds them
-        return _gather_compact(columns, self._order)
+        return pl.concat(list(self.pieces(max(1, len(self)))), rechunk=True)
 
     def piece_rows(self) -> int:
         """Rows per piece: a budget's share, at the bytes per row of the input's head."""
-        head = np.arange(min(_SAMPLE_ROWS, len(self._positions)), dtype=np.uint64)
-        sample = rows_at(self._table, head)
+        with parse_errors(self._table.spec):
+            sample = self._table.scan().head(_SAMPLE_ROWS).collect()
         row_bytes = max(1, int(sample.estimated_size()) // max(1, len(sample)))
         return max(1, self._table.budget.limit_bytes // PIECE_BUDGET_SHARE // row_bytes)
 
@@ -80,14 +77,7 @@ class MatchingRows:
             yield rows_at(self._table, self._positions)
             return
         size = piece_rows if piece_rows is not None else self.piece_rows()
-        for start in range(0, len(self._order), size):
-            # The piece's rows come back in position order; ``rank`` puts them in key order.
-            wanted = self._order[start : start + size]
-            ascending = np.sort(wanted)
-            rows = rows_at(self._table, self._positions[ascending])
-            rank = np.searchsorted(ascending, wanted)
-            yield compact_strings(rows.select(pl.all().gather(rank)))
-            del rows
+        yield from pieces_in_key_order(self._table, self._positions, self._order, size)
 
 
 def find_matching_rows(
@@ -155,15 +145,15 @@ def items_at(table: Table, positions: npt.NDArray[np.uint64]) -> pl.Series:
     wanted[positions] = True
     found: list[pl.Series] = []
     position = 0
-    for items in text_items(table.spec, table.budget.limit_bytes):
+    for items in text_items(table.spec, table.budget.limit_bytes, table.input_path):
         if position + len(items) > table.rows_read:
-            raise TableError(f"{table.spec.path}: changed while this run read it; run again")
+            raise changed_error(table.spec.path)
         matched = items.filter(pl.Series(wanted[position : position + len(items)]))
         # A copy of the matching items only: the filter's views keep the whole block.
         found.append(compact_strings(matched.to_frame()).to_series())
         position += len(items)
     if position != table.rows_read:
-        raise TableError(f"{table.spec.path}: changed while this run read it; run again")
+        raise changed_error(table.spec.path)
     return pl.concat(found) if found else pl.Series(TEXT_COLUMN, [], dtype=pl.String)
 
 
@@ -194,7 +184,7 @@ def rows_at(
         # Each batch copied: a filter's views would keep every row's text alive.
         parts = [compact_strings(batch).get_columns() for batch in batches]
     if not parts:
-        raise TableError(f"{spec.path}: changed while this run read it; run again")
+        raise changed_error(spec.path)
     # One contiguous chunk per column (gathering in key order from many chunks costs
     # far more than this copy), a column at a time: the peak is the rows and a column.
     columns: list[pl.Series] = []
@@ -205,16 +195,5 @@ def rows_at(
     found = pl.DataFrame(columns)
     del columns, parts
     if not np.array_equal(found[index].to_numpy(), positions):
-        raise TableError(f"{spec.path}: changed while this run read it; run again")
+        raise changed_error(spec.path)
     return found.drop(index)
-
-
-def _gather_compact(columns: list[pl.Series], order: npt.NDArray[np.int64]) -> pl.DataFrame:
-    """The columns gathered in ``order``, one at a time, each released from ``columns``
-    once gathered: the peak is the input and one column, not two whole tables."""
-    gathered: list[pl.Series] = []
-    while columns:
-        column = columns.pop(0)
-        gathered.append(compact_strings(column.gather(order).to_frame()).to_series())
-        del column
-    return pl.DataFrame(gathered)

@@ -117,19 +117,20 @@ def _utf8_error_in_file(path: Path) -> TableError:
     return TableError(f"{path}: cannot be parsed")
 
 
-def _text_blocks(path: Path, block_bytes: int) -> Iterator[tuple[bytes, int]]:
-    """The file in blocks of whole lines, with each block's first line number."""
+def _text_blocks(path: Path, block_bytes: int, name: Path) -> Iterator[tuple[bytes, int]]:
+    """The file at ``path`` (called ``name`` in errors) in blocks of whole lines, with each
+    block's first line number."""
     try:
         handle = path.open("rb")
     except OSError as exc:
-        raise open_error(path, exc) from None
+        raise open_error(name, exc) from None
     line, carry = 1, b""
     with handle:
         while True:
             try:
                 chunk = handle.read(block_bytes)
             except OSError as exc:
-                raise open_error(path, exc) from None
+                raise open_error(name, exc) from None
             data = carry + chunk
             cut = len(data) if not chunk else data.rfind(b"\n") + 1
             if cut:
@@ -142,11 +143,13 @@ def _text_blocks(path: Path, block_bytes: int) -> Iterator[tuple[bytes, int]]:
                 return
 
 
-def text_items(spec: TableSpec, memory_budget: int) -> Iterator[pl.Series]:
+def text_items(
+    spec: TableSpec, memory_budget: int, path: Path | None = None
+) -> Iterator[pl.Series]:
     """The text file's items (stripped, non-blank lines), a block at a time (blocks
-    smaller under a small ``memory_budget``)."""
+    smaller under a small ``memory_budget``), read from ``path`` (default: the spec's)."""
     block_bytes = min(TEXT_BLOCK_BYTES, max(64 * 1024, memory_budget // 32))
-    for data, first_line in _text_blocks(spec.path, block_bytes):
+    for data, first_line in _text_blocks(path or spec.path, block_bytes, spec.path):
         nul = data.find(b"\0")
         if nul >= 0:
             line = first_line + data.count(b"\n", 0, nul)
@@ -185,9 +188,10 @@ def stripped_items(spec: TableSpec, frame: pl.DataFrame) -> pl.Series:
     return items[TEXT_COLUMN]
 
 
-
-
-def scan_table(spec: TableSpec) -> pl.LazyFrame:
+def scan_table(spec: TableSpec, path: Path | None = None) -> pl.LazyFrame:
+    """The input as a lazy frame, read from ``path`` (default: the spec's; the format and
+    compression are the spec's)."""
+    source = path or spec.path
     if spec.format is TableFormat.CSV:
         options: dict[str, Any] = {
             "separator": spec.delimiter,
@@ -197,11 +201,11 @@ def scan_table(spec: TableSpec) -> pl.LazyFrame:
         if is_compressed(spec.path):
             # Polars cannot scan compressed CSV: gzip CSV is read whole, decompressed, so
             # --memory-budget does not bound this read (only what is kept of it after).
-            return pl.read_csv(spec.path, **options).lazy()
-        return pl.scan_csv(spec.path, **options)
-    if spec.path.is_dir():  # a Parquet directory (Spark and others): its parts, as one
-        return pl.scan_parquet(parquet_parts(spec.path))
-    return pl.scan_parquet(spec.path)
+            return pl.read_csv(source, **options).lazy()
+        return pl.scan_csv(source, **options)
+    if source.is_dir():  # a Parquet directory (Spark and others): its parts, as one
+        return pl.scan_parquet(parquet_parts(source))
+    return pl.scan_parquet(source)
 
 
 @contextmanager

@@ -22,12 +22,12 @@ import numpy.typing as npt
 import polars as pl
 
 from teepsi.contract.normalization import Normalization
+from teepsi.engine.input_file import PinnedInput
 from teepsi.engine.intersect import feed_records, members_of_sorted, sorted_unique_records
 from teepsi.engine.output import STDOUT_PATH, text_lines, write_rows
 from teepsi.engine.reading import (
     check_readable,
     directory_error,
-    open_error,
     parse_errors,
     scan_table,
     stripped_items,
@@ -75,7 +75,6 @@ BATCH_ROWS = 1 << 20
 _KEY, _ROW, _HI, _LO = "key", "row", "hi", "lo"
 
 
-
 @dataclass
 class _Batch:
     """One batch of keyed rows: row positions, normalised keys until hashed, then records."""
@@ -121,7 +120,8 @@ class Table:
         self._seeds: tuple[int, int] | None = None
         self._store: UnsortedRecordStore | None = None
         self._sorted: list[tuple[U64Array, U64Array]] | None = None
-        self._stamp: tuple[int, int] | None = None
+        #: The input file, held open once reading starts (None for in-memory tables).
+        self.input: PinnedInput | None = None
         #: The in-memory frame a structured table was made from (no file to read again).
         self.source: pl.DataFrame | None = None
 
@@ -153,13 +153,17 @@ class Table:
 
     def _spill_area(self) -> SpillArea:
         if self._spill is None:
-            try:
-                self._spill = SpillArea(self._spill_dir)
-            except OSError as exc:
-                raise TableError(
-                    f"over the memory budget, and cannot create a spill area: {exc.strerror}"
-                ) from None
+            self._spill = self.new_spill_area()
         return self._spill
+
+    def new_spill_area(self) -> SpillArea:
+        """A spill area of its own (the matching rows', which outlive the table's)."""
+        try:
+            return SpillArea(self._spill_dir)
+        except OSError as exc:
+            raise TableError(
+                f"over the memory budget, and cannot create a spill area: {exc.strerror}"
+            ) from None
 
     def _add(self, keys: pl.Series, rows: npt.NDArray[np.uint64]) -> None:
         """Keep one batch's keys (no nulls) and their row positions."""
@@ -306,26 +310,18 @@ class Table:
 
     def scan(self) -> pl.LazyFrame:
         """The input as a lazy frame: its file, or the in-memory frame it was made from."""
-        return self.source.lazy() if self.source is not None else scan_table(self.spec)
+        if self.source is not None:
+            return self.source.lazy()
+        return scan_table(self.spec, self.input_path)
+
+    @property
+    def input_path(self) -> Path:
+        """Where the input is read: the file held open once reading started."""
+        return self.input.path if self.input is not None else self.spec.path
 
     def check_unchanged(self) -> None:
-        if self.source is not None:
-            return  # polars frames are immutable: nothing can change under this run
-        try:
-            info = self.spec.path.stat()
-        except OSError as exc:
-            raise open_error(self.spec.path, exc) from None
-        if self._stamp != (info.st_size, info.st_mtime_ns):
-            raise TableError(f"{self.spec.path}: changed while this run read it; run again")
-
-    def _stamp_file(self) -> None:
-        try:
-            info = self.spec.path.stat()
-        except OSError as exc:
-            raise open_error(self.spec.path, exc) from None
-        self._stamp = (info.st_size, info.st_mtime_ns)
-
-
+        if self.input is not None:  # polars frames are immutable: nothing to check
+            self.input.check_unchanged()
 
 
 def _add_items(table: Table, items: pl.Series) -> None:
@@ -428,9 +424,9 @@ def read_table(
     """Read the party's input as ``spec`` says, within ``memory_budget`` bytes."""
     table = Table(spec, memory_budget=memory_budget, spill_dir=spill_dir)
     try:
-        table._stamp_file()  # before reading: a change while it reads is caught too
+        table.input = PinnedInput(spec.path)  # read by this: a change is caught
         if spec.format is TableFormat.TEXT:
-            for items in text_items(spec, table.budget.limit_bytes):
+            for items in text_items(spec, table.budget.limit_bytes, table.input_path):
                 _add_items(table, items)
         else:
             _read_structured(table)

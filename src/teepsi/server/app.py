@@ -125,8 +125,7 @@ def start_server(config: ServerConfig) -> RunningServer:
         raise ServerConfigError("max_connections must be at least 1")
     if not 0 <= config.drain_seconds < float("inf"):
         raise ServerConfigError(
-            f"drain_seconds {config.drain_seconds:g}: must be a finite number of seconds, "
-            "0 or more"
+            f"drain_seconds {config.drain_seconds:g}: must be a finite number of seconds, 0 or more"
         )
     ensure_fd_limit(config.max_connections)
     if config.limits.job_timeout_seconds >= config.certificate_lifetime.total_seconds():

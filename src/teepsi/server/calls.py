@@ -103,7 +103,6 @@ class JobCall:
         raise on_timeout
 
 
-
 def session_token(context: AnyContext) -> bytes:
     for key, value in context.invocation_metadata() or ():
         if key == SESSION_METADATA:
@@ -114,4 +113,3 @@ def session_token(context: AnyContext) -> bytes:
     raise ServiceError(
         ErrorKind.UNAUTHENTICATED, f"missing or malformed {SESSION_METADATA} metadata; join first"
     )
-

@@ -77,7 +77,6 @@ class ServerConfig:
     drain_seconds: float = 0.0
 
 
-
 def grpc_server_options(config: ServerConfig) -> list[tuple[str, int]]:
     """gRPC core channel arguments: message sizes, connection limits and timeouts.
 
@@ -100,7 +99,6 @@ def grpc_server_options(config: ServerConfig) -> list[tuple[str, int]]:
         ("grpc.keepalive_time_ms", 60_000),
         ("grpc.keepalive_timeout_ms", 20_000),
     ]
-
 
 
 def ensure_fd_limit(max_connections: int) -> None:

@@ -40,7 +40,6 @@ def check_possession(public_key_der: bytes, signature: bytes, message: bytes) ->
         raise ServiceError(ErrorKind.PERMISSION_DENIED, "join transcript signature does not verify")
 
 
-
 def spec_of_join(request: pb.JoinRequest) -> JobSpec | None:
     """The spec a join carries, checked against the party: listed, with that key."""
     if not request.job_spec:

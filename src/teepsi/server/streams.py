@@ -63,7 +63,6 @@ def result_chunks(delivery: Delivery) -> Iterator[bytes]:
         ).SerializeToString()
 
 
-
 def take_chunk(raw: bytes, sequence: int, finished: bool, store: RecordStore, limit: int) -> bool:
     """Parse, check, decode and store one upload chunk (blocking); True if it was the last."""
     try:
