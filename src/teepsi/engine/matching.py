@@ -19,7 +19,7 @@ from teepsi.engine.intersect import sorted_unique_records
 from teepsi.engine.key_order import compact_strings, key_order
 from teepsi.engine.reading import parse_errors, text_items
 from teepsi.engine.records import U64Array, normalized_keys
-from teepsi.engine.row_pieces import pieces_in_key_order
+from teepsi.engine.row_pieces import HELD_BUDGET_SHARE, pieces_in_key_order
 from teepsi.engine.table_spec import TEXT_COLUMN, TableFormat
 from teepsi.engine.tables import Table
 
@@ -34,9 +34,10 @@ class MatchingRows:
     """A data provider's matching rows, ordered by key (stable within a key).
 
     Text: the distinct matching items, held (they are the keys). CSV and Parquet: the
-    matching rows' positions and key order; the rows themselves are read again from the
-    input when asked for, with one scan, and handed out a piece of at most a budget's
-    share at a time (:meth:`pieces`), so writing them never holds every row at once.
+    matching rows' positions and key order, and the rows themselves when they fit a
+    share of the budget; else they are read again from the input when asked for, with
+    one scan, and handed out a piece of at most a budget's share at a time
+    (:meth:`pieces`), so writing them never holds every row at once.
     """
 
     def __init__(
@@ -44,11 +45,14 @@ class MatchingRows:
         table: Table,
         *,
         items: pl.DataFrame | None = None,
+        rows: pl.DataFrame | None = None,
         positions: npt.NDArray[np.uint64] | None = None,
         order: npt.NDArray[np.int64] | None = None,
     ) -> None:
         self._table = table
         self._items = items
+        #: The rows at ``positions``, when they were small enough to hold.
+        self._rows = rows
         #: Ascending row positions, and the permutation of them that is key order.
         self._positions = positions if positions is not None else np.empty(0, np.uint64)
         self._order = order if order is not None else np.empty(0, np.int64)
@@ -77,6 +81,11 @@ class MatchingRows:
             yield rows_at(self._table, self._positions)
             return
         size = piece_rows if piece_rows is not None else self.piece_rows()
+        if self._rows is not None:
+            for start in range(0, len(self._order), size):
+                piece = self._rows[self._order[start : start + size]]
+                yield compact_strings(piece)  # in output order, not scattered over the rows
+            return
         yield from pieces_in_key_order(self._table, self._positions, self._order, size)
 
 
@@ -104,8 +113,13 @@ def find_matching_rows(
             keys = normalized_keys(items, [TEXT_COLUMN], spec.normalization)
             del items
         return MatchingRows(table, items=_distinct_in_key_order(keys))
-    # The order comes from the key columns alone. Ties keep input order, so the output
-    # is deterministic (and the same with or without spilling).
+    # Ties keep input order, so the output is deterministic (and the same with or
+    # without spilling).
+    rows = _read_rows(table, positions, None, table.budget.limit_bytes // HELD_BUDGET_SHARE)
+    if rows is not None:  # every column, read once and held: they fit a budget's share
+        keys = normalized_keys(rows, spec.key_columns, spec.normalization)
+        return MatchingRows(table, rows=rows, positions=positions, order=key_order(keys))
+    # Too many to hold: the order from the key columns alone, the rows read again later.
     key_rows = rows_at(table, positions, only=spec.key_columns)
     keys = normalized_keys(key_rows, spec.key_columns, spec.normalization)
     del key_rows  # the normalised keys are a copy: the peak is one copy, not two
@@ -162,8 +176,21 @@ def rows_at(
 ) -> pl.DataFrame:
     """The input's rows at these ascending positions, read again with one scan: every
     column, or ``only`` these."""
+    rows = _read_rows(table, positions, only, None)
+    assert rows is not None
+    return rows
+
+
+def _read_rows(
+    table: Table,
+    positions: npt.NDArray[np.uint64],
+    only: Sequence[str] | None,
+    limit_bytes: int | None,
+) -> pl.DataFrame | None:
+    """:func:`rows_at`, or None as soon as the rows would hold over ``limit_bytes``."""
     spec = table.spec
     table.check_unchanged()
+    held = 0
     with parse_errors(spec):
         scan = table.scan()
         if only is not None:
@@ -181,8 +208,14 @@ def rows_at(
             # holds in flight, not the rows kept, set the peak (about 0.5 GB at 1M rows).
             .collect_batches(chunk_size=table.rows_per_batch // 4)
         )
-        # Each batch copied: a filter's views would keep every row's text alive.
-        parts = [compact_strings(batch).get_columns() for batch in batches]
+        parts: list[list[pl.Series]] = []
+        for batch in batches:
+            # Each batch copied: a filter's views would keep every row's text alive.
+            kept = compact_strings(batch)
+            held += int(kept.estimated_size())
+            if limit_bytes is not None and held > limit_bytes:
+                return None
+            parts.append(kept.get_columns())
     if not parts:
         raise changed_error(spec.path)
     # One contiguous chunk per column (gathering in key order from many chunks costs

@@ -51,6 +51,7 @@ class _Piece:
     """The rows of one run of ranks, as they came from the scan."""
 
     held: list[pl.DataFrame] = field(default_factory=list)
+    held_bytes: int = 0
     #: Sealed parts: each file and the label it is bound to.
     sealed: list[tuple[Path, bytes]] = field(default_factory=list)
 
@@ -67,16 +68,19 @@ class _Pieces:
         self._label = secrets.token_bytes(16)
         self._sealed = 0
 
-    def add(self, at: int, part: pl.DataFrame) -> None:
-        size = int(part.estimated_size())
+    def add(self, at: int, part: pl.DataFrame, size: int) -> None:
+        """Add ``part`` (about ``size`` bytes of its own: parts of one batch share their
+        strings' buffers, which polars would count once per part) to piece ``at``."""
         if self._held_bytes + size <= self._held_limit:
             self.pieces[at].held.append(part)
+            self.pieces[at].held_bytes += size
             self._held_bytes += size
             return
         if self._spill is None:
             self._spill = self._table.new_spill_area()
         buffer = io.BytesIO()
-        part.write_ipc(buffer, compression="uncompressed")
+        # Arrow's oldest string layout: only this part's strings, not the shared buffers.
+        part.write_ipc(buffer, compression="uncompressed", compat_level=pl.CompatLevel.oldest())
         self._sealed += 1
         label = self._label + self._sealed.to_bytes(8, "big")
         self.pieces[at].sealed.append((self._spill.write(buffer.getvalue(), label), label))
@@ -85,7 +89,8 @@ class _Pieces:
         """Piece ``at``'s parts, its memory and files released."""
         piece = self.pieces[at]
         parts, piece.held = piece.held, []
-        self._held_bytes -= sum(int(p.estimated_size()) for p in parts)
+        self._held_bytes -= piece.held_bytes
+        piece.held_bytes = 0
         for path, label in piece.sealed:
             assert self._spill is not None
             parts.append(pl.read_ipc(io.BytesIO(self._spill.read(path, label))))
@@ -153,17 +158,19 @@ def _scan_into(
                 raise changed_error(spec.path)
             ranks = rank[done : done + size]
             done += size
-            batch = batch.drop(index).with_columns(pl.Series(rank_column, ranks))
+            # Copied once: a filter's strings keep every parsed row's text alive. The
+            # batch's parts below share this copy's buffers.
+            batch = compact_strings(batch.drop(index).with_columns(pl.Series(rank_column, ranks)))
+            row_bytes = int(batch.estimated_size()) / size
             pieces = ranks // piece_rows
             if pieces[0] == pieces[-1] and bool(np.all(pieces == pieces[0])):
-                # Copied: a filter's strings keep every parsed row's text alive.
-                store.add(int(pieces[0]), compact_strings(batch))
+                store.add(int(pieces[0]), batch, int(row_bytes * size))
                 continue
             split = batch.with_columns(pl.Series(piece_column, pieces)).partition_by(
                 piece_column, as_dict=True, include_key=False
             )
             for key, part in split.items():
-                store.add(int(cast(int, key[0])), compact_strings(part))
+                store.add(int(cast(int, key[0])), part, int(row_bytes * len(part)))
     if done != len(positions):
         raise changed_error(spec.path)
     return rank_column
