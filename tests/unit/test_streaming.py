@@ -201,7 +201,7 @@ def test_output_written_in_small_pieces_is_identical_to_polars(tmp_path, monkeyp
 def test_piece_rows_are_a_share_of_the_budget(tmp_path):
     rows, _ = _matching(tmp_path, "csv")
     sample = pl.read_csv(tmp_path / "a.csv", infer_schema=False, n_rows=1024)
-    row_bytes = sample.estimated_size() // len(sample)
+    row_bytes = (sample.estimated_size() + 16 * len(sample) * sample.width) // len(sample)
     share = REREAD_BUDGET // matching.PIECE_BUDGET_SHARE
     assert rows.piece_rows() == share // row_bytes
 
@@ -401,3 +401,28 @@ def test_input_changed_in_place_is_refused_with_what_to_do(tmp_path):
     with pytest.raises(TableError, match="changed while this run read it; keep the input"):
         write_rows(rows, spec, tmp_path / "out.parquet")
     assert not (tmp_path / "out.parquet").exists()
+
+
+@pytest.mark.parametrize("budget", [REREAD_BUDGET, 1 << 30])
+@pytest.mark.parametrize("ext", ["csv", "parquet"])
+def test_keys_sharing_their_first_16_bytes_are_ordered_by_their_whole_key(tmp_path, ext, budget):
+    """The order comes from the keys' 16-byte prefixes found at hashing; keys that share
+    one are put in order by their whole bytes (read again when the rows are not held),
+    then by input order."""
+    rng = np.random.default_rng(5)
+    ids = rng.integers(0, 3000, 6000)
+    keys = [f"customer-identifier-{n:05d}@corp" if n % 3 else f"short{n % 7}" for n in ids]
+    ours = pl.DataFrame({"email": keys, "n": [str(i) for i in range(len(keys))]})
+    a = _spec(_write(ours, tmp_path / f"a.{ext}"))
+    b = _spec(_write(pl.DataFrame({"email": keys[::2]}), tmp_path / f"b.{ext}"))
+    with read_table(a, memory_budget=budget) as mine, read_table(b) as other:
+        hi, lo, _ = intersect_records([mine.key_records(SEEDS), other.key_records(SEEDS)])
+        got = matching_rows(mine, SEEDS, hi, lo)
+    wanted = set(keys[::2])
+    want = (
+        ours.with_row_index("i")
+        .filter(pl.col("email").is_in(list(wanted)))
+        .sort(["email", "i"])
+        .drop("i")
+    )
+    assert len(got) > 1000 and got.equals(want)

@@ -16,7 +16,12 @@ import polars as pl
 
 from teepsi.engine.input_file import changed_error
 from teepsi.engine.intersect import sorted_unique_records
-from teepsi.engine.key_order import compact_strings, key_order
+from teepsi.engine.key_order import (
+    compact_strings,
+    held_bytes,
+    key_order,
+    order_by_prefix,
+)
 from teepsi.engine.reading import parse_errors, text_items
 from teepsi.engine.records import U64Array, normalized_keys
 from teepsi.engine.row_pieces import HELD_BUDGET_SHARE, pieces_in_key_order
@@ -66,9 +71,10 @@ class MatchingRows:
 
     def piece_rows(self) -> int:
         """Rows per piece: a budget's share, at the bytes per row of the input's head."""
-        with parse_errors(self._table.spec):
-            sample = self._table.scan().head(_SAMPLE_ROWS).collect()
-        row_bytes = max(1, int(sample.estimated_size()) // max(1, len(sample)))
+        if self._rows is not None:  # held: they are the measure, the input is not read
+            row_bytes = max(1, held_bytes(self._rows) // max(1, len(self._rows)))
+        else:
+            row_bytes = max(1, _estimated_bytes(self._table, _SAMPLE_ROWS) // _SAMPLE_ROWS)
         return max(1, self._table.budget.limit_bytes // PIECE_BUDGET_SHARE // row_bytes)
 
     def pieces(self, piece_rows: int | None = None) -> Iterator[pl.DataFrame]:
@@ -104,26 +110,48 @@ def find_matching_rows(
     spec = table.spec
     if len(result_hi):
         table.hash(seeds)
-        positions, keys = table.matching_positions(result_hi, result_lo)
+        positions, keys, prefix = table.matching_positions(result_hi, result_lo)
     else:
         positions, keys = np.empty(0, np.uint64), pl.Series([], dtype=pl.String)
+        prefix = pl.Series([], dtype=pl.UInt128)
     if spec.format is TableFormat.TEXT:
         if not table.in_memory:
             items = items_at(table, positions).to_frame()
             keys = normalized_keys(items, [TEXT_COLUMN], spec.normalization)
             del items
         return MatchingRows(table, items=_distinct_in_key_order(keys))
-    # Ties keep input order, so the output is deterministic (and the same with or
-    # without spilling).
-    rows = _read_rows(table, positions, None, table.budget.limit_bytes // HELD_BUDGET_SHARE)
+    normalizing = (spec.key_columns, spec.normalization)
+    limit = table.budget.limit_bytes // HELD_BUDGET_SHARE
+    rows = None
+    if _estimated_bytes(table, len(positions)) <= limit:
+        rows = _read_rows(table, positions, None, limit)
     if rows is not None:  # every column, read once and held: they fit a budget's share
-        keys = normalized_keys(rows, spec.key_columns, spec.normalization)
-        return MatchingRows(table, rows=rows, positions=positions, order=key_order(keys))
-    # Too many to hold: the order from the key columns alone, the rows read again later.
-    key_rows = rows_at(table, positions, only=spec.key_columns)
-    keys = normalized_keys(key_rows, spec.key_columns, spec.normalization)
-    del key_rows  # the normalised keys are a copy: the peak is one copy, not two
-    return MatchingRows(table, positions=positions, order=key_order(keys))
+        held = rows
+
+        def keys_at(at: npt.NDArray[np.int64]) -> pl.Series:
+            return normalized_keys(held[at], *normalizing)
+    else:  # too many to hold: read again when written, and their keys only where tied
+
+        def keys_at(at: npt.NDArray[np.int64]) -> pl.Series:
+            ascending = np.sort(at)
+            found = rows_at(table, positions[ascending], only=spec.key_columns)
+            return normalized_keys(found, *normalizing).gather(np.searchsorted(ascending, at))
+
+    # By the keys' prefixes, found when they were hashed; ties by their whole keys, then
+    # by input order, so the output is deterministic (and the same with or without
+    # spilling).
+    order = order_by_prefix(prefix, keys_at)
+    return MatchingRows(table, rows=rows, positions=positions, order=order)
+
+
+def _estimated_bytes(table: Table, count: int) -> int:
+    """What ``count`` of the input's rows would hold, at the bytes per row of its head."""
+    if not count:
+        return 0
+    table.check_unchanged()
+    with parse_errors(table.spec):
+        sample = table.scan().head(_SAMPLE_ROWS).collect()
+    return held_bytes(sample) * count // max(1, len(sample))
 
 
 def matching_rows(
@@ -212,7 +240,7 @@ def _read_rows(
         for batch in batches:
             # Each batch copied: a filter's views would keep every row's text alive.
             kept = compact_strings(batch)
-            held += int(kept.estimated_size())
+            held += held_bytes(kept)
             if limit_bytes is not None and held > limit_bytes:
                 return None
             parts.append(kept.get_columns())

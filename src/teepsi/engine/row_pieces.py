@@ -22,7 +22,7 @@ import numpy.typing as npt
 import polars as pl
 
 from teepsi.engine.input_file import changed_error
-from teepsi.engine.key_order import compact_strings
+from teepsi.engine.key_order import compact_strings, held_bytes
 from teepsi.engine.reading import parse_errors
 from teepsi.engine.spill import SpillArea
 
@@ -161,7 +161,7 @@ def _scan_into(
             # Copied once: a filter's strings keep every parsed row's text alive. The
             # batch's parts below share this copy's buffers.
             batch = compact_strings(batch.drop(index).with_columns(pl.Series(rank_column, ranks)))
-            row_bytes = int(batch.estimated_size()) / size
+            row_bytes = held_bytes(batch) / size
             pieces = ranks // piece_rows
             if pieces[0] == pieces[-1] and bool(np.all(pieces == pieces[0])):
                 store.add(int(pieces[0]), batch, int(row_bytes * size))

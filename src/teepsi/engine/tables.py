@@ -24,6 +24,7 @@ import polars as pl
 from teepsi.contract.normalization import Normalization
 from teepsi.engine.input_file import PinnedInput
 from teepsi.engine.intersect import feed_records, members_of_sorted, sorted_unique_records
+from teepsi.engine.key_order import key_prefixes
 from teepsi.engine.output import STDOUT_PATH, text_lines, write_rows
 from teepsi.engine.reading import (
     check_readable,
@@ -72,7 +73,9 @@ __all__ = [
 DEFAULT_MEMORY_BUDGET = 1 << 30
 #: Rows per batch while reading, at most (a small budget makes batches smaller).
 BATCH_ROWS = 1 << 20
-_KEY, _ROW, _HI, _LO = "key", "row", "hi", "lo"
+_KEY, _ROW, _HI, _LO, _PREFIX = "key", "row", "hi", "lo", "prefix"
+#: A structured row's key prefix (its place in key order, ties aside): 16 bytes.
+_PREFIX_BYTES = 16
 
 
 @dataclass
@@ -172,8 +175,10 @@ class Table:
         if not len(frame):
             return
         batch = _Batch(frame=frame, index=len(self._batches))
-        # Room for its records too: they join the batch once the seeds are known.
-        need = int(frame.estimated_size()) + len(frame) * RECORD_BYTES
+        # Room for its records too (and a structured key's prefix): they join the batch
+        # once the seeds are known.
+        extra = RECORD_BYTES + (0 if self.spec.format is TableFormat.TEXT else _PREFIX_BYTES)
+        need = int(frame.estimated_size()) + len(frame) * extra
         if self.budget.try_reserve(need):
             batch.reserved = need
         else:
@@ -219,6 +224,9 @@ class Table:
         for batch, frame in self._frames():
             hi, lo = hash_keys(frame[_KEY], seeds)
             hashed = frame.with_columns(pl.Series(_HI, hi), pl.Series(_LO, lo))
+            if self.spec.format is not TableFormat.TEXT:
+                # The matching rows' key order, later, without reading their keys again.
+                hashed = hashed.with_columns(key_prefixes(frame[_KEY]).alias(_PREFIX))
             if not self.in_memory:
                 hashed = hashed.drop(_KEY)  # the file has them, for the matching rows
             store.add(hi, lo)
@@ -281,11 +289,12 @@ class Table:
 
     def matching_positions(
         self, result_hi: U64Array, result_lo: U64Array
-    ) -> tuple[npt.NDArray[np.uint64], pl.Series]:
-        """Position of each row whose record is in the result, in row order, and (for an
-        in-memory table, else empty) its normalised key. The table's last use: the
-        records are released, each batch once looked at (the upload and the receipt
-        check are done by now)."""
+    ) -> tuple[npt.NDArray[np.uint64], pl.Series, pl.Series]:
+        """Position of each row whose record is in the result, in row order; for an
+        in-memory table its normalised key (else empty); for CSV and Parquet its key's
+        prefix (:func:`teepsi.engine.key_order.key_prefixes`; else empty). The table's
+        last use: the records are released, each batch once looked at (the upload and the
+        receipt check are done by now)."""
         self._sorted = None
         if self._store is not None:
             self._store.close()
@@ -303,10 +312,11 @@ class Table:
                 batch.segment = None
         self._batches = []
         if not found:
-            found.append(pl.DataFrame(schema={_ROW: pl.UInt64, _KEY: pl.String}))
+            found.append(pl.DataFrame(schema={_ROW: pl.UInt64}))
         rows = pl.concat(found, how="diagonal")
         keys = rows[_KEY] if _KEY in rows.columns else pl.Series(_KEY, [], dtype=pl.String)
-        return rows[_ROW].to_numpy(), keys
+        prefix = rows[_PREFIX] if _PREFIX in rows.columns else pl.Series(_PREFIX, [], pl.UInt128)
+        return rows[_ROW].to_numpy(), keys, prefix
 
     def scan(self) -> pl.LazyFrame:
         """The input as a lazy frame: its file, or the in-memory frame it was made from."""
