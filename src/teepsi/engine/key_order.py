@@ -58,10 +58,14 @@ def key_order(keys: pl.Series) -> npt.NDArray[np.int64]:
 
 def key_prefixes(keys: pl.Series) -> pl.Series:
     """Each key's first 16 UTF-8 bytes, zero-padded, as a big-endian 128-bit number."""
-    # Padding to 16 characters gives at least 16 bytes (a character is one byte or more).
+    # Padding to 16 characters gives at least 16 bytes (a character is one byte or more);
+    # only shorter keys are padded (a copy of each key otherwise: a third of the time).
+    key = pl.col("k")
+    padded = key.str.pad_end(16, "\x00").cast(pl.Binary).bin.head(16)
+    head = pl.when(key.str.len_bytes() >= 16).then(key.cast(pl.Binary).bin.head(16))
     return (
         keys.to_frame("k")
-        .select(b=pl.col("k").str.pad_end(16, "\x00").cast(pl.Binary).bin.head(16))
+        .select(b=head.otherwise(padded))
         .select(p=_prefix_word(0) * (1 << 64) + _prefix_word(8))["p"]
     )
 
