@@ -10,6 +10,7 @@ from __future__ import annotations
 import codecs
 import gzip
 import io
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,6 +25,10 @@ from teepsi.engine.table_spec import TEXT_COLUMN, TableError, TableFormat, Table
 MAX_TEXT_ITEM_BYTES = 64 * 1024
 #: Bytes of a text file parsed per batch, at most.
 TEXT_BLOCK_BYTES = 32 << 20
+#: Bytes of a CSV file polars' streaming scan reads per chunk. Its default holds about
+#: 400 MB in flight on two threads (a 10M-row party's budget is 1 GiB); 4 MiB holds about
+#: 200 MB, at the same speed. ``POLARS_CSV_CHUNK_SIZE`` set by an operator wins.
+CSV_SCAN_CHUNK_BYTES = 4 << 20
 
 
 def check_readable(path: Path, fmt: TableFormat) -> None:
@@ -193,6 +198,7 @@ def scan_table(spec: TableSpec, path: Path | None = None) -> pl.LazyFrame:
     compression are the spec's)."""
     source = path or spec.path
     if spec.format is TableFormat.CSV:
+        os.environ.setdefault("POLARS_CSV_CHUNK_SIZE", str(CSV_SCAN_CHUNK_BYTES))
         options: dict[str, Any] = {
             "separator": spec.delimiter,
             "quote_char": spec.quote_char,
