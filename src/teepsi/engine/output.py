@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import BinaryIO, Protocol
 
 import polars as pl
+from polars.io.plugins import register_io_source
 
 from teepsi.engine.table_spec import TEXT_COLUMN, TableError, TableFormat, TableSpec
 from teepsi.privatefile import private_writer
@@ -63,8 +64,38 @@ def _write_rows_to(rows: pl.DataFrame | RowPieces, spec: TableSpec, handle: Bina
                 handle, include_header=at == 0, separator=spec.delimiter, quote_char=quote
             )
     else:
-        # Parquet at once: row groups written piece by piece would not be byte-identical.
-        (rows if isinstance(rows, pl.DataFrame) else rows.frame()).write_parquet(handle)
+        _write_parquet(rows, handle)
+
+
+#: Rows per Parquet row group, fixed: the file's bytes are the same whether the rows came
+#: a piece at a time or all at once.
+PARQUET_ROW_GROUP_ROWS = 1 << 17
+
+
+def _write_parquet(rows: pl.DataFrame | RowPieces, handle: BinaryIO) -> None:
+    if isinstance(rows, pl.DataFrame):
+        rows.write_parquet(handle, row_group_size=PARQUET_ROW_GROUP_ROWS)
+        return
+    pieces = rows.pieces()
+    first = next(pieces)  # there is always one, if only empty: it has the schema
+    failed: list[BaseException] = []
+
+    def source(*_: object) -> Iterator[pl.DataFrame]:
+        try:
+            yield first
+            yield from pieces
+        except BaseException as exc:  # polars would give it back as its own error
+            failed.append(exc)
+            raise
+
+    # Polars' streaming sink pulls the pieces one at a time: never every row at once.
+    try:
+        sink = register_io_source(source, schema=first.schema)
+        sink.sink_parquet(handle, row_group_size=PARQUET_ROW_GROUP_ROWS)
+    except pl.exceptions.PolarsError:
+        if failed:
+            raise failed[0] from None
+        raise
 
 
 def write_rows(
