@@ -426,3 +426,16 @@ def test_keys_sharing_their_first_16_bytes_are_ordered_by_their_whole_key(tmp_pa
         .drop("i")
     )
     assert len(got) > 1000 and got.equals(want)
+
+
+def test_rows_rescued_after_the_input_was_deleted(tmp_path, monkeypatch):
+    """--output failed, and the input is gone by then: the rescue still has every row."""
+    from teepsi.cli.party_files import rescue_rows
+
+    rows, spec = _matching(tmp_path, "csv")
+    want = _reference(tmp_path, "csv")
+    spec.path.unlink()
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    rescued = rescue_rows(rows, spec, "job-1", "p1")
+    assert rescued is not None and Path(rescued).read_bytes() == want
+    assert Path(rescued).stat().st_mode & 0o777 == 0o600
