@@ -17,7 +17,7 @@ import polars as pl
 from teepsi.engine.intersect import sorted_unique_records
 from teepsi.engine.key_order import compact_strings, key_order
 from teepsi.engine.reading import parse_errors, text_items
-from teepsi.engine.records import U64Array, normalized_keys
+from teepsi.engine.records import U64Array, normalized_keys, stripped_item_keys
 from teepsi.engine.table_spec import TEXT_COLUMN, TableError, TableFormat
 from teepsi.engine.tables import Table
 
@@ -110,9 +110,7 @@ def find_matching_rows(
         positions, keys = np.empty(0, np.uint64), pl.Series([], dtype=pl.String)
     if spec.format is TableFormat.TEXT:
         if not table.in_memory:
-            items = items_at(table, positions).to_frame()
-            keys = normalized_keys(items, [TEXT_COLUMN], spec.normalization)
-            del items
+            keys = stripped_item_keys(items_at(table, positions), spec.normalization)
         return MatchingRows(table, items=_distinct_in_key_order(keys))
     # The order comes from the key columns alone. Ties keep input order, so the output
     # is deterministic (and the same with or without spilling).

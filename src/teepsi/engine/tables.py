@@ -39,6 +39,7 @@ from teepsi.engine.records import (
     U64Array,
     hash_keys,
     normalized_keys,
+    stripped_item_keys,
 )
 from teepsi.engine.spill import SpillArea
 from teepsi.engine.store import PARTITIONS, MemoryBudget, UnsortedRecordStore
@@ -75,15 +76,16 @@ BATCH_ROWS = 1 << 20
 _KEY, _ROW, _HI, _LO = "key", "row", "hi", "lo"
 
 
-
 @dataclass
 class _Batch:
     """One batch of keyed rows: row positions, normalised keys until hashed, then records."""
 
-    #: Columns row, key (dropped once hashed, but for in-memory tables), hi and lo once
-    #: hashed; None while sealed.
+    #: Columns row (absent when the rows are consecutive), key (dropped once hashed, but
+    #: for in-memory tables), hi and lo once hashed; None while sealed.
     frame: pl.DataFrame | None
     index: int
+    #: Position of the first row, when the rows are consecutive (text: no row column).
+    first_row: int = 0
     #: Bytes this batch holds against the budget while in memory.
     reserved: int = 0
     segment: Path | None = None
@@ -161,13 +163,19 @@ class Table:
                 ) from None
         return self._spill
 
-    def _add(self, keys: pl.Series, rows: npt.NDArray[np.uint64]) -> None:
-        """Keep one batch's keys (no nulls) and their row positions."""
-        frame = pl.DataFrame({_ROW: pl.Series(rows, dtype=pl.UInt64), _KEY: keys})
+    def _add(
+        self, keys: pl.Series, rows: npt.NDArray[np.uint64] | None, first_row: int = 0
+    ) -> None:
+        """Keep one batch's keys (no nulls) and their row positions (None: consecutive
+        from ``first_row``, as text items are, and then not stored)."""
+        if rows is None:
+            frame = pl.DataFrame({_KEY: keys})
+        else:
+            frame = pl.DataFrame({_ROW: pl.Series(rows, dtype=pl.UInt64), _KEY: keys})
         self.rows_with_key += len(frame)
         if not len(frame):
             return
-        batch = _Batch(frame=frame, index=len(self._batches))
+        batch = _Batch(frame=frame, index=len(self._batches), first_row=first_row)
         # Room for its records too: they join the batch once the seeds are known.
         need = int(frame.estimated_size()) + len(frame) * RECORD_BYTES
         if self.budget.try_reserve(need):
@@ -286,23 +294,28 @@ class Table:
         if self._store is not None:
             self._store.close()
             self._store = None
-        found: list[pl.DataFrame] = []
+        positions: list[npt.NDArray[np.uint64]] = []
+        keys: list[pl.Series] = []
         for batch, frame in self._frames():
             hit = members_of_sorted(
                 frame[_HI].to_numpy(), frame[_LO].to_numpy(), result_hi, result_lo
             )
-            found.append(frame.filter(pl.Series(hit)).drop(_HI, _LO))
+            if _ROW in frame.columns:
+                positions.append(frame[_ROW].to_numpy()[hit])
+            else:
+                positions.append(np.flatnonzero(hit).astype(np.uint64) + np.uint64(batch.first_row))
+            if _KEY in frame.columns:
+                keys.append(frame[_KEY].filter(pl.Series(hit)))
             self.budget.release(batch.reserved)
             batch.frame, batch.reserved = None, 0
             if batch.segment is not None:
                 batch.segment.unlink(missing_ok=True)
                 batch.segment = None
         self._batches = []
-        if not found:
-            found.append(pl.DataFrame(schema={_ROW: pl.UInt64, _KEY: pl.String}))
-        rows = pl.concat(found, how="diagonal")
-        keys = rows[_KEY] if _KEY in rows.columns else pl.Series(_KEY, [], dtype=pl.String)
-        return rows[_ROW].to_numpy(), keys
+        return (
+            np.concatenate(positions) if positions else np.empty(0, np.uint64),
+            pl.concat(keys) if keys else pl.Series(_KEY, [], dtype=pl.String),
+        )
 
     def scan(self) -> pl.LazyFrame:
         """The input as a lazy frame: its file, or the in-memory frame it was made from."""
@@ -326,11 +339,9 @@ class Table:
         self._stamp = (info.st_size, info.st_mtime_ns)
 
 
-
-
 def _add_items(table: Table, items: pl.Series) -> None:
-    keys = normalized_keys(items.to_frame(), [TEXT_COLUMN], table.spec.normalization)
-    _add_keys(table, keys, table.rows_read)
+    """One batch of text items (stripped, none empty): every one has a key."""
+    table._add(stripped_item_keys(items, table.spec.normalization), None, table.rows_read)
     table.rows_read += len(items)
 
 
