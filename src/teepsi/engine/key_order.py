@@ -32,6 +32,20 @@ def _prefix_word(at: int) -> pl.Expr:
     return word.cast(pl.UInt128)
 
 
+#: Keys turned into prefix numbers per step (bounds the padded copies held at once).
+_PREFIX_STEP = 1 << 20
+
+
+def _prefix_numbers(keys: pl.Series) -> pl.Series:
+    """Each key's first 16 UTF-8 bytes, zero-padded, as a big-endian 128-bit number."""
+    # Padding to 16 characters gives at least 16 bytes (a character is one byte or more).
+    return (
+        keys.to_frame("k")
+        .select(b=pl.col("k").str.pad_end(16, "\x00").cast(pl.Binary).bin.head(16))
+        .select(p=_prefix_word(0) * (1 << 64) + _prefix_word(8))["p"]
+    )
+
+
 def key_order(keys: pl.Series) -> npt.NDArray[np.int64]:
     """The permutation that sorts ``keys`` (no nulls) bytewise, stable.
 
@@ -40,24 +54,41 @@ def key_order(keys: pl.Series) -> npt.NDArray[np.int64]:
     whose number another key shares (a common 16-byte prefix, or a shorter key padded
     with zeros) are then put in order by their whole bytes and position, with polars.
     """
+    return _prefix_order(keys, distinct=False)
+
+
+def distinct_key_order(keys: pl.Series) -> npt.NDArray[np.int64]:
+    """The first position of each distinct key (no nulls), in the keys' bytewise order:
+    :func:`key_order` without the repeats. Only keys that share a 128-bit prefix number
+    can be equal, so only those are compared whole."""
+    return _prefix_order(keys, distinct=True)
+
+
+def _prefix_order(keys: pl.Series, *, distinct: bool) -> npt.NDArray[np.int64]:
     count = len(keys)
     if count < 2:
         return np.arange(count, dtype=np.int64)
-    # Padding to 16 characters gives at least 16 bytes (a character is one byte or more).
-    prefix = (
-        keys.to_frame("k")
-        .select(b=pl.col("k").str.pad_end(16, "\x00").cast(pl.Binary).bin.head(16))
-        .select(p=_prefix_word(0) * (1 << 64) + _prefix_word(8))["p"]
+    # A slice at a time: the padded copies of every key at once would be the peak.
+    prefix = pl.concat(
+        [_prefix_numbers(keys.slice(at, _PREFIX_STEP)) for at in range(0, count, _PREFIX_STEP)]
     )
     order = prefix.arg_sort().to_numpy().astype(np.int64)
     ranked = prefix.gather(order)
     tied = ((ranked == ranked.shift(1)).fill_null(False)) | (
         (ranked == ranked.shift(-1)).fill_null(False)
     )
-    if tied.any():
-        at = np.flatnonzero(tied.to_numpy())
-        rows = order[at]
-        # Runs of one prefix are contiguous, and stay so sorted by (prefix, key, position).
-        ties = pl.DataFrame({"p": ranked.gather(at), "k": keys.gather(rows), "i": rows})
-        order[at] = ties.sort(["p", "k", "i"])["i"].to_numpy()
+    if not tied.any():
+        return order
+    at = np.flatnonzero(tied.to_numpy())
+    rows = order[at]
+    # Runs of one prefix are contiguous, and stay so sorted by (prefix, key, position).
+    ties = pl.DataFrame({"p": ranked.gather(at), "k": keys.gather(rows), "i": rows}).sort(
+        ["p", "k", "i"]
+    )
+    order[at] = ties["i"].to_numpy()
+    if distinct:
+        # Equal keys have equal prefixes: within the ties, a repeat follows its first.
+        repeat = (ties["k"] == ties["k"].shift(1)).fill_null(False).to_numpy()
+        if repeat.any():
+            order = np.delete(order, at[repeat])
     return order

@@ -22,7 +22,7 @@ from teepsi.engine.table_spec import TEXT_COLUMN, TableError, TableFormat, Table
 #: Largest text item, in bytes, after stripping.
 MAX_TEXT_ITEM_BYTES = 64 * 1024
 #: Bytes of a text file parsed per batch, at most.
-TEXT_BLOCK_BYTES = 32 << 20
+TEXT_BLOCK_BYTES = 8 << 20
 
 
 def check_readable(path: Path, fmt: TableFormat) -> None:
