@@ -72,13 +72,28 @@ def _intersect_two(
     return a_hi[found], a_lo[found]
 
 
+def first_digests_distinct(sorted_hi: U64Array) -> bool:
+    """True when no two of these sorted records share a first digest (the usual case)."""
+    return not bool(np.any(sorted_hi[1:] == sorted_hi[:-1]))
+
+
 def members_of_sorted(
-    hi: U64Array, lo: U64Array, sorted_hi: U64Array, sorted_lo: U64Array
+    hi: U64Array,
+    lo: U64Array,
+    sorted_hi: U64Array,
+    sorted_lo: U64Array,
+    *,
+    distinct_first: bool | None = None,
 ) -> npt.NDArray[np.bool_]:
-    """For each record (any order): is it among these sorted, distinct records?"""
+    """For each record (any order): is it among these sorted, distinct records?
+
+    ``distinct_first``: :func:`first_digests_distinct` of ``sorted_hi``, when the caller
+    knows it (testing many batches against one result: a pass over the result each)."""
     if len(sorted_hi) == 0 or len(hi) == 0:
         return np.zeros(len(hi), dtype=np.bool_)
-    if np.any(sorted_hi[1:] == sorted_hi[:-1]):
+    if distinct_first is None:
+        distinct_first = first_digests_distinct(sorted_hi)
+    if not distinct_first:
         # Two records share a first digest (rare): compare whole 128-bit values instead.
         wanted = as_u128(sorted_hi, sorted_lo).implode()
         return as_u128(hi, lo).is_in(wanted).to_numpy()

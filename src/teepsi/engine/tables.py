@@ -22,7 +22,12 @@ import numpy.typing as npt
 import polars as pl
 
 from teepsi.contract.normalization import Normalization
-from teepsi.engine.intersect import feed_records, members_of_sorted, sorted_unique_records
+from teepsi.engine.intersect import (
+    feed_records,
+    first_digests_distinct,
+    members_of_sorted,
+    sorted_unique_records,
+)
 from teepsi.engine.output import STDOUT_PATH, text_lines, write_rows
 from teepsi.engine.reading import (
     check_readable,
@@ -296,9 +301,14 @@ class Table:
             self._store = None
         positions: list[npt.NDArray[np.uint64]] = []
         keys: list[pl.Series] = []
+        distinct_first = first_digests_distinct(result_hi)
         for batch, frame in self._frames():
             hit = members_of_sorted(
-                frame[_HI].to_numpy(), frame[_LO].to_numpy(), result_hi, result_lo
+                frame[_HI].to_numpy(),
+                frame[_LO].to_numpy(),
+                result_hi,
+                result_lo,
+                distinct_first=distinct_first,
             )
             if _ROW in frame.columns:
                 positions.append(frame[_ROW].to_numpy()[hit])
