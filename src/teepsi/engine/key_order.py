@@ -46,6 +46,14 @@ def _prefix_numbers(keys: pl.Series) -> pl.Series:
     )
 
 
+def _same_as_next(numbers: pl.Series) -> npt.NDArray[np.bool_]:
+    """For each number but the last: is the next one equal? (Two views, no shifted copy.)"""
+    same: npt.NDArray[np.bool_] = (
+        numbers.slice(0, len(numbers) - 1) == numbers.slice(1)
+    ).to_numpy()
+    return same
+
+
 def key_order(keys: pl.Series) -> npt.NDArray[np.int64]:
     """The permutation that sorts ``keys`` (no nulls) bytewise, stable.
 
@@ -73,16 +81,23 @@ def _prefix_order(keys: pl.Series, *, distinct: bool) -> npt.NDArray[np.int64]:
         [_prefix_numbers(keys.slice(at, _PREFIX_STEP)) for at in range(0, count, _PREFIX_STEP)]
     )
     order = prefix.arg_sort().to_numpy().astype(np.int64)
-    ranked = prefix.gather(order)
-    tied = ((ranked == ranked.shift(1)).fill_null(False)) | (
-        (ranked == ranked.shift(-1)).fill_null(False)
+    # Neighbours in order compared a step at a time (the steps overlap by one key): the
+    # numbers in order, all at once, would be another copy of them at the peak.
+    same = np.concatenate(
+        [
+            _same_as_next(prefix.gather(order[at : at + _PREFIX_STEP + 1]))
+            for at in range(0, count - 1, _PREFIX_STEP)
+        ]
     )
-    if not tied.any():
+    if not same.any():
         return order
-    at = np.flatnonzero(tied.to_numpy())
+    tied = np.zeros(count, dtype=np.bool_)
+    tied[1:] |= same
+    tied[:-1] |= same
+    at = np.flatnonzero(tied)
     rows = order[at]
     # Runs of one prefix are contiguous, and stay so sorted by (prefix, key, position).
-    ties = pl.DataFrame({"p": ranked.gather(at), "k": keys.gather(rows), "i": rows}).sort(
+    ties = pl.DataFrame({"p": prefix.gather(rows), "k": keys.gather(rows), "i": rows}).sort(
         ["p", "k", "i"]
     )
     order[at] = ties["i"].to_numpy()
