@@ -16,10 +16,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import teepsi.engine.key_order as key_order_module
 import teepsi.engine.reading as reading
 from teepsi.contract.normalization import TRIM_CHARS, Normalization
 from teepsi.engine.intersect import intersect_records, members_of_sorted
-from teepsi.engine.key_order import distinct_key_order
+from teepsi.engine.key_order import distinct_key_order, key_order
 from teepsi.engine.matching import find_matching_rows
 from teepsi.engine.records import normalized_keys, stripped_item_keys
 from teepsi.engine.tables import TEXT_COLUMN, TableError, TableSpec, read_table, table_from_frame
@@ -178,3 +179,16 @@ def test_text_output_over_budget_is_the_distinct_normalised_items_bytewise(tmp_p
         assert rows[TEXT_COLUMN].to_list() == expected
         none = find_matching_rows(table, SEEDS, hi[:0], lo[:0]).frame()
         assert none.columns == [TEXT_COLUMN] and not len(none)
+
+
+@given(st.lists(st.text(alphabet="ab\x00\u00e9", max_size=20), max_size=80))
+@settings(max_examples=200, deadline=None)
+def test_key_order_sorted_a_value_range_at_a_time_is_the_same(keys):
+    """Ranges of 3 keys: splitters between equal prefixes, ranges of one number, ties."""
+    series = pl.Series(keys, dtype=pl.String)
+    expected = key_order(series).tolist()
+    distinct = distinct_key_order(series).tolist()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(key_order_module, "_PREFIX_STEP", 3)
+        assert key_order(series).tolist() == expected
+        assert distinct_key_order(series).tolist() == distinct

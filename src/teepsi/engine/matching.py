@@ -111,6 +111,7 @@ def find_matching_rows(
     if spec.format is TableFormat.TEXT:
         if not table.in_memory:
             keys = stripped_item_keys(items_at(table, positions), spec.normalization)
+        del positions  # the items are all that is needed now (40 MB at 5M)
         return MatchingRows(table, items=_distinct_in_key_order(keys))
     # The order comes from the key columns alone. Ties keep input order, so the output
     # is deterministic (and the same with or without spilling).
