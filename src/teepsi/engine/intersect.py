@@ -72,25 +72,57 @@ def _intersect_two(
     return a_hi[found], a_lo[found]
 
 
+def first_digests_distinct(sorted_hi: U64Array) -> bool:
+    """True when no two of these sorted records share a first digest (the usual case)."""
+    return not bool(np.any(sorted_hi[1:] == sorted_hi[:-1]))
+
+
 def members_of_sorted(
-    hi: U64Array, lo: U64Array, sorted_hi: U64Array, sorted_lo: U64Array
+    hi: U64Array,
+    lo: U64Array,
+    sorted_hi: U64Array,
+    sorted_lo: U64Array,
+    *,
+    distinct_first: bool | None = None,
 ) -> npt.NDArray[np.bool_]:
-    """For each record (any order): is it among these sorted, distinct records?"""
+    """For each record (any order): is it among these sorted, distinct records?
+
+    ``distinct_first``: :func:`first_digests_distinct` of ``sorted_hi``, when the caller
+    knows it (testing many batches against one result: a pass over the result each)."""
     if len(sorted_hi) == 0 or len(hi) == 0:
         return np.zeros(len(hi), dtype=np.bool_)
-    if np.any(sorted_hi[1:] == sorted_hi[:-1]):
+    if distinct_first is None:
+        distinct_first = first_digests_distinct(sorted_hi)
+    if not distinct_first:
         # Two records share a first digest (rare): compare whole 128-bit values instead.
         wanted = as_u128(sorted_hi, sorted_lo).implode()
         return as_u128(hi, lo).is_in(wanted).to_numpy()
     # The first digests are distinct, so each record has one candidate. Sorted needles
     # walk the array in order: five times faster than searching for them in row order.
-    order = np.argsort(hi) if not is_sorted(hi) else None
-    needles = hi if order is None else hi[order]
+    if is_sorted(hi):
+        at = np.minimum(np.searchsorted(sorted_hi, hi), len(sorted_hi) - 1)
+        found: npt.NDArray[np.bool_] = (sorted_hi[at] == hi) & (sorted_lo[at] == lo)
+        return found
+    rows = _rows_by_value(hi)
+    needles = hi[rows]
     at = np.minimum(np.searchsorted(sorted_hi, needles), len(sorted_hi) - 1)
-    if order is not None:
-        at[order] = at.copy()
-    found: npt.NDArray[np.bool_] = (sorted_hi[at] == hi) & (sorted_lo[at] == lo)
+    found = np.empty(len(hi), dtype=np.bool_)
+    found[rows] = (sorted_hi[at] == needles) & (sorted_lo[at] == lo[rows])
     return found
+
+
+def _rows_by_value(values: U64Array) -> npt.NDArray[np.intp]:
+    """Row indices nearly in order of value: by the values' high bits, ties by row.
+
+    A value sort with each row's index in the low bits (numpy's vectorised sort) is
+    about three times faster than an argsort; a search only needs its needles nearly
+    sorted, and rows whose values differ only in those low bits are rare and close.
+    """
+    bits = max(1, (len(values) - 1).bit_length())
+    index_mask = np.uint64((1 << bits) - 1)
+    packed = (values & ~index_mask) | np.arange(len(values), dtype=np.uint64)
+    packed.sort()
+    return (packed & index_mask).astype(np.intp)
 
 
 def is_sorted(values: U64Array) -> bool:

@@ -45,6 +45,45 @@ def _prefix_word(at: int) -> pl.Expr:
     return word.cast(pl.UInt128)
 
 
+#: Keys turned into prefix numbers per step (bounds the padded copies held at once).
+_PREFIX_STEP = 1 << 20
+
+
+def _number_order(numbers: pl.Series) -> npt.NDArray[np.int64]:
+    """A permutation that sorts ``numbers`` (ties in any order), a value range at a time.
+
+    Polars' argsort of 128-bit numbers holds about 60 bytes per number while it runs
+    (0.3 GB for 5M keys, the matching's peak). Split by splitters sampled from the
+    numbers into ranges of about ``_PREFIX_STEP`` each (equal numbers share one), then
+    each range sorted alone, it holds that for a range only.
+    """
+    count = len(numbers)
+    ranges = -(-count // _PREFIX_STEP)
+    if ranges < 2:
+        return numbers.arg_sort().to_numpy().astype(np.int64)
+    sample = numbers.gather(np.linspace(0, count - 1, 64 * ranges).astype(np.int64)).sort()
+    splitters = sample.gather(np.arange(1, ranges) * 64).unique(maintain_order=True)
+    range_of = splitters.search_sorted(numbers, side="right").to_numpy().astype(np.uint16)
+    by_range = np.argsort(range_of, kind="stable")  # a radix sort for 16-bit values
+    ends = np.cumsum(np.bincount(range_of, minlength=len(splitters) + 1))
+    del range_of
+    order = np.empty(count, dtype=np.int64)
+    start = 0
+    for end in ends.tolist():
+        rows = by_range[start:end]
+        order[start:end] = rows[numbers.gather(rows).arg_sort().to_numpy()]
+        start = end
+    return order
+
+
+def _same_as_next(numbers: pl.Series) -> npt.NDArray[np.bool_]:
+    """For each number but the last: is the next one equal? (Two views, no shifted copy.)"""
+    same: npt.NDArray[np.bool_] = (
+        numbers.slice(0, len(numbers) - 1) == numbers.slice(1)
+    ).to_numpy()
+    return same
+
+
 def key_order(keys: pl.Series) -> npt.NDArray[np.int64]:
     """The permutation that sorts ``keys`` (no nulls) bytewise, stable.
 
@@ -56,8 +95,25 @@ def key_order(keys: pl.Series) -> npt.NDArray[np.int64]:
     return order_by_prefix(key_prefixes(keys), keys.gather)
 
 
+def distinct_key_order(keys: pl.Series) -> npt.NDArray[np.int64]:
+    """The first position of each distinct key (no nulls), in the keys' bytewise order:
+    :func:`key_order` without the repeats. Only keys that share a 128-bit prefix number
+    can be equal, so only those are compared whole."""
+    return order_by_prefix(key_prefixes(keys), keys.gather, distinct=True)
+
+
 def key_prefixes(keys: pl.Series) -> pl.Series:
-    """Each key's first 16 UTF-8 bytes, zero-padded, as a big-endian 128-bit number."""
+    """Each key's first 16 UTF-8 bytes, zero-padded, as a big-endian 128-bit number (one
+    chunk: polars sorts one a third faster than many)."""
+    # A slice at a time: the padded copies of every key at once would be the peak.
+    return pl.concat(
+        [_prefixes(keys.slice(at, _PREFIX_STEP)) for at in range(0, len(keys), _PREFIX_STEP)]
+        or [pl.Series("p", [], dtype=pl.UInt128)],
+        rechunk=True,
+    )
+
+
+def _prefixes(keys: pl.Series) -> pl.Series:
     # Padding to 16 characters gives at least 16 bytes (a character is one byte or more);
     # only shorter keys are padded (a copy of each key otherwise: a third of the time).
     key = pl.col("k")
@@ -71,24 +127,41 @@ def key_prefixes(keys: pl.Series) -> pl.Series:
 
 
 def order_by_prefix(
-    prefix: pl.Series, keys_at: Callable[[npt.NDArray[np.int64]], pl.Series]
+    prefix: pl.Series,
+    keys_at: Callable[[npt.NDArray[np.int64]], pl.Series],
+    *,
+    distinct: bool = False,
 ) -> npt.NDArray[np.int64]:
     """The stable bytewise order of keys whose :func:`key_prefixes` are ``prefix``;
-    ``keys_at`` gives the whole keys at some positions (only those whose prefix is shared)."""
+    ``keys_at`` gives the whole keys at some positions (only those whose prefix another
+    key shares are asked for). With ``distinct``, a repeated key's first position only."""
     count = len(prefix)
     if count < 2:
         return np.arange(count, dtype=np.int64)
-    order = prefix.arg_sort().to_numpy().astype(np.int64)
-    ranked = prefix.gather(order)
-    del prefix  # the caller's last reference, when it passed a fresh series: one copy held
-    # A key is tied if its sorted neighbour on either side has its prefix.
-    same_as_previous = (ranked == ranked.shift(1)).fill_null(False)
-    tied = same_as_previous | same_as_previous.shift(-1).fill_null(False)
-    del same_as_previous
-    if tied.any():
-        at = np.flatnonzero(tied.to_numpy())
-        rows = order[at]
-        # Runs of one prefix are contiguous, and stay so sorted by (prefix, key, position).
-        ties = pl.DataFrame({"p": ranked.gather(at), "k": keys_at(rows), "i": rows})
-        order[at] = ties.sort(["p", "k", "i"])["i"].to_numpy()
+    order = _number_order(prefix)
+    # Neighbours in order compared a step at a time (the steps overlap by one key): the
+    # numbers in order, all at once, would be another copy of them at the peak.
+    same = np.concatenate(
+        [
+            _same_as_next(prefix.gather(order[at : at + _PREFIX_STEP + 1]))
+            for at in range(0, count - 1, _PREFIX_STEP)
+        ]
+    )
+    if not same.any():
+        return order
+    tied = np.zeros(count, dtype=np.bool_)
+    tied[1:] |= same
+    tied[:-1] |= same
+    at = np.flatnonzero(tied)
+    rows = order[at]
+    # Runs of one prefix are contiguous, and stay so sorted by (prefix, key, position).
+    ties = pl.DataFrame({"p": prefix.gather(rows), "k": keys_at(rows), "i": rows}).sort(
+        ["p", "k", "i"]
+    )
+    order[at] = ties["i"].to_numpy()
+    if distinct:
+        # Equal keys have equal prefixes: within the ties, a repeat follows its first.
+        repeat = (ties["k"] == ties["k"].shift(1)).fill_null(False).to_numpy()
+        if repeat.any():
+            order = np.delete(order, at[repeat])
     return order

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import codecs
 import gzip
-import io
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,7 +23,7 @@ from teepsi.engine.table_spec import TEXT_COLUMN, TableError, TableFormat, Table
 #: Largest text item, in bytes, after stripping.
 MAX_TEXT_ITEM_BYTES = 64 * 1024
 #: Bytes of a text file parsed per batch, at most.
-TEXT_BLOCK_BYTES = 32 << 20
+TEXT_BLOCK_BYTES = 8 << 20
 #: Bytes of a CSV file polars' streaming scan reads per chunk. Its default holds about
 #: 400 MB in flight on two threads (a 10M-row party's budget is 1 GiB); 4 MiB holds about
 #: 200 MB, at the same speed. ``POLARS_CSV_CHUNK_SIZE`` set by an operator wins.
@@ -124,28 +123,55 @@ def _utf8_error_in_file(path: Path) -> TableError:
 
 def _text_blocks(path: Path, block_bytes: int, name: Path) -> Iterator[tuple[bytes, int]]:
     """The file at ``path`` (called ``name`` in errors) in blocks of whole lines, with each
-    block's first line number."""
+    block's byte offset.
+
+    A block's partial last line is read again with the next block (a seek back), so
+    each block is one read and at most one copy, and no block is joined to another.
+    """
     try:
         handle = path.open("rb")
     except OSError as exc:
         raise open_error(name, exc) from None
-    line, carry = 1, b""
+    offset = at = 0  # where the next block starts, where the handle is
     with handle:
         while True:
             try:
+                if at != offset:
+                    handle.seek(offset)
                 chunk = handle.read(block_bytes)
+                if not chunk:
+                    return
+                cut = chunk.rfind(b"\n") + 1
+                while not cut:  # one line longer than a block: read on to its end
+                    more = handle.read(block_bytes)
+                    if not more:
+                        cut = len(chunk)  # the last line, without a newline
+                        break
+                    chunk += more
+                    cut = chunk.rfind(b"\n", len(chunk) - len(more)) + 1
             except OSError as exc:
                 raise open_error(name, exc) from None
-            data = carry + chunk
-            cut = len(data) if not chunk else data.rfind(b"\n") + 1
-            if cut:
-                block, carry = data[:cut], data[cut:]
-                yield block, line
+            yield (chunk if cut == len(chunk) else chunk[:cut]), offset
+            at = offset + len(chunk)
+            offset += cut
+
+
+def _line_at(path: Path, offset: int, name: Path) -> int:
+    """The line number of the byte at ``offset`` (for error messages only)."""
+    line, at = 1, 0
+    try:
+        with path.open("rb") as handle:
+            while at < offset and (block := handle.read(min(TEXT_BLOCK_BYTES, offset - at))):
                 line += block.count(b"\n")
-            else:
-                carry = data  # one line longer than a block: read on
-            if not chunk:
-                return
+                at += len(block)
+    except OSError as exc:
+        raise open_error(name, exc) from None
+    return line
+
+
+#: Bytes the trim strips other than the newline that ends a line: a block without any of
+#: them has no item to strip (polars drops the CR of a CRLF, but a lone CR would stay).
+_STRIP_BYTES = tuple(c.encode() for c in TRIM_CHARS if c != "\n")
 
 
 def text_items(
@@ -154,17 +180,18 @@ def text_items(
     """The text file's items (stripped, non-blank lines), a block at a time (blocks
     smaller under a small ``memory_budget``), read from ``path`` (default: the spec's)."""
     block_bytes = min(TEXT_BLOCK_BYTES, max(64 * 1024, memory_budget // 32))
-    for data, first_line in _text_blocks(path or spec.path, block_bytes, spec.path):
+    source = path or spec.path
+    for data, offset in _text_blocks(source, block_bytes, spec.path):
         nul = data.find(b"\0")
         if nul >= 0:
-            line = first_line + data.count(b"\n", 0, nul)
+            line = _line_at(source, offset + nul, spec.path)
             raise TableError(f"{spec.path}: line {line}: contains a NUL byte; items must be text")
-        if not data or data.isspace():
+        if data.isspace():
             continue
         try:
             # One column per line: NUL is absent (checked above), so it can be the separator.
             frame = pl.read_csv(
-                io.BytesIO(data),
+                data,
                 has_header=False,
                 separator="\x00",
                 quote_char=None,
@@ -173,10 +200,14 @@ def text_items(
             )
         except pl.exceptions.ComputeError:
             raise (
-                _utf8_error(spec.path, data, first_line)
+                _utf8_error(spec.path, data, _line_at(source, offset, spec.path))
                 or TableError(f"{spec.path}: cannot be parsed")
             ) from None
-        yield stripped_items(spec, frame)
+        if any(byte in data for byte in _STRIP_BYTES):
+            yield stripped_items(spec, frame)
+        else:
+            # Nothing to strip: the blank lines (read as nulls) are all there is to drop.
+            yield _within_item_limit(spec, frame[TEXT_COLUMN].drop_nulls())
 
 
 def stripped_items(spec: TableSpec, frame: pl.DataFrame) -> pl.Series:
@@ -184,13 +215,17 @@ def stripped_items(spec: TableSpec, frame: pl.DataFrame) -> pl.Series:
     items = frame.select(pl.col(TEXT_COLUMN).str.strip_chars(TRIM_CHARS)).filter(
         pl.col(TEXT_COLUMN).str.len_bytes() > 0
     )
-    longest = items[TEXT_COLUMN].str.len_bytes().max()
+    return _within_item_limit(spec, items[TEXT_COLUMN])
+
+
+def _within_item_limit(spec: TableSpec, items: pl.Series) -> pl.Series:
+    longest = items.str.len_bytes().max()
     if isinstance(longest, int) and longest > MAX_TEXT_ITEM_BYTES:
         raise TableError(
             f"{spec.path}: an item of {longest} bytes exceeds the limit of "
             f"{MAX_TEXT_ITEM_BYTES} bytes"
         )
-    return items[TEXT_COLUMN]
+    return items
 
 
 def scan_table(spec: TableSpec, path: Path | None = None) -> pl.LazyFrame:

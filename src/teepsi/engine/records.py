@@ -13,6 +13,7 @@ tests), so parties on different builds agree.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import numpy as np
 import numpy.typing as npt
@@ -65,6 +66,20 @@ def normalized_keys(
     # Two steps: one expression would compute the normalised key twice.
     keys = frame.select(key.alias("key"))
     return keys.select(pl.when(pl.col("key").str.len_bytes() > 0).then(pl.col("key")))["key"]
+
+
+def stripped_item_keys(items: pl.Series, normalization: Normalization) -> pl.Series:
+    """Normalised keys of text items, which are stripped and non-empty already: what
+    :func:`normalized_keys` gives them, without its passes that change nothing here.
+
+    The trim finds nothing to strip and no key is empty: NFC and lower-casing never turn
+    a character into ASCII whitespace nor remove one (checked over every code point in
+    the tests). Without NFC or case folding the items are the keys.
+    """
+    if not (normalization.nfc or normalization.casefold):
+        return items.alias("key")
+    expr = normalized_expr(replace(normalization, trim=False), pl.col("key"))
+    return items.to_frame("key").select(expr)["key"]
 
 
 def hash_keys(keys: pl.Series, seeds: tuple[int, int]) -> tuple[U64Array, U64Array]:

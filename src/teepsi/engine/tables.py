@@ -23,7 +23,12 @@ import polars as pl
 
 from teepsi.contract.normalization import Normalization
 from teepsi.engine.input_file import PinnedInput
-from teepsi.engine.intersect import feed_records, members_of_sorted, sorted_unique_records
+from teepsi.engine.intersect import (
+    feed_records,
+    first_digests_distinct,
+    members_of_sorted,
+    sorted_unique_records,
+)
 from teepsi.engine.key_order import key_prefixes
 from teepsi.engine.output import STDOUT_PATH, text_lines, write_rows
 from teepsi.engine.reading import (
@@ -40,6 +45,7 @@ from teepsi.engine.records import (
     U64Array,
     hash_keys,
     normalized_keys,
+    stripped_item_keys,
 )
 from teepsi.engine.spill import SpillArea
 from teepsi.engine.store import PARTITIONS, MemoryBudget, UnsortedRecordStore
@@ -82,10 +88,12 @@ _PREFIX_BYTES = 16
 class _Batch:
     """One batch of keyed rows: row positions, normalised keys until hashed, then records."""
 
-    #: Columns row, key (dropped once hashed, but for in-memory tables), hi and lo once
-    #: hashed; None while sealed.
+    #: Columns row (absent when the rows are consecutive), key (dropped once hashed, but
+    #: for in-memory tables), hi and lo once hashed; None while sealed.
     frame: pl.DataFrame | None
     index: int
+    #: Position of the first row, when the rows are consecutive (text: no row column).
+    first_row: int = 0
     #: Bytes this batch holds against the budget while in memory.
     reserved: int = 0
     segment: Path | None = None
@@ -168,13 +176,19 @@ class Table:
                 f"over the memory budget, and cannot create a spill area: {exc.strerror}"
             ) from None
 
-    def _add(self, keys: pl.Series, rows: npt.NDArray[np.uint64]) -> None:
-        """Keep one batch's keys (no nulls) and their row positions."""
-        frame = pl.DataFrame({_ROW: pl.Series(rows, dtype=pl.UInt64), _KEY: keys})
+    def _add(
+        self, keys: pl.Series, rows: npt.NDArray[np.uint64] | None, first_row: int = 0
+    ) -> None:
+        """Keep one batch's keys (no nulls) and their row positions (None: consecutive
+        from ``first_row``, as text items are, and then not stored)."""
+        if rows is None:
+            frame = pl.DataFrame({_KEY: keys})
+        else:
+            frame = pl.DataFrame({_ROW: pl.Series(rows, dtype=pl.UInt64), _KEY: keys})
         self.rows_with_key += len(frame)
         if not len(frame):
             return
-        batch = _Batch(frame=frame, index=len(self._batches))
+        batch = _Batch(frame=frame, index=len(self._batches), first_row=first_row)
         # Room for its records too (and a structured key's prefix): they join the batch
         # once the seeds are known.
         extra = RECORD_BYTES + (0 if self.spec.format is TableFormat.TEXT else _PREFIX_BYTES)
@@ -299,24 +313,37 @@ class Table:
         if self._store is not None:
             self._store.close()
             self._store = None
-        found: list[pl.DataFrame] = []
+        positions: list[npt.NDArray[np.uint64]] = []
+        keys: list[pl.Series] = []
+        prefixes: list[pl.Series] = []
+        distinct_first = first_digests_distinct(result_hi)
         for batch, frame in self._frames():
             hit = members_of_sorted(
-                frame[_HI].to_numpy(), frame[_LO].to_numpy(), result_hi, result_lo
+                frame[_HI].to_numpy(),
+                frame[_LO].to_numpy(),
+                result_hi,
+                result_lo,
+                distinct_first=distinct_first,
             )
-            found.append(frame.filter(pl.Series(hit)).drop(_HI, _LO))
+            if _ROW in frame.columns:
+                positions.append(frame[_ROW].to_numpy()[hit])
+            else:
+                positions.append(np.flatnonzero(hit).astype(np.uint64) + np.uint64(batch.first_row))
+            if _KEY in frame.columns:
+                keys.append(frame[_KEY].filter(pl.Series(hit)))
+            if _PREFIX in frame.columns:
+                prefixes.append(frame[_PREFIX].filter(pl.Series(hit)))
             self.budget.release(batch.reserved)
             batch.frame, batch.reserved = None, 0
             if batch.segment is not None:
                 batch.segment.unlink(missing_ok=True)
                 batch.segment = None
         self._batches = []
-        if not found:
-            found.append(pl.DataFrame(schema={_ROW: pl.UInt64}))
-        rows = pl.concat(found, how="diagonal")
-        keys = rows[_KEY] if _KEY in rows.columns else pl.Series(_KEY, [], dtype=pl.String)
-        prefix = rows[_PREFIX] if _PREFIX in rows.columns else pl.Series(_PREFIX, [], pl.UInt128)
-        return rows[_ROW].to_numpy(), keys, prefix
+        return (
+            np.concatenate(positions) if positions else np.empty(0, np.uint64),
+            pl.concat(keys) if keys else pl.Series(_KEY, [], dtype=pl.String),
+            pl.concat(prefixes, rechunk=True) if prefixes else pl.Series([], dtype=pl.UInt128),
+        )
 
     def scan(self) -> pl.LazyFrame:
         """The input as a lazy frame: its file, or the in-memory frame it was made from."""
@@ -335,8 +362,8 @@ class Table:
 
 
 def _add_items(table: Table, items: pl.Series) -> None:
-    keys = normalized_keys(items.to_frame(), [TEXT_COLUMN], table.spec.normalization)
-    _add_keys(table, keys, table.rows_read)
+    """One batch of text items (stripped, none empty): every one has a key."""
+    table._add(stripped_item_keys(items, table.spec.normalization), None, table.rows_read)
     table.rows_read += len(items)
 
 
