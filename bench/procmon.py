@@ -100,6 +100,7 @@ class Child:
         env: dict[str, str],
         log_path: Path,
         cwd: Path | None = None,
+        stdout_path: Path | None = None,
     ) -> None:
         self.name = name
         self.argv = list(argv)
@@ -121,19 +122,27 @@ class Child:
         self._reaped = threading.Event()
         self._stdout_cond = threading.Condition()
         self.started = time.monotonic()
+        # A client's stdout (a text job prints every matching item) goes straight to a
+        # file: read line by line here, 5M lines cost this process, and so the job's wall,
+        # seconds that are not teepsi's.
+        stdout = stdout_path.open("wb") if stdout_path is not None else subprocess.PIPE
         self.popen = subprocess.Popen(
             self.argv,
             stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
+            stdout=stdout,
             stderr=subprocess.PIPE,
             env=env,
             cwd=cwd,
         )
+        if stdout_path is not None:
+            stdout.close()  # the child has its own copy
         self.pid = self.popen.pid
-        assert self.popen.stdout is not None and self.popen.stderr is not None
+        assert self.popen.stderr is not None
+        readers = [(self.popen.stderr, False)]
+        if self.popen.stdout is not None:
+            readers.append((self.popen.stdout, True))
         self._threads = [
-            threading.Thread(target=self._read, args=(self.popen.stdout, True), daemon=True),
-            threading.Thread(target=self._read, args=(self.popen.stderr, False), daemon=True),
+            *(threading.Thread(target=self._read, args=r, daemon=True) for r in readers),
             threading.Thread(target=self._wait, daemon=True),
             threading.Thread(target=self._poll, daemon=True),
         ]

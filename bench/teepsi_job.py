@@ -268,7 +268,13 @@ def run_teepsi(spec: BenchJobSetup, env: dict[str, str]) -> Json:
         )
         t0, epoch0 = time.monotonic(), time.time()
         clients = [
-            Child(f"p{i}", cmd, env=env, log_path=spec.workdir / f"client_{i}.log")
+            Child(
+                f"p{i}",
+                cmd,
+                env=env,
+                log_path=spec.workdir / f"client_{i}.log",
+                stdout_path=spec.workdir / f"client_{i}.stdout",
+            )
             for i, cmd in enumerate(client_cmds, start=1)
         ]
         children += clients
