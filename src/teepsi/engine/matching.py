@@ -24,7 +24,7 @@ from teepsi.engine.key_order import (
 )
 from teepsi.engine.reading import parse_errors, text_items
 from teepsi.engine.records import U64Array, normalized_keys, stripped_item_keys
-from teepsi.engine.row_pieces import HELD_BUDGET_SHARE, pieces_in_key_order
+from teepsi.engine.row_pieces import HELD_BUDGET_SHARE, batches_at, pieces_in_key_order
 from teepsi.engine.table_spec import TEXT_COLUMN, TableFormat
 from teepsi.engine.tables import Table
 
@@ -212,36 +212,19 @@ def _read_rows(
     limit_bytes: int | None,
 ) -> pl.DataFrame | None:
     """:func:`rows_at`, or None as soon as the rows would hold over ``limit_bytes``."""
-    spec = table.spec
-    table.check_unchanged()
+    if not len(positions):
+        with parse_errors(table.spec):
+            scan = table.scan()
+            return (scan if only is None else scan.select(only)).head(0).collect()
     held = 0
-    with parse_errors(spec):
-        scan = table.scan()
-        if only is not None:
-            scan = scan.select(only)
-        if not len(positions):
-            return scan.head(0).collect()
-        index = "__teepsi_row"
-        while index in scan.collect_schema().names():
-            index += "_"
-        wanted = pl.Series(positions).cast(pl.get_index_type()).implode()
-        batches = (
-            scan.with_row_index(index)
-            .filter(pl.col(index).is_in(wanted))
-            # A quarter of a read batch: the scan parses every row, and the batches it
-            # holds in flight, not the rows kept, set the peak (about 0.5 GB at 1M rows).
-            .collect_batches(chunk_size=table.rows_per_batch // 4)
-        )
-        parts: list[list[pl.Series]] = []
-        for batch in batches:
-            # Each batch copied: a filter's views would keep every row's text alive.
-            kept = compact_strings(batch)
-            held += held_bytes(kept)
-            if limit_bytes is not None and held > limit_bytes:
-                return None
-            parts.append(kept.get_columns())
-    if not parts:
-        raise changed_error(spec.path)
+    parts: list[list[pl.Series]] = []
+    for batch in batches_at(table, positions, only):
+        # Each batch copied: a filter's views would keep every row's text alive.
+        kept = compact_strings(batch)
+        held += held_bytes(kept)
+        if limit_bytes is not None and held > limit_bytes:
+            return None
+        parts.append(kept.get_columns())
     # One contiguous chunk per column (gathering in key order from many chunks costs
     # far more than this copy), a column at a time: the peak is the rows and a column.
     columns: list[pl.Series] = []
@@ -249,8 +232,4 @@ def _read_rows(
         columns.append(pl.concat([part[at] for part in parts], rechunk=True))
         for part in parts:
             part[at] = columns[-1].clear()
-    found = pl.DataFrame(columns)
-    del columns, parts
-    if not np.array_equal(found[index].to_numpy(), positions):
-        raise changed_error(spec.path)
-    return found.drop(index)
+    return pl.DataFrame(columns)

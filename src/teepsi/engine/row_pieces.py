@@ -36,14 +36,43 @@ HELD_BUDGET_SHARE = 4
 #: batches of every row in flight, not only the matching ones.
 SCAN_BATCH_SHARE = 4
 
-_RANK = "__teepsi_rank"
 
-
-def _free_name(taken: Sequence[str], base: str) -> str:
+def free_column_name(taken: Sequence[str], base: str) -> str:
+    """``base``, or ``base`` with underscores added: a column name the input has not."""
     name = base
     while name in taken:
         name += "_"
     return name
+
+
+def batches_at(
+    table: Table, positions: npt.NDArray[np.uint64], only: Sequence[str] | None = None
+) -> Iterator[pl.DataFrame]:
+    """The input's rows at these ascending positions (every column, or ``only`` these),
+    read again with one scan, a batch at a time, in position order. Fails with one line
+    if the input is no longer the one that was read."""
+    spec = table.spec
+    table.check_unchanged()
+    done = 0
+    with parse_errors(spec):
+        scan = table.scan()
+        if only is not None:
+            scan = scan.select(only)
+        index = free_column_name(scan.collect_schema().names(), "__teepsi_row")
+        wanted = pl.Series(positions).cast(pl.get_index_type()).implode()
+        batches = (
+            scan.with_row_index(index)
+            .filter(pl.col(index).is_in(wanted))
+            .collect_batches(chunk_size=max(1, table.rows_per_batch // SCAN_BATCH_SHARE))
+        )
+        for batch in batches:
+            size = len(batch)
+            if not np.array_equal(batch[index].to_numpy(), positions[done : done + size]):
+                raise changed_error(spec.path)
+            done += size
+            yield batch.drop(index)
+    if done != len(positions):
+        raise changed_error(spec.path)
 
 
 @dataclass
@@ -137,40 +166,27 @@ def _scan_into(
 ) -> str:
     """One scan: each matching row, with its rank, to its piece. Returns the name of the
     rank column."""
-    spec = table.spec
-    table.check_unchanged()
+    rank_column = piece_column = ""
     done = 0
-    with parse_errors(spec):
-        scan = table.scan()
-        names = scan.collect_schema().names()
-        index, rank_column, piece_column = (
-            _free_name(names, f"__teepsi_{what}") for what in ("row", "rank", "piece")
-        )
-        wanted = pl.Series(positions).cast(pl.get_index_type()).implode()
-        batches = (
-            scan.with_row_index(index)
-            .filter(pl.col(index).is_in(wanted))
-            .collect_batches(chunk_size=max(1, table.rows_per_batch // SCAN_BATCH_SHARE))
-        )
-        for batch in batches:
-            size = len(batch)
-            if not np.array_equal(batch[index].to_numpy(), positions[done : done + size]):
-                raise changed_error(spec.path)
-            ranks = rank[done : done + size]
-            done += size
-            # Copied once: a filter's strings keep every parsed row's text alive. The
-            # batch's parts below share this copy's buffers.
-            batch = compact_strings(batch.drop(index).with_columns(pl.Series(rank_column, ranks)))
-            row_bytes = held_bytes(batch) / size
-            pieces = ranks // piece_rows
-            if pieces[0] == pieces[-1] and bool(np.all(pieces == pieces[0])):
-                store.add(int(pieces[0]), batch, int(row_bytes * size))
-                continue
-            split = batch.with_columns(pl.Series(piece_column, pieces)).partition_by(
-                piece_column, as_dict=True, include_key=False
+    for batch in batches_at(table, positions):
+        if not rank_column:  # names the input's columns do not take
+            rank_column, piece_column = (
+                free_column_name(batch.columns, f"__teepsi_{what}") for what in ("rank", "piece")
             )
-            for key, part in split.items():
-                store.add(int(cast(int, key[0])), part, int(row_bytes * len(part)))
-    if done != len(positions):
-        raise changed_error(spec.path)
+        size = len(batch)
+        ranks = rank[done : done + size]
+        done += size
+        # Copied once: a filter's strings keep every parsed row's text alive. The batch's
+        # parts below share this copy's buffers.
+        batch = compact_strings(batch.with_columns(pl.Series(rank_column, ranks)))
+        row_bytes = held_bytes(batch) / size
+        pieces = ranks // piece_rows
+        if pieces[0] == pieces[-1] and bool(np.all(pieces == pieces[0])):
+            store.add(int(pieces[0]), batch, int(row_bytes * size))
+            continue
+        split = batch.with_columns(pl.Series(piece_column, pieces)).partition_by(
+            piece_column, as_dict=True, include_key=False
+        )
+        for key, part in split.items():
+            store.add(int(cast(int, key[0])), part, int(row_bytes * len(part)))
     return rank_column
