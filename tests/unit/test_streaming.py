@@ -366,9 +366,21 @@ def test_pieces_over_the_held_share_are_sealed_then_gone(tmp_path, monkeypatch, 
         return real(self, payload, label)
 
     monkeypatch.setattr(SpillArea, "write", counting)
+    on_disk: list[bytes] = []
+    real_read = SpillArea.read
+
+    def reading(self, path, label):
+        on_disk.append(path.read_bytes())  # what a host reading TMPDIR would see
+        return real_read(self, path, label)
+
+    monkeypatch.setattr(SpillArea, "read", reading)
     out = tmp_path / f"out.{ext}"
     write_rows(rows, a, out)
     assert len(sealed) > 10 and out.read_bytes() == _reference(tmp_path, ext)
+    assert len(on_disk) == len(sealed)
+    assert not any(
+        b"@ex.com" in data or b"ARROW" in data or b"fairly long" in data for data in on_disk
+    )
     assert list(spill.iterdir()) == []
 
 
