@@ -263,19 +263,30 @@ def test_unsorted_store_partitions_are_ranges_in_order(tmp_path):
     hi = rng.integers(0, 1 << 63, 50_000, dtype=np.uint64) * np.uint64(2)
     lo = rng.integers(0, 1 << 63, 50_000, dtype=np.uint64)
     hi, lo = np.concatenate([hi, hi[:100]]), np.concatenate([lo, lo[:100]])  # repeats
+    rows = np.arange(len(hi), dtype=np.uint64) * np.uint64(3)  # any ascending positions
     area = SpillArea(tmp_path)
     store = UnsortedRecordStore(MemoryBudget(64 * 1024), area)
     for start in range(0, len(hi), 7_000):
-        store.add(hi[start : start + 7_000], lo[start : start + 7_000])
+        end = start + 7_000
+        store.add_rows(hi[start:end], lo[start:end], rows[start:end])
     store.finish()
     assert store.spilled
-    parts = [sorted_unique_records(*store.partition(p)) for p in range(PARTITIONS)]
+    with pytest.raises(TypeError):
+        store.add(hi[:1], lo[:1])  # a record without its row
+    loaded = [store.partition_rows(p) for p in range(PARTITIONS)]
+    parts = [sorted_unique_records(h, low) for h, low, _ in loaded]
     store.close()
     area.close()
     got_hi = np.concatenate([h for h, _ in parts])
     got_lo = np.concatenate([low for _, low in parts])
     want_hi, want_lo = sorted_unique_records(hi, lo)
     assert np.array_equal(got_hi, want_hi) and np.array_equal(got_lo, want_lo)
+    # Each record kept its row, and a partition's rows are in arrival (row) order.
+    for h, low, at in loaded:
+        assert np.all(at[1:] > at[:-1])
+        assert np.array_equal(h, hi[at // np.uint64(3)]) and np.array_equal(
+            low, lo[at // np.uint64(3)]
+        )
 
 
 def test_keys_are_hashed_once_for_upload_and_matching(tmp_path, monkeypatch):

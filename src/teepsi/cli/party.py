@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -38,6 +39,8 @@ if TYPE_CHECKING:
     from teepsi.engine.tables import TableSpec
 
 log = logging.getLogger("teepsi")
+#: Bytes per read when the written text output is copied to standard output.
+_COPY_BYTES = 1 << 20
 
 
 def _resume_token(outputs: ClientOutputs) -> ResumeToken:
@@ -136,21 +139,23 @@ def run(args: argparse.Namespace) -> int:
         if table.spilled:
             log.info("over --memory-budget: keys and records spilled to disk, encrypted")
         table.close()  # its spill files, if any, go now
-    failed = not _save_results(result, spec, outputs, progress)
+    rows_file, saved = _save_results(result, spec, outputs, progress)
+    failed = not saved
     if outputs.resume is not None and not failed:
         Path(outputs.resume).unlink(missing_ok=True)  # the result is saved: nothing to resume
-    _print_outcome(result, spec, outputs, failed)
+    _print_outcome(result, spec, outputs, failed, rows_file)
     return EXIT_FAILED if failed else EXIT_OK
 
 
 def _save_results(
     result: PartyResult, spec: TableSpec, outputs: ClientOutputs, progress: Progress
-) -> bool:
-    """The rows to --output, then the receipt to --receipt; False if either failed."""
+) -> tuple[Path | None, bool]:
+    """The rows to --output, then the receipt to --receipt: (the file the rows are now
+    in, if any; True if both succeeded)."""
     from teepsi.contract.receipt_files import save_receipt_files
     from teepsi.engine.tables import STDOUT_PATH, TableError, write_rows
 
-    saved = True
+    saved = rows_saved = True
     # The rows first: they are what the run was for.
     if outputs.rows is not None and result.status == "RELEASED":
         where = "standard output" if outputs.rows == STDOUT_PATH else outputs.rows
@@ -158,6 +163,7 @@ def _save_results(
             with progress.phase(f"writing {where}", total=len(result.matching)):
                 write_rows(result.matching, spec, outputs.rows)
         except TableError as exc:
+            rows_saved = False
             rescued = rescue_rows(result.matching, spec, result.job_id, result.party_name)
             kept = f"the rows were saved to {rescued} instead" if rescued else "rows LOST"
             log.error("%s; %s", exc, kept)
@@ -174,14 +180,19 @@ def _save_results(
             # The rows are already saved; the run fails at the end.
             log.error("--receipt: %s", exc)
             saved = False
-    return saved
+    in_file = rows_saved and outputs.rows is not None and outputs.rows != STDOUT_PATH
+    return (Path(outputs.rows) if in_file and outputs.rows is not None else None), saved
 
 
 def _print_outcome(
-    result: PartyResult, spec: TableSpec, outputs: ClientOutputs, failed: bool
+    result: PartyResult,
+    spec: TableSpec,
+    outputs: ClientOutputs,
+    failed: bool,
+    rows_file: Path | None,
 ) -> None:
     """What the run came to, on stdout (stderr when the rows are on stdout), and the
-    counts in the log."""
+    counts in the log. ``rows_file``: the --output file the rows were written to."""
     from teepsi.engine.output import text_pieces
     from teepsi.engine.tables import STDOUT_PATH, TableFormat
 
@@ -198,8 +209,12 @@ def _print_outcome(
         if outputs.rows != STDOUT_PATH:
             # Text results are printed as well as written (as they always were).
             try:
-                for lines in text_pieces(result.matching):
-                    sys.stdout.buffer.write(lines)
+                if rows_file is not None:  # the lines as written: not formatted twice
+                    with rows_file.open("rb") as lines_written:
+                        shutil.copyfileobj(lines_written, sys.stdout.buffer, _COPY_BYTES)
+                else:
+                    for lines in text_pieces(result.matching):
+                        sys.stdout.buffer.write(lines)
                 sys.stdout.flush()
             except OSError as exc:  # a closed pipe: the --output file has them
                 log.warning("cannot print the result: %s", exc.strerror or exc)

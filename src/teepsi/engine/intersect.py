@@ -125,6 +125,38 @@ def _rows_by_value(values: U64Array) -> npt.NDArray[np.intp]:
     return (packed & index_mask).astype(np.intp)
 
 
+def record_order(hi: U64Array, lo: U64Array) -> npt.NDArray[np.intp]:
+    """The stable permutation that puts records in ascending order as 128-bit numbers
+    (equal records keep their order).
+
+    Each first digest with its index packed into its low bits, sorted by numpy's
+    vectorised sort, is several times faster than an argsort: it orders by the digest's
+    top bits, then by index. Only records whose top bits another shares (random ones
+    rarely, a repeated record always) are then put in order by their whole value.
+    """
+    count = len(hi)
+    if count < 2:
+        return np.arange(count, dtype=np.intp)
+    index_mask = np.uint64((1 << (count - 1).bit_length()) - 1)
+    packed = (hi & ~index_mask) | np.arange(count, dtype=np.uint64)
+    packed.sort()
+    order = (packed & index_mask).astype(np.intp)
+    packed &= ~index_mask
+    same = packed[1:] == packed[:-1]
+    del packed
+    if not same.any():
+        return order
+    tied = np.zeros(count, dtype=np.bool_)
+    tied[1:] |= same
+    tied[:-1] |= same
+    at = np.flatnonzero(tied)
+    rows = order[at]
+    # Runs of shared top bits are contiguous and keep their places sorted this way.
+    ties = pl.DataFrame({"h": hi[rows], "l": lo[rows], "i": rows}).sort(["h", "l", "i"])
+    order[at] = ties["i"].to_numpy()
+    return order
+
+
 def is_sorted(values: U64Array) -> bool:
     return bool(np.all(values[1:] >= values[:-1]))
 

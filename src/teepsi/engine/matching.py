@@ -110,7 +110,9 @@ def find_matching_rows(
     spec = table.spec
     if len(result_hi):
         table.hash(seeds)
-        positions, keys, prefix = table.matching_positions(result_hi, result_lo)
+        # Text: one row per distinct key (an item is its key); tables: every row.
+        every = spec.format is not TableFormat.TEXT
+        positions, keys, prefix = table.matching_positions(result_hi, result_lo, every_row=every)
     else:
         positions, keys = np.empty(0, np.uint64), pl.Series([], dtype=pl.String)
         prefix = pl.Series([], dtype=pl.UInt128)

