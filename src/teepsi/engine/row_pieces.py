@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 #: Pieces held in memory, together, at most this share of the memory budget (the rest is
 #: sealed to disk); the scan's batches and the piece being ordered come on top.
-HELD_BUDGET_SHARE = 4
+HELD_BUDGET_SHARE = 8
 #: Input rows parsed per scan batch: a quarter of a read batch, since the scan holds a few
 #: batches of every row in flight, not only the matching ones.
 SCAN_BATCH_SHARE = 4

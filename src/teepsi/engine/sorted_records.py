@@ -25,8 +25,9 @@ class SortedPart:
 
     hi: U64Array
     lo: U64Array
-    #: Where each distinct record's rows start in ``rows``.
-    first: npt.NDArray[np.intp]
+    #: Where each distinct record's rows start in ``rows``; None when no record repeats
+    #: (the usual case: 8 bytes a record saved).
+    first: npt.NDArray[np.intp] | None
     rows: U64Array
     #: No two distinct records share a first digest (the usual case).
     distinct_first: bool
@@ -38,13 +39,16 @@ class SortedPart:
         hi, lo, rows = hi[order], lo[order], rows[order]
         new = np.ones(len(hi), dtype=np.bool_)
         new[1:] = (hi[1:] != hi[:-1]) | (lo[1:] != lo[:-1])
+        if new.all():
+            return cls(hi, lo, None, rows, first_digests_distinct(hi))
         first = np.flatnonzero(new)
         hi, lo = hi[first], lo[first]
         return cls(hi, lo, first, rows, first_digests_distinct(hi))
 
     @property
     def nbytes(self) -> int:
-        return self.hi.nbytes + self.lo.nbytes + self.first.nbytes + self.rows.nbytes
+        first = 0 if self.first is None else self.first.nbytes
+        return self.hi.nbytes + self.lo.nbytes + first + self.rows.nbytes
 
     def found(self, sorted_hi: U64Array, sorted_lo: U64Array) -> npt.NDArray[np.intp]:
         """The indices of those distinct records that are among these sorted, distinct
@@ -61,6 +65,9 @@ class SortedPart:
 
     def rows_of(self, found: npt.NDArray[np.intp], every_row: bool) -> U64Array:
         """The rows of these distinct records: every one, or each record's first."""
+        if self.first is None:  # one row each
+            found_rows: U64Array = self.rows[found]
+            return found_rows
         starts = self.first[found]
         if not every_row:
             return self.rows[starts]
@@ -70,6 +77,10 @@ class SortedPart:
         shift = np.repeat(starts - (np.cumsum(counts) - counts), counts)
         rows: U64Array = self.rows[np.arange(int(counts.sum()), dtype=np.intp) + shift]
         return rows
+
+
+#: Partitions sorted between two returns of freed memory to the system.
+_TRIM_EVERY = 8
 
 
 class SortedRecords:
@@ -106,7 +117,10 @@ class SortedRecords:
             if len(self._sorted) == PARTITIONS:
                 store.close()
                 self._store = None
-                release_free_memory()  # the unsorted records' memory
+            if p % _TRIM_EVERY == _TRIM_EVERY - 1:
+                # What the sorted partitions left of the store goes back as it shrinks:
+                # else the store's and the sorted records' memory add up at the end.
+                release_free_memory()
             yield part
 
     def rows_in(self, result_hi: U64Array, result_lo: U64Array, *, every_row: bool) -> U64Array:

@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import secrets
 import threading
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +50,10 @@ SPILL_FLUSH_BYTES = 8 * 1024 * 1024
 #: Records are mixed for partitioning this many bytes at a time (below malloc's mmap
 #: threshold, see teepsi.memory).
 _MIX_BLOCK_BYTES = 4096 * RECORD_BYTES
+
+
+#: Partitions an intersection works on at once (each holds a partition of every party).
+INTERSECT_THREADS = min(4, os.cpu_count() or 1)
 
 
 class StoreClosed(TeepsiError):
@@ -203,7 +209,7 @@ class RecordStore:
         # its own data and the store is emptied when it ends (never under its feet).
         self._state_lock = threading.Lock()
         self._closed = False
-        self._busy = False
+        self._busy = 0  # steps running (the intersection reads partitions in threads)
 
     @property
     def spilled(self) -> bool:
@@ -218,13 +224,13 @@ class RecordStore:
         with self._state_lock:
             if self._closed:
                 raise StoreClosed("the record store is closed (its job has ended)")
-            self._busy = True
+            self._busy += 1
         try:
             yield
         finally:
             with self._state_lock:
-                self._busy = False
-                discard = self._closed
+                self._busy -= 1
+                discard = self._closed and not self._busy
             if discard:
                 self._discard()
 
@@ -424,16 +430,19 @@ def intersect_stores(stores: Sequence[RecordStore]) -> Intersection:
     """
     if len({id(store.partitioner) for store in stores}) > 1:
         raise ValueError("stores of one intersection must share one partitioner")
-    his: list[U64Array] = []
-    los: list[U64Array] = []
-    for p in range(PARTITIONS):
+
+    def intersect_partition(p: int) -> tuple[U64Array, U64Array]:
         load = sum(store.partition_bytes(p) for store in stores)
         with stores[0].budget.working_set(load) if stores else contextlib.nullcontext():
-            hi, lo = intersect_sorted_records([store.partition(p) for store in stores])
-        his.append(hi)
-        los.append(lo)
-    hi = np.concatenate(his) if his else np.empty(0, RECORD_DTYPE)
-    lo = np.concatenate(los) if los else np.empty(0, RECORD_DTYPE)
+            return intersect_sorted_records([store.partition(p) for store in stores])
+
+    # Partitions are independent and numpy lets go of the GIL while it searches and
+    # sorts: a few at a time use the cores the waiting parties leave idle.
+    with ThreadPoolExecutor(INTERSECT_THREADS, thread_name_prefix="intersect") as pool:
+        parts = list(pool.map(intersect_partition, range(PARTITIONS)))
+    hi = np.concatenate([hi for hi, _ in parts]) if parts else np.empty(0, RECORD_DTYPE)
+    lo = np.concatenate([lo for _, lo in parts]) if parts else np.empty(0, RECORD_DTYPE)
+    del parts
     hi, lo = _ascending(hi, lo)
     return Intersection(
         hi=hi,
