@@ -33,7 +33,6 @@ from teepsi.engine.tables import TableSpec
 KEY_SCHEME = TableSpec(path=Path("x")).key_scheme
 
 
-
 def write_log(path: Path, count: int = 5) -> str:
     with AuditLog(path, clock=lambda: 1767222000.125) as log:
         log.append("created", job_id="q4", parties=3, spec_sha256="ab" * 32)

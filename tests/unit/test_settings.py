@@ -60,6 +60,8 @@ def test_the_settings_file_can_come_from_the_environment(tmp_path: Path) -> None
     run.write_text("max_parties = 5\nspill_dir = '/tmp/spill'\nverbose = true\n")
     args = parse_settings(_server(), {"TEEPSI_RUN_CONFIG": str(run)})
     assert (args.max_parties, args.spill_dir, args.verbose) == (5, "/tmp/spill", True)
+
+
 def _client(*extra: str) -> list[str]:
     return ["client", "--config", "p.json", *extra]
 
@@ -113,5 +115,3 @@ def test_a_setting_and_its_old_name_together_are_refused(tmp_path: Path) -> None
     assert str(refused.value) == (
         "environment: TEEPSI_KEY and TEEPSI_KEY_COLUMN are the same setting: give only one"
     )
-
-
