@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import grpc
+import numpy as np
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from teepsi.attestation.collateral import (
@@ -41,7 +42,13 @@ from teepsi.client.config import PartyConfig
 from teepsi.client.progress import PhaseBar
 from teepsi.contract.party_keys import PartyPrivateKey, public_key_der, sign
 from teepsi.engine.intersect import sorted_unique_records
-from teepsi.engine.records import U64Array, records_from_bytes, seeds_from_bytes
+from teepsi.engine.records import (
+    RECORD_BYTES,
+    RECORD_DTYPE,
+    U64Array,
+    records_from_bytes,
+    seeds_from_bytes,
+)
 from teepsi.errors import TeepsiError
 from teepsi.protocol import SESSION_METADATA
 from teepsi.protocol import teepsi_pb2 as pb
@@ -386,19 +393,34 @@ class PsiClient:
         return payloads, last
 
     def _finish_result(self, payloads: list[bytes], last: pb.ResultChunk) -> ReceivedResult:
-        canonical = b"".join(payloads)  # the records' canonical bytes, as digests hash them
-        payloads.clear()
-        hi, lo = records_from_bytes(canonical)
         status = pb.ResultStatus.Name(last.status)
+        # The records' canonical bytes are what the digests hash: fed a chunk at a time,
+        # each chunk's records copied out and dropped (never all the bytes at once too).
+        digest = hashlib.sha256()
+        salted = hashlib.sha256(bytes(last.result_digest_salt)) if last.receipt_json else None
+        count = sum(len(payload) for payload in payloads) // RECORD_BYTES
+        hi, lo = np.empty(count, RECORD_DTYPE), np.empty(count, RECORD_DTYPE)
+        at = 0
+        for index, payload in enumerate(payloads):
+            digest.update(payload)
+            if salted is not None:
+                salted.update(payload)
+            if len(payload) % RECORD_BYTES:
+                raise PsiClientError("result stream is corrupted (a chunk of partial records)")
+            part_hi, part_lo = records_from_bytes(payload)
+            hi[at : at + len(part_hi)], lo[at : at + len(part_lo)] = part_hi, part_lo
+            at += len(part_hi)
+            payloads[index] = b""
+        payloads.clear()
         if status == "RELEASED" and (
             last.total_records != len(hi)
-            or not hmac.compare_digest(hashlib.sha256(canonical).digest(), last.result_sha256)
+            or not hmac.compare_digest(digest.digest(), last.result_sha256)
         ):
             raise PsiClientError("result stream is incomplete or corrupted (digest mismatch)")
         return ReceivedResult(
             hi=hi,
             lo=lo,
-            canonical=canonical,
+            salted_sha256=salted.digest() if salted is not None else b"",
             status=status,
             total=int(last.total_records),
             sha256=bytes(last.result_sha256),
@@ -416,8 +438,9 @@ class ReceivedResult:
 
     hi: U64Array
     lo: U64Array
-    #: The records as received: 16-byte little-endian records, in order.
-    canonical: bytes
+    #: SHA-256 of the result salt then the records as received (what a receipt names);
+    #: empty without a receipt.
+    salted_sha256: bytes
     status: str
     total: int
     sha256: bytes

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -73,12 +72,12 @@ def check_receipt(
         expected_spec = config.spec.digest() if config.spec is not None else b""
         if receipt.spec_sha256 != expected_spec:
             raise ReceiptError("receipt names another job spec")
-        if got.status == "RELEASED" and receipt.output is OutputKind.INTERSECTION:
-            salted = hashlib.sha256(got.result_salt)
-            salted.update(got.canonical)
-            mine = salted.digest()
-            if receipt.result_sha256 != mine:
-                raise ReceiptError("receipt's result digest differs from the result received")
+        if (
+            got.status == "RELEASED"
+            and receipt.output is OutputKind.INTERSECTION
+            and receipt.result_sha256 != got.salted_sha256
+        ):
+            raise ReceiptError("receipt's result digest differs from the result received")
         if config.spec is not None or config.resume:
             # Under a spec always; on a resume also in quick mode: the result must be the
             # one of the set this run holds (a changed --data would map it to wrong rows).
