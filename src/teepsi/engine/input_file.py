@@ -40,6 +40,8 @@ class PinnedInput:
         except OSError as exc:
             raise open_error(path, exc) from None
         self._stamp = (info.st_size, info.st_mtime_ns)
+        #: Bytes of the file when it was opened.
+        self.size = info.st_size
         by_fd = _FD_DIR / str(self._fd)
         # Without /proc (some enclave runtimes) the name is read again, as before.
         held = self._fd >= 0 and stat.S_ISREG(info.st_mode) and by_fd.exists()

@@ -14,16 +14,16 @@ import numpy as np
 import numpy.typing as npt
 import polars as pl
 
-from teepsi.engine.input_file import changed_error
 from teepsi.engine.intersect import sorted_unique_records
+from teepsi.engine.item_ranges import ItemRanges, item_bytes, matching_items
 from teepsi.engine.key_order import (
     compact_strings,
     distinct_key_order,
     held_bytes,
     order_by_prefix,
 )
-from teepsi.engine.reading import parse_errors, text_items
-from teepsi.engine.records import U64Array, normalized_keys, stripped_item_keys
+from teepsi.engine.reading import parse_errors
+from teepsi.engine.records import U64Array, normalized_keys
 from teepsi.engine.row_pieces import HELD_BUDGET_SHARE, batches_at, pieces_in_key_order
 from teepsi.engine.table_spec import TEXT_COLUMN, TableFormat
 from teepsi.engine.tables import Table
@@ -31,6 +31,9 @@ from teepsi.engine.tables import Table
 #: A piece written at a time holds at most this share of the table's memory budget
 #: (polars' estimate; putting a piece in key order takes a few times that).
 PIECE_BUDGET_SHARE = 32
+#: Matching text items are held, to be put in order at once, up to this share of the
+#: budget; beyond it they are handed out a range of keys at a time.
+HELD_ITEMS_SHARE = 4
 #: Rows sampled from the input's head to estimate its bytes per row.
 _SAMPLE_ROWS = 1024
 
@@ -38,7 +41,9 @@ _SAMPLE_ROWS = 1024
 class MatchingRows:
     """A data provider's matching rows, ordered by key (stable within a key).
 
-    Text: the distinct matching items, held (they are the keys). CSV and Parquet: the
+    Text: the distinct matching items, held (they are the keys) when they fit a share of
+    the budget, else read again a range of keys at a time (:class:`ItemRanges`). CSV
+    and Parquet: the
     matching rows' positions and key order, and the rows themselves when they fit a
     share of the budget; else they are read again from the input when asked for, with
     one scan, and handed out a piece of at most a budget's share at a time
@@ -50,12 +55,15 @@ class MatchingRows:
         table: Table,
         *,
         items: pl.DataFrame | None = None,
+        ranges: ItemRanges | None = None,
         rows: pl.DataFrame | None = None,
         positions: npt.NDArray[np.uint64] | None = None,
         order: npt.NDArray[np.int64] | None = None,
     ) -> None:
         self._table = table
         self._items = items
+        #: Text items too many to hold: handed out a range of keys at a time.
+        self._ranges = ranges
         #: The rows at ``positions``, when they were small enough to hold.
         self._rows = rows
         #: Ascending row positions, and the permutation of them that is key order.
@@ -63,6 +71,8 @@ class MatchingRows:
         self._order = order if order is not None else np.empty(0, np.int64)
 
     def __len__(self) -> int:
+        if self._ranges is not None:
+            return len(self._ranges)
         return len(self._items) if self._items is not None else len(self._positions)
 
     def frame(self) -> pl.DataFrame:
@@ -82,6 +92,9 @@ class MatchingRows:
         (default :meth:`piece_rows`); at least one piece, empty for no rows."""
         if self._items is not None:
             yield self._items
+            return
+        if self._ranges is not None:
+            yield from self._ranges.pieces()
             return
         if not len(self._positions):
             yield rows_at(self._table, self._positions)
@@ -108,6 +121,8 @@ def find_matching_rows(
     """
     result_hi, result_lo = sorted_unique_records(result_hi, result_lo)
     spec = table.spec
+    if spec.format is TableFormat.TEXT and not table.in_memory:
+        return _matching_items(table, seeds, result_hi, result_lo)
     if len(result_hi):
         table.hash(seeds)
         # Text: one row per distinct key (an item is its key); tables: every row.
@@ -116,10 +131,7 @@ def find_matching_rows(
     else:
         positions, keys = np.empty(0, np.uint64), pl.Series([], dtype=pl.String)
         prefix = pl.Series([], dtype=pl.UInt128)
-    if spec.format is TableFormat.TEXT:
-        if not table.in_memory:
-            keys = stripped_item_keys(items_at(table, positions), spec.normalization)
-        del positions  # the items are all that is needed now (40 MB at 5M)
+    if spec.format is TableFormat.TEXT:  # in memory: the keys are the items
         return MatchingRows(table, items=_distinct_in_key_order(keys))
     normalizing = (spec.key_columns, spec.normalization)
     limit = table.budget.limit_bytes // HELD_BUDGET_SHARE
@@ -177,24 +189,25 @@ def _distinct_in_key_order(keys: pl.Series) -> pl.DataFrame:
     return keys.gather(distinct_key_order(keys)).alias(TEXT_COLUMN).to_frame()
 
 
-def items_at(table: Table, positions: npt.NDArray[np.uint64]) -> pl.Series:
-    """Text input: the items at these ascending positions, read again."""
-    table.check_unchanged()
-    wanted = np.zeros(table.rows_read, dtype=np.bool_)
-    wanted[positions] = True
-    found: list[pl.Series] = []
-    position = 0
-    for items in text_items(table.spec, table.budget.limit_bytes, table.input_path):
-        if position + len(items) > table.rows_read:
-            raise changed_error(table.spec.path)
-        matched = items.filter(pl.Series(wanted[position : position + len(items)]))
-        # A copy of the matching items only: the filter's views keep the whole block.
-        found.append(compact_strings(matched.to_frame()).to_series())
-        position += len(items)
-    if position != table.rows_read:
-        raise changed_error(table.spec.path)
+def _matching_items(
+    table: Table, seeds: tuple[int, int], result_hi: U64Array, result_lo: U64Array
+) -> MatchingRows:
+    """A text file's distinct matching items: read again and held, when they fit a share
+    of the budget; else handed out a range of keys at a time (:class:`ItemRanges`)."""
+    if len(result_hi):
+        table.hash(seeds)
+        wanted = table.matching_first_rows(result_hi, result_lo)
+    else:
+        wanted = np.zeros(table.rows_read, dtype=np.bool_)
+    count = int(np.count_nonzero(wanted))
+    if item_bytes(table, count) > table.budget.limit_bytes // HELD_ITEMS_SHARE:
+        return MatchingRows(table, ranges=ItemRanges(table, wanted))
+    found = list(matching_items(table, wanted))
+    del wanted
     # One chunk: gathering them in key order from a chunk per block is ten times slower.
-    return pl.concat(found, rechunk=True) if found else pl.Series(TEXT_COLUMN, [], dtype=pl.String)
+    keys = pl.concat(found, rechunk=True) if found else pl.Series(TEXT_COLUMN, [], dtype=pl.String)
+    del found
+    return MatchingRows(table, items=_distinct_in_key_order(keys))
 
 
 def rows_at(

@@ -85,7 +85,7 @@ class _Piece:
     sealed: list[tuple[Path, bytes]] = field(default_factory=list)
 
 
-class _Pieces:
+class HeldPieces:
     """The pieces of one scan, in memory and sealed, until each is handed out."""
 
     def __init__(self, count: int, table: Table) -> None:
@@ -145,7 +145,7 @@ def pieces_in_key_order(
     count = len(positions)
     rank = np.empty(count, dtype=np.int64)
     rank[order] = np.arange(count, dtype=np.int64)
-    store = _Pieces(-(-count // piece_rows), table)
+    store = HeldPieces(-(-count // piece_rows), table)
     try:
         rank_column = _scan_into(table, positions, rank, piece_rows, store)
         for at in range(len(store.pieces)):
@@ -162,7 +162,7 @@ def _scan_into(
     positions: npt.NDArray[np.uint64],
     rank: npt.NDArray[np.int64],
     piece_rows: int,
-    store: _Pieces,
+    store: HeldPieces,
 ) -> str:
     """One scan: each matching row, with its rank, to its piece. Returns the name of the
     rank column."""

@@ -351,6 +351,22 @@ class Table:
             pl.concat(prefixes, rechunk=True) if prefixes else pl.Series([], dtype=pl.UInt128),
         )
 
+    def matching_first_rows(
+        self, result_hi: U64Array, result_lo: U64Array
+    ) -> npt.NDArray[np.bool_]:
+        """For each row read: is it the first row of a key in the (sorted, distinct)
+        result? A text file's matching, which needs neither keys nor prefixes; the
+        records are released."""
+        if self._records is None:
+            raise ValueError("hash the table with the job's seeds first")
+        wanted = self._records.first_rows_in(result_hi, result_lo, self.rows_read)
+        self._records = None
+        for batch in self._batches:
+            self._drop(batch)
+        self._batches = []
+        release_free_memory()  # the records' memory, for the items read next
+        return wanted
+
     def scan(self) -> pl.LazyFrame:
         """The input as a lazy frame: its file, or the in-memory frame it was made from."""
         if self.source is not None:
