@@ -81,7 +81,7 @@ def test_items_over_the_held_share_are_ranged_and_under_it_held(tmp_path, monkey
     lines = [f"k{n:06d}" for n in range(20_000)]
     path = _write(tmp_path / "in.txt", lines)
     made: list[object] = []
-    real = matching.ItemRanges
+    real = item_ranges.ItemRanges
 
     def recording(*args, **kwargs):
         made.append(args)
