@@ -41,12 +41,11 @@ from teepsi.attestation.verify import SIMULATED_WARNING
 from teepsi.client.config import PartyConfig
 from teepsi.client.progress import PhaseBar
 from teepsi.contract.party_keys import PartyPrivateKey, public_key_der, sign
-from teepsi.engine.intersect import sorted_unique_records
+from teepsi.engine.intersect import records_sha256_per_salt, sorted_unique_records
 from teepsi.engine.records import (
     RECORD_BYTES,
     RECORD_DTYPE,
     U64Array,
-    records_from_bytes,
     seeds_from_bytes,
 )
 from teepsi.errors import TeepsiError
@@ -354,7 +353,7 @@ class PsiClient:
         """
         for attempt, pause in enumerate(RESULT_RETRY_PAUSES):
             try:
-                payloads, last = self._read_result(token)
+                records, last = self._read_result(token)
                 break
             except _StreamBroken as broken:
                 if attempt == len(RESULT_RETRY_PAUSES) - 1 or self._remaining() <= pause:
@@ -364,11 +363,11 @@ class PsiClient:
                 time.sleep(pause)
         else:  # pragma: no cover - the loop always breaks or raises
             raise PsiClientError("waiting for the result failed")
-        return self._finish_result(payloads, last)
+        return self._finish_result(records, last)
 
-    def _read_result(self, token: bytes) -> tuple[list[bytes], pb.ResultChunk]:
+    def _read_result(self, token: bytes) -> tuple[_Records, pb.ResultChunk]:
         metadata = ((SESSION_METADATA, token.hex()),)
-        payloads: list[bytes] = []
+        records: _Records | None = None
         last: pb.ResultChunk | None = None
         try:
             stream = self.stub.GetResult(
@@ -377,7 +376,10 @@ class PsiClient:
             for expected, chunk in enumerate(stream):
                 if chunk.sequence != expected or last is not None:
                     raise PsiClientError("result stream arrived out of order")
-                payloads.append(bytes(chunk.records))
+                if records is None:
+                    released = chunk.status == pb.ResultStatus.Value("RELEASED")
+                    records = _Records(int(chunk.total_records) if released else 0)
+                records.take(chunk.records)
                 if chunk.last:
                     # Keep reading to the end of the stream: the server records the
                     # delivery (and may free the job) only once the stream completes.
@@ -388,39 +390,26 @@ class PsiClient:
             ):
                 raise _StreamBroken("UNAVAILABLE", str(exc.details())) from None
             raise _rpc_error("waiting for the result", exc) from None
-        if last is None:
+        if last is None or records is None:
             raise _StreamBroken("the stream ended before its last chunk")
-        return payloads, last
+        return records, last
 
-    def _finish_result(self, payloads: list[bytes], last: pb.ResultChunk) -> ReceivedResult:
+    def _finish_result(self, records: _Records, last: pb.ResultChunk) -> ReceivedResult:
         status = pb.ResultStatus.Name(last.status)
-        # The records' canonical bytes are what the digests hash: fed a chunk at a time,
-        # each chunk's records copied out and dropped (never all the bytes at once too).
-        digest = hashlib.sha256()
-        salted = hashlib.sha256(bytes(last.result_digest_salt)) if last.receipt_json else None
-        count = sum(len(payload) for payload in payloads) // RECORD_BYTES
-        hi, lo = np.empty(count, RECORD_DTYPE), np.empty(count, RECORD_DTYPE)
-        at = 0
-        for index, payload in enumerate(payloads):
-            digest.update(payload)
-            if salted is not None:
-                salted.update(payload)
-            if len(payload) % RECORD_BYTES:
-                raise PsiClientError("result stream is corrupted (a chunk of partial records)")
-            part_hi, part_lo = records_from_bytes(payload)
-            hi[at : at + len(part_hi)], lo[at : at + len(part_lo)] = part_hi, part_lo
-            at += len(part_hi)
-            payloads[index] = b""
-        payloads.clear()
         if status == "RELEASED" and (
-            last.total_records != len(hi)
-            or not hmac.compare_digest(digest.digest(), last.result_sha256)
+            not records.complete
+            or last.total_records != len(records.hi)
+            or not hmac.compare_digest(records.digest.digest(), last.result_sha256)
         ):
             raise PsiClientError("result stream is incomplete or corrupted (digest mismatch)")
+        hi, lo = records.hi, records.lo
+        salted = b""
+        if last.receipt_json:  # what the receipt names: the digest under the result salt
+            salted = records_sha256_per_salt(hi, lo, [bytes(last.result_digest_salt)])[0]
         return ReceivedResult(
             hi=hi,
             lo=lo,
-            salted_sha256=salted.digest() if salted is not None else b"",
+            salted_sha256=salted,
             status=status,
             total=int(last.total_records),
             sha256=bytes(last.result_sha256),
@@ -429,6 +418,35 @@ class PsiClient:
             set_salt=bytes(last.set_digest_salt),
             result_salt=bytes(last.result_digest_salt),
         )
+
+
+class _Records:
+    """A result's records as its chunks arrive: copied into arrays sized by the total the
+    stream announces, and digested, a chunk at a time (never every chunk's bytes held)."""
+
+    def __init__(self, total: int) -> None:
+        try:
+            self.hi = np.empty(total, RECORD_DTYPE)
+            self.lo = np.empty(total, RECORD_DTYPE)
+        except (MemoryError, ValueError):
+            raise PsiClientError(
+                f"the result announces {total} records, more than this process can hold"
+            ) from None
+        self.digest = hashlib.sha256()
+        self._count = 0
+
+    @property
+    def complete(self) -> bool:
+        return self._count == len(self.hi)
+
+    def take(self, payload: bytes) -> None:
+        if len(payload) % RECORD_BYTES or self._count + len(payload) // RECORD_BYTES > len(self.hi):
+            raise PsiClientError("result stream is corrupted (more or partial records)")
+        self.digest.update(payload)
+        pairs = np.frombuffer(payload, dtype=RECORD_DTYPE).reshape(-1, 2)
+        end = self._count + len(pairs)
+        self.hi[self._count : end], self.lo[self._count : end] = pairs[:, 0], pairs[:, 1]
+        self._count = end
 
 
 @dataclass(frozen=True)

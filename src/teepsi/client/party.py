@@ -10,6 +10,7 @@ the tests name them.
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -179,11 +180,15 @@ def _run_party(config: PartyConfig, table: Table, save_resume: ResumeSaver | Non
             receipt = check_receipt(config, client, got, table)
     finally:
         client.close()
+    # The result's records serve the matching only: not held while the rows are written.
+    hi, lo = got.hi, got.lo
+    got = dataclasses.replace(got, hi=hi[:0].copy(), lo=lo[:0].copy())
     if got.status == "RELEASED":
         with progress.phase("matching rows", total=None):
-            matching = find_matching_rows(table, seeds, got.hi, got.lo)
+            matching = find_matching_rows(table, seeds, hi, lo)
     else:
-        matching = find_matching_rows(table, seeds, got.hi[:0], got.lo[:0])
+        matching = find_matching_rows(table, seeds, hi[:0], lo[:0])
+    del hi, lo
     return PartyResult(
         matching=matching,
         status=got.status,
