@@ -125,30 +125,42 @@ def _rows_by_value(values: U64Array) -> npt.NDArray[np.intp]:
     return (packed & index_mask).astype(np.intp)
 
 
-def record_order(hi: U64Array, lo: U64Array) -> npt.NDArray[np.intp]:
+#: Records laid out per step where a whole-array temporary would double the peak.
+_ORDER_STEP = 1 << 20
+
+
+def record_order(hi: U64Array, lo: U64Array) -> npt.NDArray[np.int64]:
     """The stable permutation that puts records in ascending order as 128-bit numbers
     (equal records keep their order).
 
     Each first digest with its index packed into its low bits, sorted by numpy's
     vectorised sort, is several times faster than an argsort: it orders by the digest's
     top bits, then by index. Only records whose top bits another shares (random ones
-    rarely, a repeated record always) are then put in order by their whole value.
+    rarely, a repeated record always) are then put in order by their whole value. One
+    array of 8 bytes a record is all it holds besides (the packed values become the order).
     """
     count = len(hi)
     if count < 2:
-        return np.arange(count, dtype=np.intp)
-    index_mask = np.uint64((1 << (count - 1).bit_length()) - 1)
-    packed = (hi & ~index_mask) | np.arange(count, dtype=np.uint64)
+        return np.arange(count, dtype=np.int64)
+    bits = np.uint64((count - 1).bit_length())
+    index_mask = np.uint64((1 << int(bits)) - 1)
+    packed = hi & ~index_mask
+    for start in range(0, count, _ORDER_STEP):
+        end = min(count, start + _ORDER_STEP)
+        packed[start:end] |= np.arange(start, end, dtype=np.uint64)
     packed.sort()
-    order = (packed & index_mask).astype(np.intp)
-    packed &= ~index_mask
-    same = packed[1:] == packed[:-1]
-    del packed
+    same = np.empty(count - 1, dtype=np.bool_)
+    for start in range(0, count - 1, _ORDER_STEP):
+        end = min(count - 1, start + _ORDER_STEP)
+        same[start:end] = (packed[start:end] >> bits) == (packed[start + 1 : end + 1] >> bits)
+    packed &= index_mask
+    order: npt.NDArray[np.int64] = packed.view(np.int64)
     if not same.any():
         return order
     tied = np.zeros(count, dtype=np.bool_)
     tied[1:] |= same
     tied[:-1] |= same
+    del same
     at = np.flatnonzero(tied)
     rows = order[at]
     # Runs of shared top bits are contiguous and keep their places sorted this way.

@@ -440,19 +440,22 @@ def intersect_stores(stores: Sequence[RecordStore]) -> Intersection:
     # sorts: a few at a time use the cores the waiting parties leave idle.
     with ThreadPoolExecutor(INTERSECT_THREADS, thread_name_prefix="intersect") as pool:
         parts = list(pool.map(intersect_partition, range(PARTITIONS)))
-    hi = np.concatenate([hi for hi, _ in parts]) if parts else np.empty(0, RECORD_DTYPE)
-    lo = np.concatenate([lo for _, lo in parts]) if parts else np.empty(0, RECORD_DTYPE)
+    # Partitions are not ranges: the result is sorted once. One array at a time is
+    # copied, and each dropped as soon as its successor exists (the result is held a
+    # few times over at most, not every copy at once).
+    his, los = [hi for hi, _ in parts], [lo for _, lo in parts]
     del parts
-    hi, lo = _ascending(hi, lo)
+    hi = np.concatenate(his) if his else np.empty(0, RECORD_DTYPE)
+    del his
+    lo = np.concatenate(los) if los else np.empty(0, RECORD_DTYPE)
+    del los
+    order = record_order(hi, lo)
+    hi = hi[order]
+    lo = lo[order]
+    del order
     return Intersection(
         hi=hi,
         lo=lo,
         distinct=[store.records for store in stores],
         set_sha256=[store.set_sha256 for store in stores],
     )
-
-
-def _ascending(hi: U64Array, lo: U64Array) -> tuple[U64Array, U64Array]:
-    """Distinct records in ascending order (partitions are not ranges: sorted once)."""
-    order = record_order(hi, lo)
-    return hi[order], lo[order]
