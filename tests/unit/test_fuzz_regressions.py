@@ -206,6 +206,21 @@ def test_f10_huge_json_integer_in_an_audit_log_is_an_audit_error(tmp_path: Path)
         AuditLog(path)
 
 
+# --- F11: an unknown normalisation holding a newline, echoed into the message -----------
+
+
+@pytest.mark.parametrize("fmt", ["json", "toml"])
+def test_f11_unknown_normalisation_with_a_newline_is_one_line(fmt: str) -> None:
+    text = (
+        b'{"version": 1, "job_id": "j", "normalize": "trim,nfc\\nx"}'
+        if fmt == "json"
+        else b'version = 1\njob_id = "j"\nnormalize = "trim,nfc\\nx"\n'
+    )
+    with pytest.raises(SpecError, match="unknown normalisation") as refused:
+        JobSpec.parse(text, source="spec", fmt=fmt)
+    assert "\n" not in str(refused.value)
+
+
 # --- every reproducer the fuzzer saved, replayed as its harness runs it -------------------
 
 #: Issues still open in src/: the exception their reproducers raise today.

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from teepsi.errors import TeepsiError
+from teepsi.jsontext import show
 
 #: Characters the ``trim`` option strips from both ends (ASCII whitespace).
 TRIM_CHARS = " \t\r\n\x0b\x0c"
@@ -46,7 +47,8 @@ class Normalization:
         unknown = words - set(NORMALIZATION_OPTIONS)
         if unknown:
             raise NormalizationError(
-                f"unknown normalisation {', '.join(sorted(unknown))!s}: "
+                # Shown, not echoed: a value may hold a newline (a message is one line).
+                f"unknown normalisation {', '.join(show(w) for w in sorted(unknown))}: "
                 f"use a comma-separated subset of {', '.join(NORMALIZATION_OPTIONS)}, or none"
             )
         return cls(trim="trim" in words, casefold="casefold" in words, nfc="nfc" in words)
