@@ -373,7 +373,7 @@ ERRORS: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
     (
         "normalize unknown",
         _set("normalize", "trim,upper"),
-        "job.json: normalize: unknown normalisation \"upper\": "
+        'job.json: normalize: unknown normalisation "upper": '
         "use a comma-separated subset of trim, casefold, nfc, or none",
     ),
     (
