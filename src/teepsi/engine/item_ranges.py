@@ -63,6 +63,16 @@ def item_bytes(table: Table, count: int) -> int:
     return count * (size // max(1, table.rows_read) + 16)
 
 
+def distinct_in_key_order(keys: pl.Series) -> pl.DataFrame:
+    """Text output: the distinct keys, sorted bytewise, as column "item".
+
+    Not copied compactly (:func:`compact_strings`): writing the lines reads them in order
+    once anyway, and a compact copy first cost more than it saved the writing (1.4 s for
+    0.6 s at 5M e-mails). The keys are the matching items only, so nothing else is kept.
+    """
+    return keys.gather(distinct_key_order(keys)).alias(TEXT_COLUMN).to_frame()
+
+
 class ItemRanges:
     """The distinct matching items of a text input, in key order, a range at a time."""
 
@@ -109,7 +119,7 @@ class ItemRanges:
                     if parts
                     else pl.Series(TEXT_COLUMN, [], dtype=pl.String)
                 )
-                yield keys.gather(distinct_key_order(keys)).to_frame()
+                yield distinct_in_key_order(keys)
         finally:
             store.close()
 

@@ -15,10 +15,14 @@ import numpy.typing as npt
 import polars as pl
 
 from teepsi.engine.intersect import sorted_unique_records
-from teepsi.engine.item_ranges import ItemRanges, item_bytes, matching_items
+from teepsi.engine.item_ranges import (
+    ItemRanges,
+    distinct_in_key_order,
+    item_bytes,
+    matching_items,
+)
 from teepsi.engine.key_order import (
     compact_strings,
-    distinct_key_order,
     held_bytes,
     order_by_prefix,
 )
@@ -132,7 +136,7 @@ def find_matching_rows(
         positions, keys = np.empty(0, np.uint64), pl.Series([], dtype=pl.String)
         prefix = pl.Series([], dtype=pl.UInt128)
     if spec.format is TableFormat.TEXT:  # in memory: the keys are the items
-        return MatchingRows(table, items=_distinct_in_key_order(keys))
+        return MatchingRows(table, items=distinct_in_key_order(keys))
     normalizing = (spec.key_columns, spec.normalization)
     limit = table.budget.limit_bytes // HELD_BUDGET_SHARE
     rows = None
@@ -179,16 +183,6 @@ def matching_rows(
     return find_matching_rows(table, seeds, result_hi, result_lo).frame()
 
 
-def _distinct_in_key_order(keys: pl.Series) -> pl.DataFrame:
-    """Text output: the distinct keys, sorted bytewise, as column "item".
-
-    Not copied compactly (:func:`compact_strings`): writing the lines reads them in order
-    once anyway, and a compact copy first cost more than it saved the writing (1.4 s for
-    0.6 s at 5M e-mails). The keys are the matching items only, so nothing else is kept.
-    """
-    return keys.gather(distinct_key_order(keys)).alias(TEXT_COLUMN).to_frame()
-
-
 def _matching_items(
     table: Table, seeds: tuple[int, int], result_hi: U64Array, result_lo: U64Array
 ) -> MatchingRows:
@@ -207,7 +201,7 @@ def _matching_items(
     # One chunk: gathering them in key order from a chunk per block is ten times slower.
     keys = pl.concat(found, rechunk=True) if found else pl.Series(TEXT_COLUMN, [], dtype=pl.String)
     del found
-    return MatchingRows(table, items=_distinct_in_key_order(keys))
+    return MatchingRows(table, items=distinct_in_key_order(keys))
 
 
 def rows_at(
