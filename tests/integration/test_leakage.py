@@ -475,7 +475,9 @@ def small_server(policy, tmp_path):
             client_policy=policy,
             allow_simulated=True,
             spill_dir=str(spill),
-            limits=Limits(job_timeout_seconds=4, memory_budget_bytes=1024 * 1024),
+            limits=Limits(
+                job_timeout_seconds=4, memory_budget_bytes=1024 * 1024, memory_runtime_bytes=0
+            ),
         )
     )
     yield running, spill

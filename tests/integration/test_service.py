@@ -555,7 +555,7 @@ def test_expiry_ends_in_flight_uploads_and_gives_back_memory_and_spill(tmp_path)
 
     clock = _JumpingClock()
     running = _start(
-        Limits(job_timeout_seconds=600, memory_budget_bytes=64_000),
+        Limits(job_timeout_seconds=600, memory_budget_bytes=64_000, memory_runtime_bytes=0),
         spill_dir=str(tmp_path),
         clock=clock,
     )

@@ -19,6 +19,7 @@ from teepsi.engine.intersect import (
     as_u128,
     intersect_records,
     is_strictly_increasing,
+    records_sha256_per_salt,
     sorted_unique_records,
     split_u128,
     unsalted_records_sha256,
@@ -49,7 +50,15 @@ def decode(result, *universe_sets):
     for item in universe:
         hi, lo = records([item])
         lookup[(int(hi[0]), int(lo[0]))] = item
-    return sorted(lookup[(int(h), int(l))] for h, l in zip(result.hi, result.lo))
+    hi, lo = result_arrays(result.records)
+    return sorted(lookup[(int(h), int(l))] for h, l in zip(hi, lo))
+
+
+def result_arrays(result):
+    """A sorted result's records as two arrays, from its chunks as they go out."""
+    payload = b"".join(chunk for chunk, _ in result.chunks())
+    pairs = np.frombuffer(payload, dtype=np.uint64).reshape(-1, 2)
+    return pairs[:, 0], pairs[:, 1]
 
 
 @pytest.fixture
@@ -79,7 +88,7 @@ def test_intersection_is_sorted_and_shared(registry):
     assert result_a is result_b
     assert decode(result_a, set_a) == ["car", "cat", "train"]
     assert (distinct_a, distinct_b) == (4, 4)
-    assert result_a.sha256 == unsalted_records_sha256(result_a.hi, result_a.lo)
+    assert result_a.sha256 == unsalted_records_sha256(*result_arrays(result_a.records))
 
 
 def test_all_state_is_wiped_after_every_party_has_its_result(registry):
@@ -413,8 +422,9 @@ def test_intersect_stores_equals_intersect_records(tmp_path, budget):
     distinct counts and set digests are those of the one-shot intersection."""
     import hashlib
 
+    from teepsi.engine.result import intersect_stores
     from teepsi.engine.spill import SpillArea
-    from teepsi.engine.store import MemoryBudget, Partitioner, RecordStore, intersect_stores
+    from teepsi.engine.store import MemoryBudget, Partitioner, RecordStore
 
     hi, lo = _rand(30_000, 9)
     parties = [(hi[:20_000], lo[:20_000]), (hi[5_000:], lo[5_000:]), (hi[::3], lo[::3])]
@@ -432,14 +442,19 @@ def test_intersect_stores_equals_intersect_records(tmp_path, budget):
         assert store.spilled is (budget < 1 << 20)
         stores.append(store)
     assert any(spill.path.iterdir()) is (budget < 1 << 20)
-    found = intersect_stores(stores)
+    found = intersect_stores(stores, spill=spill, chunk_records=1000, salts=[b"", b"salt"])
     digests = [hashlib.sha256(salt) for salt in salts]
     ehi, elo, distinct = intersect_records(parties, digests)
-    assert np.array_equal(found.hi, ehi) and np.array_equal(found.lo, elo)
+    assert np.array_equal(result_arrays(found.result), (ehi, elo))
+    assert found.result.sha256_per_salt == records_sha256_per_salt(ehi, elo, [b"", b"salt"])
+    assert all(len(chunk) == 1000 * 16 for chunk, _ in list(found.result.chunks())[:-1])
+    assert (found.result.sealed_chunks > 0) is (budget < 1 << 20)
     assert found.distinct == distinct == [20_000, 25_000, 10_000]
     assert found.set_sha256 == [d.digest() for d in digests]
     for store in stores:
         store.close()
+    assert limits.held == found.result.records * 16 - found.result.sealed_chunks * 1000 * 16
+    found.result.close()
     assert limits.held == 0 and not any(spill.path.iterdir())
     spill.close()
 
@@ -728,7 +743,7 @@ def test_expiry_ends_watched_calls_and_gives_back_budget_and_spill_at_once(tmp_p
 
     now = [1_000.0]
     reg = JobRegistry(
-        Limits(job_timeout_seconds=10, memory_budget_bytes=8_000),
+        Limits(job_timeout_seconds=10, memory_budget_bytes=8_000, memory_runtime_bytes=0),
         clock=lambda: now[0],
         spill_dir=str(tmp_path),
     )
@@ -783,7 +798,7 @@ def test_expiry_during_the_intersection_stops_it_with_the_job_s_reason(tmp_path)
 
     now = [1_000.0]
     reg = JobRegistry(
-        Limits(job_timeout_seconds=10, memory_budget_bytes=8_000),
+        Limits(job_timeout_seconds=10, memory_budget_bytes=8_000, memory_runtime_bytes=0),
         clock=lambda: now[0],
         spill_dir=str(tmp_path),
     )
@@ -849,15 +864,9 @@ def test_crafted_records_spread_and_the_intersection_stays_within_the_budget(tmp
     no spill file is left after the stores close."""
     import tracemalloc
 
+    from teepsi.engine.result import INTERSECT_THREADS, intersect_stores
     from teepsi.engine.spill import SpillArea
-    from teepsi.engine.store import (
-        INTERSECT_THREADS,
-        PARTITIONS,
-        MemoryBudget,
-        Partitioner,
-        RecordStore,
-        intersect_stores,
-    )
+    from teepsi.engine.store import PARTITIONS, MemoryBudget, Partitioner, RecordStore
 
     n, common, limit = 200_000, 1_000, 512 * 1024
     hi, lo = _crafted(2 * n - common, kind, 8)
@@ -882,7 +891,7 @@ def test_crafted_records_spread_and_the_intersection_stays_within_the_budget(tmp
     budget.reset_peak()
     tracemalloc.start()
     try:
-        found = intersect_stores(stores)
+        found = intersect_stores(stores, spill=spill, chunk_records=4096)
         _, traced_peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -892,8 +901,9 @@ def test_crafted_records_spread_and_the_intersection_stays_within_the_budget(tmp
     assert traced_peak < limit
     ehi, elo, _ = intersect_records(parties)
     assert len(ehi) == common
-    assert np.array_equal(found.hi, ehi) and np.array_equal(found.lo, elo)
+    assert np.array_equal(result_arrays(found.result), (ehi, elo))
     assert found.distinct == [n, n]
+    found.result.close()
     for store in stores:
         store.close()
     assert budget.held == 0 and not any(spill.path.iterdir())

@@ -6,9 +6,10 @@ the record, see :class:`Partitioner`). The records are chosen by the parties, so
 must be one no party can steer: under the old split (the top bits of the first digest) a
 party could put its whole upload in one partition and make the intersection load it at once
 whatever the budget. The intersection runs one partition at a time, so the memory it needs
-is a partition's worth of every party, not a job's; the results are merged into order at the
-end. When the server's budget is exhausted a store seals its buffered partitions to disk
-(:mod:`teepsi.engine.spill`) and buffers only what the budget has room for.
+is a partition's worth of every party, not a job's; the partitions' results are merged into
+order afterwards (:mod:`teepsi.engine.result`). When the server's budget is exhausted a
+store seals its buffered partitions to disk (:mod:`teepsi.engine.spill`) and buffers only
+what the budget has room for.
 
 A store takes records only in the canonical order (ascending as 128-bit numbers, no
 repeats: what the client sends), so its set digest is computed as the records arrive and
@@ -22,38 +23,30 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 import secrets
 import threading
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from teepsi.engine.intersect import (
-    intersect_sorted_records,
-    is_strictly_increasing,
-    record_order,
-)
+from teepsi.engine.intersect import is_strictly_increasing
 from teepsi.engine.records import RECORD_BYTES, RECORD_DTYPE, U64Array, records_to_bytes
 from teepsi.engine.spill import SpillArea
 from teepsi.errors import TeepsiError
+from teepsi.memory import release_free_memory
 
 PARTITION_BITS = 6
 PARTITIONS = 1 << PARTITION_BITS
 #: While spilling, a store writes its buffers out once they hold this much, or sooner when
 #: the budget has no room for them.
 SPILL_FLUSH_BYTES = 8 * 1024 * 1024
+#: A flush that frees this much gives the memory back to the system at once.
+_TRIM_AFTER_FLUSH_BYTES = 64 * 1024 * 1024
 #: Records are mixed for partitioning this many bytes at a time (below malloc's mmap
 #: threshold, see teepsi.memory).
 _MIX_BLOCK_BYTES = 4096 * RECORD_BYTES
-
-
-#: Partitions an intersection works on at once (each holds a partition of every party).
-INTERSECT_THREADS = min(4, os.cpu_count() or 1)
 
 
 class StoreClosed(TeepsiError):
@@ -65,24 +58,36 @@ class RecordOrderError(TeepsiError, ValueError):
 
 
 class MemoryBudget:
-    """Bytes of records the server may hold in memory, shared by all its jobs."""
+    """Bytes of records a process may hold in memory, shared by all its jobs.
 
-    def __init__(self, limit_bytes: int) -> None:
+    ``runtime_bytes`` of the limit are the process's own (interpreter, libraries, message
+    buffers, temporaries), held from the start and never released, so that what is
+    reserved for records plus what the process needs besides stays within the limit."""
+
+    def __init__(self, limit_bytes: int, *, runtime_bytes: int = 0) -> None:
         self.limit_bytes = limit_bytes
-        self._held = 0
-        self._peak = 0
+        self.runtime_bytes = min(runtime_bytes, limit_bytes)
+        self._held = self.runtime_bytes
+        self._peak = self._held
         self._lock = threading.Lock()
 
     @property
+    def record_bytes(self) -> int:
+        """The room for records: the limit less the runtime's share."""
+        return self.limit_bytes - self.runtime_bytes
+
+    @property
     def held(self) -> int:
+        """Bytes held for records now (the runtime's share not counted)."""
         with self._lock:
-            return self._held
+            return self._held - self.runtime_bytes
 
     @property
     def peak(self) -> int:
-        """The most ever held at once (stored records and the intersection's working set)."""
+        """The most ever held for records at once (stored records, results and the
+        intersection's working set)."""
         with self._lock:
-            return self._peak
+            return self._peak - self.runtime_bytes
 
     def reset_peak(self) -> None:
         """Start measuring the peak afresh (from what is held now)."""
@@ -99,7 +104,7 @@ class MemoryBudget:
 
     def release(self, nbytes: int) -> None:
         with self._lock:
-            self._held = max(0, self._held - nbytes)
+            self._held = max(self.runtime_bytes, self._held - nbytes)
 
     @contextlib.contextmanager
     def working_set(self, nbytes: int) -> Iterator[None]:
@@ -302,6 +307,8 @@ class RecordStore:
             buffered.clear()
         self.budget.release(self._reserved)
         self._reserved = 0
+        if self._buffered_bytes >= _TRIM_AFTER_FLUSH_BYTES:
+            release_free_memory()  # else the heap keeps what the buffers took, unused
         self._buffered_bytes = 0
 
     def _segment_label(self, partition: int, index: int) -> bytes:
@@ -410,52 +417,3 @@ class UnsortedRecordStore(RecordStore):
     @property
     def set_sha256(self) -> bytes:
         raise TypeError("an unsorted store keeps no set digest")
-
-
-@dataclass(frozen=True)
-class Intersection:
-    hi: U64Array
-    lo: U64Array
-    #: Per store: distinct records, and SHA-256 of its salt then its sorted records.
-    distinct: list[int]
-    set_sha256: list[bytes]
-
-
-def intersect_stores(stores: Sequence[RecordStore]) -> Intersection:
-    """Intersect partition by partition, then put the result in ascending order.
-
-    Each partition's load is counted against the stores' budget while it is held (the
-    budget's ``peak`` shows what the intersection needed). Raises :class:`StoreClosed`
-    if a store is closed meanwhile (its job ended).
-    """
-    if len({id(store.partitioner) for store in stores}) > 1:
-        raise ValueError("stores of one intersection must share one partitioner")
-
-    def intersect_partition(p: int) -> tuple[U64Array, U64Array]:
-        load = sum(store.partition_bytes(p) for store in stores)
-        with stores[0].budget.working_set(load) if stores else contextlib.nullcontext():
-            return intersect_sorted_records([store.partition(p) for store in stores])
-
-    # Partitions are independent and numpy lets go of the GIL while it searches and
-    # sorts: a few at a time use the cores the waiting parties leave idle.
-    with ThreadPoolExecutor(INTERSECT_THREADS, thread_name_prefix="intersect") as pool:
-        parts = list(pool.map(intersect_partition, range(PARTITIONS)))
-    # Partitions are not ranges: the result is sorted once. One array at a time is
-    # copied, and each dropped as soon as its successor exists (the result is held a
-    # few times over at most, not every copy at once).
-    his, los = [hi for hi, _ in parts], [lo for _, lo in parts]
-    del parts
-    hi = np.concatenate(his) if his else np.empty(0, RECORD_DTYPE)
-    del his
-    lo = np.concatenate(los) if los else np.empty(0, RECORD_DTYPE)
-    del los
-    order = record_order(hi, lo)
-    hi = hi[order]
-    lo = lo[order]
-    del order
-    return Intersection(
-        hi=hi,
-        lo=lo,
-        distinct=[store.records for store in stores],
-        set_sha256=[store.set_sha256 for store in stores],
-    )

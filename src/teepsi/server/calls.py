@@ -71,6 +71,15 @@ class JobCall:
         with contextlib.suppress(Exception):
             await context.abort(STATUS[error.kind], error.message)
 
+    async def end_with_job(self, context: AnyContext) -> None:
+        """End the call now with its job's end (which took what the call was reading):
+        through the abort already under way, or one of its own if the job's end has not
+        reached this loop yet. The handler then returns; gRPC keeps the abort's status."""
+        if self._abort is None:
+            error = self.ended_error("its job has ended")
+            self._abort = self._loop.create_task(self._abort_now(context, error))
+        await self._abort
+
     def ended_error(self, fallback: str) -> ServiceError:
         return self.error or ServiceError(ErrorKind.CANCELLED, fallback)
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from teepsi.contract.spec import IDENTIFIER_PATTERN, JobSpec
-from teepsi.engine.records import U64Array
+from teepsi.engine.result import SortedResult
 from teepsi.engine.store import Partitioner, RecordStore
 from teepsi.server.errors import ErrorKind, ServiceError
 from teepsi.server.limits import NO_CREATOR, JobCreator
@@ -83,13 +83,12 @@ JobKey = tuple[str, bytes]
 class JobResult:
     """The intersection as key records, sorted; the same for every party."""
 
-    hi: U64Array
-    lo: U64Array
+    records: SortedResult
     sha256: bytes
     receipt_json: str = ""
 
     def __len__(self) -> int:
-        return len(self.hi)
+        return len(self.records)
 
 
 @dataclass(frozen=True)

@@ -21,9 +21,11 @@ from collections.abc import Callable
 
 from teepsi.contract.audit import AuditLog
 from teepsi.contract.spec import JobSpec
+from teepsi.engine.result import intersect_stores
 from teepsi.engine.spill import SpillArea
-from teepsi.engine.store import MemoryBudget, RecordStore, StoreClosed, intersect_stores
+from teepsi.engine.store import MemoryBudget, RecordStore, StoreClosed
 from teepsi.memory import release_free_memory
+from teepsi.protocol.chunks import RECORDS_PER_CHUNK
 from teepsi.server.admission import check_joinable, new_job_terms, refuse_other_spec
 from teepsi.server.errors import ErrorKind, ServiceError
 from teepsi.server.job import (
@@ -50,6 +52,7 @@ from teepsi.server.release import (
     delivery_for,
     is_withheld,
     result_digests,
+    result_salts,
 )
 from teepsi.server.sessions import JoinOutcome, Sessions
 
@@ -80,7 +83,9 @@ class JobRegistry:
         #: Signs each finished job's receipt; None = no receipts (in-process callers).
         self._receipts = receipts
         self._trail = JobAuditTrail(audit)
-        self.budget = MemoryBudget(self.limits.memory_budget_bytes)
+        self.budget = MemoryBudget(
+            self.limits.memory_budget_bytes, runtime_bytes=self.limits.memory_runtime_bytes
+        )
         self.spill = SpillArea(spill_dir)
         self._lock = threading.Lock()
         self._jobs: dict[JobKey, Job] = {}
@@ -171,7 +176,9 @@ class JobRegistry:
             if party.store is not None:
                 party.store.close()
                 party.store = None
-        job.result = None
+        if job.result is not None:
+            job.result.records.close()  # a stream still reading it ends (its call is ended)
+            job.result = None
         job.notify_locked()
 
     # -- joining -------------------------------------------------------------------
@@ -380,15 +387,22 @@ class JobRegistry:
         # Compute without the lock: other jobs keep moving meanwhile.
         started = time.monotonic()
         try:
-            found = intersect_stores(stores)
+            # Merged once into wire-sized chunks, digested as made, sent as they are to all.
+            found = intersect_stores(
+                stores,
+                spill=self.spill,
+                chunk_records=RECORDS_PER_CHUNK,
+                salts=result_salts(job),
+            )
         except StoreClosed:
             with self._lock:  # the job ended meanwhile, and took its stores with it
                 raise job.end_error() from None
-        digest, result_sha256 = result_digests(job, found.hi, found.lo)
-        size = len(found.hi)
+        digest, result_sha256 = result_digests(job, found.result)
+        size = len(found.result)
         withheld = is_withheld(job.spec, size)
         with self._lock:
             if job.state is not JobState.COMPUTING:
+                found.result.close()
                 return  # expired while computing
             for p, count, set_digest in zip(parties, found.distinct, found.set_sha256, strict=True):
                 p.distinct_records = count
@@ -407,7 +421,7 @@ class JobRegistry:
                 else ""
             )
             self._trail.sign_head()
-            job.result = JobResult(hi=found.hi, lo=found.lo, sha256=digest, receipt_json=receipt)
+            job.result = JobResult(records=found.result, sha256=digest, receipt_json=receipt)
             job.state = JobState.DONE
             self.metrics.intersection_done(time.monotonic() - started)
             # Host logs are public: never a result size, not even a released one.

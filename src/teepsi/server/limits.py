@@ -8,6 +8,11 @@ from dataclasses import dataclass
 
 from teepsi.server.errors import ErrorKind, ServiceError
 
+#: What the server needs besides the records it holds: the interpreter and libraries (about
+#: 130 MiB at start), gRPC's message buffers and the intersection's temporaries. Reserved
+#: from the memory budget, so the records' share plus this stays within it.
+SERVER_RUNTIME_BYTES = 320 * 1024**2
+
 
 @dataclass(frozen=True)
 class Limits:
@@ -17,8 +22,11 @@ class Limits:
     max_parties_per_job: int = 256
     max_items_per_party: int = 100_000_000
     job_timeout_seconds: float = 600.0
-    #: Bytes of key records held in memory across all jobs; beyond it they spill to disk.
+    #: The server's memory: its runtime (``SERVER_RUNTIME_BYTES``) and the key records
+    #: and results it holds across all jobs; beyond it they spill to disk.
     memory_budget_bytes: int = 1024**3
+    #: Of the memory budget, what the server itself needs (reserved from the start).
+    memory_runtime_bytes: int = SERVER_RUNTIME_BYTES
     #: A job in which no party has begun an upload this long after its creation is
     #: dropped: a join alone holds a --max-jobs slot only briefly.
     join_timeout_seconds: float = 120.0

@@ -10,8 +10,7 @@ from enum import Enum
 from teepsi.contract.audit import AuditHead
 from teepsi.contract.receipt import PartyEntry, Receipt, SignedReceipt
 from teepsi.contract.spec import JobSpec, OutputKind
-from teepsi.engine.intersect import records_sha256_per_salt
-from teepsi.engine.records import U64Array
+from teepsi.engine.result import SortedResult
 from teepsi.server.job import Job, JobResult, Party
 
 #: Signs a receipt with the server's attested key.
@@ -50,12 +49,18 @@ def is_withheld(spec: JobSpec | None, size: int) -> bool:
     return release_status(spec, "", size) is ReleaseStatus.BELOW_THRESHOLD
 
 
-def result_digests(job: Job, hi: U64Array, lo: U64Array) -> tuple[bytes, bytes | None]:
+def result_salts(job: Job) -> list[bytes]:
+    """The salts the result is digested under as it is merged, for :func:`result_digests`."""
+    return [b"", job.result_salt]
+
+
+def result_digests(job: Job, result: SortedResult) -> tuple[bytes, bytes | None]:
     """The result's SHA-256 (for the parties' check) and the receipt's result digest:
     salted, since only recipients of the records get the salt; None when no party gets
-    the records (below the threshold, or a count job)."""
-    digest, salted = records_sha256_per_salt(hi, lo, [b"", job.result_salt])
-    if is_withheld(job.spec, len(hi)) or output_kind(job.spec) is OutputKind.COUNT:
+    the records (below the threshold, or a count job). ``result`` was digested under
+    :func:`result_salts`."""
+    digest, salted = result.sha256_per_salt
+    if is_withheld(job.spec, len(result)) or output_kind(job.spec) is OutputKind.COUNT:
         return digest, None
     return digest, salted
 

@@ -294,12 +294,22 @@ class PsiService:
         # A job that ends while its result streams (expiry, shutdown) ends the stream at
         # once with the job's reason, and with it the handler and its hold on the result.
         call.abort_when_ended(context)
+        failed: ServiceError | None = None
         try:
             chunks = result_chunks(delivery)
             while (message := await self._blocking(next, chunks, None)) is not None:
                 yield message
+        except StoreClosed:
+            # The job ended under the stream and dropped its result: its reason ends it.
+            await call.end_with_job(context)
+            return
+        except SpillError as exc:
+            log.error("result spill failed: %s", exc)
+            failed = ServiceError(ErrorKind.RESOURCE_EXHAUSTED, "server spill area failed")
         finally:
             unwatch()
+        if failed is not None:
+            await abort(context, failed, self.metrics)
         # Reached only when the client took every chunk; a cut stream can fetch again.
         await self._blocking(self.registry.mark_delivered, token)
 

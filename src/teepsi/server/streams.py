@@ -6,13 +6,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TypeVar
 
-import numpy as np
 from google.protobuf.message import DecodeError, Message
 
 from teepsi.engine.records import RECORD_BYTES
 from teepsi.engine.store import RecordOrderError, RecordStore
 from teepsi.protocol import teepsi_pb2 as pb
-from teepsi.protocol.chunks import RECORDS_PER_CHUNK, iter_record_chunks, mark_last
+from teepsi.protocol.chunks import mark_last
 from teepsi.server.errors import ErrorKind, ServiceError
 from teepsi.server.release import Delivery, ReleaseStatus
 
@@ -24,7 +23,6 @@ _RESULT_STATUS = {
     ReleaseStatus.NOT_RECIPIENT: pb.NOT_RECIPIENT,
     ReleaseStatus.BELOW_THRESHOLD: pb.BELOW_THRESHOLD,
 }
-_EMPTY = np.empty(0, dtype=np.uint64)
 
 
 def parse_request(message_class: type[_Message], raw: bytes) -> _Message:
@@ -43,10 +41,9 @@ def result_chunks(delivery: Delivery) -> Iterator[bytes]:
     result, status = delivery.result, delivery.status
     # Release rules, enforced here: records only when released; the size only when
     # the threshold was met.
-    hi, lo = (result.hi, result.lo) if status is ReleaseStatus.RELEASED else (_EMPTY, _EMPTY)
     total = 0 if status is ReleaseStatus.BELOW_THRESHOLD else len(result)
     released = status is ReleaseStatus.RELEASED
-    chunks = iter_record_chunks(hi, lo, records_per_chunk=RECORDS_PER_CHUNK)
+    chunks = result.records.chunks() if released else iter(())
     for sequence, (payload, count, last) in enumerate(mark_last(chunks)):
         yield pb.ResultChunk(
             sequence=sequence,
