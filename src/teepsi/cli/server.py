@@ -149,7 +149,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--memory-budget",
         type=parse_size,
         default=1024**3,
-        help="key records held in memory; beyond it they spill to disk, encrypted (default 1GiB)",
+        help="the server's memory: 384MiB for itself, the rest for key records and results; "
+        "beyond it they spill to disk, encrypted (default 1GiB)",
     )
     server.add_argument("--spill-dir", help="where encrypted spill files go (default: temp dir)")
     server.add_argument(

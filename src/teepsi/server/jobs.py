@@ -118,7 +118,8 @@ class JobRegistry:
         return JobCounts(
             by_phase=dict(by_phase),
             parties_waiting=waiting,
-            memory_held_bytes=self.budget.held,
+            # The runtime's share too: held over budget then says how full it is.
+            memory_held_bytes=self.budget.held + self.budget.runtime_bytes,
             memory_budget_bytes=self.budget.limit_bytes,
             spill_written_bytes=self.spill.bytes_written,
         )

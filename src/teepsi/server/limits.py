@@ -9,9 +9,10 @@ from dataclasses import dataclass
 from teepsi.server.errors import ErrorKind, ServiceError
 
 #: What the server needs besides the records it holds: the interpreter and libraries (about
-#: 130 MiB at start), gRPC's message buffers and the intersection's temporaries. Reserved
-#: from the memory budget, so the records' share plus this stays within it.
-SERVER_RUNTIME_BYTES = 320 * 1024**2
+#: 115 MiB at start), gRPC's message buffers and the temporaries of storing uploads and of
+#: the intersection (up to about 190 MiB more, measured at 2 x 100M). Reserved from the
+#: memory budget, so the records' share plus this stays within it.
+SERVER_RUNTIME_BYTES = 384 * 1024**2
 
 
 @dataclass(frozen=True)

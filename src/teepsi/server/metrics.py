@@ -136,7 +136,8 @@ class _JobGauges(Collector):
         )
         yield GaugeMetricFamily(
             "teepsi_memory_held_bytes",
-            "Bytes of the memory budget held by uploads and results (all jobs).",
+            "Bytes of the memory budget taken: the server's own share and the uploads and "
+            "results of all jobs.",
             value=counts.memory_held_bytes,
         )
         yield GaugeMetricFamily(
