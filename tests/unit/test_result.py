@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from teepsi.engine import result as result_module
-from teepsi.engine.intersect import records_sha256_per_salt
+from teepsi.engine.intersect import intersect_sorted_records, records_sha256_per_salt
 from teepsi.engine.records import records_to_bytes
 from teepsi.engine.result import (
     SealedPayloads,
@@ -108,7 +108,9 @@ def test_result_chunks_and_digests(small_steps, chunk_records):
     assert all(len(payload) == 16 * count for payload, count in chunks)
     expected = _sorted(hi, lo)
     assert b"".join(payload for payload, _ in chunks) == records_to_bytes(*expected)
-    assert result.sha256_per_salt == records_sha256_per_salt(*expected, [b"", b"salt"])
+    assert result.sha256_per_salt == records_sha256_per_salt(
+        expected[0], expected[1], [b"", b"salt"]
+    )
     assert list(result.chunks()) == chunks  # read again, for the next party
     result.close()
     assert budget.held == 0
@@ -244,7 +246,7 @@ def test_a_failed_partition_lets_every_run_go(tmp_path, monkeypatch):
             raise RuntimeError("boom")
         return original(parts)
 
-    original = result_module.intersect_sorted_records
+    original = intersect_sorted_records
     monkeypatch.setattr(result_module, "intersect_sorted_records", failing)
     held = budget.held
     with pytest.raises(RuntimeError, match="boom"):
